@@ -1,0 +1,18 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    import torch
+
+    torch.manual_seed(0)
+    yield
