@@ -1,0 +1,661 @@
+"""Strict, typed TOML configuration.
+
+One TOML file describes a run. Each table maps onto a dataclass below; every field has a
+default, a type and a one-line doc (``help``). Unknown keys, wrong types and impossible values
+are errors that name the file, the table and what is allowed, raised before any model or data
+is loaded. A file may name a ``base`` file (relative to itself) whose values it overrides, and
+command-line ``table.key=value`` overrides come last, typed by the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import difflib
+import importlib
+import importlib.util
+import os
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message meant for the user."""
+
+
+def opt(default: Any, help: str, *, choices: Sequence[Any] | None = None, min: float | None = None,
+        max: float | None = None, min_exclusive: bool = False) -> Any:
+    """A documented config field with optional allowed values / bounds."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "min": min, "max": max,
+            "min_exclusive": min_exclusive}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """[model]: which checkpoint to fine-tune and how its parts are loaded."""
+    pretrained_model_name_or_path: str = opt("", "single-file .safetensors checkpoint (SDXL or SD3); empty = random init from model_preset")
+    model_family: str = opt("auto", "model family; auto = detect from the checkpoint's keys", choices=("auto", "sdxl", "sd3"))
+    model_preset: str = opt("", "preset used when no checkpoint is given (e.g. tiny, base, sd3_medium); weights are random")
+    vae: str = opt("", "separate VAE file (original or diffusers naming) overriding the checkpoint's VAE")
+    clip_l: str = opt("", "separate CLIP-L text encoder file (ComfyUI clip_l.safetensors)")
+    clip_g: str = opt("", "separate CLIP-G text encoder file (ComfyUI clip_g.safetensors, SD3)")
+    t5xxl: str = opt("", "separate T5-XXL encoder file (ComfyUI t5xxl_fp16.safetensors, SD3)")
+    t5_tokenizer: str = opt("", "SentencePiece model for T5 (empty = the bundled models/assets/t5_spiece.model)")
+    use_t5: bool = opt(True, "SD3: load and use T5-XXL; false = zeros in its place (as the reference allows), saves memory")
+    v_parameterization: bool = opt(False, "SDXL: the model predicts v instead of epsilon")
+    max_token_length: int = opt(75, "CLIP tokens per caption (kohya): 75, 150 or 225 (75-token chunks)", choices=(75, 150, 225))
+    t5_max_token_length: int = opt(256, "SD3: T5 tokens per caption (at least 77, as the reference pads to)", min=77)
+    vae_dtype: str = opt("fp32", "VAE compute precision (the original SDXL VAE overflows in fp16)", choices=PRECISIONS)
+    text_encoder_dtype: str = opt("fp32", "precision of frozen text encoders", choices=PRECISIONS)
+
+
+@dataclass
+class SubsetConfig:
+    """[[data.subsets]]: one data source; unset (None) options inherit the [data] value."""
+    image_dirs: list[str] = opt([], "folders of images with same-name caption files")
+    metadata_files: list[str] = opt([], "metadata files (.json, .csv, .sqlite/.db)")
+    caption_extension: str | None = opt(None, "caption file extension (default: [data].caption_extension)")
+    num_repeats: int = opt(1, "times each image is seen per epoch", min=1)
+    is_reg: bool = opt(False, "DreamBooth-style regularisation images")
+    class_tokens: str = opt("", "caption used when an image has none (DreamBooth class tokens)")
+    shuffle_caption: bool | None = opt(None, "shuffle comma-separated tags (default: [data])")
+    keep_tokens: int | None = opt(None, "leading tags kept in place when shuffling (default: [data])", min=0)
+    caption_dropout_rate: float | None = opt(None, "probability of an empty caption (default: [data])", min=0, max=1)
+    caption_tag_dropout_rate: float | None = opt(None, "probability of dropping each tag (default: [data])", min=0, max=1)
+    caption_prefix: str | None = opt(None, "text prepended to every caption (default: [data])")
+    caption_suffix: str | None = opt(None, "text appended to every caption (default: [data])")
+    flip_aug: bool | None = opt(None, "random horizontal flips (default: [data])")
+    random_crop: bool | None = opt(None, "random instead of center crop (default: [data])")
+    loss_weight: float = opt(1.0, "per-sample loss weight of this subset (e.g. < 1 for regularisation images)", min=0)
+
+
+@dataclass
+class DataConfig:
+    """[data]: images, captions and aspect-ratio buckets."""
+    image_dirs: list[str] = opt([], "folders of images with same-name caption files")
+    metadata_files: list[str] = opt([], "metadata files (.json {key: {image_path, caption, ...}}, .csv, .sqlite)")
+    recursive: bool = opt(False, "search image_dirs recursively")
+    caption_extension: str = opt(".txt", "caption file extension")
+    resolution: int = opt(1024, "training resolution: bucket area <= resolution**2", min=64)
+    enable_bucket: bool = opt(True, "aspect-ratio buckets (false: every image cropped to resolution x resolution)")
+    bucket_reso_step: int = opt(64, "bucket side step in pixels", min=8)
+    min_bucket_reso: int = opt(256, "smallest bucket side", min=8)
+    max_bucket_reso: int = opt(2048, "largest bucket side", min=8)
+    bucket_no_upscale: bool = opt(False, "never upscale small images to fill a bucket")
+    random_crop: bool = opt(False, "random instead of center crop")
+    flip_aug: bool = opt(False, "random horizontal flips (latents cached for both orientations)")
+    batch_size: int = opt(1, "images per GPU per micro-step", min=1)
+    max_dataloader_n_workers: int = opt(4, "DataLoader worker processes per rank", min=0)
+    persistent_data_loader_workers: bool = opt(True, "keep DataLoader workers alive between epochs")
+    shuffle_caption: bool = opt(False, "shuffle comma-separated tags")
+    keep_tokens: int = opt(0, "leading tags kept in place when shuffling", min=0)
+    keep_tokens_separator: str = opt("", "tags before this separator are kept in place (alternative to keep_tokens)")
+    caption_separator: str = opt(",", "tag separator")
+    caption_dropout_rate: float = opt(0.0, "probability of an empty caption", min=0, max=1)
+    caption_tag_dropout_rate: float = opt(0.0, "probability of dropping each tag", min=0, max=1)
+    caption_prefix: str = opt("", "text prepended to every caption")
+    caption_suffix: str = opt("", "text appended to every caption")
+    num_repeats: int = opt(1, "times each image is seen per epoch", min=1)
+    caption_processor: str = opt("", "user hook 'pkg.module:function' or 'path/file.py:function' (runs user code)")
+    description_processor: str = opt("", "user hook for natural-language descriptions (runs user code)")
+    num_repeats_getter: str = opt("", "user hook returning the repeats of each image (runs user code)")
+    subsets: list[SubsetConfig] = opt([], "several data sources ([[data.subsets]]); empty = [data] is the only subset")
+
+
+@dataclass
+class CacheConfig:
+    """[cache]: the memory-mapped latent shard store written by cache.py."""
+    cache_dir: str = opt("", "latent store directory; empty = encode images on the fly while training")
+    vae_batch_size: int = opt(8, "images per VAE batch when caching", min=1)
+    num_workers: int = opt(4, "image decoding workers per rank when caching", min=0)
+    latent_dtype: str = opt("bf16", "precision of stored latents", choices=PRECISIONS)
+    store_posterior: bool = opt(False, "store the posterior mean and std so training samples latents")
+    compress: bool = opt(False, "zstd-compress shards (for storage / transfer)")
+    shard_size_mb: int = opt(256, "target shard size in MB", min=1)
+    check_cache_validity: bool = opt(True, "verify record fingerprints and shard checksums on open")
+    content_hash: bool = opt(False, "fingerprint source images by content hash instead of size + mtime")
+    vae_tile_size: int = opt(0, "tiled VAE encode with this tile size in pixels; 0 = off", min=0)
+    cache_text_encoder_outputs: bool = opt(False, "also cache text-encoder outputs (SD3 T5; SDXL only without caption augmentation)")
+    text_variants: int = opt(1, "caption variants cached per image when captions are augmented", min=1)
+
+
+@dataclass
+class TrainConfig:
+    """[train]: the loop."""
+    max_train_steps: int = opt(0, "optimizer steps; 0 = use max_train_epochs", min=0)
+    max_train_epochs: int = opt(1, "epochs when max_train_steps = 0", min=1)
+    mixed_precision: str = opt("bf16", "autocast precision", choices=("no", "fp16", "bf16"))
+    full_bf16: bool = opt(False, "keep trained weights in bf16 (memory); requires mixed_precision = bf16")
+    full_fp16: bool = opt(False, "keep trained weights in fp16 (memory); requires mixed_precision = fp16")
+    gradient_checkpointing: bool = opt(False, "recompute activations per block in the backward pass")
+    gradient_accumulation_steps: int = opt(1, "micro-steps per optimizer step", min=1)
+    train_text_encoder: bool = opt(False, "also train the CLIP text encoders")
+    use_ema: bool = opt(False, "keep an exponential moving average of the weights")
+    ema_decay: float = opt(0.9999, "EMA decay", min=0, max=1)
+    ema_device: str = opt("same", "where the EMA lives: same device as the model, or cpu", choices=("same", "cpu"))
+    resume: str = opt("", "resume state folder, or 'auto' = newest complete state in output_dir/state")
+    max_bad_steps: int = opt(10, "consecutive NaN/Inf-loss steps before the run saves and stops", min=1)
+    deterministic: bool = opt(False, "deterministic algorithms (slower; for exact reproducibility)")
+    fsdp: bool = opt(False, "shard the trained model with FSDP2 instead of DDP (models that do not fit one GPU)")
+    compile: bool = opt(False, "torch.compile the network blocks")
+
+
+@dataclass
+class LossConfig:
+    """[loss]: noise, timestep sampling and loss options."""
+    loss_type: str = opt("l2", "loss function", choices=("l2", "huber", "smooth_l1"))
+    huber_c: float = opt(0.1, "huber / smooth_l1 threshold parameter", min=0, min_exclusive=True)
+    huber_schedule: str = opt("snr", "how the huber parameter varies with the timestep", choices=("constant", "exponential", "snr"))
+    noise_offset: float = opt(0.0, "per-channel constant noise offset strength", min=0)
+    noise_offset_random_strength: bool = opt(False, "random noise offset strength in [0, noise_offset]")
+    multires_noise_iterations: int = opt(0, "pyramid (multi-resolution) noise levels; 0 = off", min=0)
+    multires_noise_discount: float = opt(0.3, "pyramid noise discount per level", min=0, max=1)
+    adaptive_noise_scale: float = opt(0.0, "add noise offset proportional to the latent mean (with noise_offset)")
+    ip_noise_gamma: float = opt(0.0, "input perturbation noise strength", min=0)
+    ip_noise_gamma_random_strength: bool = opt(False, "random input perturbation strength in [0, ip_noise_gamma]")
+    min_snr_gamma: float = opt(0.0, "Min-SNR loss weighting gamma (e.g. 5); 0 = off", min=0)
+    scale_v_pred_loss_like_noise_pred: bool = opt(False, "scale v-prediction loss like epsilon loss")
+    v_pred_like_loss: float = opt(0.0, "add a v-prediction-like loss with this weight", min=0)
+    debiased_estimation_loss: bool = opt(False, "debiased estimation loss weighting")
+    zero_terminal_snr: bool = opt(False, "rescale betas to zero terminal SNR")
+    min_timestep: int = opt(0, "smallest sampled timestep", min=0, max=1000)
+    max_timestep: int = opt(1000, "largest sampled timestep (exclusive)", min=1, max=1000)
+    timestep_sampler_type: str = opt("uniform", "timestep / sigma sampling", choices=("uniform", "logit_normal", "mode", "cosmap"))
+    logit_mean: float = opt(0.0, "logit_normal mean (mu)")
+    logit_std: float = opt(1.0, "logit_normal standard deviation (sigma)", min=0, min_exclusive=True)
+    mode_scale: float = opt(1.29, "scale of the 'mode' sigma sampler")
+    discrete_flow_shift: float = opt(3.0, "SD3: shift applied to training sigmas", min=0, min_exclusive=True)
+    flow_loss_weighting: str = opt("none", "SD3: loss weighting", choices=("none", "sigma_sqrt", "cosmap"))
+    flow_precondition_outputs: bool = opt(False, "SD3: precondition outputs (loss on x0 instead of velocity)")
+
+
+@dataclass
+class OptimizerConfig:
+    """[optimizer]: optimizer, learning rates and schedule."""
+    optimizer_type: str = opt("AdamW", "AdamW | AdamW8bit | Lion | Lion8bit | Prodigy | CAME | Adafactor | SGD | 'module.Class'")
+    learning_rate: float = opt(1e-5, "learning rate of the diffusion network", min=0)
+    learning_rate_te1: float | None = opt(None, "learning rate of text encoder 1 (CLIP-L); default learning_rate", min=0)
+    learning_rate_te2: float | None = opt(None, "learning rate of text encoder 2 (bigG / CLIP-G); default learning_rate", min=0)
+    optimizer_kwargs: dict = opt({}, "extra keyword arguments for the optimizer (weight_decay, betas, ...)")
+    lr_scheduler: str = opt("constant", "learning-rate schedule",
+                            choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"))
+    lr_warmup_steps: int = opt(0, "linear warm-up steps", min=0)
+    lr_scheduler_num_cycles: int = opt(1, "cycles of cosine_with_restarts", min=1)
+    lr_scheduler_power: float = opt(1.0, "power of the polynomial schedule", min=0)
+    max_grad_norm: float = opt(1.0, "gradient clipping norm; 0 = off", min=0)
+    param_groups: list[dict] = opt([], "block-wise learning rates: [{pattern = 'regex', lr = 1e-6}], first match wins")
+
+
+@dataclass
+class SaveConfig:
+    """[save]: exported models and resumable states."""
+    output_name: str = opt("model", "file name stem of exported models")
+    save_precision: str = opt("fp16", "precision of exported models", choices=PRECISIONS)
+    save_every_n_steps: int = opt(0, "export every N optimizer steps; 0 = off", min=0)
+    save_every_n_epochs: int = opt(0, "export every N epochs; 0 = off", min=0)
+    save_on_train_end: bool = opt(True, "export when training ends")
+    save_last_n: int = opt(0, "keep only the last N exported models; 0 = keep all", min=0)
+    save_state: bool = opt(True, "write a resumable state with every export")
+    save_last_n_states: int = opt(2, "resumable states kept", min=1)
+    save_on_keyboard_interrupt: bool = opt(True, "Ctrl-C saves a resumable state and exits (a second Ctrl-C aborts)")
+    save_on_exception: bool = opt(True, "an exception in the loop saves a resumable state first")
+    save_on_signal: bool = opt(True, "SIGTERM / SIGUSR1 (SLURM preemption, time limit) save a state and exit cleanly")
+
+
+@dataclass
+class SampleConfig:
+    """[sample]: preview images during training."""
+    sample_prompts: str = opt("", "prompt file (.txt with kohya options, .toml or .json); empty = no previews")
+    sample_every_n_steps: int = opt(0, "previews every N optimizer steps; 0 = off", min=0)
+    sample_every_n_epochs: int = opt(0, "previews every N epochs; 0 = off", min=0)
+    sample_at_first: bool = opt(False, "previews before training starts")
+    sample_sampler: str = opt("euler", "default sampler (euler, euler_a, ddim, heun, dpmpp_2m, dpmpp_2m_sde)")
+    sample_params: dict = opt({}, "defaults for prompts that do not set them (width, height, steps, scale, seed, negative_prompt, ...)")
+
+
+@dataclass
+class LogConfig:
+    """[log]: console, log files and metrics."""
+    log_every_n_steps: int = opt(1, "write metrics every N optimizer steps", min=1)
+    loss_recorder_stride: int = opt(100, "window of the loss recorder's mean", min=1)
+    loss_recorder_gamma: float = opt(0.9, "factor of the loss recorder's moving average", min=0, max=1)
+    tensorboard: bool = opt(True, "write TensorBoard events when tensorboard is installed")
+
+
+@dataclass
+class Config:
+    """A whole run. Top-level keys: output_dir, seed; the rest are tables."""
+    output_dir: str = opt("output", "run folder (may contain {date} / {time}); holds models/ samples/ logs/ state/")
+    seed: int = opt(42, "random seed; per-rank seeds derive from it", min=0)
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data"})
+    cache: CacheConfig = field(default_factory=CacheConfig, metadata={"help": "cache"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "train"})
+    loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "loss"})
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig, metadata={"help": "optimizer"})
+    save: SaveConfig = field(default_factory=SaveConfig, metadata={"help": "save"})
+    sample: SampleConfig = field(default_factory=SampleConfig, metadata={"help": "sample"})
+    log: LogConfig = field(default_factory=LogConfig, metadata={"help": "log"})
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: base inheritance, overrides, strict conversion
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_toml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """Deep-merge tables; scalars, arrays and arrays of tables in `over` replace those of `base`."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in _FREE_DICT_FIELDS:
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+# dict-typed fields whose keys are free-form (merged as a whole, not checked against a schema)
+_FREE_DICT_FIELDS = {"optimizer_kwargs", "sample_params"}
+
+
+def _load_with_bases(path: str, seen: tuple[str, ...] = ()) -> dict:
+    path = os.path.abspath(path)
+    if path in seen:
+        raise ConfigError(f"{path}: circular base chain: {' -> '.join(seen + (path,))}")
+    raw = _read_toml(path)
+    _check_keys(raw, Config, path, table="")
+    base = raw.pop("base", None)
+    try:  # type- and range-check this file's own values, so errors name the file they are in
+        _build(Config, raw, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: `base` must be a file name string, got {type(base).__name__}")
+    base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+    return _merge(_load_with_bases(base_path, seen + (path,)), raw)
+
+
+def _field_map(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _suggest(key: str, valid: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f" (did you mean `{close[0]}`?)" if close else ""
+
+
+def _check_keys(raw: dict, cls: type, source: str, table: str) -> None:
+    """Raise on any key not in the schema, recursively, naming file, table and the closest key."""
+    fields = _field_map(cls)
+    hints = _hints(cls)
+    valid = list(fields) + (["base"] if cls is Config else [])
+    for key, value in raw.items():
+        if key not in valid:
+            where = f"[{table}]" if table else "the top level"
+            raise ConfigError(f"{source}: unknown key `{key}` in {where}{_suggest(key, valid)}. "
+                              f"Valid keys there: {', '.join(sorted(valid))}")
+        if key == "base":
+            continue
+        sub = _dataclass_of(hints[key])
+        name = f"{table}.{key}" if table else key
+        if sub is not None and isinstance(value, dict):
+            _check_keys(value, sub, source, name)
+        elif sub is not None and isinstance(value, list) and _is_list_of_dataclass(hints[key]):
+            for i, item in enumerate(value):
+                if isinstance(item, dict):
+                    _check_keys(item, sub, source, f"{name}[{i}]")
+
+
+def _is_list_of_dataclass(tp: Any) -> bool:
+    return typing.get_origin(tp) is list and dataclasses.is_dataclass(typing.get_args(tp)[0])
+
+
+def _dataclass_of(tp: Any) -> type | None:
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if _is_list_of_dataclass(tp):
+        return typing.get_args(tp)[0]
+    return None
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "none"
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is list:
+        (arg,) = typing.get_args(tp) or (Any,)
+        return f"array of {_type_name(arg)}" if arg is not Any else "array"
+    if origin is dict or tp is dict:
+        return "table"
+    if dataclasses.is_dataclass(tp):
+        return "table"
+    return {bool: "boolean", int: "integer", float: "number", str: "string"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert a TOML value to the field type; raise ConfigError saying what is allowed."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _convert(value, args[0], where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {type(value).__name__} {value!r}")
+        return _build(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        (arg,) = typing.get_args(tp)
+        return [_convert(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a boolean (true / false), got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported field type {tp}")  # pragma: no cover
+
+
+def _check_value(value: Any, f: dataclasses.Field, where: str) -> None:
+    meta = f.metadata
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{where}: {value!r} is not allowed; allowed values: {', '.join(map(repr, choices))}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
+            rel = ">" if meta.get("min_exclusive") else ">="
+            raise ConfigError(f"{where}: {value!r} is out of range; must be {rel} {lo}")
+        if hi is not None and value > hi:
+            raise ConfigError(f"{where}: {value!r} is out of range; must be <= {hi}")
+
+
+def _build(cls: type, raw: dict, where: str) -> Any:
+    fields = _field_map(cls)
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:  # already reported with its file by _check_keys; overrides land here
+            raise ConfigError(f"{where}: unknown key `{key}`{_suggest(key, list(fields))}")
+        fw = f"{where}.{key}" if where else key
+        v = _convert(value, hints[key], fw)
+        _check_value(v, fields[key], fw)
+        kwargs[key] = v
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"command line: override `{item}` must look like table.key=value (e.g. train.max_train_steps=100)")
+    key, text = item.split("=", 1)
+    path = key.strip().split(".")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # bare words are strings: model.vae=my_vae.safetensors
+    return path, value
+
+
+def _apply_override(raw: dict, path: list[str], value: Any, item: str) -> None:
+    cls: type = Config
+    node = raw
+    for i, part in enumerate(path):
+        fields = _field_map(cls)
+        if part not in fields:
+            table = ".".join(path[:i]) or "the top level"
+            raise ConfigError(f"command line: unknown key `{part}` in {table} (from `{item}`){_suggest(part, list(fields))}")
+        tp = _hints(cls)[part]
+        if i == len(path) - 1:
+            # typed by the field: a number given for a string field stays a string
+            if tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp)):
+                value = item.split("=", 1)[1] if not isinstance(value, str) else value
+            node[part] = value
+            return
+        sub = _dataclass_of(tp)
+        if sub is None or _is_list_of_dataclass(tp):
+            raise ConfigError(f"command line: `{'.'.join(path[:i + 1])}` is not a table (from `{item}`)")
+        node = node.setdefault(part, {})
+        cls = sub
+
+
+def _validate(cfg: Config) -> None:
+    """Cross-field checks: impossible combinations, said before anything is loaded."""
+    t, l, d = cfg.train, cfg.loss, cfg.data
+    if t.full_bf16 and t.full_fp16:
+        raise ConfigError("train.full_bf16 and train.full_fp16 cannot both be true")
+    if t.full_bf16 and t.mixed_precision != "bf16":
+        raise ConfigError("train.full_bf16 requires train.mixed_precision = \"bf16\"")
+    if t.full_fp16 and t.mixed_precision != "fp16":
+        raise ConfigError("train.full_fp16 requires train.mixed_precision = \"fp16\"")
+    if l.min_timestep >= l.max_timestep:
+        raise ConfigError(f"loss.min_timestep ({l.min_timestep}) must be smaller than loss.max_timestep ({l.max_timestep})")
+    if d.min_bucket_reso > d.max_bucket_reso:
+        raise ConfigError(f"data.min_bucket_reso ({d.min_bucket_reso}) is larger than data.max_bucket_reso ({d.max_bucket_reso})")
+    for name in ("resolution", "min_bucket_reso", "max_bucket_reso"):
+        if getattr(d, name) % 8:
+            raise ConfigError(f"data.{name} = {getattr(d, name)} must be a multiple of 8 (the VAE downsamples by 8)")
+    if d.bucket_reso_step % 8:
+        raise ConfigError(f"data.bucket_reso_step = {d.bucket_reso_step} must be a multiple of 8")
+    if t.train_text_encoder and cfg.cache.cache_text_encoder_outputs:
+        raise ConfigError("train.train_text_encoder cannot be combined with cache.cache_text_encoder_outputs "
+                          "(cached outputs would not follow the trained encoders)")
+    for i, g in enumerate(cfg.optimizer.param_groups):
+        if set(g) - {"pattern", "lr"} or "pattern" not in g:
+            raise ConfigError(f"optimizer.param_groups[{i}]: expected {{pattern = 'regex', lr = number}}, got {g!r}")
+    for spec in (d.caption_processor, d.description_processor, d.num_repeats_getter):
+        if spec and ":" not in spec:
+            raise ConfigError(f"data: hook `{spec}` must look like 'package.module:function' or 'path/file.py:function'")
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
+    """Read a TOML file (with its base chain), apply `table.key=value` overrides, validate strictly."""
+    raw = _load_with_bases(path)
+    for item in overrides:
+        keys, value = _parse_override(item)
+        _apply_override(raw, keys, value, item)
+    cfg = _build(Config, raw, "")
+    _validate(cfg)
+    return cfg
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Build and validate a Config from a plain dict (same rules as files)."""
+    _check_keys(raw, Config, "<dict>", table="")
+    cfg = _build(Config, raw, "")
+    _validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Printing (TOML) and docs
+# ----------------------------------------------------------------------------------------------
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        r = repr(v)
+        return r if any(c in r for c in ".en") else r + ".0"
+    if isinstance(v, str):
+        out = v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
+        return f'"{out}"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items() if x is not None) + "}"
+    raise TypeError(f"cannot write {type(v).__name__} as TOML")
+
+
+def _toml_key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else _toml_value(k)
+
+
+def to_toml(cfg: Config) -> str:
+    """The fully resolved config as TOML (None values, meaning 'inherit', are omitted)."""
+    lines: list[str] = []
+    tables: list[tuple[str, Any]] = []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            tables.append((f.name, v))
+        elif v is not None:
+            lines.append(f"{f.name} = {_toml_value(v)}")
+    for name, obj in tables:
+        lines.append(f"\n[{name}]")
+        arrays = []
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if isinstance(v, list) and v and dataclasses.is_dataclass(v[0]):
+                arrays.append((f.name, v))
+            elif v is not None:
+                lines.append(f"{f.name} = {_toml_value(v)}")
+        for aname, items in arrays:
+            for item in items:
+                lines.append(f"\n[[{name}.{aname}]]")
+                for f in dataclasses.fields(item):
+                    v = getattr(item, f.name)
+                    if v is not None:
+                        lines.append(f"{f.name} = {_toml_value(v)}")
+    return "\n".join(lines) + "\n"
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain-dict form (JSON-serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def reference_markdown() -> str:
+    """The config reference, generated from the dataclass docs (so the README cannot drift)."""
+    out = []
+
+    def table(cls: type, title: str) -> None:
+        out.append(f"#### `{title}`\n\n{(cls.__doc__ or '').strip()}\n")
+        out.append("| key | type | default | description |\n|---|---|---|---|")
+        hints = _hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]) or _is_list_of_dataclass(hints[f.name]):
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            d = "—" if default is None else _toml_value(default)
+            doc = f.metadata.get("help", "")
+            if f.metadata.get("choices"):
+                doc += " — one of " + ", ".join(f"`{c}`" for c in f.metadata["choices"])
+            out.append(f"| `{f.name}` | {_type_name(hints[f.name])} | `{d}` | {doc} |")
+        out.append("")
+
+    table(Config, "top level")
+    for f in dataclasses.fields(Config):
+        sub = _dataclass_of(_hints(Config)[f.name])
+        if sub is not None:
+            table(sub, f"[{f.name}]")
+            if sub is DataConfig:
+                table(SubsetConfig, "[[data.subsets]]")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hooks and output folder
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_hook(spec: str) -> Callable:
+    """'pkg.module:function' or 'path/to/file.py:function' -> the callable. This RUNS USER CODE."""
+    if ":" not in spec:
+        raise ConfigError(f"hook `{spec}` must look like 'package.module:function' or 'path/file.py:function'")
+    target, name = spec.rsplit(":", 1)
+    if target.endswith(".py"):
+        if not os.path.isfile(target):
+            raise ConfigError(f"hook `{spec}`: file not found: {target}")
+        mod_name = "_user_hook_" + os.path.splitext(os.path.basename(target))[0]
+        s = importlib.util.spec_from_file_location(mod_name, target)
+        assert s is not None and s.loader is not None
+        module = importlib.util.module_from_spec(s)
+        try:
+            s.loader.exec_module(module)
+        except Exception as e:
+            raise ConfigError(f"hook `{spec}`: importing {target} failed: {type(e).__name__}: {e}") from e
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise ConfigError(f"hook `{spec}`: cannot import module `{target}`: {e}") from e
+    fn = getattr(module, name, None)
+    if fn is None:
+        raise ConfigError(f"hook `{spec}`: `{target}` has no attribute `{name}`")
+    if not callable(fn):
+        raise ConfigError(f"hook `{spec}`: `{name}` is not callable")
+    return fn
+
+
+RUN_SUBDIRS = ("models", "samples", "logs", "state")
+
+
+def format_output_dir(template: str, now: _dt.datetime | None = None) -> str:
+    """Fill {date} (YYYYMMDD) and {time} (HHMMSS) in output_dir; other braces are an error."""
+    now = now or _dt.datetime.now()
+    try:
+        return template.format(date=now.strftime("%Y%m%d"), time=now.strftime("%H%M%S"))
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"output_dir `{template}`: only {{date}} and {{time}} may be used ({e})") from None
+
+
+def make_run_dirs(output_dir: str) -> dict[str, str]:
+    """Create output_dir/{models,samples,logs,state}; return their paths."""
+    paths = {name: os.path.join(output_dir, name) for name in RUN_SUBDIRS}
+    for p in paths.values():
+        os.makedirs(p, exist_ok=True)
+    return paths

@@ -1,0 +1,183 @@
+"""All distributed code in one place: init from torchrun's environment, rank-0 gating, barriers,
+reductions for logging, `no_sync` for gradient accumulation, DDP / FSDP2 wrapping.
+
+Works under `torchrun` (any --nproc_per_node, multi-node) and as a plain single process.
+NCCL on GPUs, gloo on CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+_INFO: DistInfo | None = None
+
+
+def init(device: str | None = None, timeout_minutes: int = 60) -> DistInfo:
+    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1); idempotent."""
+    global _INFO
+    if _INFO is not None:
+        return _INFO
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1 and not tdist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        tdist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes),
+                                 **({"device_id": dev} if dev.type == "cuda" else {}))
+    _INFO = DistInfo(rank, world_size, local_rank, dev)
+    return _INFO
+
+
+def info() -> DistInfo:
+    return _INFO if _INFO is not None else init()
+
+
+def is_dist() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def rank() -> int:
+    return info().rank
+
+
+def world_size() -> int:
+    return info().world_size
+
+
+def is_main() -> bool:
+    """True on the process that does file I/O (rank 0)."""
+    return info().rank == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        if info().device.type == "cuda":
+            tdist.barrier(device_ids=[info().local_rank])
+        else:
+            tdist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (no-op alone); returns t."""
+    if is_dist():
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_mean(x: float) -> float:
+    """Mean of a Python float over ranks (for logging)."""
+    if not is_dist():
+        return float(x)
+    t = torch.tensor([float(x)], dtype=torch.float64, device=info().device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return float(t.item()) / world_size()
+
+
+def any_true(flag: bool) -> bool:
+    """True on every rank if it is true on any rank (for stop decisions taken together)."""
+    if not is_dist():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=info().device)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s object on every rank (picklable objects only: our own, never user files)."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if not is_dist():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def wrap_ddp(model: nn.Module) -> nn.Module:
+    """DDP around the trained module when there are several ranks; the bare module otherwise."""
+    if not is_dist():
+        return model
+    dev = info().device
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[dev.index] if dev.type == "cuda" else None, gradient_as_bucket_view=True,
+        static_graph=False)
+
+
+def wrap_fsdp(model: nn.Module, block_names: tuple[str, ...], mixed_precision: torch.dtype | None = None) -> nn.Module:
+    """FSDP2 (fully_shard) applied from outside the model file: each block listed by attribute
+    name (e.g. 'joint_blocks', 'input_blocks') is sharded on its own, then the root."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
+    for name in block_names:
+        container = getattr(model, name, None)
+        if container is None:
+            continue
+        for block in container:
+            fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare module under DDP / torch.compile wrappers (save from this, never from a wrapper)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
+
+
+@contextlib.contextmanager
+def no_sync(model: nn.Module, skip: bool) -> Iterator[None]:
+    """Skip DDP's gradient all-reduce on non-final accumulation micro-steps."""
+    if skip and isinstance(model, nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif skip and hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)  # type: ignore[operator]
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)  # type: ignore[operator]
+    else:
+        yield
+
+
+def shutdown() -> None:
+    global _INFO
+    if is_dist():
+        with contextlib.suppress(Exception):
+            tdist.destroy_process_group()
+    _INFO = None

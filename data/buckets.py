@@ -1,0 +1,118 @@
+"""Aspect-ratio buckets as in kohya sd-scripts, vectorised over the whole dataset."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class BucketSettings:
+    """The settings that decide every image's bucket (part of the store fingerprint)."""
+
+    resolution: int = 1024
+    enable_bucket: bool = True
+    step: int = 64
+    min_reso: int = 256
+    max_reso: int = 2048
+    no_upscale: bool = False
+
+    @classmethod
+    def from_data_cfg(cls, d) -> "BucketSettings":
+        """Read the bucket fields of a DataConfig, validating them."""
+        s = cls(int(d.resolution), bool(d.enable_bucket), int(d.bucket_reso_step), int(d.min_bucket_reso),
+                int(d.max_bucket_reso), bool(d.bucket_no_upscale))
+        if s.resolution <= 0 or s.step <= 0:
+            raise ValueError(f"[data] resolution ({s.resolution}) and bucket_reso_step ({s.step}) must be > 0")
+        if s.resolution % s.step:
+            raise ValueError(f"[data] resolution {s.resolution} must be a multiple of bucket_reso_step {s.step}")
+        if not (0 < s.min_reso <= s.resolution <= s.max_reso):
+            raise ValueError(f"[data] need 0 < min_bucket_reso ({s.min_reso}) <= resolution ({s.resolution}) "
+                             f"<= max_bucket_reso ({s.max_reso})")
+        return s
+
+    def key(self) -> str:
+        """A stable string for fingerprints."""
+        return (f"res={self.resolution},bucket={int(self.enable_bucket)},step={self.step},min={self.min_reso},"
+                f"max={self.max_reso},noup={int(self.no_upscale)}")
+
+
+def make_buckets(s: BucketSettings) -> np.ndarray:
+    """The predefined bucket list [B, 2] (w, h), sorted, every side a multiple of step, area <= resolution^2."""
+    max_area = s.resolution * s.resolution
+    side = (s.resolution // s.step) * s.step
+    resos = {(side, side)}
+    w = s.min_reso - s.min_reso % s.step or s.step
+    while w <= s.max_reso:
+        h = min(s.max_reso, (max_area // w) // s.step * s.step)
+        if h >= s.min_reso:
+            resos.add((w, h))
+            resos.add((h, w))
+        w += s.step
+    return np.array(sorted(resos), dtype=np.int32)
+
+
+def assign_buckets(sizes: np.ndarray, s: BucketSettings) -> np.ndarray:
+    """Bucket (w, h) per image from sizes [N, 2] (w, h), all at once."""
+    sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+    if (sizes <= 0).any():
+        raise ValueError("assign_buckets: every size must be positive (w, h)")
+    if not s.enable_bucket:
+        return np.tile(np.array([[s.resolution, s.resolution]], np.int32), (len(sizes), 1))
+    w, h = sizes[:, 0].astype(np.float64), sizes[:, 1].astype(np.float64)
+    if s.no_upscale:
+        # Own bucket per image: scale down to fit the area (never up), floor each side to the step.
+        max_area = float(s.resolution) ** 2
+        scale = np.minimum(1.0, np.sqrt(max_area / (w * h)))
+        bw = np.floor(w * scale / s.step) * s.step
+        bh = np.floor(h * scale / s.step) * s.step
+        # An image smaller than one step cannot be represented without upscaling; use one step.
+        bw, bh = np.maximum(bw, s.step), np.maximum(bh, s.step)
+        bw, bh = np.minimum(bw, s.max_reso), np.minimum(bh, s.max_reso)
+        return np.stack([bw, bh], 1).astype(np.int32)
+    buckets = make_buckets(s)
+    # Nearest aspect ratio (kohya compares w/h directly); searchsorted on the sorted ratios avoids an N x B matrix.
+    bar = buckets[:, 0] / buckets[:, 1]
+    order = np.argsort(bar, kind="stable")
+    sbar = bar[order]
+    ar = w / h
+    j = np.clip(np.searchsorted(sbar, ar), 1, len(sbar) - 1)
+    left_better = np.abs(ar - sbar[j - 1]) <= np.abs(sbar[j] - ar)
+    j = np.where(left_better, j - 1, j)
+    if len(sbar) == 1:
+        j = np.zeros_like(j)
+    return buckets[order[j]].astype(np.int32)
+
+
+def crop_params(size_wh: tuple[int, int], bucket_wh: tuple[int, int], random_crop: bool,
+                rng: random.Random | None = None) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Resize so the image covers the bucket, then crop -> ((resized_w, resized_h), (crop_top, crop_left))."""
+    w, h = size_wh
+    bw, bh = bucket_wh
+    scale = max(bw / w, bh / h)
+    rw, rh = max(bw, int(math.floor(w * scale + 0.5))), max(bh, int(math.floor(h * scale + 0.5)))
+    if random_crop:
+        rng = rng or random.Random()
+        top, left = rng.randint(0, rh - bh), rng.randint(0, rw - bw)
+    else:
+        top, left = (rh - bh) // 2, (rw - bw) // 2
+    return (rw, rh), (top, left)
+
+
+def resize_and_crop(im: Image.Image, bucket_wh: tuple[int, int], random_crop: bool = False,
+                    rng: random.Random | None = None) -> tuple[Image.Image, tuple[int, int], tuple[int, int]]:
+    """Resize-then-crop to the bucket -> (image, original_size (h, w), crop_top_left (top, left))."""
+    (rw, rh), (top, left) = crop_params(im.size, bucket_wh, random_crop, rng)
+    bw, bh = bucket_wh
+    if (rw, rh) != im.size:
+        # LANCZOS when shrinking keeps detail (kohya uses INTER_AREA); BICUBIC when enlarging.
+        resample = Image.LANCZOS if rw < im.size[0] else Image.BICUBIC
+        out = im.resize((rw, rh), resample)
+    else:
+        out = im
+    out = out.crop((left, top, left + bw, top + bh))
+    return out, (im.size[1], im.size[0]), (top, left)

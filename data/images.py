@@ -1,0 +1,166 @@
+"""Robust image loading: header-only sizes, mode conversion, EXIF orientation, a skip report."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable
+
+import numpy as np
+from PIL import Image, ImageOps
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp") + tuple(
+    ext for ext, fmt in ((".avif", "AVIF"), (".jxl", "JXL")) if fmt in Image.registered_extensions().values()
+)
+# Pillow's own default (Image.MAX_IMAGE_PIXELS, ~179 MP = 0.5 GiB of RGB); bigger is treated as a decompression bomb.
+MAX_PIXELS = 178_956_970
+# EXIF orientation tag; values 5..8 rotate by 90 degrees, so width and height swap.
+EXIF_ORIENTATION = 0x0112
+
+
+class BadImage(Exception):
+    """An image that cannot be used; the message says why."""
+
+
+def _open_checked(path: str) -> Image.Image:
+    """Open lazily (header only) and reject empty files, non-images and bombs before decoding."""
+    try:
+        if os.path.getsize(path) == 0:
+            raise BadImage("zero-byte file")
+    except OSError as e:
+        raise BadImage(f"cannot stat: {e}") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage(f"decompression bomb: {e}") from None
+    except Exception as e:  # PIL raises many types for non-images
+        raise BadImage(f"not a readable image ({type(e).__name__}: {e})") from None
+    w, h = im.size
+    if w * h > MAX_PIXELS:
+        im.close()
+        raise BadImage(f"decompression bomb: {w}x{h} = {w * h} pixels > limit {MAX_PIXELS}")
+    if w < 1 or h < 1:
+        im.close()
+        raise BadImage(f"empty image {w}x{h}")
+    return im
+
+
+def read_size(path: str) -> tuple[int, int]:
+    """(width, height) as displayed (EXIF orientation applied), from the header only."""
+    im = _open_checked(path)
+    try:
+        w, h = im.size
+        try:
+            orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+        except Exception:
+            orientation = 1
+        return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    finally:
+        im.close()
+
+
+def read_sizes(paths: list[str], num_threads: int = 16) -> tuple[np.ndarray, dict[int, str]]:
+    """Header sizes of many images in parallel threads -> ([N, 2] int32 (w, h), -1 where bad; {row: reason})."""
+    sizes = np.full((len(paths), 2), -1, dtype=np.int32)
+    errors: dict[int, str] = {}
+
+    def one(i: int) -> None:
+        try:
+            sizes[i] = read_size(paths[i])
+        except BadImage as e:
+            errors[i] = str(e)
+
+    if paths:
+        with ThreadPoolExecutor(max(1, num_threads)) as ex:
+            list(ex.map(one, range(len(paths)), chunksize=256))
+    return sizes, errors
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; alpha is composited on white (transparent = background)."""
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit greyscale: scale to 8 bits instead of clipping (Pillow's convert("L") clips at 255).
+        arr = np.asarray(im, dtype=np.uint32 if im.mode == "I" else np.uint16).astype(np.float64)
+        peak = 65535.0 if arr.max() > 255 or im.mode != "I" else 255.0
+        arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        im = Image.fromarray(arr, "L")
+    if im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+    if im.mode in ("LA", "La", "RGBa", "PA"):
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, im).convert("RGB")
+    if im.mode != "RGB":
+        im = im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+    return im
+
+
+def load_image(path: str) -> Image.Image:
+    """Decode fully to RGB with EXIF orientation applied; raises BadImage with the reason."""
+    im = _open_checked(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im.load()  # truncated files raise here (ImageFile.LOAD_TRUNCATED_IMAGES stays False)
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb(im)
+    except BadImage:
+        raise
+    except Exception as e:
+        raise BadImage(f"cannot decode ({type(e).__name__}: {e})") from None
+
+
+class SkipReport:
+    """Collects skipped inputs (one log line each) and writes them to a `skipped.txt` report."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def add(self, path: str, reason: str) -> None:
+        with self._lock:
+            if path not in self.items:
+                self.items[path] = reason
+                log.warning("skipped %s: %s", path, reason)
+
+    def extend(self, pairs: Iterable[tuple[str, str]]) -> None:
+        for p, r in pairs:
+            self.add(p, r)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def write(self, path: str) -> None:
+        """Write `path<TAB>reason` lines atomically (an empty report removes an old file)."""
+        if not self.items:
+            if os.path.exists(path):
+                os.remove(path)
+            return
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for p, r in sorted(self.items.items()):
+                f.write(f"{p}\t{r}\n")
+        os.replace(tmp, path)
+
+    @staticmethod
+    def read(path: str) -> dict[str, str]:
+        """Read a report written by `write` ({} when absent)."""
+        if not os.path.exists(path):
+            return {}
+        out = {}
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                p, _, r = line.rstrip("\n").partition("\t")
+                out[p] = r
+        return out
