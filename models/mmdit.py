@@ -214,8 +214,8 @@ class DismantledBlock(nn.Module):
         self.self_attn2 = self_attn2
         # pre_only (last context block): shift, scale; normal: + gate_msa, shift/scale/gate_mlp;
         # MMDiT-X: + shift/scale/gate of attn2.
-        n_mods = 2 if pre_only else 9 if self_attn2 else 6
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, n_mods * dim))
+        self.n_mods = 2 if pre_only else 9 if self_attn2 else 6
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.n_mods * dim))
         self.attn = SelfAttention(dim, cfg.num_heads, cfg.qk_norm, pre_only=pre_only)
         if self_attn2:
             self.attn2 = SelfAttention(dim, cfg.num_heads, cfg.qk_norm)
@@ -224,7 +224,7 @@ class DismantledBlock(nn.Module):
 
     def pre_attention(self, x: Tensor, c: Tensor) -> tuple[tuple[Tensor, Tensor, Tensor], list[Tensor]]:
         """Modulated qkv of the joint attention and the modulation terms for post_attention."""
-        mods = list(self.adaLN_modulation(c).chunk(2 if self.pre_only else 9 if self.self_attn2 else 6, dim=1))
+        mods = list(self.adaLN_modulation(c).chunk(self.n_mods, dim=1))  # each [B, D]
         return self.attn.pre_attention(modulate(layer_norm(x), mods[0], mods[1])), mods
 
     def post_attention(self, x: Tensor, attn: Tensor, mods: list[Tensor]) -> Tensor:
@@ -296,6 +296,43 @@ class MMDiT(nn.Module):
         self.register_buffer("pos_embed", torch.zeros(1, cfg.pos_embed_max_size**2, dim))
         self.joint_blocks = nn.ModuleList(JointBlock(cfg, i) for i in range(cfg.depth))
         self.final_layer = FinalLayer(cfg)
+        # On the meta device there is nothing to fill: a meta build stays free (weights come by assign-load).
+        if not any(t.is_meta for t in self.parameters()):
+            self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """Random-weight init as DiT `initialize_weights`, pos_embed = the fixed 2D sin-cos table of mmditx.py."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        # Patch embedding initialised like an nn.Linear over the flattened patch (DiT); its bias keeps
+        # Conv2d's default, as in DiT.
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        # Timestep MLP: small normal init (DiT).
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # Unlike DiT (adaLN-Zero), the adaLN modulations and the final layer are NOT zeroed: a zeroed
+        # network outputs a constant from random weights, and the tiny demo/tests need outputs that
+        # depend on x, t, y and context. Fine-tuning always starts from a checkpoint anyway.
+
+        # mmditx.py get_2d_sincos_pos_embed(hidden, pos_embed_max_size) with scaling_factor=offset=None
+        # (the released configs): integer grid positions; for the token at row i, column j the first
+        # half of the channels encodes j and the second half i (the reference's meshgrid puts w first),
+        # each half = [sin(pos * omega), cos(pos * omega)], omega_k = 10000^(-k / (D/4)), in float64.
+        m, dim = self.cfg.pos_embed_max_size, self.cfg.hidden_size
+        quarter = dim // 4
+        omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # [D/4]
+        args = torch.arange(m, dtype=torch.float64)[:, None] * omega[None]  # [m, D/4]
+        emb_1d = torch.cat([torch.sin(args), torch.cos(args)], dim=1).to(self.pos_embed)  # [m, D/2]
+        cols = emb_1d[None, :, :].expand(m, m, dim // 2)  # [i, j] -> emb_1d[j]
+        rows = emb_1d[:, None, :].expand(m, m, dim // 2)  # [i, j] -> emb_1d[i]
+        self.pos_embed.copy_(rearrange(torch.cat([cols, rows], dim=2), "h w c -> 1 (h w) c"))
 
     def cropped_pos_embed(self, h: int, w: int) -> Tensor:
         """Centre crop of the [max, max] table for an h x w patch grid -> [1, h*w, D]."""

@@ -38,7 +38,8 @@ class UNetConfig:
     model_channels: int = 320
     channel_mult: tuple[int, ...] = (1, 2, 4)
     num_res_blocks: int = 2
-    transformer_depth: tuple[int, ...] = (0, 2, 10)  # transformer blocks per attention layer at each level; 0 = no attention
+    # transformer blocks per attention layer at each level; 0 = no attention at that level
+    transformer_depth: tuple[int, ...] = (0, 2, 10)
     transformer_depth_middle: int = 10
     num_head_channels: int = 64
     context_dim: int = 2048
@@ -49,7 +50,8 @@ class UNetConfig:
         self.transformer_depth = tuple(self.transformer_depth)
         if len(self.transformer_depth) != len(self.channel_mult):
             raise ValueError(
-                f"transformer_depth {self.transformer_depth} needs one entry per level of channel_mult {self.channel_mult}"
+                f"transformer_depth {self.transformer_depth} needs one entry per level of "
+                f"channel_mult {self.channel_mult}"
             )
         for mult, depth in zip(self.channel_mult, self.transformer_depth):
             ch = self.model_channels * mult
@@ -86,11 +88,14 @@ class ResBlock(nn.Module):
 
     def __init__(self, ch: int, emb_ch: int, out_ch: int):
         super().__init__()
-        self.in_layers = nn.Sequential(nn.GroupNorm(NORM_GROUPS, ch, RES_NORM_EPS), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1))
+        self.in_layers = nn.Sequential(
+            nn.GroupNorm(NORM_GROUPS, ch, RES_NORM_EPS), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1)
+        )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_ch, out_ch))
         # index 2 is Dropout in sgm; keeping it keeps `out_layers.3` as the checkpoint key.
         self.out_layers = nn.Sequential(
-            nn.GroupNorm(NORM_GROUPS, out_ch, RES_NORM_EPS), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out_ch, out_ch, 3, padding=1)
+            nn.GroupNorm(NORM_GROUPS, out_ch, RES_NORM_EPS), nn.SiLU(), nn.Dropout(0.0),
+            nn.Conv2d(out_ch, out_ch, 3, padding=1),
         )
         self.skip_connection = nn.Identity() if ch == out_ch else nn.Conv2d(ch, out_ch, 1)
 
@@ -231,7 +236,9 @@ class UNet(nn.Module):
         emb_ch = mc * TIME_EMBED_MULT
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
         # sgm num_classes="sequential": label_emb is a Sequential wrapping one MLP, hence `label_emb.0.0`.
-        self.label_emb = nn.Sequential(nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch)))
+        self.label_emb = nn.Sequential(
+            nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        )
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
         skip_chans, ch = [mc], mc
@@ -248,7 +255,9 @@ class UNet(nn.Module):
                 skip_chans.append(ch)
 
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_ch, ch), SpatialTransformer(ch, cfg.transformer_depth_middle, cd, hd), ResBlock(ch, emb_ch, ch)
+            ResBlock(ch, emb_ch, ch),
+            SpatialTransformer(ch, cfg.transformer_depth_middle, cd, hd),
+            ResBlock(ch, emb_ch, ch),
         )
 
         self.output_blocks = nn.ModuleList()
@@ -263,7 +272,9 @@ class UNet(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(nn.GroupNorm(NORM_GROUPS, ch, RES_NORM_EPS), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(
+            nn.GroupNorm(NORM_GROUPS, ch, RES_NORM_EPS), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1)
+        )
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -298,7 +309,7 @@ class UNet(nn.Module):
         return block(h, emb, context)
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor) -> Tensor:
-        """x [B, C, H, W], timesteps [B] (0..999), context [B, T, context_dim], y [B, adm_in_channels] -> [B, out, H, W]."""
+        """x [B, C, H, W], timesteps [B] (0..999), context [B, T, context_dim], y [B, adm] -> [B, out, H, W]."""
         self._check_inputs(x, timesteps, context, y)
         dtype = self.time_embed[0].weight.dtype  # pure-half weights need half inputs; under autocast this is fp32
         x, context, y = x.to(dtype), context.to(dtype), y.to(dtype)
@@ -326,7 +337,9 @@ def _count(shapes: Mapping[str, Sequence[int]], prefix: str) -> int:
 
 
 def config_from_shapes(shapes: Mapping[str, Sequence[int]]) -> UNetConfig:
-    """Infer the config from key->shape (keys WITHOUT the model.diffusion_model. prefix); raise ValueError with a clear message if the layout is not an SDXL UNet.
+    """Infer the config from key->shape (keys WITHOUT the model.diffusion_model. prefix).
+
+    Raises ValueError with a clear message if the layout is not an SDXL UNet.
 
     `num_head_channels` does not show in any weight shape: it is taken from the preset whose
     shape-derived fields match, else sgm's SDXL value 64.
@@ -375,7 +388,8 @@ def config_from_shapes(shapes: Mapping[str, Sequence[int]]) -> UNetConfig:
 
     head_channels = 64  # sgm sd_xl_base.yaml num_head_channels
     for preset in PRESETS.values():
-        if all(getattr(preset, f.name) == getattr(shape_cfg, f.name) for f in fields(UNetConfig) if f.name != "num_head_channels"):
+        shape_fields = [f.name for f in fields(UNetConfig) if f.name != "num_head_channels"]
+        if all(getattr(preset, n) == getattr(shape_cfg, n) for n in shape_fields):
             head_channels = preset.num_head_channels
     cfg = replace(shape_cfg, num_head_channels=head_channels)
 
@@ -387,5 +401,7 @@ def config_from_shapes(shapes: Mapping[str, Sequence[int]]) -> UNetConfig:
     problems += [f"unexpected {k}" for k in got if k not in expected]
     problems += [f"{k}: {list(got[k])} != expected {list(v)}" for k, v in expected.items() if k in got and got[k] != v]
     if problems:
-        raise ValueError(f"state dict does not match an SDXL UNet with {cfg}: {len(problems)} problems, e.g. {problems[:5]}")
+        raise ValueError(
+            f"state dict does not match an SDXL UNet with {cfg}: {len(problems)} problems, e.g. {problems[:5]}"
+        )
     return cfg
