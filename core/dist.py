@@ -122,30 +122,31 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
-def wrap_ddp(model: nn.Module) -> nn.Module:
+def wrap_ddp(model: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
     """DDP around the trained module when there are several ranks; the bare module otherwise."""
     if not is_dist():
         return model
     dev = info().device
     return nn.parallel.DistributedDataParallel(
         model, device_ids=[dev.index] if dev.type == "cuda" else None, gradient_as_bucket_view=True,
-        static_graph=False)
+        find_unused_parameters=find_unused_parameters)
 
 
-def wrap_fsdp(model: nn.Module, block_names: tuple[str, ...], mixed_precision: torch.dtype | None = None) -> nn.Module:
-    """FSDP2 (fully_shard) applied from outside the model file: each block listed by attribute
-    name (e.g. 'joint_blocks', 'input_blocks') is sharded on its own, then the root."""
+def wrap_fsdp(model: nn.Module, blocks: list[nn.Module], mixed_precision: torch.dtype | None = None) -> nn.Module:
+    """FSDP2 (fully_shard) applied from outside the model file: each block (e.g. every MMDiT joint
+    block) is sharded on its own, then the root. Parameters become DTensors; see full_state_dict."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
-    for name in block_names:
-        container = getattr(model, name, None)
-        if container is None:
-            continue
-        for block in container:
-            fully_shard(block, mp_policy=mp)
+    for block in blocks:
+        fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     return model
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP2 shard) gathered to the full tensor on every rank (collective); plain tensors unchanged."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def unwrap(model: nn.Module) -> nn.Module:

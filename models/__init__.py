@@ -1,0 +1,292 @@
+"""Public model API.
+
+    comp = models.build("sdxl", "tiny")                 # random weights, real structure
+    comp = models.load("sd_xl_base_1.0.safetensors")    # family and sizes inferred from the file
+    models.save(comp, "out.safetensors", precision="fp16")
+
+`comp` is an `SDXL` or `SD3` object (models/sdxl.py, models/sd3.py): its parts (`unet` / `mmdit`,
+`vae`, text encoders), `network`, `encode_text`, `conditioning`, `encode_images`,
+`decode_latents`, `sample_schedule`, `export_state_dict`.
+
+Loading builds every part on the meta device and assigns tensors read lazily from the
+memory-mapped file one at a time, so the weights never exist twice in memory. Every key and
+shape is checked; only the known harmless extras (CONVENTIONS.md) are ignored.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import zlib
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from models import sd3, sdxl
+from models.checkpoint import CheckpointError, SafeTensorFile, load_module, modelspec_metadata, save_safetensors_atomic
+
+FAMILIES = {"sdxl": sdxl, "sd3": sd3}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TEXT_PARTS = {"sdxl": ("te1", "te2"), "sd3": ("clip_l", "clip_g", "t5")}
+NETWORK_PART = {"sdxl": "unet", "sd3": "mmdit"}
+BUNDLED_T5_SPIECE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "t5_spiece.model")
+
+__all__ = ["build", "load", "save", "detect_family", "from_config", "load_vae", "vae_identity",
+           "load_text_encoders", "CheckpointError", "FAMILIES"]
+
+
+def detect_family(keys: Iterable[str]) -> str:
+    """'sdxl' or 'sd3' from a checkpoint's key names."""
+    keys = list(keys)
+    if any(k.startswith("model.diffusion_model.joint_blocks.") for k in keys):
+        return "sd3"
+    if any(k.startswith("model.diffusion_model.input_blocks.") or k.startswith("conditioner.embedders.") for k in keys):
+        return "sdxl"
+    raise CheckpointError("cannot tell the model family from the checkpoint's keys: expected SDXL "
+                          "(model.diffusion_model.input_blocks.*) or SD3 (model.diffusion_model.joint_blocks.*)")
+
+
+def _part_seed(seed: int, name: str) -> int:
+    """Per-part seed so a part built alone (e.g. the VAE in cache.py) equals the same part built with the rest."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def _make(family: str, modules: Mapping[str, nn.Module], opts: Mapping[str, Any]) -> Any:
+    fam = FAMILIES[family]
+    if family == "sdxl":
+        return sdxl.SDXL(unet=modules.get("unet"), vae=modules.get("vae"), te1=modules.get("te1"), te2=modules.get("te2"),
+                         max_token_length=opts.get("max_token_length", 75),
+                         v_parameterization=opts.get("v_parameterization", False))
+    t5_tok = None
+    if "t5" in modules or opts.get("t5_tokenizer"):
+        from models.t5 import T5Tokenizer
+        t5_tok = T5Tokenizer(opts.get("t5_tokenizer") or BUNDLED_T5_SPIECE)
+    del fam
+    return sd3.SD3(mmdit=modules.get("mmdit"), vae=modules.get("vae"), clip_l=modules.get("clip_l"),
+                   clip_g=modules.get("clip_g"), t5=modules.get("t5"), t5_tokenizer=t5_tok if "t5" in modules else None,
+                   t5_max_token_length=opts.get("t5_max_token_length", 256), shift=opts.get("shift", sd3.DEFAULT_SHIFT),
+                   context_dim=opts.get("context_dim") or sd3.DEFAULT_CONTEXT_DIM)
+
+
+def _dtype_for(name: str, family: str, dtype: torch.dtype | Mapping[str, torch.dtype] | None) -> torch.dtype | None:
+    if isinstance(dtype, Mapping):
+        if name in dtype:
+            return dtype[name]
+        key = "network" if name == NETWORK_PART[family] else ("text" if name in TEXT_PARTS[family] else name)
+        return dtype.get(key)
+    return dtype
+
+
+def build(family: str, preset: str, *, device: str | torch.device = "cpu", dtype: Any = None, seed: int = 0,
+          parts: Sequence[str] | None = None, **opts: Any) -> Any:
+    """Components with random weights from a preset ('tiny', 'base' / 'sd3_medium', ...)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; available: {', '.join(FAMILIES)}")
+    fam = FAMILIES[family]
+    cfgs = fam.preset_configs(preset)
+    if family == "sd3":
+        opts.setdefault("context_dim", cfgs["mmdit"].context_in_dim)
+    modules = {}
+    for name, cfg in cfgs.items():
+        if parts is not None and name not in parts:
+            continue
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_part_seed(seed, name))
+            with torch.device(device):
+                m = fam.module_for(name, cfg)
+        dt = _dtype_for(name, family, dtype)
+        modules[name] = m.to(dtype=dt) if dt is not None else m
+    return _make(family, modules, opts)
+
+
+def _separate_file(path: str, prefix_in_main: str, name: str) -> tuple[SafeTensorFile, str, dict[str, tuple[int, ...]]]:
+    """A part given as its own file: keys may carry the main file's prefix or none."""
+    f = SafeTensorFile(path)
+    shapes = f.shapes()
+    if any(k.startswith(prefix_in_main) for k in shapes):
+        return f, prefix_in_main, {k[len(prefix_in_main):]: s for k, s in shapes.items() if k.startswith(prefix_in_main)}
+    return f, "", dict(shapes)
+
+
+def _check_leftovers(keys: Iterable[str], prefixes: Iterable[str], ignore: Sequence[str], source: str) -> None:
+    prefixes = tuple(prefixes)
+    stray = [k for k in keys if not k.startswith(prefixes) and not any(fnmatch.fnmatch(k, p) for p in ignore)]
+    if stray:
+        raise CheckpointError(f"{source}: {len(stray)} unexpected key(s) outside the known parts, e.g. {stray[:10]}")
+
+
+def load(path: str | None, family: str | None = None, *, vae: str | None = None, clip_l: str | None = None,
+         clip_g: str | None = None, t5xxl: str | None = None, dtype: Any = None, device: str | torch.device = "cpu",
+         parts: Sequence[str] | None = None, **opts: Any) -> Any:
+    """Load a single-file checkpoint (+ optional separate part files). `parts` limits what is loaded
+    (e.g. ('vae',)); missing text encoders in the main file may come from separate files."""
+    sources: dict[str, tuple[SafeTensorFile, str, dict[str, tuple[int, ...]]]] = {}
+    main = SafeTensorFile(path) if path else None
+    if main is not None:
+        shapes = main.shapes()
+        family = family or detect_family(shapes)
+        fam = FAMILIES[family]
+        _check_leftovers(shapes, fam.PREFIX.values(), fam.IGNORE, path or "")
+        if family == "sd3" and sd3.CONTEXT_EMBEDDER in shapes:
+            opts.setdefault("context_dim", shapes[sd3.CONTEXT_EMBEDDER][1])
+        for name, prefix in fam.PREFIX.items():
+            sub = {k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)}
+            if sub:
+                sources[name] = (main, prefix, sub)
+    if family is None:
+        raise ValueError("model family unknown: give a checkpoint or family=")
+    fam = FAMILIES[family]
+    separate = {"vae": vae, "te1": clip_l, "clip_l": clip_l, "clip_g": clip_g, "t5": t5xxl}
+    for name, p in separate.items():
+        if p and name in fam.PREFIX:
+            sources[name] = _separate_file(p, fam.PREFIX[name], name)
+    modules = {}
+    for name, (f, prefix, sub_shapes) in sources.items():
+        if parts is not None and name not in parts:
+            continue
+        if name == "vae" and prefix == "" and _is_diffusers_vae(sub_shapes):
+            modules[name] = _load_diffusers_vae(f, family, _dtype_for(name, family, dtype), device)
+            continue
+        if name == "t5" and not opts.get("use_t5", True):
+            continue
+        cfg = fam.configs_from_shapes({fam.PREFIX[name] + k: s for k, s in sub_shapes.items()})[name]
+        with torch.device("meta"):
+            module = fam.module_for(name, cfg)
+        keys = [prefix + k for k in sub_shapes]
+        load_module(module, f.get, keys, prefix=prefix, ignore=fam.IGNORE, dtype=_dtype_for(name, family, dtype),
+                    device=device, source=f.path)
+        modules[name] = module
+    missing = [n for n in (parts or ()) if n not in modules and not (n == "t5" and not opts.get("use_t5", True))]
+    if missing:
+        raise CheckpointError(f"{path}: no weights for {', '.join(missing)} (give them as separate files?)")
+    comp = _make(family, modules, opts)
+    if main is not None and family == "sdxl":
+        for k in (sdxl.CLIP_L_POSITION_IDS, sdxl.BIGG_LOGIT_SCALE):
+            if k in main.keys():
+                comp.extras[k] = main.get(k)
+    return comp
+
+
+def _is_diffusers_vae(shapes: Mapping[str, Any]) -> bool:
+    from models.vae import is_diffusers_vae
+    return is_diffusers_vae(shapes.keys())
+
+
+def _load_diffusers_vae(f: SafeTensorFile, family: str, dtype: torch.dtype | None, device: Any) -> nn.Module:
+    from models import vae as vae_mod
+    sd = vae_mod.convert_diffusers_vae({k: f.get(k) for k in f.keys()})
+    cfg = vae_mod.config_from_shapes({k: tuple(v.shape) for k, v in sd.items()})
+    with torch.device("meta"):
+        module = vae_mod.AutoencoderKL(cfg)
+    load_module(module, sd.__getitem__, list(sd), prefix="", ignore=(), dtype=dtype, device=device, source=f.path)
+    return module
+
+
+PRECISION = DTYPES
+
+
+def save(comp: Any, path: str, precision: str = "fp16", title: str = "", extra_metadata: Mapping[str, str] | None = None,
+         state_dict: Mapping[str, Tensor] | None = None) -> None:
+    """Write the exact original single-file layout in `precision` with modelspec metadata, atomically.
+    `state_dict`: an already gathered export_state_dict() (FSDP), else taken from `comp`."""
+    if precision not in DTYPES:
+        raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
+    dt = DTYPES[precision]
+    src = state_dict if state_dict is not None else comp.export_state_dict()
+    sd = {k: (v.detach().to("cpu", dt) if v.is_floating_point() else v.detach().cpu()) for k, v in src.items()}
+    spec = comp.modelspec()
+    meta = modelspec_metadata(spec["architecture"], title or os.path.splitext(os.path.basename(path))[0],
+                              spec["resolution"], spec.get("prediction_type"), extra=extra_metadata)
+    save_safetensors_atomic(sd, path, meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config-driven helpers (train.py, cache.py, generate.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def _opts(model_cfg: Any) -> dict[str, Any]:
+    return {"max_token_length": model_cfg.max_token_length, "v_parameterization": model_cfg.v_parameterization,
+            "t5_max_token_length": model_cfg.t5_max_token_length, "t5_tokenizer": model_cfg.t5_tokenizer,
+            "use_t5": model_cfg.use_t5}
+
+
+def family_of(model_cfg: Any) -> str:
+    if model_cfg.model_family != "auto":
+        return model_cfg.model_family
+    if model_cfg.pretrained_model_name_or_path:
+        return detect_family(SafeTensorFile(model_cfg.pretrained_model_name_or_path).keys())
+    preset = model_cfg.model_preset
+    if preset in sd3.PRESETS and preset not in sdxl.PRESETS:
+        return "sd3"
+    if preset in sdxl.PRESETS:
+        return "sdxl"
+    raise ValueError(f"model.model_family = auto needs a checkpoint or a known preset; got preset {preset!r}")
+
+
+def from_config(model_cfg: Any, *, device: str | torch.device = "cpu", dtype: Any = None, seed: int = 0,
+                parts: Sequence[str] | None = None) -> Any:
+    """Components as the [model] table describes: a checkpoint (+ separate files) or a random preset."""
+    family = family_of(model_cfg)
+    opts = _opts(model_cfg)
+    if parts is not None and not model_cfg.use_t5:
+        parts = [p for p in parts if p != "t5"]
+    if model_cfg.pretrained_model_name_or_path:
+        return load(model_cfg.pretrained_model_name_or_path, family, vae=model_cfg.vae or None, clip_l=model_cfg.clip_l or None,
+                    clip_g=model_cfg.clip_g or None, t5xxl=model_cfg.t5xxl or None, dtype=dtype, device=device,
+                    parts=parts, **opts)
+    if not model_cfg.model_preset:
+        raise ValueError("set model.pretrained_model_name_or_path (a checkpoint) or model.model_preset (random weights)")
+    if family == "sd3" and not model_cfg.use_t5:
+        parts = [p for p in (parts or ("mmdit", "vae", "clip_l", "clip_g", "t5")) if p != "t5"]
+    comp = build(family, model_cfg.model_preset, device=device, dtype=dtype, seed=seed, parts=parts, **opts)
+    if model_cfg.vae and (parts is None or "vae" in parts):
+        comp.vae = load(None, family, vae=model_cfg.vae, dtype=dtype, device=device, parts=("vae",)).vae
+    return comp
+
+
+def load_vae(model_cfg: Any, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, seed: int = 0) -> nn.Module:
+    """The VAE alone (cache.py)."""
+    return from_config(model_cfg, device=device, dtype=dtype, seed=seed, parts=("vae",)).vae
+
+
+def _file_identity(path: str) -> str:
+    st = os.stat(path)
+    return f"{os.path.abspath(path)}:{st.st_size}:{int(st.st_mtime)}"
+
+
+def vae_identity(model_cfg: Any, seed: int = 0) -> str:
+    """Fingerprint of the VAE weights' source (file identity, or preset + seed)."""
+    if model_cfg.vae:
+        src = "file:" + _file_identity(model_cfg.vae)
+    elif model_cfg.pretrained_model_name_or_path:
+        src = "file:" + _file_identity(model_cfg.pretrained_model_name_or_path)
+    else:
+        src = f"preset:{family_of(model_cfg)}:{model_cfg.model_preset}:{seed}"
+    return hashlib.sha1(src.encode()).hexdigest()[:16]
+
+
+class TextEncoderRunner:
+    """Frozen text encoders for caching their outputs: encode(captions) -> one dict of tensors per caption."""
+
+    def __init__(self, comp: Any, identity: str, device: torch.device | str):
+        self.comp, self.identity, self.device = comp, identity, device
+
+    @torch.no_grad()
+    def encode(self, captions: list[str]) -> list[dict[str, Tensor]]:
+        out = self.comp.encode_text(captions, device=self.device)
+        return [{k: v[i].to(torch.bfloat16).cpu() for k, v in out.items()} for i in range(len(captions))]
+
+
+def load_text_encoders(model_cfg: Any, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                       seed: int = 0) -> TextEncoderRunner:
+    family = family_of(model_cfg)
+    parts = list(TEXT_PARTS[family])
+    comp = from_config(model_cfg, device=device, dtype=dtype, seed=seed, parts=parts)
+    for m in comp.text_encoders().values():
+        m.eval().requires_grad_(False)
+    src = model_cfg.pretrained_model_name_or_path or f"preset:{model_cfg.model_preset}:{seed}"
+    ident = "|".join([family, src, model_cfg.clip_l, model_cfg.clip_g, model_cfg.t5xxl, str(model_cfg.max_token_length),
+                      str(model_cfg.t5_max_token_length), str(model_cfg.use_t5)])
+    return TextEncoderRunner(comp, hashlib.sha1(ident.encode()).hexdigest()[:16], device)

@@ -1,0 +1,61 @@
+"""Run logging on rank 0: a log file in logs/, metrics as JSON lines, TensorBoard when installed."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+
+def setup_logging(log_dir: str | None, is_main: bool, name: str = "train") -> logging.Logger:
+    """Console + file logger on rank 0; warnings only on the other ranks."""
+    logger = logging.getLogger("sdtrain")
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    logger.addHandler(console)
+    if is_main and log_dir:
+        os.makedirs(log_dir, exist_ok=True)
+        fh = logging.FileHandler(os.path.join(log_dir, f"{name}.log"))
+        fh.setFormatter(fmt)
+        logger.addHandler(fh)
+    return logger
+
+
+class MetricsWriter:
+    """metrics.jsonl (step, loss, lr, grad norm, images/s, GPU memory, ...) and TensorBoard events."""
+
+    def __init__(self, log_dir: str, enabled: bool, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(log_dir, "metrics.jsonl")
+        self._f = open(self.path, "a", buffering=1) if enabled else None
+        self._tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+                self._tb = SummaryWriter(log_dir=os.path.join(log_dir, "tensorboard"))
+            except Exception:  # tensorboard not installed: JSON lines only
+                self._tb = None
+
+    def write(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled or self._f is None:
+            return
+        row = {"step": step, "time": round(time.time(), 3), **values}
+        self._f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None

@@ -1,0 +1,88 @@
+#!/usr/bin/env python
+"""Generate images from a finished SDXL or SD3 single-file checkpoint.
+
+    python generate.py --model ckpt.safetensors --prompt "1girl, solo" --out out/ [--negative ...]
+                       [--w 1024 --h 1024 --steps 28 --cfg 7 --seed 1 --sampler euler --n 4] [--vae vae.safetensors]
+    python generate.py --model ckpt.safetensors --prompt_file prompts.txt --out out/
+
+Prompt files use kohya's syntax (one prompt per line, `--n` negative, `--w`/`--h` size, `--d` seed,
+`--l` CFG scale, `--s` steps, `--ss` sampler) or TOML / JSON lists. PNGs carry the settings in the
+A1111 "parameters" text chunk.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+import torch
+
+import models
+from core.preview import generate
+from core.prompts import SamplePrompt, a1111_parameters, load_prompts, save_png
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="generate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="single-file .safetensors checkpoint (SDXL or SD3)")
+    ap.add_argument("--vae", default=None, help="separate VAE file")
+    ap.add_argument("--clip_l", default=None, help="separate CLIP-L file (SD3)")
+    ap.add_argument("--clip_g", default=None, help="separate CLIP-G file (SD3)")
+    ap.add_argument("--t5xxl", default=None, help="separate T5-XXL file (SD3)")
+    ap.add_argument("--prompt", default=None, help="the prompt")
+    ap.add_argument("--prompt_file", default=None, help="prompt file (.txt kohya syntax, .toml, .json)")
+    ap.add_argument("--negative", default="", help="negative prompt")
+    ap.add_argument("--w", type=int, default=None, help="width in pixels (default 1024, tiny models 128)")
+    ap.add_argument("--h", type=int, default=None, help="height in pixels")
+    ap.add_argument("--steps", type=int, default=28, help="sampling steps")
+    ap.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 7 SDXL, 5 SD3)")
+    ap.add_argument("--rescale", type=float, default=0.0, help="guidance rescale (0 = off)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    ap.add_argument("--sampler", default="euler", help="euler, euler_a, ddim, heun, dpmpp_2m, dpmpp_2m_sde")
+    ap.add_argument("--n", type=int, default=1, help="images per prompt")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precision", default="bf16" if torch.cuda.is_available() else "fp32", choices=("fp32", "fp16", "bf16"),
+                    help="weight precision of the network and text encoders (the VAE stays fp32)")
+    ap.add_argument("--v_parameterization", action="store_true", help="SDXL v-prediction model")
+    ap.add_argument("--max_token_length", type=int, default=75, choices=(75, 150, 225))
+    args = ap.parse_args(argv)
+    if bool(args.prompt) == bool(args.prompt_file):
+        ap.error("give exactly one of --prompt or --prompt_file")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    dt = models.DTYPES[args.precision]
+    comp = models.load(args.model, vae=args.vae, clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl,
+                       device=args.device, dtype={"network": dt, "text": dt, "vae": torch.float32},
+                       v_parameterization=args.v_parameterization, max_token_length=args.max_token_length)
+    comp.network.eval()
+    small = comp.vae.cfg.ch < 128  # tiny test models: default to small images
+    size = 128 if small else 1024
+    defaults = {"width": args.w or size, "height": args.h or size, "steps": args.steps, "sampler": args.sampler,
+                "scale": args.cfg if args.cfg is not None else (7.0 if comp.family == "sdxl" else 5.0),
+                "negative_prompt": args.negative, "rescale": args.rescale}
+    if args.prompt_file:
+        prompts = load_prompts(args.prompt_file, defaults)
+    else:
+        prompts = [SamplePrompt(prompt=args.prompt, seed=args.seed, **defaults)]
+    os.makedirs(args.out, exist_ok=True)
+    name = os.path.splitext(os.path.basename(args.model))[0]
+    count = 0
+    for p in prompts:
+        base_seed = p.seed if p.seed is not None else args.seed
+        for i in range(args.n):
+            q = dataclasses.replace(p, seed=base_seed + i)
+            img = generate(comp, q, args.device, progress=True)
+            path = os.path.join(args.out, f"{count:05d}_{q.seed}.png")
+            save_png(img, path, a1111_parameters(q, name))
+            print(path)
+            count += 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

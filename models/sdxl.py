@@ -1,0 +1,175 @@
+"""The SDXL family: its components, how captions and sizes become conditioning, and the file layout.
+
+The network, objective and sampler are separate (see core/objectives.py, core/sampling.py); this
+module only knows what SDXL's parts are, how they are named in the single-file checkpoint, and
+how the conditioner turns captions + (original_size, crop_top_left, target_size) into
+`context` [B, 77k, 2048] and `y` [B, 2816] exactly as sgm does (CONVENTIONS.md).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from models import text_encoders as te_mod
+from models import unet_sdxl, vae as vae_mod
+from models.tokenizers import EOT, CLIPTokenizer
+
+# File prefixes of each part in the single file (sgm naming).
+PREFIX = {
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "te1": "conditioner.embedders.0.transformer.",
+    "te2": "conditioner.embedders.1.model.",
+}
+# Keys in real files that carry no weights we train; ignored on load, written back on save.
+IGNORE = ("denoiser.sigmas", "*.position_ids", "conditioner.embedders.1.model.logit_scale")
+CLIP_L_POSITION_IDS = "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"
+BIGG_LOGIT_SCALE = "conditioner.embedders.1.model.logit_scale"
+LOGIT_SCALE_DEFAULT = math.log(100.0)  # CLIP's clamped logit scale, the value in released files
+SIZE_EMBED_DIM = 256  # sgm ConcatTimestepEmbedderND outdim, per number (6 numbers -> 1536)
+ARCHITECTURE = "stable-diffusion-xl-v1-base"
+
+# Component presets: (unet, vae, te1, te2) preset names per family preset.
+PRESETS = {
+    "base": ("base", "sdxl", "clip_l", "bigg"),
+    "tiny": ("tiny", "tiny", "tiny_l", "tiny_g"),
+}
+
+
+@dataclass
+class SDXL:
+    """SDXL components. `unet` is the trained network; the rest may be None when not loaded."""
+    unet: unet_sdxl.UNet | None
+    vae: vae_mod.AutoencoderKL | None
+    te1: te_mod.CLIPTextModel | None        # CLIP ViT-L/14, Hugging Face naming
+    te2: te_mod.OpenCLIPTextModel | None    # OpenCLIP ViT-bigG/14, open_clip naming
+    max_token_length: int = 75
+    v_parameterization: bool = False
+    extras: dict[str, Tensor] = field(default_factory=dict)  # position_ids / logit_scale kept for saving
+    family: str = "sdxl"
+    tokenizer: CLIPTokenizer = field(default_factory=CLIPTokenizer)
+
+    # -- parts ---------------------------------------------------------------------------------
+    @property
+    def network(self) -> nn.Module:
+        assert self.unet is not None
+        return self.unet
+
+    def text_encoders(self) -> dict[str, nn.Module]:
+        return {k: m for k, m in (("te1", self.te1), ("te2", self.te2)) if m is not None}
+
+    # -- conditioning --------------------------------------------------------------------------
+    def tokenize(self, captions: Sequence[str]) -> dict[str, Tensor]:
+        """CLIP-L pads with end-of-text, bigG with 0 (CONVENTIONS.md)."""
+        return {"ids1": self.tokenizer(captions, pad_token=EOT, max_token_length=self.max_token_length),
+                "ids2": self.tokenizer(captions, pad_token=0, max_token_length=self.max_token_length)}
+
+    def encode_tokens(self, ids1: Tensor, ids2: Tensor) -> dict[str, Tensor]:
+        """Token ids [B, 77k] -> context [B, 77k, 2048] (penultimate layers, no final LN) and
+        pooled [B, 1280] (bigG, projected, from the first 77-token chunk)."""
+        assert self.te1 is not None and self.te2 is not None, "text encoders are not loaded"
+        contexts, pooled = [], None
+        for i in range(0, ids1.shape[1], 77):
+            h1, _ = self.te1(ids1[:, i:i + 77], layer=-2)           # (B, 77, 768)
+            h2, p2 = self.te2(ids2[:, i:i + 77], layer=-2)          # (B, 77, 1280), (B, 1280)
+            contexts.append(torch.cat([h1, h2.to(h1.dtype)], dim=-1))
+            pooled = p2 if pooled is None else pooled
+        assert pooled is not None
+        return {"context": torch.cat(contexts, dim=1), "pooled": pooled}
+
+    def encode_text(self, captions: Sequence[str], device: torch.device | str | None = None) -> dict[str, Tensor]:
+        tok = self.tokenize(captions)
+        dev = device if device is not None else next(self.te1.parameters()).device  # type: ignore[union-attr]
+        return self.encode_tokens(tok["ids1"].to(dev), tok["ids2"].to(dev))
+
+    def conditioning(self, text: dict[str, Tensor], original_size: Tensor, crop_top_left: Tensor,
+                     target_size: Tensor) -> dict[str, Tensor]:
+        """Network keyword inputs: context and y = [pooled, emb(orig h, w), emb(crop t, l), emb(target h, w)]."""
+        pooled = text["pooled"]
+        sizes = torch.cat([original_size, crop_top_left, target_size], dim=1).to(pooled.device)  # (B, 6)
+        emb = unet_sdxl.timestep_embedding(sizes.flatten().float(), SIZE_EMBED_DIM)               # (B*6, 256)
+        y = torch.cat([pooled.float(), emb.reshape(pooled.shape[0], -1)], dim=1)                  # (B, 1280 + 1536)
+        return {"context": text["context"], "y": y.to(pooled.dtype)}
+
+    def uncond_text(self, text: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Unconditional branch: zeroed text embeddings, as the original samplers do."""
+        return {k: torch.zeros_like(v) for k, v in text.items()}
+
+    def collate_cached_text(self, items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        return {k: torch.stack([it[k] for it in items]) for k in ("context", "pooled")}
+
+    # -- latents -------------------------------------------------------------------------------
+    def encode_images(self, images: Tensor, tile_size: int | None = None) -> Tensor:
+        """Images in [-1, 1] -> scaled latents (posterior mean)."""
+        assert self.vae is not None
+        mean, _ = self.vae.encode(images.to(next(self.vae.parameters()).dtype), tile_size=tile_size)
+        return self.vae.to_latents(mean.float())
+
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        assert self.vae is not None
+        z = self.vae.from_latents(latents).to(next(self.vae.parameters()).dtype)
+        return self.vae.decode(z).float()
+
+    def sample_schedule(self):
+        from core.sampling import DiscreteSchedule
+        return DiscreteSchedule(prediction="v" if self.v_parameterization else "eps")
+
+    # -- file layout ---------------------------------------------------------------------------
+    def parts(self) -> dict[str, nn.Module]:
+        return {k: m for k, m in (("unet", self.unet), ("vae", self.vae), ("te1", self.te1), ("te2", self.te2)) if m is not None}
+
+    def export_state_dict(self) -> dict[str, Tensor]:
+        """The exact original key layout (prefixes added, ignorable extras written back)."""
+        out: dict[str, Tensor] = {}
+        for name, module in self.parts().items():
+            for k, v in module.state_dict().items():
+                out[PREFIX[name] + k] = v
+        if self.te1 is not None:
+            out[CLIP_L_POSITION_IDS] = self.extras.get(CLIP_L_POSITION_IDS, torch.arange(77, dtype=torch.int64)[None])
+        if self.te2 is not None:
+            out[BIGG_LOGIT_SCALE] = self.extras.get(BIGG_LOGIT_SCALE, torch.tensor(LOGIT_SCALE_DEFAULT))
+        return out
+
+    def modelspec(self) -> dict[str, str]:
+        return {"architecture": ARCHITECTURE, "resolution": "1024x1024",
+                "prediction_type": "v" if self.v_parameterization else "epsilon"}
+
+
+def configs_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, object]:
+    """Per-part configs inferred from a checkpoint's key -> shape (full and tiny files alike)."""
+    def part(p: str) -> dict[str, tuple[int, ...]]:
+        return {k[len(p):]: s for k, s in shapes.items() if k.startswith(p)}
+    out: dict[str, object] = {}
+    if any(k.startswith(PREFIX["unet"]) for k in shapes):
+        out["unet"] = unet_sdxl.config_from_shapes(part(PREFIX["unet"]))
+    if any(k.startswith(PREFIX["vae"]) for k in shapes):
+        out["vae"] = vae_mod.config_from_shapes(part(PREFIX["vae"]))
+    if any(k.startswith(PREFIX["te1"]) for k in shapes):
+        out["te1"] = te_mod.config_from_shapes(part(PREFIX["te1"]), naming="hf")
+    if any(k.startswith(PREFIX["te2"]) for k in shapes):
+        out["te2"] = te_mod.config_from_shapes(part(PREFIX["te2"]), naming="open_clip")
+    return out
+
+
+def module_for(name: str, cfg: object) -> nn.Module:
+    """Instantiate a part from its config (call under a device context, e.g. meta)."""
+    if name == "unet":
+        return unet_sdxl.UNet(cfg)  # type: ignore[arg-type]
+    if name == "vae":
+        return vae_mod.AutoencoderKL(cfg)  # type: ignore[arg-type]
+    if name == "te1":
+        return te_mod.CLIPTextModel(cfg)  # type: ignore[arg-type]
+    if name == "te2":
+        return te_mod.OpenCLIPTextModel(cfg)  # type: ignore[arg-type]
+    raise KeyError(name)
+
+
+def preset_configs(preset: str) -> dict[str, object]:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown SDXL preset {preset!r}; available: {', '.join(PRESETS)}")
+    u, v, t1, t2 = PRESETS[preset]
+    return {"unet": unet_sdxl.PRESETS[u], "vae": vae_mod.PRESETS[v], "te1": te_mod.PRESETS[t1], "te2": te_mod.PRESETS[t2]}
