@@ -150,12 +150,24 @@ def load(path: str | None, family: str | None = None, *, vae: str | None = None,
             continue
         if name == "t5" and not opts.get("use_t5", True):
             continue
-        cfg = fam.configs_from_shapes({fam.PREFIX[name] + k: s for k, s in sub_shapes.items()})[name]
+        try:
+            cfg = fam.configs_from_shapes({fam.PREFIX[name] + k: s for k, s in sub_shapes.items()})[name]
+        except CheckpointError:
+            raise
+        except ValueError as e:  # layout that no config explains: name the file and the part
+            raise CheckpointError(f"{f.path}: the {name} weights do not match a known {family} layout: {e}") from None
         with torch.device("meta"):
             module = fam.module_for(name, cfg)
         keys = [prefix + k for k in sub_shapes]
-        load_module(module, f.get, keys, prefix=prefix, ignore=fam.IGNORE, dtype=_dtype_for(name, family, dtype),
-                    device=device, source=f.path)
+        get, shapes = f.get, {prefix + k: s for k, s in sub_shapes.items()}
+        aliases = {prefix + a: prefix + b for a, b in getattr(fam, "ALIASES", {}).get(name, {}).items()
+                   if prefix + a not in shapes and prefix + b in shapes}
+        if aliases:  # a tied weight stored once (e.g. T5's embed_tokens = shared)
+            keys += list(aliases)
+            shapes.update({a: shapes[b] for a, b in aliases.items()})
+            get = lambda k, _get=f.get, _al=aliases: _get(_al.get(k, k))  # noqa: E731
+        load_module(module, get, keys, prefix=prefix, ignore=fam.IGNORE, dtype=_dtype_for(name, family, dtype),
+                    device=device, source=f.path, shapes=shapes)
         modules[name] = module
     missing = [n for n in (parts or ()) if n not in modules and not (n == "t5" and not opts.get("use_t5", True))]
     if missing:

@@ -30,8 +30,9 @@ PREFIX = {
 }
 # Harmless extras: tied T5 embedding, position ids, and CLIP-L's projection in ComfyUI files
 # (the SD3 reference does not project CLIP-L's pooled output).
-IGNORE = ("*.position_ids", "*encoder.embed_tokens.weight", "text_projection.weight", "denoiser.sigmas")
+IGNORE = ("*.position_ids", "text_projection.weight", "denoiser.sigmas")
 T5_TIED = "encoder.embed_tokens.weight"
+ALIASES = {"t5": {T5_TIED: "shared.weight"}}  # tied: files may store only one of the two
 CLIP_TOKENS = 77
 DEFAULT_CONTEXT_DIM = 4096  # T5-XXL width = MMDiT context_in_dim of the released models
 CONTEXT_EMBEDDER = "model.diffusion_model.context_embedder.weight"

@@ -1,0 +1,269 @@
+"""Generic single-file `.safetensors` I/O shared by every model family.
+
+Reading is lazy (memory-mapped, one tensor at a time); loading checks the whole key set and every
+shape before anything is assigned; saving is atomic (temp file, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import datetime
+import fnmatch
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+# How many names of each kind an error message lists before it only counts.
+MAX_LISTED = 20
+# modelspec version written by kohya sd-scripts and Stability's tools.
+MODELSPEC_VERSION = "1.0.0"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is unreadable or does not match the model it is loaded into."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+
+class SafeTensorFile:
+    """Lazy, memory-mapped reader of one .safetensors file (safetensors.safe_open). Reading a tensor does not load the others."""
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        if not os.path.isfile(self.path):
+            raise CheckpointError(f"checkpoint file not found: {self.path}")
+        try:
+            self._file = safe_open(self.path, framework="pt", device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{self.path}: not a valid .safetensors file (truncated or another format?): {e}") from e
+        self.metadata: dict[str, str] = dict(self._file.metadata() or {})
+        self._keys: list[str] = list(self._file.keys())
+
+    def __repr__(self) -> str:
+        return f"SafeTensorFile({self.path!r}, {len(self._keys)} tensors)"
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._keys
+
+    def keys(self) -> list[str]:
+        """All tensor names in file order."""
+        return list(self._keys)
+
+    def _check_key(self, key: str) -> None:
+        if key not in self._keys:
+            raise CheckpointError(f"{self.path}: no tensor named {key!r} ({len(self._keys)} tensors in the file)")
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Shape of one tensor from the header (no data read)."""
+        self._check_key(key)
+        return tuple(self._file.get_slice(key).get_shape())
+
+    def shapes(self, prefix: str = "", strip: bool = True) -> dict[str, tuple[int, ...]]:
+        """Key -> shape of the tensors under `prefix` (prefix removed when `strip`), header only."""
+        return {
+            (k[len(prefix) :] if strip else k): tuple(self._file.get_slice(k).get_shape())
+            for k in self._keys
+            if k.startswith(prefix)
+        }
+
+    def get(self, key: str) -> Tensor:
+        """Read one tensor (CPU, stored dtype)."""
+        self._check_key(key)
+        try:
+            return self._file.get_tensor(key)
+        except SafetensorError as e:
+            raise CheckpointError(f"{self.path}: cannot read tensor {key!r}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading into a module
+# ---------------------------------------------------------------------------------------------
+
+
+def _listing(title: str, items: Sequence[str]) -> str:
+    """'title (n): a, b, ... (+k more)' for an error message."""
+    shown = ", ".join(items[:MAX_LISTED])
+    more = f", ... (+{len(items) - MAX_LISTED} more)" if len(items) > MAX_LISTED else ""
+    return f"  {title} ({len(items)}): {shown}{more}"
+
+
+def load_module(
+    module: nn.Module,
+    get: Callable[[str], Tensor],
+    keys: Iterable[str],
+    *,
+    prefix: str = "",
+    ignore: Sequence[str] = (),
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    source: str = "",
+    shapes: Mapping[str, Sequence[int]] | None = None,
+) -> None:
+    """Fill `module` (typically built on the meta device) from tensors named prefix + <module key>.
+
+    - Only `keys` starting with `prefix` belong to this module (a single file holds several models);
+      of those, keys the module lacks are errors unless they match an fnmatch pattern of `ignore`
+      (tried against both the full and the stripped key, e.g. '*.position_ids').
+    - The full key set and every shape are checked before anything is assigned; problems raise one
+      CheckpointError listing missing / unexpected / mis-shaped keys and `source`.
+      Shapes come from `shapes` (full keys) if given, else from the header when `get` is
+      `SafeTensorFile.get`, else from `get` itself (fine for in-memory dicts).
+    - Floating-point tensors are cast to `dtype` (None keeps the stored dtype), all moved to `device`,
+      one at a time, then assigned with `load_state_dict(assign=True)`, so weights never exist twice.
+    - Non-persistent buffers (absent from checkpoints) are rebuilt after a meta build: every submodule
+      defining `init_buffers(device: torch.device) -> None` has it called after the assignment; a buffer
+      still on the meta device afterwards is an error. Real (non-meta) ones are moved to `device`.
+    """
+    device = torch.device(device)
+    where = f" from {source}" if source else ""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict(keep_vars=True).items()}
+    present = [k for k in keys if k.startswith(prefix)]
+    found = {k[len(prefix) :]: k for k in present}
+
+    def ignored(stripped: str) -> bool:
+        return any(fnmatch.fnmatchcase(prefix + stripped, p) or fnmatch.fnmatchcase(stripped, p) for p in ignore)
+
+    if shapes is None:
+        owner = getattr(get, "__self__", None)
+        shape_of: Callable[[str], Sequence[int]] = owner.shape if isinstance(owner, SafeTensorFile) else (lambda k: get(k).shape)
+    else:
+        shape_of = lambda k: shapes[k]  # noqa: E731
+
+    missing = sorted(k for k in expected if k not in found)
+    unexpected = sorted(prefix + k for k in found if k not in expected and not ignored(k))
+    misshaped = []
+    for k in sorted(set(expected) & set(found)):
+        got = tuple(int(s) for s in shape_of(found[k]))
+        if got != expected[k]:
+            misshaped.append(f"{prefix}{k} {list(got)} (model {list(expected[k])})")
+    if missing or unexpected or misshaped:
+        lines = [f"checkpoint does not match {type(module).__name__}{where} (prefix {prefix!r}):"]
+        if missing:
+            lines.append(_listing("missing", [prefix + k for k in missing]))
+        if unexpected:
+            lines.append(_listing("unexpected", unexpected))
+        if misshaped:
+            lines.append(_listing("wrong shape", misshaped))
+        raise CheckpointError("\n".join(lines))
+
+    state: dict[str, Tensor] = {}
+    for k in expected:
+        t = get(found[k])
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype=dtype)
+        state[k] = t.to(device)
+    module.load_state_dict(state, strict=True, assign=True)
+    del state
+
+    for m in module.modules():
+        init = getattr(m, "init_buffers", None)
+        if callable(init):
+            init(device=device)
+    left = [name for name, buf in module.named_buffers() if buf.is_meta]
+    for m in module.modules():
+        for name in list(m._non_persistent_buffers_set):
+            buf = m._buffers.get(name)
+            if buf is not None and not buf.is_meta and buf.device != device:
+                m._buffers[name] = buf.to(device)
+    if left:
+        raise CheckpointError(
+            f"{type(module).__name__}{where}: buffers still on the meta device after loading: {left[:MAX_LISTED]} "
+            "(give the owning module an init_buffers(device) method that recreates them)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make a rename durable; some filesystems / platforms cannot open directories, which is fine."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_safetensors_atomic(tensors: Mapping[str, Tensor], path: str, metadata: Mapping[str, str] | None = None) -> None:
+    """Write to path + '.tmp-<pid>', fsync, os.replace, fsync the directory; on failure the old file is untouched."""
+    path = str(path)
+    meta = dict(metadata or {})
+    bad_meta = [k for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad_meta:
+        raise CheckpointError(f"safetensors metadata must map str -> str; offending keys: {bad_meta[:MAX_LISTED]}")
+    out: dict[str, Tensor] = {}
+    seen_storage: set[int] = set()
+    for k, v in tensors.items():
+        if not isinstance(v, Tensor):
+            raise CheckpointError(f"cannot save {k!r} to {path}: expected a tensor, got {type(v).__name__}")
+        if v.is_meta:
+            raise CheckpointError(f"cannot save {k!r} to {path}: it is on the meta device (never loaded)")
+        t = v.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and ptr in seen_storage:
+            t = t.clone()  # tied weights: safetensors refuses shared storage, so store an independent copy
+        seen_storage.add(ptr)
+        out[k] = t
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        save_file(out, tmp, metadata=meta or None)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def modelspec_metadata(
+    architecture: str,
+    title: str,
+    resolution: str,
+    prediction_type: str | None = None,
+    extra: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """modelspec header fields (sai_model_spec 1.0.0, architecture, title, ISO date, resolution, prediction_type)."""
+    for name, value in (("architecture", architecture), ("title", title), ("resolution", resolution)):
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"modelspec {name} must be a non-empty string, got {value!r}")
+    meta = {
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.architecture": architecture,
+        "modelspec.title": title,
+        "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
+        "modelspec.resolution": resolution,
+    }
+    if prediction_type is not None:
+        meta["modelspec.prediction_type"] = prediction_type
+    for k, v in (extra or {}).items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise ValueError(f"modelspec extra metadata must map str -> str, got {k!r}: {v!r}")
+        meta[k] = v
+    return meta
+
+
+def cast_state_dict(sd: Mapping[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:
+    """Cast floating-point tensors to `dtype` (None: unchanged); integer / bool tensors are kept as they are."""
+    if dtype is None:
+        return dict(sd)
+    return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
