@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             prune_exports(paths["models"], cfg.save.output_name, cfg.save.save_last_n)
         dist.barrier()
 
+    writes = [0]
+
     def save_state(crash_hook: bool = True) -> None:
         token = dist.broadcast_object(str(os.getpid()) if master else None)
         tmp = rstate.tmp_dir_for(paths["state"], step, token)
@@ -238,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                         "bad_steps": bad_steps, "scheduler": scheduler.state_dict(),
                         "scaler": scaler.state_dict() if scaler is not None else None,
                         "loss_recorder": recorder.state_dict(), "config": to_dict(cfg)}
-            hook = _crash_hook if crash_hook and os.environ.get("SDTRAIN_TEST_KILL_DURING_STATE_WRITE") else None
+            writes[0] += 1  # fault injection for tests: SIGKILL during the N-th state write
+            hook = _crash_hook if crash_hook and writes[0] == int(os.environ.get("SDTRAIN_TEST_KILL_DURING_STATE_WRITE", "0")) else None
             final = os.path.join(paths["state"], f"step-{step:08d}")
             rstate.write_state(tmp, final, trained=trained_state(trainee), optimizer=optimizer.state_dict(),
                                progress=progress, ema=ema.state_dict() if ema is not None else None, before_marker=hook)
@@ -350,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
             export("")
             if cfg.save.save_state:
                 save_state()
-        if prompts and (cfg.sample.sample_every_n_steps or cfg.sample.sample_every_n_epochs):
+        sampled_now = cfg.sample.sample_every_n_steps and step % cfg.sample.sample_every_n_steps == 0
+        if prompts and (cfg.sample.sample_every_n_steps or cfg.sample.sample_every_n_epochs) and not sampled_now:
             previews(step)
         log.info(f"done: {step} steps")
         return exit_code

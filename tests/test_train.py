@@ -1,0 +1,150 @@
+"""train.py end to end: 2-process demo run, exact resume after a signal, kill -9 during a state write.
+
+These run the real launchers (torchrun with gloo on CPU, and plain `python train.py`) on the
+tiny SDXL preset and a small generated dataset.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _run(cmd, env=None, timeout=600):
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env or ENV, timeout=timeout)
+    assert out.returncode == 0, f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from data.demo import make_demo_dataset
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_dataset(str(root / "data"), n=16, size=(64, 96))
+    return root
+
+
+def overrides(root, out, steps, *extra):
+    return ["configs/demo.toml", f"data.image_dirs=['{root / 'data'}']", f"cache.cache_dir={root / 'cache'}",
+            f"output_dir={out}", f"train.max_train_steps={steps}", "optimizer.lr_warmup_steps=0",
+            "optimizer.lr_scheduler=constant", "sample.sample_every_n_steps=0", "save.save_every_n_steps=0",
+            "data.batch_size=2", *extra]
+
+
+def metrics(out):
+    with open(os.path.join(out, "logs", "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_two_process_cache_train_export_samples(dataset, tmp_path):
+    out = tmp_path / "run"
+    _run(TORCHRUN + ["cache.py", *overrides(dataset, out, 4)[:3]])
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle --d 5 --s 3\n# comment\na blue square --d 6 --s 3 --w 64 --h 96\n")
+    _run(TORCHRUN + ["train.py", *overrides(dataset, out, 4, "save.save_every_n_steps=2", f"sample.sample_prompts={prompts}",
+                                            "sample.sample_every_n_steps=4", "sample.sample_params={width=64, height=64}")])
+    import models
+    comp = models.load(str(out / "models" / "demo.safetensors"))
+    assert comp.family == "sdxl" and comp.unet is not None
+    assert os.path.isfile(out / "models" / "demo-step00000002.safetensors")
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all({"loss", "lr", "grad_norm", "images_per_s"} <= r.keys() for r in rows)
+    from PIL import Image
+    pngs = sorted(p for p in os.listdir(out / "samples") if p.endswith(".png"))
+    assert "000004_0_5.png" in pngs and "000004_1_6.png" in pngs and "000004_grid.png" in pngs
+    with Image.open(out / "samples" / "000004_1_6.png") as im:
+        assert im.size == (64, 96) and "a blue square" in im.text["parameters"]
+    assert os.path.isfile(out / "config.toml") and os.path.isfile(out / "logs" / "train.log")
+    states = os.listdir(out / "state")
+    assert "step-00000004" in states and "step-00000002" in states
+    assert {"rng-rank0.pt", "rng-rank1.pt", "COMPLETE"} <= set(os.listdir(out / "state" / "step-00000004"))
+
+
+def _final_weights(out):
+    state = sorted(p for p in os.listdir(os.path.join(out, "state")) if p.startswith("step-") and ".tmp" not in p)[-1]
+    return load_file(os.path.join(out, "state", state, "trained.safetensors"))
+
+
+def _losses(out):
+    return {r["step"]: r["loss"] for r in metrics(out)}
+
+
+@pytest.mark.slow
+def test_exact_resume_after_sigterm(dataset, tmp_path):
+    """N steps straight == interrupted by SIGTERM mid-run + resume=auto: same losses, bit-exact weights."""
+    _run([sys.executable, "cache.py", *overrides(dataset, tmp_path / "x", 1)[:3]])
+    steps = 8
+    straight = tmp_path / "straight"
+    _run([sys.executable, "train.py", *overrides(dataset, straight, steps)])
+    resumed = tmp_path / "resumed"
+    proc = subprocess.Popen([sys.executable, "train.py", *overrides(dataset, resumed, steps)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        p = resumed / "logs" / "metrics.jsonl"
+        if p.exists() and p.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log
+    stopped_at = max(_losses(resumed))
+    assert stopped_at < steps, "the run finished before the signal arrived"
+    assert "stop requested" in log
+    _run([sys.executable, "train.py", *overrides(dataset, resumed, steps, "train.resume=auto")])
+    a, b = _losses(straight), _losses(resumed)
+    assert a.keys() == b.keys() == set(range(1, steps + 1))
+    assert all(a[k] == b[k] for k in a), (a, b)
+    wa, wb = _final_weights(straight), _final_weights(resumed)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_kill9_during_state_write_resumes_from_previous_state(dataset, tmp_path):
+    _run([sys.executable, "cache.py", *overrides(dataset, tmp_path / "x", 1)[:3]])
+    out = tmp_path / "run"
+    args = overrides(dataset, out, 6, "save.save_every_n_steps=2", "save.save_last_n_states=5")
+    env = {**ENV, "SDTRAIN_TEST_KILL_DURING_STATE_WRITE": "2"}  # SIGKILL inside the 2nd state write (step 4)
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    names = os.listdir(out / "state")
+    assert "step-00000002" in names and "step-00000004" not in names
+    assert any(n.startswith("step-00000004.tmp") for n in names)  # the half-written one
+    res = _run([sys.executable, "train.py", *args, "train.resume=auto"])
+    assert "resumed from" in res.stderr and "step-00000002" in res.stderr
+    straight = tmp_path / "straight"
+    _run([sys.executable, "train.py", *overrides(dataset, straight, 6)])
+    wa, wb = _final_weights(straight), _final_weights(out)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not any(".tmp" in n for n in os.listdir(out / "state"))
+
+
+def test_damaged_state_is_skipped(tmp_path):
+    from core import state as rstate
+    root = tmp_path / "state"
+    for step in (2, 4):
+        tmp = rstate.tmp_dir_for(str(root), step, "t")
+        rstate.write_rank_rng(tmp, 0)
+        rstate.write_state(tmp, str(root / f"step-{step:08d}"), trained={"w": torch.ones(3) * step},
+                           optimizer={"state": {}, "param_groups": []}, progress={"step": step})
+    assert rstate.find_resume("auto", str(root)) == str(root / "step-00000004")
+    with open(root / "step-00000004" / "trained.safetensors", "r+b") as f:
+        f.seek(-1, 2)
+        f.write(b"\x00")
+    seen = []
+    assert rstate.find_resume("auto", str(root), seen.append) == str(root / "step-00000002")
+    assert "checksum" in seen[0]
+    with pytest.raises(rstate.StateError, match="checksum"):
+        rstate.find_resume(str(root / "step-00000004"), str(root))
+    assert torch.equal(rstate.read_state(str(root / "step-00000002"), 0)["trained"]["w"], torch.ones(3) * 2)
