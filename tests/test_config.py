@@ -173,3 +173,17 @@ def test_output_dir_format_and_reference():
     for name in ("learning_rate", "bucket_reso_step", "min_snr_gamma", "save_every_n_steps", "[[data.subsets]]"):
         assert name in ref
     assert Config().data.bucket_reso_step == 64
+
+
+def test_readme_config_reference_is_current():
+    """The README's config reference is generated from the dataclass docs, so it cannot drift."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import gen_config_reference
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    assert gen_config_reference.render(text) == text, "run: python scripts/gen_config_reference.py"
+
+
+@pytest.mark.parametrize("name", sorted(n for n in os.listdir(os.path.join(ROOT, "configs")) if n.endswith(".toml")))
+def test_shipped_configs_are_valid(name):
+    load_config(os.path.join(ROOT, "configs", name))
