@@ -310,10 +310,11 @@ class MMDiT(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
-        # Patch embedding initialised like an nn.Linear over the flattened patch (DiT); its bias keeps
-        # Conv2d's default, as in DiT.
+        # Patch embedding initialised like an nn.Linear over the flattened patch (DiT). DiT leaves the
+        # bias at Conv2d's default; we zero it so every tensor is set here (meta -> to_empty -> init).
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
         # Timestep MLP: small normal init (DiT).
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
