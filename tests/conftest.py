@@ -12,7 +12,11 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
+    """Tiny models run fastest on one thread (thread start-up dominates); seeds fixed per test."""
     import torch
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     yield
+    torch.set_num_threads(threads)
