@@ -78,8 +78,9 @@ def read_sizes(paths: list[str], num_threads: int = 16) -> tuple[np.ndarray, dic
             errors[i] = str(e)
 
     if paths:
+        chunk = 512  # one task per chunk: ThreadPoolExecutor.map makes a future per item (chunksize is ignored)
         with ThreadPoolExecutor(max(1, num_threads)) as ex:
-            list(ex.map(one, range(len(paths)), chunksize=256))
+            list(ex.map(lambda s: [one(i) for i in range(s, min(s + chunk, len(paths)))], range(0, len(paths), chunk)))
     return sizes, errors
 
 

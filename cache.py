@@ -1,0 +1,261 @@
+"""Encode a dataset into the latent shard store, on every GPU in parallel.
+
+    torchrun --nproc_per_node=N cache.py cfg.toml [key=value ...] [--verify]
+    python cache.py cfg.toml
+
+Loads the VAE alone (text encoders only with [cache] cache_text_encoder_outputs), builds or reuses the dataset
+index (rank 0), finds the records that are missing or stale, splits them across ranks evenly by bucket, decodes
+and resizes images in DataLoader workers, encodes in batches of vae_batch_size, and hands the results to a
+background writer so encoding never waits for the disk. Each rank writes its own shards; rank 0 merges the
+store index at the end. Unreadable images are skipped with one log line and listed in <cache_dir>/skipped.txt.
+Exit status 0 unless nothing usable is left (or, with --verify, a shard is damaged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import os
+import random
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from data.buckets import crop_params, resize_and_crop
+from data.captions import CaptionOptions, process_caption
+from data.images import BadImage, SkipReport, load_image
+from data.index import DatasetIndex, load_or_build_index
+from data.store import (BackgroundWriter, LatentStore, LATENT_DTYPES, Record, ShardWriter, source_fingerprint,
+                        store_cfg_fingerprint)
+
+log = logging.getLogger("cache")
+
+VALID, PENDING, MISSING = 1, 2, 3  # per-row status codes, summed across ranks (each row is checked by one rank)
+
+
+def _key_seed(key: str, salt: int = 0) -> int:
+    import zlib
+
+    return zlib.crc32(key.encode("utf-8")) * 1_000_003 + salt
+
+
+class _Decode(Dataset):
+    """Decode + bucket one row in a worker process; failures come back as {"row", "error"}."""
+
+    def __init__(self, index: DatasetIndex, content_hash: bool):
+        self.index, self.content_hash = index, content_hash
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, row: int) -> dict[str, Any]:
+        ix = self.index
+        path = ix.paths[row]
+        try:
+            im = load_image(path)
+        except BadImage as e:
+            return {"row": row, "error": str(e)}
+        sub = ix.subsets[int(ix.subset[row])]
+        bucket = (int(ix.buckets[row][0]), int(ix.buckets[row][1]))
+        # A random crop is drawn once per key here, so it is reproducible when the record is rebuilt.
+        im2, orig, crop = resize_and_crop(im, bucket, sub.random_crop, random.Random(_key_seed(ix.keys[row])))
+        (rw, _), _ = crop_params(im.size, bucket, False)
+        x = torch.from_numpy(np.asarray(im2, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return {"row": row, "x": x, "orig": orig, "crop": crop, "crop_flip": (crop[0], rw - bucket[0] - crop[1]),
+                "src": source_fingerprint(path, self.content_hash)}
+
+
+def _split_by_bucket(index: DatasetIndex, rows: np.ndarray, batch_size: int, world: int) -> list[list[list[int]]]:
+    """One-bucket batches of pending rows, dealt round-robin to ranks (equal counts +-1, identical on all ranks)."""
+    b = index.buckets[rows]
+    order = np.lexsort((rows, b[:, 1], b[:, 0]))
+    rows, b = rows[order], b[order]
+    batches: list[list[int]] = []
+    if len(rows):
+        cut = np.flatnonzero((np.diff(b, axis=0) != 0).any(1)) + 1
+        for grp in np.split(rows, cut):
+            batches += [grp[i : i + batch_size].tolist() for i in range(0, len(grp), batch_size)]
+    return [batches[r::world] for r in range(world)]
+
+
+def _encode(vae, x: torch.Tensor, tile: int, posterior: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Pixels [B,3,H,W] in [-1, 1] -> latent (or scaled mean + std), on CPU in the store dtype."""
+    mean, logvar = vae.encode(x, tile_size=tile or None)
+    lat = vae.to_latents(mean)
+    out = {"latent": lat} if not posterior else {
+        "mean": lat, "std": vae.to_latents(mean + torch.exp(0.5 * logvar)) - lat}  # to_latents is affine
+    return {k: v.to(dtype).cpu() for k, v in out.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", help="the run's TOML config ([data], [cache], [model] are used)")
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. cache.vae_batch_size=16")
+    ap.add_argument("--verify", action="store_true", help="re-check the checksum of every shard and exit")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    import models
+    from core import dist
+    from core.config import load_config
+
+    info = dist.init()
+    rank, world, device = info.rank, info.world_size, info.device
+    main_rank = dist.is_main()
+    cfg = load_config(args.config, args.overrides)
+    cc = cfg.cache
+    if not cc.cache_dir:
+        raise SystemExit("cache.py: [cache] cache_dir is empty; set it to the latent store directory")
+    if cc.latent_dtype not in LATENT_DTYPES:
+        raise SystemExit(f"cache.py: [cache] latent_dtype {cc.latent_dtype!r} not one of {sorted(LATENT_DTYPES)}")
+    root = cc.cache_dir
+    os.makedirs(root, exist_ok=True)
+
+    if args.verify:
+        bad = []
+        if main_rank:
+            store = LatentStore(root, check_validity=True)
+            bad = store.damaged + store.verify()
+            print(f"verify: {len(store.shards)} shards, {len(store)} records, {len(bad)} damaged")
+            for name, why in bad:
+                print(f"  DAMAGED {name}: {why}")
+        dist.barrier()
+        dist.shutdown()
+        return 1 if bad else 0
+
+    skipped = SkipReport()
+    index = load_or_build_index(cfg.data, root, is_main=main_rank, barrier=dist.barrier, skipped=skipped,
+                                threads=max(4, cc.num_workers * 4))
+    flip_any = any(s.flip_aug for s in index.subsets)
+    te = None
+    if cc.cache_text_encoder_outputs:
+        te = models.load_text_encoders(cfg.model, device, torch.float32 if device.type == "cpu" else torch.bfloat16)
+    variants = max(1, int(cc.text_variants))
+    cfg_fp = store_cfg_fingerprint(models.vae_identity(cfg.model), index.bucket_settings.key(), cc.latent_dtype,
+                                   cc.store_posterior, flip_any, te.identity if te else "", variants if te else 0)
+    store = LatentStore(root, check_validity=cc.check_cache_validity)
+
+    # Status of every row; each rank stats its stripe, a sum merges them.
+    n = len(index)
+    status = torch.zeros(n, dtype=torch.int32)
+    for i in range(rank, n, world):
+        key = index.keys[i]
+        src = source_fingerprint(index.paths[i], cc.content_hash)
+        if not src:  # image gone: a record in the store is still usable (training from the cache alone)
+            status[i] = VALID if key in store else MISSING
+        else:
+            status[i] = VALID if store.is_valid(key, src, cfg_fp) else PENDING
+    status = dist.all_reduce_sum(status) if world > 1 else status
+    pending = np.nonzero(status.numpy() == PENDING)[0]
+    n_valid = int((status == VALID).sum())
+    if main_rank:
+        for i in np.nonzero(status.numpy() == MISSING)[0]:
+            skipped.add(index.paths[int(i)] or index.keys[int(i)], "image not found and not in the store")
+    mine = _split_by_bucket(index, pending, max(1, cc.vae_batch_size), world)[rank]
+    if main_rank:
+        log.info("%d entries: %d already valid, %d to encode on %d rank(s)", n, n_valid, len(pending), world)
+
+    counts = torch.zeros(3, dtype=torch.int64)  # encoded, skipped, failed
+    if len(pending):
+        vae = models.load_vae(cfg.model, device, LATENT_DTYPES[cfg.model.vae_dtype]).eval().requires_grad_(False)
+        vae_dtype = next(vae.parameters()).dtype
+        ds = _Decode(index, cc.content_hash)
+        loader = DataLoader(ds, batch_sampler=mine, collate_fn=list, num_workers=cc.num_workers,
+                            prefetch_factor=4 if cc.num_workers > 0 else None)
+        writer = BackgroundWriter(ShardWriter(root, cfg_fp, rank, cc.shard_size_mb, cc.compress))
+        dtype = LATENT_DTYPES[cc.latent_dtype]
+        bar = None
+        if main_rank:
+            from tqdm import tqdm
+
+            # Ranks get equal shares, so rank 0's rate x world size is the total throughput.
+            bar = tqdm(total=len(pending), unit="img", desc=f"encode x{world}", dynamic_ncols=True)
+        for items in loader:
+            good = []
+            for it in items:
+                if "error" in it:
+                    skipped.add(index.paths[it["row"]], it["error"])
+                    counts[1] += 1
+                else:
+                    good.append(it)
+            if good:
+                try:
+                    x = torch.stack([it["x"] for it in good]).to(device, vae_dtype) / 127.5 - 1.0
+                    with torch.no_grad():
+                        enc = _encode(vae, x, cc.vae_tile_size, cc.store_posterior, dtype)
+                        flips = [j for j, it in enumerate(good) if index.subsets[int(index.subset[it["row"]])].flip_aug]
+                        enc_f = _encode(vae, torch.flip(x[flips], dims=[3]), cc.vae_tile_size, cc.store_posterior,
+                                        dtype) if flips else {}
+                    texts = _encode_texts(te, index, good, variants) if te is not None else [{} for _ in good]
+                except Exception as e:  # one bad batch (e.g. out of memory on a huge bucket) must not end the run
+                    log.error("encoding failed for %d images (%s): %s", len(good), index.paths[good[0]["row"]], e)
+                    for it in good:
+                        skipped.add(index.paths[it["row"]], f"encode failed: {e}")
+                    counts[2] += len(good)
+                    good = []
+                for j, it in enumerate(good):
+                    row = it["row"]
+                    tensors = {k: v[j].clone() for k, v in enc.items()}
+                    if j in flips:
+                        tensors.update({f"flip.{k}": v[flips.index(j)].clone() for k, v in enc_f.items()})
+                    tensors.update(texts[j])
+                    writer.put(Record(index.keys[row], it["src"], tuple(int(v) for v in index.buckets[row]),
+                                      it["orig"], it["crop"], tensors, it["crop_flip"] if j in flips else None))
+                counts[0] += len(good)
+            if bar is not None:
+                bar.update(len(items) * world)
+        writer.close()
+        if bar is not None:
+            bar.close()
+
+    skipped.write(os.path.join(root, f"skipped.r{rank}.txt"))
+    totals = dist.all_reduce_sum(counts) if world > 1 else counts
+    dist.barrier()
+    usable = n_valid + int(totals[0])
+    if main_rank:
+        merged = SkipReport()
+        merged.items.update(index.skipped)
+        for p in sorted(glob.glob(os.path.join(root, "skipped.r*.txt"))):
+            merged.items.update(SkipReport.read(p))
+            os.remove(p)
+        merged.write(os.path.join(root, "skipped.txt"))
+        final = LatentStore(root, check_validity=cc.check_cache_validity)
+        final.write_index()
+        for p in glob.glob(os.path.join(root, "shards", "*.tmp*")):
+            os.remove(p)  # leftovers of a killed run (every rank is past its writes here)
+        print(f"cache: encoded {int(totals[0])}, already valid {n_valid}, skipped {len(merged)}, "
+              f"failed {int(totals[2])}; store has {len(final)} records in {len(final.shards)} shards"
+              + (f"; {len(final.damaged)} damaged shard(s) set aside" if final.damaged else ""))
+    dist.barrier()
+    dist.shutdown()
+    return 0 if usable > 0 else 1
+
+
+def _encode_texts(te, index: DatasetIndex, good: list[dict[str, Any]], variants: int) -> list[dict[str, torch.Tensor]]:
+    """Text-encoder outputs per item: `te<k>.<name>` for k caption variants (1 unless captions are augmented)."""
+    out: list[dict[str, torch.Tensor]] = [{} for _ in good]
+    for k in range(variants):
+        caps = []
+        for it in good:
+            row = it["row"]
+            opts = CaptionOptions(**index.subsets[int(index.subset[row])].caption)
+            if k and not opts.augmented:
+                caps.append(None)
+                continue
+            caps.append(process_caption(index.captions[row], opts, random.Random(_key_seed(index.keys[row], k))))
+        todo = [j for j, c in enumerate(caps) if c is not None]
+        if not todo:
+            continue
+        enc = te.encode([caps[j] for j in todo])
+        for j, d in zip(todo, enc):
+            out[j].update({f"te{k}.{name}": t.detach().cpu().clone() for name, t in d.items()})
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""The dataset index: columnar arrays of keys, paths, captions, sizes, buckets and repeats, built once and reused.
+
+Saved as one `.npz` (strings as a UTF-8 blob + offsets, so a million entries load in well under a second) with a
+fingerprint of its inputs; a later run whose inputs are unchanged loads it instead of rescanning headers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .buckets import BucketSettings, assign_buckets
+from .captions import count_metadata
+from .images import SkipReport, read_sizes
+from .sources import SubsetSpec, collect, inputs_fingerprint, load_hook, resolve_subsets
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "dataset_index.npz"
+INDEX_VERSION = 1
+
+
+class StrColumn:
+    """An immutable column of strings stored as one UTF-8 blob plus offsets (no per-string Python objects)."""
+
+    def __init__(self, blob: np.ndarray, offsets: np.ndarray):
+        self.blob, self.offsets = blob, offsets
+
+    @classmethod
+    def from_list(cls, items: Sequence[str]) -> "StrColumn":
+        enc = [s.encode("utf-8") for s in items]
+        offsets = np.zeros(len(enc) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in enc], out=offsets[1:])
+        return cls(np.frombuffer(b"".join(enc), dtype=np.uint8).copy(), offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return self.blob[self.offsets[i] : self.offsets[i + 1]].tobytes().decode("utf-8")
+
+    def tolist(self) -> list[str]:
+        data = self.blob.tobytes()
+        o = self.offsets.tolist()
+        return [data[o[i] : o[i + 1]].decode("utf-8") for i in range(len(o) - 1)]
+
+
+@dataclass
+class DatasetIndex:
+    """Everything the store, cache.py and the loader need to know about the dataset, column-wise."""
+
+    keys: StrColumn
+    paths: StrColumn
+    captions: StrColumn
+    metadata: StrColumn          # JSON per entry ("" = none)
+    sizes: np.ndarray            # [N, 2] int32 (w, h) of the image as displayed
+    buckets: np.ndarray          # [N, 2] int32 (w, h)
+    subset: np.ndarray           # [N] int16
+    repeats: np.ndarray          # [N] int32 (0 = not trained on, still cached)
+    subsets: list[SubsetSpec]
+    bucket_settings: BucketSettings
+    fingerprint: str
+    counter: dict[str, dict[str, int]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # path -> reason, for inputs left out at build time
+    _key_rows: dict[str, int] | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def row_of(self, key: str) -> int:
+        """Row of a key (O(1) after a one-off dict build); KeyError when absent."""
+        if self._key_rows is None:
+            self._key_rows = {k: i for i, k in enumerate(self.keys.tolist())}
+        return self._key_rows[key]
+
+    def meta(self, i: int) -> dict[str, Any]:
+        """The metadata dict of row i."""
+        s = self.metadata[i]
+        return json.loads(s) if s else {}
+
+    def save(self, path: str) -> None:
+        """Write atomically (temp file + rename)."""
+        info = {"version": INDEX_VERSION, "fingerprint": self.fingerprint, "bucket_settings": self.bucket_settings.__dict__,
+                "subsets": [s.__dict__ for s in self.subsets], "counter": self.counter, "skipped": self.skipped}
+        arrays = {"sizes": self.sizes, "buckets": self.buckets, "subset": self.subset, "repeats": self.repeats,
+                  "info": np.frombuffer(json.dumps(info).encode(), dtype=np.uint8)}
+        for name in ("keys", "paths", "captions", "metadata"):
+            col: StrColumn = getattr(self, name)
+            arrays[f"{name}_blob"], arrays[f"{name}_off"] = col.blob, col.offsets
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> "DatasetIndex":
+        """Read an index written by `save`."""
+        with np.load(path) as z:
+            info = json.loads(z["info"].tobytes().decode())
+            if info.get("version") != INDEX_VERSION:
+                raise ValueError(f"{path}: index version {info.get('version')} != {INDEX_VERSION}; delete it to rebuild")
+            cols = {n: StrColumn(z[f"{n}_blob"], z[f"{n}_off"]) for n in ("keys", "paths", "captions", "metadata")}
+            return cls(sizes=z["sizes"], buckets=z["buckets"], subset=z["subset"], repeats=z["repeats"],
+                       subsets=[SubsetSpec(**s) for s in info["subsets"]],
+                       bucket_settings=BucketSettings(**info["bucket_settings"]),
+                       fingerprint=info["fingerprint"], counter=info["counter"],
+                       skipped=info.get("skipped", {}), **cols)
+
+
+def _settings_key(data) -> str:
+    return json.dumps({"num_repeats_getter": data.num_repeats_getter, "recursive": bool(data.recursive),
+                       "v": INDEX_VERSION}, sort_keys=True)
+
+
+def build_index(data, skipped: SkipReport | None = None, threads: int = 16,
+                known_sizes: Callable[[str], tuple[int, int] | None] | None = None) -> DatasetIndex:
+    """Scan sources, read missing sizes from image headers in parallel, assign buckets and repeats.
+
+    Entries whose size is unknown and whose image cannot be read are left out and reported in `skipped`.
+    `known_sizes(key)` may supply sizes (e.g. from a latent store) for images that no longer exist.
+    """
+    skipped = skipped if skipped is not None else SkipReport()
+    subsets = resolve_subsets(data)
+    bs = BucketSettings.from_data_cfg(data)
+    fp = inputs_fingerprint(subsets, bool(data.recursive), _settings_key(data) + bs.key())
+    cols = collect(subsets, bool(data.recursive), threads)
+    n = len(cols.keys)
+    sizes = np.stack([np.asarray(cols.widths, np.int32), np.asarray(cols.heights, np.int32)], 1).reshape(n, 2)
+    need = np.nonzero((sizes <= 0).any(1))[0]
+    if len(need):
+        got, errors = read_sizes([cols.paths[i] for i in need], threads)
+        sizes[need] = got
+        for j, reason in errors.items():
+            i = int(need[j])
+            ks = known_sizes(cols.keys[i]) if known_sizes else None
+            if ks:
+                sizes[i] = ks
+            else:
+                skipped.add(cols.paths[i] or cols.keys[i], reason)
+    keep = np.nonzero((sizes > 0).all(1))[0]
+    if len(keep) < n:
+        sel = keep.tolist()
+        for name in ("keys", "paths", "captions", "metadata", "subset"):
+            lst = getattr(cols, name)
+            setattr(cols, name, [lst[i] for i in sel])
+        sizes = sizes[keep]
+    if len(sizes) == 0:
+        raise ValueError(f"the dataset has no usable images ({len(skipped)} skipped; see the log)")
+    counter = count_metadata(cols.metadata) if any(cols.metadata) else count_metadata([])
+    subset_arr = np.asarray(cols.subset, dtype=np.int16)
+    repeats = np.asarray([s.num_repeats for s in subsets], dtype=np.int32)[subset_arr]
+    getter = load_hook(data.num_repeats_getter)
+    if getter is not None:
+        for i in range(len(repeats)):
+            r = getter(key=cols.keys[i], metadata=cols.metadata[i], counter=counter, num_repeats=int(repeats[i]))
+            if not isinstance(r, (int, np.integer)) or r < 0:
+                raise ValueError(f"num_repeats_getter returned {r!r} for {cols.keys[i]!r}; it must return an int >= 0")
+            repeats[i] = r
+    md_json = [json.dumps(m, ensure_ascii=False, default=str) if m else "" for m in cols.metadata]
+    return DatasetIndex(keys=StrColumn.from_list(cols.keys), paths=StrColumn.from_list(cols.paths),
+                        captions=StrColumn.from_list(cols.captions), metadata=StrColumn.from_list(md_json),
+                        sizes=sizes.astype(np.int32), buckets=assign_buckets(sizes, bs), subset=subset_arr,
+                        repeats=repeats, subsets=subsets, bucket_settings=bs, fingerprint=fp, counter=counter,
+                        skipped=dict(skipped.items))
+
+
+def load_or_build_index(data, index_dir: str, *, is_main: bool = True, barrier: Callable[[], None] | None = None,
+                        skipped: SkipReport | None = None, threads: int = 16,
+                        known_sizes: Callable[[str], tuple[int, int] | None] | None = None) -> DatasetIndex:
+    """Rank 0 reuses the saved index when its input fingerprint matches, else rebuilds and saves it; others load."""
+    path = os.path.join(index_dir, INDEX_FILE)
+    if is_main:
+        index = None
+        if os.path.exists(path):
+            try:
+                old = DatasetIndex.load(path)
+                subsets = resolve_subsets(data)
+                bs = BucketSettings.from_data_cfg(data)
+                if old.fingerprint == inputs_fingerprint(subsets, bool(data.recursive), _settings_key(data) + bs.key()):
+                    index = old
+                    if skipped is not None:
+                        skipped.extend(old.skipped.items())
+                    log.info("dataset index unchanged, reusing %s (%d entries)", path, len(old))
+            except (ValueError, OSError, KeyError) as e:
+                log.warning("cannot reuse %s (%s); rebuilding", path, e)
+        if index is None:
+            index = build_index(data, skipped, threads, known_sizes)
+            index.save(path)
+            log.info("dataset index built: %d entries -> %s", len(index), path)
+    if barrier is not None:
+        barrier()
+    if not is_main:
+        index = DatasetIndex.load(path)
+    return index

@@ -1,0 +1,188 @@
+"""The training data loader: bucketed batches that depend on (seed, epoch) only, never on the world size.
+
+Each epoch: every row x its repeats goes into exactly one batch; a batch holds one bucket; a bucket's last
+partial batch is kept as a smaller batch. The global batch list is shuffled with (seed, epoch); rank r takes
+global batches r, r+W, r+2W, ... When the count is not a multiple of W, the final round is completed by reusing
+batches from the start of the list, so every rank runs the same number of steps (those few samples are seen
+twice that epoch). `skip` counts global batches already consumed, so resume is exact even with another W.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .buckets import resize_and_crop
+from .captions import CaptionOptions, full_caption
+from .images import BadImage, load_image
+from .index import DatasetIndex
+from .sources import load_hook
+
+log = logging.getLogger(__name__)
+
+_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: decorrelates the (seed, epoch, position) streams
+
+
+def _seed(*parts: int) -> int:
+    h = 0
+    for p in parts:
+        h = (h * _MIX + int(p) + 1) % (1 << 63)
+    return h
+
+
+def usable_rows(index: DatasetIndex, store=None) -> np.ndarray:
+    """Rows with repeats > 0 that can be read (present in the store when one is given)."""
+    rows = np.nonzero(index.repeats > 0)[0]
+    if store is not None:
+        keys = index.keys
+        have = np.fromiter((keys[int(i)] in store for i in rows), dtype=bool, count=len(rows))
+        missing = len(rows) - int(have.sum())
+        if missing:
+            log.warning("%d of %d training images are not in the latent store; they are left out (run cache.py)",
+                        missing, len(rows))
+        rows = rows[have]
+    return rows
+
+
+def global_batches(index: DatasetIndex, batch_size: int, seed: int, epoch: int,
+                   rows: np.ndarray | None = None) -> list[np.ndarray]:
+    """The epoch's global batch list; each batch is an array of (row, position) pairs [b, 2]."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size = {batch_size} must be >= 1")
+    rows = np.nonzero(index.repeats > 0)[0] if rows is None else rows
+    expanded = np.repeat(rows, index.repeats[rows])                      # every sample x repeats exactly once
+    rng = np.random.default_rng(_seed(seed, epoch))
+    expanded = expanded[rng.permutation(len(expanded))]
+    positions = np.arange(len(expanded))                                 # the sample's identity within the epoch
+    b = index.buckets[expanded]
+    bucket_id = b[:, 0].astype(np.int64) * 100_003 + b[:, 1]
+    order = np.argsort(bucket_id, kind="stable")                         # group by bucket, shuffled within
+    sb = bucket_id[order]
+    bounds = np.flatnonzero(np.diff(sb)) + 1
+    batches = []
+    for grp in np.split(order, bounds):
+        for s in range(0, len(grp), batch_size):
+            sel = grp[s : s + batch_size]
+            batches.append(np.stack([expanded[sel], positions[sel]], 1))
+    perm = rng.permutation(len(batches))
+    return [batches[i] for i in perm]
+
+
+def batches_per_epoch(index: DatasetIndex, data_cfg, world_size: int, store=None) -> int:
+    """Steps each rank runs per epoch (ceil of global batches / world size)."""
+    rows = usable_rows(index, store)
+    n = len(global_batches(index, int(data_cfg.batch_size), 0, 0, rows))
+    return math.ceil(n / max(1, world_size))
+
+
+def rank_batches(batches: list[np.ndarray], rank: int, world_size: int, skip: int = 0) -> list[np.ndarray]:
+    """Global batches rank, rank+W, ... from position `skip`; the last round wraps to the start of the list."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} not in [0, {world_size})")
+    n = len(batches)
+    if n == 0:
+        return []
+    total = math.ceil(n / world_size) * world_size
+    return [batches[p % n] for p in range(skip + rank, total, world_size)]
+
+
+class _Items(Dataset):
+    """Map-style dataset over (row, position) pairs: latents from the store or images decoded and bucketed."""
+
+    def __init__(self, index: DatasetIndex, data_cfg, store, seed: int, epoch: int):
+        self.index, self.store, self.seed, self.epoch = index, store, seed, epoch
+        self.opts = [CaptionOptions(**s.caption) for s in index.subsets]
+        self.caption_hook = load_hook(data_cfg.caption_processor)
+        self.description_hook = load_hook(data_cfg.description_processor)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any] | None:
+        row, pos = int(item[0]), int(item[1])
+        rng = random.Random(_seed(self.seed, self.epoch, pos))
+        ix = self.index
+        sub = ix.subsets[int(ix.subset[row])]
+        key = ix.keys[row]
+        flip = sub.flip_aug and rng.random() < 0.5
+        out: dict[str, Any] = {"key": key, "loss_weight": sub.loss_weight}
+        bw, bh = (int(v) for v in ix.buckets[row])
+        if self.store is not None:
+            rec = self.store.get(key)  # zero-copy views; only the chosen tensors are touched
+            names = [n for n, v in rec.items() if isinstance(v, torch.Tensor)]
+            flip = flip and ("flip.latent" in rec or "flip.mean" in rec)
+            pre = "flip." if flip else ""
+            if pre + "latent" in rec:
+                lat = rec[pre + "latent"].float()
+            else:
+                mean, std = rec[pre + "mean"].float(), rec[pre + "std"].float()
+                g = torch.Generator().manual_seed(_seed(self.seed, self.epoch, pos, 1) % (1 << 62))
+                lat = mean + std * torch.randn(mean.shape, generator=g)
+            out["latents"] = lat
+            out["original_size"] = rec["original_size"]
+            out["crop_top_left"] = (rec["crop_top_left_flip"] if flip and rec["crop_top_left_flip"] else
+                                    rec["crop_top_left"])
+            variants = sorted({n.split(".", 1)[0] for n in names if n.startswith("te")})
+            if variants:
+                v = variants[rng.randrange(len(variants))]
+                for n in names:
+                    if n.startswith(v + "."):
+                        out["te." + n.split(".", 1)[1]] = rec[n]
+        else:
+            try:
+                im = load_image(ix.paths[row])
+            except BadImage as e:
+                log.warning("skipped %s at load time: %s", ix.paths[row], e)
+                return None
+            im, orig, crop = resize_and_crop(im, (bw, bh), sub.random_crop, rng)
+            x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+            if flip:
+                x = torch.flip(x, dims=[2])
+                rw = round(orig[1] * max(bw / orig[1], bh / orig[0]))
+                crop = (crop[0], max(0, max(bw, rw) - bw - crop[1]))
+            out.update(images=x, original_size=orig, crop_top_left=crop)
+        md = ix.meta(row)
+        out["caption"] = full_caption(ix.captions[row], self.opts[int(ix.subset[row])], rng, key=key, metadata=md,
+                                      counter=ix.counter, flipped=flip, caption_hook=self.caption_hook,
+                                      description_hook=self.description_hook)
+        out["target_size"] = (bh, bw)
+        return out
+
+
+def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """Stack a one-bucket batch; an unreadable item is replaced by another of the batch so step counts stay equal."""
+    good = [it for it in items if it is not None]
+    if not good:
+        raise RuntimeError("every image of a batch failed to load; see the log for the reasons")
+    items = [it if it is not None else good[i % len(good)] for i, it in enumerate(items)]
+    x = "latents" if "latents" in items[0] else "images"
+    batch: dict[str, Any] = {
+        x: torch.stack([it[x] for it in items]),
+        "captions": [it["caption"] for it in items],
+        "original_size": torch.tensor([it["original_size"] for it in items], dtype=torch.long),
+        "crop_top_left": torch.tensor([it["crop_top_left"] for it in items], dtype=torch.long),
+        "target_size": torch.tensor([it["target_size"] for it in items], dtype=torch.long),
+        "loss_weight": torch.tensor([it["loss_weight"] for it in items], dtype=torch.float32),
+        "keys": [it["key"] for it in items],
+    }
+    for name in items[0]:
+        if name.startswith("te."):
+            batch[name] = [it[name] for it in items]  # per-sample, padding trimmed: lengths may differ
+    return batch
+
+
+def make_loader(index: DatasetIndex, data_cfg, store, *, seed: int, epoch: int, rank: int, world_size: int,
+                skip: int = 0, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """Batches for one rank and epoch (dicts, see `collate`); `skip` = global batches already consumed."""
+    rows = usable_rows(index, store)
+    batches = global_batches(index, int(data_cfg.batch_size), seed, epoch, rows)
+    mine = [[(int(r), int(p)) for r, p in b] for b in rank_batches(batches, rank, world_size, skip)]
+    return DataLoader(_Items(index, data_cfg, store, seed, epoch), batch_sampler=mine, collate_fn=collate,
+                      num_workers=num_workers, pin_memory=pin_memory,
+                      persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)

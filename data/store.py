@@ -1,0 +1,510 @@
+"""The latent shard store: a directory of `.safetensors` shards holding many records (pread or memory maps).
+
+Layout of `root/`:
+    shards/<time_ns>-r<rank>-<seq>.safetensors   each a valid safetensors file (inspect with safe_open)
+    store_index.npz                               merged record table (rank 0 writes it; a cache of the headers)
+
+A shard holds, for every record, tensors named `<key>/<name>` (`latent`, or `mean` + `std`; the flip variant
+`flip.latent` ...; text-encoder outputs `te<k>.<name>`) and, in the header's `__metadata__`:
+`records` (JSON list: key, source fingerprint, bucket (w, h), original size (h, w), crop (top, left) for both
+orientations, tensor table), `cfg` (VAE identity + latent and bucket settings), `crc32` and `data_len`.
+Shards are written whole to a temp file, fsynced, then renamed, so a crash loses at most the shard being
+written. On open, a shard already in the merged index is trusted when its size and mtime match; any other shard
+has its size and full CRC checked; a damaged shard is reported, left out, and its records count as missing.
+When the same key is in several shards (re-encoded after going stale) the newest shard wins.
+With compression each tensor is stored as a zstd frame (dtype U8) and its real dtype/shape is in the record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import struct
+import threading
+import time
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from queue import Queue
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+SHARD_DIR, INDEX_FILE, SHARD_EXT = "shards", "store_index.npz", ".safetensors"
+FORMAT = "lean-latent-shard-v1"
+MAX_OPEN_SHARDS = 64  # mmaps kept open (each holds a file descriptor)
+ZSTD_LEVEL = 3  # latents barely compress; a fast level is the right trade
+_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.uint8: "U8",
+           torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL"}
+_TORCH = {v: k for k, v in _DTYPES.items()}
+LATENT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class StoreError(Exception):
+    """A shard that cannot be trusted; the message says why."""
+
+
+@dataclass
+class Record:
+    """One image's cached outputs, as handed to the writer."""
+
+    key: str
+    src: str                              # source fingerprint (size+mtime or content hash)
+    bucket: tuple[int, int]               # (w, h) in pixels
+    original_size: tuple[int, int]        # (h, w)
+    crop_top_left: tuple[int, int]        # (top, left)
+    tensors: dict[str, torch.Tensor]      # latent | mean, std; flip.*; te<k>.*
+    crop_top_left_flip: tuple[int, int] | None = None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # not supported on every filesystem
+
+
+def write_shard(path: str, records: list[Record], cfg: str, compress: bool = False) -> int:
+    """Serialise records into one safetensors file, atomically (temp, fsync, rename); returns its size."""
+    header: dict[str, Any] = {}
+    chunks: list[bytes] = []
+    recs_meta = []
+    pos = 0
+    cctx = None
+    if compress:
+        import zstandard
+
+        cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    for r in records:
+        table = {}
+        for name, t in r.tensors.items():
+            t = t.detach().contiguous().cpu()
+            if t.dtype not in _DTYPES:
+                raise TypeError(f"record {r.key!r} tensor {name!r}: unsupported dtype {t.dtype}")
+            raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+            if cctx is not None:
+                raw = cctx.compress(raw)
+                header[f"{r.key}/{name}.zst"] = {"dtype": "U8", "shape": [len(raw)], "data_offsets": [pos, pos + len(raw)]}
+            else:
+                header[f"{r.key}/{name}"] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
+                                             "data_offsets": [pos, pos + len(raw)]}
+            table[name] = [_DTYPES[t.dtype], list(t.shape)]
+            chunks.append(raw)
+            pos += len(raw)
+        recs_meta.append({"k": r.key, "src": r.src, "b": list(r.bucket), "o": list(r.original_size),
+                          "c": list(r.crop_top_left),
+                          "cf": list(r.crop_top_left_flip) if r.crop_top_left_flip is not None else None,
+                          "t": table})
+    data = b"".join(chunks)
+    header["__metadata__"] = {"format": FORMAT, "cfg": cfg, "records": json.dumps(recs_meta, ensure_ascii=False),
+                              "crc32": f"{zlib.crc32(data):08x}", "data_len": str(len(data)),
+                              "compressed": "zstd" if compress else ""}
+    hb = json.dumps(header, ensure_ascii=False).encode("utf-8")
+    hb += b" " * (-len(hb) % 8)  # safetensors pads the header to 8 bytes
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(hb)))
+        f.write(hb)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+    return 8 + len(hb) + len(data)
+
+
+def read_header(path: str) -> tuple[int, dict[str, Any]]:
+    """(data start offset, header dict) of a shard, checking the size implied by the header; raises StoreError."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise StoreError(f"truncated: {size} bytes")
+            (hlen,) = struct.unpack("<Q", head)
+            if hlen > size - 8:
+                raise StoreError(f"header length {hlen} exceeds the file size {size}")
+            header = json.loads(f.read(hlen))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise StoreError(f"unreadable header ({type(e).__name__}: {e})") from None
+    md = header.get("__metadata__") or {}
+    if md.get("format") != FORMAT:
+        raise StoreError(f"not a {FORMAT} shard (format {md.get('format')!r})")
+    expect = 8 + hlen + int(md["data_len"])
+    if size != expect:
+        raise StoreError(f"size {size} != {expect} from its header (truncated or appended)")
+    return 8 + hlen, header
+
+
+def shard_crc(path: str, start: int, chunk: int = 1 << 24) -> str:
+    """CRC32 of the data section of a shard."""
+    crc = 0
+    with open(path, "rb") as f:
+        f.seek(start)
+        while b := f.read(chunk):
+            crc = zlib.crc32(b, crc)
+    return f"{crc:08x}"
+
+
+@dataclass
+class _Shard:
+    name: str
+    size: int
+    mtime_ns: int
+    crc: str
+    cfg: str
+    start: int = -1
+    header: dict[str, Any] | None = None
+    records: list[dict[str, Any]] | None = None
+
+
+def _shard_names(root: str) -> list[str]:
+    d = os.path.join(root, SHARD_DIR)
+    if not os.path.isdir(d):
+        return []
+    return sorted(n for n in os.listdir(d) if n.endswith(SHARD_EXT))
+
+
+class LatentStore:
+    """Read side of the store: O(1) lookup by key, tensors are zero-copy views of memory-mapped shards."""
+
+    def __init__(self, root: str, check_validity: bool = True, use_mmap: bool = True):
+        self.root = root
+        # mmap: zero-copy views. use_mmap=False reads each tensor with one pread instead, for filesystems where
+        # page faults are expensive (network / sandboxed); bench/store_bench.py measures both.
+        self.use_mmap = use_mmap
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self.check_validity = check_validity
+        self.shards: list[_Shard] = []
+        self.damaged: list[tuple[str, str]] = []
+        self._rows: dict[str, tuple[int, int]] = {}   # key -> (shard idx, record idx)
+        self._src: dict[str, str] = {}
+        self._maps: OrderedDict[int, mmap.mmap] = OrderedDict()
+        self._lock = threading.Lock()
+        self._dctx = None
+        self._open()
+
+    # -- opening ---------------------------------------------------------------------------------------------
+    def _load_merged(self) -> dict[str, tuple[_Shard, list[str], list[str], list[int]]]:
+        """Shard name -> (shard, keys, srcs, record positions) from store_index.npz ({} when absent or unreadable)."""
+        path = os.path.join(self.root, INDEX_FILE)
+        if not os.path.exists(path):
+            return {}
+        try:
+            with np.load(path) as z:
+                info = json.loads(z["info"].tobytes().decode())
+                keys = z["keys"].tobytes().decode("utf-8").split("\n") if len(z["keys"]) else []
+                srcs = z["srcs"].tobytes().decode("utf-8").split("\n") if len(z["srcs"]) else []
+                counts = z["counts"].tolist()
+                positions = z["positions"].tolist()
+        except Exception as e:  # a damaged merged index only costs a header rescan
+            log.warning("store index %s unreadable (%s); rescanning shard headers", path, e)
+            return {}
+        out, pos = {}, 0
+        for s, n in zip(info["shards"], counts):
+            out[s["name"]] = (_Shard(**s), keys[pos : pos + n], srcs[pos : pos + n], positions[pos : pos + n])
+            pos += n
+        return out
+
+    def _open(self) -> None:
+        merged = self._load_merged()
+        for name in _shard_names(self.root):
+            path = os.path.join(self.root, SHARD_DIR, name)
+            st = os.stat(path)
+            m = merged.get(name)
+            if m is not None and m[0].size == st.st_size and m[0].mtime_ns == st.st_mtime_ns:
+                shard, keys, srcs, positions = m
+            else:
+                try:
+                    start, header = read_header(path)
+                    md = header["__metadata__"]
+                    if self.check_validity:
+                        crc = shard_crc(path, start)
+                        if crc != md["crc32"]:
+                            raise StoreError(f"checksum {crc} != {md['crc32']} (corrupted data)")
+                    recs = json.loads(md["records"])
+                except (StoreError, KeyError, ValueError) as e:
+                    self._report_damaged(name, str(e))
+                    continue
+                shard = _Shard(name, st.st_size, st.st_mtime_ns, md["crc32"], md["cfg"], start, header, recs)
+                keys, srcs = [r["k"] for r in recs], [r["src"] for r in recs]
+                positions = list(range(len(recs)))
+            idx = len(self.shards)
+            self.shards.append(shard)
+            for j, k, s in zip(positions, keys, srcs):
+                self._rows[k] = (idx, j)  # shards are sorted by creation time: the newest record wins
+                self._src[k] = s
+
+    def _report_damaged(self, name: str, reason: str) -> None:
+        self.damaged.append((name, reason))
+        log.warning("latent store: shard %s is damaged (%s); its records will be re-encoded", name, reason)
+
+    # -- lookup ----------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._rows
+
+    def keys(self) -> list[str]:
+        return list(self._rows)
+
+    def is_valid(self, key: str, src: str, cfg: str) -> bool:
+        """Whether the key is present and was produced from this source with these settings."""
+        loc = self._rows.get(key)
+        return loc is not None and self._src[key] == src and self.shards[loc[0]].cfg == cfg
+
+    def _ensure_header(self, si: int) -> _Shard:
+        sh = self.shards[si]
+        if sh.records is None:
+            with self._lock:
+                if sh.records is None:
+                    start, header = read_header(os.path.join(self.root, SHARD_DIR, sh.name))
+                    sh.start, sh.header = start, header
+                    sh.records = json.loads(header["__metadata__"]["records"])
+        return sh
+
+    def _map(self, si: int) -> mmap.mmap:
+        with self._lock:
+            mm = self._maps.get(si)
+            if mm is None:
+                with open(os.path.join(self.root, SHARD_DIR, self.shards[si].name), "rb") as f:
+                    # ACCESS_COPY: a private mapping is writable for torch.frombuffer yet never copies on read.
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                self._maps[si] = mm
+                if len(self._maps) > MAX_OPEN_SHARDS:
+                    self._maps.popitem(last=False)  # tensors still referencing it keep the mapping alive
+            else:
+                self._maps.move_to_end(si)
+            return mm
+
+    def _fd(self, si: int) -> int:
+        with self._lock:
+            fd = self._fds.get(si)
+            if fd is None:
+                fd = os.open(os.path.join(self.root, SHARD_DIR, self.shards[si].name), os.O_RDONLY)
+                self._fds[si] = fd
+                if len(self._fds) > MAX_OPEN_SHARDS:
+                    os.close(self._fds.popitem(last=False)[1])
+            else:
+                self._fds.move_to_end(si)
+            return fd
+
+    def _read(self, si: int, offset: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        got = os.preadv(self._fd(si), [buf], offset)
+        if got != length:
+            raise StoreError(f"shard {self.shards[si].name}: short read at {offset} ({got} of {length} bytes)")
+        return buf
+
+    def record_info(self, key: str) -> dict[str, Any]:
+        """The record's header entry (bucket, sizes, crops, tensor table)."""
+        si, j = self._rows[key]
+        return self._ensure_header(si).records[j]
+
+    def get(self, key: str, names: list[str] | None = None) -> dict[str, Any]:
+        """Tensors of a record (all, or `names`) plus bucket (w, h), original_size (h, w), crops."""
+        if key not in self._rows:
+            raise KeyError(f"{key!r} is not in the latent store {self.root}")
+        si, j = self._rows[key]
+        sh = self._ensure_header(si)
+        rec = sh.records[j]
+        mm = self._map(si) if self.use_mmap else None
+        compressed = bool(sh.header["__metadata__"].get("compressed"))
+        out: dict[str, Any] = {"bucket": tuple(rec["b"]), "original_size": tuple(rec["o"]),
+                               "crop_top_left": tuple(rec["c"]),
+                               "crop_top_left_flip": tuple(rec["cf"]) if rec.get("cf") else None}
+        for name in names if names is not None else rec["t"]:
+            dtype_s, shape = rec["t"][name]
+            dtype = _TORCH[dtype_s]
+            if compressed:
+                a, b = sh.header[f"{key}/{name}.zst"]["data_offsets"]
+                if self._dctx is None:
+                    import zstandard
+
+                    self._dctx = zstandard.ZstdDecompressor()
+                comp = mm[sh.start + a : sh.start + b] if mm is not None else self._read(si, sh.start + a, b - a)
+                raw = bytearray(self._dctx.decompress(comp))
+                t = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+            else:
+                a, b = sh.header[f"{key}/{name}"]["data_offsets"]
+                n = int(np.prod(shape)) if shape else 1
+                if b == a:
+                    t = torch.empty(0, dtype=dtype)
+                elif mm is not None:
+                    t = torch.frombuffer(mm, dtype=dtype, count=n, offset=sh.start + a)
+                else:
+                    t = torch.frombuffer(self._read(si, sh.start + a, b - a), dtype=dtype)
+            out[name] = t.reshape(shape)
+        return out
+
+    # -- maintenance -----------------------------------------------------------------------------------------
+    def verify(self) -> list[tuple[str, str]]:
+        """Re-check the CRC of every shard; returns [(shard, reason)] of the damaged ones (also added to .damaged)."""
+        bad = []
+        for sh in self.shards:
+            path = os.path.join(self.root, SHARD_DIR, sh.name)
+            try:
+                start, header = read_header(path)
+                crc = shard_crc(path, start)
+                if crc != header["__metadata__"]["crc32"]:
+                    raise StoreError(f"checksum {crc} != {header['__metadata__']['crc32']} (corrupted data)")
+            except StoreError as e:
+                bad.append((sh.name, str(e)))
+                self._report_damaged(sh.name, str(e))
+        return bad
+
+    def write_index(self) -> str:
+        """Write store_index.npz (newest record per key only), delete shards with no live record, quarantine damaged."""
+        live: dict[int, list[int]] = {}
+        for k, (si, j) in self._rows.items():
+            live.setdefault(si, []).append(j)
+        shards_info, keys, srcs, counts, positions = [], [], [], [], []
+        for si, sh in enumerate(self.shards):
+            if si not in live:
+                os.remove(os.path.join(self.root, SHARD_DIR, sh.name))  # fully superseded
+                continue
+            self._ensure_header(si)
+            shards_info.append({"name": sh.name, "size": sh.size, "mtime_ns": sh.mtime_ns, "crc": sh.crc, "cfg": sh.cfg})
+            # Only records that are live here go in; superseded ones would otherwise shadow newer shards.
+            js = sorted(live[si])
+            keys += [sh.records[j]["k"] for j in js]
+            srcs += [sh.records[j]["src"] for j in js]
+            counts.append(len(js))
+            positions += js  # the record's position in its shard header (superseded ones are left out)
+        for name, _ in self.damaged:
+            p = os.path.join(self.root, SHARD_DIR, name)
+            if os.path.exists(p):
+                os.replace(p, p + ".damaged")
+        path = os.path.join(self.root, INDEX_FILE)
+        tmp = f"{path}.tmp{os.getpid()}.npz"
+        np.savez(tmp, info=np.frombuffer(json.dumps({"shards": shards_info}).encode(), dtype=np.uint8),
+                 keys=np.frombuffer("\n".join(keys).encode("utf-8"), dtype=np.uint8),
+                 srcs=np.frombuffer("\n".join(srcs).encode("utf-8"), dtype=np.uint8),
+                 counts=np.asarray(counts, dtype=np.int64), positions=np.asarray(positions, dtype=np.int64))
+        os.replace(tmp, path)
+        return path
+
+    def close(self) -> None:
+        self._maps.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers get their own mmaps and lock.
+        st = self.__dict__.copy()
+        st["_maps"], st["_fds"], st["_lock"], st["_dctx"] = OrderedDict(), OrderedDict(), None, None
+        return st
+
+    def __setstate__(self, st: dict[str, Any]) -> None:
+        self.__dict__.update(st)
+        self._lock = threading.Lock()
+
+
+class ShardWriter:
+    """Collects records and writes a shard whenever `shard_size_mb` is reached (and on close)."""
+
+    def __init__(self, root: str, cfg: str, rank: int = 0, shard_size_mb: int = 256, compress: bool = False):
+        self.dir = os.path.join(root, SHARD_DIR)
+        os.makedirs(self.dir, exist_ok=True)
+        self.cfg, self.rank, self.compress = cfg, rank, compress
+        self.limit = max(1, int(shard_size_mb)) << 20
+        self.pending: list[Record] = []
+        self.pending_bytes = 0
+        self.seq = 0
+        self.written: list[str] = []
+        self.records_written = 0
+
+    def add(self, r: Record) -> None:
+        self.pending.append(r)
+        self.pending_bytes += r.nbytes()
+        if self.pending_bytes >= self.limit:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        name = f"{time.time_ns():020d}-r{self.rank:04d}-{self.seq:05d}{SHARD_EXT}"
+        write_shard(os.path.join(self.dir, name), self.pending, self.cfg, self.compress)
+        self.written.append(name)
+        self.records_written += len(self.pending)
+        self.seq += 1
+        self.pending, self.pending_bytes = [], 0
+
+    def close(self) -> None:
+        self.flush()
+
+
+class BackgroundWriter:
+    """Runs a ShardWriter in a thread so the encoder never waits for the disk; errors surface on put/close."""
+
+    def __init__(self, writer: ShardWriter, max_queue: int = 64):
+        self.writer = writer
+        self.q: Queue = Queue(max_queue)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            r = self.q.get()
+            if r is None:
+                break
+            if self.error is None:
+                try:
+                    self.writer.add(r)
+                except BaseException as e:  # re-raised in the caller's thread
+                    self.error = e
+        if self.error is None:
+            try:
+                self.writer.close()
+            except BaseException as e:
+                self.error = e
+
+    def put(self, r: Record) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"shard writer failed: {self.error}") from self.error
+        self.q.put(r)
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise RuntimeError(f"shard writer failed: {self.error}") from self.error
+
+
+def source_fingerprint(path: str, content_hash: bool = False) -> str:
+    """Identity of a source image: size + mtime (cheap) or a content hash ('' when the file is missing)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    if not content_hash:
+        return f"s{st.st_size}:{st.st_mtime_ns}"
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while b := f.read(1 << 20):
+            h.update(b)
+    return "h" + h.hexdigest()
+
+
+def store_cfg_fingerprint(vae_identity: str, bucket_key: str, latent_dtype: str, store_posterior: bool,
+                          flip_aug: bool, text_identity: str = "", text_variants: int = 1) -> str:
+    """Everything besides the source image that decides a record's content."""
+    return (f"vae={vae_identity};{bucket_key};dtype={latent_dtype};post={int(store_posterior)};flip={int(flip_aug)};"
+            f"te={text_identity};tv={text_variants}")

@@ -1,0 +1,246 @@
+"""Sources, metadata formats, fallback lookup, subsets/repeats, buckets, captions and robust image loading.
+
+References: analytic answers (bucket invariants, pixel values of composited/scaled images) and Pillow's own
+conversions (CMYK -> RGB, EXIF transpose) applied independently of data/images.py.
+"""
+
+import csv
+import json
+import os
+import random
+import sqlite3
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data import images as dimages
+from data.buckets import BucketSettings, assign_buckets, crop_params, make_buckets, resize_and_crop
+from data.captions import CaptionOptions, count_metadata, full_caption, process_caption
+from data.images import BadImage, SkipReport, load_image, read_size
+from data.index import DatasetIndex, build_index, load_or_build_index
+
+
+def data_cfg(**kw):
+    d = dict(image_dirs=[], metadata_files=[], recursive=False, caption_extension=".txt", resolution=64,
+             enable_bucket=True, bucket_reso_step=16, min_bucket_reso=32, max_bucket_reso=128, bucket_no_upscale=False,
+             random_crop=False, flip_aug=False, batch_size=2, max_dataloader_n_workers=0,
+             persistent_data_loader_workers=False, shuffle_caption=False, keep_tokens=0, keep_tokens_separator="",
+             caption_separator=",", caption_dropout_rate=0.0, caption_tag_dropout_rate=0.0, caption_prefix="",
+             caption_suffix="", num_repeats=1, caption_processor="", description_processor="", num_repeats_getter="",
+             subsets=[])
+    d.update(kw)
+    return SimpleNamespace(**d)
+
+
+def subset(**kw):
+    d = dict(image_dirs=[], metadata_files=[], caption_extension=None, num_repeats=1, is_reg=False, class_tokens="",
+             shuffle_caption=None, keep_tokens=None, caption_dropout_rate=None, caption_tag_dropout_rate=None,
+             caption_prefix=None, caption_suffix=None, flip_aug=None, random_crop=None, loss_weight=1.0)
+    d.update(kw)
+    return SimpleNamespace(**d)
+
+
+def img(path, size=(40, 24), colour=(10, 20, 30)):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def test_image_folder_and_caption_files(tmp_path):
+    """Folder scan: same-stem .txt captions, sizes from headers (analytic: the sizes written)."""
+    img(tmp_path / "a" / "x.png", (40, 24)); (tmp_path / "a" / "x.txt").write_text("cat, dog")
+    img(tmp_path / "a" / "y.jpg", (24, 40))
+    ix = build_index(data_cfg(image_dirs=[str(tmp_path / "a")]))
+    rows = {ix.keys[i]: i for i in range(len(ix))}
+    assert set(rows) == {"x", "y"}
+    assert ix.captions[rows["x"]] == "cat, dog" and ix.captions[rows["y"]] == ""
+    assert ix.sizes[rows["x"]].tolist() == [40, 24] and ix.sizes[rows["y"]].tolist() == [24, 40]
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv", "sqlite"])
+def test_metadata_formats_and_fallback(tmp_path, fmt):
+    """JSON / CSV / SQLite metadata; a missing image path is found by file name in image_dirs; extras carried."""
+    img(tmp_path / "imgs" / "sub" / "p1.png", (64, 32))
+    img(tmp_path / "elsewhere" / "p2.png", (32, 64))
+    recs = [{"key": "k1", "image_path": str(tmp_path / "gone" / "p1.png"), "caption": "one", "artist": "bob"},
+            {"key": "k2", "image_path": str(tmp_path / "elsewhere" / "p2.png"), "caption": "two", "artist": "bob",
+             "image_size": [320, 640]}]
+    if fmt == "json":
+        p = tmp_path / "md.json"
+        p.write_text(json.dumps({r["key"]: {k: v for k, v in r.items() if k != "key"} for r in recs}))
+    elif fmt == "csv":
+        p = tmp_path / "md.csv"
+        with open(p, "w", newline="") as f:
+            w = csv.DictWriter(f, ["key", "image_path", "caption", "artist", "width", "height"])
+            w.writeheader()
+            w.writerow({**{k: recs[0][k] for k in ("key", "image_path", "caption", "artist")}, "width": "", "height": ""})
+            w.writerow({**{k: recs[1][k] for k in ("key", "image_path", "caption", "artist")}, "width": 320, "height": 640})
+    else:
+        p = tmp_path / "md.sqlite"
+        con = sqlite3.connect(p)
+        con.execute("CREATE TABLE images (key TEXT, image_path TEXT, caption TEXT, artist TEXT, width INT, height INT)")
+        con.execute("INSERT INTO images VALUES (?,?,?,?,NULL,NULL)", ("k1", recs[0]["image_path"], "one", "bob"))
+        con.execute("INSERT INTO images VALUES (?,?,?,?,320,640)", ("k2", recs[1]["image_path"], "two", "bob"))
+        con.commit(); con.close()
+    ix = build_index(data_cfg(metadata_files=[str(p)], image_dirs=[str(tmp_path / "imgs")]))
+    rows = {ix.keys[i]: i for i in range(len(ix))}
+    assert ix.paths[rows["k1"]] == str(tmp_path / "imgs" / "sub" / "p1.png")  # fallback by file name
+    assert ix.sizes[rows["k1"]].tolist() == [64, 32]                          # from the header
+    assert ix.sizes[rows["k2"]].tolist() == [320, 640]                        # from metadata, not the header
+    assert ix.captions[rows["k2"]] == "two" and ix.meta(rows["k2"])["artist"] == "bob"
+    assert ix.counter["artist"] == {"bob": 2}
+
+
+def test_duplicates_reported(tmp_path):
+    """Same stem in two folders -> an error naming the key and both files."""
+    img(tmp_path / "a" / "dup.png"); img(tmp_path / "b" / "dup.jpg")
+    with pytest.raises(ValueError, match=r"(?s)duplicate.*'dup'.*a/dup.png.*b/dup.jpg"):
+        build_index(data_cfg(image_dirs=[str(tmp_path / "a"), str(tmp_path / "b")]))
+
+
+def test_bad_config_messages(tmp_path):
+    """Unknown metadata extension and missing folders give clear errors."""
+    (tmp_path / "m.yaml").write_text("x")
+    with pytest.raises(ValueError, match="unknown extension"):
+        build_index(data_cfg(metadata_files=[str(tmp_path / "m.yaml")]))
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        build_index(data_cfg(image_dirs=[str(tmp_path / "nope")]))
+
+
+def test_subsets_repeats_hook_and_index_reuse(tmp_path):
+    """Per-subset repeats / is_reg / loss weight, num_repeats_getter hook, index reused when inputs unchanged."""
+    for i in range(3):
+        img(tmp_path / "t" / f"t{i}.png")
+    img(tmp_path / "r" / "r0.png")
+    hook = tmp_path / "hooks.py"
+    hook.write_text("def rep(*, key, metadata, counter, num_repeats):\n    return 0 if key == 't2' else num_repeats\n")
+    cfg = data_cfg(num_repeats_getter=f"{hook}:rep", subsets=[
+        subset(image_dirs=[str(tmp_path / "t")], num_repeats=3),
+        subset(image_dirs=[str(tmp_path / "r")], is_reg=True, class_tokens="a photo", loss_weight=0.5)])
+    skipped = SkipReport()
+    ix = load_or_build_index(cfg, str(tmp_path / "store"), skipped=skipped)
+    rep = {ix.keys[i]: int(ix.repeats[i]) for i in range(len(ix))}
+    assert rep == {"t0": 3, "t1": 3, "t2": 0, "r0": 1}
+    assert ix.subsets[1].is_reg and ix.subsets[1].loss_weight == 0.5
+    mtime = os.path.getmtime(tmp_path / "store" / "dataset_index.npz")
+    ix2 = load_or_build_index(cfg, str(tmp_path / "store"))
+    assert os.path.getmtime(tmp_path / "store" / "dataset_index.npz") == mtime and ix2.fingerprint == ix.fingerprint
+    img(tmp_path / "t" / "t3.png")  # a new image changes the fingerprint -> rebuilt
+    ix3 = load_or_build_index(cfg, str(tmp_path / "store"))
+    assert len(ix3) == 5 and ix3.fingerprint != ix.fingerprint
+
+
+@pytest.mark.parametrize("no_upscale", [False, True])
+def test_bucket_invariants(no_upscale):
+    """Every image in exactly one bucket; sides multiples of step; area <= resolution^2; no upscale when asked."""
+    s = BucketSettings(resolution=256, step=32, min_reso=64, max_reso=512, no_upscale=no_upscale)
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(40, 2000, size=(3000, 2))
+    b = assign_buckets(sizes, s)
+    assert b.shape == (3000, 2)
+    assert (b % 32 == 0).all() and (b[:, 0] * b[:, 1] <= 256 * 256).all() and (b >= 32).all()
+    if no_upscale:
+        big = (sizes >= 32).all(1)
+        assert (b[big] <= sizes[big]).all()
+    else:
+        allowed = {tuple(x) for x in make_buckets(s).tolist()}
+        assert {tuple(x) for x in b.tolist()} <= allowed
+        assert all(64 <= v <= 512 for x in allowed for v in x)
+        # nearest aspect ratio, checked by brute force
+        bl = make_buckets(s)
+        err = np.abs(sizes[:, :1] / sizes[:, 1:] - (bl[:, 0] / bl[:, 1])[None])
+        assert np.allclose(np.abs(sizes[:, 0] / sizes[:, 1] - b[:, 0] / b[:, 1]), err.min(1))
+
+
+def test_resize_and_crop_records_offsets():
+    """Resize covers the bucket, crop offsets inside the resized image; analytic center crop."""
+    im = Image.new("RGB", (200, 100))
+    out, orig, crop = resize_and_crop(im, (64, 64))
+    assert out.size == (64, 64) and orig == (100, 200) and crop == (0, (128 - 64) // 2)
+    (rw, rh), (t, l) = crop_params((200, 100), (64, 48), True, random.Random(3))
+    assert rh == 48 and rw == 96 and 0 <= t <= rh - 48 and 0 <= l <= rw - 64
+
+
+def test_caption_processing():
+    """keep_tokens fixed, shuffle permutes the rest, tag dropout, dropout, prefix/suffix, class tokens, separator."""
+    o = CaptionOptions(shuffle_caption=True, keep_tokens=1)
+    outs = {process_caption("a, b, c, d, e", o, random.Random(i)) for i in range(30)}
+    assert all(x.startswith("a, ") and sorted(x.split(", ")) == list("abcde") for x in outs) and len(outs) > 3
+    o = CaptionOptions(shuffle_caption=True, keep_tokens_separator="|||")
+    x = process_caption("p, q ||| b, c, d", o, random.Random(1))
+    assert x.startswith("p, q, ") and sorted(x.split(", ")[2:]) == ["b", "c", "d"]
+    assert process_caption("a, b", CaptionOptions(caption_dropout_rate=1.0), random.Random(0)) == ""
+    assert process_caption("a, b, c", CaptionOptions(caption_tag_dropout_rate=1.0, keep_tokens=1), random.Random(0)) == "a"
+    assert process_caption("a", CaptionOptions(caption_prefix="pre", caption_suffix="suf"), random.Random(0)) == "pre a suf"
+    assert process_caption("", CaptionOptions(class_tokens="sks dog"), random.Random(0)) == "sks dog"
+
+
+def test_caption_hooks_get_euge_arguments():
+    """caption_processor / description_processor get key, metadata, counter, flipped (euge-trainer arguments)."""
+    md = {"artist": "bob", "characters": ["x", "y"], "description": "a cat on the left"}
+    counter = count_metadata([md, {"artist": "bob", "quality": "best"}])
+    assert counter["artist"] == {"bob": 2} and counter["character"] == {"x": 1, "y": 1} and counter["quality"] == {"best": 1}
+    seen = {}
+
+    def cap(c, *, key, metadata, counter, flipped, rng):
+        seen.update(key=key, n=counter["artist"]["bob"], flipped=flipped)
+        return c + ", by " + metadata["artist"]
+
+    def desc(d, *, key, metadata, counter, flipped, rng):
+        return d.replace("left", "right") if flipped else d
+
+    out = full_caption("cat", CaptionOptions(), random.Random(0), key="k", metadata=md, counter=counter, flipped=True,
+                       caption_hook=cap, description_hook=desc)
+    assert out == "cat, by bob, a cat on the right" and seen == {"key": "k", "n": 2, "flipped": True}
+
+
+def test_bad_images_skipped(tmp_path, monkeypatch):
+    """Corrupt, truncated, zero-byte, non-image and bomb files -> BadImage; index skips them into the report."""
+    d = tmp_path / "imgs"
+    img(d / "good.png", (48, 48))
+    (d / "zero.png").write_bytes(b"")
+    (d / "text.jpg").write_text("hello, not an image")
+    big = img(d / "trunc.png", (64, 64))
+    rnd = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    rnd.save(big)
+    data = open(big, "rb").read()
+    open(big, "wb").write(data[: len(data) // 2])
+    (d / "corrupt.png").write_bytes(data[:16] + bytes(64))
+    for name, why in [("zero.png", "zero-byte"), ("text.jpg", "not a readable image"), ("corrupt.png", "readable|decode")]:
+        with pytest.raises(BadImage, match=why):
+            load_image(str(d / name))
+    with pytest.raises(BadImage, match="decode"):
+        load_image(str(d / "trunc.png"))  # header fine, data cut: only decoding notices
+    img(d / "huge.png", (300, 300))
+    monkeypatch.setattr(dimages, "MAX_PIXELS", 300 * 300 - 1)
+    with pytest.raises(BadImage, match="decompression bomb"):
+        read_size(str(d / "huge.png"))
+    skipped = SkipReport()
+    ix = build_index(data_cfg(image_dirs=[str(d)]), skipped)
+    assert sorted(ix.keys.tolist()) == ["good", "trunc"]  # trunc's header is readable; cache.py skips it later
+    assert {os.path.basename(p) for p in skipped.items} == {"zero.png", "text.jpg", "corrupt.png", "huge.png"}
+    skipped.write(str(tmp_path / "skipped.txt"))
+    assert len(open(tmp_path / "skipped.txt").read().splitlines()) == 4
+
+
+def test_image_modes_converted(tmp_path):
+    """CMYK / 16-bit / palette / LA / RGBA-on-white / EXIF rotation -> RGB (analytic values or Pillow's conversion)."""
+    cmyk = Image.new("CMYK", (8, 8), (0, 255, 255, 0)); cmyk.save(tmp_path / "c.jpg")
+    ref = np.asarray(Image.open(tmp_path / "c.jpg").convert("RGB"))
+    assert np.array_equal(np.asarray(load_image(str(tmp_path / "c.jpg"))), ref)
+    g16 = Image.fromarray(np.array([[65535, 32768], [0, 257]], dtype=np.uint16)); g16.save(tmp_path / "g.png")
+    assert Image.open(tmp_path / "g.png").mode.startswith("I")
+    assert np.asarray(load_image(str(tmp_path / "g.png")))[..., 0].tolist() == [[255, 128], [0, 1]]
+    rgba = Image.new("RGBA", (2, 1)); rgba.putpixel((0, 0), (255, 0, 0, 0)); rgba.putpixel((1, 0), (255, 0, 0, 128))
+    rgba.save(tmp_path / "a.png")
+    px = np.asarray(load_image(str(tmp_path / "a.png")))
+    assert px[0, 0].tolist() == [255, 255, 255] and px[0, 1, 0] == 255 and abs(int(px[0, 1, 1]) - 127) <= 1
+    la = Image.new("LA", (1, 1), (0, 0)); la.save(tmp_path / "la.png")
+    assert np.asarray(load_image(str(tmp_path / "la.png"))).tolist() == [[[255, 255, 255]]]
+    p = Image.new("P", (2, 2)); p.putpalette([0, 0, 255] * 256); p.save(tmp_path / "p.png")
+    assert np.asarray(load_image(str(tmp_path / "p.png")))[0, 0].tolist() == [0, 0, 255]
+    im = Image.new("RGB", (30, 10)); ex = Image.Exif(); ex[0x0112] = 6
+    im.save(tmp_path / "r.jpg", exif=ex.tobytes())
+    assert read_size(str(tmp_path / "r.jpg")) == (10, 30) and load_image(str(tmp_path / "r.jpg")).size == (10, 30)
