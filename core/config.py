@@ -59,6 +59,7 @@ class ModelConfig:
     t5xxl: str = opt("", "separate T5-XXL encoder file (ComfyUI t5xxl_fp16.safetensors, SD3)")
     t5_tokenizer: str = opt("", "SentencePiece model for T5 (empty = the bundled models/assets/t5_spiece.model)")
     use_t5: bool = opt(True, "SD3: load and use T5-XXL; false = zeros in its place (as the reference allows), saves memory")
+    apply_t5_attn_mask: bool = opt(False, "SD3: mask T5 padding and zero its outputs (kohya option; the reference attends to padding); lets cached T5 outputs be stored without padding")
     v_parameterization: bool = opt(False, "SDXL: the model predicts v instead of epsilon")
     max_token_length: int = opt(75, "CLIP tokens per caption (kohya): 75, 150 or 225 (75-token chunks)", choices=(75, 150, 225))
     t5_max_token_length: int = opt(256, "SD3: T5 tokens per caption (at least 77, as the reference pads to)", min=77)

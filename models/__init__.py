@@ -221,7 +221,7 @@ def save(comp: Any, path: str, precision: str = "fp16", title: str = "", extra_m
 def _opts(model_cfg: Any) -> dict[str, Any]:
     return {"max_token_length": model_cfg.max_token_length, "v_parameterization": model_cfg.v_parameterization,
             "t5_max_token_length": model_cfg.t5_max_token_length, "t5_tokenizer": model_cfg.t5_tokenizer,
-            "use_t5": model_cfg.use_t5}
+            "use_t5": model_cfg.use_t5, "apply_t5_attn_mask": model_cfg.apply_t5_attn_mask}
 
 
 def family_of(model_cfg: Any) -> str:
