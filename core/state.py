@@ -23,6 +23,8 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from core.fsio import fsync_dir as _fsync_dir, fsync_file as _fsync_file
+
 STATE_RE = re.compile(r"^step-(\d{8})$")
 MARKER = "COMPLETE"
 
@@ -37,27 +39,6 @@ def _sha256(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def tmp_dir_for(state_root: str, step: int, token: str) -> str:

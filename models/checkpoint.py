@@ -16,6 +16,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from core.fsio import fsync_dir as _fsync_dir, fsync_file
+
 # How many names of each kind an error message lists before it only counts.
 MAX_LISTED = 20
 # modelspec version written by kohya sd-scripts and Stability's tools.
@@ -183,20 +185,6 @@ def load_module(
 # ---------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(directory: str) -> None:
-    """Make a rename durable; some filesystems / platforms cannot open directories, which is fine."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_safetensors_atomic(tensors: Mapping[str, Tensor], path: str, metadata: Mapping[str, str] | None = None) -> None:
     """Write to path + '.tmp-<pid>', fsync, os.replace, fsync the directory; on failure the old file is untouched."""
     path = str(path)
@@ -222,11 +210,7 @@ def save_safetensors_atomic(tensors: Mapping[str, Tensor], path: str, metadata: 
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         save_file(out, tmp, metadata=meta or None)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
