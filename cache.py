@@ -134,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     flip_any = any(s.flip_aug for s in index.subsets)
     te = None
     if cc.cache_text_encoder_outputs:
-        te = models.load_text_encoders(cfg.model, device, torch.float32 if device.type == "cpu" else torch.bfloat16)
+        te = models.load_text_encoders(cfg.model, device, torch.float32 if device.type == "cpu" else torch.bfloat16,
+                                       seed=cfg.seed)
     variants = max(1, int(cc.text_variants))
-    cfg_fp = store_cfg_fingerprint(models.vae_identity(cfg.model), index.bucket_settings.key(), cc.latent_dtype,
+    cfg_fp = store_cfg_fingerprint(models.vae_identity(cfg.model, seed=cfg.seed), index.bucket_settings.key(), cc.latent_dtype,
                                    cc.store_posterior, flip_any, te.identity if te else "", variants if te else 0)
     store = LatentStore(root, check_validity=cc.check_cache_validity)
 
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
     counts = torch.zeros(3, dtype=torch.int64)  # encoded, skipped, failed
     if len(pending):
-        vae = models.load_vae(cfg.model, device, LATENT_DTYPES[cfg.model.vae_dtype]).eval().requires_grad_(False)
+        vae = models.load_vae(cfg.model, device, LATENT_DTYPES[cfg.model.vae_dtype], seed=cfg.seed).eval().requires_grad_(False)
         vae_dtype = next(vae.parameters()).dtype
         ds = _Decode(index, cc.content_hash)
         loader = DataLoader(ds, batch_sampler=mine, collate_fn=list, num_workers=cc.num_workers,

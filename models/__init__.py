@@ -30,6 +30,8 @@ FAMILIES = {"sdxl": sdxl, "sd3": sd3}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TEXT_PARTS = {"sdxl": ("te1", "te2"), "sd3": ("clip_l", "clip_g", "t5")}
 NETWORK_PART = {"sdxl": "unet", "sd3": "mmdit"}
+# Version of each family's cached text layout: part of the cache identity, so older caches count as stale.
+TEXT_CACHE_LAYOUT = {"sdxl": "context+pooled", "sd3": "clip+t5+pooled"}
 BUNDLED_T5_SPIECE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "t5_spiece.model")
 
 __all__ = ["build", "load", "save", "detect_family", "from_config", "load_vae", "vae_identity",
@@ -65,7 +67,8 @@ def _make(family: str, modules: Mapping[str, nn.Module], opts: Mapping[str, Any]
     del fam
     return sd3.SD3(mmdit=modules.get("mmdit"), vae=modules.get("vae"), clip_l=modules.get("clip_l"),
                    clip_g=modules.get("clip_g"), t5=modules.get("t5"), t5_tokenizer=t5_tok if "t5" in modules else None,
-                   t5_max_token_length=opts.get("t5_max_token_length", 256), shift=opts.get("shift", sd3.DEFAULT_SHIFT),
+                   t5_max_token_length=opts.get("t5_max_token_length", 256),
+                   apply_t5_attn_mask=bool(opts.get("apply_t5_attn_mask", False)), shift=opts.get("shift", sd3.DEFAULT_SHIFT),
                    context_dim=opts.get("context_dim") or sd3.DEFAULT_CONTEXT_DIM)
 
 
@@ -287,6 +290,10 @@ class TextEncoderRunner:
 
     @torch.no_grad()
     def encode(self, captions: list[str]) -> list[dict[str, Tensor]]:
+        """bf16 tensors per caption, in the family's cached layout (read back by its `collate_cached_text`)."""
+        compact = getattr(self.comp, "cache_text_items", None)  # SD3: trimmed, exact (models/sd3.py docstring)
+        if compact is not None:
+            return compact(captions, device=self.device)
         out = self.comp.encode_text(captions, device=self.device)
         return [{k: v[i].to(torch.bfloat16).cpu() for k, v in out.items()} for i in range(len(captions))]
 
@@ -300,5 +307,6 @@ def load_text_encoders(model_cfg: Any, device: str | torch.device = "cpu", dtype
         m.eval().requires_grad_(False)
     src = model_cfg.pretrained_model_name_or_path or f"preset:{model_cfg.model_preset}:{seed}"
     ident = "|".join([family, src, model_cfg.clip_l, model_cfg.clip_g, model_cfg.t5xxl, str(model_cfg.max_token_length),
-                      str(model_cfg.t5_max_token_length), str(model_cfg.use_t5)])
+                      str(model_cfg.t5_max_token_length), str(model_cfg.use_t5), str(model_cfg.apply_t5_attn_mask),
+                      TEXT_CACHE_LAYOUT[family]])
     return TextEncoderRunner(comp, hashlib.sha1(ident.encode()).hexdigest()[:16], device)

@@ -5,6 +5,27 @@ hidden states (no final LN) concatenated to [77, 2048], zero-padded to T5's widt
 concatenated on the token axis with T5-XXL's last layer; pooled `y` = CLIP-L pooled (not
 projected) ++ CLIP-G pooled projected. T5 tokens are padded to exactly `t5_max_token_length`
 (>= 77; the reference uses 77, diffusers 256) so every caption yields the same context length.
+
+T5 attention mask (`apply_t5_attn_mask`, kohya's option; off by default = the reference): T5 runs with the
+padding keys masked and its outputs at padding positions are set to zero. The MMDiT still sees 77 + L tokens.
+
+Cached text-encoder outputs (cache.py, `[cache] cache_text_encoder_outputs`): `cache_text_items` stores per
+caption, in bf16, only what cannot be rebuilt exactly:
+    clip   [77, 2048]  CLIP-L ++ CLIP-G features, without the zero channels up to 4096 (always exact zeros);
+    t5     [n, 4096]   T5 rows: n = L without the mask (every row is non-zero: T5 attends to padding, as in the
+                       reference), n = real tokens (EOS included) with the mask (the rest are exact zeros),
+                       n = 0 when T5 is not used (all zeros);
+    pooled [2048].
+`collate_cached_text` zero-pads them back to [B, 77 + L, 4096], so cached and uncached training see the same
+tensors (bit for bit, up to the bf16 rounding of the cache). Size per caption: 315 KB for `clip` plus 8 KB per T5
+row: L = 256 without the mask is 2.4 MB per image and caption variant (100k images: 241 GB); L = 77 (the
+reference's own length) 0.95 MB; with the mask about 0.5 MB for a 25-token caption. For large datasets use
+`t5_max_token_length = 77` or `apply_t5_attn_mask = true`.
+
+Caption augmentation with cached embeddings: cache.py stores K = `[cache] text_variants` variants per image
+(`te0.*` ... `te{K-1}.*`), each an independent draw of the caption augmentation (shuffle, dropout ...) with its
+own seed; the loader picks one variant per sample per epoch. K = 1 (or captions without augmentation) stores
+the caption as it is. K trades cache size (K x the sizes above) for augmentation variety.
 """
 from __future__ import annotations
 
@@ -58,6 +79,7 @@ class SD3:
     t5: t5_mod.T5Encoder | None
     t5_tokenizer: t5_mod.T5Tokenizer | None = None
     t5_max_token_length: int = 256
+    apply_t5_attn_mask: bool = False  # kohya option: mask T5 padding keys and zero T5 outputs at padding
     shift: float = DEFAULT_SHIFT
     extras: dict[str, Tensor] = field(default_factory=dict)
     family: str = "sd3"
@@ -80,20 +102,46 @@ class SD3:
             out["ids_t5"] = self.t5_tokenizer(captions, min_length=self.t5_max_token_length, max_length=self.t5_max_token_length)
         return out
 
-    def encode_text(self, captions: Sequence[str], device: torch.device | str | None = None) -> dict[str, Tensor]:
-        """captions -> context [B, 77 + L, C] and pooled [B, 2048] (L = t5_max_token_length)."""
+    def _encode_parts(self, captions: Sequence[str], device: torch.device | str | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """captions -> CLIP features [B, 77, 2048], T5 rows [B, L, C], pooled [B, 2048], real T5 rows per caption [B]."""
         assert self.clip_l is not None and self.clip_g is not None, "CLIP text encoders are not loaded"
         dev = device if device is not None else next(self.clip_l.parameters()).device
         tok = self.tokenize(captions)
         hl, pl = self.clip_l(tok["ids_l"].to(dev), layer=-2)             # (B, 77, 768), (B, 768)
         hg, pg = self.clip_g(tok["ids_g"].to(dev), layer=-2)             # (B, 77, 1280), (B, 1280)
         clip_ctx = torch.cat([hl, hg.to(hl.dtype)], dim=-1)              # (B, 77, 2048)
-        clip_ctx = F.pad(clip_ctx, (0, self.context_dim - clip_ctx.shape[-1]))  # (B, 77, C)
+        pooled = torch.cat([pl, pg.to(pl.dtype)], dim=-1)                # (B, 2048)
+        b, length = clip_ctx.shape[0], self.t5_max_token_length
         if self.t5 is not None and self.t5_tokenizer is not None:
-            t5_out = self.t5(tok["ids_t5"].to(dev)).to(clip_ctx.dtype)   # (B, L, C)
+            ids = tok["ids_t5"].to(dev)                                   # (B, L)
+            if self.apply_t5_attn_mask:
+                mask = t5_mod.attention_mask_for(ids)                     # (B, L): real tokens incl. EOS
+                t5_out = self.t5(ids, attention_mask=mask).to(clip_ctx.dtype)
+                t5_out = t5_out * mask[..., None].to(t5_out.dtype)        # padding rows exactly zero
+                n_real = mask.sum(dim=1)
+            else:  # reference: unmasked, so padding rows carry (non-zero) features too
+                t5_out = self.t5(ids).to(clip_ctx.dtype)                  # (B, L, C)
+                n_real = torch.full((b,), length, device=t5_out.device)
         else:  # T5 left out: zeros in its place, as the reference allows
-            t5_out = clip_ctx.new_zeros(clip_ctx.shape[0], self.t5_max_token_length, self.context_dim)
-        return {"context": torch.cat([clip_ctx, t5_out], dim=1), "pooled": torch.cat([pl, pg.to(pl.dtype)], dim=-1)}
+            t5_out = clip_ctx.new_zeros(b, length, self.context_dim)
+            n_real = torch.zeros(b, dtype=torch.long, device=clip_ctx.device)
+        return clip_ctx, t5_out, pooled, n_real
+
+    def encode_text(self, captions: Sequence[str], device: torch.device | str | None = None) -> dict[str, Tensor]:
+        """captions -> context [B, 77 + L, C] and pooled [B, 2048] (L = t5_max_token_length)."""
+        clip_ctx, t5_out, pooled, _ = self._encode_parts(captions, device)
+        clip_ctx = F.pad(clip_ctx, (0, self.context_dim - clip_ctx.shape[-1]))  # (B, 77, C)
+        return {"context": torch.cat([clip_ctx, t5_out], dim=1), "pooled": pooled}
+
+    def cache_text_items(self, captions: Sequence[str], device: torch.device | str | None = None) -> list[dict[str, Tensor]]:
+        """Per caption, compact bf16 tensors for the text cache (module docstring): clip, t5 (real rows), pooled."""
+        clip_ctx, t5_out, pooled, n_real = self._encode_parts(captions, device)
+        items = []
+        for i, n in enumerate(n_real.tolist()):
+            items.append({"clip": clip_ctx[i].to(torch.bfloat16).cpu().clone(),
+                          "t5": t5_out[i, :n].to(torch.bfloat16).cpu().clone(),
+                          "pooled": pooled[i].to(torch.bfloat16).cpu().clone()})
+        return items
 
     def conditioning(self, text: dict[str, Tensor], original_size: Tensor | None = None,
                      crop_top_left: Tensor | None = None, target_size: Tensor | None = None) -> dict[str, Tensor]:
@@ -106,7 +154,25 @@ class SD3:
         return {k: torch.zeros_like(v) for k, v in text.items()}
 
     def collate_cached_text(self, items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        return {k: torch.stack([it[k] for it in items]) for k in ("context", "pooled")}
+        """Cached per-caption tensors (`cache_text_items`) -> context [B, 77 + L, C] and pooled [B, 2048], zero-padded
+        back to what `encode_text` gives."""
+        need = {"clip", "t5", "pooled"}
+        if not items or any(not need <= it.keys() for it in items):
+            got = sorted(items[0]) if items else []
+            raise ValueError(f"cached SD3 text outputs need tensors {sorted(need)}, got {got}: the text cache was "
+                             f"written by another version or model family; re-run cache.py")
+        length, width = self.t5_max_token_length, self.context_dim
+        rows = []
+        for it in items:
+            clip, t5 = it["clip"], it["t5"]
+            if t5.shape[0] > length or t5.shape[-1] != width or clip.shape[0] != CLIP_TOKENS or clip.shape[-1] > width:
+                raise ValueError(f"cached SD3 text outputs clip {list(clip.shape)} / t5 {list(t5.shape)} do not fit "
+                                 f"[{CLIP_TOKENS}, <= {width}] / [<= t5_max_token_length = {length}, {width}]: the cache "
+                                 f"was made with other model settings; re-run cache.py")
+            clip = F.pad(clip, (0, width - clip.shape[-1]))                        # (77, C)
+            t5 = F.pad(t5, (0, 0, 0, length - t5.shape[0]))                      # (L, C): zero rows are exact
+            rows.append(torch.cat([clip, t5.to(clip.dtype)], dim=0))             # (77 + L, C)
+        return {"context": torch.stack(rows), "pooled": torch.stack([it["pooled"] for it in items])}
 
     # -- latents -------------------------------------------------------------------------------
     def encode_images(self, images: Tensor, tile_size: int | None = None) -> Tensor:

@@ -5,8 +5,10 @@ inside SD3 single files and the unprefixed ComfyUI `t5xxl_fp16.safetensors`. Bot
 `encoder.embed_tokens.weight` next to `shared.weight` (tied), so `state_dict()` returns both keys
 (the same tensor); loading accepts a file that has only one of the two.
 
-Attention mask: none. The SD3 reference (sd3.5 `other_impls.py` T5Stack) feeds the padded ids
-without a mask, so text tokens also attend to the padding; the released MMDiTs were trained on that.
+Attention mask: optional, off by default. The SD3 reference (sd3.5 `other_impls.py` T5Stack) feeds the
+padded ids without a mask, so text tokens also attend to the padding; the released MMDiTs were trained on
+that. `forward(ids, attention_mask)` masks padding keys in every self-attention as HF T5EncoderModel does
+with its `attention_mask` (kohya's `apply_t5_attn_mask`); queries at padding positions are still computed.
 
 fp16: T5-XXL activations overflow fp16. As in Hugging Face T5, RMS norms compute in fp32, the gated
 FF output is cast to `wo`'s dtype (keep `wo` in fp32 for fp16 inference) and hidden states are
@@ -149,6 +151,7 @@ class T5Attention(nn.Module):
         return rearrange(self.relative_attention_bias(bucket), "q k h -> 1 h q k")
 
     def forward(self, x: Tensor, bias: Tensor) -> Tensor:
+        """x [B, L, D], bias [1 or B, H, L, L] (position bias plus the additive key mask, if any)."""
         h = self.cfg.num_heads
         q, k, v = (rearrange(f(x), "b l (h d) -> b h l d", h=h) for f in (self.q, self.k, self.v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0)  # [B, H, L, d]
@@ -241,8 +244,9 @@ class T5Encoder(nn.Module):
         elif embed in state_dict and shared not in state_dict:
             state_dict[shared] = state_dict[embed]
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        """input_ids [B, T] -> hidden states [B, T, d_model]; no attention mask (see module docstring)."""
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """input_ids [B, T] (+ attention_mask [B, T], 1/True = real token) -> hidden states [B, T, d_model].
+        Without a mask every token attends to every token, padding included (SD3 reference)."""
         if input_ids.ndim != 2 or input_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(
                 f"input_ids must be an integer tensor [B, T], got {input_ids.dtype} {list(input_ids.shape)}"
@@ -253,9 +257,26 @@ class T5Encoder(nn.Module):
             )
         x = self.encoder.embed_tokens(input_ids)  # [B, T, D]
         bias = self.encoder.block[0].layer[0].SelfAttention.compute_bias(input_ids.shape[1], input_ids.device)
+        if attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask must have the shape of input_ids {list(input_ids.shape)}, "
+                                 f"got {list(attention_mask.shape)}")
+            keep = attention_mask.to(device=bias.device, dtype=torch.bool)
+            if not keep.any(dim=1).all():
+                raise ValueError("attention_mask masks every token of a row; at least the EOS token must be kept")
+            # Additive key mask with the dtype's most negative finite value, as HF's extended attention mask.
+            neg = torch.finfo(bias.dtype).min
+            bias = bias + torch.where(keep, 0.0, neg).to(bias.dtype)[:, None, None, :]  # [B, H, T, T]
         for block in self.encoder.block:
             x = block(x, bias)  # [B, T, D]
         return self.encoder.final_layer_norm(x)
+
+
+def attention_mask_for(input_ids: Tensor) -> Tensor:
+    """Bool mask [B, T] of the real tokens: every position up to and including the row's last non-pad id
+    (the appended EOS), so a literal `<pad>` inside a caption (id 0) stays unmasked, as HF's tokenizer marks it."""
+    real = input_ids != PAD_ID
+    return real.flip(1).cummax(dim=1).values.flip(1)  # True from the start through the last real token
 
 
 # ---------------------------------------------------------------------------------------------

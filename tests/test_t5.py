@@ -247,3 +247,57 @@ def test_tokenizer_bad_input() -> None:
         ours(["x"], min_length=300, max_length=256)
     with pytest.raises(FileNotFoundError, match="spiece"):
         T5Tokenizer(os.path.join(FIXTURES, "t5", "missing.model"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention mask (kohya's apply_t5_attn_mask)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_parity_with_transformers_attention_mask() -> None:
+    """Reference: transformers T5EncoderModel(input_ids, attention_mask) with the same state dict; conversion:
+    none. Every position is compared (HF computes the padding queries too). The masked output must differ from
+    the unmasked one (padding is attended to without the mask) and must not depend on how much padding follows."""
+    cfg = PRESETS["tiny"]
+    model = T5Encoder(cfg).eval()
+    _random_weights(model)
+    ref = _hf_model(cfg, model)
+    ids = torch.randint(2, cfg.vocab_size, (3, 140), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    for row, n in enumerate((140, 37, 5)):
+        ids[row, n - 1] = EOS_ID
+        ids[row, n:] = PAD_ID
+        mask[row, n:] = 0
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask)
+        theirs = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+        unmasked = model(ids)
+        short = model(ids[1:2, :60], attention_mask=mask[1:2, :60])
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[0], unmasked[0], rtol=1e-5, atol=1e-5)  # no padding: the mask changes nothing
+    assert (ours[1, :37] - unmasked[1, :37]).abs().max() > 1e-3
+    torch.testing.assert_close(short[0, :37], ours[1, :37], rtol=1e-5, atol=1e-5)
+
+
+def test_attention_mask_for_padded_ids() -> None:
+    """Reference: the HF tokenizer's attention_mask (1 for every token it produced, a literal `<pad>` included;
+    0 for the padding it appended)."""
+    from models.t5 import attention_mask_for
+
+    tok = T5Tokenizer(SPIECE)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.T5TokenizerFast(tokenizer_file=TOKENIZER_JSON)
+    caps = ["a red circle", "word <pad> word", "", " ".join(WORDS)]
+    ids = tok(caps, min_length=77, max_length=77)
+    want = hf(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    assert torch.equal(ids, want["input_ids"])
+    assert torch.equal(attention_mask_for(ids), want["attention_mask"].bool())
+
+
+def test_attention_mask_bad_input() -> None:
+    """Reference: the documented argument contract (mask shaped like the ids, at least one kept token per row)."""
+    model = T5Encoder(PRESETS["tiny"])
+    with pytest.raises(ValueError, match="shape of input_ids"):
+        model(torch.tensor([[5, 1]]), attention_mask=torch.ones(1, 3))
+    with pytest.raises(ValueError, match="masks every token"):
+        model(torch.tensor([[5, 1], [6, 1]]), attention_mask=torch.tensor([[1, 1], [0, 0]]))
