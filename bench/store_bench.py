@@ -1,6 +1,7 @@
-"""Store benchmark: random-access reads of the shard store vs one .npz per latent (kohya), and index build time.
+"""Store benchmark: random-access reads of the shard store vs one .npz per latent (kohya), dataset index build /
+reuse time for a million metadata entries, and memory of the store's key table for a million keys.
 
-    python bench/store_bench.py [--n 2000] [--entries 1000000] [--dir /tmp/store_bench]
+    python bench/store_bench.py [--n 2000] [--entries 1000000] [--dir /tmp/store_bench] [--only reads|index|lookup]
 
 Latents are synthetic 4x128x128 (a 1024 px SDXL image) fp16, identical for both layouts; each layout is read
 once before it is timed, so both are timed with a warm page cache (what a training epoch after the first sees). Also prints the zstd ratio of the shards.
@@ -76,24 +77,89 @@ def bench_reads(root: str, n: int) -> None:
     print(f"zstd ratio on random-normal fp16 latents: {raw / zsize:.3f}x")
 
 
-def bench_index(root: str, entries: int) -> None:
+def _write_meta(path: str, entries: int, image_path) -> None:
     rng = np.random.default_rng(0)
     wh = rng.integers(512, 2048, size=(entries, 2))
-    meta = os.path.join(root, "meta.json")
-    with open(meta, "w") as f:
-        json.dump({f"img{i:07d}": {"image_path": f"/data/img{i:07d}.webp", "caption": f"tag{i % 97}, tag{i % 13}",
+    with open(path, "w") as f:
+        json.dump({f"img{i:07d}": {"image_path": image_path(i), "caption": f"tag{i % 97}, tag{i % 13}",
                                    "image_size": [int(wh[i, 0]), int(wh[i, 1])]} for i in range(entries)}, f)
+
+
+def bench_index(root: str, entries: int) -> None:
+    """1M JSON entries with sizes: plain; then with image_dirs (every path checked, fallback by name); reuse."""
+    from data.index import DatasetIndex, load_or_build_index
+
+    meta = os.path.join(root, "meta.json")
+    _write_meta(meta, entries, lambda i: f"/data/img{i:07d}.webp")
     t0 = time.perf_counter()
     ix = build_index(_data_cfg(meta), threads=16)
     t1 = time.perf_counter()
     ix.save(os.path.join(root, "dataset_index.npz"))
     t2 = time.perf_counter()
-    from data.index import DatasetIndex
-
     DatasetIndex.load(os.path.join(root, "dataset_index.npz"))
     t3 = time.perf_counter()
     print(f"index of {len(ix)} metadata entries: build {t1 - t0:.2f} s (JSON parse, path checks, buckets), "
           f"save {t2 - t1:.2f} s, load {t3 - t2:.2f} s")
+    del ix
+    # Paths in 1000 folders: 200 exist holding 1% of the images; 0.5% more were moved to image_dirs (found by
+    # name); the rest are gone (sizes from metadata keep them in the index).
+    imgs, moved = os.path.join(root, "imgs"), os.path.join(root, "moved")
+    path = lambda i: os.path.join(imgs, f"f{i % 1000:03d}", f"img{i:07d}.webp")  # noqa: E731
+    present, found = range(0, entries, 100), range(1, entries, 200)
+    for i in present:
+        os.makedirs(os.path.dirname(path(i)), exist_ok=True)
+        open(path(i), "wb").close()
+    os.makedirs(moved)
+    for i in found:
+        open(os.path.join(moved, os.path.basename(path(i))), "wb").close()
+    meta2 = os.path.join(root, "meta_dirs.json")
+    _write_meta(meta2, entries, path)
+    cfg = _data_cfg(meta2)
+    cfg.image_dirs = [moved]
+    t0 = time.perf_counter()
+    ix = load_or_build_index(cfg, os.path.join(root, "index_dirs"))
+    t1 = time.perf_counter()
+    ix2 = load_or_build_index(cfg, os.path.join(root, "index_dirs"))
+    t2 = time.perf_counter()
+    n_moved = sum(ix.paths[i].startswith(moved) for i in found)
+    assert n_moved == len(found) and ix2.fingerprint == ix.fingerprint
+    print(f"index of {len(ix)} metadata entries with image_dirs ({len(present)} paths exist, {n_moved} found by "
+          f"name): build+save {t1 - t0:.2f} s, reuse (inputs unchanged) {t2 - t1:.2f} s")
+
+
+def bench_lookup(entries: int) -> None:
+    """Memory and speed of the store's key -> record table for `entries` keys: Python dicts vs KeyTable."""
+    import tracemalloc
+
+    from data.store import KeyTable
+
+    keys = [f"img{i:07d}" for i in range(entries)]
+    srcs = [f"s{100000 + i}:{1700000000000000000 + i}" for i in range(entries)]
+    shard, pos = np.arange(entries, dtype=np.int32) // 100_000, np.arange(entries, dtype=np.int32) % 100_000
+    probe = random.Random(0).sample(keys, min(entries, 100_000))
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    rows, src = {}, {}
+    for k, s, si, j in zip(keys, srcs, shard.tolist(), pos.tolist()):  # what the store held before
+        rows[k], src[k] = (si, j), s
+    t1 = time.perf_counter()
+    dict_mem = tracemalloc.get_traced_memory()[0] + sum(map(sys.getsizeof, keys)) + sum(map(sys.getsizeof, srcs))
+    tracemalloc.stop()
+    t2 = time.perf_counter()
+    _ = [rows[k] for k in probe]
+    t3 = time.perf_counter()
+    del rows, src
+    t4 = time.perf_counter()
+    table = KeyTable(keys, srcs, shard, pos)
+    t5 = time.perf_counter()
+    _ = [table.find(k) for k in probe]
+    t6 = time.perf_counter()
+    table.find_many(keys)
+    t7 = time.perf_counter()
+    print(f"store key table, {entries} keys: dicts {dict_mem / 2**20:.0f} MiB (keys and srcs included), "
+          f"build {t1 - t0:.2f} s, lookup {(t3 - t2) / len(probe) * 1e6:.2f} us | KeyTable "
+          f"{table.nbytes() / 2**20:.0f} MiB, build {t5 - t4:.2f} s, lookup {(t6 - t5) / len(probe) * 1e6:.2f} us, "
+          f"find_many(all) {t7 - t6:.2f} s")
 
 
 def main() -> None:
@@ -101,12 +167,17 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--entries", type=int, default=1_000_000)
     ap.add_argument("--dir", default="/tmp/store_bench")
+    ap.add_argument("--only", choices=["reads", "index", "lookup"], default=None, help="run one part only")
     a = ap.parse_args()
     shutil.rmtree(a.dir, ignore_errors=True)
     os.makedirs(a.dir)
     try:
-        bench_reads(a.dir, a.n)
-        bench_index(a.dir, a.entries)
+        if a.only in (None, "reads"):
+            bench_reads(a.dir, a.n)
+        if a.only in (None, "index"):
+            bench_index(a.dir, a.entries)
+        if a.only in (None, "lookup"):
+            bench_lookup(a.entries)
     finally:
         shutil.rmtree(a.dir, ignore_errors=True)
 

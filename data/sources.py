@@ -11,11 +11,15 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import json.scanner
 import os
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, Callable
+
+import numpy as np
 
 from .images import IMAGE_EXTENSIONS
 
@@ -81,24 +85,43 @@ def resolve_subsets(data) -> list[SubsetSpec]:
     return out
 
 
-def list_images(dirs: list[str], recursive: bool) -> list[tuple[str, int, int]]:
-    """(path, size, mtime_ns) of every image file under dirs, sorted by path (one stat per file via scandir)."""
+def _walk(dirs: list[str], recursive: bool, threads: int, stat: bool) -> list[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of image files under dirs (size, mtime -1 unless stat), one folder level at a time.
+
+    Folders of a level are scanned in parallel threads (scandir and stat release the GIL).
+    """
     out: list[tuple[str, int, int]] = []
 
-    def walk(d: str) -> None:
+    def scan(d: str) -> tuple[list[str], list[tuple[str, int, int]]]:
+        subdirs, files = [], []
         with os.scandir(d) as it:
             for e in it:
                 if e.is_dir(follow_symlinks=True):
                     if recursive:
-                        walk(e.path)
+                        subdirs.append(e.path)
                 elif e.name.lower().endswith(IMAGE_EXTENSIONS):
-                    st = e.stat()
-                    out.append((e.path, st.st_size, st.st_mtime_ns))
+                    if stat:
+                        st = e.stat()
+                        files.append((e.path, st.st_size, st.st_mtime_ns))
+                    else:
+                        files.append((e.path, -1, -1))
+        return subdirs, files
 
-    for d in dirs:
-        walk(d)
+    level = list(dirs)
+    with ThreadPoolExecutor(max(1, threads)) as ex:
+        while level:
+            nxt: list[str] = []
+            for subdirs, files in (ex.map(scan, level) if len(level) > 1 else map(scan, level)):
+                nxt += subdirs
+                out += files
+            level = nxt
     out.sort()
     return out
+
+
+def list_images(dirs: list[str], recursive: bool, threads: int = 16) -> list[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of every image file under dirs, sorted by path (one stat per file via scandir)."""
+    return _walk(dirs, recursive, threads, stat=True)
 
 
 def _stat_sig(path: str) -> str:
@@ -156,52 +179,78 @@ def _size_from_md(md: dict[str, Any]) -> tuple[int, int]:
     return -1, -1
 
 
-def read_metadata_file(path: str) -> list[tuple[str, dict[str, Any]]]:
-    """(key, record) pairs of a JSON ({key: {...}} or a list), JSONL, CSV (header row) or SQLite metadata file."""
-    low = path.lower()
+def _first_bad(items: list, ok: Callable[[Any], bool]) -> int:
+    return next(i for i, x in enumerate(items) if not ok(x))
 
-    def keyed(rec: dict, where: str) -> tuple[str, dict]:
-        if not isinstance(rec, dict):
-            raise ValueError(f"{where}: expected an object with image_path, got {type(rec).__name__}")
-        p = rec.get(PATH_FIELD)
-        key = rec.get("key") or (os.path.splitext(os.path.basename(p))[0] if p else None)
-        if not key:
-            raise ValueError(f"{where}: record has neither 'key' nor '{PATH_FIELD}'")
-        return str(key), rec
 
-    if low.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
+def _keyed(recs: list, where: Callable[[int], str]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Keys of list-style records: their `key`, else the stem of their image_path."""
+    if not all(map(isinstance, recs, repeat(dict))):
+        i = _first_bad(recs, lambda r: isinstance(r, dict))
+        raise ValueError(f"{where(i)}: expected an object with image_path, got {type(recs[i]).__name__}")
+    keys = [r.get("key") for r in recs]
+    for i, k in enumerate(keys):
+        if not k:  # only records without a key pay for the per-entry work
+            p = recs[i].get(PATH_FIELD)
+            k = os.path.splitext(os.path.basename(p))[0] if p else None
+            if not k:
+                raise ValueError(f"{where(i)}: record has neither 'key' nor '{PATH_FIELD}'")
+            keys[i] = k
+    return list(map(str, keys)), recs
+
+
+def _read_jsonl(path: str) -> tuple[list[str], list[dict[str, Any]]]:
+    # The C scanner on each line skips json.loads' per-call checks and regex matches; errors go through
+    # json.loads so their messages are the standard ones.
+    scan = json.scanner.make_scanner(json.JSONDecoder())
+    recs, lines = [], []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            line = line.strip()
+            if not line:
+                continue
             try:
-                obj = json.load(f)
-            except json.JSONDecodeError as e:
+                obj, end = scan(line, 0)
+                ok = end == len(line)
+            except (StopIteration, ValueError):
+                ok = False
+            if not ok:
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"metadata {path!r} line {i + 1} is not valid JSON: {e}") from None
+            recs.append(obj)
+            lines.append(i + 1)
+    return _keyed(recs, lambda j: f"metadata {path!r} line {lines[j]}")
+
+
+def read_metadata_file(path: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """(keys, records) of a JSON ({key: {...}} or a list), JSONL, CSV (header row) or SQLite metadata file."""
+    low = path.lower()
+    if low.endswith(".json"):
+        with open(path, "rb") as f:
+            try:
+                obj = json.loads(f.read())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"metadata {path!r} is not valid JSON: {e}") from None
         if isinstance(obj, dict):
-            out = []
-            for k, v in obj.items():
-                if not isinstance(v, dict):
-                    raise ValueError(f"metadata {path!r}: entry {k!r} must be an object, got {type(v).__name__}")
-                out.append((str(k), v))
-            return out
+            recs = list(obj.values())
+            if not all(map(isinstance, recs, repeat(dict))):
+                k = list(obj)[_first_bad(recs, lambda r: isinstance(r, dict))]
+                raise ValueError(f"metadata {path!r}: entry {k!r} must be an object, got {type(obj[k]).__name__}")
+            return list(obj), recs  # JSON object keys are already str
         if isinstance(obj, list):
-            return [keyed(r, f"metadata {path!r} item {i}") for i, r in enumerate(obj)]
+            return _keyed(obj, lambda i: f"metadata {path!r} item {i}")
         raise ValueError(f"metadata {path!r}: top level must be an object {{key: {{...}}}} or a list")
     if low.endswith(".jsonl"):
-        out = []
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if line.strip():
-                    try:
-                        out.append(keyed(json.loads(line), f"metadata {path!r} line {i + 1}"))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"metadata {path!r} line {i + 1} is not valid JSON: {e}") from None
-        return out
+        return _read_jsonl(path)
     if low.endswith(".csv"):
         with open(path, encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f)
             if not reader.fieldnames or PATH_FIELD not in reader.fieldnames:
                 raise ValueError(f"metadata {path!r}: the CSV header must contain '{PATH_FIELD}' "
                                  f"(found {reader.fieldnames})")
-            return [keyed(dict(r), f"metadata {path!r} row {i + 2}") for i, r in enumerate(reader)]
+            return _keyed(list(reader), lambda i: f"metadata {path!r} row {i + 2}")
     # SQLite: the one table that has image_path (and caption) columns.
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
@@ -216,12 +265,27 @@ def read_metadata_file(path: str) -> list[tuple[str, dict[str, Any]]]:
                              f"tables: {tables}, with it: {[c[0] for c in cands]}")
         t, cols = cands[0]
         rows = con.execute(f'SELECT * FROM "{t}"').fetchall()
-        return [keyed({c: v for c, v in zip(cols, r) if v is not None}, f"metadata {path!r} table {t}")
-                for r in rows]
+        return _keyed([{c: v for c, v in zip(cols, r) if v is not None} for r in rows],
+                      lambda i: f"metadata {path!r} table {t}")
     except sqlite3.DatabaseError as e:
         raise ValueError(f"metadata {path!r} is not a readable SQLite database: {e}") from None
     finally:
         con.close()
+
+
+def _sizes_from_records(recs: list[dict[str, Any]]) -> np.ndarray:
+    """[N, 2] int64 (w, h) per record as `_size_from_md` reads it; (-1, -1) when absent."""
+    n = len(recs)
+    if n == 0:
+        return np.zeros((0, 2), np.int64)
+    # Fast path, one numpy conversion: every record has image_size = [int, int].
+    try:
+        a = np.array([r.get("image_size") for r in recs])
+    except (ValueError, TypeError, OverflowError):  # ragged or odd values
+        a = None
+    if a is not None and a.shape == (n, 2) and a.dtype.kind in "iu":
+        return a.astype(np.int64)
+    return np.array([_size_from_md(r) for r in recs], np.int64).reshape(n, 2)
 
 
 @dataclass
@@ -247,8 +311,90 @@ def _map_chunked(fn: Callable, items: list, threads: int, chunk: int = 2048) -> 
         return [y for part in parts for y in part]
 
 
-def _exists_many(paths: list[str], threads: int) -> list[bool]:
-    return _map_chunked(os.path.exists, paths, threads)
+_NO_FOLDER: frozenset[str] = frozenset()  # the folder does not exist: nothing in it does
+
+
+def _listing(d: str) -> frozenset[str] | set[str] | None:
+    """Names in folder d that os.path.exists would accept (broken symlinks left out); None if unlistable."""
+    try:
+        with os.scandir(d) as it:
+            return {e.name for e in it if not e.is_symlink() or os.path.exists(e.path)}
+    except (FileNotFoundError, NotADirectoryError):
+        return _NO_FOLDER
+    except OSError:  # e.g. no read permission on the folder: per-path checks still work
+        return None
+
+
+def _exists_by_listing(paths: list[str], threads: int) -> list[bool | None]:
+    """Per path: True / False where the parent folder's listing settles it, None where only the OS can tell.
+
+    None: a name absent from an existing folder (a case-insensitive filesystem may still have it), odd names
+    ("a/", "a/.."), unlistable folders.
+    """
+    parts = [p.rpartition(os.sep) for p in paths]
+    # "/x.png" -> head "" but its folder is the root; "x.png" (no separator) -> the current folder.
+    folder = [head or (os.sep if sep else os.curdir) for head, sep, _ in parts]
+    uniq = list(set(folder))
+    listed = dict(zip(uniq, _map_chunked(_listing, uniq, threads, 8)))
+    return [False if names is _NO_FOLDER else
+            (True if names is not None and name in names and name not in (".", "..") else None)
+            for (_, _, name), names in zip(parts, map(listed.__getitem__, folder))]
+
+
+def exists_many(paths: list[str], threads: int = 16) -> list[bool]:
+    """os.path.exists for every path, from one listing per distinct parent folder (parallel over folders).
+
+    A million paths in a few thousand folders cost a few thousand scandir calls instead of a million stats;
+    only the paths the listings cannot settle are asked of the OS.
+    """
+    out = _exists_by_listing(paths, threads)
+    ask = [i for i, ok in enumerate(out) if ok is None]
+    for i, ok in zip(ask, _map_chunked(os.path.exists, [paths[i] for i in ask], threads)):
+        out[i] = ok
+    return out  # type: ignore[return-value]
+
+
+def _image_names(dirs: list[str], threads: int) -> dict[str, str]:
+    """File name -> path of the images under dirs (recursive); a name found twice maps to the smallest path."""
+    files = [p for p, _, _ in _walk(dirs, True, threads, stat=False)]  # sorted by path, no stat needed
+    return dict(zip(map(os.path.basename, reversed(files)), reversed(files)))  # later (smaller) paths win
+
+
+def _metadata_subset(s: SubsetSpec, si: int, cols: Columns, threads: int) -> None:
+    """Append a metadata subset's entries column-wise (no per-entry Python work beyond list comprehensions)."""
+    paths: list[str] = []
+    n0 = len(cols.keys)
+    for m in s.metadata_files:
+        keys, recs = read_metadata_file(m)
+        # The records are ours (freshly parsed): pop path and caption so the rest is the entry's metadata as is.
+        ps = [r.pop(PATH_FIELD, None) or "" for r in recs]
+        if not all(map(isinstance, ps, repeat(str))):
+            i = _first_bad(ps, lambda p: isinstance(p, str))
+            raise ValueError(f"metadata {m!r}: entry {keys[i]!r} has a non-text {PATH_FIELD} {ps[i]!r}")
+        base = os.path.dirname(m)
+        for i in [i for i, p in enumerate(ps) if p and not p.startswith(os.sep)]:
+            if not os.path.isabs(ps[i]):  # relative to the metadata file
+                ps[i] = os.path.join(base, ps[i])
+        caps = [r.pop("caption", None) for r in recs]
+        for i in [i for i, c in enumerate(caps) if c is None]:
+            caps[i] = recs[i].get("tags") or ""
+        wh = _sizes_from_records(recs)
+        cols.keys += keys; paths += ps; cols.captions += map(str, caps); cols.metadata += recs
+        cols.widths += wh[:, 0].tolist(); cols.heights += wh[:, 1].tolist()
+        cols.subset += [si] * len(keys); cols.origin += [m] * len(keys)
+    if s.image_dirs:
+        # Fallback: find a missing image by its file name in the subset's image_dirs.
+        exists = _exists_by_listing(paths, threads)
+        if not all(exists):
+            by_name = _image_names(s.image_dirs, threads)
+            miss = [j for j, ok in enumerate(exists) if not ok]
+            hits = [(j, f) for j, f in zip(miss, map(by_name.get, [os.path.basename(paths[j]) for j in miss])) if f]
+            for j, found in hits:
+                # A path the listings could not settle is asked of the OS only when it would be replaced.
+                if exists[j] is False or not os.path.exists(paths[j]):
+                    paths[j] = found
+    cols.paths += paths
+    assert len(cols.paths) == len(cols.keys) == n0 + len(paths)
 
 
 def collect(subsets: list[SubsetSpec], recursive: bool, threads: int = 16) -> Columns:
@@ -256,34 +402,9 @@ def collect(subsets: list[SubsetSpec], recursive: bool, threads: int = 16) -> Co
     cols = Columns()
     for si, s in enumerate(subsets):
         if s.metadata_files:
-            start = len(cols.keys)
-            for m in s.metadata_files:
-                for key, rec in read_metadata_file(m):
-                    p = rec.get(PATH_FIELD) or ""
-                    if p and not os.path.isabs(p):
-                        p = os.path.join(os.path.dirname(m), p)
-                    cap = rec.get("caption")
-                    if cap is None:
-                        cap = rec.get("tags") or ""
-                    w, h = _size_from_md(rec)
-                    md = {k: v for k, v in rec.items() if k not in (PATH_FIELD, "caption")}
-                    cols.keys.append(key); cols.paths.append(p); cols.captions.append(str(cap))
-                    cols.metadata.append(md); cols.widths.append(w); cols.heights.append(h)
-                    cols.subset.append(si); cols.origin.append(m)
-            new_paths = cols.paths[start:]
-            exists = _exists_many(new_paths, threads)
-            if not all(exists) and s.image_dirs:
-                # Fallback: find a missing image by its file name in the subset's image_dirs.
-                by_name: dict[str, str] = {}
-                for p, _, _ in list_images(s.image_dirs, True):
-                    by_name.setdefault(os.path.basename(p), p)
-                for j, ok in enumerate(exists):
-                    if not ok:
-                        found = by_name.get(os.path.basename(new_paths[j]))
-                        if found:
-                            cols.paths[start + j] = found
+            _metadata_subset(s, si, cols, threads)
         else:
-            files = list_images(s.image_dirs, recursive)
+            files = list_images(s.image_dirs, recursive, threads)
             caps = [os.path.splitext(p)[0] + s.caption_extension for p, _, _ in files]
             texts = _map_chunked(_read_text, caps, threads, 256)
             for (p, _, _), cap in zip(files, texts):
@@ -296,6 +417,8 @@ def collect(subsets: list[SubsetSpec], recursive: bool, threads: int = 16) -> Co
 
 def check_duplicates(cols: Columns, limit: int = 20) -> None:
     """Raise ValueError listing keys that occur more than once (with where each came from)."""
+    if len(set(cols.keys)) == len(cols.keys):  # the common case, at C speed
+        return
     seen: dict[str, int] = {}
     dups: dict[str, list[str]] = {}
     for i, k in enumerate(cols.keys):

@@ -17,6 +17,7 @@ With compression each tensor is stored as a zstd frame (dtype U8) and its real d
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import mmap
@@ -27,11 +28,15 @@ import time
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import partial
+from operator import methodcaller
 from queue import Queue
 from typing import Any
 
 import numpy as np
 import torch
+
+from .index import StrColumn
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +182,88 @@ def _shard_names(root: str) -> list[str]:
     return sorted(n for n in os.listdir(d) if n.endswith(SHARD_EXT))
 
 
+def key_hashes(keys: list[bytes]) -> np.ndarray:
+    """64-bit blake2b of each key, uint64 (the same in every process, unlike hash())."""
+    h8 = partial(hashlib.blake2b, digest_size=8)
+    return np.frombuffer(b"".join(map(methodcaller("digest"), map(h8, keys))), dtype="<u8").copy()
+
+
+def key_hash(kb: bytes) -> int:
+    """key_hashes of one key, as a Python int."""
+    return int.from_bytes(hashlib.blake2b(kb, digest_size=8).digest(), "little")
+
+
+class KeyTable:
+    """key -> (shard, record position, source fingerprint) in flat numpy arrays, for millions of keys.
+
+    Sorted 64-bit key hashes locate a row by binary search; the keys themselves (one UTF-8 blob) confirm it, so a
+    hash collision only costs a second comparison. About 40 bytes per key instead of ~270 with Python dicts, and
+    DataLoader workers share or unpickle it without touching a million objects.
+    """
+
+    def __init__(self, keys: list[str], srcs: list[str], shard: np.ndarray, pos: np.ndarray):
+        """Rows in shard order; when a key occurs more than once the last (newest shard) wins."""
+        kb = list(map(str.encode, keys))
+        h = key_hashes(kb)
+        order = np.argsort(h, kind="stable")  # equal hashes stay in record order: the newest comes last
+        hs = h[order]
+        keep = np.ones(len(hs), dtype=bool)
+        same = np.nonzero(hs[1:] == hs[:-1])[0]
+        if len(same):  # runs of equal hashes: a key re-written in a newer shard (or a true collision)
+            brk = np.nonzero(np.diff(same) != 1)[0]
+            starts, ends = np.r_[same[:1], same[brk + 1]], np.r_[same[brk], same[-1:]] + 1
+            for a, b in zip(starts.tolist(), ends.tolist()):
+                seen: set[bytes] = set()
+                for p in range(b, a - 1, -1):
+                    k = kb[int(order[p])]
+                    keep[p] = k not in seen
+                    seen.add(k)
+        idx = order[keep].tolist()
+        self.hash = hs[keep]
+        self.keys = StrColumn.from_list([keys[i] for i in idx])
+        self.srcs = StrColumn.from_list([srcs[i] for i in idx])
+        self.shard = np.asarray(shard, dtype=np.int32)[idx]
+        self.pos = np.asarray(pos, dtype=np.int32)[idx]
+
+    def __len__(self) -> int:
+        return len(self.hash)
+
+    def nbytes(self) -> int:
+        """Memory held by the table's arrays."""
+        return sum(a.nbytes for a in (self.hash, self.keys.blob, self.keys.offsets, self.srcs.blob,
+                                      self.srcs.offsets, self.shard, self.pos))
+
+    def find(self, key: str) -> int:
+        """Row of key, -1 when absent."""
+        kb = key.encode()
+        h = key_hash(kb)
+        i, n = int(self.hash.searchsorted(np.uint64(h))), len(self.hash)
+        off, blob = self.keys.offsets, self.keys.blob
+        while i < n and int(self.hash[i]) == h:
+            if blob[off[i] : off[i + 1]].tobytes() == kb:
+                return i
+            i += 1
+        return -1
+
+    def find_many(self, keys: list[str]) -> np.ndarray:
+        """Rows of many keys at once (-1 where absent)."""
+        n = len(self.hash)
+        if not keys or not n:
+            return np.full(len(keys), -1, dtype=np.int64)
+        kb = list(map(str.encode, keys))
+        h = key_hashes(kb)
+        rows = np.minimum(self.hash.searchsorted(h), n - 1)
+        cand = np.nonzero(self.hash[rows] == h)[0].tolist()
+        o, blob = self.keys.offsets.tolist(), self.keys.blob.tobytes()
+        r = rows.tolist()
+        out = np.full(len(keys), -1, dtype=np.int64)
+        good = [j for j in cand if blob[o[r[j]] : o[r[j] + 1]] == kb[j]]
+        out[good] = rows[good]
+        for j in set(cand) - set(good):  # the key sits further along a run of equal hashes
+            out[j] = self.find(keys[j])
+        return out
+
+
 class LatentStore:
     """Read side of the store: O(1) lookup by key, tensors are zero-copy views of memory-mapped shards."""
 
@@ -189,8 +276,7 @@ class LatentStore:
         self.check_validity = check_validity
         self.shards: list[_Shard] = []
         self.damaged: list[tuple[str, str]] = []
-        self._rows: dict[str, tuple[int, int]] = {}   # key -> (shard idx, record idx)
-        self._src: dict[str, str] = {}
+        self._table = KeyTable([], [], np.zeros(0, np.int32), np.zeros(0, np.int32))  # key -> shard, record
         self._maps: OrderedDict[int, mmap.mmap] = OrderedDict()
         self._lock = threading.Lock()
         self._dctx = None
@@ -205,8 +291,12 @@ class LatentStore:
         try:
             with np.load(path) as z:
                 info = json.loads(z["info"].tobytes().decode())
-                keys = z["keys"].tobytes().decode("utf-8").split("\n") if len(z["keys"]) else []
-                srcs = z["srcs"].tobytes().decode("utf-8").split("\n") if len(z["srcs"]) else []
+                if "key_off" in z:  # blob + offsets (keys may contain any character)
+                    keys = StrColumn(z["keys"], z["key_off"]).tolist()
+                    srcs = StrColumn(z["srcs"], z["src_off"]).tolist()
+                else:  # the first format: newline-joined
+                    keys = z["keys"].tobytes().decode("utf-8").split("\n") if len(z["keys"]) else []
+                    srcs = z["srcs"].tobytes().decode("utf-8").split("\n") if len(z["srcs"]) else []
                 counts = z["counts"].tolist()
                 positions = z["positions"].tolist()
         except Exception as e:  # a damaged merged index only costs a header rescan
@@ -220,6 +310,10 @@ class LatentStore:
 
     def _open(self) -> None:
         merged = self._load_merged()
+        all_keys: list[str] = []
+        all_srcs: list[str] = []
+        shard_of: list[np.ndarray] = []
+        pos_of: list[np.ndarray] = []
         for name in _shard_names(self.root):
             path = os.path.join(self.root, SHARD_DIR, name)
             st = os.stat(path)
@@ -241,11 +335,14 @@ class LatentStore:
                 shard = _Shard(name, st.st_size, st.st_mtime_ns, md["crc32"], md["cfg"], start, header, recs)
                 keys, srcs = [r["k"] for r in recs], [r["src"] for r in recs]
                 positions = list(range(len(recs)))
-            idx = len(self.shards)
+            shard_of.append(np.full(len(keys), len(self.shards), dtype=np.int32))
+            pos_of.append(np.asarray(positions, dtype=np.int32))
+            all_keys += keys
+            all_srcs += srcs
             self.shards.append(shard)
-            for j, k, s in zip(positions, keys, srcs):
-                self._rows[k] = (idx, j)  # shards are sorted by creation time: the newest record wins
-                self._src[k] = s
+        # Shards are sorted by creation time and the table keeps a key's last row: the newest record wins.
+        if all_keys:
+            self._table = KeyTable(all_keys, all_srcs, np.concatenate(shard_of), np.concatenate(pos_of))
 
     def _report_damaged(self, name: str, reason: str) -> None:
         self.damaged.append((name, reason))
@@ -253,18 +350,29 @@ class LatentStore:
 
     # -- lookup ----------------------------------------------------------------------------------------------
     def __len__(self) -> int:
-        return len(self._rows)
+        return len(self._table)
 
     def __contains__(self, key: str) -> bool:
-        return key in self._rows
+        return self._table.find(key) >= 0
+
+    def contains_many(self, keys: list[str]) -> np.ndarray:
+        """Bool per key, all at once (use this over `in` for a whole dataset)."""
+        return self._table.find_many(keys) >= 0
 
     def keys(self) -> list[str]:
-        return list(self._rows)
+        """Every key (in hash order)."""
+        return self._table.keys.tolist()
+
+    def _loc(self, key: str) -> tuple[int, int]:
+        i = self._table.find(key)
+        if i < 0:
+            raise KeyError(f"{key!r} is not in the latent store {self.root}")
+        return int(self._table.shard[i]), int(self._table.pos[i])
 
     def is_valid(self, key: str, src: str, cfg: str) -> bool:
         """Whether the key is present and was produced from this source with these settings."""
-        loc = self._rows.get(key)
-        return loc is not None and self._src[key] == src and self.shards[loc[0]].cfg == cfg
+        i = self._table.find(key)
+        return i >= 0 and self._table.srcs[i] == src and self.shards[int(self._table.shard[i])].cfg == cfg
 
     def _ensure_header(self, si: int) -> _Shard:
         sh = self.shards[si]
@@ -311,14 +419,12 @@ class LatentStore:
 
     def record_info(self, key: str) -> dict[str, Any]:
         """The record's header entry (bucket, sizes, crops, tensor table)."""
-        si, j = self._rows[key]
+        si, j = self._loc(key)
         return self._ensure_header(si).records[j]
 
     def get(self, key: str, names: list[str] | None = None) -> dict[str, Any]:
         """Tensors of a record (all, or `names`) plus bucket (w, h), original_size (h, w), crops."""
-        if key not in self._rows:
-            raise KeyError(f"{key!r} is not in the latent store {self.root}")
-        si, j = self._rows[key]
+        si, j = self._loc(key)
         sh = self._ensure_header(si)
         rec = sh.records[j]
         mm = self._map(si) if self.use_mmap else None
@@ -368,32 +474,33 @@ class LatentStore:
 
     def write_index(self) -> str:
         """Write store_index.npz (newest record per key only), delete shards with no live record, quarantine damaged."""
-        live: dict[int, list[int]] = {}
-        for k, (si, j) in self._rows.items():
-            live.setdefault(si, []).append(j)
+        t = self._table
+        order = np.lexsort((t.pos, t.shard))  # live rows by (shard, position)
+        bounds = np.searchsorted(t.shard[order], np.arange(len(self.shards) + 1))
+        keys_all, srcs_all = t.keys.tolist(), t.srcs.tolist()
         shards_info, keys, srcs, counts, positions = [], [], [], [], []
         for si, sh in enumerate(self.shards):
-            if si not in live:
+            rows = order[bounds[si] : bounds[si + 1]].tolist()
+            if not rows:
                 os.remove(os.path.join(self.root, SHARD_DIR, sh.name))  # fully superseded
                 continue
-            self._ensure_header(si)
             shards_info.append({"name": sh.name, "size": sh.size, "mtime_ns": sh.mtime_ns, "crc": sh.crc, "cfg": sh.cfg})
             # Only records that are live here go in; superseded ones would otherwise shadow newer shards.
-            js = sorted(live[si])
-            keys += [sh.records[j]["k"] for j in js]
-            srcs += [sh.records[j]["src"] for j in js]
-            counts.append(len(js))
-            positions += js  # the record's position in its shard header (superseded ones are left out)
+            keys += [keys_all[r] for r in rows]
+            srcs += [srcs_all[r] for r in rows]
+            counts.append(len(rows))
+            positions.append(t.pos[rows])  # the record's position in its shard header (superseded ones left out)
         for name, _ in self.damaged:
             p = os.path.join(self.root, SHARD_DIR, name)
             if os.path.exists(p):
                 os.replace(p, p + ".damaged")
         path = os.path.join(self.root, INDEX_FILE)
         tmp = f"{path}.tmp{os.getpid()}.npz"
+        kc, sc = StrColumn.from_list(keys), StrColumn.from_list(srcs)
         np.savez(tmp, info=np.frombuffer(json.dumps({"shards": shards_info}).encode(), dtype=np.uint8),
-                 keys=np.frombuffer("\n".join(keys).encode("utf-8"), dtype=np.uint8),
-                 srcs=np.frombuffer("\n".join(srcs).encode("utf-8"), dtype=np.uint8),
-                 counts=np.asarray(counts, dtype=np.int64), positions=np.asarray(positions, dtype=np.int64))
+                 keys=kc.blob, key_off=kc.offsets, srcs=sc.blob, src_off=sc.offsets,
+                 counts=np.asarray(counts, dtype=np.int64),
+                 positions=np.concatenate(positions).astype(np.int64) if positions else np.zeros(0, np.int64))
         os.replace(tmp, path)
         return path
 

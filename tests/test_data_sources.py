@@ -244,3 +244,81 @@ def test_image_modes_converted(tmp_path):
     im = Image.new("RGB", (30, 10)); ex = Image.Exif(); ex[0x0112] = 6
     im.save(tmp_path / "r.jpg", exif=ex.tobytes())
     assert read_size(str(tmp_path / "r.jpg")) == (10, 30) and load_image(str(tmp_path / "r.jpg")).size == (10, 30)
+
+
+def test_exists_many_matches_os_path_exists(tmp_path, monkeypatch):
+    """Listing-based existence == os.path.exists (the reference) on files, folders, symlinks and odd paths."""
+    from data.sources import exists_many
+
+    img(tmp_path / "d" / "a.png"); (tmp_path / "d" / "sub").mkdir()
+    (tmp_path / "d" / "link.png").symlink_to(tmp_path / "d" / "a.png")
+    (tmp_path / "d" / "broken.png").symlink_to(tmp_path / "d" / "gone.png")
+    monkeypatch.chdir(tmp_path / "d")
+    d = str(tmp_path / "d")
+    paths = [f"{d}/a.png", f"{d}/b.png", f"{d}/link.png", f"{d}/broken.png", f"{d}/sub", f"{d}/sub/", f"{d}/..",
+             f"{d}//a.png", f"{d}/a.png/x", f"{tmp_path}/nope/a.png", "a.png", "b.png", "", "/", "/nonexistent-x.png",
+             f"{d}/sub/../a.png"]
+    assert exists_many(paths, threads=4) == [os.path.exists(p) for p in paths]
+
+
+def test_metadata_columns_sizes_captions_paths(tmp_path):
+    """Size forms, tags fallback, relative paths, list/JSONL keys (analytic: the values written)."""
+    img(tmp_path / "m" / "rel.png", (48, 16)); img(tmp_path / "m" / "nosize.png", (40, 24))
+    recs = {"a": {"image_path": "rel.png", "caption": "c", "image_size": [640, 480]},
+            "b": {"image_path": "rel.png", "tags": "t1, t2", "image_size": [640.9, 480.2]},
+            "c": {"image_path": "rel.png", "caption": None, "tags": "x", "image_size": "512x768"},
+            "d": {"image_path": "rel.png", "width": "320", "height": 200},
+            "e": {"image_path": "nosize.png", "caption": 7},
+            "f": {"image_path": "rel.png", "original_size": [30, 20], "image_size": [1, 2, 3]}}
+    (tmp_path / "m" / "md.json").write_text(json.dumps(recs))
+    ix = build_index(data_cfg(metadata_files=[str(tmp_path / "m" / "md.json")]))
+    got = {ix.keys[i]: (ix.sizes[i].tolist(), ix.captions[i], ix.paths[i]) for i in range(len(ix))}
+    rel = str(tmp_path / "m" / "rel.png")
+    assert got == {"a": ([640, 480], "c", rel), "b": ([640, 480], "t1, t2", rel), "c": ([512, 768], "x", rel),
+                   "d": ([320, 200], "", rel), "e": ([40, 24], "7", str(tmp_path / "m" / "nosize.png")),
+                   "f": ([30, 20], "", rel)}
+    assert ix.meta(list(got).index("b")) == {"tags": "t1, t2", "image_size": [640.9, 480.2]}
+    # JSONL and list JSON: key from `key`, else the image file stem; a bad line is named with its number.
+    lines = [json.dumps({"key": "k1", "image_path": rel, "caption": "one"}), "",
+             json.dumps({"image_path": str(tmp_path / "m" / "nosize.png"), "caption": "two"})]
+    (tmp_path / "m" / "md.jsonl").write_text("\n".join(lines) + "\n")
+    ix = build_index(data_cfg(metadata_files=[str(tmp_path / "m" / "md.jsonl")]))
+    assert sorted(ix.keys.tolist()) == ["k1", "nosize"] and ix.meta(ix.row_of("k1")) == {"key": "k1"}
+    (tmp_path / "m" / "bad.jsonl").write_text(lines[0] + "\n\n" + '{"image_path": "x.png"} {}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl' line 3 is not valid JSON"):
+        build_index(data_cfg(metadata_files=[str(tmp_path / "m" / "bad.jsonl")]))
+    (tmp_path / "m" / "list.json").write_text(json.dumps([{"image_path": rel}, 5]))
+    with pytest.raises(ValueError, match=r"item 1: expected an object"):
+        build_index(data_cfg(metadata_files=[str(tmp_path / "m" / "list.json")]))
+    (tmp_path / "m" / "num.json").write_text(json.dumps({"k": {"image_path": 5}}))
+    with pytest.raises(ValueError, match=r"entry 'k' has a non-text image_path"):
+        build_index(data_cfg(metadata_files=[str(tmp_path / "m" / "num.json")]))
+
+
+def test_fallback_only_replaces_missing_and_prefers_smallest_path(tmp_path):
+    """Existing paths are kept; a missing one (folder present or not) is found by name; smallest path wins."""
+    img(tmp_path / "here" / "keep.png"); img(tmp_path / "dirs" / "b" / "keep.png")
+    img(tmp_path / "dirs" / "b" / "x.png", (16, 16)); img(tmp_path / "dirs" / "a" / "x.png", (16, 16))
+    img(tmp_path / "dirs" / "y.png")
+    recs = {"keep": {"image_path": str(tmp_path / "here" / "keep.png")},
+            "x": {"image_path": str(tmp_path / "gone" / "x.png")},
+            "y": {"image_path": str(tmp_path / "here" / "y.png")}}  # folder exists, file does not
+    (tmp_path / "md.json").write_text(json.dumps(recs))
+    ix = build_index(data_cfg(metadata_files=[str(tmp_path / "md.json")], image_dirs=[str(tmp_path / "dirs")]))
+    got = {ix.keys[i]: ix.paths[i] for i in range(len(ix))}
+    assert got == {"keep": str(tmp_path / "here" / "keep.png"), "x": str(tmp_path / "dirs" / "a" / "x.png"),
+                   "y": str(tmp_path / "dirs" / "y.png")}
+
+
+def test_metadata_duplicates_and_str_column_unicode(tmp_path):
+    """Duplicate keys across metadata files are listed with both files; non-ASCII strings round-trip."""
+    from data.index import StrColumn
+
+    for name in ("m1.json", "m2.json"):
+        (tmp_path / name).write_text(json.dumps({"same": {"image_path": "a.png", "image_size": [64, 64]}}))
+    with pytest.raises(ValueError, match=r"(?s)1 duplicate.*'same'.*m1.json.*m2.json"):
+        build_index(data_cfg(metadata_files=[str(tmp_path / "m1.json"), str(tmp_path / "m2.json")]))
+    items = ["", "abc", "café", "猫, 犬", "x"]
+    col = StrColumn.from_list(items)
+    assert col.tolist() == items and [col[i] for i in range(5)] == items
+    assert StrColumn.from_list(["ab", "c"]).offsets.tolist() == [0, 2, 3]

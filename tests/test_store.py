@@ -147,3 +147,33 @@ def test_source_fingerprint(tmp_path):
     assert source_fingerprint(str(p)) != f1 and source_fingerprint(str(p), True) == h1
     p.write_bytes(b"abd")
     assert source_fingerprint(str(p), True) != h1 and source_fingerprint(str(tmp_path / "none")) == ""
+
+
+def test_key_table_collisions_odd_keys_and_contains_many(tmp_path, monkeypatch):
+    """Every key hashing alike still finds the right record, newest wins; keys with newlines / non-ASCII
+    survive the merged index; contains_many agrees with `in` (reference: the records written)."""
+    import numpy as np
+
+    from data import store as dstore
+
+    odd = [rec(i) for i in range(4)]
+    for r, k in zip(odd, ["a\nb", "café", "猫", "k3"]):
+        r.key = k
+    write(tmp_path, odd)
+    newer = rec(9); newer.key = "café"; newer.src = "s2"
+    write(tmp_path, [newer])
+    monkeypatch.setattr(dstore, "key_hashes", lambda kb: np.zeros(len(kb), dtype=np.uint64))
+    monkeypatch.setattr(dstore, "key_hash", lambda kb: 0)
+    st = LatentStore(str(tmp_path))  # every key collides
+    assert len(st) == 4 and sorted(st.keys()) == sorted(["a\nb", "café", "猫", "k3"])
+    assert torch.equal(st.get("café")["latent"], newer.tensors["latent"]) and st.is_valid("café", "s2", "cfg")
+    assert torch.equal(st.get("a\nb")["latent"], odd[0].tensors["latent"])
+    assert st.contains_many(["猫", "nope", "k3", "a"]).tolist() == [True, False, True, False]
+    monkeypatch.undo()
+    st.write_index()
+    st2 = LatentStore(str(tmp_path))
+    assert sorted(st2.keys()) == sorted(["a\nb", "café", "猫", "k3"]) and st2.is_valid("café", "s2", "cfg")
+    assert torch.equal(st2.get("猫")["latent"], odd[2].tensors["latent"]) and "nope" not in st2
+    assert st2.contains_many(["猫", "nope", "a\nb"]).tolist() == [True, False, True]
+    with pytest.raises(KeyError, match="not in the latent store"):
+        st2.get("nope")
