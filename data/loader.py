@@ -40,13 +40,17 @@ def usable_rows(index: DatasetIndex, store=None) -> np.ndarray:
     """Rows with repeats > 0 that can be read (present in the store when one is given)."""
     rows = np.nonzero(index.repeats > 0)[0]
     if store is not None:
+        memo = getattr(store, "_usable_rows_memo", None)  # one lookup pass per (index, store), not per epoch
+        if memo is not None and memo[0] is index:
+            return memo[1]
         keys = index.keys
-        have = np.fromiter((keys[int(i)] in store for i in rows), dtype=bool, count=len(rows))
+        have = np.asarray(store.contains_many([keys[int(i)] for i in rows]), dtype=bool)
         missing = len(rows) - int(have.sum())
         if missing:
             log.warning("%d of %d training images are not in the latent store; they are left out (run cache.py)",
                         missing, len(rows))
         rows = rows[have]
+        store._usable_rows_memo = (index, rows)
     return rows
 
 
