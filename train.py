@@ -11,12 +11,13 @@ Writes output_dir/{models,samples,logs,state}. Resume with train.resume = "auto"
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -34,6 +35,10 @@ from data.loader import batches_per_epoch, make_loader
 
 DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FSDP_BLOCKS = {"sdxl": ("input_blocks", "output_blocks"), "sd3": ("joint_blocks",)}
+# Text encoders that train.train_text_encoder trains, with their [optimizer] learning-rate field (SD3's T5 stays
+# frozen: "also train the CLIP text encoders", as kohya's SD3 trainer).
+TRAINABLE_TEXT_LR = {"te1": "learning_rate_te1", "te2": "learning_rate_te2",
+                     "clip_l": "learning_rate_te1", "clip_g": "learning_rate_te2"}
 EXIT_BAD_LOSS = 3
 
 
@@ -47,7 +52,8 @@ class Trainee(nn.Module):
     def __init__(self, comp: Any, train_text_encoder: bool):
         super().__init__()
         self.network = comp.network
-        self.text_encoders = nn.ModuleDict(comp.text_encoders() if train_text_encoder else {})
+        trained = {k: m for k, m in comp.text_encoders().items() if k in TRAINABLE_TEXT_LR} if train_text_encoder else {}
+        self.text_encoders = nn.ModuleDict(trained)
         self.__dict__["comp"] = comp  # not a submodule: the frozen parts stay out of DDP
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor] | None,
@@ -55,6 +61,8 @@ class Trainee(nn.Module):
         if text is None:
             with contextlib.nullcontext() if len(self.text_encoders) else torch.no_grad():
                 text = self.comp.encode_text(captions, device=x_t.device)
+        # cached (bf16) or frozen fp16 encoder outputs must not meet an fp32 network without autocast
+        text = {k: v.float() for k, v in text.items()}
         cond = self.comp.conditioning(text, *sizes)
         return self.network(x_t, t, **cond)
 
@@ -95,6 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     info = dist.init()
     device, master = info.device, dist.is_main()
 
+    # ---- settings that only make sense together, checked before anything is created or loaded
+    try:
+        family = models.family_of(cfg.model)
+        check_settings(cfg, family)
+        objective = build_objective(family, cfg.loss, cfg.model.v_parameterization)
+        prompts = load_sample_prompts(cfg)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"config error: {e}") from None
+
     # ---- run folder (the {date}/{time} of rank 0, for every rank)
     out_dir = dist.broadcast_object(format_output_dir(cfg.output_dir) if master else None)
     paths = {name: os.path.join(out_dir, name) for name in RUN_SUBDIRS}
@@ -116,29 +133,30 @@ def main(argv: list[str] | None = None) -> int:
     # ---- precision
     amp_dtype = DTYPES[cfg.train.mixed_precision]
     weight_dtype = torch.bfloat16 if cfg.train.full_bf16 else torch.float16 if cfg.train.full_fp16 else torch.float32
-    te_dtype = weight_dtype if cfg.train.train_text_encoder else DTYPES[cfg.model.text_encoder_dtype]
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
 
     # ---- model: the network, the frozen (or trained) text encoders, the VAE when needed
-    family = models.family_of(cfg.model)
     use_store = bool(cfg.cache.cache_dir)
-    sampling = bool(cfg.sample.sample_prompts) and (cfg.sample.sample_every_n_steps or cfg.sample.sample_every_n_epochs
-                                                    or cfg.sample.sample_at_first)
-    need_text = not cfg.cache.cache_text_encoder_outputs or sampling or cfg.train.train_text_encoder
-    parts = [models.NETWORK_PART[family]] + (["vae"] if (not use_store or sampling) else []) \
+    need_text = not cfg.cache.cache_text_encoder_outputs or bool(prompts) or cfg.train.train_text_encoder
+    parts = [models.NETWORK_PART[family]] + (["vae"] if (not use_store or prompts) else []) \
         + (list(models.TEXT_PARTS[family]) if need_text else [])
-    comp = models.from_config(cfg.model, device=device, seed=cfg.seed, parts=parts,
-                              dtype={"network": weight_dtype, "vae": DTYPES[cfg.model.vae_dtype], "text": te_dtype})
+    dtypes = {"network": weight_dtype, "vae": DTYPES[cfg.model.vae_dtype], "text": DTYPES[cfg.model.text_encoder_dtype]}
+    if cfg.train.train_text_encoder:
+        dtypes.update({name: weight_dtype for name in TRAINABLE_TEXT_LR})
+    comp = models.from_config(cfg.model, device=device, seed=cfg.seed, parts=parts, dtype=dtypes)
     net = comp.network
     net.requires_grad_(True).train()
     net.gradient_checkpointing = cfg.train.gradient_checkpointing
-    for name, te in comp.text_encoders().items():
-        te.requires_grad_(cfg.train.train_text_encoder).train(cfg.train.train_text_encoder)
+    for te in comp.text_encoders().values():
+        te.requires_grad_(False).eval()
     if comp.vae is not None:
         comp.vae.requires_grad_(False).eval()
     trainee = Trainee(comp, cfg.train.train_text_encoder)
-    log.info(f"{family}: network {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters "
-             f"({weight_dtype}), autocast {amp_dtype}")
+    trainee.text_encoders.requires_grad_(True).train()
+    if not cfg.train.train_text_encoder and (cfg.optimizer.learning_rate_te1 or cfg.optimizer.learning_rate_te2):
+        log.warning("optimizer.learning_rate_te1 / _te2 are set but train.train_text_encoder is false: not used")
+    log.info(f"{family}: network {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters ({weight_dtype}), "
+             f"autocast {amp_dtype}, trained text encoders: {list(trainee.text_encoders) or 'none'}")
 
     # ---- data: index built once on rank 0 and shared; latents read lazily from the store
     store = None
@@ -156,30 +174,35 @@ def main(argv: list[str] | None = None) -> int:
     log.info(f"{len(index)} images, {per_rank_batches} batches per rank per epoch, {steps_per_epoch} steps per epoch, "
              f"{total_steps} steps in all")
 
-    # ---- optimizer, schedule, scaler, EMA, objective
-    lrs = {"network": cfg.optimizer.learning_rate}
-    named = {"network": list(net.named_parameters())}
-    te_lr = {"te1": cfg.optimizer.learning_rate_te1, "te2": cfg.optimizer.learning_rate_te2,
-             "clip_l": cfg.optimizer.learning_rate_te1, "clip_g": cfg.optimizer.learning_rate_te2}
-    for name, te in trainee.text_encoders.items():
-        named[name] = list(te.named_parameters())
-        lrs[name] = te_lr.get(name) if te_lr.get(name) is not None else cfg.optimizer.learning_rate
-    optimizer = build_optimizer(build_param_groups_for_models(named, cfg.optimizer, lrs), cfg.optimizer)
-    scheduler = build_scheduler(optimizer, cfg.optimizer, total_steps)
-    scaler = make_scaler(cfg, device)
-    ema = EMA(net, decay=cfg.train.ema_decay, device="cpu" if cfg.train.ema_device == "cpu" else device) \
-        if cfg.train.use_ema else None
-    objective = build_objective(family, cfg.loss, cfg.model.v_parameterization)
-    recorder = LossRecorder(cfg.log.loss_recorder_stride, cfg.log.loss_recorder_gamma)
-
-    # ---- resume
+    # ---- resume: trained weights back in place before wrapping (the rest after the optimizer exists)
     step, epoch, cursor, bad_steps = 0, 0, 0, 0
     resume_path = rstate.find_resume(cfg.train.resume, paths["state"], log.warning)
     if cfg.train.resume and resume_path is None:
         log.warning("resume = auto: no complete state found; starting from scratch")
-    if resume_path is not None:
-        st = rstate.read_state(resume_path, info.rank)
+    st = rstate.read_state(resume_path, info.rank) if resume_path is not None else None
+    if st is not None:
         load_trained(trainee, st["trained"])
+
+    # ---- EMA (of the full, unwrapped network), then wrapping, then the optimizer over the wrapped parameters
+    ema = EMA(net, decay=cfg.train.ema_decay, device="cpu" if cfg.train.ema_device == "cpu" else device) \
+        if cfg.train.use_ema else None
+    blocks = [b for name in FSDP_BLOCKS[family] for b in getattr(net, name)]
+    if cfg.train.compile:
+        for block in blocks:
+            block.compile()  # in place: parameter names (and so checkpoints) stay the same
+    # FSDP2 replaces parameters with sharded ones: the optimizer must be built after wrapping
+    model = dist.wrap_fsdp(trainee, blocks, amp_dtype) if cfg.train.fsdp else \
+        dist.wrap_ddp(trainee, find_unused_parameters=len(trainee.text_encoders) > 0)
+    try:
+        optimizer = build_optimizer(trained_param_groups(trainee, cfg.optimizer), cfg.optimizer)
+        scheduler = build_scheduler(optimizer, cfg.optimizer, total_steps)
+    except ValueError as e:
+        raise SystemExit(f"config error: {e}") from None
+    for g in optimizer.param_groups:
+        log.info(f"optimizer group {g.get('name', '?')}: {len(g['params'])} tensors, lr {g['lr']:g}")
+    scaler = make_scaler(cfg, device)
+    recorder = LossRecorder(cfg.log.loss_recorder_stride, cfg.log.loss_recorder_gamma)
+    if st is not None:
         optimizer.load_state_dict(st["optimizer"])
         pr = st["progress"]
         scheduler.load_state_dict(pr["scheduler"])
@@ -196,17 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             log.warning(f"resuming with {info.world_size} processes (state saved with {pr['world_size']}): the epoch "
                         f"continues at global batch {cursor}; per-rank RNG streams are re-derived")
         log.info(f"resumed from {resume_path}: step {step}, epoch {epoch}")
-
-    fsdp_blocks = [b for name in FSDP_BLOCKS[family] for b in getattr(net, name)]
-    model = dist.wrap_fsdp(trainee, fsdp_blocks, amp_dtype) if cfg.train.fsdp else \
-        dist.wrap_ddp(trainee, find_unused_parameters=cfg.train.train_text_encoder)
-
-    # ---- sampling prompts
-    prompts = []
-    if sampling:
-        from core.prompts import load_prompts
-        defaults = {"sampler": cfg.sample.sample_sampler, **cfg.sample.sample_params}
-        prompts = load_prompts(cfg.sample.sample_prompts, defaults)
+        del st
 
     def previews(at_step: int) -> None:
         if not prompts:
@@ -215,15 +228,21 @@ def main(argv: list[str] | None = None) -> int:
         with ema.swapped_into(net) if ema is not None else contextlib.nullcontext():
             sample_round(comp, prompts, paths["samples"], at_step, device, amp_dtype, cfg.save.output_name, log.info)
 
+    complete: dict[str, Any] = {}  # the parts not loaded for training, kept once loaded for the first export
+
     def export(tag: str) -> None:
-        """Exported model (original single-file layout) by rank 0, others wait (FSDP: gathered on all ranks first)."""
+        """Exported model (original single-file layout, every part) by rank 0, others wait (FSDP: gathered first)."""
         full = {k: dist.full_tensor(v) for k, v in comp.export_state_dict().items()} if cfg.train.fsdp else None
         if master:
+            whole = with_all_parts(comp, cfg, complete)
+            if full is not None:
+                full.update({k: v for k, v in whole.export_state_dict().items() if k not in full})
             path = os.path.join(paths["models"], f"{cfg.save.output_name}{tag}.safetensors")
-            models.save(comp, path, cfg.save.save_precision, extra_metadata={"sdtrain.step": str(step)}, state_dict=full)
+            models.save(whole, path, cfg.save.save_precision, extra_metadata={"sdtrain.step": str(step)}, state_dict=full)
             if ema is not None:
                 with ema.swapped_into(net):
-                    models.save(comp, path.replace(".safetensors", "-ema.safetensors"), cfg.save.save_precision)
+                    models.save(whole, path.replace(".safetensors", "-ema.safetensors"), cfg.save.save_precision,
+                                extra_metadata={"sdtrain.step": str(step), "sdtrain.ema_decay": str(ema.decay)})
             log.info(f"exported {path}")
             prune_exports(paths["models"], cfg.save.output_name, cfg.save.save_last_n)
         dist.barrier()
@@ -234,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         token = dist.broadcast_object(str(os.getpid()) if master else None)
         tmp = rstate.tmp_dir_for(paths["state"], step, token)
         rstate.write_rank_rng(tmp, info.rank)
+        trained = trained_state(trainee)  # on every rank: gathering FSDP shards is collective
         dist.barrier()
         if master:
             progress = {"step": step, "epoch": epoch, "cursor": cursor, "world_size": info.world_size,
@@ -243,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             writes[0] += 1  # fault injection for tests: SIGKILL during the N-th state write
             hook = _crash_hook if crash_hook and writes[0] == int(os.environ.get("SDTRAIN_TEST_KILL_DURING_STATE_WRITE", "0")) else None
             final = os.path.join(paths["state"], f"step-{step:08d}")
-            rstate.write_state(tmp, final, trained=trained_state(trainee), optimizer=optimizer.state_dict(),
+            rstate.write_state(tmp, final, trained=trained, optimizer=optimizer.state_dict(),
                                progress=progress, ema=ema.state_dict() if ema is not None else None, before_marker=hook)
             rstate.prune_states(paths["state"], cfg.save.save_last_n_states)
             log.info(f"saved resumable state {final}")
@@ -259,7 +279,6 @@ def main(argv: list[str] | None = None) -> int:
         bar = tqdm(total=total_steps, initial=step, desc="steps", dynamic_ncols=True, disable=None)
     micro_in_epoch = cursor // info.world_size
     t_last, images_since = time.perf_counter(), 0
-    exit_code = 0
     try:
         while step < total_steps:
             loader = make_loader(index, cfg.data, store, seed=cfg.seed, epoch=epoch, rank=info.rank,
@@ -275,40 +294,38 @@ def main(argv: list[str] | None = None) -> int:
                     micro.append(b)
                 if not micro:
                     break
-                optimizer.zero_grad(set_to_none=True)
-                loss_sum, finite = 0.0, True
-                for i, batch in enumerate(micro):
-                    gen_seed = mix_seed(cfg.seed, epoch, info.rank, micro_in_epoch + i)
-                    generator = torch.Generator(device=device).manual_seed(gen_seed)
-                    with dist.no_sync(model, skip=i < len(micro) - 1), autocast():
-                        loss = micro_step_loss(model, comp, objective, batch, device, generator)
-                    finite &= bool(torch.isfinite(loss).item())
-                    scaled = loss / len(micro)
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                    loss_sum += float(loss.detach()) / len(micro)
-                    images_since += batch["loss_weight"].shape[0]
+                gens = [torch.Generator(device=device).manual_seed(mix_seed(cfg.seed, epoch, info.rank, micro_in_epoch + i))
+                        for i in range(len(micro))]
+                loss_mean, finite = accumulate_gradients(model, comp, objective, micro, device, gens, autocast, scaler)
+                images_since += sum(mb["loss_weight"].shape[0] for mb in micro)
                 micro_in_epoch += len(micro)
                 cursor = micro_in_epoch * info.world_size
-                if not dist.all_reduce_mean(1.0 if finite else 0.0) == 1.0:  # decided together: every rank skips
+                finite = dist.all_reduce_mean(1.0 if finite else 0.0) == 1.0  # decided together: every rank skips
+                grad_norm, applied = optimizer_step(cfg, model, optimizer, scaler) if finite else (math.nan, False)
+                optimizer.zero_grad(set_to_none=True)
+                if not applied:  # nothing was changed: the weights are those of the last good step
                     bad_steps += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    log.warning(f"step {step}: non-finite loss, step skipped ({bad_steps} in a row)")
+                    log.warning(f"step {step + 1}: non-finite {'loss' if not finite else 'gradient norm'}, step "
+                                f"skipped ({bad_steps} in a row, train.max_bad_steps = {cfg.train.max_bad_steps})")
                     if bad_steps >= cfg.train.max_bad_steps:
                         save_state()
-                        log.error(f"{bad_steps} consecutive non-finite losses: stopping. A resumable state was "
-                                  f"saved; lower the learning rate or check the data / precision settings.")
-                        exit_code = EXIT_BAD_LOSS
-                        return exit_code
+                        log.error(f"{bad_steps} consecutive steps with a non-finite loss or gradient: stopping at step "
+                                  f"{step}. A resumable state was saved; lower the learning rate or check the data / "
+                                  f"precision settings.")
+                        return EXIT_BAD_LOSS
+                    if dist.any_true(stop.requested is not None):
+                        log.warning(f"stop requested ({stop.requested or 'another rank'}): saving a resumable state")
+                        save_state()
+                        return 0
                     continue
                 bad_steps = 0
-                grad_norm = optimizer_step(cfg, model, optimizer, scaler)
                 scheduler.step()
                 step += 1
                 if ema is not None:
                     ema.update(net, step)
 
                 # -- logging
-                loss_mean = dist.all_reduce_mean(loss_sum)
+                loss_mean = dist.all_reduce_mean(loss_mean)
                 recorder.add(loss_mean)
                 if step % cfg.log.log_every_n_steps == 0 or step == total_steps:
                     now = time.perf_counter()
@@ -357,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         if prompts and (cfg.sample.sample_every_n_steps or cfg.sample.sample_every_n_epochs) and not sampled_now:
             previews(step)
         log.info(f"done: {step} steps")
-        return exit_code
+        return 0
     except KeyboardInterrupt:
         log.warning("aborted by a second Ctrl-C: no state saved")
         raise
@@ -377,14 +394,70 @@ def main(argv: list[str] | None = None) -> int:
 # Helpers
 
 
+def check_settings(cfg: Any, family: str) -> None:
+    """Run-level combinations the config file alone cannot judge; raises ValueError before any model is loaded."""
+    t, o, smp = cfg.train, cfg.optimizer, cfg.sample
+    if not cfg.model.pretrained_model_name_or_path:
+        if not cfg.model.model_preset:
+            raise ValueError("set model.pretrained_model_name_or_path (a checkpoint) or model.model_preset")
+        models.FAMILIES[family].preset_configs(cfg.model.model_preset)  # unknown preset: ValueError naming them
+    if t.use_ema and not t.ema_decay < 1.0:
+        raise ValueError(f"train.ema_decay = {t.ema_decay} must be < 1 (1 would never move the EMA)")
+    if t.fsdp and t.use_ema:
+        raise ValueError("train.use_ema is not supported with train.fsdp yet (the EMA needs full, unsharded weights)")
+    if t.max_train_steps and o.lr_warmup_steps > t.max_train_steps:
+        raise ValueError(f"optimizer.lr_warmup_steps = {o.lr_warmup_steps} exceeds train.max_train_steps = "
+                         f"{t.max_train_steps}")
+    if o.lr_scheduler == "constant" and o.lr_warmup_steps:
+        raise ValueError("optimizer.lr_scheduler = \"constant\" ignores lr_warmup_steps; use \"constant_with_warmup\"")
+    scheduled = smp.sample_every_n_steps or smp.sample_every_n_epochs or smp.sample_at_first
+    if scheduled and not smp.sample_prompts:
+        raise ValueError("[sample] previews are scheduled but sample.sample_prompts is empty")
+
+
+def load_sample_prompts(cfg: Any) -> list[Any]:
+    """The preview prompts when previews are scheduled, else []."""
+    smp = cfg.sample
+    if not smp.sample_prompts or not (smp.sample_every_n_steps or smp.sample_every_n_epochs or smp.sample_at_first):
+        return []
+    from core.prompts import load_prompts
+    return load_prompts(smp.sample_prompts, {"sampler": smp.sample_sampler, **smp.sample_params})
+
+
+def trained_param_groups(trainee: Trainee, opt_cfg: Any) -> list[dict]:
+    """Optimizer groups: the network at learning_rate, trained text encoders at theirs, regex groups within each."""
+    named = {"network": list(trainee.network.named_parameters())}
+    lrs = {"network": opt_cfg.learning_rate}
+    for name, te in trainee.text_encoders.items():
+        named[name] = list(te.named_parameters())
+        te_lr = getattr(opt_cfg, TRAINABLE_TEXT_LR[name])
+        lrs[name] = te_lr if te_lr is not None else opt_cfg.learning_rate
+    return build_param_groups_for_models(named, opt_cfg, lrs)
+
+
+def with_all_parts(comp: Any, cfg: Any, loaded: dict[str, Any]) -> Any:
+    """comp plus the parts training did not load (VAE, text encoders), on the CPU, so exports are whole checkpoints.
+    `loaded` keeps them between exports (they are frozen)."""
+    family = comp.family
+    missing = [p for p in ("vae", *models.TEXT_PARTS[family]) if getattr(comp, p) is None and p not in loaded]
+    if family == "sd3" and not cfg.model.use_t5:
+        missing = [p for p in missing if p != "t5"]
+    if missing:
+        extra = models.from_config(cfg.model, device="cpu", seed=cfg.seed, parts=missing,
+                                   dtype=models.DTYPES[cfg.save.save_precision])
+        loaded.update({p: getattr(extra, p) for p in missing})
+    fill = {p: m for p, m in loaded.items() if getattr(comp, p) is None}
+    return dataclasses.replace(comp, **fill) if fill else comp
+
+
 def micro_step_loss(model: nn.Module, comp: Any, objective: Any, batch: dict[str, Any], device: torch.device,
                     generator: torch.Generator) -> torch.Tensor:
     """Loss of one micro-batch (mean over the batch, per-sample weights applied)."""
     if "latents" in batch:
         latents = batch["latents"].to(device, torch.float32, non_blocking=True)
-    else:
-        with torch.no_grad():
-            latents = comp.encode_images(batch["images"].to(device, non_blocking=True))
+    else:  # the VAE runs in model.vae_dtype, as cache.py does, never under the training autocast
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            latents = comp.encode_images(batch["images"].to(device, non_blocking=True)).float()
     text = None
     cached = {k[3:]: v for k, v in batch.items() if k.startswith("te.")}
     if cached:
@@ -394,6 +467,24 @@ def micro_step_loss(model: nn.Module, comp: Any, objective: Any, batch: dict[str
     nb = objective.noise(latents, generator)
     pred = model(nb.x_t, nb.t, text, batch["captions"], sizes)
     return objective.loss(pred.float(), nb, batch["loss_weight"].to(device)).mean()
+
+
+def accumulate_gradients(model: nn.Module, comp: Any, objective: Any, micro: list[dict[str, Any]],
+                         device: torch.device, generators: list[torch.Generator],
+                         autocast: Callable[[], Any], scaler: torch.amp.GradScaler | None) -> tuple[float, bool]:
+    """Forward + backward of each micro-batch into .grad (each loss / len(micro); DDP all-reduces only on the
+    last one). Returns the mean loss and whether every loss was finite."""
+    loss_mean, finite = 0.0, True
+    for i, (batch, generator) in enumerate(zip(micro, generators)):
+        with dist.no_sync(model, skip=i < len(micro) - 1):  # backward inside: FSDP2 decides there
+            with autocast():
+                loss = micro_step_loss(model, comp, objective, batch, device, generator)
+            scaled = loss / len(micro)
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        value = float(loss.detach())
+        finite &= math.isfinite(value)
+        loss_mean += value / len(micro)
+    return loss_mean, finite
 
 
 class _FP16Scaler(torch.amp.GradScaler):
@@ -411,19 +502,23 @@ def make_scaler(cfg: Any, device: torch.device) -> torch.amp.GradScaler | None:
 
 
 def optimizer_step(cfg: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
-                   scaler: torch.amp.GradScaler | None) -> float:
-    """Unscale, clip, step; returns the gradient norm before clipping."""
+                   scaler: torch.amp.GradScaler | None) -> tuple[float, bool]:
+    """Unscale, clip, step. Returns the gradient norm before clipping and whether a step was taken: a non-finite
+    norm skips it (with fp16 the scaler skips such steps itself and lowers its scale: part of its normal work)."""
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     max_norm = cfg.optimizer.max_grad_norm if cfg.optimizer.max_grad_norm > 0 else float("inf")
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
-    else:
-        optimizer.step()
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return norm, True
+    if not math.isfinite(norm):
+        return norm, False
+    optimizer.step()
+    return norm, True
 
 
 def trained_state(trainee: nn.Module) -> dict[str, torch.Tensor]:
