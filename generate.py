@@ -45,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", default="bf16" if torch.cuda.is_available() else "fp32", choices=("fp32", "fp16", "bf16"),
                     help="weight precision of the network and text encoders (the VAE stays fp32)")
-    ap.add_argument("--v_parameterization", action="store_true", help="SDXL v-prediction model")
+    ap.add_argument("--v_parameterization", action="store_true",
+                    help="SDXL v-prediction model (default: read from the file's modelspec.prediction_type)")
     ap.add_argument("--max_token_length", type=int, default=75, choices=(75, 150, 225))
     args = ap.parse_args(argv)
     if bool(args.prompt) == bool(args.prompt_file):
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     dt = models.DTYPES[args.precision]
     comp = models.load(args.model, vae=args.vae, clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl,
                        device=args.device, dtype={"network": dt, "text": dt, "vae": torch.float32},
-                       v_parameterization=args.v_parameterization, max_token_length=args.max_token_length)
+                       v_parameterization=True if args.v_parameterization else None,  # None: from the file's modelspec
+                       max_token_length=args.max_token_length)
     comp.network.eval()
     small = comp.vae.cfg.ch < 128  # tiny test models: default to small images
     size = 128 if small else 1024

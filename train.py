@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         for block in blocks:
             block.compile()  # in place: parameter names (and so checkpoints) stay the same
     # FSDP2 replaces parameters with sharded ones: the optimizer must be built after wrapping
-    model = dist.wrap_fsdp(trainee, blocks, amp_dtype) if cfg.train.fsdp else \
+    model = dist.wrap_fsdp(trainee, blocks + [net], amp_dtype) if cfg.train.fsdp else \
         dist.wrap_ddp(trainee, find_unused_parameters=len(trainee.text_encoders) > 0)
     try:
         optimizer = build_optimizer(trained_param_groups(trainee, cfg.optimizer), cfg.optimizer)
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     scaler = make_scaler(cfg, device)
     recorder = LossRecorder(cfg.log.loss_recorder_stride, cfg.log.loss_recorder_gamma)
     if st is not None:
-        optimizer.load_state_dict(st["optimizer"])
+        load_optimizer_state(model, optimizer, st["optimizer"], cfg.train.fsdp)
         pr = st["progress"]
         scheduler.load_state_dict(pr["scheduler"])
         if scaler is not None and pr.get("scaler"):
@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             return
         from core.preview import sample_round
         with ema.swapped_into(net) if ema is not None else contextlib.nullcontext():
-            sample_round(comp, prompts, paths["samples"], at_step, device, amp_dtype, cfg.save.output_name, log.info)
+            sample_round(comp, prompts, paths["samples"], at_step, device, amp_dtype, cfg.save.output_name, log.info,
+                         split=not cfg.train.fsdp)  # FSDP: every rank runs every forward (collective gathers)
 
     complete: dict[str, Any] = {}  # the parts not loaded for training, kept once loaded for the first export
 
@@ -254,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = rstate.tmp_dir_for(paths["state"], step, token)
         rstate.write_rank_rng(tmp, info.rank)
         trained = trained_state(trainee)  # on every rank: gathering FSDP shards is collective
+        optim_state = optimizer_state(model, optimizer, cfg.train.fsdp)
         dist.barrier()
         if master:
             progress = {"step": step, "epoch": epoch, "cursor": cursor, "world_size": info.world_size,
@@ -263,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             writes[0] += 1  # fault injection for tests: SIGKILL during the N-th state write
             hook = _crash_hook if crash_hook and writes[0] == int(os.environ.get("SDTRAIN_TEST_KILL_DURING_STATE_WRITE", "0")) else None
             final = os.path.join(paths["state"], f"step-{step:08d}")
-            rstate.write_state(tmp, final, trained=trained, optimizer=optimizer.state_dict(),
+            rstate.write_state(tmp, final, trained=trained, optimizer=optim_state,
                                progress=progress, ema=ema.state_dict() if ema is not None else None, before_marker=hook)
             rstate.prune_states(paths["state"], cfg.save.save_last_n_states)
             log.info(f"saved resumable state {final}")
@@ -401,8 +403,6 @@ def check_settings(cfg: Any, family: str) -> None:
         if not cfg.model.model_preset:
             raise ValueError("set model.pretrained_model_name_or_path (a checkpoint) or model.model_preset")
         models.FAMILIES[family].preset_configs(cfg.model.model_preset)  # unknown preset: ValueError naming them
-    if t.use_ema and not t.ema_decay < 1.0:
-        raise ValueError(f"train.ema_decay = {t.ema_decay} must be < 1 (1 would never move the EMA)")
     if t.fsdp and t.use_ema:
         raise ValueError("train.use_ema is not supported with train.fsdp yet (the EMA needs full, unsharded weights)")
     if t.max_train_steps and o.lr_warmup_steps > t.max_train_steps:
@@ -524,6 +524,23 @@ def optimizer_step(cfg: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
 def trained_state(trainee: nn.Module) -> dict[str, torch.Tensor]:
     """Weights of everything trained (the network and trained text encoders), full tensors."""
     return {k: dist.full_tensor(v) for k, v in trainee.state_dict().items()}
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> dict[str, Any]:
+    """The optimizer state to save. FSDP2: gathered to full tensors keyed by parameter name (collective)."""
+    if not fsdp:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sd: dict[str, Any], fsdp: bool) -> None:
+    """Resume the optimizer; FSDP2: the full state is resharded onto this rank's parameters."""
+    if not fsdp:
+        optimizer.load_state_dict(sd)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=sd, options=StateDictOptions(full_state_dict=True))
 
 
 def load_trained(trainee: nn.Module, sd: dict[str, torch.Tensor]) -> None:

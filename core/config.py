@@ -31,10 +31,10 @@ class ConfigError(ValueError):
 
 
 def opt(default: Any, help: str, *, choices: Sequence[Any] | None = None, min: float | None = None,
-        max: float | None = None, min_exclusive: bool = False) -> Any:
+        max: float | None = None, min_exclusive: bool = False, max_exclusive: bool = False) -> Any:
     """A documented config field with optional allowed values / bounds."""
     meta = {"help": help, "choices": tuple(choices) if choices else None, "min": min, "max": max,
-            "min_exclusive": min_exclusive}
+            "min_exclusive": min_exclusive, "max_exclusive": max_exclusive}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -149,7 +149,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = opt(1, "micro-steps per optimizer step", min=1)
     train_text_encoder: bool = opt(False, "also train the CLIP text encoders")
     use_ema: bool = opt(False, "keep an exponential moving average of the weights")
-    ema_decay: float = opt(0.9999, "EMA decay", min=0, max=1)
+    ema_decay: float = opt(0.9999, "EMA decay", min=0, max=1, max_exclusive=True)
     ema_device: str = opt("same", "where the EMA lives: same device as the model, or cpu", choices=("same", "cpu"))
     resume: str = opt("", "resume state folder, or 'auto' = newest complete state in output_dir/state")
     max_bad_steps: int = opt(10, "consecutive NaN/Inf-loss steps before the run saves and stops", min=1)
@@ -418,8 +418,9 @@ def _check_value(value: Any, f: dataclasses.Field, where: str) -> None:
         if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
             rel = ">" if meta.get("min_exclusive") else ">="
             raise ConfigError(f"{where}: {value!r} is out of range; must be {rel} {lo}")
-        if hi is not None and value > hi:
-            raise ConfigError(f"{where}: {value!r} is out of range; must be <= {hi}")
+        if hi is not None and (value > hi or (meta.get("max_exclusive") and value == hi)):
+            rel = "<" if meta.get("max_exclusive") else "<="
+            raise ConfigError(f"{where}: {value!r} is out of range; must be {rel} {hi}")
 
 
 def _build(cls: type, raw: dict, where: str) -> Any:

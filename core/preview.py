@@ -66,10 +66,11 @@ def grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
 
 def sample_round(comp: Any, prompts: Sequence[SamplePrompt], out_dir: str, step: int, device: torch.device | str,
                  autocast_dtype: torch.dtype | None = None, model_name: str = "",
-                 log: Callable[[str], None] | None = None) -> list[str]:
-    """Prompts split across ranks; rank 0 writes {step:06d}_{index}_{seed}.png and a grid. Touches no
-    training RNG: every image draws from its own seeded generator, and the global RNG is restored."""
-    mine = [p for i, p in enumerate(prompts) if i % dist.world_size() == dist.rank()]
+                 log: Callable[[str], None] | None = None, split: bool = True) -> list[str]:
+    """Prompts split across ranks (split=False: every rank runs every prompt, as sharded FSDP forwards need);
+    rank 0 writes {step:06d}_{index}_{seed}.png and a grid. Touches no training RNG: every image draws from
+    its own seeded generator, and the global RNG is restored."""
+    mine = [p for i, p in enumerate(prompts) if i % dist.world_size() == dist.rank()] if split else list(prompts)
     net = comp.network
     was_training = net.training
     net.eval()
@@ -79,7 +80,7 @@ def sample_round(comp: Any, prompts: Sequence[SamplePrompt], out_dir: str, step:
             img = generate(comp, p, device, autocast_dtype)
             results.append((p.index, p, img))
     net.train(was_training)
-    gathered = dist.all_gather_object(results)
+    gathered = dist.all_gather_object(results) if split else [results]
     written = []
     if dist.is_main():
         allr = sorted((r for part in gathered for r in part), key=lambda r: r[0])

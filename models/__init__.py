@@ -59,7 +59,7 @@ def _make(family: str, modules: Mapping[str, nn.Module], opts: Mapping[str, Any]
     if family == "sdxl":
         return sdxl.SDXL(unet=modules.get("unet"), vae=modules.get("vae"), te1=modules.get("te1"), te2=modules.get("te2"),
                          max_token_length=opts.get("max_token_length", 75),
-                         v_parameterization=opts.get("v_parameterization", False))
+                         v_parameterization=bool(opts.get("v_parameterization")))
     t5_tok = None
     if "t5" in modules or opts.get("t5_tokenizer"):
         from models.t5 import T5Tokenizer
@@ -175,6 +175,8 @@ def load(path: str | None, family: str | None = None, *, vae: str | None = None,
     missing = [n for n in (parts or ()) if n not in modules and not (n == "t5" and not opts.get("use_t5", True))]
     if missing:
         raise CheckpointError(f"{path}: no weights for {', '.join(missing)} (give them as separate files?)")
+    if opts.get("v_parameterization") is None:  # an exported v-prediction model says so in its modelspec
+        opts["v_parameterization"] = main is not None and main.metadata.get("modelspec.prediction_type") == "v"
     comp = _make(family, modules, opts)
     if main is not None and family == "sdxl":
         for k in (sdxl.CLIP_L_POSITION_IDS, sdxl.BIGG_LOGIT_SCALE):
