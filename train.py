@@ -282,10 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     micro_in_epoch = cursor // info.world_size
     t_last, images_since = time.perf_counter(), 0
     try:
+        loader = make_loader(index, cfg.data, store, seed=cfg.seed, epoch=epoch, rank=info.rank,
+                             world_size=info.world_size, skip=cursor, num_workers=cfg.data.max_dataloader_n_workers,
+                             pin_memory=device.type == "cuda",
+                             persistent_workers=cfg.data.persistent_data_loader_workers)
         while step < total_steps:
-            loader = make_loader(index, cfg.data, store, seed=cfg.seed, epoch=epoch, rank=info.rank,
-                                 world_size=info.world_size, skip=cursor,
-                                 num_workers=cfg.data.max_dataloader_n_workers, pin_memory=device.type == "cuda")
+            loader.batch_sampler.set_epoch(epoch, cursor)
             batches = iter(loader)
             while step < total_steps:
                 micro = []

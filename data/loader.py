@@ -108,9 +108,10 @@ class _Items(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any] | None:
+    def __getitem__(self, item: tuple[int, ...]) -> dict[str, Any] | None:
         row, pos = int(item[0]), int(item[1])
-        rng = random.Random(_seed(self.seed, self.epoch, pos))
+        epoch = int(item[2]) if len(item) > 2 else self.epoch  # the sampler says which epoch (persistent workers)
+        rng = random.Random(_seed(self.seed, epoch, pos))
         ix = self.index
         sub = ix.subsets[int(ix.subset[row])]
         key = ix.keys[row]
@@ -126,7 +127,7 @@ class _Items(Dataset):
                 lat = rec[pre + "latent"].float()
             else:
                 mean, std = rec[pre + "mean"].float(), rec[pre + "std"].float()
-                g = torch.Generator().manual_seed(_seed(self.seed, self.epoch, pos, 1) % (1 << 62))
+                g = torch.Generator().manual_seed(_seed(self.seed, epoch, pos, 1) % (1 << 62))
                 lat = mean + std * torch.randn(mean.shape, generator=g)
             out["latents"] = lat
             out["original_size"] = rec["original_size"]
@@ -181,12 +182,39 @@ def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
     return batch
 
 
+class EpochBatches:
+    """Batch sampler of one rank: the epoch's batches from `skip`; `set_epoch` moves it to another epoch, so one
+    DataLoader (and its persistent workers) serves the whole run. Items carry their epoch: (row, position, epoch)."""
+
+    def __init__(self, index: DatasetIndex, batch_size: int, rows: np.ndarray, *, seed: int, epoch: int, rank: int,
+                 world_size: int, skip: int = 0):
+        self.index, self.batch_size, self.rows = index, batch_size, rows
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.set_epoch(epoch, skip)
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch = epoch
+        batches = global_batches(self.index, self.batch_size, self.seed, epoch, self.rows)
+        self.batches = [[(int(r), int(p), epoch) for r, p in b]
+                        for b in rank_batches(batches, self.rank, self.world_size, skip)]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 def make_loader(index: DatasetIndex, data_cfg, store, *, seed: int, epoch: int, rank: int, world_size: int,
-                skip: int = 0, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
-    """Batches for one rank and epoch (dicts, see `collate`); `skip` = global batches already consumed."""
+                skip: int = 0, num_workers: int = 0, pin_memory: bool = False,
+                persistent_workers: bool = False) -> DataLoader:
+    """Batches for one rank (dicts, see `collate`) starting at `epoch`, `skip` = global batches already consumed.
+    For the next epoch call `loader.batch_sampler.set_epoch(epoch)` and iterate again (workers are kept alive when
+    `persistent_workers` and num_workers > 0)."""
     rows = usable_rows(index, store)
-    batches = global_batches(index, int(data_cfg.batch_size), seed, epoch, rows)
-    mine = [[(int(r), int(p)) for r, p in b] for b in rank_batches(batches, rank, world_size, skip)]
-    return DataLoader(_Items(index, data_cfg, store, seed, epoch), batch_sampler=mine, collate_fn=collate,
+    sampler = EpochBatches(index, int(data_cfg.batch_size), rows, seed=seed, epoch=epoch, rank=rank,
+                           world_size=world_size, skip=skip)
+    return DataLoader(_Items(index, data_cfg, store, seed, epoch), batch_sampler=sampler, collate_fn=collate,
                       num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=False, prefetch_factor=4 if num_workers > 0 else None)
+                      persistent_workers=persistent_workers and num_workers > 0,
+                      prefetch_factor=4 if num_workers > 0 else None)

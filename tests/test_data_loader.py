@@ -100,3 +100,25 @@ def test_make_loader_from_store_deterministic(tmp_path):
         assert x["target_size"][0].tolist() == [x["latents"].shape[2] * 8, x["latents"].shape[3] * 8]
     two = run(0, 2) + run(1, 2)
     assert set(k for x in two for k in x["keys"]) == set(k for x in a for k in x["keys"])  # (+ wrapped round)
+
+
+def test_persistent_workers_follow_set_epoch(tmp_path):
+    """One DataLoader for the whole run: with persistent workers, set_epoch gives exactly the batches (and the
+    per-epoch caption / flip randomness) that a fresh loader for that epoch gives."""
+    ix = make_index(n=8, repeats=[1] * 8)
+    w = ShardWriter(str(tmp_path), "cfg", 0, 1)
+    for i in range(8):
+        bw, bh = (int(v) for v in ix.buckets[i])
+        lat = torch.full((4, bh // 8, bw // 8), float(i), dtype=torch.bfloat16)
+        w.add(Record(f"k{i}", "s", (bw, bh), (7, 9), (1, 2), {"latent": lat, "flip.latent": -lat}, (1, 5)))
+    w.close()
+    st = LatentStore(str(tmp_path))
+    persistent = make_loader(ix, Cfg, st, seed=3, epoch=0, rank=0, world_size=1, num_workers=1, persistent_workers=True)
+    assert persistent.persistent_workers
+    for epoch in (0, 1, 2):
+        persistent.batch_sampler.set_epoch(epoch, skip=1 if epoch == 1 else 0)
+        got = list(persistent)
+        fresh = list(make_loader(ix, Cfg, st, seed=3, epoch=epoch, rank=0, world_size=1, skip=1 if epoch == 1 else 0))
+        assert [x["keys"] for x in got] == [x["keys"] for x in fresh]
+        assert [x["captions"] for x in got] == [x["captions"] for x in fresh]
+        assert all(torch.equal(a["latents"], b["latents"]) for a, b in zip(got, fresh))
