@@ -40,6 +40,7 @@ from models import mmdit as mmdit_mod
 from models import t5 as t5_mod
 from models import text_encoders as te_mod
 from models import vae as vae_mod
+from models.family import FamilyBase, strip_prefix
 from models.tokenizers import EOT, CLIPTokenizer
 
 PREFIX = {
@@ -70,8 +71,9 @@ ARCHITECTURE = {"sd3_medium": "stable-diffusion-v3-medium", "sd35_medium": "stab
 
 
 @dataclass
-class SD3:
+class SD3(FamilyBase):
     """SD3 components. `mmdit` is the trained network; text encoders may be None (T5 optional)."""
+    prefix = PREFIX  # file prefix of each part (class attribute, not a field)
     mmdit: mmdit_mod.MMDiT | None
     vae: vae_mod.AutoencoderKL | None
     clip_l: te_mod.CLIPTextModel | None
@@ -175,16 +177,6 @@ class SD3:
         return {"context": torch.stack(rows), "pooled": torch.stack([it["pooled"] for it in items])}
 
     # -- latents -------------------------------------------------------------------------------
-    def encode_images(self, images: Tensor, tile_size: int | None = None) -> Tensor:
-        assert self.vae is not None
-        mean, _ = self.vae.encode(images.to(next(self.vae.parameters()).dtype), tile_size=tile_size)
-        return self.vae.to_latents(mean.float())
-
-    def decode_latents(self, latents: Tensor) -> Tensor:
-        assert self.vae is not None
-        z = self.vae.from_latents(latents).to(next(self.vae.parameters()).dtype)
-        return self.vae.decode(z).float()
-
     def sample_schedule(self):
         from core.sampling import FlowSchedule
         return FlowSchedule(shift=self.shift)
@@ -195,10 +187,7 @@ class SD3:
                                   ("clip_g", self.clip_g), ("t5", self.t5)) if m is not None}
 
     def export_state_dict(self) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = {}
-        for name, module in self.parts().items():
-            for k, v in module.state_dict().items():
-                out[PREFIX[name] + k] = v
+        out = self.prefixed_state_dict()
         if self.t5 is not None and PREFIX["t5"] + T5_TIED not in out:
             out[PREFIX["t5"] + T5_TIED] = out[PREFIX["t5"] + "shared.weight"]  # tied copy, as in the released files
         return out
@@ -213,7 +202,7 @@ class SD3:
 
 def configs_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, object]:
     def part(p: str) -> dict[str, tuple[int, ...]]:
-        return {k[len(p):]: s for k, s in shapes.items() if k.startswith(p)}
+        return strip_prefix(shapes, p)
     out: dict[str, object] = {}
     if any(k.startswith(PREFIX["mmdit"]) for k in shapes):
         out["mmdit"] = mmdit_mod.config_from_shapes(part(PREFIX["mmdit"]))

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from models import text_encoders as te_mod
 from models import unet_sdxl, vae as vae_mod
+from models.family import FamilyBase, strip_prefix
 from models.tokenizers import EOT, CLIPTokenizer
 
 # File prefixes of each part in the single file (sgm naming).
@@ -41,8 +42,9 @@ PRESETS = {
 
 
 @dataclass
-class SDXL:
+class SDXL(FamilyBase):
     """SDXL components. `unet` is the trained network; the rest may be None when not loaded."""
+    prefix = PREFIX  # file prefix of each part (class attribute, not a field)
     unet: unet_sdxl.UNet | None
     vae: vae_mod.AutoencoderKL | None
     te1: te_mod.CLIPTextModel | None        # CLIP ViT-L/14, Hugging Face naming
@@ -103,17 +105,6 @@ class SDXL:
         return {k: torch.stack([it[k] for it in items]) for k in ("context", "pooled")}
 
     # -- latents -------------------------------------------------------------------------------
-    def encode_images(self, images: Tensor, tile_size: int | None = None) -> Tensor:
-        """Images in [-1, 1] -> scaled latents (posterior mean)."""
-        assert self.vae is not None
-        mean, _ = self.vae.encode(images.to(next(self.vae.parameters()).dtype), tile_size=tile_size)
-        return self.vae.to_latents(mean.float())
-
-    def decode_latents(self, latents: Tensor) -> Tensor:
-        assert self.vae is not None
-        z = self.vae.from_latents(latents).to(next(self.vae.parameters()).dtype)
-        return self.vae.decode(z).float()
-
     def sample_schedule(self):
         from core.sampling import DiscreteSchedule
         return DiscreteSchedule(prediction="v" if self.v_parameterization else "eps")
@@ -124,10 +115,7 @@ class SDXL:
 
     def export_state_dict(self) -> dict[str, Tensor]:
         """The exact original key layout (prefixes added, ignorable extras written back)."""
-        out: dict[str, Tensor] = {}
-        for name, module in self.parts().items():
-            for k, v in module.state_dict().items():
-                out[PREFIX[name] + k] = v
+        out = self.prefixed_state_dict()
         if self.te1 is not None:
             out[CLIP_L_POSITION_IDS] = self.extras.get(CLIP_L_POSITION_IDS, torch.arange(77, dtype=torch.int64)[None])
         if self.te2 is not None:
@@ -142,7 +130,7 @@ class SDXL:
 def configs_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, object]:
     """Per-part configs inferred from a checkpoint's key -> shape (full and tiny files alike)."""
     def part(p: str) -> dict[str, tuple[int, ...]]:
-        return {k[len(p):]: s for k, s in shapes.items() if k.startswith(p)}
+        return strip_prefix(shapes, p)
     out: dict[str, object] = {}
     if any(k.startswith(PREFIX["unet"]) for k in shapes):
         out["unet"] = unet_sdxl.config_from_shapes(part(PREFIX["unet"]))
