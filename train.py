@@ -358,9 +358,9 @@ def main(argv: list[str] | None = None) -> int:
                     log.warning(f"stop requested ({stop.requested or 'another rank'}): saving a resumable state")
                     save_state()
                     return 0
-            else:
-                continue
-            # end of epoch
+            if step >= total_steps:
+                break
+            # end of epoch (the loader ran out)
             epoch, cursor, micro_in_epoch = epoch + 1, 0, 0
             if step < total_steps:
                 if cfg.save.save_every_n_epochs and epoch % cfg.save.save_every_n_epochs == 0:
