@@ -12,7 +12,8 @@ import torch
 from models.t5 import EOS_ID, PAD_ID, PRESETS, T5Config, T5Encoder, T5Tokenizer, config_from_shapes
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
-SPIECE = os.path.join(FIXTURES, "t5", "spiece.model")
+# the real T5 v1.1 SentencePiece model (shared/reference/t5), shipped with the product as models/assets/t5_spiece.model
+SPIECE = os.path.join(os.path.dirname(FIXTURES), "..", "models", "assets", "t5_spiece.model")
 TOKENIZER_JSON = os.path.join(FIXTURES, "t5", "tokenizer.json")
 SD3_PREFIX = "text_encoders.t5xxl.transformer."
 
