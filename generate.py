@@ -19,8 +19,9 @@ import sys
 import torch
 
 import models
-from core.preview import generate
+from core.preview import generate, size_multiple
 from core.prompts import SamplePrompt, a1111_parameters, load_prompts, save_png
+from core.sampling import canonical_sampler_name
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,6 +52,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if bool(args.prompt) == bool(args.prompt_file):
         ap.error("give exactly one of --prompt or --prompt_file")
+    for name in ("n", "steps", "w", "h"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            ap.error(f"--{name} must be >= 1, got {value}")
+    try:  # prompt files canonicalise their sampler names; --prompt gets the same check
+        args.sampler = canonical_sampler_name(args.sampler)
+    except ValueError as e:
+        ap.error(str(e))
     return args
 
 
@@ -73,9 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [SamplePrompt(prompt=args.prompt, seed=args.seed, **defaults)]
     os.makedirs(args.out, exist_ok=True)
     name = os.path.splitext(os.path.basename(args.model))[0]
+    m = size_multiple(comp)
     count = 0
     for p in prompts:
         base_seed = p.seed if p.seed is not None else args.seed
+        # The size `generate` renders (rounded down to what the network accepts), so the PNG metadata matches it.
+        p = dataclasses.replace(p, width=max(m, p.width // m * m), height=max(m, p.height // m * m))
         for i in range(args.n):
             q = dataclasses.replace(p, seed=base_seed + i)
             img = generate(comp, q, args.device, progress=True)

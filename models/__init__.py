@@ -24,7 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from models import sd3, sdxl
+from models import vae as vae_mod
 from models.checkpoint import CheckpointError, SafeTensorFile, load_module, modelspec_metadata, save_safetensors_atomic
+from models.family import strip_prefix
 
 FAMILIES = {"sdxl": sdxl, "sd3": sd3}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -55,7 +57,6 @@ def _part_seed(seed: int, name: str) -> int:
 
 
 def _make(family: str, modules: Mapping[str, nn.Module], opts: Mapping[str, Any]) -> Any:
-    fam = FAMILIES[family]
     if family == "sdxl":
         return sdxl.SDXL(unet=modules.get("unet"), vae=modules.get("vae"), te1=modules.get("te1"), te2=modules.get("te2"),
                          max_token_length=opts.get("max_token_length", 75),
@@ -64,7 +65,6 @@ def _make(family: str, modules: Mapping[str, nn.Module], opts: Mapping[str, Any]
     if "t5" in modules or opts.get("t5_tokenizer"):
         from models.t5 import T5Tokenizer
         t5_tok = T5Tokenizer(opts.get("t5_tokenizer") or BUNDLED_T5_SPIECE)
-    del fam
     return sd3.SD3(mmdit=modules.get("mmdit"), vae=modules.get("vae"), clip_l=modules.get("clip_l"),
                    clip_g=modules.get("clip_g"), t5=modules.get("t5"), t5_tokenizer=t5_tok if "t5" in modules else None,
                    t5_max_token_length=opts.get("t5_max_token_length", 256),
@@ -81,12 +81,17 @@ def _dtype_for(name: str, family: str, dtype: torch.dtype | Mapping[str, torch.d
     return dtype
 
 
+def _family_module(family: str) -> Any:
+    """The family's module (models/sdxl.py or models/sd3.py); an unknown name is a clear error."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; available: {', '.join(FAMILIES)}")
+    return FAMILIES[family]
+
+
 def build(family: str, preset: str, *, device: str | torch.device = "cpu", dtype: Any = None, seed: int = 0,
           parts: Sequence[str] | None = None, **opts: Any) -> Any:
     """Components with random weights from a preset ('tiny', 'base' / 'sd3_medium', ...)."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; available: {', '.join(FAMILIES)}")
-    fam = FAMILIES[family]
+    fam = _family_module(family)
     cfgs = fam.preset_configs(preset)
     if family == "sd3":
         opts.setdefault("context_dim", cfgs["mmdit"].context_in_dim)
@@ -103,13 +108,12 @@ def build(family: str, preset: str, *, device: str | torch.device = "cpu", dtype
     return _make(family, modules, opts)
 
 
-def _separate_file(path: str, prefix_in_main: str, name: str) -> tuple[SafeTensorFile, str, dict[str, tuple[int, ...]]]:
+def _separate_file(path: str, prefix_in_main: str) -> tuple[SafeTensorFile, str, dict[str, tuple[int, ...]]]:
     """A part given as its own file: keys may carry the main file's prefix or none."""
     f = SafeTensorFile(path)
     shapes = f.shapes()
-    if any(k.startswith(prefix_in_main) for k in shapes):
-        return f, prefix_in_main, {k[len(prefix_in_main):]: s for k, s in shapes.items() if k.startswith(prefix_in_main)}
-    return f, "", dict(shapes)
+    sub = strip_prefix(shapes, prefix_in_main)
+    return (f, prefix_in_main, sub) if sub else (f, "", shapes)
 
 
 def _check_leftovers(keys: Iterable[str], prefixes: Iterable[str], ignore: Sequence[str], source: str) -> None:
@@ -126,30 +130,30 @@ def load(path: str | None, family: str | None = None, *, vae: str | None = None,
     (e.g. ('vae',)); missing text encoders in the main file may come from separate files."""
     sources: dict[str, tuple[SafeTensorFile, str, dict[str, tuple[int, ...]]]] = {}
     main = SafeTensorFile(path) if path else None
-    if main is not None:
-        shapes = main.shapes()
-        family = family or detect_family(shapes)
-        fam = FAMILIES[family]
-        _check_leftovers(shapes, fam.PREFIX.values(), fam.IGNORE, path or "")
-        if family == "sd3" and sd3.CONTEXT_EMBEDDER in shapes:
-            opts.setdefault("context_dim", shapes[sd3.CONTEXT_EMBEDDER][1])
-        for name, prefix in fam.PREFIX.items():
-            sub = {k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)}
-            if sub:
-                sources[name] = (main, prefix, sub)
+    main_shapes = main.shapes() if main is not None else {}
+    if main is not None and family is None:
+        family = detect_family(main_shapes)
     if family is None:
         raise ValueError("model family unknown: give a checkpoint or family=")
-    fam = FAMILIES[family]
+    fam = _family_module(family)
+    if main is not None:
+        _check_leftovers(main_shapes, fam.PREFIX.values(), fam.IGNORE, main.path)
+        if family == "sd3" and sd3.CONTEXT_EMBEDDER in main_shapes:
+            opts.setdefault("context_dim", main_shapes[sd3.CONTEXT_EMBEDDER][1])
+        for name, prefix in fam.PREFIX.items():
+            sub = strip_prefix(main_shapes, prefix)
+            if sub:
+                sources[name] = (main, prefix, sub)
     separate = {"vae": vae, "te1": clip_l, "clip_l": clip_l, "clip_g": clip_g, "t5": t5xxl}
     for name, p in separate.items():
         if p and name in fam.PREFIX:
-            sources[name] = _separate_file(p, fam.PREFIX[name], name)
+            sources[name] = _separate_file(p, fam.PREFIX[name])
     modules = {}
     for name, (f, prefix, sub_shapes) in sources.items():
         if parts is not None and name not in parts:
             continue
-        if name == "vae" and prefix == "" and _is_diffusers_vae(sub_shapes):
-            modules[name] = _load_diffusers_vae(f, family, _dtype_for(name, family, dtype), device)
+        if name == "vae" and prefix == "" and vae_mod.is_diffusers_vae(sub_shapes):
+            modules[name] = _load_diffusers_vae(f, _dtype_for(name, family, dtype), device)
             continue
         if name == "t5" and not opts.get("use_t5", True):
             continue
@@ -157,20 +161,20 @@ def load(path: str | None, family: str | None = None, *, vae: str | None = None,
             cfg = fam.configs_from_shapes({fam.PREFIX[name] + k: s for k, s in sub_shapes.items()})[name]
         except CheckpointError:
             raise
-        except ValueError as e:  # layout that no config explains: name the file and the part
-            raise CheckpointError(f"{f.path}: the {name} weights do not match a known {family} layout: {e}") from None
+        except (KeyError, ValueError) as e:  # layout that no config explains: name the file and the part
+            reason = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError's str() adds quotes
+            raise CheckpointError(f"{f.path}: the {name} weights do not match a known {family} layout: "
+                                  f"{reason}") from None
         with torch.device("meta"):
             module = fam.module_for(name, cfg)
-        keys = [prefix + k for k in sub_shapes]
-        get, shapes = f.get, {prefix + k: s for k, s in sub_shapes.items()}
+        get, part_shapes = f.get, {prefix + k: s for k, s in sub_shapes.items()}
         aliases = {prefix + a: prefix + b for a, b in getattr(fam, "ALIASES", {}).get(name, {}).items()
-                   if prefix + a not in shapes and prefix + b in shapes}
+                   if prefix + a not in part_shapes and prefix + b in part_shapes}
         if aliases:  # a tied weight stored once (e.g. T5's embed_tokens = shared)
-            keys += list(aliases)
-            shapes.update({a: shapes[b] for a, b in aliases.items()})
+            part_shapes.update({a: part_shapes[b] for a, b in aliases.items()})
             get = lambda k, _get=f.get, _al=aliases: _get(_al.get(k, k))  # noqa: E731
-        load_module(module, get, keys, prefix=prefix, ignore=fam.IGNORE, dtype=_dtype_for(name, family, dtype),
-                    device=device, source=f.path, shapes=shapes)
+        load_module(module, get, list(part_shapes), prefix=prefix, ignore=fam.IGNORE,
+                    dtype=_dtype_for(name, family, dtype), device=device, source=f.path, shapes=part_shapes)
         modules[name] = module
     missing = [n for n in (parts or ()) if n not in modules and not (n == "t5" and not opts.get("use_t5", True))]
     if missing:
@@ -180,18 +184,13 @@ def load(path: str | None, family: str | None = None, *, vae: str | None = None,
     comp = _make(family, modules, opts)
     if main is not None and family == "sdxl":
         for k in (sdxl.CLIP_L_POSITION_IDS, sdxl.BIGG_LOGIT_SCALE):
-            if k in main.keys():
+            if k in main:
                 comp.extras[k] = main.get(k)
     return comp
 
 
-def _is_diffusers_vae(shapes: Mapping[str, Any]) -> bool:
-    from models.vae import is_diffusers_vae
-    return is_diffusers_vae(shapes.keys())
-
-
-def _load_diffusers_vae(f: SafeTensorFile, family: str, dtype: torch.dtype | None, device: Any) -> nn.Module:
-    from models import vae as vae_mod
+def _load_diffusers_vae(f: SafeTensorFile, dtype: torch.dtype | None, device: Any) -> nn.Module:
+    """A standalone VAE file in diffusers naming, converted to the original keys in memory (the VAE is small)."""
     sd = vae_mod.convert_diffusers_vae({k: f.get(k) for k in f.keys()})
     cfg = vae_mod.config_from_shapes({k: tuple(v.shape) for k, v in sd.items()})
     with torch.device("meta"):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import torch
 from torch import Tensor, nn
 
 
@@ -12,13 +13,20 @@ def strip_prefix(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> dict[str
 
 
 class FamilyBase:
-    """Mixin for the SDXL / SD3 component dataclasses (which define `vae`, `parts()` and `PREFIX` via `prefix`)."""
+    """Mixin for the SDXL / SD3 component dataclasses: one field per part, named as the keys of `prefix`
+    (the family's PREFIX)."""
 
     vae: nn.Module | None
     prefix: Mapping[str, str] = {}
 
-    def parts(self) -> dict[str, nn.Module]:  # pragma: no cover - defined by each family
-        raise NotImplementedError
+    def parts(self) -> dict[str, nn.Module]:
+        """The loaded parts, in file-layout order."""
+        return {name: m for name in self.prefix if (m := getattr(self, name)) is not None}
+
+    def uncond_text(self, text: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Unconditional branch: zeroed text embeddings, as the original SDXL samplers do. (The SD3 reference
+        encodes the empty negative prompt instead; there this serves caption dropout of cached embeddings.)"""
+        return {k: torch.zeros_like(v) for k, v in text.items()}
 
     def encode_images(self, images: Tensor, tile_size: int | None = None) -> Tensor:
         """Images in [-1, 1] -> scaled latents (posterior mean); the VAE runs in its own dtype."""

@@ -30,6 +30,7 @@ the caption as it is. K trades cache size (K x the sizes above) for augmentation
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Sequence
 
 import torch
@@ -41,7 +42,7 @@ from models import t5 as t5_mod
 from models import text_encoders as te_mod
 from models import vae as vae_mod
 from models.family import FamilyBase, strip_prefix
-from models.tokenizers import EOT, CLIPTokenizer
+from models.tokenizers import EOT, CLIPTokenizer, default_tokenizer
 
 PREFIX = {
     "mmdit": "model.diffusion_model.",
@@ -85,7 +86,7 @@ class SD3(FamilyBase):
     shift: float = DEFAULT_SHIFT
     extras: dict[str, Tensor] = field(default_factory=dict)
     family: str = "sd3"
-    tokenizer: CLIPTokenizer = field(default_factory=CLIPTokenizer)
+    tokenizer: CLIPTokenizer = field(default_factory=default_tokenizer)
     context_dim: int = DEFAULT_CONTEXT_DIM  # MMDiT context_in_dim (= T5 width); CLIP features are zero-padded to it
     v_parameterization: bool = False  # unused (flow matching); kept for a uniform interface
 
@@ -99,7 +100,8 @@ class SD3(FamilyBase):
 
     # -- conditioning --------------------------------------------------------------------------
     def tokenize(self, captions: Sequence[str]) -> dict[str, Tensor]:
-        out = {"ids_l": self.tokenizer(captions, pad_token=EOT), "ids_g": self.tokenizer(captions, pad_token=0)}
+        ids_l, ids_g = self.tokenizer.layouts(captions, (EOT, 0))  # CLIP-L pads with end-of-text, CLIP-G with 0
+        out = {"ids_l": ids_l, "ids_g": ids_g}
         if self.t5_tokenizer is not None:
             out["ids_t5"] = self.t5_tokenizer(captions, min_length=self.t5_max_token_length, max_length=self.t5_max_token_length)
         return out
@@ -150,11 +152,6 @@ class SD3(FamilyBase):
         """Network keyword inputs (SD3 does not condition on sizes)."""
         return {"context": text["context"], "y": text["pooled"]}
 
-    def uncond_text(self, text: dict[str, Tensor]) -> dict[str, Tensor]:
-        """The SD3 reference encodes the (empty) negative prompt; callers pass it through encode_text.
-        This zero version is used only for caption dropout of cached embeddings."""
-        return {k: torch.zeros_like(v) for k, v in text.items()}
-
     def collate_cached_text(self, items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """Cached per-caption tensors (`cache_text_items`) -> context [B, 77 + L, C] and pooled [B, 2048], zero-padded
         back to what `encode_text` gives."""
@@ -182,10 +179,6 @@ class SD3(FamilyBase):
         return FlowSchedule(shift=self.shift)
 
     # -- file layout ---------------------------------------------------------------------------
-    def parts(self) -> dict[str, nn.Module]:
-        return {k: m for k, m in (("mmdit", self.mmdit), ("vae", self.vae), ("clip_l", self.clip_l),
-                                  ("clip_g", self.clip_g), ("t5", self.t5)) if m is not None}
-
     def export_state_dict(self) -> dict[str, Tensor]:
         out = self.prefixed_state_dict()
         if self.t5 is not None and PREFIX["t5"] + T5_TIED not in out:
@@ -200,23 +193,17 @@ class SD3(FamilyBase):
         return {"architecture": ARCHITECTURE[preset], "resolution": "1024x1024", "prediction_type": "flow"}
 
 
+def _clip_l_config(shapes: dict[str, tuple[int, ...]]) -> te_mod.CLIPTextConfig:
+    """CLIP-L without its projection: the reference never projects CLIP-L's pooled output."""
+    return te_mod.config_from_shapes({k: s for k, s in shapes.items() if not k.startswith("text_projection")},
+                                     naming="hf")
+
+
 def configs_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, object]:
-    def part(p: str) -> dict[str, tuple[int, ...]]:
-        return strip_prefix(shapes, p)
-    out: dict[str, object] = {}
-    if any(k.startswith(PREFIX["mmdit"]) for k in shapes):
-        out["mmdit"] = mmdit_mod.config_from_shapes(part(PREFIX["mmdit"]))
-    if any(k.startswith(PREFIX["vae"]) for k in shapes):
-        out["vae"] = vae_mod.config_from_shapes(part(PREFIX["vae"]))
-    for name in ("clip_l", "clip_g"):
-        if any(k.startswith(PREFIX[name]) for k in shapes):
-            p = part(PREFIX[name])
-            if name == "clip_l":  # the reference never projects CLIP-L's pooled output
-                p = {k: s for k, s in p.items() if not k.startswith("text_projection")}
-            out[name] = te_mod.config_from_shapes(p, naming="hf")
-    if any(k.startswith(PREFIX["t5"]) for k in shapes):
-        out["t5"] = t5_mod.config_from_shapes(part(PREFIX["t5"]))
-    return out
+    """Per-part configs inferred from a checkpoint's key -> shape (full and tiny files alike)."""
+    infer = {"mmdit": mmdit_mod.config_from_shapes, "vae": vae_mod.config_from_shapes, "clip_l": _clip_l_config,
+             "clip_g": partial(te_mod.config_from_shapes, naming="hf"), "t5": t5_mod.config_from_shapes}
+    return {name: infer[name](sub) for name, prefix in PREFIX.items() if (sub := strip_prefix(shapes, prefix))}
 
 
 def module_for(name: str, cfg: object) -> nn.Module:

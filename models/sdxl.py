@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Sequence
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 from models import text_encoders as te_mod
 from models import unet_sdxl, vae as vae_mod
 from models.family import FamilyBase, strip_prefix
-from models.tokenizers import EOT, CLIPTokenizer
+from models.tokenizers import EOT, CLIPTokenizer, default_tokenizer
 
 # File prefixes of each part in the single file (sgm naming).
 PREFIX = {
@@ -53,7 +54,7 @@ class SDXL(FamilyBase):
     v_parameterization: bool = False
     extras: dict[str, Tensor] = field(default_factory=dict)  # position_ids / logit_scale kept for saving
     family: str = "sdxl"
-    tokenizer: CLIPTokenizer = field(default_factory=CLIPTokenizer)
+    tokenizer: CLIPTokenizer = field(default_factory=default_tokenizer)
 
     # -- parts ---------------------------------------------------------------------------------
     @property
@@ -67,8 +68,8 @@ class SDXL(FamilyBase):
     # -- conditioning --------------------------------------------------------------------------
     def tokenize(self, captions: Sequence[str]) -> dict[str, Tensor]:
         """CLIP-L pads with end-of-text, bigG with 0 (CONVENTIONS.md)."""
-        return {"ids1": self.tokenizer(captions, pad_token=EOT, max_token_length=self.max_token_length),
-                "ids2": self.tokenizer(captions, pad_token=0, max_token_length=self.max_token_length)}
+        ids1, ids2 = self.tokenizer.layouts(captions, (EOT, 0), max_token_length=self.max_token_length)
+        return {"ids1": ids1, "ids2": ids2}
 
     def encode_tokens(self, ids1: Tensor, ids2: Tensor) -> dict[str, Tensor]:
         """Token ids [B, 77k] -> context [B, 77k, 2048] (penultimate layers, no final LN) and
@@ -84,8 +85,9 @@ class SDXL(FamilyBase):
         return {"context": torch.cat(contexts, dim=1), "pooled": pooled}
 
     def encode_text(self, captions: Sequence[str], device: torch.device | str | None = None) -> dict[str, Tensor]:
+        assert self.te1 is not None and self.te2 is not None, "text encoders are not loaded"
         tok = self.tokenize(captions)
-        dev = device if device is not None else next(self.te1.parameters()).device  # type: ignore[union-attr]
+        dev = device if device is not None else next(self.te1.parameters()).device
         return self.encode_tokens(tok["ids1"].to(dev), tok["ids2"].to(dev))
 
     def conditioning(self, text: dict[str, Tensor], original_size: Tensor, crop_top_left: Tensor,
@@ -97,10 +99,6 @@ class SDXL(FamilyBase):
         y = torch.cat([pooled.float(), emb.reshape(pooled.shape[0], -1)], dim=1)                  # (B, 1280 + 1536)
         return {"context": text["context"], "y": y.to(pooled.dtype)}
 
-    def uncond_text(self, text: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Unconditional branch: zeroed text embeddings, as the original samplers do."""
-        return {k: torch.zeros_like(v) for k, v in text.items()}
-
     def collate_cached_text(self, items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         return {k: torch.stack([it[k] for it in items]) for k in ("context", "pooled")}
 
@@ -110,9 +108,6 @@ class SDXL(FamilyBase):
         return DiscreteSchedule(prediction="v" if self.v_parameterization else "eps")
 
     # -- file layout ---------------------------------------------------------------------------
-    def parts(self) -> dict[str, nn.Module]:
-        return {k: m for k, m in (("unet", self.unet), ("vae", self.vae), ("te1", self.te1), ("te2", self.te2)) if m is not None}
-
     def export_state_dict(self) -> dict[str, Tensor]:
         """The exact original key layout (prefixes added, ignorable extras written back)."""
         out = self.prefixed_state_dict()
@@ -129,18 +124,10 @@ class SDXL(FamilyBase):
 
 def configs_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, object]:
     """Per-part configs inferred from a checkpoint's key -> shape (full and tiny files alike)."""
-    def part(p: str) -> dict[str, tuple[int, ...]]:
-        return strip_prefix(shapes, p)
-    out: dict[str, object] = {}
-    if any(k.startswith(PREFIX["unet"]) for k in shapes):
-        out["unet"] = unet_sdxl.config_from_shapes(part(PREFIX["unet"]))
-    if any(k.startswith(PREFIX["vae"]) for k in shapes):
-        out["vae"] = vae_mod.config_from_shapes(part(PREFIX["vae"]))
-    if any(k.startswith(PREFIX["te1"]) for k in shapes):
-        out["te1"] = te_mod.config_from_shapes(part(PREFIX["te1"]), naming="hf")
-    if any(k.startswith(PREFIX["te2"]) for k in shapes):
-        out["te2"] = te_mod.config_from_shapes(part(PREFIX["te2"]), naming="open_clip")
-    return out
+    infer = {"unet": unet_sdxl.config_from_shapes, "vae": vae_mod.config_from_shapes,
+             "te1": partial(te_mod.config_from_shapes, naming="hf"),
+             "te2": partial(te_mod.config_from_shapes, naming="open_clip")}
+    return {name: infer[name](sub) for name, prefix in PREFIX.items() if (sub := strip_prefix(shapes, prefix))}
 
 
 def module_for(name: str, cfg: object) -> nn.Module:

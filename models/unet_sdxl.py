@@ -387,8 +387,8 @@ def config_from_shapes(shapes: Mapping[str, Sequence[int]]) -> UNetConfig:
         raise ValueError(f"not an SDXL (sgm) UNet layout: {e}") from e
 
     head_channels = 64  # sgm sd_xl_base.yaml num_head_channels
+    shape_fields = [f.name for f in fields(UNetConfig) if f.name != "num_head_channels"]
     for preset in PRESETS.values():
-        shape_fields = [f.name for f in fields(UNetConfig) if f.name != "num_head_channels"]
         if all(getattr(preset, n) == getattr(shape_cfg, n) for n in shape_fields):
             head_channels = preset.num_head_channels
     cfg = replace(shape_cfg, num_head_channels=head_channels)

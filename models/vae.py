@@ -90,14 +90,14 @@ def config_from_shapes(
         raise ValueError(f"encoder.down.N levels must be numbered 0..N-1, found {levels}")
     ch_mult = tuple(int(shapes[f"encoder.down.{i}.block.0.conv1.weight"][0]) // ch for i in levels)
     num_res_blocks = len({k.split(".")[4] for k in shapes if k.startswith("encoder.down.0.block.")})
-    structure = (in_channels, ch, ch_mult, num_res_blocks, z_channels, "quant_conv.weight" in shapes)
+    use_quant_conv = "quant_conv.weight" in shapes
+    structure = (in_channels, ch, ch_mult, num_res_blocks, z_channels, use_quant_conv)
     same = [p for p in PRESETS.values()
             if (p.in_channels, p.ch, p.ch_mult, p.num_res_blocks, p.z_channels, p.use_quant_conv) == structure]
-    if same and (scaling_factor is None or shift_factor is None):  # a preset's own constants (tiny ones included)
-        scaling_factor = same[0].scaling_factor if scaling_factor is None else scaling_factor
-        shift_factor = same[0].shift_factor if shift_factor is None else shift_factor
     if scaling_factor is None or shift_factor is None:
-        if z_channels == 16:
+        if same:  # a preset's own constants (tiny ones included)
+            default_scale, default_shift = same[0].scaling_factor, same[0].shift_factor
+        elif z_channels == 16:
             default_scale, default_shift = SD3_SCALING_FACTOR, SD3_SHIFT_FACTOR
         elif z_channels == 4:
             default_scale, default_shift = SDXL_SCALING_FACTOR, 0.0
@@ -114,7 +114,7 @@ def config_from_shapes(
         ch_mult=ch_mult,
         num_res_blocks=num_res_blocks,
         z_channels=z_channels,
-        use_quant_conv="quant_conv.weight" in shapes,
+        use_quant_conv=use_quant_conv,
         scaling_factor=float(scaling_factor),
         shift_factor=float(shift_factor),
     )
