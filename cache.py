@@ -19,28 +19,29 @@ import logging
 import os
 import random
 import sys
-import time
+import zlib
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data.buckets import crop_params, resize_and_crop
+from data.buckets import flipped_crop, resize_and_crop
 from data.captions import CaptionOptions, process_caption
 from data.images import BadImage, SkipReport, load_image
 from data.index import DatasetIndex, load_or_build_index
+from data.sources import map_chunked
 from data.store import (BackgroundWriter, LatentStore, LATENT_DTYPES, Record, ShardWriter, source_fingerprint,
                         store_cfg_fingerprint)
 
 log = logging.getLogger("cache")
 
 VALID, PENDING, MISSING = 1, 2, 3  # per-row status codes, summed across ranks (each row is checked by one rank)
+PROGRESS_EVERY = 8  # batches between all-rank progress sums (a collective: every rank reaches it in lockstep)
 
 
 def _key_seed(key: str, salt: int = 0) -> int:
-    import zlib
-
     return zlib.crc32(key.encode("utf-8")) * 1_000_003 + salt
 
 
@@ -64,9 +65,8 @@ class _Decode(Dataset):
         bucket = (int(ix.buckets[row][0]), int(ix.buckets[row][1]))
         # A random crop is drawn once per key here, so it is reproducible when the record is rebuilt.
         im2, orig, crop = resize_and_crop(im, bucket, sub.random_crop, random.Random(_key_seed(ix.keys[row])))
-        (rw, _), _ = crop_params(im.size, bucket, False)
         x = torch.from_numpy(np.asarray(im2, dtype=np.uint8).copy()).permute(2, 0, 1)
-        return {"row": row, "x": x, "orig": orig, "crop": crop, "crop_flip": (crop[0], rw - bucket[0] - crop[1]),
+        return {"row": row, "x": x, "orig": orig, "crop": crop, "crop_flip": flipped_crop(im.size, bucket, crop),
                 "src": source_fingerprint(path, self.content_hash)}
 
 
@@ -90,6 +90,13 @@ def _encode(vae, x: torch.Tensor, tile: int, posterior: bool, dtype: torch.dtype
     out = {"latent": lat} if not posterior else {
         "mean": lat, "std": vae.to_latents(mean + torch.exp(0.5 * logvar)) - lat}  # to_latents is affine
     return {k: v.to(dtype).cpu() for k, v in out.items()}
+
+
+def _sum_over_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Sum of a CPU tensor over ranks as a new CPU tensor (NCCL reduces device tensors only)."""
+    from core import dist
+
+    return dist.all_reduce_sum(t.to(device, copy=True)).cpu() if dist.is_dist() else t.clone()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         bad = []
         if main_rank:
             store = LatentStore(root, check_validity=True)
-            bad = store.damaged + store.verify()
+            store.verify()  # adds what it finds to store.damaged, next to the shards already left out on opening
+            bad = store.damaged
             print(f"verify: {len(store.shards)} shards, {len(store)} records, {len(bad)} damaged")
             for name, why in bad:
                 print(f"  DAMAGED {name}: {why}")
@@ -129,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if bad else 0
 
     skipped = SkipReport()
+    threads = max(4, cc.num_workers * 4)
     index = load_or_build_index(cfg.data, root, is_main=main_rank, barrier=dist.barrier, skipped=skipped,
-                                threads=max(4, cc.num_workers * 4))
+                                threads=threads)
     flip_any = any(s.flip_aug for s in index.subsets)
     te = None
     if cc.cache_text_encoder_outputs:
@@ -141,27 +150,33 @@ def main(argv: list[str] | None = None) -> int:
                                    cc.store_posterior, flip_any, te.identity if te else "", variants if te else 0)
     store = LatentStore(root, check_validity=cc.check_cache_validity)
 
-    # Status of every row; each rank stats its stripe, a sum merges them.
+    # Status of every row; each rank checks its stripe (stats in threads, one batched lookup), a sum merges them.
     n = len(index)
+    keys = index.keys.tolist()[rank::world]
+    srcs = map_chunked(partial(source_fingerprint, content_hash=cc.content_hash), index.paths.tolist()[rank::world],
+                       threads)
+    gone = np.array([not s for s in srcs], dtype=bool)
+    ok = np.zeros(len(keys), dtype=bool)
+    # Image gone: a record in the store is still usable (training from the cache alone).
+    ok[gone] = store.contains_many([keys[j] for j in np.flatnonzero(gone).tolist()])
+    here = np.flatnonzero(~gone).tolist()
+    ok[~gone] = store.is_valid_many([keys[j] for j in here], [srcs[j] for j in here], cfg_fp)
     status = torch.zeros(n, dtype=torch.int32)
-    for i in range(rank, n, world):
-        key = index.keys[i]
-        src = source_fingerprint(index.paths[i], cc.content_hash)
-        if not src:  # image gone: a record in the store is still usable (training from the cache alone)
-            status[i] = VALID if key in store else MISSING
-        else:
-            status[i] = VALID if store.is_valid(key, src, cfg_fp) else PENDING
-    status = dist.all_reduce_sum(status) if world > 1 else status
-    pending = np.nonzero(status.numpy() == PENDING)[0]
+    status[rank::world] = torch.from_numpy(np.where(ok, VALID, np.where(gone, MISSING, PENDING)).astype(np.int32))
+    status = _sum_over_ranks(status, device).numpy()
+    pending = np.flatnonzero(status == PENDING)
     n_valid = int((status == VALID).sum())
     if main_rank:
-        for i in np.nonzero(status.numpy() == MISSING)[0]:
-            skipped.add(index.paths[int(i)] or index.keys[int(i)], "image not found and not in the store")
-    mine = _split_by_bucket(index, pending, max(1, cc.vae_batch_size), world)[rank]
+        for i in np.flatnonzero(status == MISSING).tolist():
+            skipped.add(index.paths[i] or index.keys[i], "image not found and not in the store")
+    split = _split_by_bucket(index, pending, max(1, cc.vae_batch_size), world)
+    mine = split[rank]
+    in_step = min(map(len, split))  # progress collectives only while every rank still has batches
     if main_rank:
         log.info("%d entries: %d already valid, %d to encode on %d rank(s)", n, n_valid, len(pending), world)
 
     counts = torch.zeros(3, dtype=torch.int64)  # encoded, skipped, failed
+    bar = None
     if len(pending):
         vae = models.load_vae(cfg.model, device, LATENT_DTYPES[cfg.model.vae_dtype], seed=cfg.seed).eval().requires_grad_(False)
         vae_dtype = next(vae.parameters()).dtype
@@ -170,13 +185,11 @@ def main(argv: list[str] | None = None) -> int:
                             prefetch_factor=4 if cc.num_workers > 0 else None)
         writer = BackgroundWriter(ShardWriter(root, cfg_fp, rank, cc.shard_size_mb, cc.compress))
         dtype = LATENT_DTYPES[cc.latent_dtype]
-        bar = None
         if main_rank:
             from tqdm import tqdm
 
-            # Ranks get equal shares, so rank 0's rate x world size is the total throughput.
             bar = tqdm(total=len(pending), unit="img", desc=f"encode x{world}", dynamic_ncols=True)
-        for items in loader:
+        for step, items in enumerate(loader, 1):
             good = []
             for it in items:
                 if "error" in it:
@@ -192,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                         flips = [j for j, it in enumerate(good) if index.subsets[int(index.subset[it["row"]])].flip_aug]
                         enc_f = _encode(vae, torch.flip(x[flips], dims=[3]), cc.vae_tile_size, cc.store_posterior,
                                         dtype) if flips else {}
-                    texts = _encode_texts(te, index, good, variants) if te is not None else [{} for _ in good]
+                    texts, caps = (_encode_texts(te, index, good, variants) if te is not None else
+                                   ([{} for _ in good], [None] * len(good)))
                 except Exception as e:  # one bad batch (e.g. out of memory on a huge bucket) must not end the run
                     log.error("encoding failed for %d images (%s): %s", len(good), index.paths[good[0]["row"]], e)
                     for it in good:
@@ -202,20 +216,27 @@ def main(argv: list[str] | None = None) -> int:
                 for j, it in enumerate(good):
                     row = it["row"]
                     tensors = {k: v[j].clone() for k, v in enc.items()}
-                    if j in flips:
-                        tensors.update({f"flip.{k}": v[flips.index(j)].clone() for k, v in enc_f.items()})
+                    f = flips.index(j) if j in flips else -1
+                    if f >= 0:
+                        tensors.update({f"flip.{k}": v[f].clone() for k, v in enc_f.items()})
                     tensors.update(texts[j])
                     writer.put(Record(index.keys[row], it["src"], tuple(int(v) for v in index.buckets[row]),
-                                      it["orig"], it["crop"], tensors, it["crop_flip"] if j in flips else None))
+                                      it["orig"], it["crop"], tensors, it["crop_flip"] if f >= 0 else None, caps[j]))
                 counts[0] += len(good)
-            if bar is not None:
-                bar.update(len(items) * world)
+            # counts sums to the items this rank has handled; the bar shows every rank's total.
+            if world == 1 and bar is not None:
+                bar.update(len(items))
+            elif world > 1 and step % PROGRESS_EVERY == 0 and step <= in_step:
+                done = int(_sum_over_ranks(counts, device).sum())
+                if bar is not None:
+                    bar.update(done - bar.n)
         writer.close()
-        if bar is not None:
-            bar.close()
 
     skipped.write(os.path.join(root, f"skipped.r{rank}.txt"))
-    totals = dist.all_reduce_sum(counts) if world > 1 else counts
+    totals = _sum_over_ranks(counts, device)
+    if bar is not None:
+        bar.update(int(totals.sum()) - bar.n)
+        bar.close()
     dist.barrier()
     usable = n_valid + int(totals[0])
     if main_rank:
@@ -237,9 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if usable > 0 else 1
 
 
-def _encode_texts(te, index: DatasetIndex, good: list[dict[str, Any]], variants: int) -> list[dict[str, torch.Tensor]]:
-    """Text-encoder outputs per item: `te<k>.<name>` for k caption variants (1 unless captions are augmented)."""
+def _encode_texts(te, index: DatasetIndex, good: list[dict[str, Any]],
+                  variants: int) -> tuple[list[dict[str, torch.Tensor]], list[list[str]]]:
+    """Text-encoder outputs per item, `te<k>.<name>` for k caption variants (1 unless captions are augmented),
+    and each item's caption text per variant (index k)."""
     out: list[dict[str, torch.Tensor]] = [{} for _ in good]
+    texts: list[list[str]] = [[] for _ in good]
     for k in range(variants):
         caps = []
         for it in good:
@@ -255,7 +279,8 @@ def _encode_texts(te, index: DatasetIndex, good: list[dict[str, Any]], variants:
         enc = te.encode([caps[j] for j in todo])
         for j, d in zip(todo, enc):
             out[j].update({f"te{k}.{name}": t.detach().cpu().clone() for name, t in d.items()})
-    return out
+            texts[j].append(caps[j])
+    return out, texts
 
 
 if __name__ == "__main__":

@@ -103,6 +103,14 @@ def crop_params(size_wh: tuple[int, int], bucket_wh: tuple[int, int], random_cro
     return (rw, rh), (top, left)
 
 
+def flipped_crop(size_wh: tuple[int, int], bucket_wh: tuple[int, int],
+                 crop_top_left: tuple[int, int]) -> tuple[int, int]:
+    """crop_top_left of the same window after a horizontal flip: its left edge measured from the right."""
+    (rw, _), _ = crop_params(size_wh, bucket_wh, False)
+    top, left = crop_top_left
+    return top, rw - bucket_wh[0] - left
+
+
 def resize_and_crop(im: Image.Image, bucket_wh: tuple[int, int], random_crop: bool = False,
                     rng: random.Random | None = None) -> tuple[Image.Image, tuple[int, int], tuple[int, int]]:
     """Resize-then-crop to the bucket -> (image, original_size (h, w), crop_top_left (top, left))."""

@@ -5,6 +5,10 @@ partial batch is kept as a smaller batch. The global batch list is shuffled with
 global batches r, r+W, r+2W, ... When the count is not a multiple of W, the final round is completed by reusing
 batches from the start of the list, so every rank runs the same number of steps (those few samples are seen
 twice that epoch). `skip` counts global batches already consumed, so resume is exact even with another W.
+
+With cached text-encoder outputs a sample's `caption` is the text of the cached variant it uses (stored in the
+record by cache.py), so the caption and the conditioning always agree; records written before captions were
+stored fall back to a fresh draw, which then need not match the cached variant.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .buckets import resize_and_crop
+from .buckets import flipped_crop, resize_and_crop
 from .captions import CaptionOptions, full_caption
 from .images import BadImage, load_image
 from .index import DatasetIndex
@@ -43,8 +47,8 @@ def usable_rows(index: DatasetIndex, store=None) -> np.ndarray:
         memo = getattr(store, "_usable_rows_memo", None)  # one lookup pass per (index, store), not per epoch
         if memo is not None and memo[0] is index:
             return memo[1]
-        keys = index.keys
-        have = np.asarray(store.contains_many([keys[int(i)] for i in rows]), dtype=bool)
+        keys = index.keys.tolist()
+        have = np.asarray(store.contains_many([keys[i] for i in rows.tolist()]), dtype=bool)
         missing = len(rows) - int(have.sum())
         if missing:
             log.warning("%d of %d training images are not in the latent store; they are left out (run cache.py)",
@@ -118,11 +122,17 @@ class _Items(Dataset):
         flip = sub.flip_aug and rng.random() < 0.5
         out: dict[str, Any] = {"key": key, "loss_weight": sub.loss_weight}
         bw, bh = (int(v) for v in ix.buckets[row])
+        caption = None
         if self.store is not None:
-            rec = self.store.get(key)  # zero-copy views; only the chosen tensors are touched
-            names = [n for n, v in rec.items() if isinstance(v, torch.Tensor)]
-            flip = flip and ("flip.latent" in rec or "flip.mean" in rec)
+            info = self.store.record_info(key)
+            names = info["t"]  # the record's tensors; only the chosen ones are read (or decompressed)
+            flip = flip and ("flip.latent" in names or "flip.mean" in names)
             pre = "flip." if flip else ""
+            want = [pre + "latent"] if pre + "latent" in names else [pre + "mean", pre + "std"]
+            variants = sorted({n.split(".", 1)[0] for n in names if n.startswith("te")})
+            v = variants[rng.randrange(len(variants))] if variants else None
+            want += [n for n in names if v is not None and n.startswith(v + ".")]
+            rec = self.store.get(key, want)
             if pre + "latent" in rec:
                 lat = rec[pre + "latent"].float()
             else:
@@ -133,12 +143,10 @@ class _Items(Dataset):
             out["original_size"] = rec["original_size"]
             out["crop_top_left"] = (rec["crop_top_left_flip"] if flip and rec["crop_top_left_flip"] else
                                     rec["crop_top_left"])
-            variants = sorted({n.split(".", 1)[0] for n in names if n.startswith("te")})
-            if variants:
-                v = variants[rng.randrange(len(variants))]
-                for n in names:
-                    if n.startswith(v + "."):
-                        out["te." + n.split(".", 1)[1]] = rec[n]
+            if v is not None:
+                out.update({"te." + n.split(".", 1)[1]: rec[n] for n in want if n.startswith(v + ".")})
+                if info.get("cap") is not None:  # the text this variant was encoded from
+                    caption = info["cap"][int(v[2:])]
         else:
             try:
                 im = load_image(ix.paths[row])
@@ -149,13 +157,14 @@ class _Items(Dataset):
             x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
             if flip:
                 x = torch.flip(x, dims=[2])
-                rw = round(orig[1] * max(bw / orig[1], bh / orig[0]))
-                crop = (crop[0], max(0, max(bw, rw) - bw - crop[1]))
+                crop = flipped_crop((orig[1], orig[0]), (bw, bh), crop)
             out.update(images=x, original_size=orig, crop_top_left=crop)
-        md = ix.meta(row)
-        out["caption"] = full_caption(ix.captions[row], self.opts[int(ix.subset[row])], rng, key=key, metadata=md,
-                                      counter=ix.counter, flipped=flip, caption_hook=self.caption_hook,
-                                      description_hook=self.description_hook)
+        if caption is None:
+            md = ix.meta(row) if self.caption_hook or self.description_hook else {}  # only the hooks read it
+            caption = full_caption(ix.captions[row], self.opts[int(ix.subset[row])], rng, key=key, metadata=md,
+                                   counter=ix.counter, flipped=flip, caption_hook=self.caption_hook,
+                                   description_hook=self.description_hook)
+        out["caption"] = caption
         out["target_size"] = (bh, bw)
         return out
 
@@ -195,7 +204,7 @@ class EpochBatches:
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch = epoch
         batches = global_batches(self.index, self.batch_size, self.seed, epoch, self.rows)
-        self.batches = [[(int(r), int(p), epoch) for r, p in b]
+        self.batches = [[(r, p, epoch) for r, p in b.tolist()]
                         for b in rank_batches(batches, self.rank, self.world_size, skip)]
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:

@@ -302,7 +302,7 @@ class Columns:
     origin: list[str] = field(default_factory=list)  # where the entry came from, for error messages
 
 
-def _map_chunked(fn: Callable, items: list, threads: int, chunk: int = 2048) -> list:
+def map_chunked(fn: Callable, items: list, threads: int, chunk: int = 2048) -> list:
     """fn over items in threads, one task per chunk (ThreadPoolExecutor.map makes a future per item otherwise)."""
     if len(items) <= chunk:
         return [fn(x) for x in items]
@@ -335,7 +335,7 @@ def _exists_by_listing(paths: list[str], threads: int) -> list[bool | None]:
     # "/x.png" -> head "" but its folder is the root; "x.png" (no separator) -> the current folder.
     folder = [head or (os.sep if sep else os.curdir) for head, sep, _ in parts]
     uniq = list(set(folder))
-    listed = dict(zip(uniq, _map_chunked(_listing, uniq, threads, 8)))
+    listed = dict(zip(uniq, map_chunked(_listing, uniq, threads, 8)))
     return [False if names is _NO_FOLDER else
             (True if names is not None and name in names and name not in (".", "..") else None)
             for (_, _, name), names in zip(parts, map(listed.__getitem__, folder))]
@@ -349,7 +349,7 @@ def exists_many(paths: list[str], threads: int = 16) -> list[bool]:
     """
     out = _exists_by_listing(paths, threads)
     ask = [i for i, ok in enumerate(out) if ok is None]
-    for i, ok in zip(ask, _map_chunked(os.path.exists, [paths[i] for i in ask], threads)):
+    for i, ok in zip(ask, map_chunked(os.path.exists, [paths[i] for i in ask], threads)):
         out[i] = ok
     return out  # type: ignore[return-value]
 
@@ -406,7 +406,7 @@ def collect(subsets: list[SubsetSpec], recursive: bool, threads: int = 16) -> Co
         else:
             files = list_images(s.image_dirs, recursive, threads)
             caps = [os.path.splitext(p)[0] + s.caption_extension for p, _, _ in files]
-            texts = _map_chunked(_read_text, caps, threads, 256)
+            texts = map_chunked(_read_text, caps, threads, 256)
             for (p, _, _), cap in zip(files, texts):
                 cols.keys.append(os.path.splitext(os.path.basename(p))[0]); cols.paths.append(p)
                 cols.captions.append(cap); cols.metadata.append({}); cols.widths.append(-1)

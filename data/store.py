@@ -7,7 +7,7 @@ Layout of `root/`:
 A shard holds, for every record, tensors named `<key>/<name>` (`latent`, or `mean` + `std`; the flip variant
 `flip.latent` ...; text-encoder outputs `te<k>.<name>`) and, in the header's `__metadata__`:
 `records` (JSON list: key, source fingerprint, bucket (w, h), original size (h, w), crop (top, left) for both
-orientations, tensor table), `cfg` (VAE identity + latent and bucket settings), `crc32` and `data_len`.
+orientations, tensor table, and with text outputs the caption text of each `te<k>` variant), `cfg` (VAE identity + latent and bucket settings), `crc32` and `data_len`.
 Shards are written whole to a temp file, fsynced, then renamed, so a crash loses at most the shard being
 written. On open, a shard already in the merged index is trusted when its size and mtime match; any other shard
 has its size and full CRC checked; a damaged shard is reported, left out, and its records count as missing.
@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from core.fsio import fsync_dir
 
 from .index import StrColumn
 
@@ -65,20 +67,10 @@ class Record:
     crop_top_left: tuple[int, int]        # (top, left)
     tensors: dict[str, torch.Tensor]      # latent | mean, std; flip.*; te<k>.*
     crop_top_left_flip: tuple[int, int] | None = None
+    captions: list[str] | None = None     # the text each te<k> variant was encoded from (index k)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass  # not supported on every filesystem
 
 
 def write_shard(path: str, records: list[Record], cfg: str, compress: bool = False) -> int:
@@ -108,10 +100,12 @@ def write_shard(path: str, records: list[Record], cfg: str, compress: bool = Fal
             table[name] = [_DTYPES[t.dtype], list(t.shape)]
             chunks.append(raw)
             pos += len(raw)
-        recs_meta.append({"k": r.key, "src": r.src, "b": list(r.bucket), "o": list(r.original_size),
-                          "c": list(r.crop_top_left),
-                          "cf": list(r.crop_top_left_flip) if r.crop_top_left_flip is not None else None,
-                          "t": table})
+        meta = {"k": r.key, "src": r.src, "b": list(r.bucket), "o": list(r.original_size),
+                "c": list(r.crop_top_left),
+                "cf": list(r.crop_top_left_flip) if r.crop_top_left_flip is not None else None, "t": table}
+        if r.captions is not None:
+            meta["cap"] = list(r.captions)
+        recs_meta.append(meta)
     data = b"".join(chunks)
     header["__metadata__"] = {"format": FORMAT, "cfg": cfg, "records": json.dumps(recs_meta, ensure_ascii=False),
                               "crc32": f"{zlib.crc32(data):08x}", "data_len": str(len(data)),
@@ -126,7 +120,7 @@ def write_shard(path: str, records: list[Record], cfg: str, compress: bool = Fal
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path))
+    fsync_dir(os.path.dirname(path))
     return 8 + len(hb) + len(data)
 
 
@@ -161,6 +155,13 @@ def shard_crc(path: str, start: int, chunk: int = 1 << 24) -> str:
         while b := f.read(chunk):
             crc = zlib.crc32(b, crc)
     return f"{crc:08x}"
+
+
+def _check_crc(path: str, start: int, expected: str) -> None:
+    """Raise StoreError when the data section's CRC32 is not the one in the header."""
+    crc = shard_crc(path, start)
+    if crc != expected:
+        raise StoreError(f"checksum {crc} != {expected} (corrupted data)")
 
 
 @dataclass
@@ -325,9 +326,7 @@ class LatentStore:
                     start, header = read_header(path)
                     md = header["__metadata__"]
                     if self.check_validity:
-                        crc = shard_crc(path, start)
-                        if crc != md["crc32"]:
-                            raise StoreError(f"checksum {crc} != {md['crc32']} (corrupted data)")
+                        _check_crc(path, start, md["crc32"])
                     recs = json.loads(md["records"])
                 except (StoreError, KeyError, ValueError) as e:
                     self._report_damaged(name, str(e))
@@ -373,6 +372,22 @@ class LatentStore:
         """Whether the key is present and was produced from this source with these settings."""
         i = self._table.find(key)
         return i >= 0 and self._table.srcs[i] == src and self.shards[int(self._table.shard[i])].cfg == cfg
+
+    def is_valid_many(self, keys: list[str], srcs: list[str], cfg: str) -> np.ndarray:
+        """`is_valid` of many (key, source) pairs at once, bool per key (use this for a whole dataset)."""
+        if len(keys) != len(srcs):
+            raise ValueError(f"is_valid_many: {len(keys)} keys but {len(srcs)} source fingerprints")
+        t = self._table
+        rows = t.find_many(keys)
+        cfg_ok = np.array([sh.cfg == cfg for sh in self.shards], dtype=bool)
+        ok = rows >= 0
+        ok[ok] = cfg_ok[t.shard[rows[ok]]]
+        sel = np.flatnonzero(ok)
+        found = rows[sel]
+        blob = t.srcs.blob.tobytes()
+        a, b = t.srcs.offsets[found].tolist(), t.srcs.offsets[found + 1].tolist()
+        ok[sel] = [blob[x:y] == srcs[j].encode() for j, x, y in zip(sel.tolist(), a, b)]
+        return ok
 
     def _ensure_header(self, si: int) -> _Shard:
         sh = self.shards[si]
@@ -464,9 +479,7 @@ class LatentStore:
             path = os.path.join(self.root, SHARD_DIR, sh.name)
             try:
                 start, header = read_header(path)
-                crc = shard_crc(path, start)
-                if crc != header["__metadata__"]["crc32"]:
-                    raise StoreError(f"checksum {crc} != {header['__metadata__']['crc32']} (corrupted data)")
+                _check_crc(path, start, header["__metadata__"]["crc32"])
             except StoreError as e:
                 bad.append((sh.name, str(e)))
                 self._report_damaged(sh.name, str(e))
@@ -602,8 +615,6 @@ def source_fingerprint(path: str, content_hash: bool = False) -> str:
         return ""
     if not content_hash:
         return f"s{st.st_size}:{st.st_mtime_ns}"
-    import hashlib
-
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
         while b := f.read(1 << 20):

@@ -98,3 +98,34 @@ def test_cache_two_ranks_incremental_and_crash(tmp_path):
     st = LatentStore(str(tmp_path / "store"))
     assert sorted(st.keys()) == sorted(keys) and not st.damaged
     assert _run(cfg, "--verify", nproc=1).returncode == 0
+
+
+def test_verify_counts_each_damaged_shard_once(tmp_path, capsys):
+    """`cache.py --verify` (in process, one rank): a shard damaged on opening (truncated) and one trusted through
+    the merged index but corrupted (found by the CRC re-check) are each reported once. Reference: the bytes
+    edited on disk."""
+    import glob
+
+    import torch
+
+    import cache
+    from data.store import SHARD_DIR, Record, ShardWriter
+
+    (tmp_path / "imgs").mkdir()
+    root = tmp_path / "store"
+    for i in range(3):
+        w = ShardWriter(str(root), "cfg", 0, 1)
+        w.add(Record(f"k{i}", "s", (16, 16), (16, 16), (0, 0), {"latent": torch.ones(4, 2, 2)}))
+        w.close()
+    LatentStore(str(root)).write_index()
+    a, b, _ = sorted(glob.glob(str(root / SHARD_DIR / "*.safetensors")))
+    with open(a, "r+b") as f:
+        f.truncate(os.path.getsize(a) - 4)
+    st0 = os.stat(b)
+    data = bytearray(open(b, "rb").read()); data[-3] ^= 1
+    open(b, "wb").write(data)
+    os.utime(b, ns=(st0.st_atime_ns, st0.st_mtime_ns))
+    assert cache.main([_cfg(tmp_path), "--verify"]) == 1
+    out = capsys.readouterr().out
+    assert "records, 2 damaged" in out
+    assert out.count("DAMAGED") == 2 and out.count(os.path.basename(b)) == 1

@@ -122,3 +122,51 @@ def test_persistent_workers_follow_set_epoch(tmp_path):
         assert [x["keys"] for x in got] == [x["keys"] for x in fresh]
         assert [x["captions"] for x in got] == [x["captions"] for x in fresh]
         assert all(torch.equal(a["latents"], b["latents"]) for a, b in zip(got, fresh))
+
+
+def test_caption_is_the_cached_variants_text(tmp_path):
+    """With cached text variants, each sample's caption is the text of the variant whose tensors it got, and over
+    epochs more than one variant is used. Reference: the records written (variant k's tensors are filled with k)."""
+    ix = make_index(n=6, repeats=[1] * 6)
+    w = ShardWriter(str(tmp_path), "cfg", 0, 1)
+    for i in range(6):
+        bw, bh = (int(v) for v in ix.buckets[i])
+        te = {f"te{k}.t5": torch.full((2, 3), float(k)) for k in range(3)}
+        w.add(Record(f"k{i}", "s", (bw, bh), (7, 9), (1, 2),
+                     {"latent": torch.zeros(4, bh // 8, bw // 8, dtype=torch.bfloat16), **te}, None,
+                     [f"cap {i} v{k}" for k in range(3)]))
+    w.close()
+    st = LatentStore(str(tmp_path))
+    used = set()
+    for epoch in range(4):
+        for x in make_loader(ix, Cfg, st, seed=3, epoch=epoch, rank=0, world_size=1):
+            for j, key in enumerate(x["keys"]):
+                k = int(x["te.t5"][j][0, 0].item())
+                assert x["captions"][j] == f"cap {key[1:]} v{k}"
+                used.add(k)
+    assert len(used) >= 2
+
+
+def test_on_the_fly_flip_crop(tmp_path):
+    """Images decoded in the loader: a flipped sample's crop_top_left is the mirrored window. Analytic: a 5x8
+    image into a 2x4 bucket is resized to 3x4 (5 * 0.5 = 2.5 rounds half up, as PIL's resize target), the
+    centred window starts at left 0, so the mirrored one starts at 3 - 2 - 0 = 1."""
+    from PIL import Image
+
+    from data.buckets import resize_and_crop
+
+    path = str(tmp_path / "a.png")
+    Image.fromarray(np.tile(np.arange(0, 250, 50, dtype=np.uint8)[None, :, None], (8, 1, 3))).save(path)
+    ix = make_index(n=1, repeats=[1])
+    ix.paths = StrColumn.from_list([path])
+    ix.sizes, ix.buckets = np.array([[5, 8]], np.int32), np.array([[2, 4]], np.int32)
+    im, _, _ = resize_and_crop(Image.open(path).convert("RGB"), (2, 4))
+    x0 = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+    seen = set()
+    for epoch in range(8):
+        (x,) = list(make_loader(ix, Cfg, None, seed=0, epoch=epoch, rank=0, world_size=1))
+        flipped = not torch.equal(x["images"][0], x0)
+        assert flipped == torch.equal(x["images"][0], torch.flip(x0, dims=[2]))
+        assert x["crop_top_left"][0].tolist() == ([0, 1] if flipped else [0, 0])
+        seen.add(flipped)
+    assert seen == {True, False}

@@ -82,6 +82,11 @@ def test_sharding_and_newest_wins(tmp_path):
     st = LatentStore(str(tmp_path))
     assert torch.equal(st.get("k3")["latent"], newer.tensors["latent"])
     assert st.is_valid("k3", "s2", "cfg") and not st.is_valid("k3", "s1", "cfg") and not st.is_valid("k3", "s2", "other")
+    assert st.is_valid_many(["k3", "k3", "k4", "k99", "k5"], ["s2", "s1", "s1", "s1", "s2"], "cfg").tolist() == \
+        [True, False, True, False, False]
+    assert not st.is_valid_many(["k3", "k4"], ["s2", "s1"], "other").any()
+    with pytest.raises(ValueError, match="2 keys but 1 source"):
+        st.is_valid_many(["k3", "k4"], ["s2"], "cfg")
     st.write_index()
     st2 = LatentStore(str(tmp_path))
     assert len(st2) == 20 and torch.equal(st2.get("k3")["latent"], newer.tensors["latent"])
@@ -169,11 +174,28 @@ def test_key_table_collisions_odd_keys_and_contains_many(tmp_path, monkeypatch):
     assert torch.equal(st.get("café")["latent"], newer.tensors["latent"]) and st.is_valid("café", "s2", "cfg")
     assert torch.equal(st.get("a\nb")["latent"], odd[0].tensors["latent"])
     assert st.contains_many(["猫", "nope", "k3", "a"]).tolist() == [True, False, True, False]
+    assert st.is_valid_many(["café", "café", "猫", "nope"], ["s2", "s1", "s1", "s1"], "cfg").tolist() == \
+        [True, False, True, False]
     monkeypatch.undo()
     st.write_index()
     st2 = LatentStore(str(tmp_path))
     assert sorted(st2.keys()) == sorted(["a\nb", "café", "猫", "k3"]) and st2.is_valid("café", "s2", "cfg")
     assert torch.equal(st2.get("猫")["latent"], odd[2].tensors["latent"]) and "nope" not in st2
     assert st2.contains_many(["猫", "nope", "a\nb"]).tolist() == [True, False, True]
+    assert st2.is_valid_many(["a\nb", "café", "猫"], ["s1", "s2", "s2"], "cfg").tolist() == [True, True, False]
     with pytest.raises(KeyError, match="not in the latent store"):
         st2.get("nope")
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_record_captions_and_partial_reads(tmp_path, compress):
+    """The caption text of each text variant round-trips in the record header (absent when not given); `get` with
+    names returns only those tensors. Reference: the records written."""
+    r0, r1 = rec(0), rec(1)
+    r0.tensors.update({"te0.t5": torch.ones(3, 2), "te1.t5": torch.zeros(2, 2)})
+    r0.captions = ["a, b", "b, a"]
+    write(tmp_path, [r0, r1], compress=compress)
+    st = LatentStore(str(tmp_path))
+    assert st.record_info("k0")["cap"] == ["a, b", "b, a"] and "cap" not in st.record_info("k1")
+    got = st.get("k0", ["te1.t5"])
+    assert torch.equal(got["te1.t5"], torch.zeros(2, 2)) and "latent" not in got and "te0.t5" not in got
