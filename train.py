@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 import os
 import signal
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from core import cli, dist
-from core.config import RUN_SUBDIRS, format_output_dir, make_run_dirs, to_dict, to_toml
+from core.config import format_output_dir, make_run_dirs, run_dirs, to_dict, to_toml
 from core.ema import EMA
 from core.metrics import MetricsWriter, setup_logging
 from core.objectives import build_objective
@@ -33,7 +34,7 @@ import models
 from data.index import load_or_build_index
 from data.loader import batches_per_epoch, make_loader
 
-DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = {"no": None, **models.DTYPES}  # config precision names -> torch dtypes ("no": no autocast)
 FSDP_BLOCKS = {"sdxl": ("input_blocks", "output_blocks"), "sd3": ("joint_blocks",)}
 # Text encoders that train.train_text_encoder trains, with their [optimizer] learning-rate field (SD3's T5 stays
 # frozen: "also train the CLIP text encoders", as kohya's SD3 trainer).
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- run folder (the {date}/{time} of rank 0, for every rank)
     out_dir = dist.broadcast_object(format_output_dir(cfg.output_dir) if master else None)
-    paths = {name: os.path.join(out_dir, name) for name in RUN_SUBDIRS}
+    paths = run_dirs(out_dir)
     if master:
         make_run_dirs(out_dir)
         tmp = os.path.join(out_dir, f".config.toml.tmp-{os.getpid()}")
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("resume = auto: no complete state found; starting from scratch")
     st = rstate.read_state(resume_path, info.rank) if resume_path is not None else None
     if st is not None:
-        load_trained(trainee, st["trained"])
+        trainee.load_state_dict(st["trained"], strict=True)
 
     # ---- EMA (of the full, unwrapped network), then wrapping, then the optimizer over the wrapped parameters
     ema = EMA(net, decay=cfg.train.ema_decay, device="cpu" if cfg.train.ema_device == "cpu" else device) \
@@ -222,31 +223,13 @@ def main(argv: list[str] | None = None) -> int:
         del st
 
     def previews(at_step: int) -> None:
+        """Preview images of the sample prompts (with the EMA weights when kept), written by rank 0."""
         if not prompts:
             return
         from core.preview import sample_round
         with ema.swapped_into(net) if ema is not None else contextlib.nullcontext():
             sample_round(comp, prompts, paths["samples"], at_step, device, amp_dtype, cfg.save.output_name, log.info,
                          split=not cfg.train.fsdp)  # FSDP: every rank runs every forward (collective gathers)
-
-    complete: dict[str, Any] = {}  # the parts not loaded for training, kept once loaded for the first export
-
-    def export(tag: str) -> None:
-        """Exported model (original single-file layout, every part) by rank 0, others wait (FSDP: gathered first)."""
-        full = {k: dist.full_tensor(v) for k, v in comp.export_state_dict().items()} if cfg.train.fsdp else None
-        if master:
-            whole = with_all_parts(comp, cfg, complete)
-            if full is not None:
-                full.update({k: v for k, v in whole.export_state_dict().items() if k not in full})
-            path = os.path.join(paths["models"], f"{cfg.save.output_name}{tag}.safetensors")
-            models.save(whole, path, cfg.save.save_precision, extra_metadata={"sdtrain.step": str(step)}, state_dict=full)
-            if ema is not None:
-                with ema.swapped_into(net):
-                    models.save(whole, path.replace(".safetensors", "-ema.safetensors"), cfg.save.save_precision,
-                                extra_metadata={"sdtrain.step": str(step), "sdtrain.ema_decay": str(ema.decay)})
-            log.info(f"exported {path}")
-            prune_exports(paths["models"], cfg.save.output_name, cfg.save.save_last_n)
-        dist.barrier()
 
     writes = [0]
 
@@ -271,39 +254,63 @@ def main(argv: list[str] | None = None) -> int:
             log.info(f"saved resumable state {final}")
         dist.barrier()
 
+    complete: dict[str, Any] = {}  # the parts not loaded for training, kept once loaded for the first export
+
+    def export(tag: str) -> None:
+        """Exported model (original single-file layout, every part) by rank 0, others wait (FSDP: gathered first);
+        then a resumable state when save.save_state."""
+        full = {k: dist.full_tensor(v) for k, v in comp.export_state_dict().items()} if cfg.train.fsdp else None
+        if master:
+            whole = with_all_parts(comp, cfg, complete)
+            if full is not None:
+                full.update({k: v for k, v in whole.export_state_dict().items() if k not in full})
+            path = os.path.join(paths["models"], f"{cfg.save.output_name}{tag}.safetensors")
+            models.save(whole, path, cfg.save.save_precision, extra_metadata={"sdtrain.step": str(step)}, state_dict=full)
+            if ema is not None:
+                with ema.swapped_into(net):
+                    models.save(whole, path.replace(".safetensors", "-ema.safetensors"), cfg.save.save_precision,
+                                extra_metadata={"sdtrain.step": str(step), "sdtrain.ema_decay": str(ema.decay)})
+            log.info(f"exported {path}")
+            prune_exports(paths["models"], cfg.save.output_name, cfg.save.save_last_n)
+        dist.barrier()
+        if cfg.save.save_state:
+            save_state()
+
     # ---- loop
     stop = StopFlags(cfg.save)
+
+    def stop_requested() -> bool:
+        """A stop asked for on any rank: every rank saves a resumable state (then the run returns 0)."""
+        if not dist.any_true(stop.requested is not None):
+            return False
+        log.warning(f"stop requested ({stop.requested or 'another rank'}): saving a resumable state")
+        save_state()
+        return True
+
     if cfg.sample.sample_at_first and step == 0:
         previews(0)
     bar = None
     if master:
         from tqdm import tqdm
         bar = tqdm(total=total_steps, initial=step, desc="steps", dynamic_ncols=True, disable=None)
-    micro_in_epoch = cursor // info.world_size
     t_last, images_since = time.perf_counter(), 0
-    try:
+    try:  # the loader starts at the resumed epoch and cursor; later epochs are set at each epoch's end
         loader = make_loader(index, cfg.data, store, seed=cfg.seed, epoch=epoch, rank=info.rank,
                              world_size=info.world_size, skip=cursor, num_workers=cfg.data.max_dataloader_n_workers,
                              pin_memory=device.type == "cuda",
                              persistent_workers=cfg.data.persistent_data_loader_workers)
         while step < total_steps:
-            loader.batch_sampler.set_epoch(epoch, cursor)
             batches = iter(loader)
             while step < total_steps:
-                micro = []
-                for _ in range(accum):
-                    b = next(batches, None)
-                    if b is None:
-                        break
-                    micro.append(b)
+                micro = list(itertools.islice(batches, accum))
                 if not micro:
                     break
-                gens = [torch.Generator(device=device).manual_seed(mix_seed(cfg.seed, epoch, info.rank, micro_in_epoch + i))
+                done = cursor // info.world_size  # this rank's micro-batches already run in this epoch
+                gens = [torch.Generator(device=device).manual_seed(mix_seed(cfg.seed, epoch, info.rank, done + i))
                         for i in range(len(micro))]
                 loss_mean, finite = accumulate_gradients(model, comp, objective, micro, device, gens, autocast, scaler)
                 images_since += sum(mb["loss_weight"].shape[0] for mb in micro)
-                micro_in_epoch += len(micro)
-                cursor = micro_in_epoch * info.world_size
+                cursor += len(micro) * info.world_size  # global batches: every rank ran len(micro)
                 finite = dist.all_reduce_mean(1.0 if finite else 0.0) == 1.0  # decided together: every rank skips
                 grad_norm, applied = optimizer_step(cfg, model, optimizer, scaler) if finite else (math.nan, False)
                 optimizer.zero_grad(set_to_none=True)
@@ -317,9 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                                   f"{step}. A resumable state was saved; lower the learning rate or check the data / "
                                   f"precision settings.")
                         return EXIT_BAD_LOSS
-                    if dist.any_true(stop.requested is not None):
-                        log.warning(f"stop requested ({stop.requested or 'another rank'}): saving a resumable state")
-                        save_state()
+                    if stop_requested():
                         return 0
                     continue
                 bad_steps = 0
@@ -350,30 +355,22 @@ def main(argv: list[str] | None = None) -> int:
                 # -- saving, sampling, stopping
                 if cfg.save.save_every_n_steps and step % cfg.save.save_every_n_steps == 0 and step < total_steps:
                     export(f"-step{step:08d}")
-                    if cfg.save.save_state:
-                        save_state()
                 if cfg.sample.sample_every_n_steps and step % cfg.sample.sample_every_n_steps == 0:
                     previews(step)
-                if dist.any_true(stop.requested is not None):
-                    log.warning(f"stop requested ({stop.requested or 'another rank'}): saving a resumable state")
-                    save_state()
+                if stop_requested():
                     return 0
             if step >= total_steps:
                 break
-            # end of epoch (the loader ran out)
-            epoch, cursor, micro_in_epoch = epoch + 1, 0, 0
-            if step < total_steps:
-                if cfg.save.save_every_n_epochs and epoch % cfg.save.save_every_n_epochs == 0:
-                    export(f"-epoch{epoch:04d}")
-                    if cfg.save.save_state:
-                        save_state()
-                if cfg.sample.sample_every_n_epochs and epoch % cfg.sample.sample_every_n_epochs == 0:
-                    previews(step)
+            # end of epoch (the loader ran out; training goes on)
+            epoch, cursor = epoch + 1, 0
+            loader.batch_sampler.set_epoch(epoch)
+            if cfg.save.save_every_n_epochs and epoch % cfg.save.save_every_n_epochs == 0:
+                export(f"-epoch{epoch:04d}")
+            if cfg.sample.sample_every_n_epochs and epoch % cfg.sample.sample_every_n_epochs == 0:
+                previews(step)
         # ---- end of training
         if cfg.save.save_on_train_end:
             export("")
-            if cfg.save.save_state:
-                save_state()
         sampled_now = cfg.sample.sample_every_n_steps and step % cfg.sample.sample_every_n_steps == 0
         if prompts and (cfg.sample.sample_every_n_steps or cfg.sample.sample_every_n_epochs) and not sampled_now:
             previews(step)
@@ -412,15 +409,19 @@ def check_settings(cfg: Any, family: str) -> None:
                          f"{t.max_train_steps}")
     if o.lr_scheduler == "constant" and o.lr_warmup_steps:
         raise ValueError("optimizer.lr_scheduler = \"constant\" ignores lr_warmup_steps; use \"constant_with_warmup\"")
-    scheduled = smp.sample_every_n_steps or smp.sample_every_n_epochs or smp.sample_at_first
-    if scheduled and not smp.sample_prompts:
+    if previews_scheduled(smp) and not smp.sample_prompts:
         raise ValueError("[sample] previews are scheduled but sample.sample_prompts is empty")
+
+
+def previews_scheduled(smp: Any) -> bool:
+    """Whether [sample] asks for previews at all."""
+    return bool(smp.sample_every_n_steps or smp.sample_every_n_epochs or smp.sample_at_first)
 
 
 def load_sample_prompts(cfg: Any) -> list[Any]:
     """The preview prompts when previews are scheduled, else []."""
     smp = cfg.sample
-    if not smp.sample_prompts or not (smp.sample_every_n_steps or smp.sample_every_n_epochs or smp.sample_at_first):
+    if not smp.sample_prompts or not previews_scheduled(smp):
         return []
     from core.prompts import load_prompts
     return load_prompts(smp.sample_prompts, {"sampler": smp.sample_sampler, **smp.sample_params})
@@ -512,7 +513,7 @@ def optimizer_step(cfg: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     max_norm = cfg.optimizer.max_grad_norm if cfg.optimizer.max_grad_norm > 0 else float("inf")
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    norm = float(dist.full_tensor(norm))
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -543,11 +544,6 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sd:
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(model, optimizer, optim_state_dict=sd, options=StateDictOptions(full_state_dict=True))
-
-
-def load_trained(trainee: nn.Module, sd: dict[str, torch.Tensor]) -> None:
-    """Resume: the trained weights back into place (before DDP/FSDP wrapping), strictly."""
-    trainee.load_state_dict(sd, strict=True)
 
 
 def prune_exports(model_dir: str, name: str, keep: int) -> None:

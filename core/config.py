@@ -546,32 +546,29 @@ def _toml_key(k: str) -> str:
     return k if k.replace("_", "").replace("-", "").isalnum() else _toml_value(k)
 
 
+def _is_table(v: Any) -> bool:
+    return dataclasses.is_dataclass(v) or (isinstance(v, list) and bool(v) and dataclasses.is_dataclass(v[0]))
+
+
+def _toml_table(obj: Any, path: str, lines: list[str]) -> None:
+    """Append obj's values (None omitted), then its sub-tables ([path.name]) and arrays of tables ([[path.name]])."""
+    nested = []
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if _is_table(v):
+            nested.append((f"{path}.{f.name}" if path else f.name, v))
+        elif v is not None:
+            lines.append(f"{f.name} = {_toml_value(v)}")
+    for name, v in nested:
+        for item in v if isinstance(v, list) else [v]:
+            lines.append(f"\n[[{name}]]" if isinstance(v, list) else f"\n[{name}]")
+            _toml_table(item, name, lines)
+
+
 def to_toml(cfg: Config) -> str:
     """The fully resolved config as TOML (None values, meaning 'inherit', are omitted)."""
     lines: list[str] = []
-    tables: list[tuple[str, Any]] = []
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(v):
-            tables.append((f.name, v))
-        elif v is not None:
-            lines.append(f"{f.name} = {_toml_value(v)}")
-    for name, obj in tables:
-        lines.append(f"\n[{name}]")
-        arrays = []
-        for f in dataclasses.fields(obj):
-            v = getattr(obj, f.name)
-            if isinstance(v, list) and v and dataclasses.is_dataclass(v[0]):
-                arrays.append((f.name, v))
-            elif v is not None:
-                lines.append(f"{f.name} = {_toml_value(v)}")
-        for aname, items in arrays:
-            for item in items:
-                lines.append(f"\n[[{name}.{aname}]]")
-                for f in dataclasses.fields(item):
-                    v = getattr(item, f.name)
-                    if v is not None:
-                        lines.append(f"{f.name} = {_toml_value(v)}")
+    _toml_table(cfg, "", lines)
     return "\n".join(lines) + "\n"
 
 
@@ -655,9 +652,14 @@ def format_output_dir(template: str, now: _dt.datetime | None = None) -> str:
         raise ConfigError(f"output_dir `{template}`: only {{date}} and {{time}} may be used ({e})") from None
 
 
+def run_dirs(output_dir: str) -> dict[str, str]:
+    """Paths of output_dir/{models,samples,logs,state} by name (nothing is created)."""
+    return {name: os.path.join(output_dir, name) for name in RUN_SUBDIRS}
+
+
 def make_run_dirs(output_dir: str) -> dict[str, str]:
     """Create output_dir/{models,samples,logs,state}; return their paths."""
-    paths = {name: os.path.join(output_dir, name) for name in RUN_SUBDIRS}
+    paths = run_dirs(output_dir)
     for p in paths.values():
         os.makedirs(p, exist_ok=True)
     return paths

@@ -234,6 +234,8 @@ def build_optimizer(param_groups: list[dict], cfg: Any) -> torch.optim.Optimizer
             params = _all_params(param_groups)
             if all(p.is_cuda and p.is_floating_point() for p in params):
                 kwargs["fused"] = True  # one kernel for all parameters; only for CUDA float tensors
+            elif all(p.device.type == "cpu" for p in params):
+                kwargs["foreach"] = True  # torch defaults to a python loop over the tensors on CPU: slow tiny steps
         return torch.optim.AdamW(param_groups, lr=lr, **kwargs)
     if key == "sgd":
         return torch.optim.SGD(param_groups, lr=lr, **kwargs)

@@ -87,6 +87,14 @@ def _coerce(field: str, value: Any) -> Any:
     return float(value)
 
 
+def _coerce_at(field: str, value: Any, where: str) -> Any:
+    """_coerce, its error prefixed with where the value came from."""
+    try:
+        return _coerce(field, value)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
 def _normalize(table: Mapping[str, Any], where: str) -> dict[str, Any]:
     """Map aliases to field names and check every value; unknown keys are an error."""
     out: dict[str, Any] = {}
@@ -97,10 +105,7 @@ def _normalize(table: Mapping[str, Any], where: str) -> dict[str, Any]:
             raise ValueError(f"{where}: unknown key {key!r}; allowed: {allowed}")
         if field in out:
             raise ValueError(f"{where}: {field!r} given twice (as {key!r} and an alias)")
-        try:
-            out[field] = _coerce(field, value)
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+        out[field] = _coerce_at(field, value, where)
     return out
 
 
@@ -119,10 +124,7 @@ def _parse_line(line: str, where: str) -> dict[str, Any]:
             raise ValueError(f"{where}: option --{name} needs a value")
         if field in fields:
             raise ValueError(f"{where}: option --{name} given twice")
-        try:
-            fields[field] = _coerce(field, value)
-        except ValueError as e:
-            raise ValueError(f"{where}: --{name}: {e}") from None
+        fields[field] = _coerce_at(field, value, f"{where}: --{name}")
     return fields
 
 

@@ -22,6 +22,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import trange
 
+from core import objectives
+from core.objectives import NUM_TRAIN_TIMESTEPS
+
 Denoiser = Callable[..., Tensor]  # model(x, sigma[B], **extra) -> x0
 Network = Callable[..., Tensor]  # network(x_in, t[B], **cond) -> eps | v | velocity
 
@@ -29,10 +32,7 @@ VE = "ve"
 FLOW = "flow"
 FORMS = (VE, FLOW)
 
-# SDXL noise schedule (sgm configs/inference/sd_xl_base.yaml: DDPM "scaled linear", 1000 steps).
-NUM_TRAIN_TIMESTEPS = 1000
-SDXL_LINEAR_START = 0.00085
-SDXL_LINEAR_END = 0.012
+# The SDXL noise schedule (DDPM "scaled linear", 1000 steps) is the training objective's: core.objectives.
 # Karras et al. 2022 (EDM), eq. 5: rho = 7.
 KARRAS_RHO = 7.0
 # With a zero-terminal-SNR schedule the last alpha_bar is 0 (sigma = inf); diffusers replaces it by the
@@ -397,16 +397,6 @@ def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = K
     return torch.cat([sig, sig.new_zeros(1)]).float()
 
 
-def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
-    """Lin et al. 2023, Algorithm 1: shift/scale sqrt(alpha_bar) so the last step has zero SNR."""
-    sqrt_ab = torch.cumprod(1.0 - betas, 0).sqrt()
-    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
-    sqrt_ab = (sqrt_ab - last) * first / (first - last)
-    ab = sqrt_ab**2
-    alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])
-    return 1.0 - alphas
-
-
 class DiscreteSchedule:
     """SDXL's discrete DDPM schedule seen as k-diffusion VE sigmas, with eps or v networks."""
 
@@ -418,11 +408,9 @@ class DiscreteSchedule:
         self.prediction = prediction
         self.zero_terminal_snr = zero_terminal_snr
         # float64 as sgm's make_beta_schedule; stored as float32 like the released buffers.
-        betas = torch.linspace(SDXL_LINEAR_START**0.5, SDXL_LINEAR_END**0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float64) ** 2
+        alphas_cumprod = objectives.scaled_linear_alphas_cumprod()
         if zero_terminal_snr:
-            betas = rescale_zero_terminal_snr(betas)
-        alphas_cumprod = torch.cumprod(1.0 - betas, 0)
-        if zero_terminal_snr:
+            alphas_cumprod = objectives.rescale_zero_terminal_snr(alphas_cumprod)
             alphas_cumprod[-1] = ZERO_SNR_ALPHA_BAR
         self.alphas_cumprod: Tensor = alphas_cumprod.float()
         self.sigmas_train: Tensor = ((1 - alphas_cumprod) / alphas_cumprod).sqrt().float()  # [1000], increasing
@@ -503,7 +491,7 @@ class FlowSchedule:
 
     def shift_sigma(self, sigma: Tensor) -> Tensor:
         """SD3 time shift: sigma' = shift * sigma / (1 + (shift - 1) * sigma)."""
-        return self.shift * sigma / (1 + (self.shift - 1) * sigma)
+        return objectives.shift_sigmas(sigma, self.shift)
 
     def sigmas(self, steps: int, kind: str = "normal") -> Tensor:
         """Sampling sigmas (steps + 1 values, the last 0).

@@ -132,6 +132,30 @@ def test_build_optimizer_adamw_sgd_and_class_path():
     assert type(build_optimizer(groups, cfg(optimizer_type="Adafactor"))) is Adafactor
 
 
+def test_adamw_on_cpu_uses_foreach_unless_set():
+    """CPU parameters: AdamW gets foreach=True (torch's CPU default is the per-tensor loop); a user's foreach or
+    fused wins. Reference: torch's own single-tensor AdamW (foreach=False) gives the same step."""
+    torch.manual_seed(0)
+    m, ref = Tiny(), Tiny()
+    ref.load_state_dict(m.state_dict())
+    opt = build_optimizer(build_param_groups(list(m.named_parameters()), cfg(), 1e-2),
+                          cfg(optimizer_type="AdamW", optimizer_kwargs={"weight_decay": 0.1}))
+    assert opt.defaults["foreach"] is True and not opt.defaults.get("fused")
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    x = torch.randn(4, 3)
+    for _ in range(3):
+        for model, o in ((m, opt), (ref, ref_opt)):
+            o.zero_grad()
+            model.out(model.middle_block(model.input_blocks[1](model.input_blocks[0](x)))).square().mean().backward()
+            o.step()
+    for (name, a), b in zip(m.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+    groups = build_param_groups(list(m.named_parameters()), cfg(), 1e-3)
+    for kw in ({"foreach": False}, {"fused": False}):
+        user = build_optimizer(groups, cfg(optimizer_type="AdamW", optimizer_kwargs=kw))
+        assert not user.defaults["foreach"] and not user.defaults["fused"]
+
+
 def test_build_optimizer_errors(monkeypatch):
     """Unknown names list the built-ins; a missing package names its pip package; found packages are used."""
     groups = [{"params": [nn.Parameter(torch.zeros(2))]}]
