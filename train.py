@@ -189,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.train.use_ema else None
     blocks = [b for name in FSDP_BLOCKS[family] for b in getattr(net, name)]
     if cfg.train.compile:
+        # blocks share one forward() with different structures: dynamo compiles it once per block, so the
+        # default recompile limit (8) would silently leave most blocks eager
+        import torch._dynamo
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(blocks) + 8)
         for block in blocks:
             block.compile()  # in place: parameter names (and so checkpoints) stay the same
     # FSDP2 replaces parameters with sharded ones: the optimizer must be built after wrapping
@@ -550,8 +554,9 @@ def prune_exports(model_dir: str, name: str, keep: int) -> None:
     """Keep the newest `keep` periodic exports (step/epoch files); 0 keeps all."""
     if keep <= 0:
         return
-    periodic = sorted(f for f in os.listdir(model_dir)
-                      if f.startswith(name + "-") and f.endswith(".safetensors") and "-ema" not in f)
+    periodic = sorted((f for f in os.listdir(model_dir)
+                       if f.startswith(name + "-") and f.endswith(".safetensors") and "-ema" not in f),
+                      key=lambda f: (os.stat(os.path.join(model_dir, f)).st_mtime_ns, f))  # step and epoch files mixed
     for f in periodic[:-keep]:
         for p in (f, f.replace(".safetensors", "-ema.safetensors")):
             with contextlib.suppress(FileNotFoundError):

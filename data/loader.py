@@ -90,13 +90,14 @@ def batches_per_epoch(index: DatasetIndex, data_cfg, world_size: int, store=None
 
 
 def rank_batches(batches: list[np.ndarray], rank: int, world_size: int, skip: int = 0) -> list[np.ndarray]:
-    """Global batches rank, rank+W, ... from position `skip`; the last round wraps to the start of the list."""
+    """Global batches rank, rank+W, ... from position `skip`; the last round wraps to the start of the list.
+    Every rank gets the same count, also when `skip` is not a multiple of W (a resume under another world size)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} not in [0, {world_size})")
     n = len(batches)
     if n == 0:
         return []
-    total = math.ceil(n / world_size) * world_size
+    total = skip + math.ceil(max(0, n - skip) / world_size) * world_size
     return [batches[p % n] for p in range(skip + rank, total, world_size)]
 
 

@@ -170,3 +170,13 @@ def test_on_the_fly_flip_crop(tmp_path):
         assert x["crop_top_left"][0].tolist() == ([0, 1] if flipped else [0, 0])
         seen.add(flipped)
     assert seen == {True, False}
+
+
+def test_resume_skip_not_multiple_of_world_size_keeps_ranks_in_step():
+    """A state saved with W=3 resumed with W=2: skip=3 of 8 batches; both ranks run the same number of steps and
+    together cover every remaining batch."""
+    batches = [np.array([[i, i]]) for i in range(8)]
+    got = [rank_batches(batches, r, 2, skip=3) for r in range(2)]
+    assert len(got[0]) == len(got[1]) == 3
+    seen = {int(b[0, 0]) for g in got for b in g}
+    assert {3, 4, 5, 6, 7} <= seen

@@ -227,3 +227,18 @@ def test_param_group_matching_nothing_is_a_clear_error(dataset, tmp_path):
                  expect=1)
     assert "config error" in res.stderr and "no_such_block" in res.stderr and "match no trainable parameter" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_prune_exports_keeps_newest_by_time(tmp_path):
+    """Step and epoch exports mixed: the newest files survive, whatever their names sort as."""
+    import time
+    import train
+    names = ["m-step00000002.safetensors", "m-epoch0001.safetensors", "m-step00000004.safetensors",
+             "m-epoch0002.safetensors"]
+    for i, n in enumerate(names):
+        p = tmp_path / n
+        p.write_bytes(b"x")
+        os.utime(p, ns=(time.time_ns(), 1_000_000_000 * (i + 1)))
+    (tmp_path / "m.safetensors").write_bytes(b"final")
+    train.prune_exports(str(tmp_path), "m", 2)
+    assert sorted(os.listdir(tmp_path)) == sorted(["m.safetensors", "m-step00000004.safetensors", "m-epoch0002.safetensors"])
