@@ -191,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.train.compile:
         # blocks share one forward() with different structures: dynamo compiles it once per block, so the
         # default recompile limit (8) would silently leave most blocks eager
-        import torch._dynamo
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(blocks) + 8)
+        from torch import _dynamo
+        _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 2 * len(blocks) + 8)
         for block in blocks:
             block.compile()  # in place: parameter names (and so checkpoints) stay the same
     # FSDP2 replaces parameters with sharded ones: the optimizer must be built after wrapping

@@ -65,9 +65,11 @@ def test_ranks_partition_and_resume(world):
     assert sum(seen.values()) - len(bl) == (-len(bl)) % world  # only the wrapped final round repeats
     # resume after k global batches with world size 2 -> remaining batches with this world size
     k = 4
-    rest = [tuple(b[:, 1].tolist()) for r in range(world) for b in rank_batches(bl, r, world, skip=k)]
+    resumed = [rank_batches(bl, r, world, skip=k) for r in range(world)]
+    assert len({len(x) for x in resumed}) == 1  # equal step counts also when k is not a multiple of W
+    rest = [tuple(b[:, 1].tolist()) for x in resumed for b in x]
     n = len(bl)
-    wrapped = [bl[p % n] for p in range(n, -(-n // world) * world)]
+    wrapped = [bl[p % n] for p in range(n, k + -(-(n - k) // world) * world)]
     assert set(rest) == {tuple(b[:, 1].tolist()) for b in bl[k:] + wrapped}
 
 
