@@ -148,3 +148,24 @@ def test_damaged_state_is_skipped(tmp_path):
     with pytest.raises(rstate.StateError, match="checksum"):
         rstate.find_resume(str(root / "step-00000004"), str(root))
     assert torch.equal(rstate.read_state(str(root / "step-00000002"), 0)["trained"]["w"], torch.ones(3) * 2)
+
+
+@pytest.mark.slow
+def test_resume_with_another_world_size_continues_the_epoch(dataset, tmp_path):
+    """State saved by 2 processes after 2 steps (4 global batches); resumed by 1 process: the epoch goes on at global
+    batch 4 and ends after exactly the remaining batches, then epoch 1 starts."""
+    from core.config import load_config
+    from data.index import DatasetIndex
+    from data.loader import global_batches, usable_rows
+    from data.store import LatentStore
+    _run(TORCHRUN + ["cache.py", *overrides(dataset, tmp_path / "x", 1)[:3]])
+    out = tmp_path / "run"
+    _run(TORCHRUN + ["train.py", *overrides(dataset, out, 2)])
+    cfg = load_config(os.path.join(ROOT, "configs/demo.toml"), overrides(dataset, out, 2)[1:])
+    index = DatasetIndex.load(str(dataset / "cache" / "dataset_index.npz"))
+    n = len(global_batches(index, cfg.data.batch_size, cfg.seed, 0, usable_rows(index, LatentStore(str(dataset / "cache")))))
+    steps = 2 + (n - 4) + 2  # the rest of epoch 0 on one process, then two steps of epoch 1
+    res = _run([sys.executable, "train.py", *overrides(dataset, out, steps, "train.resume=auto")])
+    assert "resuming with 1 processes (state saved with 2)" in res.stderr
+    epochs = {r["step"]: r["epoch"] for r in metrics(out)}
+    assert [epochs[s] for s in range(3, steps + 1)] == [0] * (n - 4) + [1, 1]
