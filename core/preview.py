@@ -27,7 +27,7 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arr]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(comp: Any, p: SamplePrompt, device: torch.device | str, autocast_dtype: torch.dtype | None = None,
              progress: bool = False) -> Image.Image:
     """One image for one prompt; seed -> identical image on any rank / run."""

@@ -33,7 +33,10 @@ def test_fsdp_matches_ddp_exports_and_resumes(tmp_path):
               "optimizer.optimizer_type=SGD", "optimizer.learning_rate=0.05", "optimizer.optimizer_kwargs={momentum=0.9}"]
     _run([sys.executable, "cache.py", *common])
     _run(TORCHRUN + ["train.py", *common, f"output_dir={tmp_path / 'ddp'}"])
-    _run(TORCHRUN + ["train.py", *common, f"output_dir={tmp_path / 'fsdp'}", "train.fsdp=true"])
+    _run(TORCHRUN + ["train.py", *common, f"output_dir={tmp_path / 'fsdp'}", "train.fsdp=true",
+                     "sample.sample_every_n_steps=4", "sample.sample_params={width=64, height=64, steps=2}"])
+    # previews under FSDP: every rank runs every prompt (sharded forwards are collective), rank 0 writes
+    assert os.path.isfile(tmp_path / "fsdp" / "samples" / "000004_grid.png")
     ddp = load_file(str(tmp_path / "ddp" / "models" / "demo.safetensors"))
     fsdp = load_file(str(tmp_path / "fsdp" / "models" / "demo.safetensors"))
     assert ddp.keys() == fsdp.keys()
