@@ -138,8 +138,11 @@ def main(argv: list[str] | None = None) -> int:
 
     skipped = SkipReport()
     threads = max(4, cc.num_workers * 4)
-    index = load_or_build_index(cfg.data, root, is_main=main_rank, barrier=dist.barrier, skipped=skipped,
-                                threads=threads)
+    try:  # rank 0 builds (or reuses) the index; a failure there stops every rank with its message
+        dist.main_first(lambda: load_or_build_index(cfg.data, root, is_main=True, skipped=skipped, threads=threads))
+        index = load_or_build_index(cfg.data, root, is_main=False)
+    except (dist.MainRankError, OSError, ValueError) as e:
+        raise SystemExit(f"cache.py: data error: {e}") from None
     flip_any = any(s.flip_aug for s in index.subsets)
     te = None
     if cc.cache_text_encoder_outputs:

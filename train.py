@@ -136,15 +136,38 @@ def main(argv: list[str] | None = None) -> int:
     weight_dtype = torch.bfloat16 if cfg.train.full_bf16 else torch.float16 if cfg.train.full_fp16 else torch.float32
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
 
-    # ---- model: the network, the frozen (or trained) text encoders, the VAE when needed
+    # ---- data: index built once on rank 0 and shared (before any model is loaded); latents read lazily
     use_store = bool(cfg.cache.cache_dir)
+    index_dir = cfg.cache.cache_dir if use_store else paths["state"]
+    try:
+        store = None
+        if use_store:
+            from data.store import LatentStore
+            store = LatentStore(cfg.cache.cache_dir, check_validity=cfg.cache.check_cache_validity)
+        dist.main_first(lambda: load_or_build_index(cfg.data, index_dir, is_main=True))
+        index = load_or_build_index(cfg.data, index_dir, is_main=False)  # rank 0 too: the saved, shared index
+    except (dist.MainRankError, OSError, ValueError) as e:
+        raise SystemExit(f"data error: {e}") from None
+    per_rank_batches = batches_per_epoch(index, cfg.data, info.world_size, store)
+    if per_rank_batches == 0:
+        raise SystemExit("no training data: the dataset (or the latent store) is empty; see the log and skipped.txt")
+    accum = cfg.train.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(per_rank_batches / accum)
+    total_steps = cfg.train.max_train_steps or steps_per_epoch * cfg.train.max_train_epochs
+    log.info(f"{len(index)} images, {per_rank_batches} batches per rank per epoch, {steps_per_epoch} steps per epoch, "
+             f"{total_steps} steps in all")
+
+    # ---- model: the network, the frozen (or trained) text encoders, the VAE when needed
     need_text = not cfg.cache.cache_text_encoder_outputs or bool(prompts) or cfg.train.train_text_encoder
     parts = [models.NETWORK_PART[family]] + (["vae"] if (not use_store or prompts) else []) \
         + (list(models.TEXT_PARTS[family]) if need_text else [])
     dtypes = {"network": weight_dtype, "vae": DTYPES[cfg.model.vae_dtype], "text": DTYPES[cfg.model.text_encoder_dtype]}
     if cfg.train.train_text_encoder:
         dtypes.update({name: weight_dtype for name in TRAINABLE_TEXT_LR})
-    comp = models.from_config(cfg.model, device=device, seed=cfg.seed, parts=parts, dtype=dtypes)
+    try:
+        comp = models.from_config(cfg.model, device=device, seed=cfg.seed, parts=parts, dtype=dtypes)
+    except (models.CheckpointError, OSError) as e:  # missing / damaged / mismatched checkpoint files
+        raise SystemExit(f"model error: {e}") from None
     net = comp.network
     net.requires_grad_(True).train()
     net.gradient_checkpointing = cfg.train.gradient_checkpointing
@@ -158,22 +181,6 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("optimizer.learning_rate_te1 / _te2 are set but train.train_text_encoder is false: not used")
     log.info(f"{family}: network {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters ({weight_dtype}), "
              f"autocast {amp_dtype}, trained text encoders: {list(trainee.text_encoders) or 'none'}")
-
-    # ---- data: index built once on rank 0 and shared; latents read lazily from the store
-    store = None
-    index_dir = cfg.cache.cache_dir if use_store else paths["state"]
-    if use_store:
-        from data.store import LatentStore
-        store = LatentStore(cfg.cache.cache_dir, check_validity=cfg.cache.check_cache_validity)
-    index = load_or_build_index(cfg.data, index_dir, is_main=master, barrier=dist.barrier)
-    per_rank_batches = batches_per_epoch(index, cfg.data, info.world_size, store)
-    if per_rank_batches == 0:
-        raise SystemExit("no training data: the dataset (or the latent store) is empty; see the log and skipped.txt")
-    accum = cfg.train.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(per_rank_batches / accum)
-    total_steps = cfg.train.max_train_steps or steps_per_epoch * cfg.train.max_train_epochs
-    log.info(f"{len(index)} images, {per_rank_batches} batches per rank per epoch, {steps_per_epoch} steps per epoch, "
-             f"{total_steps} steps in all")
 
     # ---- resume: trained weights back in place before wrapping (the rest after the optimizer exists)
     step, epoch, cursor, bad_steps = 0, 0, 0, 0

@@ -10,11 +10,13 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as tdist
 from torch import nn
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,28 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     tdist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+class MainRankError(RuntimeError):
+    """Raised on every rank when work done by rank 0 alone failed (its message is rank 0's)."""
+
+
+def main_first(fn: Callable[[], T]) -> T | None:
+    """Run `fn` on rank 0 only, then sync. If it raised, every rank raises MainRankError with its message,
+    so no rank is left waiting at a barrier for a rank that died. Returns fn's result on rank 0, None elsewhere."""
+    out: T | None = None
+    err: str | None = None
+    if is_main():
+        try:
+            out = fn()
+        except Exception as e:  # shared with the other ranks, then re-raised everywhere
+            err = str(e) or type(e).__name__
+            if not is_dist():
+                raise MainRankError(err) from e
+    err = broadcast_object(err)
+    if err is not None:
+        raise MainRankError(err)
+    return out
 
 
 def all_gather_object(obj: Any) -> list[Any]:

@@ -242,3 +242,23 @@ def test_prune_exports_keeps_newest_by_time(tmp_path):
     (tmp_path / "m.safetensors").write_bytes(b"final")
     train.prune_exports(str(tmp_path), "m", 2)
     assert sorted(os.listdir(tmp_path)) == sorted(["m.safetensors", "m-step00000004.safetensors", "m-epoch0002.safetensors"])
+
+
+def test_missing_inputs_fail_with_one_clear_line_on_every_rank(tmp_path):
+    """A missing image folder or checkpoint ends the run with a one-line message (no traceback), and with 2 processes
+    neither rank is left waiting at a barrier."""
+    base = [sys.executable, "train.py", "configs/demo.toml", "cache.cache_dir=", f"output_dir={tmp_path / 'run'}"]
+    r = subprocess.run(base + [f"data.image_dirs=['{tmp_path / 'nope'}']"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0 and "data error:" in r.stderr and "is not a directory" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = subprocess.run(base + ["model.pretrained_model_name_or_path=/no/such.safetensors"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "model error: checkpoint file not found: /no/such.safetensors" in r.stderr
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    r = subprocess.run(torchrun + base[1:] + [f"data.image_dirs=['{tmp_path / 'nope'}']"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and r.stderr.count("data error:") == 2
+    r = subprocess.run([sys.executable, "cache.py", "configs/demo.toml", f"cache.cache_dir={tmp_path / 'c'}",
+                        f"data.image_dirs=['{tmp_path / 'nope'}']"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "cache.py: data error:" in r.stderr and "Traceback" not in r.stderr
