@@ -9,6 +9,13 @@ and resizes images in DataLoader workers, encodes in batches of vae_batch_size, 
 background writer so encoding never waits for the disk. Each rank writes its own shards; rank 0 merges the
 store index at the end. Unreadable images are skipped with one log line and listed in <cache_dir>/skipped.txt.
 Exit status 0 unless nothing usable is left (or, with --verify, a shard is damaged).
+
+Cached text: variant k of an image's caption is built by the same `full_caption` call the loader makes (built-in
+caption processing, then the [data] caption_processor / description_processor hooks with the record's key,
+metadata and the dataset counter), with rng random.Random(_key_seed(key, k)), so the embeddings include the hooks'
+effect and the stored caption text is exactly what was encoded. The hooks see flipped=False: a variant is shared
+by the plain and the flipped latent (flipped text variants are not cached). The hooks' specs (not their code) are
+part of the store fingerprint: changing a hook's code needs a new cache_dir or deleting the store.
 """
 
 from __future__ import annotations
@@ -28,10 +35,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data.buckets import flipped_crop, resize_and_crop
-from data.captions import CaptionOptions, process_caption
+from data.captions import CaptionOptions, full_caption
 from data.images import BadImage, SkipReport, load_image
 from data.index import DatasetIndex, load_or_build_index
-from data.sources import map_chunked
+from data.sources import load_hook, map_chunked
 from data.store import (BackgroundWriter, LatentStore, LATENT_DTYPES, Record, ShardWriter, source_fingerprint,
                         store_cfg_fingerprint)
 
@@ -144,13 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     except (dist.MainRankError, OSError, ValueError) as e:
         raise SystemExit(f"cache.py: data error: {e}") from None
     flip_any = any(s.flip_aug for s in index.subsets)
-    te = None
+    te, hooks, te_ident = None, (None, None), ""
     if cc.cache_text_encoder_outputs:
         te = models.load_text_encoders(cfg.model, device, torch.float32 if device.type == "cpu" else torch.bfloat16,
                                        seed=cfg.seed)
+        hooks = (load_hook(cfg.data.caption_processor), load_hook(cfg.data.description_processor))
+        te_ident = te.identity
+        if any(hooks):  # cached captions depend on the hooks: another hook spec makes the records stale
+            te_ident += f";hooks={cfg.data.caption_processor}|{cfg.data.description_processor}"
     variants = max(1, int(cc.text_variants))
     cfg_fp = store_cfg_fingerprint(models.vae_identity(cfg.model, seed=cfg.seed), index.bucket_settings.key(), cc.latent_dtype,
-                                   cc.store_posterior, flip_any, te.identity if te else "", variants if te else 0)
+                                   cc.store_posterior, flip_any, te_ident, variants if te else 0)
     store = LatentStore(root, check_validity=cc.check_cache_validity)
 
     # Status of every row; each rank checks its stripe (stats in threads, one batched lookup), a sum merges them.
@@ -200,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
                     counts[1] += 1
                 else:
                     good.append(it)
+            if good and te is not None:
+                # Outside the per-batch guard below: a failing user hook stops the run instead of skipping images.
+                caps = _variant_captions(index, [it["row"] for it in good], variants, *hooks)
+            else:
+                caps = [None] * len(good)
             if good:
                 try:
                     x = torch.stack([it["x"] for it in good]).to(device, vae_dtype) / 127.5 - 1.0
@@ -208,8 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                         flips = [j for j, it in enumerate(good) if index.subsets[int(index.subset[it["row"]])].flip_aug]
                         enc_f = _encode(vae, torch.flip(x[flips], dims=[3]), cc.vae_tile_size, cc.store_posterior,
                                         dtype) if flips else {}
-                    texts, caps = (_encode_texts(te, index, good, variants) if te is not None else
-                                   ([{} for _ in good], [None] * len(good)))
+                    texts = _encode_texts(te, caps) if te is not None else [{} for _ in good]
                 except Exception as e:  # one bad batch (e.g. out of memory on a huge bucket) must not end the run
                     log.error("encoding failed for %d images (%s): %s", len(good), index.paths[good[0]["row"]], e)
                     for it in good:
@@ -261,29 +276,38 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if usable > 0 else 1
 
 
-def _encode_texts(te, index: DatasetIndex, good: list[dict[str, Any]],
-                  variants: int) -> tuple[list[dict[str, torch.Tensor]], list[list[str]]]:
-    """Text-encoder outputs per item, `te<k>.<name>` for k caption variants (1 unless captions are augmented),
-    and each item's caption text per variant (index k)."""
-    out: list[dict[str, torch.Tensor]] = [{} for _ in good]
-    texts: list[list[str]] = [[] for _ in good]
-    for k in range(variants):
+def _variant_captions(index: DatasetIndex, rows: list[int], variants: int, caption_hook=None,
+                      description_hook=None) -> list[list[str]]:
+    """Each row's caption text per variant k: the loader's `full_caption` with rng from (key, k) and flipped=False.
+    Variants k > 0 exist only when the caption can differ between draws (augmented, or a user hook is set)."""
+    out: list[list[str]] = []
+    for row in rows:
+        key = index.keys[row]
+        opts = CaptionOptions(**index.subsets[int(index.subset[row])].caption)
+        md = index.meta(row) if caption_hook or description_hook else {}  # only the hooks read it
+        n = variants if opts.augmented or caption_hook or description_hook else 1
         caps = []
-        for it in good:
-            row = it["row"]
-            opts = CaptionOptions(**index.subsets[int(index.subset[row])].caption)
-            if k and not opts.augmented:
-                caps.append(None)
-                continue
-            caps.append(process_caption(index.captions[row], opts, random.Random(_key_seed(index.keys[row], k))))
-        todo = [j for j, c in enumerate(caps) if c is not None]
-        if not todo:
-            continue
-        enc = te.encode([caps[j] for j in todo])
+        for k in range(n):
+            try:
+                caps.append(full_caption(index.captions[row], opts, random.Random(_key_seed(key, k)), key=key,
+                                         metadata=md, counter=index.counter, flipped=False, caption_hook=caption_hook,
+                                         description_hook=description_hook))
+            except Exception as e:
+                raise SystemExit(f"cache.py: building caption variant {k} of {key!r} failed (check "
+                                 f"data.caption_processor / description_processor): {type(e).__name__}: {e}") from e
+        out.append(caps)
+    return out
+
+
+def _encode_texts(te, caps: list[list[str]]) -> list[dict[str, torch.Tensor]]:
+    """Text-encoder outputs per item, `te<k>.<name>` for each of the item's caption variants k (caps[item][k])."""
+    out: list[dict[str, torch.Tensor]] = [{} for _ in caps]
+    for k in range(max(map(len, caps), default=0)):
+        todo = [j for j, c in enumerate(caps) if k < len(c)]
+        enc = te.encode([caps[j][k] for j in todo])
         for j, d in zip(todo, enc):
             out[j].update({f"te{k}.{name}": t.detach().cpu().clone() for name, t in d.items()})
-            texts[j].append(caps[j])
-    return out, texts
+    return out
 
 
 if __name__ == "__main__":

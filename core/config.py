@@ -495,10 +495,6 @@ def _validate(cfg: Config) -> None:
     for i, g in enumerate(cfg.optimizer.param_groups):
         if set(g) - {"pattern", "lr"} or "pattern" not in g:
             raise ConfigError(f"optimizer.param_groups[{i}]: expected {{pattern = 'regex', lr = number}}, got {g!r}")
-    if cfg.cache.cache_text_encoder_outputs and (d.caption_processor or d.description_processor):
-        raise ConfigError("data.caption_processor / description_processor run at load time, but with "
-                          "cache.cache_text_encoder_outputs the text embeddings are computed by cache.py from the "
-                          "captions without them; drop one of the two")
     for spec in (d.caption_processor, d.description_processor, d.num_repeats_getter):
         if spec and ":" not in spec:
             raise ConfigError(f"data: hook `{spec}` must look like 'package.module:function' or 'path/file.py:function'")

@@ -8,7 +8,9 @@ twice that epoch). `skip` counts global batches already consumed, so resume is e
 
 With cached text-encoder outputs a sample's `caption` is the text of the cached variant it uses (stored in the
 record by cache.py), so the caption and the conditioning always agree; records written before captions were
-stored fall back to a fresh draw, which then need not match the cached variant.
+stored fall back to a fresh draw, which then need not match the cached variant. The caption hooks then ran in
+cache.py (same `full_caption` call, flipped=False for every variant, also when the flipped latent is picked) and
+are not run again here.
 """
 
 from __future__ import annotations

@@ -129,3 +129,59 @@ def test_verify_counts_each_damaged_shard_once(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "records, 2 damaged" in out
     assert out.count("DAMAGED") == 2 and out.count(os.path.basename(b)) == 1
+
+
+def test_caption_hook_runs_in_cache_for_cached_text(tmp_path, capsys):
+    """[data] caption_processor with [cache] cache_text_encoder_outputs (in process, one rank, tiny SDXL): every
+    cached variant's stored caption carries the hook's marker (seen with flipped=False, a per-variant rng draw),
+    the stored embeddings are those of that text, and the loader returns the stored text with the matching
+    variant's tensors. References: the hook's own output format (marker + rng draw), the tiny text encoders run
+    afresh on the stored caption text (and on the caption without the hook, which must differ), the records."""
+    import torch
+
+    import cache
+    import models
+    from core.config import load_config
+    from data.loader import make_loader
+
+    make_demo_dataset(str(tmp_path / "imgs"), n=4, size=(40, 100))
+    hook = tmp_path / "hooks.py"
+    hook.write_text("def proc(caption, *, key, metadata, counter, flipped, rng):\n"
+                    "    assert isinstance(metadata, dict) and 'artist' in counter\n"
+                    "    return f\"{caption}, zzmark-{'flip' if flipped else 'plain'}-{rng.randrange(10**9)}\"\n"
+                    "def other(caption, **kw):\n    return caption + ', other'\n")
+    cfg = _cfg(tmp_path)
+    ov = ["cache.cache_text_encoder_outputs=true", "cache.text_variants=2", f"data.caption_processor='{hook}:proc'"]
+    assert cache.main([cfg, *ov]) == 0
+    assert "encoded 4, already valid 0" in capsys.readouterr().out
+    ix = DatasetIndex.load(str(tmp_path / "store" / "dataset_index.npz"))
+    st = LatentStore(str(tmp_path / "store"))
+    c = load_config(cfg, ov)
+    te = models.load_text_encoders(c.model, "cpu", torch.float32, seed=c.seed)
+    for row, key in enumerate(ix.keys.tolist()):
+        caps = st.record_info(key)["cap"]
+        assert len(caps) == 2 and caps[0] != caps[1]  # not augmented, but the hook draws from the variant's rng
+        rec = st.get(key)
+        plain = te.encode([ix.captions[row]])[0]
+        for k, (cap, fresh) in enumerate(zip(caps, te.encode(caps))):
+            assert cap.startswith(ix.captions[row] + ", zzmark-plain-")
+            for name, t in fresh.items():
+                assert torch.allclose(rec[f"te{k}.{name}"].float(), t.float(), atol=2e-2), (key, k, name)
+            assert any(not torch.allclose(fresh[n].float(), plain[n].float(), atol=2e-2) for n in fresh)
+    seen = set()
+    for epoch in range(3):
+        for b in make_loader(ix, c.data, st, seed=0, epoch=epoch, rank=0, world_size=1):
+            for j, key in enumerate(b["keys"]):
+                caps = st.record_info(key)["cap"]
+                k = caps.index(b["captions"][j])  # the stored text, not a fresh load-time hook draw
+                name = next(n for n in b if n.startswith("te."))
+                assert torch.equal(b[name][j], st.get(key)[f"te{k}.{name[3:]}"])
+                seen.add(k)
+    assert seen == {0, 1}
+    # Another hook spec makes the cached records stale; the same spec keeps them.
+    assert cache.main([cfg, *ov]) == 0
+    assert "encoded 0, already valid 4" in capsys.readouterr().out
+    assert cache.main([cfg, *ov[:2], f"data.caption_processor='{hook}:other'"]) == 0
+    assert "encoded 4, already valid 0" in capsys.readouterr().out
+    st = LatentStore(str(tmp_path / "store"))
+    assert all(t.endswith(", other") for k in ix.keys.tolist() for t in st.record_info(k)["cap"])
