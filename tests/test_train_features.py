@@ -252,7 +252,10 @@ def test_missing_inputs_fail_with_one_clear_line_on_every_rank(tmp_path):
                        timeout=300)
     assert r.returncode != 0 and "data error:" in r.stderr and "is not a directory" in r.stderr
     assert "Traceback" not in r.stderr
-    r = subprocess.run(base + ["model.pretrained_model_name_or_path=/no/such.safetensors"], cwd=ROOT,
+    from data.demo import make_demo_dataset
+    make_demo_dataset(str(tmp_path / "data"), n=4, size=(64, 64))  # valid data, so the checkpoint is what fails
+    r = subprocess.run(base + ["model.pretrained_model_name_or_path=/no/such.safetensors",
+                               f"data.image_dirs=['{tmp_path / 'data'}']"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "model error: checkpoint file not found: /no/such.safetensors" in r.stderr
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
