@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch

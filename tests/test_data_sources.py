@@ -19,7 +19,7 @@ from data import images as dimages
 from data.buckets import BucketSettings, assign_buckets, crop_params, make_buckets, resize_and_crop
 from data.captions import CaptionOptions, count_metadata, full_caption, process_caption
 from data.images import BadImage, SkipReport, load_image, read_size
-from data.index import DatasetIndex, build_index, load_or_build_index
+from data.index import build_index, load_or_build_index
 
 
 def data_cfg(**kw):

@@ -16,11 +16,11 @@ std, as real SDXL latents do, and gives it as [model] vae (a separate VAE file).
 import json
 import os
 import random
-import subprocess
 import sys
 
 import pytest
 import torch
+from helpers import run_ok
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
@@ -69,9 +69,7 @@ def _unit_scale_vae(path, data_dir):
 
 
 def _run(cmd):
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
-    assert out.returncode == 0, f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
-    return out
+    return run_ok(cmd, env=ENV)
 
 
 @pytest.mark.slow

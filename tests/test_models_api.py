@@ -84,7 +84,6 @@ def _corrupt(tmp_path, fn):
 
 
 def test_missing_extra_misshaped_keys_fail_clearly(tmp_path):
-    key = "model.diffusion_model.out.2.weight"
     p = _corrupt(tmp_path, lambda sd: sd.pop("model.diffusion_model.input_blocks.1.0.in_layers.2.bias"))
     with pytest.raises(CheckpointError, match="input_blocks.1.0.in_layers.2.bias"):
         models.load(p)

@@ -20,36 +20,7 @@ from core.objectives import (
     shift_sigmas,
 )
 
-try:
-    from core.config import LossConfig
-except ImportError:  # stand-in with the contract's fields until core/config.py lands
-
-    @dataclasses.dataclass
-    class LossConfig:  # type: ignore[no-redef]
-        loss_type: str = "l2"
-        huber_c: float = 0.1
-        huber_schedule: str = "snr"
-        noise_offset: float = 0.0
-        noise_offset_random_strength: bool = False
-        multires_noise_iterations: int = 0
-        multires_noise_discount: float = 0.3
-        adaptive_noise_scale: float = 0.0
-        ip_noise_gamma: float = 0.0
-        ip_noise_gamma_random_strength: bool = False
-        min_snr_gamma: float = 0.0
-        scale_v_pred_loss_like_noise_pred: bool = False
-        v_pred_like_loss: float = 0.0
-        debiased_estimation_loss: bool = False
-        zero_terminal_snr: bool = False
-        min_timestep: int = 0
-        max_timestep: int = 1000
-        timestep_sampler_type: str = "uniform"
-        logit_mean: float = 0.0
-        logit_std: float = 1.0
-        mode_scale: float = 1.29
-        discrete_flow_shift: float = 3.0
-        flow_loss_weighting: str = "none"
-        flow_precondition_outputs: bool = False
+from core.config import LossConfig
 
 
 def cfg(**kw) -> LossConfig:

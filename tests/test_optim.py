@@ -25,23 +25,7 @@ from core.optim import (
     build_scheduler,
 )
 
-try:
-    from core.config import OptimizerConfig
-except ImportError:  # stand-in with the contract's fields until core/config.py lands
-
-    @dataclasses.dataclass
-    class OptimizerConfig:  # type: ignore[no-redef]
-        optimizer_type: str = "AdamW"
-        learning_rate: float = 1e-5
-        learning_rate_te1: float | None = None
-        learning_rate_te2: float | None = None
-        optimizer_kwargs: dict = dataclasses.field(default_factory=dict)
-        lr_scheduler: str = "constant"
-        lr_warmup_steps: int = 0
-        lr_scheduler_num_cycles: int = 1
-        lr_scheduler_power: float = 1.0
-        max_grad_norm: float = 1.0
-        param_groups: list = dataclasses.field(default_factory=list)
+from core.config import OptimizerConfig
 
 
 def cfg(**kw) -> OptimizerConfig:

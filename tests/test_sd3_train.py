@@ -6,7 +6,6 @@ on `configs/demo_sd3.toml` (tiny SD3 preset, random weights) and small generated
 import json
 import os
 import random
-import subprocess
 import sys
 
 import numpy as np
@@ -16,18 +15,15 @@ from PIL import Image, ImageDraw
 
 import models
 from core.config import load_config
+from helpers import TORCHRUN, run_ok
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TOKENIZER_JSON = os.path.join(os.path.dirname(__file__), "fixtures", "t5", "tokenizer.json")
 CONFIG = "configs/demo_sd3.toml"
 
 
 def _run(cmd, timeout=300):
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=timeout)
-    assert out.returncode == 0, f"{' '.join(map(str, cmd))} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
-    return out
+    return run_ok(cmd, timeout=timeout)
 
 
 def _data_overrides(data, cache):

@@ -13,16 +13,13 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
+from helpers import ENV, TORCHRUN, run_ok
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _run(cmd, env=None, timeout=600):
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env or ENV, timeout=timeout)
-    assert out.returncode == 0, f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
-    return out
+    return run_ok(cmd, env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

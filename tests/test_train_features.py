@@ -14,17 +14,13 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from helpers import TORCHRUN, run_ok
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _run(cmd, expect=0):
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV, timeout=600)
-    assert out.returncode == expect, \
-        f"{' '.join(map(str, cmd))} exited {out.returncode}, expected {expect}:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
-    return out
+    return run_ok(cmd, expect=expect)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,17 @@
+"""Shared by the end-to-end tests: run the real entry points (plain or under torchrun, gloo on CPU)."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_ok(cmd, env=None, timeout=600, expect=0):
+    """Run `cmd` in the repository root; fail the test with the output tails unless it exits with `expect`."""
+    out = subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True, env=env or ENV,
+                         timeout=timeout)
+    assert out.returncode == expect, (f"{' '.join(map(str, cmd))} exited {out.returncode}, expected {expect}:\n"
+                                      f"{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
+    return out
