@@ -32,7 +32,7 @@ from core.optim import LossRecorder, build_optimizer, build_param_groups_for_mod
 from core import state as rstate
 import models
 from data.index import load_or_build_index
-from data.loader import batches_per_epoch, make_loader
+from data.loader import batches_per_epoch, make_loader, usable_rows
 
 DTYPES = {"no": None, **models.DTYPES}  # config precision names -> torch dtypes ("no": no autocast)
 FSDP_BLOCKS = {"sdxl": ("input_blocks", "output_blocks"), "sd3": ("joint_blocks",)}
@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         index = load_or_build_index(cfg.data, index_dir, is_main=False)  # rank 0 too: the saved, shared index
     except (dist.MainRankError, OSError, ValueError) as e:
         raise SystemExit(f"data error: {e}") from None
-    per_rank_batches = batches_per_epoch(index, cfg.data, info.world_size, store)
+    rows = usable_rows(index, store)  # one pass over the store's keys, shared by the two calls below
+    per_rank_batches = batches_per_epoch(index, cfg.data, info.world_size, rows=rows)
     if per_rank_batches == 0:
         raise SystemExit("no training data: the dataset (or the latent store) is empty; see the log and skipped.txt")
     accum = cfg.train.gradient_accumulation_steps
@@ -309,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         loader = make_loader(index, cfg.data, store, seed=cfg.seed, epoch=epoch, rank=info.rank,
                              world_size=info.world_size, skip=cursor, num_workers=cfg.data.max_dataloader_n_workers,
                              pin_memory=device.type == "cuda",
-                             persistent_workers=cfg.data.persistent_data_loader_workers)
+                             persistent_workers=cfg.data.persistent_data_loader_workers, rows=rows)
         while step < total_steps:
             batches = iter(loader)
             while step < total_steps:

@@ -46,9 +46,6 @@ def usable_rows(index: DatasetIndex, store=None) -> np.ndarray:
     """Rows with repeats > 0 that can be read (present in the store when one is given)."""
     rows = np.nonzero(index.repeats > 0)[0]
     if store is not None:
-        memo = getattr(store, "_usable_rows_memo", None)  # one lookup pass per (index, store), not per epoch
-        if memo is not None and memo[0] is index:
-            return memo[1]
         keys = index.keys.tolist()
         have = np.asarray(store.contains_many([keys[i] for i in rows.tolist()]), dtype=bool)
         missing = len(rows) - int(have.sum())
@@ -56,7 +53,6 @@ def usable_rows(index: DatasetIndex, store=None) -> np.ndarray:
             log.warning("%d of %d training images are not in the latent store; they are left out (run cache.py)",
                         missing, len(rows))
         rows = rows[have]
-        store._usable_rows_memo = (index, rows)
     return rows
 
 
@@ -84,9 +80,10 @@ def global_batches(index: DatasetIndex, batch_size: int, seed: int, epoch: int,
     return [batches[i] for i in perm]
 
 
-def batches_per_epoch(index: DatasetIndex, data_cfg, world_size: int, store=None) -> int:
-    """Steps each rank runs per epoch (ceil of global batches / world size)."""
-    rows = usable_rows(index, store)
+def batches_per_epoch(index: DatasetIndex, data_cfg, world_size: int, store=None,
+                      rows: np.ndarray | None = None) -> int:
+    """Steps each rank runs per epoch (ceil of global batches / world size); `rows` = usable_rows(), if known."""
+    rows = usable_rows(index, store) if rows is None else rows
     n = len(global_batches(index, int(data_cfg.batch_size), 0, 0, rows))
     return math.ceil(n / max(1, world_size))
 
@@ -219,11 +216,12 @@ class EpochBatches:
 
 def make_loader(index: DatasetIndex, data_cfg, store, *, seed: int, epoch: int, rank: int, world_size: int,
                 skip: int = 0, num_workers: int = 0, pin_memory: bool = False,
-                persistent_workers: bool = False) -> DataLoader:
-    """Batches for one rank (dicts, see `collate`) starting at `epoch`, `skip` = global batches already consumed.
+                persistent_workers: bool = False, rows: np.ndarray | None = None) -> DataLoader:
+    """Batches for one rank (dicts, see `collate`) starting at `epoch`, `skip` = global batches already consumed;
+    `rows` = usable_rows(index, store) when the caller already has them (one store lookup pass per run).
     For the next epoch call `loader.batch_sampler.set_epoch(epoch)` and iterate again (workers are kept alive when
     `persistent_workers` and num_workers > 0)."""
-    rows = usable_rows(index, store)
+    rows = usable_rows(index, store) if rows is None else rows
     sampler = EpochBatches(index, int(data_cfg.batch_size), rows, seed=seed, epoch=epoch, rank=rank,
                            world_size=world_size, skip=skip)
     return DataLoader(_Items(index, data_cfg, store, seed, epoch), batch_sampler=sampler, collate_fn=collate,

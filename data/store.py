@@ -527,7 +527,6 @@ class LatentStore:
         # DataLoader workers get their own mmaps and lock.
         st = self.__dict__.copy()
         st["_maps"], st["_fds"], st["_lock"], st["_dctx"] = OrderedDict(), OrderedDict(), None, None
-        st.pop("_usable_rows_memo", None)  # the loader's memo stays in the main process
         return st
 
     def __setstate__(self, st: dict[str, Any]) -> None:

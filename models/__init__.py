@@ -199,7 +199,6 @@ def _load_diffusers_vae(f: SafeTensorFile, dtype: torch.dtype | None, device: An
     return module
 
 
-PRECISION = DTYPES
 
 
 def save(comp: Any, path: str, precision: str = "fp16", title: str = "", extra_metadata: Mapping[str, str] | None = None,
