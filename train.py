@@ -26,6 +26,7 @@ from torch import nn
 from core import cli, dist
 from core.config import format_output_dir, make_run_dirs, run_dirs, to_dict, to_toml
 from core.ema import EMA
+from core.fsio import commit_file
 from core.metrics import MetricsWriter, setup_logging
 from core.objectives import build_objective
 from core.optim import LossRecorder, build_optimizer, build_param_groups_for_models, build_scheduler
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- settings that only make sense together, checked before anything is created or loaded
     try:
         family = models.family_of(cfg.model)
+        cfg, prediction_notes = models.resolve_prediction(cfg)  # config values win over the checkpoint's markers
         check_settings(cfg, family)
         objective = build_objective(family, cfg.loss, cfg.model.v_parameterization)
         prompts = load_sample_prompts(cfg)
@@ -121,11 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         tmp = os.path.join(out_dir, f".config.toml.tmp-{os.getpid()}")
         with open(tmp, "w") as f:
             f.write(to_toml(cfg))
-        os.replace(tmp, os.path.join(out_dir, "config.toml"))
+        commit_file(tmp, os.path.join(out_dir, "config.toml"))
     dist.barrier()
     log = setup_logging(paths["logs"], master)
     metrics = MetricsWriter(paths["logs"], master, cfg.log.tensorboard)
     log.info(f"run folder {out_dir}; {info.world_size} process(es) on {device.type}")
+    for note in prediction_notes:
+        log.info(note)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -166,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.train.train_text_encoder:
         dtypes.update({name: weight_dtype for name in TRAINABLE_TEXT_LR})
     try:
-        comp = models.from_config(cfg.model, device=device, seed=cfg.seed, parts=parts, dtype=dtypes)
+        comp = models.from_config(cfg.model, device=device, seed=cfg.seed, parts=parts, dtype=dtypes,
+                                  zero_terminal_snr=cfg.loss.zero_terminal_snr)
     except (models.CheckpointError, OSError) as e:  # missing / damaged / mismatched checkpoint files
         raise SystemExit(f"model error: {e}") from None
     net = comp.network

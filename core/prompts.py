@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
+from core.fsio import commit_file
 from core.sampling import A1111_NAMES, canonical_sampler_name
 
 if sys.version_info >= (3, 11):
@@ -240,7 +241,7 @@ def save_png(image: "PIL.Image.Image", path: str, parameters: str) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
+        commit_file(tmp, path)  # mkstemp made it 0600: the normal mode, fsync, rename
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)

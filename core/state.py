@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from core.fsio import fsync_dir as _fsync_dir, fsync_file as _fsync_file
+from core.fsio import fsync_dir as _fsync_dir, fsync_file as _fsync_file, set_file_mode
 
 STATE_RE = re.compile(r"^step-(\d{8})$")
 MARKER = "COMPLETE"
@@ -53,6 +53,7 @@ def write_rank_rng(tmp: str, rank: int) -> None:
         rng["cuda"] = torch.cuda.get_rng_state()
     path = os.path.join(tmp, f"rng-rank{rank}.pt")
     torch.save(rng, path)
+    set_file_mode(path)
     _fsync_file(path)
 
 
@@ -80,6 +81,7 @@ def write_state(tmp: str, final: str, *, trained: dict[str, torch.Tensor], optim
         if name.startswith("rng-rank"):
             files[name] = os.path.join(tmp, name)
     for path in files.values():
+        set_file_mode(path)  # safetensors writes 0600
         _fsync_file(path)
     if before_marker is not None:  # test hook: simulate a crash during the write
         before_marker()
@@ -89,6 +91,7 @@ def write_state(tmp: str, final: str, *, trained: dict[str, torch.Tensor], optim
         json.dump(manifest, f, indent=1, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
+    set_file_mode(mp)
     _fsync_dir(tmp)
     if os.path.exists(final):
         shutil.rmtree(final)

@@ -12,6 +12,8 @@ from typing import Iterable
 import numpy as np
 from PIL import Image, ImageOps
 
+from core.fsio import commit_file
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp") + tuple(
@@ -152,7 +154,7 @@ class SkipReport:
         with open(tmp, "w", encoding="utf-8") as f:
             for p, r in sorted(self.items.items()):
                 f.write(f"{p}\t{r}\n")
-        os.replace(tmp, path)
+        commit_file(tmp, path)
 
     @staticmethod
     def read(path: str) -> dict[str, str]:

@@ -17,6 +17,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from core.fsio import commit_file
+
 from .buckets import BucketSettings, assign_buckets
 from .captions import count_metadata
 from .images import SkipReport, read_sizes
@@ -105,7 +107,7 @@ class DatasetIndex:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = f"{path}.tmp{os.getpid()}.npz"
         np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        commit_file(tmp, path)
 
     @classmethod
     def load(cls, path: str) -> "DatasetIndex":

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.fsio import fsync_dir
+from core.fsio import commit_file
 
 from .index import StrColumn
 
@@ -117,10 +117,7 @@ def write_shard(path: str, records: list[Record], cfg: str, compress: bool = Fal
         f.write(struct.pack("<Q", len(hb)))
         f.write(hb)
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path))
+    commit_file(tmp, path)
     return 8 + len(hb) + len(data)
 
 
@@ -514,7 +511,7 @@ class LatentStore:
                  keys=kc.blob, key_off=kc.offsets, srcs=sc.blob, src_off=sc.offsets,
                  counts=np.asarray(counts, dtype=np.int64),
                  positions=np.concatenate(positions).astype(np.int64) if positions else np.zeros(0, np.int64))
-        os.replace(tmp, path)
+        commit_file(tmp, path)
         return path
 
     def close(self) -> None:

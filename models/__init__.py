@@ -14,6 +14,7 @@ shape is checked; only the known harmless extras (CONVENTIONS.md) are ignored.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 import os
@@ -36,7 +37,7 @@ NETWORK_PART = {"sdxl": "unet", "sd3": "mmdit"}
 TEXT_CACHE_LAYOUT = {"sdxl": "context+pooled", "sd3": "clip+t5+pooled"}
 BUNDLED_T5_SPIECE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "t5_spiece.model")
 
-__all__ = ["build", "load", "save", "detect_family", "from_config", "load_vae", "vae_identity",
+__all__ = ["build", "load", "save", "detect_family", "from_config", "resolve_prediction", "file_markers", "load_vae", "vae_identity",
            "load_text_encoders", "CheckpointError", "FAMILIES"]
 
 
@@ -60,7 +61,8 @@ def _make(family: str, modules: Mapping[str, nn.Module], opts: Mapping[str, Any]
     if family == "sdxl":
         return sdxl.SDXL(unet=modules.get("unet"), vae=modules.get("vae"), te1=modules.get("te1"), te2=modules.get("te2"),
                          max_token_length=opts.get("max_token_length", 75),
-                         v_parameterization=bool(opts.get("v_parameterization")))
+                         v_parameterization=bool(opts.get("v_parameterization")),
+                         zero_terminal_snr=bool(opts.get("zero_terminal_snr")))
     t5_tok = None
     if "t5" in modules or opts.get("t5_tokenizer"):
         from models.t5 import T5Tokenizer
@@ -116,6 +118,20 @@ def _separate_file(path: str, prefix_in_main: str) -> tuple[SafeTensorFile, str,
     return (f, prefix_in_main, sub) if sub else (f, "", shapes)
 
 
+def file_markers(f: SafeTensorFile, family: str) -> dict[str, bool]:
+    """How a checkpoint says it was trained, read as ComfyUI reads SDXL files (comfy/supported_models.py
+    SDXL.model_type): v-prediction when the top-level `v_pred` key exists (or, from our older exports, when
+    modelspec.prediction_type is "v"), zero terminal SNR when `ztsnr` exists. SD3 (flow matching): neither."""
+    if family != "sdxl":
+        return {"v_parameterization": False, "zero_terminal_snr": False}
+    edm = [k for k in sdxl.EDM_MARKERS if k in f]
+    if edm:
+        raise CheckpointError(f"{f.path}: an EDM-parameterised SDXL model ({', '.join(edm)}; e.g. Playground v2.5) "
+                              "is not supported: sdtrain trains DDPM epsilon / v-prediction models")
+    return {"v_parameterization": sdxl.V_PRED_MARKER in f or f.metadata.get("modelspec.prediction_type") == "v",
+            "zero_terminal_snr": sdxl.ZTSNR_MARKER in f}
+
+
 def _check_leftovers(keys: Iterable[str], prefixes: Iterable[str], ignore: Sequence[str], source: str) -> None:
     prefixes = tuple(prefixes)
     stray = [k for k in keys if not k.startswith(prefixes) and not any(fnmatch.fnmatch(k, p) for p in ignore)]
@@ -131,13 +147,15 @@ def load(path: str | None, family: str | None = None, *, vae: str | None = None,
     sources: dict[str, tuple[SafeTensorFile, str, dict[str, tuple[int, ...]]]] = {}
     main = SafeTensorFile(path) if path else None
     main_shapes = main.shapes() if main is not None else {}
+    markers: dict[str, bool] = {}
     if main is not None and family is None:
         family = detect_family(main_shapes)
     if family is None:
         raise ValueError("model family unknown: give a checkpoint or family=")
     fam = _family_module(family)
     if main is not None:
-        _check_leftovers(main_shapes, fam.PREFIX.values(), fam.IGNORE, main.path)
+        markers = file_markers(main, family)
+        _check_leftovers(main_shapes, fam.PREFIX.values(), (*fam.IGNORE, *getattr(fam, "MARKERS", ())), main.path)
         if family == "sd3" and sd3.CONTEXT_EMBEDDER in main_shapes:
             opts.setdefault("context_dim", main_shapes[sd3.CONTEXT_EMBEDDER][1])
         for name, prefix in fam.PREFIX.items():
@@ -179,8 +197,9 @@ def load(path: str | None, family: str | None = None, *, vae: str | None = None,
     missing = [n for n in (parts or ()) if n not in modules and not (n == "t5" and not opts.get("use_t5", True))]
     if missing:
         raise CheckpointError(f"{path}: no weights for {', '.join(missing)} (give them as separate files?)")
-    if opts.get("v_parameterization") is None:  # an exported v-prediction model says so in its modelspec
-        opts["v_parameterization"] = main is not None and main.metadata.get("modelspec.prediction_type") == "v"
+    for name in ("v_parameterization", "zero_terminal_snr"):  # None: as the file's markers say
+        if opts.get(name) is None:
+            opts[name] = main is not None and markers[name]
     comp = _make(family, modules, opts)
     if main is not None and family == "sdxl":
         for k in (sdxl.CLIP_L_POSITION_IDS, sdxl.BIGG_LOGIT_SCALE):
@@ -241,10 +260,11 @@ def family_of(model_cfg: Any) -> str:
 
 
 def from_config(model_cfg: Any, *, device: str | torch.device = "cpu", dtype: Any = None, seed: int = 0,
-                parts: Sequence[str] | None = None) -> Any:
-    """Components as the [model] table describes: a checkpoint (+ separate files) or a random preset."""
+                parts: Sequence[str] | None = None, zero_terminal_snr: bool | None = None) -> Any:
+    """Components as the [model] table describes: a checkpoint (+ separate files) or a random preset.
+    `zero_terminal_snr` ([loss]): None = as the checkpoint's markers say."""
     family = family_of(model_cfg)
-    opts = _opts(model_cfg)
+    opts = {**_opts(model_cfg), "zero_terminal_snr": zero_terminal_snr}
     if parts is not None and not model_cfg.use_t5:
         parts = [p for p in parts if p != "t5"]
     if model_cfg.pretrained_model_name_or_path:
@@ -259,6 +279,26 @@ def from_config(model_cfg: Any, *, device: str | torch.device = "cpu", dtype: An
     if model_cfg.vae and (parts is None or "vae" in parts):
         comp.vae = load(None, family, vae=model_cfg.vae, dtype=dtype, device=device, parts=("vae",)).vae
     return comp
+
+
+def resolve_prediction(cfg: Any) -> tuple[Any, list[str]]:
+    """cfg with model.v_parameterization and loss.zero_terminal_snr decided: a value set in the config wins,
+    unset (None) ones follow the checkpoint's markers (file_markers), else false. Also returns log lines saying
+    which won where the two could differ."""
+    family = family_of(cfg.model)
+    path = cfg.model.pretrained_model_name_or_path
+    found = file_markers(SafeTensorFile(path), family) if path else {"v_parameterization": False, "zero_terminal_snr": False}
+    notes, fields = [], {}
+    for table, name, marker in (("model", "v_parameterization", "v_pred"), ("loss", "zero_terminal_snr", "ztsnr")):
+        given = getattr(getattr(cfg, table), name)
+        fields[name] = found[name] if given is None else given
+        if given is None and found[name]:
+            notes.append(f"{table}.{name} = true: from the checkpoint's `{marker}` marker")
+        elif given is not None and path and family == "sdxl" and given != found[name]:
+            notes.append(f"{table}.{name} = {str(given).lower()} from the config overrides the checkpoint "
+                         f"({'has' if found[name] else 'has no'} `{marker}` marker)")
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, v_parameterization=fields["v_parameterization"]),
+                               loss=dataclasses.replace(cfg.loss, zero_terminal_snr=fields["zero_terminal_snr"])), notes
 
 
 def load_vae(model_cfg: Any, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, seed: int = 0) -> nn.Module:

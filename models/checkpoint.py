@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from core.fsio import fsync_dir as _fsync_dir, fsync_file
+from core.fsio import commit_file
 
 # How many names of each kind an error message lists before it only counts.
 MAX_LISTED = 20
@@ -186,7 +186,8 @@ def load_module(
 
 
 def save_safetensors_atomic(tensors: Mapping[str, Tensor], path: str, metadata: Mapping[str, str] | None = None) -> None:
-    """Write to path + '.tmp-<pid>', fsync, os.replace, fsync the directory; on failure the old file is untouched."""
+    """Write to path + '.tmp-<pid>', fsync, os.replace, fsync the directory; on failure the old file is untouched.
+    The file gets the umask's normal mode (0644 under 022)."""
     path = str(path)
     meta = dict(metadata or {})
     bad_meta = [k for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str)]
@@ -209,14 +210,12 @@ def save_safetensors_atomic(tensors: Mapping[str, Tensor], path: str, metadata: 
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        save_file(out, tmp, metadata=meta or None)
-        fsync_file(tmp)
-        os.replace(tmp, path)
+        save_file(out, tmp, metadata=meta or None)  # safetensors creates it 0600: commit_file sets the normal mode
+        commit_file(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    _fsync_dir(directory)
 
 
 def modelspec_metadata(

@@ -89,6 +89,7 @@ class SD3(FamilyBase):
     tokenizer: CLIPTokenizer = field(default_factory=default_tokenizer)
     context_dim: int = DEFAULT_CONTEXT_DIM  # MMDiT context_in_dim (= T5 width); CLIP features are zero-padded to it
     v_parameterization: bool = False  # unused (flow matching); kept for a uniform interface
+    zero_terminal_snr: bool = False  # unused (flow matching); kept for a uniform interface
 
     @property
     def network(self) -> nn.Module:

@@ -34,6 +34,15 @@ BIGG_LOGIT_SCALE = "conditioner.embedders.1.model.logit_scale"
 LOGIT_SCALE_DEFAULT = math.log(100.0)  # CLIP's clamped logit scale, the value in released files
 SIZE_EMBED_DIM = 256  # sgm ConcatTimestepEmbedderND outdim, per number (6 numbers -> 1536)
 ARCHITECTURE = "stable-diffusion-xl-v1-base"
+# Empty top-level marker tensors of v-prediction / zero-terminal-SNR fine-tunes (NoobAI-XL-style files). ComfyUI
+# (comfy/supported_models.py, SDXL.model_type) samples a file as v-prediction when `v_pred` is a key of its state
+# dict, and with zero terminal SNR when `ztsnr` is one too; read on load, written on export.
+V_PRED_MARKER = "v_pred"
+ZTSNR_MARKER = "ztsnr"
+MARKERS = (V_PRED_MARKER, ZTSNR_MARKER)
+# Top-level keys of EDM-parameterised SDXL files (Playground v2.5: edm_mean / edm_std; EDM v-prediction:
+# edm_vpred.sigma_max / _min; ComfyUI detects them the same way). We train DDPM only: refused with a clear message.
+EDM_MARKERS = ("edm_mean", "edm_std", "edm_vpred.sigma_max", "edm_vpred.sigma_min")
 
 # Component presets: (unet, vae, te1, te2) preset names per family preset.
 PRESETS = {
@@ -52,6 +61,7 @@ class SDXL(FamilyBase):
     te2: te_mod.OpenCLIPTextModel | None    # OpenCLIP ViT-bigG/14, open_clip naming
     max_token_length: int = 75
     v_parameterization: bool = False
+    zero_terminal_snr: bool = False  # trained with zero-terminal-SNR betas: previews and exports say so
     extras: dict[str, Tensor] = field(default_factory=dict)  # position_ids / logit_scale kept for saving
     family: str = "sdxl"
     tokenizer: CLIPTokenizer = field(default_factory=default_tokenizer)
@@ -105,7 +115,7 @@ class SDXL(FamilyBase):
     # -- latents -------------------------------------------------------------------------------
     def sample_schedule(self):
         from core.sampling import DiscreteSchedule
-        return DiscreteSchedule(prediction="v" if self.v_parameterization else "eps")
+        return DiscreteSchedule(prediction="v" if self.v_parameterization else "eps", zero_terminal_snr=self.zero_terminal_snr)
 
     # -- file layout ---------------------------------------------------------------------------
     def export_state_dict(self) -> dict[str, Tensor]:
@@ -115,6 +125,10 @@ class SDXL(FamilyBase):
             out[CLIP_L_POSITION_IDS] = self.extras.get(CLIP_L_POSITION_IDS, torch.arange(77, dtype=torch.int64)[None])
         if self.te2 is not None:
             out[BIGG_LOGIT_SCALE] = self.extras.get(BIGG_LOGIT_SCALE, torch.tensor(LOGIT_SCALE_DEFAULT))
+        if self.v_parameterization:
+            out[V_PRED_MARKER] = torch.zeros(0)  # empty markers, as the v-prediction files ComfyUI reads carry
+        if self.zero_terminal_snr:
+            out[ZTSNR_MARKER] = torch.zeros(0)
         return out
 
     def modelspec(self) -> dict[str, str]:
