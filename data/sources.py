@@ -1,31 +1,29 @@
-"""Data sources: image folders with caption files, and JSON / JSONL / CSV / SQLite metadata files.
+"""Data sources: which subsets there are, and the walk / listing helpers the readers share.
 
-A subset reads its `metadata_files` when it has any (its `image_dirs` then only serve the fallback lookup of
-missing image paths by file name); otherwise it scans its `image_dirs` for images and same-stem caption files.
-Keys are the metadata keys (or, for folders, CSV and SQLite without a `key` column, the image file stem) and
+`resolve_subsets` turns [data] (and its [[data.subsets]]) into plain `SubsetSpec`s, expanding kohya DreamBooth
+roots (`train_data_dir` / `reg_data_dir`) into one subset per `<repeats>_<class tokens>` folder. `collect` reads
+every subset's sources through the reader registry (data/readers/: one reader per format) into columns. Keys
 must be unique over the whole dataset: duplicates are an error that lists them.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
-import json.scanner
+import logging
 import os
-import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from itertools import repeat
 from typing import Any, Callable
 
-import numpy as np
-
 from .images import IMAGE_EXTENSIONS
+from .readers import Rows, reader_for, sources_of, stat_sig
+from .readers.metadata import METADATA_EXTENSIONS, PATH_FIELD, read_metadata_file  # noqa: F401  (re-exported)
 
-METADATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".sqlite", ".sqlite3", ".db")
-# Columns / fields with a meaning of their own; everything else is carried as metadata for the hooks.
-PATH_FIELD, CAPTION_FIELDS = "image_path", ("caption", "tags")
+log = logging.getLogger(__name__)
+
+Columns = Rows  # the column lists every reader produces
+EMPTY_CAPTION_WARN = 0.05  # warn when more than this share of a subset's captions is empty
 
 
 @dataclass
@@ -42,6 +40,33 @@ class SubsetSpec:
     random_crop: bool
     loss_weight: float
     caption: dict[str, Any] = field(default_factory=dict)  # CaptionOptions fields
+    layout: str = ""                                       # "dreambooth": a kohya <repeats>_<tokens> folder
+    dataset_name_or_path: str = ""                         # a local Hugging Face dataset (parquet / arrow)
+    dataset_image_column: str = ""
+    dataset_caption_column: str = ""
+
+
+def _subset_fields(s, data) -> list[tuple[Any, str, int, str]]:
+    """(subset, layout, repeats, class tokens) for a configured subset, DreamBooth roots expanded."""
+    from .readers.folder import dreambooth_subsets
+
+    roots = [(getattr(s, "train_data_dir", "") or "", False), (getattr(s, "reg_data_dir", "") or "", True)]
+    if not any(r for r, _ in roots):
+        return [(s, "", int(s.num_repeats), s.class_tokens or "")]
+    out = []
+    for root, is_reg in roots:
+        if not root:
+            continue
+        if not os.path.isdir(root):
+            kind = "reg_data_dir" if is_reg else "train_data_dir"
+            raise FileNotFoundError(f"[data] {kind} {root!r} is not a directory")
+        for folder, repeats, tokens in dreambooth_subsets(root, is_reg):
+            from types import SimpleNamespace
+
+            sub = SimpleNamespace(**{**vars(s), "image_dirs": [folder], "metadata_files": [], "is_reg": is_reg,
+                                     "class_tokens": s.class_tokens or tokens})
+            out.append((sub, "dreambooth", repeats, sub.class_tokens))
+    return out
 
 
 def resolve_subsets(data) -> list[SubsetSpec]:
@@ -56,32 +81,50 @@ def resolve_subsets(data) -> list[SubsetSpec]:
                                 caption_extension=None, num_repeats=data.num_repeats, is_reg=False, class_tokens="",
                                 shuffle_caption=None, keep_tokens=None, caption_dropout_rate=None,
                                 caption_tag_dropout_rate=None, caption_prefix=None, caption_suffix=None,
-                                flip_aug=None, random_crop=None, loss_weight=1.0)]
+                                flip_aug=None, random_crop=None, loss_weight=1.0,
+                                train_data_dir=getattr(data, "train_data_dir", ""),
+                                reg_data_dir=getattr(data, "reg_data_dir", ""),
+                                dataset_name_or_path=getattr(data, "dataset_name_or_path", ""))]
+    prior = float(getattr(data, "prior_loss_weight", 1.0))
     out = []
-    for i, s in enumerate(subs):
-        if not s.image_dirs and not s.metadata_files:
-            raise ValueError(f"[data] subset {i}: needs image_dirs or metadata_files (both are empty)")
-        if int(s.num_repeats) < 0:
-            raise ValueError(f"[data] subset {i}: num_repeats = {s.num_repeats} must be >= 0")
-        for p in list(s.image_dirs):
-            if not os.path.isdir(p):
-                raise FileNotFoundError(f"[data] subset {i}: image_dirs entry {p!r} is not a directory")
-        for p in list(s.metadata_files):
-            if not os.path.isfile(p):
-                raise FileNotFoundError(f"[data] subset {i}: metadata file {p!r} does not exist")
-            if not p.lower().endswith(METADATA_EXTENSIONS):
-                raise ValueError(f"[data] subset {i}: metadata file {p!r} has an unknown extension; "
-                                 f"allowed: {', '.join(METADATA_EXTENSIONS)}")
-        opts = options_for_subset(s, data)
-        ext = s.caption_extension if s.caption_extension is not None else data.caption_extension
-        out.append(SubsetSpec(
-            image_dirs=[os.path.abspath(p) for p in s.image_dirs],
-            metadata_files=[os.path.abspath(p) for p in s.metadata_files],
-            caption_extension=ext if ext.startswith(".") else "." + ext,
-            num_repeats=int(s.num_repeats), is_reg=bool(s.is_reg), class_tokens=s.class_tokens or "",
-            flip_aug=bool(data.flip_aug if s.flip_aug is None else s.flip_aug),
-            random_crop=bool(data.random_crop if s.random_crop is None else s.random_crop),
-            loss_weight=float(s.loss_weight), caption=opts.__dict__.copy()))
+    for i, s0 in enumerate(subs):
+        for s, layout, repeats, tokens in _subset_fields(s0, data):
+            ds = getattr(s, "dataset_name_or_path", "") or ""
+            if not s.image_dirs and not s.metadata_files and not ds:
+                raise ValueError(f"[data] subset {i}: needs image_dirs, metadata_files, train_data_dir / "
+                                 f"reg_data_dir or dataset_name_or_path (all are empty)")
+            if repeats < 0:
+                raise ValueError(f"[data] subset {i}: num_repeats = {repeats} must be >= 0")
+            for p in list(s.image_dirs):
+                if not os.path.isdir(p):
+                    raise FileNotFoundError(f"[data] subset {i}: image_dirs entry {p!r} is not a directory")
+            for p in list(s.metadata_files):
+                if not os.path.isfile(p):
+                    raise FileNotFoundError(f"[data] subset {i}: metadata file {p!r} does not exist")
+                if not p.lower().endswith(METADATA_EXTENSIONS):
+                    raise ValueError(f"[data] subset {i}: metadata file {p!r} has an unknown extension; "
+                                     f"allowed: {', '.join(METADATA_EXTENSIONS)}")
+            if ds and not os.path.exists(ds):
+                raise FileNotFoundError(f"[data] subset {i}: dataset_name_or_path {ds!r} does not exist (only "
+                                        f"local datasets are read: a hub snapshot folder or a save_to_disk folder)")
+            s.class_tokens = tokens
+            opts = options_for_subset(s, data)
+            ext = s.caption_extension if s.caption_extension is not None else data.caption_extension
+            is_reg = bool(s.is_reg)
+            out.append(SubsetSpec(
+                image_dirs=[os.path.abspath(p) for p in s.image_dirs],
+                metadata_files=[os.path.abspath(p) for p in s.metadata_files],
+                caption_extension=ext if ext.startswith(".") else "." + ext,
+                num_repeats=int(repeats), is_reg=is_reg, class_tokens=tokens,
+                flip_aug=bool(data.flip_aug if s.flip_aug is None else s.flip_aug),
+                random_crop=bool(data.random_crop if s.random_crop is None else s.random_crop),
+                # kohya: regularisation images are weighted by prior_loss_weight (through the per-sample weight)
+                loss_weight=float(s.loss_weight) * (prior if is_reg else 1.0), caption=opts.__dict__.copy(),
+                layout=layout, dataset_name_or_path=os.path.abspath(ds) if ds else "",
+                dataset_image_column=getattr(s, "dataset_image_column", None) or getattr(data, "dataset_image_column", ""),
+                dataset_caption_column=getattr(s, "dataset_caption_column", None) or getattr(data, "dataset_caption_column", "")))
+    if len(out) > 32767:
+        raise ValueError(f"[data] {len(out)} subsets; at most 32767 are supported")
     return out
 
 
@@ -125,181 +168,22 @@ def list_images(dirs: list[str], recursive: bool, threads: int = 16) -> list[tup
 
 
 def _stat_sig(path: str) -> str:
-    try:
-        st = os.stat(path)
-        return f"{st.st_size}:{st.st_mtime_ns}"
-    except OSError:
-        return "-"
+    return stat_sig(path)
 
 
 def inputs_fingerprint(subsets: list[SubsetSpec], recursive: bool, extra: str) -> str:
-    """Hash of everything the index depends on: settings, metadata file stats, image folder listings."""
+    """Hash of everything the index depends on: settings, and what each source's reader says its rows depend on."""
     h = hashlib.sha256(extra.encode())
     h.update(repr(recursive).encode())
     for s in subsets:
         h.update(json.dumps(s.__dict__, sort_keys=True, default=str).encode())
-        for m in s.metadata_files:
-            h.update(f"M{m}:{_stat_sig(m)}".encode())
+        for src in sources_of(s, recursive):
+            reader_for(src).fingerprint(src, h)
         if s.metadata_files:
             # Folders only matter for the fallback lookup: their listing (names) is enough.
             for d in s.image_dirs:
-                h.update(f"D{d}:{_stat_sig(d)}".encode())
-        else:
-            for p, size, mt in list_images(s.image_dirs, recursive):
-                h.update(f"{p}:{size}:{mt}:{_stat_sig(os.path.splitext(p)[0] + s.caption_extension)}".encode())
+                h.update(f"D{d}:{stat_sig(d)}".encode())
     return h.hexdigest()[:32]
-
-
-def _read_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read().strip()
-    except FileNotFoundError:
-        return ""
-    except UnicodeDecodeError as e:
-        raise ValueError(f"caption file {path!r} is not UTF-8: {e}") from None
-
-
-def _size_from_md(md: dict[str, Any]) -> tuple[int, int]:
-    """(w, h) from `image_size` / `original_size` ([w, h]) or `width`/`height`; (-1, -1) when absent."""
-    for k in ("image_size", "original_size"):
-        v = md.get(k)
-        if isinstance(v, str) and v.strip():
-            try:
-                v = json.loads(v)
-            except ValueError:
-                v = [p for p in v.replace("x", ",").split(",")]
-        if isinstance(v, (list, tuple)) and len(v) == 2:
-            try:
-                return int(v[0]), int(v[1])
-            except (TypeError, ValueError):
-                pass
-    if md.get("width") not in (None, "") and md.get("height") not in (None, ""):
-        return int(md["width"]), int(md["height"])
-    return -1, -1
-
-
-def _first_bad(items: list, ok: Callable[[Any], bool]) -> int:
-    return next(i for i, x in enumerate(items) if not ok(x))
-
-
-def _keyed(recs: list, where: Callable[[int], str]) -> tuple[list[str], list[dict[str, Any]]]:
-    """Keys of list-style records: their `key`, else the stem of their image_path."""
-    if not all(map(isinstance, recs, repeat(dict))):
-        i = _first_bad(recs, lambda r: isinstance(r, dict))
-        raise ValueError(f"{where(i)}: expected an object with image_path, got {type(recs[i]).__name__}")
-    keys = [r.get("key") for r in recs]
-    for i, k in enumerate(keys):
-        if not k:  # only records without a key pay for the per-entry work
-            p = recs[i].get(PATH_FIELD)
-            k = os.path.splitext(os.path.basename(p))[0] if p else None
-            if not k:
-                raise ValueError(f"{where(i)}: record has neither 'key' nor '{PATH_FIELD}'")
-            keys[i] = k
-    return list(map(str, keys)), recs
-
-
-def _read_jsonl(path: str) -> tuple[list[str], list[dict[str, Any]]]:
-    # The C scanner on each line skips json.loads' per-call checks and regex matches; errors go through
-    # json.loads so their messages are the standard ones.
-    scan = json.scanner.make_scanner(json.JSONDecoder())
-    recs, lines = [], []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                obj, end = scan(line, 0)
-                ok = end == len(line)
-            except (StopIteration, ValueError):
-                ok = False
-            if not ok:
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"metadata {path!r} line {i + 1} is not valid JSON: {e}") from None
-            recs.append(obj)
-            lines.append(i + 1)
-    return _keyed(recs, lambda j: f"metadata {path!r} line {lines[j]}")
-
-
-def read_metadata_file(path: str) -> tuple[list[str], list[dict[str, Any]]]:
-    """(keys, records) of a JSON ({key: {...}} or a list), JSONL, CSV (header row) or SQLite metadata file."""
-    low = path.lower()
-    if low.endswith(".json"):
-        with open(path, "rb") as f:
-            try:
-                obj = json.loads(f.read())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"metadata {path!r} is not valid JSON: {e}") from None
-        if isinstance(obj, dict):
-            recs = list(obj.values())
-            if not all(map(isinstance, recs, repeat(dict))):
-                k = list(obj)[_first_bad(recs, lambda r: isinstance(r, dict))]
-                raise ValueError(f"metadata {path!r}: entry {k!r} must be an object, got {type(obj[k]).__name__}")
-            return list(obj), recs  # JSON object keys are already str
-        if isinstance(obj, list):
-            return _keyed(obj, lambda i: f"metadata {path!r} item {i}")
-        raise ValueError(f"metadata {path!r}: top level must be an object {{key: {{...}}}} or a list")
-    if low.endswith(".jsonl"):
-        return _read_jsonl(path)
-    if low.endswith(".csv"):
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or PATH_FIELD not in reader.fieldnames:
-                raise ValueError(f"metadata {path!r}: the CSV header must contain '{PATH_FIELD}' "
-                                 f"(found {reader.fieldnames})")
-            return _keyed(list(reader), lambda i: f"metadata {path!r} row {i + 2}")
-    # SQLite: the one table that has image_path (and caption) columns.
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        cands = []
-        for t in tables:
-            cols = [r[1] for r in con.execute(f'PRAGMA table_info("{t}")')]
-            if PATH_FIELD in cols:
-                cands.append((t, cols))
-        if len(cands) != 1:
-            raise ValueError(f"metadata {path!r}: need exactly one table with an '{PATH_FIELD}' column; "
-                             f"tables: {tables}, with it: {[c[0] for c in cands]}")
-        t, cols = cands[0]
-        rows = con.execute(f'SELECT * FROM "{t}"').fetchall()
-        return _keyed([{c: v for c, v in zip(cols, r) if v is not None} for r in rows],
-                      lambda i: f"metadata {path!r} table {t}")
-    except sqlite3.DatabaseError as e:
-        raise ValueError(f"metadata {path!r} is not a readable SQLite database: {e}") from None
-    finally:
-        con.close()
-
-
-def _sizes_from_records(recs: list[dict[str, Any]]) -> np.ndarray:
-    """[N, 2] int64 (w, h) per record as `_size_from_md` reads it; (-1, -1) when absent."""
-    n = len(recs)
-    if n == 0:
-        return np.zeros((0, 2), np.int64)
-    # Fast path, one numpy conversion: every record has image_size = [int, int].
-    try:
-        a = np.array([r.get("image_size") for r in recs])
-    except (ValueError, TypeError, OverflowError):  # ragged or odd values
-        a = None
-    if a is not None and a.shape == (n, 2) and a.dtype.kind in "iu":
-        return a.astype(np.int64)
-    return np.array([_size_from_md(r) for r in recs], np.int64).reshape(n, 2)
-
-
-@dataclass
-class Columns:
-    """Raw dataset entries, column-wise (lists; turned into numpy columns by the index)."""
-
-    keys: list[str] = field(default_factory=list)
-    paths: list[str] = field(default_factory=list)
-    captions: list[str] = field(default_factory=list)
-    metadata: list[dict[str, Any]] = field(default_factory=list)
-    widths: list[int] = field(default_factory=list)
-    heights: list[int] = field(default_factory=list)
-    subset: list[int] = field(default_factory=list)
-    origin: list[str] = field(default_factory=list)  # where the entry came from, for error messages
 
 
 def map_chunked(fn: Callable, items: list, threads: int, chunk: int = 2048) -> list:
@@ -360,59 +244,30 @@ def _image_names(dirs: list[str], threads: int) -> dict[str, str]:
     return dict(zip(map(os.path.basename, reversed(files)), reversed(files)))  # later (smaller) paths win
 
 
-def _metadata_subset(s: SubsetSpec, si: int, cols: Columns, threads: int) -> None:
-    """Append a metadata subset's entries column-wise (no per-entry Python work beyond list comprehensions)."""
-    paths: list[str] = []
-    n0 = len(cols.keys)
-    for m in s.metadata_files:
-        keys, recs = read_metadata_file(m)
-        # The records are ours (freshly parsed): pop path and caption so the rest is the entry's metadata as is.
-        ps = [r.pop(PATH_FIELD, None) or "" for r in recs]
-        if not all(map(isinstance, ps, repeat(str))):
-            i = _first_bad(ps, lambda p: isinstance(p, str))
-            raise ValueError(f"metadata {m!r}: entry {keys[i]!r} has a non-text {PATH_FIELD} {ps[i]!r}")
-        base = os.path.dirname(m)
-        for i in [i for i, p in enumerate(ps) if p and not p.startswith(os.sep)]:
-            if not os.path.isabs(ps[i]):  # relative to the metadata file
-                ps[i] = os.path.join(base, ps[i])
-        caps = [r.pop("caption", None) for r in recs]
-        for i in [i for i, c in enumerate(caps) if c is None]:
-            caps[i] = recs[i].get("tags") or ""
-        wh = _sizes_from_records(recs)
-        cols.keys += keys; paths += ps; cols.captions += map(str, caps); cols.metadata += recs
-        cols.widths += wh[:, 0].tolist(); cols.heights += wh[:, 1].tolist()
-        cols.subset += [si] * len(keys); cols.origin += [m] * len(keys)
-    if s.image_dirs:
-        # Fallback: find a missing image by its file name in the subset's image_dirs.
-        exists = _exists_by_listing(paths, threads)
-        if not all(exists):
-            by_name = _image_names(s.image_dirs, threads)
-            miss = [j for j, ok in enumerate(exists) if not ok]
-            hits = [(j, f) for j, f in zip(miss, map(by_name.get, [os.path.basename(paths[j]) for j in miss])) if f]
-            for j, found in hits:
-                # A path the listings could not settle is asked of the OS only when it would be replaced.
-                if exists[j] is False or not os.path.exists(paths[j]):
-                    paths[j] = found
-    cols.paths += paths
-    assert len(cols.paths) == len(cols.keys) == n0 + len(paths)
-
-
-def collect(subsets: list[SubsetSpec], recursive: bool, threads: int = 16) -> Columns:
-    """Read every subset into columns; raise on duplicate keys (listing them)."""
-    cols = Columns()
+def collect(subsets: list[SubsetSpec], recursive: bool, threads: int = 16) -> Rows:
+    """Read every subset's sources into columns (each through its format's reader); raise on duplicate keys."""
+    cols = Rows()
     for si, s in enumerate(subsets):
-        if s.metadata_files:
-            _metadata_subset(s, si, cols, threads)
-        else:
-            files = list_images(s.image_dirs, recursive, threads)
-            caps = [os.path.splitext(p)[0] + s.caption_extension for p, _, _ in files]
-            texts = map_chunked(_read_text, caps, threads, 256)
-            for (p, _, _), cap in zip(files, texts):
-                cols.keys.append(os.path.splitext(os.path.basename(p))[0]); cols.paths.append(p)
-                cols.captions.append(cap); cols.metadata.append({}); cols.widths.append(-1)
-                cols.heights.append(-1); cols.subset.append(si); cols.origin.append(p)
+        n0 = len(cols)
+        for src in sources_of(s, recursive):
+            for chunk in reader_for(src).read(src, si, threads):
+                cols.extend(chunk)
+        warn_empty_captions(cols.captions[n0:], s, si)
     check_duplicates(cols)
     return cols
+
+
+def warn_empty_captions(captions: list[str], s: SubsetSpec, si: int) -> None:
+    """One warning when more than a few percent of a subset's captions are empty (class tokens do not count)."""
+    if not captions or s.class_tokens:
+        return
+    empty = captions.count("")
+    if empty > EMPTY_CAPTION_WARN * len(captions):
+        where = (s.image_dirs or s.metadata_files or [s.dataset_name_or_path])[0]
+        log.warning("subset %d (%s): %d of %d captions are empty (%.0f%%); check caption_extension / the caption "
+                    "column (set class_tokens to give them a caption)", si, where, empty, len(captions),
+                    100.0 * empty / len(captions))
+
 
 
 def check_duplicates(cols: Columns, limit: int = 20) -> None:

@@ -1,0 +1,143 @@
+"""Dataset readers: one per on-disk format, all behind one interface, all producing the same index rows.
+
+A subset's *sources* are its metadata files (one source each), its Hugging Face dataset folder, or else its image
+folders (one source for all of them). Each source is read by the first registered reader whose `claims(source)`
+is true; the reader streams `Rows` chunks (column lists, never one object per entry) and hashes what its rows
+depend on for the index fingerprint. Nothing outside this package knows about formats.
+
+Adding a format = one module with a `Reader` subclass, decorated with `@register`, imported at the bottom of this
+file. A container format whose images are members of a bigger file (parquet / arrow tables, tar shards) gives its
+rows locators `"<container path>::<member>"` as paths and implements `read_member`; `open_bytes` routes every
+locator to the reader that made it, so cache.py and the loader decode those images like files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+LOCATOR_SEP = "::"  # "<container file>::<member>" (a member of a parquet / arrow table, a tar shard, ...)
+CHUNK = 65536       # rows per streamed chunk
+
+
+@dataclass
+class Source:
+    """One thing to read: a metadata file, a dataset folder, or a subset's image folders."""
+
+    kind: str                      # "metadata" | "dataset" | "folders"
+    path: str                      # the file / folder ("" for "folders")
+    spec: Any                      # the SubsetSpec (image_dirs, caption_extension, options ...)
+    recursive: bool = False
+
+
+@dataclass
+class Rows:
+    """Raw dataset entries, column-wise (lists; turned into numpy columns by the index)."""
+
+    keys: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
+    metadata: list[dict[str, Any]] = field(default_factory=list)
+    widths: list[int] = field(default_factory=list)    # -1 = read from the image header
+    heights: list[int] = field(default_factory=list)
+    subset: list[int] = field(default_factory=list)
+    origin: list[str] = field(default_factory=list)    # where the entry came from, for error messages
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def extend(self, other: "Rows") -> None:
+        for name in self.__dataclass_fields__:
+            getattr(self, name).extend(getattr(other, name))
+
+    def take(self, sel: list[int]) -> "Rows":
+        """The rows at positions sel (a new object)."""
+        return Rows(**{n: [getattr(self, n)[i] for i in sel] for n in self.__dataclass_fields__})
+
+
+class Reader:
+    """One dataset format. Subclasses set `name` and implement `claims`, `read` (and `fingerprint` when the
+    default, the source file's size + mtime, is not what its rows depend on)."""
+
+    name = "?"
+    container_exts: tuple[str, ...] = ()  # locator containers this reader opens in `read_member`
+
+    def claims(self, src: Source) -> bool:
+        raise NotImplementedError
+
+    def read(self, src: Source, subset_index: int, threads: int) -> Iterator[Rows]:
+        """Stream the source's rows in chunks; every row's `subset` is subset_index."""
+        raise NotImplementedError
+
+    def fingerprint(self, src: Source, h: "hashlib._Hash") -> None:
+        """Feed what the rows depend on into h (cheap: stats and listings, never file contents of images)."""
+        h.update(f"{self.name}:{src.path}:{stat_sig(src.path)}".encode())
+
+    def read_member(self, locator: str) -> bytes:
+        """The bytes of one member of a container file (only readers with container_exts)."""
+        raise NotImplementedError(f"reader {self.name} has no container members")
+
+
+READERS: list[Reader] = []
+
+
+def register(cls: type[Reader]) -> type[Reader]:
+    """Class decorator: add a reader (readers registered earlier are asked first)."""
+    READERS.append(cls())
+    return cls
+
+
+def reader_for(src: Source) -> Reader:
+    """The reader of a source; a clear error when no format matches."""
+    for r in READERS:
+        if r.claims(src):
+            return r
+    raise ValueError(f"{src.kind} {src.path!r}: no reader recognises this format "
+                     f"(readers: {', '.join(r.name for r in READERS)})")
+
+
+def sources_of(spec: Any, recursive: bool) -> list[Source]:
+    """A subset's sources: each metadata file, else its dataset folder, else its image folders."""
+    if spec.metadata_files:
+        return [Source("metadata", m, spec, recursive) for m in spec.metadata_files]
+    if getattr(spec, "dataset_name_or_path", ""):
+        return [Source("dataset", spec.dataset_name_or_path, spec, recursive)]
+    return [Source("folders", "", spec, recursive)]
+
+
+def is_locator(path: str) -> bool:
+    return LOCATOR_SEP in path
+
+
+def split_locator(path: str) -> tuple[str, str]:
+    container, _, member = path.rpartition(LOCATOR_SEP)
+    return container, member
+
+
+def open_bytes(locator: str) -> bytes:
+    """The bytes behind a locator, from the reader that owns its container's extension."""
+    container, _ = split_locator(locator)
+    low = container.lower()
+    for r in READERS:
+        if r.container_exts and low.endswith(r.container_exts):
+            return r.read_member(locator)
+    raise FileNotFoundError(f"{locator!r}: no reader opens {container!r}")
+
+
+def stat_sig(path: str) -> str:
+    """size:mtime_ns of a path ('-' when missing); locators use their container's."""
+    import os
+
+    if is_locator(path):
+        path = split_locator(path)[0]
+    try:
+        st = os.stat(path)
+        return f"{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        return "-"
+
+
+# The formats, in the order they are asked (more specific first).
+from . import metadata as _metadata  # noqa: E402,F401  (registers kohya / HCP / HF imagefolder / own metadata)
+from . import folder as _folder  # noqa: E402,F401  (registers DreamBooth folders, HF imagefolder dirs, plain folders)

@@ -1,0 +1,461 @@
+"""Metadata files: kohya fine-tune metadata, HCP-Diffusion caption JSON, Hugging Face imagefolder metadata, and
+our own JSON / JSONL / CSV / SQLite records.
+
+- kohya (`merge_captions_to_metadata.py`, `merge_dd_tags_to_metadata.py`, `prepare_buckets_latents.py` output,
+  e.g. `meta_lat.json`): `{key: {"caption", "tags", "train_resolution"}}`, no image path. The key is the image stem
+  (found in `image_dirs` with any supported extension) or, with `--full_path`, the image path. Caption as kohya
+  builds it (train_util.FineTuningDataset, no wildcard): `caption`, then `caption_separator + tags` when there are
+  tags (tags alone when there is no caption). `train_resolution` (w, h) is the size used for bucketing, as kohya
+  uses it, so no image header is read.
+- HCP-Diffusion caption JSON: `{"<image name or stem>": "caption", ...}`; images found by stem in `image_dirs`.
+- Hugging Face imagefolder `metadata.jsonl` / `metadata.csv`: `file_name` relative to the file's folder, the
+  caption in `dataset_caption_column` (default: `text`, else `caption`), other columns carried as metadata.
+- Ours / euge-trainer's: `{key: {"image_path", "caption", ...}}` or a list / JSONL / CSV / SQLite of records with
+  `image_path` (and optionally `key`); caption = `caption`, else `tags` (euge-trainer's `caption or tags`).
+A path that does not exist is looked up by file name in the subset's `image_dirs`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import json.scanner
+import os
+import sqlite3
+from itertools import repeat
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from ..images import IMAGE_EXTENSIONS
+from . import CHUNK, Reader, Rows, Source, register
+
+METADATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".sqlite", ".sqlite3", ".db")
+PATH_FIELD = "image_path"
+HF_FILE_FIELD = "file_name"
+HF_CAPTION_FIELDS = ("text", "caption")
+PEEK_BYTES = 1 << 16
+
+
+# ---- parsing ---------------------------------------------------------------------------------------------------
+
+def _first_bad(items: list, ok: Callable[[Any], bool]) -> int:
+    return next(i for i, x in enumerate(items) if not ok(x))
+
+
+def _keyed(recs: list, where: Callable[[int], str]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Keys of list-style records: their `key`, else the stem of their image_path."""
+    if not all(map(isinstance, recs, repeat(dict))):
+        i = _first_bad(recs, lambda r: isinstance(r, dict))
+        raise ValueError(f"{where(i)}: expected an object with image_path, got {type(recs[i]).__name__}")
+    keys = [r.get("key") for r in recs]
+    for i, k in enumerate(keys):
+        if not k:  # only records without a key pay for the per-entry work
+            p = recs[i].get(PATH_FIELD)
+            k = os.path.splitext(os.path.basename(p))[0] if p else None
+            if not k:
+                raise ValueError(f"{where(i)}: record has neither 'key' nor '{PATH_FIELD}'")
+            keys[i] = k
+    return list(map(str, keys)), recs
+
+
+def read_jsonl(path: str) -> tuple[list[dict[str, Any]], list[int]]:
+    """(records, line numbers) of a JSONL file."""
+    # The C scanner on each line skips json.loads' per-call checks and regex matches; errors go through
+    # json.loads so their messages are the standard ones.
+    scan = json.scanner.make_scanner(json.JSONDecoder())
+    recs, lines = [], []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                obj, end = scan(line, 0)
+                ok = end == len(line)
+            except (StopIteration, ValueError):
+                ok = False
+            if not ok:
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"metadata {path!r} line {i + 1} is not valid JSON: {e}") from None
+            recs.append(obj)
+            lines.append(i + 1)
+    return recs, lines
+
+
+def _load_json(path: str) -> Any:
+    with open(path, "rb") as f:
+        try:
+            return json.loads(f.read())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"metadata {path!r} is not valid JSON: {e}") from None
+
+
+def read_metadata_file(path: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """(keys, records) of a JSON ({key: {...}} or a list), JSONL, CSV (header row) or SQLite metadata file."""
+    low = path.lower()
+    if low.endswith(".json"):
+        obj = _load_json(path)
+        if isinstance(obj, dict):
+            recs = list(obj.values())
+            if not all(map(isinstance, recs, repeat(dict))):
+                k = list(obj)[_first_bad(recs, lambda r: isinstance(r, dict))]
+                raise ValueError(f"metadata {path!r}: entry {k!r} must be an object, got {type(obj[k]).__name__}")
+            return list(obj), recs  # JSON object keys are already str
+        if isinstance(obj, list):
+            return _keyed(obj, lambda i: f"metadata {path!r} item {i}")
+        raise ValueError(f"metadata {path!r}: top level must be an object {{key: {{...}}}} or a list")
+    if low.endswith(".jsonl"):
+        recs, lines = read_jsonl(path)
+        return _keyed(recs, lambda j: f"metadata {path!r} line {lines[j]}")
+    if low.endswith(".csv"):
+        with open(path, encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or PATH_FIELD not in reader.fieldnames:
+                raise ValueError(f"metadata {path!r}: the CSV header must contain '{PATH_FIELD}' "
+                                 f"(or '{HF_FILE_FIELD}' for a Hugging Face imagefolder; found {reader.fieldnames})")
+            return _keyed(list(reader), lambda i: f"metadata {path!r} row {i + 2}")
+    # SQLite: the one table that has image_path (and caption) columns.
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        cands = []
+        for t in tables:
+            cols = [r[1] for r in con.execute(f'PRAGMA table_info("{t}")')]
+            if PATH_FIELD in cols:
+                cands.append((t, cols))
+        if len(cands) != 1:
+            raise ValueError(f"metadata {path!r}: need exactly one table with an '{PATH_FIELD}' column; "
+                             f"tables: {tables}, with it: {[c[0] for c in cands]}")
+        t, cols = cands[0]
+        rows = con.execute(f'SELECT * FROM "{t}"').fetchall()
+        return _keyed([{c: v for c, v in zip(cols, r) if v is not None} for r in rows],
+                      lambda i: f"metadata {path!r} table {t}")
+    except sqlite3.DatabaseError as e:
+        raise ValueError(f"metadata {path!r} is not a readable SQLite database: {e}") from None
+    finally:
+        con.close()
+
+
+def _size_from_md(md: dict[str, Any], names: tuple[str, ...] = ("image_size", "original_size")) -> tuple[int, int]:
+    """(w, h) from `image_size` / `original_size` ([w, h]) or `width`/`height`; (-1, -1) when absent."""
+    for k in names:
+        v = md.get(k)
+        if isinstance(v, str) and v.strip():
+            try:
+                v = json.loads(v)
+            except ValueError:
+                v = [p for p in v.replace("x", ",").split(",")]
+        if isinstance(v, (list, tuple)) and len(v) == 2:
+            try:
+                return int(v[0]), int(v[1])
+            except (TypeError, ValueError):
+                pass
+    if md.get("width") not in (None, "") and md.get("height") not in (None, ""):
+        return int(md["width"]), int(md["height"])
+    return -1, -1
+
+
+def sizes_from_records(recs: list[dict[str, Any]], field: str = "image_size") -> np.ndarray:
+    """[N, 2] int64 (w, h) per record as `_size_from_md` reads it; (-1, -1) when absent."""
+    n = len(recs)
+    if n == 0:
+        return np.zeros((0, 2), np.int64)
+    # Fast path, one numpy conversion: every record has field = [int, int].
+    try:
+        a = np.array([r.get(field) for r in recs])
+    except (ValueError, TypeError, OverflowError):  # ragged or odd values
+        a = None
+    if a is not None and a.shape == (n, 2) and a.dtype.kind in "iu":
+        return a.astype(np.int64)
+    names = (field,) if field != "image_size" else ("image_size", "original_size")
+    return np.array([_size_from_md(r, names) for r in recs], np.int64).reshape(n, 2)
+
+
+def _peek_json(path: str) -> tuple[str, Any]:
+    """('object' | 'list' | '?', the first value) of a JSON file, from its first bytes (no full parse)."""
+    with open(path, "rb") as f:
+        head = f.read(PEEK_BYTES).decode("utf-8", "ignore").lstrip("\ufeff \t\r\n")
+    if head.startswith("["):
+        return "list", None
+    if not head.startswith("{"):
+        return "?", None
+    dec = json.JSONDecoder()
+    try:
+        i = head.index("{") + 1
+        while head[i] in " \t\r\n":
+            i += 1
+        if head[i] == "}":
+            return "object", None
+        _, i = dec.raw_decode(head, i)  # the first key
+        i = head.index(":", i) + 1
+        while head[i] in " \t\r\n":
+            i += 1
+        if head[i] == "{":
+            # An object value: only whether it names an image path matters; a record longer than the peek
+            # window is judged by what fits.
+            try:
+                v, _ = dec.raw_decode(head, i)
+            except ValueError:
+                return "object", {"_partial": head[i:]}
+            return "object", v
+        v, _ = dec.raw_decode(head, i)
+        return "object", v
+    except (ValueError, IndexError):
+        return "object", None
+
+
+def _has_path(first: Any) -> bool:
+    if isinstance(first, dict) and "_partial" in first:
+        return f'"{PATH_FIELD}"' in first["_partial"]
+    return isinstance(first, dict) and PATH_FIELD in first
+
+
+# ---- image lookup ----------------------------------------------------------------------------------------------
+
+def image_table(dirs: list[str], recursive: bool, threads: int) -> dict[str, str]:
+    """Relative path without extension (= the stem for files at the top) -> image path, from one listing per folder
+    (no stat); the smallest path wins when a name exists with several extensions."""
+    from ..sources import _walk
+
+    out: dict[str, str] = {}
+    for d in dirs:
+        files = [p for p, _, _ in _walk([d], recursive, threads, stat=False)]
+        cut = len(d.rstrip(os.sep)) + 1
+        for p in reversed(files):  # sorted ascending: reversed, so the smallest path is written last
+            out[os.path.splitext(p[cut:])[0]] = p
+    return out
+
+
+def _fallback_by_name(paths: list[str], dirs: list[str], threads: int) -> None:
+    """Replace paths that do not exist by the image of the same file name found in dirs (recursive)."""
+    from ..sources import _exists_by_listing, _image_names
+
+    exists = _exists_by_listing(paths, threads)
+    if all(exists):
+        return
+    by_name = _image_names(dirs, threads)
+    miss = [j for j, ok in enumerate(exists) if not ok]
+    hits = [(j, f) for j, f in zip(miss, map(by_name.get, [os.path.basename(paths[j]) for j in miss])) if f]
+    for j, found in hits:
+        # A path the listings could not settle is asked of the OS only when it would be replaced.
+        if exists[j] is False or not os.path.exists(paths[j]):
+            paths[j] = found
+
+
+def _rows(keys: list[str], paths: list[str], caps: list[str], recs: list[dict[str, Any]], wh: np.ndarray,
+          si: int, origin: str) -> Iterator[Rows]:
+    for a in range(0, len(keys), CHUNK):
+        b = min(len(keys), a + CHUNK)
+        yield Rows(keys=keys[a:b], paths=paths[a:b], captions=caps[a:b], metadata=recs[a:b],
+                   widths=wh[a:b, 0].tolist(), heights=wh[a:b, 1].tolist(), subset=[si] * (b - a),
+                   origin=[origin] * (b - a))
+
+
+def _by_stem(keys: list[str], spec, recursive: bool, threads: int, what: str, path: str) -> list[str]:
+    """Image path of each key: the key itself when it is an existing path, else `<image_dir>/<key>.<ext>`."""
+    from ..sources import exists_many
+
+    as_path = [k if os.path.isabs(k) else "" for k in keys]
+    ok = exists_many([p for p in as_path if p], threads) if any(as_path) else []
+    it = iter(ok)
+    paths = [p if p and next(it) else "" for p in as_path]
+    need = [i for i, p in enumerate(paths) if not p]
+    if need:
+        if not spec.image_dirs:
+            raise ValueError(f"{what} {path!r}: its keys are image names, so the subset needs image_dirs "
+                             f"(the folder with the images)")
+        table = image_table(spec.image_dirs, recursive, threads)
+        for i in need:
+            k = keys[i]
+            stem = os.path.splitext(k)[0] if k.lower().endswith(IMAGE_EXTENSIONS) else k
+            paths[i] = table.get(stem) or table.get(os.path.basename(stem), "")
+    return paths
+
+
+# ---- readers ---------------------------------------------------------------------------------------------------
+
+@register
+class KohyaMetadataReader(Reader):
+    """kohya fine-tune metadata JSON: {key: {caption, tags, train_resolution}} without image paths."""
+
+    name = "kohya-metadata"
+
+    def claims(self, src: Source) -> bool:
+        if src.kind != "metadata" or not src.path.lower().endswith(".json"):
+            return False
+        kind, first = _peek_json(src.path)
+        return kind == "object" and isinstance(first, dict) and not _has_path(first)
+
+    def read(self, src: Source, si: int, threads: int) -> Iterator[Rows]:
+        obj = _load_json(src.path)
+        keys = list(obj)
+        recs = list(obj.values())
+        if not all(map(isinstance, recs, repeat(dict))):
+            k = keys[_first_bad(recs, lambda r: isinstance(r, dict))]
+            raise ValueError(f"metadata {src.path!r}: entry {k!r} must be an object, got {type(obj[k]).__name__}")
+        sep = src.spec.caption.get("caption_separator", ",")
+        caps = [kohya_caption(r.pop("caption", None), r.pop("tags", None), sep) for r in recs]
+        wh = sizes_from_records(recs, "train_resolution")
+        miss = (wh <= 0).any(1)
+        if miss.any():  # newer kohya writes image_size when it knows it
+            wh[miss] = sizes_from_records([recs[i] for i in np.flatnonzero(miss).tolist()])
+        paths = _by_stem(keys, src.spec, src.recursive, threads, "kohya metadata", src.path)
+        yield from _rows(keys, paths, caps, recs, wh, si, src.path)
+
+
+def kohya_caption(caption: Any, tags: Any, sep: str) -> str:
+    """kohya's caption of a fine-tune metadata entry: caption, plus `sep + tags` when tags are non-empty."""
+    caption = "" if caption is None else str(caption)
+    if tags is not None and len(str(tags)) > 0:
+        caption = (caption + sep if caption else "") + str(tags)
+    return caption
+
+
+@register
+class HcpCaptionReader(Reader):
+    """HCP-Diffusion caption JSON: {"<image name or stem>": "caption"}."""
+
+    name = "hcp-captions"
+
+    def claims(self, src: Source) -> bool:
+        if src.kind != "metadata" or not src.path.lower().endswith(".json"):
+            return False
+        kind, first = _peek_json(src.path)
+        return kind == "object" and isinstance(first, str)
+
+    def read(self, src: Source, si: int, threads: int) -> Iterator[Rows]:
+        obj = _load_json(src.path)
+        names = list(obj)
+        caps = list(obj.values())
+        if not all(map(isinstance, caps, repeat(str))):
+            k = names[_first_bad(caps, lambda c: isinstance(c, str))]
+            raise ValueError(f"caption JSON {src.path!r}: the caption of {k!r} must be a string, got "
+                             f"{type(obj[k]).__name__}")
+        # HCP strips an image extension from the names (BaseCaptionLoader.clean_ext).
+        keys = [os.path.splitext(n)[0] if n.lower().endswith(IMAGE_EXTENSIONS) else n for n in names]
+        paths = _by_stem(keys, src.spec, src.recursive, threads, "caption JSON", src.path)
+        n = len(keys)
+        yield from _rows(keys, paths, [c.strip() for c in caps], [{} for _ in range(n)],
+                         np.full((n, 2), -1, np.int64), si, src.path)
+
+
+def hf_caption_column(spec, fields: list[str], where: str) -> str | None:
+    """The caption column: dataset_caption_column when set (must exist), else `text`, else `caption`."""
+    want = getattr(spec, "dataset_caption_column", "")
+    if want:
+        if want not in fields:
+            raise ValueError(f"{where}: dataset_caption_column {want!r} is not a column (columns: {fields})")
+        return want
+    return next((c for c in HF_CAPTION_FIELDS if c in fields), None)
+
+
+@register
+class HfImagefolderReader(Reader):
+    """Hugging Face imagefolder metadata.jsonl / metadata.csv (file_name + caption column)."""
+
+    name = "hf-imagefolder"
+
+    def claims(self, src: Source) -> bool:
+        if src.kind != "metadata":
+            return False
+        low = src.path.lower()
+        if low.endswith(".csv"):
+            with open(src.path, encoding="utf-8", newline="") as f:
+                header = next(csv.reader(f), [])
+            return HF_FILE_FIELD in header and PATH_FIELD not in header
+        if low.endswith(".jsonl"):
+            with open(src.path, encoding="utf-8") as f:
+                line = next((ln for ln in f if ln.strip()), "")
+            try:
+                first = json.loads(line) if line else {}
+            except ValueError:
+                return False
+            return isinstance(first, dict) and HF_FILE_FIELD in first and PATH_FIELD not in first
+        return False
+
+    def read(self, src: Source, si: int, threads: int) -> Iterator[Rows]:
+        if src.path.lower().endswith(".csv"):
+            with open(src.path, encoding="utf-8", newline="") as f:
+                recs = list(csv.DictReader(f))
+            where = lambda i: f"metadata {src.path!r} row {i + 2}"  # noqa: E731
+        else:
+            recs, lines = read_jsonl(src.path)
+            where = lambda i: f"metadata {src.path!r} line {lines[i]}"  # noqa: E731
+        fields = list(recs[0]) if recs else []
+        col = hf_caption_column(src.spec, fields, f"metadata {src.path!r}")
+        base = os.path.dirname(src.path)
+        files = [r.pop(HF_FILE_FIELD, None) for r in recs]
+        for i, f in enumerate(files):
+            if not isinstance(f, str) or not f:
+                raise ValueError(f"{where(i)}: '{HF_FILE_FIELD}' must be a file name, got {f!r}")
+        paths = [os.path.join(base, f) for f in files]
+        keys = [os.path.splitext(f)[0] for f in files]  # relative to the folder: unique within it
+        caps = [str(r.pop(col, "") or "").strip() if col else "" for r in recs]
+        wh = sizes_from_records(recs)
+        if src.spec.image_dirs:
+            _fallback_by_name(paths, src.spec.image_dirs, threads)
+        yield from _rows(keys, paths, caps, recs, wh, si, src.path)
+
+
+@register
+class MetadataReader(Reader):
+    """Our / euge-trainer's records: JSON {key: {image_path, caption, ...}} or a list, JSONL, CSV, SQLite."""
+
+    name = "metadata"
+
+    def claims(self, src: Source) -> bool:
+        return src.kind == "metadata" and src.path.lower().endswith(METADATA_EXTENSIONS)
+
+    def read(self, src: Source, si: int, threads: int) -> Iterator[Rows]:
+        m = src.path
+        keys, recs = read_metadata_file(m)
+        # The records are ours (freshly parsed): pop path and caption so the rest is the entry's metadata as is.
+        ps = [r.pop(PATH_FIELD, None) or "" for r in recs]
+        if not all(map(isinstance, ps, repeat(str))):
+            i = _first_bad(ps, lambda p: isinstance(p, str))
+            raise ValueError(f"metadata {m!r}: entry {keys[i]!r} has a non-text {PATH_FIELD} {ps[i]!r}")
+        base = os.path.dirname(m)
+        for i in [i for i, p in enumerate(ps) if p and not p.startswith(os.sep)]:
+            if not os.path.isabs(ps[i]):  # relative to the metadata file
+                ps[i] = os.path.join(base, ps[i])
+        caps = [r.pop("caption", None) for r in recs]
+        for i in [i for i, c in enumerate(caps) if not c]:  # euge-trainer: caption or tags
+            caps[i] = recs[i].get("tags") or ""
+        wh = sizes_from_records(recs)
+        if src.spec.image_dirs:
+            _fallback_by_name(ps, src.spec.image_dirs, threads)
+        yield from _rows(keys, ps, list(map(str, caps)), recs, wh, si, m)
+
+
+@register
+class HfImagefolderDirReader(Reader):
+    """A Hugging Face imagefolder given as an image folder: the folder's own metadata.jsonl / metadata.csv."""
+
+    name = "hf-imagefolder-dir"
+
+    @staticmethod
+    def _file(src: Source) -> str | None:
+        if src.kind != "folders" or len(src.spec.image_dirs) != 1 or getattr(src.spec, "layout", ""):
+            return None
+        for name in ("metadata.jsonl", "metadata.csv"):
+            p = os.path.join(src.spec.image_dirs[0], name)
+            if os.path.isfile(p):
+                return p
+        return None
+
+    def claims(self, src: Source) -> bool:
+        p = self._file(src)
+        return p is not None and HfImagefolderReader().claims(Source("metadata", p, src.spec, src.recursive))
+
+    def fingerprint(self, src: Source, h) -> None:
+        p = self._file(src)
+        from . import stat_sig
+
+        h.update(f"{self.name}:{p}:{stat_sig(p)}".encode())
+
+    def read(self, src: Source, si: int, threads: int) -> Iterator[Rows]:
+        yield from HfImagefolderReader().read(Source("metadata", self._file(src), src.spec, src.recursive), si,
+                                              threads)
