@@ -26,6 +26,7 @@ import logging
 import os
 import random
 import sys
+import time
 import zlib
 from functools import partial
 from typing import Any
@@ -34,9 +35,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data.buckets import flipped_crop, resize_and_crop
+from data.buckets import flipped_crop, load_resized
 from data.captions import CaptionOptions, full_caption
-from data.images import BadImage, SkipReport, load_image
+from data.images import BadImage, SkipReport
 from data.index import DatasetIndex, load_or_build_index
 from data.sources import load_hook, map_chunked
 from data.store import (BackgroundWriter, LatentStore, LATENT_DTYPES, Record, ShardWriter, source_fingerprint,
@@ -55,8 +56,8 @@ def _key_seed(key: str, salt: int = 0) -> int:
 class _Decode(Dataset):
     """Decode + bucket one row in a worker process; failures come back as {"row", "error"}."""
 
-    def __init__(self, index: DatasetIndex, content_hash: bool):
-        self.index, self.content_hash = index, content_hash
+    def __init__(self, index: DatasetIndex, content_hash: bool, jpeg_draft: bool):
+        self.index, self.content_hash, self.jpeg_draft = index, content_hash, jpeg_draft
 
     def __len__(self) -> int:
         return len(self.index)
@@ -64,16 +65,17 @@ class _Decode(Dataset):
     def __getitem__(self, row: int) -> dict[str, Any]:
         ix = self.index
         path = ix.paths[row]
-        try:
-            im = load_image(path)
-        except BadImage as e:
-            return {"row": row, "error": str(e)}
         sub = ix.subsets[int(ix.subset[row])]
         bucket = (int(ix.buckets[row][0]), int(ix.buckets[row][1]))
-        # A random crop is drawn once per key here, so it is reproducible when the record is rebuilt.
-        im2, orig, crop = resize_and_crop(im, bucket, sub.random_crop, random.Random(_key_seed(ix.keys[row])))
-        x = torch.from_numpy(np.asarray(im2, dtype=np.uint8).copy()).permute(2, 0, 1)
-        return {"row": row, "x": x, "orig": orig, "crop": crop, "crop_flip": flipped_crop(im.size, bucket, crop),
+        try:
+            # A random crop is drawn once per key here, so it is reproducible when the record is rebuilt.
+            im, orig, crop = load_resized(path, bucket, sub.random_crop, random.Random(_key_seed(ix.keys[row])),
+                                          draft=self.jpeg_draft)
+        except BadImage as e:
+            return {"row": row, "error": str(e)}
+        x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return {"row": row, "x": x, "orig": orig, "crop": crop,
+                "crop_flip": flipped_crop((orig[1], orig[0]), bucket, crop),
                 "src": source_fingerprint(path, self.content_hash)}
 
 
@@ -144,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if bad else 0
 
     skipped = SkipReport()
-    threads = max(4, cc.num_workers * 4)
+    workers = dist.default_workers(cc.num_workers)
+    threads = max(4, workers * 4)
     try:  # rank 0 builds (or reuses) the index; a failure there stops every rank with its message
         dist.main_first(lambda: load_or_build_index(cfg.data, root, is_main=True, skipped=skipped, threads=threads))
         index = load_or_build_index(cfg.data, root, is_main=False)
@@ -191,19 +194,21 @@ def main(argv: list[str] | None = None) -> int:
 
     counts = torch.zeros(3, dtype=torch.int64)  # encoded, skipped, failed
     bar = None
+    waited = torch.zeros(2, dtype=torch.float64)  # seconds waiting for decoded images, seconds in the loop (all ranks)
     if len(pending):
         vae = models.load_vae(cfg.model, device, LATENT_DTYPES[cfg.model.vae_dtype], seed=cfg.seed).eval().requires_grad_(False)
         vae_dtype = next(vae.parameters()).dtype
-        ds = _Decode(index, cc.content_hash)
-        loader = DataLoader(ds, batch_sampler=mine, collate_fn=list, num_workers=cc.num_workers,
-                            prefetch_factor=4 if cc.num_workers > 0 else None)
+        ds = _Decode(index, cc.content_hash, cfg.data.jpeg_draft)
+        loader = DataLoader(ds, batch_sampler=mine, collate_fn=list, num_workers=workers,
+                            prefetch_factor=4 if workers > 0 else None)
+        waits = InputWait()
         writer = BackgroundWriter(ShardWriter(root, cfg_fp, rank, cc.shard_size_mb, cc.compress))
         dtype = LATENT_DTYPES[cc.latent_dtype]
         if main_rank:
             from tqdm import tqdm
 
             bar = tqdm(total=len(pending), unit="img", desc=f"encode x{world}", dynamic_ncols=True)
-        for step, items in enumerate(loader, 1):
+        for step, items in enumerate(waits.timed(loader), 1):
             good = []
             for it in items:
                 if "error" in it:
@@ -249,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                 if bar is not None:
                     bar.update(done - bar.n)
         writer.close()
+        waited = _sum_over_ranks(torch.tensor([waits.waited, waits.total], dtype=torch.float64), device)
 
     skipped.write(os.path.join(root, f"skipped.r{rank}.txt"))
     totals = _sum_over_ranks(counts, device)
@@ -270,10 +276,35 @@ def main(argv: list[str] | None = None) -> int:
             os.remove(p)  # leftovers of a killed run (every rank is past its writes here)
         print(f"cache: encoded {int(totals[0])}, already valid {n_valid}, skipped {len(merged)}, "
               f"failed {int(totals[2])}; store has {len(final)} records in {len(final.shards)} shards"
-              + (f"; {len(final.damaged)} damaged shard(s) set aside" if final.damaged else ""))
+              + (f"; {len(final.damaged)} damaged shard(s) set aside" if final.damaged else "")
+              + (f"; input-bound {InputWait.share(*waited.tolist()):.0f}% with {workers} decode worker(s) per rank "
+                 "(the encoder waited this share of the time for images: add cache.num_workers if high)"
+                 if len(pending) else ""))
     dist.barrier()
     dist.shutdown()
     return 0 if usable > 0 else 1
+
+
+class InputWait:
+    """Time the consumer spends waiting for the next item of an iterable (the share says whether it is input-bound)."""
+
+    def __init__(self) -> None:
+        self.waited = self.total = 0.0
+
+    def timed(self, it):
+        start = last = time.perf_counter()
+        for item in it:
+            now = time.perf_counter()
+            self.waited += now - last
+            yield item
+            last = time.perf_counter()
+            self.total = last - start
+        self.total = time.perf_counter() - start
+
+    @staticmethod
+    def share(waited: float, total: float) -> float:
+        """Percent of the time spent waiting."""
+        return 100.0 * waited / total if total > 0 else 0.0
 
 
 def _variant_captions(index: DatasetIndex, rows: list[int], variants: int, caption_hook=None,

@@ -313,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     t_last, images_since = time.perf_counter(), 0
     try:  # the loader starts at the resumed epoch and cursor; later epochs are set at each epoch's end
         loader = make_loader(index, cfg.data, store, seed=cfg.seed, epoch=epoch, rank=info.rank,
-                             world_size=info.world_size, skip=cursor, num_workers=cfg.data.max_dataloader_n_workers,
+                             world_size=info.world_size, skip=cursor,
+                             num_workers=dist.default_workers(cfg.data.max_dataloader_n_workers, cap=8),
                              pin_memory=device.type == "cuda",
                              persistent_workers=cfg.data.persistent_data_loader_workers, rows=rows)
         while step < total_steps:

@@ -103,7 +103,8 @@ class DataConfig:
     random_crop: bool = opt(False, "random instead of center crop")
     flip_aug: bool = opt(False, "random horizontal flips (latents cached for both orientations)")
     batch_size: int = opt(1, "images per GPU per micro-step", min=1)
-    max_dataloader_n_workers: int = opt(4, "DataLoader worker processes per rank", min=0)
+    max_dataloader_n_workers: int = opt(-1, "DataLoader worker processes per rank; -1 = the CPU cores per rank minus one, at most 8 (kohya's default cap)", min=-1)
+    jpeg_draft: bool = opt(True, "decode JPEGs at 1/2, 1/4 or 1/8 scale in the DCT when the bucket is that much smaller (2x+ faster at 6-12 MP; photos >= 45 dB PSNR against the full decode, high-contrast line art ~32 dB: set false for line-art / pixel-art datasets)")
     persistent_data_loader_workers: bool = opt(True, "keep DataLoader workers alive between epochs")
     shuffle_caption: bool = opt(False, "shuffle comma-separated tags")
     keep_tokens: int = opt(0, "leading tags kept in place when shuffling", min=0)
@@ -125,7 +126,7 @@ class CacheConfig:
     """[cache]: the memory-mapped latent shard store written by cache.py."""
     cache_dir: str = opt("", "latent store directory; empty = encode images on the fly while training")
     vae_batch_size: int = opt(8, "images per VAE batch when caching", min=1)
-    num_workers: int = opt(4, "image decoding workers per rank when caching", min=0)
+    num_workers: int = opt(-1, "image decoding workers per rank when caching; -1 = the CPU cores per rank minus one (the main process encodes)", min=-1)
     latent_dtype: str = opt("bf16", "precision of stored latents", choices=PRECISIONS)
     store_posterior: bool = opt(False, "store the posterior mean and std so training samples latents")
     compress: bool = opt(False, "zstd-compress shards (for storage / transfer)")

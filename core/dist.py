@@ -146,6 +146,23 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
+def cores_per_rank() -> int:
+    """CPU cores this process may use, shared by the ranks of this node (torchrun's LOCAL_WORLD_SIZE)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def default_workers(requested: int, cap: int | None = None) -> int:
+    """Worker processes per rank: `requested` when >= 0, else cores per rank minus one (the main process), capped."""
+    if requested >= 0:
+        return requested
+    n = cores_per_rank() - 1
+    return max(0, min(n, cap) if cap is not None else n)
+
+
 def wrap_ddp(model: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
     """DDP around the trained module when there are several ranks; the bare module otherwise."""
     if not is_dist():

@@ -9,6 +9,12 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from .images import load_image_reduced
+
+# Pillow resize(reducing_gap=...): first a box reduce() by an integer factor while the remaining factor stays above
+# this, then the filter; 3.0 is Pillow's "indistinguishable from fair resampling" setting (Image.resize docs).
+REDUCING_GAP = 3.0
+
 
 @dataclass(frozen=True)
 class BucketSettings:
@@ -124,3 +130,27 @@ def resize_and_crop(im: Image.Image, bucket_wh: tuple[int, int], random_crop: bo
         out = im
     out = out.crop((left, top, left + bw, top + bh))
     return out, (im.size[1], im.size[0]), (top, left)
+
+
+def load_resized(path: str, bucket_wh: tuple[int, int], random_crop: bool = False,
+                 rng: random.Random | None = None, draft: bool = True
+                 ) -> tuple[Image.Image, tuple[int, int], tuple[int, int]]:
+    """`resize_and_crop(load_image(path), ...)` with a reduced decode: JPEG draft (unless `draft` is false) and
+    reduce() before the filter for large downscales (`REDUCING_GAP`).
+
+    Same geometry as the full path: original_size and the crop come from the full displayed size, the crop rng is
+    drawn the same way, and the decoded image is resized to exactly the size the full image would have been.
+    """
+    geom: list = []
+
+    def need(size_wh: tuple[int, int]) -> tuple[int, int]:
+        geom.append(crop_params(size_wh, bucket_wh, random_crop, rng))
+        return geom[0][0]
+
+    im, (w, h) = load_image_reduced(path, need, draft)
+    (rw, rh), (top, left) = geom[0]
+    bw, bh = bucket_wh
+    if (rw, rh) != im.size:
+        resample = Image.LANCZOS if rw < w else Image.BICUBIC  # as resize_and_crop, judged on the full size
+        im = im.resize((rw, rh), resample, reducing_gap=REDUCING_GAP if rw < im.size[0] else None)
+    return im.crop((left, top, left + bw, top + bh)), (h, w), (top, left)

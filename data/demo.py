@@ -37,3 +37,40 @@ def make_demo_dataset(out_dir: str, n: int = 32, size: tuple[int, int] = (64, 12
             f.write(f"a {colour} {shape}, simple background, {colour}, {shape}")
         paths.append(stem + ".png")
     return paths
+
+
+def synthetic_photo(w: int, h: int, seed: int = 0) -> Image.Image:
+    """Photo-like test image: smooth colour fields at several scales, edges of soft shapes, sensor-like grain."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    acc = np.zeros((h, w, 3), np.float32)
+    for cells, amp in ((4, 90.0), (16, 45.0), (64, 25.0), (256, 12.0)):  # octaves: coarse light -> fine texture
+        small = rng.uniform(-1, 1, (max(2, cells * h // max(w, h)), cells, 3)).astype(np.float32)
+        up = Image.fromarray(((small + 1) * 127.5).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+        acc += (np.asarray(up, np.float32) / 127.5 - 1) * amp
+    acc += rng.standard_normal((h, w, 3), dtype=np.float32) * 4 + 128
+    im = Image.fromarray(np.clip(acc, 0, 255, out=acc).astype(np.uint8))
+    d = ImageDraw.Draw(im)
+    for _ in range(12):  # hard-edged objects
+        x, y, r = int(rng.integers(0, w)), int(rng.integers(0, h)), int(rng.integers(min(w, h) // 20, min(w, h) // 5))
+        d.ellipse((x - r, y - r, x + r, y + r), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    return im
+
+
+def synthetic_lineart(w: int, h: int, seed: int = 0) -> Image.Image:
+    """Line-art-like test image: flat fills and dark anti-aliased strokes on white, pen widths 0.1-0.4% of the short
+    side (2-8 px at 2000 px), drawn at 2x and reduced as drawing programs anti-alias."""
+    rng = random.Random(seed)
+    W, H = 2 * w, 2 * h
+    im = Image.new("RGB", (W, H), (255, 255, 255))
+    d = ImageDraw.Draw(im)
+    s = min(W, H)
+    for _ in range(20):
+        x, y, r = rng.randrange(W), rng.randrange(H), rng.randrange(s // 30, s // 6)
+        d.rectangle((x, y, x + r, y + r), fill=tuple(rng.randrange(150, 256) for _ in range(3)))
+    for _ in range(300):
+        pts = [(rng.randrange(W), rng.randrange(H)) for _ in range(3)]
+        d.line(pts, fill=(rng.randrange(40), rng.randrange(40), rng.randrange(40)),
+               width=max(2, int(s * rng.uniform(0.001, 0.004))))
+    return im.reduce(2)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -23,6 +24,9 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp") +
 MAX_PIXELS = 178_956_970
 # EXIF orientation tag; values 5..8 rotate by 90 degrees, so width and height swap.
 EXIF_ORIENTATION = 0x0112
+# JPEG draft decode keeps at least this factor over the resize target on each side, so the final LANCZOS still
+# filters (PSNR against the full decode: tests/test_decode.py; speed: bench/decode_bench.py).
+DRAFT_MARGIN = 1.0
 
 
 class BadImage(Exception):
@@ -118,6 +122,38 @@ def load_image(path: str) -> Image.Image:
             im.load()  # truncated files raise here (ImageFile.LOAD_TRUNCATED_IMAGES stays False)
             im = ImageOps.exif_transpose(im)
             return _to_rgb(im)
+    except BadImage:
+        raise
+    except Exception as e:
+        raise BadImage(f"cannot decode ({type(e).__name__}: {e})") from None
+
+
+def load_image_reduced(path: str, need: Callable[[tuple[int, int]], tuple[int, int]], draft: bool = True
+                       ) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode to RGB no larger than needed -> (image, full displayed size (w, h)); EXIF orientation applied.
+
+    `need(full_size)` returns the (w, h) the caller will resize to. A JPEG is decoded in draft mode: libjpeg scales
+    the DCT by 1/2, 1/4 or 1/8 while decoding, to the smallest scale still at least `need` x DRAFT_MARGIN on both
+    sides (Pillow `Image.draft`); other formats (and `draft=False`) decode fully.
+    """
+    im = _open_checked(path)
+    try:
+        w, h = im.size
+        try:
+            orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+        except Exception:
+            orientation = 1
+        swap = orientation in (5, 6, 7, 8)
+        full = (h, w) if swap else (w, h)
+        tw, th = need(full)
+        if draft and im.format == "JPEG":
+            dw, dh = math.ceil(tw * DRAFT_MARGIN), math.ceil(th * DRAFT_MARGIN)
+            im.draft(None, (dh, dw) if swap else (dw, dh))  # stored orientation; at least this size on both sides
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb(im), full
     except BadImage:
         raise
     except Exception as e:

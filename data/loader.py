@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .buckets import flipped_crop, resize_and_crop
+from .buckets import flipped_crop, load_resized
 from .captions import CaptionOptions, full_caption
-from .images import BadImage, load_image
+from .images import BadImage
 from .index import DatasetIndex
 from .sources import load_hook
 
@@ -108,6 +108,7 @@ class _Items(Dataset):
         self.opts = [CaptionOptions(**s.caption) for s in index.subsets]
         self.caption_hook = load_hook(data_cfg.caption_processor)
         self.description_hook = load_hook(data_cfg.description_processor)
+        self.jpeg_draft = bool(data_cfg.jpeg_draft)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -149,11 +150,10 @@ class _Items(Dataset):
                     caption = info["cap"][int(v[2:])]
         else:
             try:
-                im = load_image(ix.paths[row])
+                im, orig, crop = load_resized(ix.paths[row], (bw, bh), sub.random_crop, rng, draft=self.jpeg_draft)
             except BadImage as e:
                 log.warning("skipped %s at load time: %s", ix.paths[row], e)
                 return None
-            im, orig, crop = resize_and_crop(im, (bw, bh), sub.random_crop, rng)
             x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
             if flip:
                 x = torch.flip(x, dims=[2])

@@ -153,7 +153,10 @@ def test_caption_hook_runs_in_cache_for_cached_text(tmp_path, capsys):
     cfg = _cfg(tmp_path)
     ov = ["cache.cache_text_encoder_outputs=true", "cache.text_variants=2", f"data.caption_processor='{hook}:proc'"]
     assert cache.main([cfg, *ov]) == 0
-    assert "encoded 4, already valid 0" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "encoded 4, already valid 0" in out
+    share = float(out.split("input-bound ")[1].split("%")[0])  # the encoder's wait for decoded images, in percent
+    assert 0.0 <= share <= 100.0
     ix = DatasetIndex.load(str(tmp_path / "store" / "dataset_index.npz"))
     st = LatentStore(str(tmp_path / "store"))
     c = load_config(cfg, ov)

@@ -34,6 +34,7 @@ def make_index(n=23, repeats=None):
 class Cfg:
     batch_size = 4
     caption_processor = description_processor = ""
+    jpeg_draft = True
 
 
 def test_global_list_covers_every_sample_once():
