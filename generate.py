@@ -19,6 +19,7 @@ import sys
 import torch
 
 import models
+from core.hashes import short_hash
 from core.preview import generate, size_multiple
 from core.prompts import SamplePrompt, a1111_parameters, load_prompts, save_png
 from core.sampling import canonical_sampler_name
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [SamplePrompt(prompt=args.prompt, seed=args.seed, **defaults)]
     os.makedirs(args.out, exist_ok=True)
     name = os.path.splitext(os.path.basename(args.model))[0]
+    model_hash = short_hash(args.model)  # A1111's "Model hash" of the file, so A1111 / Civitai link the images to it
     m = size_multiple(comp)
     count = 0
     for p in prompts:
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             q = dataclasses.replace(p, seed=base_seed + i)
             img = generate(comp, q, args.device, progress=True)
             path = os.path.join(args.out, f"{count:05d}_{q.seed}.png")
-            save_png(img, path, a1111_parameters(q, name))
+            save_png(img, path, a1111_parameters(q, name, model_hash=model_hash))
             print(path)
             count += 1
     return 0

@@ -30,7 +30,7 @@ from core.fsio import commit_file
 from core.metrics import MetricsWriter, setup_logging
 from core.objectives import build_objective
 from core.optim import LossRecorder, build_optimizer, build_param_groups_for_models, build_scheduler
-from core import state as rstate
+from core import run_metadata, state as rstate
 import models
 from data.index import load_or_build_index
 from data.loader import batches_per_epoch, make_loader, usable_rows
@@ -218,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"config error: {e}") from None
     for g in optimizer.param_groups:
         log.info(f"optimizer group {g.get('name', '?')}: {len(g['params'])} tensors, lr {g['lr']:g}")
+    train_meta = run_metadata.training_metadata(cfg, family=family, index=index, batches_per_epoch=per_rank_batches,
+                                                world_size=info.world_size, optimizer=optimizer,
+                                                num_epochs=math.ceil(total_steps / steps_per_epoch)) if master else {}
     scaler = make_scaler(cfg, device)
     recorder = LossRecorder(cfg.log.loss_recorder_stride, cfg.log.loss_recorder_gamma)
     if st is not None:
@@ -246,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         from core.preview import sample_round
         with ema.swapped_into(net) if ema is not None else contextlib.nullcontext():
             sample_round(comp, prompts, paths["samples"], at_step, device, amp_dtype, cfg.save.output_name, log.info,
-                         split=not cfg.train.fsdp)  # FSDP: every rank runs every forward (collective gathers)
+                         split=not cfg.train.fsdp,  # FSDP: every rank runs every forward (collective gathers)
+                         model_hash=exported.hash_at(at_step, ema is not None) if master else "")
 
     writes = [0]
 
@@ -272,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         dist.barrier()
 
     complete: dict[str, Any] = {}  # the parts not loaded for training, kept once loaded for the first export
+    exported = ExportLog()
 
     def export(tag: str) -> None:
         """Exported model (original single-file layout, every part) by rank 0, others wait (FSDP: gathered first);
@@ -282,11 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             if full is not None:
                 full.update({k: v for k, v in whole.export_state_dict().items() if k not in full})
             path = os.path.join(paths["models"], f"{cfg.save.output_name}{tag}.safetensors")
-            models.save(whole, path, cfg.save.save_precision, extra_metadata={"sdtrain.step": str(step)}, state_dict=full)
-            if ema is not None:
-                with ema.swapped_into(net):
-                    models.save(whole, path.replace(".safetensors", "-ema.safetensors"), cfg.save.save_precision,
-                                extra_metadata={"sdtrain.step": str(step), "sdtrain.ema_decay": str(ema.decay)})
+            write_export(whole, path, cfg, run_metadata.export_metadata(train_meta, step=step, epoch=epoch), full, ema, net)
+            exported.add(step, path)
             log.info(f"exported {path}")
             prune_exports(paths["models"], cfg.save.output_name, cfg.save.save_last_n)
         dist.barrier()
@@ -469,6 +471,38 @@ def with_all_parts(comp: Any, cfg: Any, loaded: dict[str, Any]) -> Any:
         loaded.update({p: getattr(extra, p) for p in missing})
     fill = {p: m for p, m in loaded.items() if getattr(comp, p) is None}
     return dataclasses.replace(comp, **fill) if fill else comp
+
+
+class ExportLog:
+    """The last export's step and file, so previews of the same weights carry its A1111 `Model hash`."""
+
+    def __init__(self) -> None:
+        self.step, self.path = -1, ""
+
+    def add(self, step: int, path: str) -> None:
+        self.step, self.path = step, path
+
+    def hash_at(self, step: int, ema: bool) -> str:
+        """Short hash of the file holding the weights previews at `step` use (the EMA file when kept), or ""."""
+        if step != self.step:
+            return ""
+        from core.hashes import short_hash
+        path = self.path.replace(".safetensors", "-ema.safetensors") if ema else self.path
+        return short_hash(path) if os.path.isfile(path) else ""
+
+
+def write_export(whole: Any, path: str, cfg: Any, meta: dict[str, str], full: dict[str, torch.Tensor] | None,
+                 ema: EMA | None, net: nn.Module) -> None:
+    """The exported model (and its EMA twin) with modelspec from [save] and the run's training metadata."""
+    s = cfg.save
+    kw = {"resolution": cfg.data.resolution, "title": s.metadata_title,
+          "info": {"author": s.metadata_author, "description": s.metadata_description, "license": s.metadata_license,
+                   "tags": s.metadata_tags}}
+    models.save(whole, path, s.save_precision, extra_metadata=meta, state_dict=full, **kw)
+    if ema is not None:
+        with ema.swapped_into(net):
+            models.save(whole, path.replace(".safetensors", "-ema.safetensors"), s.save_precision,
+                        extra_metadata={**meta, "sdtrain.ema_decay": str(ema.decay)}, **kw)
 
 
 def micro_step_loss(model: nn.Module, comp: Any, objective: Any, batch: dict[str, Any], device: torch.device,

@@ -31,16 +31,22 @@ class ConfigError(ValueError):
 
 
 def opt(default: Any, help: str, *, choices: Sequence[Any] | None = None, min: float | None = None,
-        max: float | None = None, min_exclusive: bool = False, max_exclusive: bool = False) -> Any:
-    """A documented config field with optional allowed values / bounds."""
+        max: float | None = None, min_exclusive: bool = False, max_exclusive: bool = False, path: bool = False) -> Any:
+    """A documented config field with optional allowed values / bounds. `path`: its value names local files or
+    folders (kept out of exported metadata unless save.metadata_paths)."""
     meta = {"help": help, "choices": tuple(choices) if choices else None, "min": min, "max": max,
-            "min_exclusive": min_exclusive, "max_exclusive": max_exclusive}
+            "min_exclusive": min_exclusive, "max_exclusive": max_exclusive, "path": path}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
 
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def path_fields(cls: type) -> set[str]:
+    """Names of a table's fields declared with opt(..., path=True)."""
+    return {f.name for f in dataclasses.fields(cls) if f.metadata.get("path")}
 
 # ----------------------------------------------------------------------------------------------
 # Tables
@@ -50,14 +56,14 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 @dataclass
 class ModelConfig:
     """[model]: which checkpoint to fine-tune and how its parts are loaded."""
-    pretrained_model_name_or_path: str = opt("", "single-file .safetensors checkpoint (SDXL or SD3); empty = random init from model_preset")
+    pretrained_model_name_or_path: str = opt("", "single-file .safetensors checkpoint (SDXL or SD3); empty = random init from model_preset", path=True)
     model_family: str = opt("auto", "model family; auto = detect from the checkpoint's keys", choices=("auto", "sdxl", "sd3"))
     model_preset: str = opt("", "preset used when no checkpoint is given (e.g. tiny, base, sd3_medium); weights are random")
-    vae: str = opt("", "separate VAE file (original or diffusers naming) overriding the checkpoint's VAE")
-    clip_l: str = opt("", "separate CLIP-L text encoder file (ComfyUI clip_l.safetensors)")
-    clip_g: str = opt("", "separate CLIP-G text encoder file (ComfyUI clip_g.safetensors, SD3)")
-    t5xxl: str = opt("", "separate T5-XXL encoder file (ComfyUI t5xxl_fp16.safetensors, SD3)")
-    t5_tokenizer: str = opt("", "SentencePiece model for T5 (empty = the bundled models/assets/t5_spiece.model)")
+    vae: str = opt("", "separate VAE file (original or diffusers naming) overriding the checkpoint's VAE", path=True)
+    clip_l: str = opt("", "separate CLIP-L text encoder file (ComfyUI clip_l.safetensors)", path=True)
+    clip_g: str = opt("", "separate CLIP-G text encoder file (ComfyUI clip_g.safetensors, SD3)", path=True)
+    t5xxl: str = opt("", "separate T5-XXL encoder file (ComfyUI t5xxl_fp16.safetensors, SD3)", path=True)
+    t5_tokenizer: str = opt("", "SentencePiece model for T5 (empty = the bundled models/assets/t5_spiece.model)", path=True)
     use_t5: bool = opt(True, "SD3: load and use T5-XXL; false = zeros in its place (as the reference allows), saves memory")
     apply_t5_attn_mask: bool = opt(False, "SD3: mask T5 padding and zero its outputs (kohya option; the reference attends to padding); lets cached T5 outputs be stored without padding")
     v_parameterization: bool | None = opt(None, "SDXL: the model predicts v instead of epsilon; unset = as the checkpoint says (its `v_pred` marker or modelspec.prediction_type), else false")
@@ -70,8 +76,8 @@ class ModelConfig:
 @dataclass
 class SubsetConfig:
     """[[data.subsets]]: one data source; unset (None) options inherit the [data] value."""
-    image_dirs: list[str] = opt([], "folders of images with same-name caption files")
-    metadata_files: list[str] = opt([], "metadata files (.json, .csv, .sqlite/.db)")
+    image_dirs: list[str] = opt([], "folders of images with same-name caption files", path=True)
+    metadata_files: list[str] = opt([], "metadata files (.json, .csv, .sqlite/.db)", path=True)
     caption_extension: str | None = opt(None, "caption file extension (default: [data].caption_extension)")
     num_repeats: int = opt(1, "times each image is seen per epoch", min=1)
     is_reg: bool = opt(False, "DreamBooth-style regularisation images")
@@ -90,8 +96,8 @@ class SubsetConfig:
 @dataclass
 class DataConfig:
     """[data]: images, captions and aspect-ratio buckets."""
-    image_dirs: list[str] = opt([], "folders of images with same-name caption files")
-    metadata_files: list[str] = opt([], "metadata files (.json {key: {image_path, caption, ...}}, .csv, .sqlite)")
+    image_dirs: list[str] = opt([], "folders of images with same-name caption files", path=True)
+    metadata_files: list[str] = opt([], "metadata files (.json {key: {image_path, caption, ...}}, .csv, .sqlite)", path=True)
     recursive: bool = opt(False, "search image_dirs recursively")
     caption_extension: str = opt(".txt", "caption file extension")
     resolution: int = opt(1024, "training resolution: bucket area <= resolution**2", min=64)
@@ -115,16 +121,16 @@ class DataConfig:
     caption_prefix: str = opt("", "text prepended to every caption")
     caption_suffix: str = opt("", "text appended to every caption")
     num_repeats: int = opt(1, "times each image is seen per epoch", min=1)
-    caption_processor: str = opt("", "user hook 'pkg.module:function' or 'path/file.py:function' (runs user code)")
-    description_processor: str = opt("", "user hook for natural-language descriptions (runs user code)")
-    num_repeats_getter: str = opt("", "user hook returning the repeats of each image (runs user code)")
+    caption_processor: str = opt("", "user hook 'pkg.module:function' or 'path/file.py:function' (runs user code)", path=True)
+    description_processor: str = opt("", "user hook for natural-language descriptions (runs user code)", path=True)
+    num_repeats_getter: str = opt("", "user hook returning the repeats of each image (runs user code)", path=True)
     subsets: list[SubsetConfig] = opt([], "several data sources ([[data.subsets]]); empty = [data] is the only subset")
 
 
 @dataclass
 class CacheConfig:
     """[cache]: the memory-mapped latent shard store written by cache.py."""
-    cache_dir: str = opt("", "latent store directory; empty = encode images on the fly while training")
+    cache_dir: str = opt("", "latent store directory; empty = encode images on the fly while training", path=True)
     vae_batch_size: int = opt(8, "images per VAE batch when caching", min=1)
     num_workers: int = opt(-1, "image decoding workers per rank when caching; -1 = the CPU cores per rank minus one (the main process encodes)", min=-1)
     latent_dtype: str = opt("bf16", "precision of stored latents", choices=PRECISIONS)
@@ -152,7 +158,7 @@ class TrainConfig:
     use_ema: bool = opt(False, "keep an exponential moving average of the weights")
     ema_decay: float = opt(0.9999, "EMA decay", min=0, max=1, max_exclusive=True)
     ema_device: str = opt("same", "where the EMA lives: same device as the model, or cpu", choices=("same", "cpu"))
-    resume: str = opt("", "resume state folder, or 'auto' = newest complete state in output_dir/state")
+    resume: str = opt("", "resume state folder, or 'auto' = newest complete state in output_dir/state", path=True)
     max_bad_steps: int = opt(10, "consecutive NaN/Inf-loss steps before the run saves and stops", min=1)
     deterministic: bool = opt(False, "deterministic algorithms (slower; for exact reproducibility)")
     fsdp: bool = opt(False, "shard the trained model with FSDP2 instead of DDP (models that do not fit one GPU)")
@@ -219,12 +225,18 @@ class SaveConfig:
     save_on_keyboard_interrupt: bool = opt(True, "Ctrl-C saves a resumable state and exits (a second Ctrl-C aborts)")
     save_on_exception: bool = opt(True, "an exception in the loop saves a resumable state first")
     save_on_signal: bool = opt(True, "SIGTERM / SIGUSR1 (SLURM preemption, time limit) save a state and exit cleanly")
+    metadata_title: str = opt("", "modelspec.title of exported models (kohya --metadata_title); empty = the file name")
+    metadata_author: str = opt("", "modelspec.author of exported models (kohya --metadata_author)")
+    metadata_description: str = opt("", "modelspec.description of exported models (kohya --metadata_description)")
+    metadata_license: str = opt("", "modelspec.license of exported models (kohya --metadata_license)")
+    metadata_tags: str = opt("", "modelspec.tags of exported models, comma-separated (kohya --metadata_tags)")
+    metadata_paths: bool = opt(False, "put local paths (checkpoint, data folders, full config) into exported metadata; false = base names only (paths leak user names)")
 
 
 @dataclass
 class SampleConfig:
     """[sample]: preview images during training."""
-    sample_prompts: str = opt("", "prompt file (.txt with kohya options, .toml or .json); empty = no previews")
+    sample_prompts: str = opt("", "prompt file (.txt with kohya options, .toml or .json); empty = no previews", path=True)
     sample_every_n_steps: int = opt(0, "previews every N optimizer steps; 0 = off", min=0)
     sample_every_n_epochs: int = opt(0, "previews every N epochs; 0 = off", min=0)
     sample_at_first: bool = opt(False, "previews before training starts")
@@ -244,7 +256,7 @@ class LogConfig:
 @dataclass
 class Config:
     """A whole run. Top-level keys: output_dir, seed; the rest are tables."""
-    output_dir: str = opt("output", "run folder (may contain {date} / {time}); holds models/ samples/ logs/ state/")
+    output_dir: str = opt("output", "run folder (may contain {date} / {time}); holds models/ samples/ logs/ state/", path=True)
     seed: int = opt(42, "random seed; per-rank seeds derive from it", min=0)
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data"})

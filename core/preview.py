@@ -66,9 +66,10 @@ def grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
 
 def sample_round(comp: Any, prompts: Sequence[SamplePrompt], out_dir: str, step: int, device: torch.device | str,
                  autocast_dtype: torch.dtype | None = None, model_name: str = "",
-                 log: Callable[[str], None] | None = None, split: bool = True) -> list[str]:
+                 log: Callable[[str], None] | None = None, split: bool = True, model_hash: str = "") -> list[str]:
     """Prompts split across ranks (split=False: every rank runs every prompt, as sharded FSDP forwards need);
-    rank 0 writes {step:06d}_{index}_{seed}.png and a grid. Touches no training RNG: every image draws from
+    rank 0 writes {step:06d}_{index}_{seed}.png and a grid (carrying the first image's parameters, as A1111's
+    grids do); `model_hash`: of the file these weights were exported to, when there is one. Touches no training RNG: every image draws from
     its own seeded generator, and the global RNG is restored."""
     mine = [p for i, p in enumerate(prompts) if i % dist.world_size() == dist.rank()] if split else list(prompts)
     net = comp.network
@@ -86,13 +87,12 @@ def sample_round(comp: Any, prompts: Sequence[SamplePrompt], out_dir: str, step:
         allr = sorted((r for part in gathered for r in part), key=lambda r: r[0])
         for index, p, img in allr:
             path = os.path.join(out_dir, f"{step:06d}_{index}_{p.seed}.png")
-            save_png(img, path, a1111_parameters(p, model_name, {"Training step": str(step)}))
+            save_png(img, path, a1111_parameters(p, model_name, {"Training step": str(step)}, model_hash))
             written.append(path)
         if allr:
             gpath = os.path.join(out_dir, f"{step:06d}_grid.png")
-            g = grid([r[2] for r in allr])
-            g.save(gpath + ".tmp.png")
-            os.replace(gpath + ".tmp.png", gpath)
+            save_png(grid([r[2] for r in allr]), gpath,
+                     a1111_parameters(allr[0][1], model_name, {"Training step": str(step)}, model_hash))
             written.append(gpath)
         if log:
             log(f"samples: wrote {len(written)} image(s) for step {step} to {out_dir}")

@@ -208,8 +208,11 @@ def _a1111_value(value: str) -> str:
     return json.dumps(value, ensure_ascii=False) if any(c in value for c in ',\n:"') else value
 
 
-def a1111_parameters(p: SamplePrompt, model_name: str = "", extra: Mapping[str, str] | None = None) -> str:
-    """The A1111 "parameters" PNG text: prompt, 'Negative prompt: ...', then 'Steps: 28, Sampler: Euler, ...'."""
+def a1111_parameters(p: SamplePrompt, model_name: str = "", extra: Mapping[str, str] | None = None,
+                     model_hash: str = "") -> str:
+    """The A1111 "parameters" PNG text: prompt, 'Negative prompt: ...', then 'Steps: 28, Sampler: Euler, ...'.
+    `model_hash`: A1111's 10-hex short hash of the model file (core.hashes.short_hash), before `Model` as A1111
+    orders them."""
     items = {
         "Steps": str(p.steps),
         "Sampler": A1111_NAMES.get(p.sampler, p.sampler),
@@ -218,6 +221,8 @@ def a1111_parameters(p: SamplePrompt, model_name: str = "", extra: Mapping[str, 
     if p.seed is not None:
         items["Seed"] = str(p.seed)
     items["Size"] = f"{p.width}x{p.height}"
+    if model_hash:
+        items["Model hash"] = model_hash
     if model_name:
         items["Model"] = model_name
     if p.rescale:

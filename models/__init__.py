@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from models import sd3, sdxl
 from models import vae as vae_mod
-from models.checkpoint import CheckpointError, SafeTensorFile, load_module, modelspec_metadata, save_safetensors_atomic
+from models.checkpoint import (CheckpointError, SafeTensorFile, load_module, modelspec_hash, modelspec_metadata,
+                               save_safetensors_atomic)
 from models.family import strip_prefix
 
 FAMILIES = {"sdxl": sdxl, "sd3": sd3}
@@ -37,7 +38,7 @@ NETWORK_PART = {"sdxl": "unet", "sd3": "mmdit"}
 TEXT_CACHE_LAYOUT = {"sdxl": "context+pooled", "sd3": "clip+t5+pooled"}
 BUNDLED_T5_SPIECE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "t5_spiece.model")
 
-__all__ = ["build", "load", "save", "detect_family", "from_config", "resolve_prediction", "file_markers", "load_vae", "vae_identity",
+__all__ = ["build", "load", "save", "export_metadata", "detect_family", "from_config", "resolve_prediction", "file_markers", "load_vae", "vae_identity",
            "load_text_encoders", "CheckpointError", "FAMILIES"]
 
 
@@ -220,18 +221,32 @@ def _load_diffusers_vae(f: SafeTensorFile, dtype: torch.dtype | None, device: An
 
 
 
+def export_metadata(comp: Any, path: str, tensors: Mapping[str, Tensor] | None = None, *, title: str = "",
+                    resolution: int | str | None = None, info: Mapping[str, str] | None = None,
+                    extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The safetensors header of an export, apart from the tensor writing (streamed writers use it too):
+    modelspec (title default: the file name; `resolution` the trained one, an int side or "WxH"; `info`:
+    author / description / license / tags) + `extra` (training metadata). `tensors`, when given, are hashed into
+    modelspec.hash_sha256 (models.checkpoint.modelspec_hash) exactly as they will be written."""
+    spec = comp.modelspec()
+    reso = spec["resolution"] if resolution is None else (f"{resolution}x{resolution}" if isinstance(resolution, int)
+                                                         else str(resolution))
+    return modelspec_metadata(spec["architecture"], title or os.path.splitext(os.path.basename(path))[0], reso,
+                              spec.get("prediction_type"), extra=extra, implementation=spec.get("implementation", ""),
+                              info=info, hash_sha256=modelspec_hash(tensors) if tensors is not None else "")
+
+
 def save(comp: Any, path: str, precision: str = "fp16", title: str = "", extra_metadata: Mapping[str, str] | None = None,
-         state_dict: Mapping[str, Tensor] | None = None) -> None:
-    """Write the exact original single-file layout in `precision` with modelspec metadata, atomically.
-    `state_dict`: an already gathered export_state_dict() (FSDP), else taken from `comp`."""
+         state_dict: Mapping[str, Tensor] | None = None, *, resolution: int | str | None = None,
+         info: Mapping[str, str] | None = None) -> None:
+    """Write the exact original single-file layout in `precision` with modelspec metadata (export_metadata),
+    atomically. `state_dict`: an already gathered export_state_dict() (FSDP), else taken from `comp`."""
     if precision not in DTYPES:
         raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
     dt = DTYPES[precision]
     src = state_dict if state_dict is not None else comp.export_state_dict()
     sd = {k: (v.detach().to("cpu", dt) if v.is_floating_point() else v.detach().cpu()) for k, v in src.items()}
-    spec = comp.modelspec()
-    meta = modelspec_metadata(spec["architecture"], title or os.path.splitext(os.path.basename(path))[0],
-                              spec["resolution"], spec.get("prediction_type"), extra=extra_metadata)
+    meta = export_metadata(comp, path, sd, title=title, resolution=resolution, info=info, extra=extra_metadata)
     save_safetensors_atomic(sd, path, meta)
 
 

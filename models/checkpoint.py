@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import fnmatch
+import hashlib
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -218,14 +219,24 @@ def save_safetensors_atomic(tensors: Mapping[str, Tensor], path: str, metadata: 
         raise
 
 
+# Optional descriptive modelspec fields (sai_model_spec 1.0.0 "should" / "can" fields), set from [save].
+MODELSPEC_INFO = ("author", "description", "license", "tags")
+
+
 def modelspec_metadata(
     architecture: str,
     title: str,
     resolution: str,
     prediction_type: str | None = None,
     extra: Mapping[str, str] | None = None,
+    *,
+    implementation: str = "",
+    info: Mapping[str, str] | None = None,
+    hash_sha256: str = "",
 ) -> dict[str, str]:
-    """modelspec header fields (sai_model_spec 1.0.0, architecture, title, ISO date, resolution, prediction_type)."""
+    """modelspec header fields: sai_model_spec 1.0.0, architecture, implementation, title, ISO date (seconds, local
+    time, as kohya writes it), resolution ("WxH"), prediction_type, hash_sha256, and the descriptive `info` fields
+    (author, description, license, tags) that are non-empty; `extra` (str -> str) is added as given."""
     for name, value in (("architecture", architecture), ("title", title), ("resolution", resolution)):
         if not isinstance(value, str) or not value:
             raise ValueError(f"modelspec {name} must be a non-empty string, got {value!r}")
@@ -236,13 +247,34 @@ def modelspec_metadata(
         "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
         "modelspec.resolution": resolution,
     }
+    if implementation:
+        meta["modelspec.implementation"] = implementation
     if prediction_type is not None:
         meta["modelspec.prediction_type"] = prediction_type
+    if hash_sha256:
+        meta["modelspec.hash_sha256"] = hash_sha256
+    for k, v in (info or {}).items():
+        if k not in MODELSPEC_INFO:
+            raise ValueError(f"unknown modelspec info field {k!r}; known: {', '.join(MODELSPEC_INFO)}")
+        if v:
+            meta[f"modelspec.{k}"] = str(v)
     for k, v in (extra or {}).items():
         if not isinstance(k, str) or not isinstance(v, str):
             raise ValueError(f"modelspec extra metadata must map str -> str, got {k!r}: {v!r}")
         meta[k] = v
     return meta
+
+
+def modelspec_hash(tensors: Mapping[str, Tensor]) -> str:
+    """modelspec.hash_sha256 as kohya sd-scripts computes it (library/sai_model_spec.py
+    precalculate_safetensors_hashes): sha256 over each tensor's raw little-endian bytes (its safetensors data
+    section), one tensor after another in the given order, as '0x' + hex. Tensor by tensor, no full copy."""
+    h = hashlib.sha256()
+    for t in tensors.values():
+        t = t.detach().to("cpu").contiguous()
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return f"0x{h.hexdigest()}"
 
 
 def cast_state_dict(sd: Mapping[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:

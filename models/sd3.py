@@ -67,6 +67,8 @@ PRESETS = {
     "sd35_large": ("sd35_large", "sd3", "clip_l", "bigg", "xxl"),
     "tiny": ("tiny", "tiny16", "tiny_l", "tiny_g", "tiny"),
 }
+# modelspec.implementation: the SD3 / SD3.5 reference code whose key layout the files use
+IMPLEMENTATION = "https://github.com/Stability-AI/sd3.5"
 ARCHITECTURE = {"sd3_medium": "stable-diffusion-v3-medium", "sd35_medium": "stable-diffusion-v3.5-medium",
                 "sd35_large": "stable-diffusion-v3.5-large"}
 
@@ -191,7 +193,8 @@ class SD3(FamilyBase):
         if self.mmdit is not None:
             c = self.mmdit.cfg
             preset = "sd35_large" if c.depth >= 38 else ("sd35_medium" if c.x_block_self_attn_layers else "sd3_medium")
-        return {"architecture": ARCHITECTURE[preset], "resolution": "1024x1024", "prediction_type": "flow"}
+        return {"architecture": ARCHITECTURE[preset], "implementation": IMPLEMENTATION, "resolution": "1024x1024",
+                "prediction_type": "flow"}
 
 
 def _clip_l_config(shapes: dict[str, tuple[int, ...]]) -> te_mod.CLIPTextConfig:

@@ -34,6 +34,7 @@ BIGG_LOGIT_SCALE = "conditioner.embedders.1.model.logit_scale"
 LOGIT_SCALE_DEFAULT = math.log(100.0)  # CLIP's clamped logit scale, the value in released files
 SIZE_EMBED_DIM = 256  # sgm ConcatTimestepEmbedderND outdim, per number (6 numbers -> 1536)
 ARCHITECTURE = "stable-diffusion-xl-v1-base"
+IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"  # modelspec.implementation (kohya: sgm layout)
 # Empty top-level marker tensors of v-prediction / zero-terminal-SNR fine-tunes (NoobAI-XL-style files). ComfyUI
 # (comfy/supported_models.py, SDXL.model_type) samples a file as v-prediction when `v_pred` is a key of its state
 # dict, and with zero terminal SNR when `ztsnr` is one too; read on load, written on export.
@@ -132,7 +133,7 @@ class SDXL(FamilyBase):
         return out
 
     def modelspec(self) -> dict[str, str]:
-        return {"architecture": ARCHITECTURE, "resolution": "1024x1024",
+        return {"architecture": ARCHITECTURE, "implementation": IMPLEMENTATION, "resolution": "1024x1024",
                 "prediction_type": "v" if self.v_parameterization else "epsilon"}
 
 

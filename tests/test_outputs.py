@@ -1,9 +1,14 @@
-"""What other tools read from our inputs and outputs: v-prediction markers (ComfyUI's rule), file modes.
+"""What other tools read from our inputs and outputs: v-prediction markers (ComfyUI's rule), file modes,
+modelspec + kohya training metadata, the A1111 PNG infotext (parsed by a port of A1111's parser).
 
 One tiny in-process run (cache.py + train.py, 1 step, previews) from a NoobAI-style file (`v_pred` / `ztsnr`
 empty top-level tensors) provides the outputs that several tests inspect.
 """
+import hashlib
+import io
+import json
 import os
+import re
 import stat
 
 import pytest
@@ -35,10 +40,20 @@ def file_keys(path):
         return list(f.keys()), dict(f.metadata() or {})
 
 
+_BASE: dict = {}
+
+
+def base_state_dict() -> dict:
+    """The tiny SDXL export layout (built once per module)."""
+    if not _BASE:
+        _BASE.update(models.build("sdxl", "tiny", seed=3).export_state_dict())
+    return dict(_BASE)
+
+
 def noobai_style_file(path, v_pred=True, ztsnr=True):
     """A tiny SDXL single file as the v-prediction anime fine-tunes ship: the sgm layout plus empty top-level
     `v_pred` / `ztsnr` tensors, no modelspec."""
-    sd = models.build("sdxl", "tiny", seed=3).export_state_dict()
+    sd = base_state_dict()
     if v_pred:
         sd["v_pred"] = torch.tensor([])
     if ztsnr:
@@ -49,7 +64,8 @@ def noobai_style_file(path, v_pred=True, ztsnr=True):
 
 @pytest.fixture(scope="module")
 def vpred_run(tmp_path_factory):
-    """cache.py + train.py in-process from a NoobAI-style file: 1 step, previews (2 prompts), export, state."""
+    """cache.py + train.py in-process from a NoobAI-style file: 2 steps, an export and previews (2 prompts + grid)
+    after each, state."""
     import cache
     import train
     from data.demo import make_demo_dataset
@@ -63,10 +79,11 @@ def vpred_run(tmp_path_factory):
     old_mask = os.umask(0o022)
     try:
         assert cache.main(common) == 0
-        assert train.main([*common, f"output_dir={root / 'run'}", "train.max_train_steps=1",
-                           "optimizer.lr_warmup_steps=0", "optimizer.lr_scheduler=constant", "save.save_every_n_steps=0",
+        assert train.main([*common, f"output_dir={root / 'run'}", "train.max_train_steps=2",
+                           "optimizer.lr_warmup_steps=0", "optimizer.lr_scheduler=constant", "save.save_every_n_steps=1",
                            "data.batch_size=2", f"sample.sample_prompts={root / 'p.txt'}", "sample.sample_every_n_steps=1",
-                           "sample.sample_params={width=64, height=64}"]) == 0
+                           "sample.sample_params={width=64, height=64}", "save.metadata_title=Tiny NoobAI",
+                           "save.metadata_author=someone", "save.metadata_description=a test model"]) == 0
     finally:
         os.umask(old_mask)
     return root
@@ -92,7 +109,7 @@ def test_noobai_style_file_loads_with_both_markers(tmp_path):
 
 
 def test_edm_files_are_refused_clearly(tmp_path):
-    sd = models.build("sdxl", "tiny").export_state_dict()
+    sd = base_state_dict()
     sd["edm_mean"], sd["edm_std"] = torch.zeros(1, 4, 1, 1), torch.ones(1, 4, 1, 1)
     save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "pg.safetensors"))
     with pytest.raises(models.CheckpointError, match="EDM"):
@@ -158,3 +175,163 @@ def test_file_mode_follows_the_umask(tmp_path):
     save_safetensors_atomic({"a": torch.zeros(2)}, str(tmp_path / "a.safetensors"))
     for name in ("a.png", "a.safetensors"):
         assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == fsio.file_mode()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# modelspec and training metadata
+
+
+def kohya_modelspec_hash(state_dict) -> str:
+    """Port of kohya sd-scripts' sai_model_spec.precalculate_safetensors_hashes: each tensor alone through
+    safetensors.torch.save, the bytes after the header hashed one after another."""
+    from safetensors.torch import save as st_save
+    h = hashlib.sha256()
+    for tensor in state_dict.values():
+        b = io.BytesIO(st_save({"tensor": tensor}))
+        n = int.from_bytes(b.read(8), "little")
+        b.seek(n + 8)
+        h.update(b.read())
+    return f"0x{h.hexdigest()}"
+
+
+# sai_model_spec 1.0.0 fields: required ("must") and the ones a trainer should fill
+MODELSPEC_MUST = ("sai_model_spec", "architecture", "implementation", "title", "resolution")
+MODELSPEC_SHOULD = ("description", "author", "date", "prediction_type", "hash_sha256")
+
+
+def test_modelspec_hash_is_kohyas(tmp_path):
+    from models.checkpoint import modelspec_hash
+    sd = {"b": torch.randn(3, 5).to(torch.bfloat16), "a": torch.arange(7, dtype=torch.int64), "e": torch.zeros(0),
+          "s": torch.tensor(1.5)}
+    assert modelspec_hash(sd) == kohya_modelspec_hash(sd)
+    assert modelspec_hash(dict(reversed(list(sd.items())))) != modelspec_hash(sd)  # the order counts, as in kohya's
+
+
+def test_export_metadata_is_complete(vpred_run):
+    path = vpred_run / "run" / "models" / "demo.safetensors"
+    _, meta = file_keys(path)
+    for k in MODELSPEC_MUST + MODELSPEC_SHOULD:
+        assert meta.get(f"modelspec.{k}"), k
+    assert meta["modelspec.sai_model_spec"] == "1.0.0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
+    assert meta["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
+    assert meta["modelspec.resolution"] == "64x64"  # the trained resolution, not the model's native 1024
+    assert (meta["modelspec.title"], meta["modelspec.author"], meta["modelspec.description"]) == \
+        ("Tiny NoobAI", "someone", "a test model")
+    import datetime
+    datetime.datetime.fromisoformat(meta["modelspec.date"])
+    # the hash covers the tensors as written, in export order (the sgm layout, then the markers)
+    with safe_open(str(path), "pt") as f:
+        written = {k: f.get_tensor(k) for k in [*base_state_dict(), "v_pred", "ztsnr"]}
+        assert len(written) == len(list(f.keys()))
+    assert meta["modelspec.hash_sha256"] == kohya_modelspec_hash(written)
+
+
+def test_training_metadata_uses_kohya_names_and_no_paths(vpred_run):
+    _, meta = file_keys(vpred_run / "run" / "models" / "demo.safetensors")
+    assert meta["ss_steps"] == "2" and meta["ss_max_train_steps"] == "2" and meta["ss_batch_size_per_device"] == "2"
+    assert meta["ss_num_train_images"] == "4" and meta["ss_num_reg_images"] == "0"
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_training_type"] == "full-finetune"
+    assert meta["ss_zero_terminal_snr"] == "True" and meta["ss_learning_rate"] == "0.001"
+    assert meta["ss_sd_model_name"] == "noob_tiny.safetensors"
+    from core.hashes import sha256_file
+    assert meta["ss_new_sd_model_hash"] == sha256_file(vpred_run / "noob_tiny.safetensors")
+    buckets = json.loads(meta["ss_bucket_info"])["buckets"]
+    assert sum(b["count"] for b in buckets.values()) == 4 and all(len(b["resolution"]) == 2 for b in buckets.values())
+    assert json.loads(meta["ss_dataset_dirs"]) == {"data": {"n_repeats": 1, "img_count": 4}}
+    cfg = json.loads(meta["sdtrain.config"])
+    assert cfg["model"]["pretrained_model_name_or_path"] == "noob_tiny.safetensors"
+    root = str(vpred_run)
+    leaks = [k for k, v in meta.items() if root in v or os.path.expanduser("~") + os.sep in v]
+    assert not leaks, leaks
+
+
+def test_metadata_paths_true_keeps_paths(tmp_path):
+    from core.config import load_config
+    from core.run_metadata import config_for_metadata
+    cfg = load_config("configs/demo.toml", [f"data.image_dirs=['{tmp_path}/imgs']", "data.caption_processor=/x/y/h.py:f"])
+    assert config_for_metadata(cfg, True)["data"]["image_dirs"] == [f"{tmp_path}/imgs"]
+    stripped = config_for_metadata(cfg, False)
+    assert stripped["data"]["image_dirs"] == ["imgs"] and stripped["data"]["caption_processor"] == "h.py:f"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A1111 PNG infotext
+
+
+RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # modules/infotext_utils.py
+RE_IMAGESIZE = re.compile(r"^(\d+)x(\d+)$")
+
+
+def a1111_parse_generation_parameters(x: str) -> dict:
+    """Port of A1111's infotext_utils.parse_generation_parameters (the parsing part, without UI defaults)."""
+    def unquote(text):
+        if len(text) == 0 or text[0] != '"' or text[-1] != '"':
+            return text
+        try:
+            return json.loads(text)
+        except Exception:
+            return text
+
+    res, prompt, negative_prompt, done_with_prompt = {}, "", "", False
+    *lines, lastline = x.strip().split("\n")
+    if len(RE_PARAM.findall(lastline)) < 3:
+        lines.append(lastline)
+        lastline = ""
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            done_with_prompt = True
+            line = line[16:].strip()
+        if done_with_prompt:
+            negative_prompt += ("" if negative_prompt == "" else "\n") + line
+        else:
+            prompt += ("" if prompt == "" else "\n") + line
+    res["Prompt"], res["Negative prompt"] = prompt, negative_prompt
+    for k, v in RE_PARAM.findall(lastline):
+        if v and v[0] == '"' and v[-1] == '"':
+            v = unquote(v)
+        m = RE_IMAGESIZE.match(v)
+        if m is not None:
+            res[f"{k}-1"], res[f"{k}-2"] = m.group(1), m.group(2)
+        else:
+            res[k] = v
+    return res
+
+
+def png_parameters(path) -> str:
+    from PIL import Image
+    with Image.open(path) as im:
+        return im.info["parameters"]
+
+
+def test_previews_and_grids_parse_in_a1111(vpred_run):
+    from core.hashes import short_hash
+    samples = vpred_run / "run" / "samples"
+    step1 = sorted(p for p in samples.iterdir() if p.name.startswith("000001_"))
+    assert [p.name for p in step1] == ["000001_0_7.png", "000001_1_8.png", "000001_grid.png"]
+    expected_hash = short_hash(vpred_run / "run" / "models" / "demo-step00000001.safetensors")
+    assert len(expected_hash) == 10 and int(expected_hash, 16) >= 0
+    for p, prompt, seed in zip(step1, ("a red circle", "a blue square", "a red circle"), ("7", "8", "7")):
+        r = a1111_parse_generation_parameters(png_parameters(p))
+        assert r["Prompt"] == prompt and r["Seed"] == seed and r["Steps"] == "2", r
+        assert (r["Size-1"], r["Size-2"]) == ("64", "64") and r["Model"] == "demo"
+        assert r["Model hash"] == expected_hash, r  # the export holding exactly these weights
+    step2 = [p for p in samples.iterdir() if p.name.startswith("000002_")]
+    assert step2 and all("Model hash" not in a1111_parse_generation_parameters(png_parameters(p)) or
+                         a1111_parse_generation_parameters(png_parameters(p))["Model hash"] ==
+                         short_hash(vpred_run / "run" / "models" / "demo.safetensors") for p in step2)
+
+
+def test_generate_png_carries_the_model_hash(vpred_run, tmp_path):
+    import generate
+    from core.hashes import short_hash
+    model = vpred_run / "run" / "models" / "demo.safetensors"
+    assert generate.main(["--model", str(model), "--prompt", 'a "quoted", tricky: prompt', "--negative", "blurry",
+                          "--steps", "1", "--w", "64", "--h", "64", "--seed", "5", "--out", str(tmp_path),
+                          "--device", "cpu", "--precision", "fp32"]) == 0
+    (png,) = list(tmp_path.glob("*.png"))
+    r = a1111_parse_generation_parameters(png_parameters(png))
+    assert r["Prompt"] == 'a "quoted", tricky: prompt' and r["Negative prompt"] == "blurry"
+    assert r["Model hash"] == short_hash(model) == hashlib.sha256(model.read_bytes()).hexdigest()[:10]
+    assert r["Seed"] == "5" and r["Model"] == "demo" and r["Steps"] == "1"
