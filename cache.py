@@ -39,7 +39,8 @@ from data.buckets import flipped_crop, load_resized
 from data.captions import CaptionOptions, full_caption
 from data.images import BadImage, SkipReport
 from data.index import DatasetIndex, load_or_build_index
-from data.sources import load_hook, map_chunked
+from data.hooks import load_text_hook
+from data.sources import map_chunked
 from data.store import (BackgroundWriter, LatentStore, LATENT_DTYPES, Record, ShardWriter, source_fingerprint,
                         store_cfg_fingerprint)
 
@@ -158,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     if cc.cache_text_encoder_outputs:
         te = models.load_text_encoders(cfg.model, device, torch.float32 if device.type == "cpu" else torch.bfloat16,
                                        seed=cfg.seed)
-        hooks = (load_hook(cfg.data.caption_processor), load_hook(cfg.data.description_processor))
+        hooks = (load_text_hook(cfg.data.caption_processor, "caption_processor"),
+                 load_text_hook(cfg.data.description_processor, "description_processor"))
         te_ident = te.identity
         if any(hooks):  # cached captions depend on the hooks: another hook spec makes the records stale
             te_ident += f";hooks={cfg.data.caption_processor}|{cfg.data.description_processor}"
@@ -316,13 +318,14 @@ def _variant_captions(index: DatasetIndex, rows: list[int], variants: int, capti
         key = index.keys[row]
         opts = CaptionOptions(**index.subsets[int(index.subset[row])].caption)
         md = index.meta(row) if caption_hook or description_hook else {}  # only the hooks read it
-        n = variants if opts.augmented or caption_hook or description_hook else 1
+        n = variants if opts.augmented or caption_hook or description_hook or index.descriptions[row] else 1
         caps = []
         for k in range(n):
             try:
                 caps.append(full_caption(index.captions[row], opts, random.Random(_key_seed(key, k)), key=key,
                                          metadata=md, counter=index.counter, flipped=False, caption_hook=caption_hook,
-                                         description_hook=description_hook))
+                                         description_hook=description_hook, description=index.descriptions[row],
+                                         info=lambda: index.image_info(row)))
             except Exception as e:
                 raise SystemExit(f"cache.py: building caption variant {k} of {key!r} failed (check "
                                  f"data.caption_processor / description_processor): {type(e).__name__}: {e}") from e

@@ -77,7 +77,9 @@ class ModelConfig:
 class SubsetConfig:
     """[[data.subsets]]: one data source; unset (None) options inherit the [data] value."""
     image_dirs: list[str] = opt([], "folders of images with same-name caption files", path=True)
-    metadata_files: list[str] = opt([], "metadata files (.json, .csv, .sqlite/.db)", path=True)
+    metadata_files: list[str] = opt([], "metadata files (.json, .jsonl, .csv, .sqlite/.db; kohya / HCP / HF imagefolder / ours)", path=True)
+    train_data_dir: str = opt("", "kohya DreamBooth root: one subset per <repeats>_<class tokens> folder in it", path=True)
+    reg_data_dir: str = opt("", "kohya DreamBooth regularisation root (<repeats>_<class tokens> folders, is_reg)", path=True)
     caption_extension: str | None = opt(None, "caption file extension (default: [data].caption_extension)")
     num_repeats: int = opt(1, "times each image is seen per epoch", min=1)
     is_reg: bool = opt(False, "DreamBooth-style regularisation images")
@@ -96,11 +98,14 @@ class SubsetConfig:
 @dataclass
 class DataConfig:
     """[data]: images, captions and aspect-ratio buckets."""
-    image_dirs: list[str] = opt([], "folders of images with same-name caption files", path=True)
-    metadata_files: list[str] = opt([], "metadata files (.json {key: {image_path, caption, ...}}, .csv, .sqlite)", path=True)
+    image_dirs: list[str] = opt([], "folders of images with same-name caption files (a folder with a metadata.jsonl / .csv is read as a Hugging Face imagefolder)", path=True)
+    metadata_files: list[str] = opt([], "metadata files: ours / euge-trainer's (.json {key: {image_path, caption, ...}}, .jsonl, .csv, .sqlite), kohya's meta_lat.json, HCP caption JSON, HF imagefolder metadata.jsonl / .csv", path=True)
+    train_data_dir: str = opt("", "kohya DreamBooth root: one subset per <repeats>_<class tokens> folder in it (folders without a number are skipped with a warning)", path=True)
+    reg_data_dir: str = opt("", "kohya DreamBooth regularisation root: per epoch as many reg samples as training samples (kohya's rule)", path=True)
+    prior_loss_weight: float = opt(1.0, "loss weight of regularisation (is_reg) images, times their subset's loss_weight (kohya)", min=0)
     recursive: bool = opt(False, "search image_dirs recursively")
     caption_extension: str = opt(".txt", "caption file extension")
-    resolution: int = opt(1024, "training resolution: bucket area <= resolution**2", min=64)
+    resolution: int | list[int] = opt(1024, "training resolution: N (bucket area <= N*N) or kohya's [width, height] (area <= width*height; without buckets images are cropped to it)", min=64)
     enable_bucket: bool = opt(True, "aspect-ratio buckets (false: every image cropped to resolution x resolution)")
     bucket_reso_step: int = opt(64, "bucket side step in pixels", min=8)
     min_bucket_reso: int = opt(256, "smallest bucket side", min=8)
@@ -120,6 +125,8 @@ class DataConfig:
     caption_tag_dropout_rate: float = opt(0.0, "probability of dropping each tag", min=0, max=1)
     caption_prefix: str = opt("", "text prepended to every caption")
     caption_suffix: str = opt("", "text appended to every caption")
+    description_probability: float = opt(0.5, "entries with tags and a description (`description` / `nl_caption`): probability of training on the description (euge-trainer: 0.5)", min=0, max=1)
+    description_with_tags_probability: float = opt(0.0, "entries with both: probability of tags + separator + description instead; tags alone get the rest", min=0, max=1)
     num_repeats: int = opt(1, "times each image is seen per epoch", min=1)
     caption_processor: str = opt("", "user hook 'pkg.module:function' or 'path/file.py:function' (runs user code)", path=True)
     description_processor: str = opt("", "user hook for natural-language descriptions (runs user code)", path=True)
@@ -386,7 +393,14 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _convert(value, args[0], where)
+        if len(args) == 1:
+            return _convert(value, args[0], where)
+        for a in args:  # the first alternative the value fits
+            try:
+                return _convert(value, a, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table, got {type(value).__name__} {value!r}")
@@ -495,9 +509,15 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("train.full_fp16 requires train.mixed_precision = \"fp16\"")
     if l.min_timestep >= l.max_timestep:
         raise ConfigError(f"loss.min_timestep ({l.min_timestep}) must be smaller than loss.max_timestep ({l.max_timestep})")
+    if d.description_probability + d.description_with_tags_probability > 1:
+        raise ConfigError(f"data.description_probability ({d.description_probability}) + "
+                          f"data.description_with_tags_probability ({d.description_with_tags_probability}) must be <= 1")
     if d.min_bucket_reso > d.max_bucket_reso:
         raise ConfigError(f"data.min_bucket_reso ({d.min_bucket_reso}) is larger than data.max_bucket_reso ({d.max_bucket_reso})")
-    for name in ("resolution", "min_bucket_reso", "max_bucket_reso"):
+    res = d.resolution if isinstance(d.resolution, list) else [d.resolution]
+    if len(res) not in (1, 2) or any(v < 64 or v % 8 for v in res):
+        raise ConfigError(f"data.resolution = {d.resolution}: give N or [width, height], each >= 64 and a multiple of 8")
+    for name in ("min_bucket_reso", "max_bucket_reso"):
         if getattr(d, name) % 8:
             raise ConfigError(f"data.{name} = {getattr(d, name)} must be a multiple of 8 (the VAE downsamples by 8)")
     if d.bucket_reso_step % 8:

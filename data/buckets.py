@@ -20,37 +20,65 @@ REDUCING_GAP = 3.0
 class BucketSettings:
     """The settings that decide every image's bucket (part of the store fingerprint)."""
 
-    resolution: int = 1024
+    resolution: int = 1024       # width of the training resolution (the square's side when height is 0)
     enable_bucket: bool = True
     step: int = 64
     min_reso: int = 256
     max_reso: int = 2048
     no_upscale: bool = False
+    height: int = 0              # kohya's `resolution = "w,h"`: bucket area <= w * h; 0 = square
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(w, h) of the training resolution."""
+        return self.resolution, self.height or self.resolution
+
+    @property
+    def max_area(self) -> int:
+        w, h = self.size
+        return w * h
 
     @classmethod
     def from_data_cfg(cls, d) -> "BucketSettings":
         """Read the bucket fields of a DataConfig, validating them."""
-        s = cls(int(d.resolution), bool(d.enable_bucket), int(d.bucket_reso_step), int(d.min_bucket_reso),
-                int(d.max_bucket_reso), bool(d.bucket_no_upscale))
-        if s.resolution <= 0 or s.step <= 0:
-            raise ValueError(f"[data] resolution ({s.resolution}) and bucket_reso_step ({s.step}) must be > 0")
-        if s.resolution % s.step:
-            raise ValueError(f"[data] resolution {s.resolution} must be a multiple of bucket_reso_step {s.step}")
-        if not (0 < s.min_reso <= s.resolution <= s.max_reso):
-            raise ValueError(f"[data] need 0 < min_bucket_reso ({s.min_reso}) <= resolution ({s.resolution}) "
+        w, h = parse_resolution(d.resolution)
+        s = cls(w, bool(d.enable_bucket), int(d.bucket_reso_step), int(d.min_bucket_reso),
+                int(d.max_bucket_reso), bool(d.bucket_no_upscale), 0 if h == w else h)
+        if min(w, h) <= 0 or s.step <= 0:
+            raise ValueError(f"[data] resolution ({d.resolution}) and bucket_reso_step ({s.step}) must be > 0")
+        if w % s.step or h % s.step:
+            raise ValueError(f"[data] resolution {d.resolution} must be a multiple of bucket_reso_step {s.step}")
+        if not (0 < s.min_reso <= min(w, h) and max(w, h) <= s.max_reso):
+            raise ValueError(f"[data] need 0 < min_bucket_reso ({s.min_reso}) <= resolution ({d.resolution}) "
                              f"<= max_bucket_reso ({s.max_reso})")
         return s
 
     def key(self) -> str:
         """A stable string for fingerprints."""
-        return (f"res={self.resolution},bucket={int(self.enable_bucket)},step={self.step},min={self.min_reso},"
+        res = f"{self.resolution}x{self.height}" if self.height else str(self.resolution)
+        return (f"res={res},bucket={int(self.enable_bucket)},step={self.step},min={self.min_reso},"
                 f"max={self.max_reso},noup={int(self.no_upscale)}")
 
 
+def parse_resolution(v) -> tuple[int, int]:
+    """(w, h) of `resolution = N` or kohya's `[w, h]` (also "w,h")."""
+    if isinstance(v, str):
+        v = [p for p in v.replace("x", ",").split(",") if p.strip()]
+    if isinstance(v, (list, tuple)):
+        if len(v) == 1:
+            v = v[0]
+        elif len(v) == 2:
+            return int(v[0]), int(v[1])
+        else:
+            raise ValueError(f"[data] resolution {v!r}: give N or [width, height]")
+    return int(v), int(v)
+
+
 def make_buckets(s: BucketSettings) -> np.ndarray:
-    """The predefined bucket list [B, 2] (w, h), sorted, every side a multiple of step, area <= resolution^2."""
-    max_area = s.resolution * s.resolution
-    side = (s.resolution // s.step) * s.step
+    """The predefined bucket list [B, 2] (w, h), sorted, every side a multiple of step, area <= w * h of the
+    training resolution (kohya `make_bucket_resolutions`: the square side is sqrt(area) floored to the step)."""
+    max_area = s.max_area
+    side = int(math.sqrt(max_area) // s.step) * s.step
     resos = {(side, side)}
     w = s.min_reso - s.min_reso % s.step or s.step
     while w <= s.max_reso:
@@ -68,11 +96,11 @@ def assign_buckets(sizes: np.ndarray, s: BucketSettings) -> np.ndarray:
     if (sizes <= 0).any():
         raise ValueError("assign_buckets: every size must be positive (w, h)")
     if not s.enable_bucket:
-        return np.tile(np.array([[s.resolution, s.resolution]], np.int32), (len(sizes), 1))
+        return np.tile(np.array([s.size], np.int32), (len(sizes), 1))
     w, h = sizes[:, 0].astype(np.float64), sizes[:, 1].astype(np.float64)
     if s.no_upscale:
         # Own bucket per image: scale down to fit the area (never up), floor each side to the step.
-        max_area = float(s.resolution) ** 2
+        max_area = float(s.max_area)
         scale = np.minimum(1.0, np.sqrt(max_area / (w * h)))
         bw = np.floor(w * scale / s.step) * s.step
         bh = np.floor(h * scale / s.step) * s.step

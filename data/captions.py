@@ -1,13 +1,10 @@
-"""Caption processing at load time (kohya options) and euge-trainer style user hooks.
+"""Caption processing at load time (kohya options), descriptions, and the user hooks (data/hooks.py).
 
-Hooks are resolved from "pkg.mod:fn" or "path/file.py:fn" specs and always called with keyword arguments:
-
-- caption_processor(caption, *, key, metadata, counter, flipped, rng) -> str          (after the built-in steps)
-- description_processor(description, *, key, metadata, counter, flipped, rng) -> str (metadata["description"])
-- num_repeats_getter(*, key, metadata, counter, num_repeats) -> int                   (at index build; 0 drops)
-
-`counter` is {"artist": {name: n}, "character": {...}, "style": {...}, "quality": {...}} over the whole dataset,
-as euge-trainer's `count_metadata` builds it; `metadata` is the entry's metadata dict.
+Per sample: an entry with tags (its caption) and a natural-language description (`description`, euge-trainer's
+`nl_caption`) trains on the description with `description_probability`, on tags + separator + description with
+`description_with_tags_probability`, else on the tags (euge-trainer: one or the other, 0.5 each); an entry with
+only one of them trains on that one. Tags go through the kohya options, then caption_processor; a description
+goes through description_processor. Hooks may be written in euge-trainer's style or ours (data/hooks.py).
 """
 
 from __future__ import annotations
@@ -15,6 +12,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
+
+from .hooks import count_metadata  # noqa: F401  (euge-trainer's counter; re-exported)
 
 
 @dataclass(frozen=True)
@@ -30,6 +29,8 @@ class CaptionOptions:
     caption_prefix: str = ""
     caption_suffix: str = ""
     class_tokens: str = ""
+    description_probability: float = 0.5
+    description_with_tags_probability: float = 0.0
 
     @property
     def augmented(self) -> bool:
@@ -53,6 +54,8 @@ def options_for_subset(sub, data) -> CaptionOptions:
         caption_prefix=_pick(sub.caption_prefix, data.caption_prefix) or "",
         caption_suffix=_pick(sub.caption_suffix, data.caption_suffix) or "",
         class_tokens=sub.class_tokens or "",
+        description_probability=float(getattr(data, "description_probability", 0.5)),
+        description_with_tags_probability=float(getattr(data, "description_with_tags_probability", 0.0)),
     )
     for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
         if not 0.0 <= getattr(o, name) <= 1.0:
@@ -94,42 +97,39 @@ def process_caption(caption: str, opts: CaptionOptions, rng: random.Random) -> s
     return caption.strip()
 
 
-def count_metadata(metadatas: Iterable[dict[str, Any]]) -> dict[str, dict[str, int]]:
-    """Counters of artists / characters / styles / quality over all entries (euge-trainer `count_metadata`)."""
-    counter: dict[str, dict[str, int]] = {"artist": {}, "character": {}, "style": {}, "quality": {}}
-
-    def bump(kind: str, value: Any) -> None:
-        if not value:
-            return
-        values = value if isinstance(value, (list, tuple)) else (
-            [v.strip() for v in value.split(",") if v.strip()] if kind in ("character", "style") else [value])
-        for v in values:
-            v = str(v)
-            counter[kind][v] = counter[kind].get(v, 0) + 1
-
-    for md in metadatas:
-        if md:
-            bump("artist", md.get("artist"))
-            bump("character", md.get("characters"))
-            bump("style", md.get("styles"))
-            bump("quality", md.get("quality"))
-    return counter
+def description_of(metadata: dict[str, Any] | None) -> str:
+    """The entry's natural-language description: `description`, else euge-trainer's `nl_caption`."""
+    if not metadata:
+        return ""
+    d = metadata.get("description") or metadata.get("nl_caption") or ""
+    return d if isinstance(d, str) else str(d)
 
 
 def full_caption(caption: str, opts: CaptionOptions, rng: random.Random, *, key: str, metadata: dict[str, Any],
                  counter: dict, flipped: bool, caption_hook: Callable | None = None,
-                 description_hook: Callable | None = None) -> str:
-    """Built-in processing, then the user hooks; a description (metadata) is appended after the tags."""
-    text = process_caption(caption, opts, rng)
-    if caption_hook is not None:
-        text = caption_hook(text, key=key, metadata=metadata, counter=counter, flipped=flipped, rng=rng)
-        if not isinstance(text, str):
-            raise TypeError(f"caption_processor returned {type(text).__name__} for {key!r}; it must return str")
-    desc = metadata.get("description") if metadata else None
-    if desc and description_hook is not None:
-        desc = description_hook(desc, key=key, metadata=metadata, counter=counter, flipped=flipped, rng=rng)
-        if not isinstance(desc, str):
-            raise TypeError(f"description_processor returned {type(desc).__name__} for {key!r}; it must return str")
+                 description_hook: Callable | None = None, description: str | None = None,
+                 info: Callable[[], Any] | None = None) -> str:
+    """The caption a sample trains on: tags and / or the description (see the module docstring), with the
+    built-in processing and the hooks (TextHook objects, data/hooks.py). `description` defaults to the
+    metadata's; `info()` builds the euge-style ImageInfo when a hook needs one."""
+    desc = description_of(metadata) if description is None else description
+    use_tags, use_desc = True, False
+    if desc:
+        if not (caption.strip() or opts.class_tokens):
+            use_tags, use_desc = False, True
+        else:
+            r = rng.random()
+            p_desc, p_both = opts.description_probability, opts.description_with_tags_probability
+            use_tags, use_desc = (False, True) if r < p_desc else ((True, True) if r < p_desc + p_both else (True, False))
+    text = ""
+    if use_tags:
+        text = process_caption(caption, opts, rng)
+        if caption_hook is not None:
+            text = caption_hook(text, key=key, metadata=metadata, counter=counter, flipped=flipped, rng=rng, info=info)
+    if use_desc:
+        if description_hook is not None:
+            desc = description_hook(desc, key=key, metadata=metadata, counter=counter, flipped=flipped, rng=rng,
+                                    info=info)
         if desc:
             text = f"{text}{opts.caption_separator} {desc}" if text else desc
     return text

@@ -20,14 +20,15 @@ import numpy as np
 from core.fsio import commit_file
 
 from .buckets import BucketSettings, assign_buckets
-from .captions import count_metadata
+from .captions import description_of
+from .hooks import count_metadata, euge_metadata, load_repeats_hook
 from .images import SkipReport, read_sizes
-from .sources import SubsetSpec, collect, inputs_fingerprint, load_hook, resolve_subsets
+from .sources import SubsetSpec, collect, inputs_fingerprint, resolve_subsets
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "dataset_index.npz"
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: descriptions column
 
 
 class StrColumn:
@@ -79,7 +80,12 @@ class DatasetIndex:
     fingerprint: str
     counter: dict[str, dict[str, int]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # path -> reason, for inputs left out at build time
+    descriptions: StrColumn | None = None  # natural-language description per entry ("" = none)
     _key_rows: dict[str, int] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.descriptions is None:
+            self.descriptions = StrColumn.from_list([""] * len(self.keys))
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -95,13 +101,30 @@ class DatasetIndex:
         s = self.metadata[i]
         return json.loads(s) if s else {}
 
+    def image_info(self, row: int, caption: str | None = None, description: str | None = None):
+        """euge-trainer's ImageInfo of a row (for hooks written in its style)."""
+        from .hooks import ImageInfo, euge_metadata
+
+        md = self.meta(row)
+        w, h = (int(v) for v in self.sizes[row])
+        bw, bh = (int(v) for v in self.buckets[row])
+        raw_cap, raw_desc = self.captions[row], self.descriptions[row]
+        img_md = euge_metadata(md, self.paths[row], raw_cap, raw_desc)
+        orig = md.get("original_size")
+        orig = tuple(orig) if isinstance(orig, (list, tuple)) and len(orig) == 2 else (w, h)
+        return ImageInfo(self.keys[row], image_path=self.paths[row] or None,
+                         caption=raw_cap if caption is None else caption,
+                         description=(raw_desc or None) if description is None else description, image_size=(w, h),
+                         original_size=orig, latent_size=(bw // 8, bh // 8), bucket_size=(bw, bh),
+                         num_repeats=int(self.repeats[row]), npz_path=md.get("npz_path"), metadata=img_md)
+
     def save(self, path: str) -> None:
         """Write atomically (temp file + rename)."""
         info = {"version": INDEX_VERSION, "fingerprint": self.fingerprint, "bucket_settings": self.bucket_settings.__dict__,
                 "subsets": [s.__dict__ for s in self.subsets], "counter": self.counter, "skipped": self.skipped}
         arrays = {"sizes": self.sizes, "buckets": self.buckets, "subset": self.subset, "repeats": self.repeats,
                   "info": np.frombuffer(json.dumps(info).encode(), dtype=np.uint8)}
-        for name in ("keys", "paths", "captions", "metadata"):
+        for name in STR_COLUMNS:
             col: StrColumn = getattr(self, name)
             arrays[f"{name}_blob"], arrays[f"{name}_off"] = col.blob, col.offsets
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -116,7 +139,7 @@ class DatasetIndex:
             info = json.loads(z["info"].tobytes().decode())
             if info.get("version") != INDEX_VERSION:
                 raise ValueError(f"{path}: index version {info.get('version')} != {INDEX_VERSION}; delete it to rebuild")
-            cols = {n: StrColumn(z[f"{n}_blob"], z[f"{n}_off"]) for n in ("keys", "paths", "captions", "metadata")}
+            cols = {n: StrColumn(z[f"{n}_blob"], z[f"{n}_off"]) for n in STR_COLUMNS}
             return cls(sizes=z["sizes"], buckets=z["buckets"], subset=z["subset"], repeats=z["repeats"],
                        subsets=[SubsetSpec(**s) for s in info["subsets"]],
                        bucket_settings=BucketSettings(**info["bucket_settings"]),
@@ -124,6 +147,7 @@ class DatasetIndex:
                        skipped=info.get("skipped", {}), **cols)
 
 
+STR_COLUMNS = ("keys", "paths", "captions", "metadata", "descriptions")
 # The metadata fields count_metadata (data/captions.py) reads; entries with none of them cannot change the counts.
 COUNTED_FIELDS = frozenset({"artist", "characters", "styles", "quality"})
 
@@ -190,29 +214,64 @@ def _build_index(data, skipped: SkipReport | None, threads: int,
     keep = np.nonzero((sizes > 0).all(1))[0]
     if len(keep) < n:
         sel = keep.tolist()
-        for name in ("keys", "paths", "captions", "metadata", "subset"):
+        for name in ("keys", "paths", "captions", "metadata", "subset"):  # the columns used below
             lst = getattr(cols, name)
             setattr(cols, name, [lst[i] for i in sel])
         sizes = sizes[keep]
     if len(sizes) == 0:
         raise ValueError(f"the dataset has no usable images ({len(skipped)} skipped; see the log)")
-    counter = count_metadata(m for m in cols.metadata if m and not COUNTED_FIELDS.isdisjoint(m))
     subset_arr = np.asarray(cols.subset, dtype=np.int16)
     repeats = np.asarray([s.num_repeats for s in subsets], dtype=np.int32)[subset_arr]
-    getter = load_hook(data.num_repeats_getter)
+    descs = [description_of(m) for m in cols.metadata]
+    hooked = bool(data.num_repeats_getter or data.caption_processor or data.description_processor)
+    mds: list[dict[str, Any]] = []
+    if hooked:  # euge-trainer's img_md per entry, counted its way (folder captions parsed, folders counted)
+        mds = [euge_metadata(m, p, c, d) for m, p, c, d in zip(cols.metadata, cols.paths, cols.captions, descs)]
+        w0 = [m["num_repeats"] if isinstance(m.get("num_repeats"), int) else 1 for m in mds]
+        counter = count_metadata(mds, w0, cols.paths)
+    else:
+        counter = count_metadata(m for m in cols.metadata if m and not COUNTED_FIELDS.isdisjoint(m))
+    getter = load_repeats_hook(data.num_repeats_getter)
     if getter is not None:
         for i in range(len(repeats)):
-            r = getter(key=cols.keys[i], metadata=cols.metadata[i], counter=counter, num_repeats=int(repeats[i]))
-            if not isinstance(r, (int, np.integer)) or r < 0:
-                raise ValueError(f"num_repeats_getter returned {r!r} for {cols.keys[i]!r}; it must return an int >= 0")
-            repeats[i] = r
+            repeats[i] = getter(key=cols.keys[i], metadata=cols.metadata[i], counter=counter,
+                                num_repeats=int(repeats[i]), img_md=lambda: mds[i])
+    balance_reg(repeats, np.asarray([s.is_reg for s in subsets], bool)[subset_arr])
+    if hooked:  # what the caption hooks see: counts weighted by repeats (euge-trainer counts dropped ones once)
+        counter = count_metadata(mds, np.where(repeats > 0, repeats, 1).tolist(), cols.paths)
     enc = _json_encoder()
     md_json = [enc(m) if m else "" for m in cols.metadata]
     return DatasetIndex(keys=StrColumn.from_list(cols.keys), paths=StrColumn.from_list(cols.paths),
                         captions=StrColumn.from_list(cols.captions), metadata=StrColumn.from_list(md_json),
+                        descriptions=StrColumn.from_list(descs),
                         sizes=sizes.astype(np.int32), buckets=assign_buckets(sizes, bs), subset=subset_arr,
                         repeats=repeats, subsets=subsets, bucket_settings=bs, fingerprint=fp, counter=counter,
                         skipped=dict(skipped.items))
+
+
+def balance_reg(repeats: np.ndarray, is_reg: np.ndarray) -> None:
+    """kohya's DreamBooth rule (train_util.DreamBoothDataset), in place: per epoch the regularisation images give
+    as many samples as the training images with their repeats. Reg images are taken in index order with their own
+    repeats until that count is reached (the rest get 0: unused, still cached); when all of them are too few, one
+    more repeat is added to each in turn, from the first, until the count is reached. No training images -> no reg."""
+    reg = np.flatnonzero(is_reg & (repeats > 0))
+    if not len(reg):
+        return
+    target = int(repeats[~is_reg].sum())
+    r = repeats[reg].astype(np.int64)
+    cum = np.cumsum(r)
+    if target == 0:
+        r[:] = 0
+    elif cum[-1] >= target:
+        k = int(np.searchsorted(cum, target))  # first image that reaches the count
+        r[k + 1 :] = 0
+    else:
+        full, rem = divmod(target - int(cum[-1]), len(r))
+        r += full
+        r[:rem] += 1
+    repeats[reg] = r
+    log.info("regularisation images: %d samples per epoch for %d training samples (%d of %d reg images used)",
+             int(r.sum()), target, int((r > 0).sum()), len(r))
 
 
 def load_or_build_index(data, index_dir: str, *, is_main: bool = True, barrier: Callable[[], None] | None = None,

@@ -28,7 +28,7 @@ from .buckets import flipped_crop, load_resized
 from .captions import CaptionOptions, full_caption
 from .images import BadImage
 from .index import DatasetIndex
-from .sources import load_hook
+from .hooks import load_text_hook
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,8 @@ class _Items(Dataset):
     def __init__(self, index: DatasetIndex, data_cfg, store, seed: int, epoch: int):
         self.index, self.store, self.seed, self.epoch = index, store, seed, epoch
         self.opts = [CaptionOptions(**s.caption) for s in index.subsets]
-        self.caption_hook = load_hook(data_cfg.caption_processor)
-        self.description_hook = load_hook(data_cfg.description_processor)
+        self.caption_hook = load_text_hook(data_cfg.caption_processor, "caption_processor")
+        self.description_hook = load_text_hook(data_cfg.description_processor, "description_processor")
         self.jpeg_draft = bool(data_cfg.jpeg_draft)
 
     def __len__(self) -> int:
@@ -163,7 +163,8 @@ class _Items(Dataset):
             md = ix.meta(row) if self.caption_hook or self.description_hook else {}  # only the hooks read it
             caption = full_caption(ix.captions[row], self.opts[int(ix.subset[row])], rng, key=key, metadata=md,
                                    counter=ix.counter, flipped=flip, caption_hook=self.caption_hook,
-                                   description_hook=self.description_hook)
+                                   description_hook=self.description_hook, description=ix.descriptions[row],
+                                   info=lambda: ix.image_info(row))
         out["caption"] = caption
         out["target_size"] = (bh, bw)
         return out

@@ -116,3 +116,313 @@ def test_reader_registry_one_reader_per_source(tmp_path):
              for n in ("meta_lat.json", "hcp.json", "ours.json")}
     assert names == {"meta_lat.json": "kohya-metadata", "hcp.json": "hcp-captions", "ours.json": "metadata"}
     assert reader_for(Source("folders", "", spec)).name == "folder"
+
+
+def test_caption_extension_hint_and_empty_caption_warning(tmp_path, caplog):
+    """kohya's default `.caption` files with the default `.txt`: one warning with counts and the fix; the
+    captions are empty and a second warning says how many."""
+    d = tmp_path / "d"
+    for i in range(4):
+        img(d / f"{i}.png"); (d / f"{i}.caption").write_text(f"tag{i}")
+    with caplog.at_level("WARNING"):
+        ix = build_index(data_cfg(image_dirs=[str(d)]))
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("4 of 4 images have no .txt caption file, but 4 have a .caption file" in m
+               and 'caption_extension = ".caption"' in m for m in msgs), msgs
+    assert any("4 of 4 captions are empty" in m for m in msgs), msgs
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        ix = build_index(data_cfg(image_dirs=[str(d)], caption_extension=".caption"))
+    assert sorted(ix.captions.tolist()) == ["tag0", "tag1", "tag2", "tag3"]
+    assert not [r for r in caplog.records if "caption" in r.getMessage()]
+
+
+def kohya_kwargs_resolution(max_reso, min_size, max_size, divisible):
+    """kohya model_util.make_bucket_resolutions, restated: the oracle for [w, h] resolutions."""
+    import math
+
+    max_area = max_reso[0] * max_reso[1]
+    resos = {(int(math.sqrt(max_area) // divisible) * divisible,) * 2}
+    width = min_size
+    while width <= max_size:
+        height = min(max_size, int((max_area // width) // divisible) * divisible)
+        if height >= min_size:
+            resos.add((width, height)); resos.add((height, width))
+        width += divisible
+    return sorted(resos)
+
+
+def test_resolution_width_height_and_int(tmp_path):
+    """`resolution = [w, h]` (kohya's "w,h") and `= N`, through the config file as users write them."""
+    from core.config import ConfigError, load_config
+    from data.buckets import BucketSettings, assign_buckets, make_buckets
+
+    for res, want in (("[768, 1024]", (768, 1024)), ("1024", (1024, 1024))):
+        p = tmp_path / "c.toml"
+        p.write_text(f"[data]\nresolution = {res}\n")
+        bs = BucketSettings.from_data_cfg(load_config(str(p)).data)
+        assert bs.size == want
+        assert [tuple(b) for b in make_buckets(bs).tolist()] == kohya_kwargs_resolution(want, 256, 2048, 64)
+    assert bs.key().startswith("res=1024,")  # square keys unchanged: existing stores stay valid
+    flat = BucketSettings.from_data_cfg(load_config(str(tmp_path / "c.toml"), ["data.resolution=[768, 1024]",
+                                                                             "data.enable_bucket=false"]).data)
+    assert assign_buckets(np.array([[500, 300]]), flat).tolist() == [[768, 1024]]
+    with pytest.raises(ConfigError, match="resolution"):
+        load_config(str(tmp_path / "c.toml"), ["data.resolution=[768, 1024, 5]"])
+    with pytest.raises(ConfigError, match="expected integer or array of integer"):
+        load_config(str(tmp_path / "c.toml"), ["data.resolution=\"big\""])
+
+
+def dreambooth_fixture(root, n_train=5, train_repeats=10, n_reg=80):
+    """kohya's DreamBooth layout: train_data_dir/<repeats>_<tokens>/, reg_data_dir/<repeats>_<tokens>/."""
+    for i in range(n_train):
+        img(root / "train" / f"{train_repeats}_sks dog" / f"{i:03d}.png")
+    (root / "train" / f"{train_repeats}_sks dog" / "000.caption").write_text("sks dog on grass\nsecond line")
+    img(root / "train" / "no_number" / "x.png")  # no <repeats>_: skipped with a warning
+    for i in range(n_reg):
+        img(root / "reg" / "1_dog" / f"{i:03d}.png")
+    return root / "train", root / "reg"
+
+
+def test_dreambooth_folders_repeats_captions_and_reg_balance(tmp_path, caplog):
+    """Repeats and class tokens from folder names, kohya's first-line .caption, reg balanced per epoch:
+    5 train x 10 repeats + 80 reg -> 50 reg samples (30 unused); the loader's batches carry prior_loss_weight."""
+    from data.loader import global_batches
+
+    tr, reg = dreambooth_fixture(tmp_path)
+    cfg = data_cfg(train_data_dir=str(tr), reg_data_dir=str(reg), caption_extension=".caption",
+                   prior_loss_weight=0.25)
+    with caplog.at_level("WARNING"):
+        ix = build_index(cfg)
+    assert any("no_number" in r.getMessage() and "<repeats>_" in r.getMessage() for r in caplog.records)
+    r = rows(ix)
+    assert len(ix) == 85 and "10_sks dog/000" in r and "reg/1_dog/079" in r
+    assert ix.captions[r["10_sks dog/000"]] == "sks dog on grass"          # kohya read_caption: first line
+    assert ix.captions[r["10_sks dog/001"]] == ""                          # class tokens come at load time
+    assert [s.class_tokens for s in ix.subsets] == ["sks dog", "dog"]
+    assert {int(ix.repeats[r[f"10_sks dog/{i:03d}"]]) for i in range(5)} == {10}
+    reg_rep = [int(ix.repeats[r[f"reg/1_dog/{i:03d}"]]) for i in range(80)]
+    assert reg_rep == [1] * 50 + [0] * 30
+    assert ix.subsets[1].is_reg and ix.subsets[1].loss_weight == 0.25 and ix.subsets[0].loss_weight == 1.0
+    epoch = np.concatenate(global_batches(ix, 4, seed=0, epoch=0))[:, 0]
+    assert int(ix.subset[epoch].astype(bool).sum()) == 50 and len(epoch) == 100
+
+
+def test_reg_images_too_few_are_repeated(tmp_path):
+    """20 reg images for 50 training samples: repeated to 50 (kohya adds one repeat to each in turn)."""
+    tr, reg = dreambooth_fixture(tmp_path, n_reg=20)
+    ix = build_index(data_cfg(train_data_dir=str(tr), reg_data_dir=str(reg)))
+    r = rows(ix)
+    reg_rep = [int(ix.repeats[r[f"reg/1_dog/{i:03d}"]]) for i in range(20)]
+    assert reg_rep == [3] * 10 + [2] * 10 and sum(reg_rep) == 50
+
+
+def test_dreambooth_loader_class_tokens_and_loss_weight(tmp_path):
+    """Through the real loader: an image without a caption file trains on its folder's tokens; reg samples carry
+    prior_loss_weight into the per-sample loss weight (the objective's weighting path)."""
+    from data.loader import make_loader
+
+    tr, reg = dreambooth_fixture(tmp_path, n_train=2, train_repeats=1, n_reg=2)
+    cfg = data_cfg(train_data_dir=str(tr), reg_data_dir=str(reg), caption_extension=".caption",
+                   prior_loss_weight=0.25, batch_size=1)
+    ix = build_index(cfg)
+    seen = {}
+    for b in make_loader(ix, cfg, None, seed=0, epoch=0, rank=0, world_size=1):
+        seen[b["keys"][0]] = (b["captions"][0], float(b["loss_weight"][0]))
+    assert seen == {"1_sks dog/000": ("sks dog on grass", 1.0), "1_sks dog/001": ("sks dog", 1.0),
+                    "reg/1_dog/000": ("dog", 0.25), "reg/1_dog/001": ("dog", 0.25)}
+
+
+# Hooks as euge-trainer users have them. `get_num_repeats` and `fmt2dan` / `QUALITY2NRP` are euge-trainer's own
+# example (configs/more/aidxl_config.py), word for word; `process_caption` / `process_description` use exactly the
+# fields of the wiki's tables (docs/CONFIG.md: img_md[...], img_info.<field>, kwargs['counter'][...], flip_aug).
+EUGE_HOOKS = '''
+def get_num_repeats(img_key, img_md, **kwargs):
+    r"""
+    提高弱势类别数据的训练权重，以及图片高质量图像的权重。
+    """
+    artist_benchmark = 100
+    character_benchmark = 1000
+    min_num_repeats = 1
+    max_num_repeats = 10
+
+    counter = kwargs.get('counter')  # 获取计数器
+
+    num_repeats = 1
+
+    artist = fmt2dan(img_md['artist'])
+    if artist is not None:
+        cnt = counter['artist'][artist]
+        if cnt >= 25:
+            num_repeats *= max(1, artist_benchmark / cnt)
+
+    characters = fmt2dan(img_md['characters'])
+    if characters is not None:
+        for character in characters:
+            cnt = counter['character'][character]
+            if cnt >= 50:
+                num_repeats *= max(1, character_benchmark / cnt)
+
+    quality = img_md.get('quality')
+    if quality in ('horrible', 'worst', 'low'):
+        return 0  # 不训练
+    elif quality in QUALITY2NRP:
+        num_repeats *= QUALITY2NRP[quality]
+
+    num_repeats = int(num_repeats)
+    num_repeats = min(max_num_repeats, num_repeats)
+    num_repeats = max(min_num_repeats, num_repeats)
+    return num_repeats
+
+
+def fmt2dan(tag):
+    if isinstance(tag, str):
+        tag = tag.lower().strip()
+        tag = tag.replace(' ', '_').replace('\\\\(', '(').replace('\\\\)', ')').replace(': ', ':')
+        return tag
+    elif isinstance(tag, list):
+        return [fmt2dan(t) for t in tag]
+    else:
+        return tag
+
+
+QUALITY2NRP = {
+    'amazing': 5,
+    'best': 2.5,
+    'high': 1.5,
+    'normal': 1,
+}
+
+
+def wiki_repeats(img_key, img_md, **kwargs):
+    counter = kwargs['counter']
+    assert set(counter) >= {'artist', 'characters', 'styles', 'quality'}
+    assert img_md['image_path'].endswith('.png') and img_md['caption']
+    assert img_md['aesthetic_score'] is None and img_md['safe_level'] is None
+    n = counter['artist'][fmt2dan(img_md['artist'])] if img_md['artist'] else 1
+    return n
+
+
+def process_caption(img_info, **kwargs):
+    counter = kwargs['counter']
+    tags = img_info.caption.split(', ')
+    if kwargs['flip_aug']:
+        tags = [tag.replace('left', 'right') for tag in tags]
+    md = img_info.metadata
+    tags.append(f"artist={counter['artist'][fmt2dan(md['artist'])]}")
+    tags.append(f"chars={counter['characters'].get('alice_(wonderland)', 0)}")
+    tags.append(f"styles={sorted(counter['styles'])}")
+    tags.append(f"quality={counter['quality']}")
+    tags.append(f"key={img_info.key}, n={img_info.num_repeats}, size={img_info.image_size}, "
+                f"orig={img_info.original_size}, latent={img_info.latent_size}, bucket={img_info.bucket_size}, "
+                f"npz={img_info.npz_path}, desc={img_info.description}")
+    return ', '.join(tags)
+
+
+def process_description(img_info, **kwargs):
+    return img_info.description.upper() + (' (flipped)' if kwargs['flip_aug'] else '')
+
+
+def bad_repeats(img_key, img_md, **kwargs):
+    return '2'
+
+
+def bad_caption(img_info, **kwargs):
+    return None
+'''
+
+
+def euge_fixture(root):
+    d = root / "imgs"
+    img(d / "a.png", (64, 32)); img(d / "b.png", (64, 32)); img(d / "c.png", (32, 64))
+    # euge-trainer's metadata file: {key: {image_path, caption, artist, characters, styles, quality, ...}}
+    md = {"a": {"image_path": str(d / "a.png"), "caption": "1girl, left hand", "artist": "Bob Ross",
+                "characters": ["alice \\(wonderland\\)"], "styles": "oil painting, sketch", "quality": "best"},
+          "b": {"image_path": str(d / "b.png"), "caption": "scenery", "artist": "bob ross", "quality": "normal",
+                "nl_caption": "a wide valley"},
+          "c": {"image_path": str(d / "c.png"), "caption": "ugly", "artist": "eve", "quality": "low"}}
+    (root / "md.json").write_text(json.dumps(md))
+    (root / "hooks.py").write_text(EUGE_HOOKS)
+    return root / "md.json", root / "hooks.py"
+
+
+def test_euge_hooks_unchanged(tmp_path):
+    """euge-trainer's own num_repeats_getter (positional img_key, img_md, counter under its singular keys) and
+    wiki-table caption / description processors run unchanged; counters keyed and formatted as the wiki says."""
+    import random
+
+    from data.captions import CaptionOptions, full_caption
+    from data.hooks import load_text_hook
+
+    md, hooks = euge_fixture(tmp_path)
+    ix = build_index(data_cfg(metadata_files=[str(md)], num_repeats_getter=f"{hooks}:get_num_repeats",
+                              caption_processor=f"{hooks}:process_caption"))
+    r = rows(ix)
+    assert {k: int(ix.repeats[i]) for k, i in r.items()} == {"a": 2, "b": 1, "c": 0}  # best x2.5 -> 2, low -> 0
+    assert ix.counter["artist"] == {"bob_ross": 3, "eve": 1}  # weighted by repeats; dropped ones once (euge)
+    assert ix.descriptions[r["b"]] == "a wide valley"
+    cap = load_text_hook(f"{hooks}:process_caption", "caption_processor")
+    desc = load_text_hook(f"{hooks}:process_description", "description_processor")
+    out = full_caption(ix.captions[r["a"]], CaptionOptions(), random.Random(0), key="a", metadata=ix.meta(r["a"]),
+                       counter=ix.counter, flipped=True, caption_hook=cap, description_hook=desc,
+                       description=ix.descriptions[r["a"]], info=lambda: ix.image_info(r["a"]))
+    assert out == ("1girl, right hand, artist=3, chars=2, styles=['oil_painting', 'sketch'], "
+                   "quality={'best': 2, 'normal': 1, 'low': 1}, key=a, n=2, size=(64, 32), orig=(64, 32), "
+                   "latent=(10, 6), bucket=(80, 48), npz=None, desc=None")
+    # b has tags and a description: euge-trainer's default is one or the other, half the time each
+    outs = {full_caption(ix.captions[r["b"]], CaptionOptions(), random.Random(s), key="b", metadata=ix.meta(r["b"]),
+                         counter=ix.counter, flipped=False, caption_hook=None, description_hook=desc,
+                         description=ix.descriptions[r["b"]], info=lambda: ix.image_info(r["b"])) for s in range(40)}
+    assert outs == {"scenery", "A WIDE VALLEY"}
+    only_desc = CaptionOptions(description_probability=1.0)
+    assert full_caption("x", only_desc, random.Random(0), key="b", metadata={}, counter={}, flipped=False,
+                        description="d") == "d"
+    both = CaptionOptions(description_probability=0.0, description_with_tags_probability=1.0)
+    assert full_caption("x", both, random.Random(0), key="b", metadata={}, counter={}, flipped=False,
+                        description="d") == "x, d"
+
+
+def test_wiki_hook_fields_and_wrong_return_types(tmp_path):
+    """img_md carries the wiki's fields (None when absent); a hook returning a wrong type names the key."""
+    from data.hooks import HookError
+
+    md, hooks = euge_fixture(tmp_path)
+    ix = build_index(data_cfg(metadata_files=[str(md)], num_repeats_getter=f"{hooks}:wiki_repeats"))
+    assert {ix.keys[i]: int(ix.repeats[i]) for i in range(len(ix))} == {"a": 2, "b": 2, "c": 1}
+    with pytest.raises(HookError, match=r"num_repeats_getter returned '2' \(str\) for 'a'"):
+        build_index(data_cfg(metadata_files=[str(md)], num_repeats_getter=f"{hooks}:bad_repeats"))
+    import random
+
+    from data.captions import CaptionOptions, full_caption
+    from data.hooks import load_text_hook
+
+    bad = load_text_hook(f"{hooks}:bad_caption", "caption_processor")
+    with pytest.raises(HookError, match=r"caption_processor returned None \(NoneType\) for 'a'"):
+        full_caption("x", CaptionOptions(), random.Random(0), key="a", metadata={}, counter={}, flipped=False,
+                     caption_hook=bad, info=lambda: ix.image_info(0))
+
+
+def test_keyword_style_hooks_still_work(tmp_path):
+    """Today's keyword style is told apart by its signature and called as before."""
+    from data.hooks import hook_style
+
+    def ours(*, key, metadata, counter, num_repeats):
+        return num_repeats
+
+    def ours_cap(caption, *, key, metadata, counter, flipped, rng):
+        return caption
+
+    def euge(img_key, img_md, **kwargs):
+        return 1
+
+    def euge_cap(img_info, **kwargs):
+        return ""
+
+    def ours_loose(caption, **kw):
+        return caption
+
+    def euge_named(x, y, **kwargs):
+        return 1
+
+    assert [hook_style(f) for f in (ours, ours_cap, euge, euge_cap, ours_loose, euge_named)] == \
+        ["ours", "ours", "euge", "euge", "ours", "euge"]

@@ -122,7 +122,7 @@ def test_subsets_repeats_hook_and_index_reuse(tmp_path):
     skipped = SkipReport()
     ix = load_or_build_index(cfg, str(tmp_path / "store"), skipped=skipped)
     rep = {ix.keys[i]: int(ix.repeats[i]) for i in range(len(ix))}
-    assert rep == {"t0": 3, "t1": 3, "t2": 0, "r0": 1}
+    assert rep == {"t0": 3, "t1": 3, "t2": 0, "r0": 6}  # reg balanced to the 6 training samples (kohya)
     assert ix.subsets[1].is_reg and ix.subsets[1].loss_weight == 0.5
     mtime = os.path.getmtime(tmp_path / "store" / "dataset_index.npz")
     ix2 = load_or_build_index(cfg, str(tmp_path / "store"))
@@ -191,8 +191,12 @@ def test_caption_hooks_get_euge_arguments():
     def desc(d, *, key, metadata, counter, flipped, rng):
         return d.replace("left", "right") if flipped else d
 
-    out = full_caption("cat", CaptionOptions(), random.Random(0), key="k", metadata=md, counter=counter, flipped=True,
-                       caption_hook=cap, description_hook=desc)
+    from data.hooks import TextHook
+
+    both = CaptionOptions(description_probability=0.0, description_with_tags_probability=1.0)
+    out = full_caption("cat", both, random.Random(0), key="k", metadata=md, counter=counter, flipped=True,
+                       caption_hook=TextHook(cap, "caption_processor"),
+                       description_hook=TextHook(desc, "description_processor"))
     assert out == "cat, by bob, a cat on the right" and seen == {"key": "k", "n": 2, "flipped": True}
 
 
