@@ -224,7 +224,7 @@ def test_dreambooth_loader_class_tokens_and_loss_weight(tmp_path):
 
     tr, reg = dreambooth_fixture(tmp_path, n_train=2, train_repeats=1, n_reg=2)
     cfg = data_cfg(train_data_dir=str(tr), reg_data_dir=str(reg), caption_extension=".caption",
-                   prior_loss_weight=0.25, batch_size=1)
+                   prior_loss_weight=0.25, batch_size=1, jpeg_draft=False)
     ix = build_index(cfg)
     seen = {}
     for b in make_loader(ix, cfg, None, seed=0, epoch=0, rank=0, world_size=1):
