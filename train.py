@@ -27,7 +27,7 @@ from core import cli, dist
 from core.config import format_output_dir, make_run_dirs, run_dirs, to_dict, to_toml
 from core.ema import EMA
 from core.fsio import commit_file
-from core.metrics import MetricsWriter, setup_logging
+from core.metrics import MetricsWriter, peak_memory, setup_logging
 from core.objectives import build_objective
 from core.optim import LossRecorder, build_optimizer, build_param_groups_for_models, build_scheduler
 from core import run_metadata, state as rstate
@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     dist.barrier()
     log = setup_logging(paths["logs"], master)
     metrics = MetricsWriter(paths["logs"], master, cfg.log.tensorboard)
-    log.info(f"run folder {out_dir}; {info.world_size} process(es) on {device.type}")
+    log.info(f"run folder {out_dir}; {info.world_size} process(es) on {device.type}, process group "
+             f"{dist.backend() or 'none'}")
     for note in prediction_notes:
         log.info(note)
     if cfg.train.deterministic:
@@ -326,8 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not micro:
                     break
                 done = cursor // info.world_size  # this rank's micro-batches already run in this epoch
-                gens = [torch.Generator(device=device).manual_seed(mix_seed(cfg.seed, epoch, info.rank, done + i))
-                        for i in range(len(micro))]
+                gens = noise_generators(cfg, device, epoch, info.rank, done, len(micro))
                 loss_mean, finite = accumulate_gradients(model, comp, objective, micro, device, gens, autocast, scaler)
                 images_since += sum(mb["loss_weight"].shape[0] for mb in micro)
                 cursor += len(micro) * info.world_size  # global batches: every rank ran len(micro)
@@ -363,8 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                     lr = optimizer.param_groups[0]["lr"]
                     row = {"loss": loss_mean, "loss_avg": recorder.windowed_mean, "loss_ema": recorder.moving_average,
                            "lr": lr, "grad_norm": grad_norm, "images_per_s": ips, "epoch": epoch}
-                    if device.type == "cuda":
-                        row["gpu_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    row.update(peak_memory(device))
                     metrics.write(step, row)
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss_mean:.4f}", avg=f"{recorder.windowed_mean:.4f}",
@@ -505,6 +504,14 @@ def write_export(whole: Any, path: str, cfg: Any, meta: dict[str, str], full: di
                         extra_metadata={**meta, "sdtrain.ema_decay": str(ema.decay)}, **kw)
 
 
+def noise_generators(cfg: Any, device: torch.device, epoch: int, rank: int, done: int, n: int) -> list[torch.Generator]:
+    """One generator per micro-batch, seeded by (seed, epoch, rank, micro-batch of this rank in the epoch): the same
+    noise on resume. On the training device's generator, or the CPU's with train.noise_device = "cpu" (CUDA's
+    Philox and the CPU's Mersenne twister give different numbers from one seed)."""
+    where = torch.device("cpu") if cfg.train.noise_device == "cpu" else device
+    return [torch.Generator(device=where).manual_seed(mix_seed(cfg.seed, epoch, rank, done + i)) for i in range(n)]
+
+
 def micro_step_loss(model: nn.Module, comp: Any, objective: Any, batch: dict[str, Any], device: torch.device,
                     generator: torch.Generator) -> torch.Tensor:
     """Loss of one micro-batch (mean over the batch, per-sample weights applied)."""
@@ -517,7 +524,8 @@ def micro_step_loss(model: nn.Module, comp: Any, objective: Any, batch: dict[str
     cached = {k[3:]: v for k, v in batch.items() if k.startswith("te.")}
     if cached:
         items = [{k: v[i] for k, v in cached.items()} for i in range(len(batch["captions"]))]
-        text = {k: v.to(device) for k, v in comp.collate_cached_text(items).items()}
+        with torch.autocast(device.type, enabled=False):  # assembling data, not compute: CPU fp16 autocast
+            text = {k: v.to(device) for k, v in comp.collate_cached_text(items).items()}  # rejects a bf16 cat
     sizes = tuple(batch[k].to(device) for k in ("original_size", "crop_top_left", "target_size"))
     nb = objective.noise(latents, generator)
     pred = model(nb.x_t, nb.t, text, batch["captions"], sizes)

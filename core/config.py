@@ -170,6 +170,9 @@ class TrainConfig:
     deterministic: bool = opt(False, "deterministic algorithms (slower; for exact reproducibility)")
     fsdp: bool = opt(False, "shard the trained model with FSDP2 instead of DDP (models that do not fit one GPU)")
     compile: bool = opt(False, "torch.compile the network blocks")
+    noise_device: str = opt("same", "generator of the training noise and timesteps: same = the training device's "
+                            "(fastest); cpu = the CPU's, the same numbers on any GPU or CPU (a small copy per "
+                            "micro-step)", choices=("same", "cpu"))
 
 
 @dataclass

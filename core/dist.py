@@ -45,12 +45,25 @@ def init(device: str | None = None, timeout_minutes: int = 60) -> DistInfo:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
-    if world_size > 1 and not tdist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        tdist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes),
-                                 **({"device_id": dev} if dev.type == "cuda" else {}))
+    # torchrun: a process group even of one process (one GPU runs NCCL and DDP as eight do)
+    if (world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ) and not tdist.is_initialized():
+        _init_group(dev, timeout_minutes)
     _INFO = DistInfo(rank, world_size, local_rank, dev)
     return _INFO
+
+
+def _init_group(dev: torch.device, timeout_minutes: int = 60, store: Any = None) -> None:
+    """NCCL on GPUs, gloo on CPU; from torchrun's environment, or a one-process group on `store`."""
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    kwargs: dict[str, Any] = {"device_id": dev} if dev.type == "cuda" else {}
+    if store is not None:
+        kwargs.update(store=store, rank=0, world_size=1)
+    tdist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
+
+
+def backend() -> str | None:
+    """The process group's backend ("nccl", "gloo"), None without one."""
+    return str(tdist.get_backend()) if is_dist() else None
 
 
 def info() -> DistInfo:
@@ -178,6 +191,8 @@ def wrap_fsdp(model: nn.Module, blocks: list[nn.Module], mixed_precision: torch.
     block) is sharded on its own, then the root. Parameters become DTensors; see full_state_dict."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if not is_dist():  # a plain single process (no torchrun): fully_shard needs a group, give it one of one
+        _init_group(info().device, store=tdist.HashStore())
     mp = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
     for block in blocks:
         fully_shard(block, mp_policy=mp)

@@ -8,6 +8,8 @@ import sys
 import time
 from typing import Any
 
+import torch
+
 
 def setup_logging(log_dir: str | None, is_main: bool, name: str = "train") -> logging.Logger:
     """Console + file logger on rank 0; warnings only on the other ranks."""
@@ -25,6 +27,13 @@ def setup_logging(log_dir: str | None, is_main: bool, name: str = "train") -> lo
         fh.setFormatter(fmt)
         logger.addHandler(fh)
     return logger
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """{"gpu_mem_gb": peak memory allocated so far} on a CUDA device; {} elsewhere (CUDA is never touched then)."""
+    if device.type != "cuda":
+        return {}
+    return {"gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30}
 
 
 class MetricsWriter:

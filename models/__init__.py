@@ -102,12 +102,13 @@ def build(family: str, preset: str, *, device: str | torch.device = "cpu", dtype
     for name, cfg in cfgs.items():
         if parts is not None and name not in parts:
             continue
+        # drawn by the CPU generator, then moved: the same weights on any device (a CUDA init would draw from the
+        # device's generator, so a GPU run and its CPU check, or cache.py and the export's VAE, would differ)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_part_seed(seed, name))
-            with torch.device(device):
+            torch.random.default_generator.manual_seed(_part_seed(seed, name))  # CPU only: no other RNG touched
+            with torch.device("meta" if torch.device(device).type == "meta" else "cpu"):  # meta: shapes only
                 m = fam.module_for(name, cfg)
-        dt = _dtype_for(name, family, dtype)
-        modules[name] = m.to(dtype=dt) if dt is not None else m
+        modules[name] = m.to(device=device, dtype=_dtype_for(name, family, dtype))
     return _make(family, modules, opts)
 
 
