@@ -26,6 +26,7 @@ from torch import nn
 from core import cli, dist
 from core.config import format_output_dir, make_run_dirs, run_dirs, to_dict, to_toml
 from core.ema import EMA
+from core.fused import check_fused_settings, fp32_state, make_stepper, per_parameter_step
 from core.fsio import commit_file
 from core.metrics import MetricsWriter, peak_memory, setup_logging
 from core.objectives import build_objective
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         family = models.family_of(cfg.model)
         cfg, prediction_notes = models.resolve_prediction(cfg)  # config values win over the checkpoint's markers
         check_settings(cfg, family)
+        check_fused_settings(cfg, info.world_size)
         objective = build_objective(family, cfg.loss, cfg.model.v_parameterization)
         prompts = load_sample_prompts(cfg)
     except (ValueError, OSError) as e:
@@ -215,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         optimizer = build_optimizer(trained_param_groups(trainee, cfg.optimizer), cfg.optimizer)
         scheduler = build_scheduler(optimizer, cfg.optimizer, total_steps)
+        stepper = make_stepper(cfg, optimizer)  # fused backward hooks / per-parameter steps, or None
     except ValueError as e:
         raise SystemExit(f"config error: {e}") from None
     for g in optimizer.param_groups:
@@ -226,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     recorder = LossRecorder(cfg.log.loss_recorder_stride, cfg.log.loss_recorder_gamma)
     if st is not None:
         load_optimizer_state(model, optimizer, st["optimizer"], cfg.train.fsdp)
+        if stepper is not None and cfg.train.full_bf16 and cfg.train.stochastic_rounding:
+            fp32_state(optimizer)  # the fp32 steps keep fp32 state; torch's loader cast it to bf16
         pr = st["progress"]
         scheduler.load_state_dict(pr["scheduler"])
         if scaler is not None and pr.get("scaler"):
@@ -332,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                 images_since += sum(mb["loss_weight"].shape[0] for mb in micro)
                 cursor += len(micro) * info.world_size  # global batches: every rank ran len(micro)
                 finite = dist.all_reduce_mean(1.0 if finite else 0.0) == 1.0  # decided together: every rank skips
-                grad_norm, applied = optimizer_step(cfg, model, optimizer, scaler) if finite else (math.nan, False)
+                grad_norm, applied = optimizer_step(cfg, model, optimizer, scaler, finite, stepper)
                 optimizer.zero_grad(set_to_none=True)
                 if not applied:  # nothing was changed: the weights are those of the last good step
                     bad_steps += 1
@@ -565,9 +570,16 @@ def make_scaler(cfg: Any, device: torch.device) -> torch.amp.GradScaler | None:
 
 
 def optimizer_step(cfg: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
-                   scaler: torch.amp.GradScaler | None) -> tuple[float, bool]:
+                   scaler: torch.amp.GradScaler | None, finite: bool = True, stepper: Any = None) -> tuple[float, bool]:
     """Unscale, clip, step. Returns the gradient norm before clipping and whether a step was taken: a non-finite
-    norm skips it (with fp16 the scaler skips such steps itself and lowers its scale: part of its normal work)."""
+    norm skips it (with fp16 the scaler skips such steps itself and lowers its scale: part of its normal work), as
+    does a non-finite loss (`finite` false). A fused backward pass has stepped already (core/fused.py; parameters
+    with a non-finite gradient were left alone); stochastic rounding steps one parameter at a time."""
+    if hasattr(stepper, "finish"):
+        norm, ok = stepper.finish()
+        return (norm, ok) if finite else (math.nan, False)
+    if not finite:
+        return math.nan, False
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -580,7 +592,10 @@ def optimizer_step(cfg: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
         return norm, True
     if not math.isfinite(norm):
         return norm, False
-    optimizer.step()
+    if stepper is not None:
+        per_parameter_step(optimizer, stepper, params)
+    else:
+        optimizer.step()
     return norm, True
 
 

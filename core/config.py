@@ -160,6 +160,8 @@ class TrainConfig:
     full_bf16: bool = opt(False, "keep trained weights in bf16 (memory); requires mixed_precision = bf16")
     full_fp16: bool = opt(False, "keep trained weights in fp16 (memory); requires mixed_precision = fp16")
     gradient_checkpointing: bool = opt(False, "recompute activations per block in the backward pass")
+    fused_backward_pass: bool = opt(False, "step each parameter inside backward and free its gradient at once (kohya option; one GPU, no accumulation; max_grad_norm then clips each parameter's gradient on its own)")
+    stochastic_rounding: bool = opt(True, "with full_bf16: step in fp32 one parameter at a time and round the new bf16 weight stochastically (unbiased; small updates are not lost)")
     gradient_accumulation_steps: int = opt(1, "micro-steps per optimizer step", min=1)
     train_text_encoder: bool = opt(False, "also train the CLIP text encoders")
     use_ema: bool = opt(False, "keep an exponential moving average of the weights")

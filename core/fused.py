@@ -1,0 +1,181 @@
+"""Per-parameter optimizer steps: fused backward pass and stochastic rounding of bf16 weight updates.
+
+Fused backward (kohya `--fused_backward_pass`, OneTrainer "fused back pass"): each parameter is stepped inside its
+post-accumulate-grad hook, as soon as its gradient is complete, and the gradient is freed right away, so at most
+one parameter's gradient is alive at any moment instead of all of them. Any optimizer whose update of one parameter
+depends only on that parameter's gradient and state works (AdamW, AdamW8bit, Adafactor, Lion, CAME, SGD); the step
+is the optimizer's own `step()`, run with every group's parameter list narrowed to the one parameter. Prodigy's
+step-size estimate sums over all parameters, so it is refused.
+
+Clipping: the global norm is only known after the whole backward pass, too late. With max_grad_norm > 0 each
+parameter's gradient is clipped to that norm on its own (kohya's rule for its fused pass: `clip_grad_norm_(tensor,
+max_grad_norm)` in the hook); the logged grad_norm is still the global norm (sqrt of the summed squares). A
+parameter whose gradient is not finite is not stepped and the step counts as bad.
+
+Stochastic rounding (full_bf16): the parameter is stepped in fp32 (a temporary fp32 copy of that one parameter; the
+optimizer state is fp32) and written back to bf16 rounding up with probability equal to the remainder, so updates
+smaller than half a bf16 step are kept on average instead of being lost (unbiased: E[round(x)] = x). The random
+bits come from a generator seeded by (run seed, step, parameter index): reproducible, also across a resume.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+BF16_DROPPED_BITS = 16  # bf16 is the top 16 bits of an fp32
+_NOT_PER_PARAMETER = ("prodigy",)  # optimizers whose step couples parameters (class names, lower case)
+
+
+def _mix(*parts: int) -> int:
+    h = 0
+    for p in parts:
+        h = (h * 0x9E3779B97F4A7C15 + int(p) + 1) % (1 << 63)
+    return h
+
+
+def stochastic_round_to_bf16(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """fp32 -> bf16, rounding up with probability (remainder / bf16 step): add 16 random low bits, truncate."""
+    bits = x.float().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << BF16_DROPPED_BITS, bits.shape, dtype=torch.int32, device=x.device,
+                          generator=generator)
+    # int32 addition carries into the kept bits exactly when the dropped bits + noise overflow 2^16
+    rounded = (bits + noise).bitwise_and_(-(1 << BF16_DROPPED_BITS))
+    return rounded.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
+
+
+class ParamStepper:
+    """Steps one parameter at a time through a torch optimizer (optionally fp32 + stochastic rounding)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, max_grad_norm: float = 0.0,
+                 stochastic_rounding: bool = False, seed: int = 0):
+        name = type(optimizer).__name__.lower()
+        if name in _NOT_PER_PARAMETER:
+            raise ValueError(f"{type(optimizer).__name__}'s step couples all parameters (its step size sums over "
+                             "them): it cannot be stepped one parameter at a time (train.fused_backward_pass / "
+                             "train.stochastic_rounding); use AdamW, Adafactor, Lion or CAME")
+        self.optimizer, self.max_grad_norm, self.sr, self.seed = optimizer, max_grad_norm, stochastic_rounding, seed
+        self.where: dict[Tensor, tuple[int, int]] = {}  # param -> (group index, global index)
+        for gi, g in enumerate(optimizer.param_groups):
+            for p in g["params"]:
+                self.where[p] = (gi, len(self.where))
+        self.step_count = 0  # optimizer steps done: part of the rounding seed
+
+    def step(self, p: Tensor) -> tuple[float | Tensor, bool]:
+        """Clip (per-parameter rule, when set), step and free p.grad -> (squared grad norm before clipping, finite)."""
+        grad = p.grad
+        if grad is None:
+            return 0.0, True
+        sq = grad.detach().float().pow(2).sum()
+        finite = bool(torch.isfinite(sq))  # one sync per parameter: a bad gradient must not be stepped
+        if finite:
+            if self.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm)
+            self._step_only(p)
+        p.grad = None
+        return sq, finite
+
+    @torch.no_grad()
+    def _step_only(self, p: Tensor) -> None:
+        gi, index = self.where[p]
+        groups = self.optimizer.param_groups
+        saved = [g["params"] for g in groups]
+        promote = self.sr and p.dtype == torch.bfloat16
+        if promote:  # the optimizer sees an fp32 parameter (and keeps fp32 state); bf16 again afterwards
+            low, grad = p.data, p.grad
+            p.data = low.float()
+            p.grad = grad.float()
+        try:
+            for i, g in enumerate(groups):
+                g["params"] = [p] if i == gi else []
+            self.optimizer.step()
+        finally:
+            for g, s in zip(groups, saved):
+                g["params"] = s
+        if promote:
+            gen = torch.Generator(device=p.device).manual_seed(_mix(self.seed, self.step_count, index))
+            p.data = stochastic_round_to_bf16(p.data, gen)
+            p.grad = grad
+
+
+def fp32_state(optimizer: torch.optim.Optimizer) -> None:
+    """Floating optimizer state back to fp32 (torch's load_state_dict casts it to the bf16 parameter dtype)."""
+    for st in optimizer.state.values():
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.is_floating_point() and v.dtype != torch.float32 and v.dim() > 0:
+                st[k] = v.float()
+
+
+class FusedBackward:
+    """Registers post-accumulate-grad hooks that step and free each parameter during backward.
+
+    Use: build once after the optimizer; run backward as usual (the hooks step); then `finish()` returns
+    (global grad norm before clipping, whether every gradient was finite) and counts the step.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, max_grad_norm: float, stochastic_rounding: bool,
+                 seed: int):
+        self.stepper = ParamStepper(optimizer, max_grad_norm=max_grad_norm, stochastic_rounding=stochastic_rounding,
+                                    seed=seed)
+        self._sq: list[Tensor | float] = []
+        self._finite = True
+        self.handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.stepper.where]
+
+    def _hook(self, p: Tensor) -> None:
+        sq, ok = self.stepper.step(p)
+        self._sq.append(sq)
+        self._finite &= ok
+
+    def finish(self) -> tuple[float, bool]:
+        total = sum(float(s) for s in self._sq) if self._sq else 0.0
+        ok = self._finite
+        self._sq, self._finite = [], True
+        self.stepper.step_count += 1
+        return math.sqrt(total) if ok else math.nan, ok
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def check_fused_settings(cfg: Any, world_size: int) -> None:
+    """The combinations a fused backward pass cannot honour; raises ValueError with the reason."""
+    t = cfg.train
+    if not t.fused_backward_pass:
+        return
+    if t.gradient_accumulation_steps > 1:
+        raise ValueError("train.fused_backward_pass steps each parameter during backward, so it cannot accumulate "
+                         f"gradients: set train.gradient_accumulation_steps = 1 (is {t.gradient_accumulation_steps})")
+    if t.mixed_precision == "fp16":
+        raise ValueError("train.fused_backward_pass cannot be used with mixed_precision = \"fp16\" (the loss scaler "
+                         "needs every gradient before any step); use bf16")
+    if world_size > 1 or t.fsdp:
+        raise ValueError("train.fused_backward_pass runs on one process only (the hooks fire before DDP / FSDP "
+                         "reduce the gradients)")
+    if cfg.optimizer.optimizer_type.lower() in _NOT_PER_PARAMETER:
+        raise ValueError(f"train.fused_backward_pass: optimizer {cfg.optimizer.optimizer_type} couples all "
+                         "parameters in its step; use AdamW, Adafactor, Lion or CAME")
+
+
+def per_parameter_step(optimizer: torch.optim.Optimizer, stepper: ParamStepper,
+                       params: list[nn.Parameter]) -> None:
+    """The ordinary (not fused) step done one parameter at a time (for stochastic rounding); grads are freed."""
+    for p in params:
+        if p.grad is not None:
+            stepper._step_only(p)
+            p.grad = None
+    stepper.step_count += 1
+
+
+def make_stepper(cfg: Any, optimizer: torch.optim.Optimizer) -> ParamStepper | FusedBackward | None:
+    """What train.py steps through: hooks (fused_backward_pass), per-parameter steps (full_bf16 with stochastic
+    rounding), or None (the optimizer's own step over all parameters)."""
+    t = cfg.train
+    sr = t.full_bf16 and t.stochastic_rounding
+    if t.fused_backward_pass:
+        return FusedBackward(optimizer, max_grad_norm=cfg.optimizer.max_grad_norm, stochastic_rounding=sr,
+                             seed=cfg.seed)
+    return ParamStepper(optimizer, stochastic_rounding=True, seed=cfg.seed) if sr else None
