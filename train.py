@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from core import cli, dist
+from core import cli, dist, fastpath
 from core.config import format_output_dir, make_run_dirs, run_dirs, to_dict, to_toml
 from core.ema import EMA
 from core.fused import check_fused_settings, fp32_state, make_stepper, per_parameter_step
@@ -204,13 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     ema = EMA(net, decay=cfg.train.ema_decay, device="cpu" if cfg.train.ema_device == "cpu" else device) \
         if cfg.train.use_ema else None
     blocks = [b for name in FSDP_BLOCKS[family] for b in getattr(net, name)]
-    if cfg.train.compile:
-        # blocks share one forward() with different structures: dynamo compiles it once per block, so the
-        # default recompile limit (8) would silently leave most blocks eager
-        from torch import _dynamo
-        _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 2 * len(blocks) + 8)
-        for block in blocks:
-            block.compile()  # in place: parameter names (and so checkpoints) stay the same
+    fastpath.apply(cfg.train, comp, blocks, device, amp_dtype, log.info)  # channels_last, SDPA backend, compile
     # FSDP2 replaces parameters with sharded ones: the optimizer must be built after wrapping
     model = dist.wrap_fsdp(trainee, blocks + [net], amp_dtype) if cfg.train.fsdp else \
         dist.wrap_ddp(trainee, find_unused_parameters=len(trainee.text_encoders) > 0)

@@ -39,7 +39,7 @@ def _mix(*parts: int) -> int:
 
 def stochastic_round_to_bf16(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """fp32 -> bf16, rounding up with probability (remainder / bf16 step): add 16 random low bits, truncate."""
-    bits = x.float().contiguous().view(torch.int32)
+    bits = x.float().view(torch.int32)  # same-size dtype view: any strides (channels_last kept)
     noise = torch.randint(0, 1 << BF16_DROPPED_BITS, bits.shape, dtype=torch.int32, device=x.device,
                           generator=generator)
     # int32 addition carries into the kept bits exactly when the dropped bits + noise overflow 2^16

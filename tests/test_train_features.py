@@ -142,9 +142,11 @@ def test_nonfinite_loss_skips_steps_then_saves_and_stops(dataset, tmp_path):
 
 @pytest.mark.slow
 def test_no_cache_bf16_full_bf16_ema_and_param_groups(dataset, tmp_path):
-    """Images encoded on the fly (cache_dir = ""), full_bf16 under bf16 autocast, EMA export, regex LR groups."""
+    """Images encoded on the fly (cache_dir = ""), full_bf16 under bf16 autocast (stochastic rounding) with the fused
+    backward pass, EMA export, regex LR groups."""
     out = tmp_path / "run"
     res = _train(*args(dataset, out, 3, "cache.cache_dir=", "train.mixed_precision=bf16", "train.full_bf16=true",
+                       "train.fused_backward_pass=true",
                        "train.use_ema=true", "train.ema_decay=0.5", "save.save_precision=fp32",
                        "optimizer.param_groups=[{pattern='^input_blocks\\.', lr=1e-5}, {pattern='^out\\.', lr=2e-4}]"))
     assert "optimizer group network:^input_blocks\\.: " in res.stderr and "lr 1e-05" in res.stderr
@@ -158,6 +160,7 @@ def test_no_cache_bf16_full_bf16_ema_and_param_groups(dataset, tmp_path):
     with open(out / "logs" / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] == r["loss"] for r in rows)
+    assert all(r["grad_norm"] > 0 for r in rows)  # the fused pass reports the global norm
     assert os.path.isfile(out / "state" / "dataset_index.npz")  # the index of an uncached run lives with the run
 
 
@@ -206,6 +209,7 @@ def test_train_text_encoder_two_processes(dataset, tmp_path):
     (["optimizer.lr_scheduler=constant", "optimizer.lr_warmup_steps=5"], "constant_with_warmup"),
     (["loss.timestep_sampler_type=mode"], "not available for SDXL"),
     (["model.model_preset=nope"], "preset"),
+    (["train.fused_backward_pass=true", "train.gradient_accumulation_steps=2"], "gradient_accumulation_steps = 1"),
 ])
 def test_impossible_settings_fail_before_loading(tmp_path, capsys, extra, message):
     import train
