@@ -40,6 +40,7 @@ from data.captions import CaptionOptions, full_caption
 from data.images import BadImage, SkipReport
 from data.index import DatasetIndex, load_or_build_index
 from data.hooks import load_text_hook
+from data.npz_import import row_extra
 from data.sources import map_chunked
 from data.store import (BackgroundWriter, LatentStore, LATENT_DTYPES, Record, ShardWriter, source_fingerprint,
                         store_cfg_fingerprint)
@@ -114,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("config", help="the run's TOML config ([data], [cache], [model] are used)")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. cache.vae_batch_size=16")
     ap.add_argument("--verify", action="store_true", help="re-check the checksum of every shard and exit")
+    ap.add_argument("--import-npz", metavar="DIR", default="",
+                    help="first bring kohya / euge-trainer .npz latents found under DIR into the store (no re-encode; "
+                         "their VAE must be the configured one), then encode what they did not cover")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
@@ -167,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = max(1, int(cc.text_variants))
     cfg_fp = store_cfg_fingerprint(models.vae_identity(cfg.model, seed=cfg.seed), index.bucket_settings.key(), cc.latent_dtype,
                                    cc.store_posterior, flip_any, te_ident, variants if te else 0)
+    if args.import_npz:
+        _import_npz(args.import_npz, cfg, index, root, cfg_fp, world)
     store = LatentStore(root, check_validity=cc.check_cache_validity)
 
     # Status of every row; each rank checks its stripe (stats in threads, one batched lookup), a sum merges them.
@@ -246,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                         tensors.update({f"flip.{k}": v[f].clone() for k, v in enc_f.items()})
                     tensors.update(texts[j])
                     writer.put(Record(index.keys[row], it["src"], tuple(int(v) for v in index.buckets[row]),
-                                      it["orig"], it["crop"], tensors, it["crop_flip"] if f >= 0 else None, caps[j]))
+                                      it["orig"], it["crop"], tensors, it["crop_flip"] if f >= 0 else None, caps[j],
+                                      row_extra(index, row)))
                 counts[0] += len(good)
             # counts sums to the items this rank has handled; the bar shows every rank's total.
             if world == 1 and bar is not None:
@@ -307,6 +314,30 @@ class InputWait:
     def share(waited: float, total: float) -> float:
         """Percent of the time spent waiting."""
         return 100.0 * waited / total if total > 0 else 0.0
+
+
+def _import_npz(folder: str, cfg, index: DatasetIndex, root: str, cfg_fp: str, world: int) -> None:
+    """cache.py --import-npz: kohya / euge-trainer latents under `folder` into the store (data/npz_import.py)."""
+    import models
+    from data.npz_import import import_npz
+
+    if world > 1:
+        raise SystemExit("cache.py: run --import-npz as a single process (then torchrun cache.py encodes the rest)")
+    if not os.path.isdir(folder):
+        raise SystemExit(f"cache.py: --import-npz {folder!r} is not a directory")
+    if cfg.cache.cache_text_encoder_outputs:
+        raise SystemExit("cache.py: --import-npz brings latents only; run it with "
+                         "cache.cache_text_encoder_outputs=false (kohya / euge text caches are not imported)")
+    vae_cfg = models.load_vae(cfg.model, "cpu", torch.float32, seed=cfg.seed).cfg
+    writer = BackgroundWriter(ShardWriter(root, cfg_fp, 0, cfg.cache.shard_size_mb, cfg.cache.compress,
+                                          origin=f"import-npz:{os.path.abspath(folder)}"))
+    res = import_npz(index, folder, writer, vae_cfg, LATENT_DTYPES[cfg.cache.latent_dtype], cfg.cache.content_hash)
+    writer.close()
+    LatentStore(root, check_validity=False).write_index()
+    print(f"import-npz: {res['imported']} imported from {folder} ({res['no_flip']} without the flipped latent "
+          f"flip_aug wants), {res['unmatched']} npz files match no dataset entry, {len(res['rejected'])} rejected")
+    for p, why in list(res["rejected"].items())[:10]:
+        print(f"  rejected {p}: {why}")
 
 
 def _variant_captions(index: DatasetIndex, rows: list[int], variants: int, caption_hook=None,

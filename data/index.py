@@ -80,6 +80,7 @@ class DatasetIndex:
     fingerprint: str
     counter: dict[str, dict[str, int]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # path -> reason, for inputs left out at build time
+    store_sig: str = ""          # the latent store's index stat when rows came from it (cache-only), else ""
     descriptions: StrColumn | None = None  # natural-language description per entry ("" = none)
     _key_rows: dict[str, int] | None = field(default=None, repr=False)
 
@@ -121,7 +122,8 @@ class DatasetIndex:
     def save(self, path: str) -> None:
         """Write atomically (temp file + rename)."""
         info = {"version": INDEX_VERSION, "fingerprint": self.fingerprint, "bucket_settings": self.bucket_settings.__dict__,
-                "subsets": [s.__dict__ for s in self.subsets], "counter": self.counter, "skipped": self.skipped}
+                "subsets": [s.__dict__ for s in self.subsets], "counter": self.counter, "skipped": self.skipped,
+                "store_sig": self.store_sig}
         arrays = {"sizes": self.sizes, "buckets": self.buckets, "subset": self.subset, "repeats": self.repeats,
                   "info": np.frombuffer(json.dumps(info).encode(), dtype=np.uint8)}
         for name in STR_COLUMNS:
@@ -144,7 +146,7 @@ class DatasetIndex:
                        subsets=[SubsetSpec(**s) for s in info["subsets"]],
                        bucket_settings=BucketSettings(**info["bucket_settings"]),
                        fingerprint=info["fingerprint"], counter=info["counter"],
-                       skipped=info.get("skipped", {}), **cols)
+                       skipped=info.get("skipped", {}), store_sig=info.get("store_sig", ""), **cols)
 
 
 STR_COLUMNS = ("keys", "paths", "captions", "metadata", "descriptions")
@@ -181,23 +183,70 @@ def _settings_key(data) -> str:
 
 
 def build_index(data, skipped: SkipReport | None = None, threads: int = 16,
-                known_sizes: Callable[[str], tuple[int, int] | None] | None = None) -> DatasetIndex:
+                known_sizes: Callable[[str], tuple[int, int] | None] | None = None,
+                store_root: str = "") -> DatasetIndex:
     """Scan sources, read missing sizes from image headers in parallel, assign buckets and repeats.
 
     Entries whose size is unknown and whose image cannot be read are left out and reported in `skipped`.
-    `known_sizes(key)` may supply sizes (e.g. from a latent store) for images that no longer exist.
+    `known_sizes(key)` may supply sizes for images that no longer exist. With `store_root` (a latent store),
+    entries whose images are gone come back from the store's records (cache-only training; logged).
     """
     with _gc_paused():
-        return _build_index(data, skipped, threads, known_sizes)
+        return _build_index(data, skipped, threads, known_sizes, store_root)
+
+
+def _store_sizes(store_root: str) -> Callable[[str], tuple[int, int] | None]:
+    """known_sizes from the records of a latent store (their copy of the index row)."""
+    from .store import LatentStore
+
+    opened: list = []  # opened on first use: most builds never ask
+
+    def size(key: str) -> tuple[int, int] | None:
+        if not opened:
+            opened.append(LatentStore(store_root, check_validity=False))
+        store = opened[0]
+        if key not in store:
+            return None
+        wh = (store.record_info(key).get("x") or {}).get("wh")
+        return (int(wh[0]), int(wh[1])) if wh else None
+
+    return size
+
+
+def store_signature(store_root: str) -> str:
+    from .readers import stat_sig
+    from .store import INDEX_FILE
+
+    return stat_sig(os.path.join(store_root, INDEX_FILE))
+
+
+def _add_cached_rows(cols, subsets, store_root: str) -> bool:
+    """Rows of entries whose images (or source entries) are gone, from the store's records; whether any came."""
+    from .npz_import import cached_rows
+
+    add = list(cached_rows(store_root, cols.keys, subsets))
+    if not add:
+        return False
+    log.warning("%d dataset entries are no longer in their sources (images moved or deleted); their records in the "
+                "latent store %s are used instead (cache-only training)", len(add), store_root)
+    for si, key, x in add:
+        cols.keys.append(key); cols.paths.append(x.get("p", "")); cols.captions.append(x.get("c", ""))
+        cols.metadata.append(json.loads(x["m"]) if x.get("m") else {})
+        cols.widths.append(int(x["wh"][0])); cols.heights.append(int(x["wh"][1]))
+        cols.subset.append(si); cols.origin.append(f"latent store {store_root}")
+    return True
 
 
 def _build_index(data, skipped: SkipReport | None, threads: int,
-                 known_sizes: Callable[[str], tuple[int, int] | None] | None) -> DatasetIndex:
+                 known_sizes: Callable[[str], tuple[int, int] | None] | None, store_root: str = "") -> DatasetIndex:
     skipped = skipped if skipped is not None else SkipReport()
     subsets = resolve_subsets(data)
     bs = BucketSettings.from_data_cfg(data)
     fp = inputs_fingerprint(subsets, bool(data.recursive), _settings_key(data) + bs.key())
     cols = collect(subsets, bool(data.recursive), threads)
+    from_store = bool(store_root) and _add_cached_rows(cols, subsets, store_root)
+    if store_root and known_sizes is None:
+        known_sizes = _store_sizes(store_root)
     n = len(cols.keys)
     sizes = np.stack([np.asarray(cols.widths, np.int32), np.asarray(cols.heights, np.int32)], 1).reshape(n, 2)
     need = np.nonzero((sizes <= 0).any(1))[0]
@@ -246,7 +295,7 @@ def _build_index(data, skipped: SkipReport | None, threads: int,
                         descriptions=StrColumn.from_list(descs),
                         sizes=sizes.astype(np.int32), buckets=assign_buckets(sizes, bs), subset=subset_arr,
                         repeats=repeats, subsets=subsets, bucket_settings=bs, fingerprint=fp, counter=counter,
-                        skipped=dict(skipped.items))
+                        skipped=dict(skipped.items), store_sig=store_signature(store_root) if from_store else "")
 
 
 def balance_reg(repeats: np.ndarray, is_reg: np.ndarray) -> None:
@@ -279,6 +328,7 @@ def load_or_build_index(data, index_dir: str, *, is_main: bool = True, barrier: 
                         known_sizes: Callable[[str], tuple[int, int] | None] | None = None) -> DatasetIndex:
     """Rank 0 reuses the saved index when its input fingerprint matches, else rebuilds and saves it; others load."""
     path = os.path.join(index_dir, INDEX_FILE)
+    store_root = index_dir if os.path.isdir(os.path.join(index_dir, "shards")) else ""
     if is_main:
         index = None
         if os.path.exists(path):
@@ -286,7 +336,8 @@ def load_or_build_index(data, index_dir: str, *, is_main: bool = True, barrier: 
                 old = DatasetIndex.load(path)
                 subsets = resolve_subsets(data)
                 bs = BucketSettings.from_data_cfg(data)
-                if old.fingerprint == inputs_fingerprint(subsets, bool(data.recursive), _settings_key(data) + bs.key()):
+                if old.fingerprint == inputs_fingerprint(subsets, bool(data.recursive), _settings_key(data) + bs.key()) \
+                        and (not old.store_sig or old.store_sig == store_signature(index_dir)):
                     index = old
                     if skipped is not None:
                         skipped.extend(old.skipped.items())
@@ -294,7 +345,7 @@ def load_or_build_index(data, index_dir: str, *, is_main: bool = True, barrier: 
             except (ValueError, OSError, KeyError) as e:
                 log.warning("cannot reuse %s (%s); rebuilding", path, e)
         if index is None:
-            index = build_index(data, skipped, threads, known_sizes)
+            index = build_index(data, skipped, threads, known_sizes, store_root)
             index.save(path)
             log.info("dataset index built: %d entries -> %s", len(index), path)
     if barrier is not None:

@@ -68,12 +68,13 @@ class Record:
     tensors: dict[str, torch.Tensor]      # latent | mean, std; flip.*; te<k>.*
     crop_top_left_flip: tuple[int, int] | None = None
     captions: list[str] | None = None     # the text each te<k> variant was encoded from (index k)
+    extra: dict[str, Any] | None = None   # "x": the index row (cache-only rebuild), "imp": the imported file
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
-def write_shard(path: str, records: list[Record], cfg: str, compress: bool = False) -> int:
+def write_shard(path: str, records: list[Record], cfg: str, compress: bool = False, origin: str = "") -> int:
     """Serialise records into one safetensors file, atomically (temp, fsync, rename); returns its size."""
     header: dict[str, Any] = {}
     chunks: list[bytes] = []
@@ -105,11 +106,15 @@ def write_shard(path: str, records: list[Record], cfg: str, compress: bool = Fal
                 "cf": list(r.crop_top_left_flip) if r.crop_top_left_flip is not None else None, "t": table}
         if r.captions is not None:
             meta["cap"] = list(r.captions)
+        if r.extra:
+            meta.update(r.extra)
         recs_meta.append(meta)
     data = b"".join(chunks)
     header["__metadata__"] = {"format": FORMAT, "cfg": cfg, "records": json.dumps(recs_meta, ensure_ascii=False),
                               "crc32": f"{zlib.crc32(data):08x}", "data_len": str(len(data)),
                               "compressed": "zstd" if compress else ""}
+    if origin:  # e.g. "import-npz:<folder>": these latents were not encoded here
+        header["__metadata__"]["origin"] = origin
     hb = json.dumps(header, ensure_ascii=False).encode("utf-8")
     hb += b" " * (-len(hb) % 8)  # safetensors pads the header to 8 bytes
     tmp = f"{path}.tmp{os.getpid()}"
@@ -534,10 +539,11 @@ class LatentStore:
 class ShardWriter:
     """Collects records and writes a shard whenever `shard_size_mb` is reached (and on close)."""
 
-    def __init__(self, root: str, cfg: str, rank: int = 0, shard_size_mb: int = 256, compress: bool = False):
+    def __init__(self, root: str, cfg: str, rank: int = 0, shard_size_mb: int = 256, compress: bool = False,
+                 origin: str = ""):
         self.dir = os.path.join(root, SHARD_DIR)
         os.makedirs(self.dir, exist_ok=True)
-        self.cfg, self.rank, self.compress = cfg, rank, compress
+        self.cfg, self.rank, self.compress, self.origin = cfg, rank, compress, origin
         self.limit = max(1, int(shard_size_mb)) << 20
         self.pending: list[Record] = []
         self.pending_bytes = 0
@@ -555,7 +561,7 @@ class ShardWriter:
         if not self.pending:
             return
         name = f"{time.time_ns():020d}-r{self.rank:04d}-{self.seq:05d}{SHARD_EXT}"
-        write_shard(os.path.join(self.dir, name), self.pending, self.cfg, self.compress)
+        write_shard(os.path.join(self.dir, name), self.pending, self.cfg, self.compress, self.origin)
         self.written.append(name)
         self.records_written += len(self.pending)
         self.seq += 1

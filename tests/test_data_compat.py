@@ -426,3 +426,71 @@ def test_keyword_style_hooks_still_work(tmp_path):
 
     assert [hook_style(f) for f in (ours, ours_cap, euge, euge_cap, ours_loose, euge_named)] == \
         ["ours", "ours", "euge", "euge", "ours", "euge"]
+
+
+def test_import_npz_then_train_without_images(tmp_path, capsys, caplog):
+    """kohya / euge .npz caches (written as those tools write them) imported without re-encoding, shape-checked
+    against the bucket (a wrong one is rejected and encoded instead); then the images are deleted and train.py
+    trains from the store alone (index rebuilt from the records, logged)."""
+    import torch
+
+    import cache
+    import models
+    import train
+    from core.config import load_config
+    from data.demo import make_demo_dataset
+    from data.index import DatasetIndex
+    from data.store import LatentStore, read_header
+
+    paths = make_demo_dataset(str(tmp_path / "imgs"), n=4, size=(64, 64))
+    common = ["configs/demo.toml", f"data.image_dirs=['{tmp_path / 'imgs'}']", f"cache.cache_dir={tmp_path / 'store'}",
+              "data.resolution=64", "data.max_bucket_reso=128", "data.flip_aug=true", "data.batch_size=2"]
+    c = load_config(common[0], common[1:])
+    vae = models.load_vae(c.model, "cpu", torch.float32, seed=c.seed).cfg
+    C = vae.z_channels
+    rng = np.random.default_rng(0)
+    raw = {p: rng.standard_normal((C, 8, 8)).astype(np.float32) for p in paths}          # bucket 64x64 -> 8x8
+    flip = {p: rng.standard_normal((C, 8, 8)).astype(np.float32) for p in paths}
+    stem = [os.path.splitext(p)[0] for p in paths]
+    # euge-trainer save_latents_to_disk: <stem>.npz, crop_ltrb (0, 0, 0, 0), original_size = image size (w, h)
+    np.savez(stem[0] + ".npz", latents=raw[paths[0]], original_size=np.array([64, 64]),
+             crop_ltrb=np.array((0, 0, 0, 0)), latents_flipped=flip[paths[0]])
+    # kohya strategy: <stem>_<WWWW>x<HHHH>_sdxl.npz with latents / original_size / crop_ltrb / latents_flipped
+    np.savez(stem[1] + "_0064x0064_sdxl.npz", latents=raw[paths[1]], original_size=np.array([64, 64]),
+             crop_ltrb=np.array([0, 4, 64, 60]), latents_flipped=flip[paths[1]])
+    # kohya's first fine-tune format (prepare_buckets_latents.py): np.savez(file, latents) -> arr_0, + _flip.npz
+    np.savez(stem[2] + ".npz", raw[paths[2]]); np.savez(stem[2] + "_flip.npz", flip[paths[2]])
+    # a cache made for another bucket: rejected, encoded afresh
+    np.savez(stem[3] + ".npz", latents=rng.standard_normal((C, 16, 8)).astype(np.float32),
+             original_size=np.array([64, 64]), crop_ltrb=np.array((0, 0, 0, 0)))
+    assert cache.main([*common, "--import-npz", str(tmp_path / "imgs")]) == 0
+    out = capsys.readouterr().out
+    assert "import-npz: 3 imported" in out and "1 rejected" in out and "does not match the bucket 64x64" in out
+    assert "cache: encoded 1, already valid 3" in out
+    ix = DatasetIndex.load(str(tmp_path / "store" / "dataset_index.npz"))
+    st = LatentStore(str(tmp_path / "store"))
+    for i, p in enumerate(paths[:3]):
+        key = os.path.splitext(os.path.basename(p))[0]
+        rec = st.get(key)
+        want = (torch.from_numpy(raw[p]) - vae.shift_factor) * vae.scaling_factor
+        assert torch.allclose(rec["latent"].float(), want, rtol=1e-2, atol=1e-2), key
+        assert torch.allclose(rec["flip.latent"].float(), (torch.from_numpy(flip[p]) - vae.shift_factor)
+                              * vae.scaling_factor, rtol=1e-2, atol=1e-2)
+        assert st.record_info(key)["imp"].endswith(".npz")
+    k1 = os.path.splitext(os.path.basename(paths[1]))[0]
+    assert st.get(k1)["crop_top_left"] == (4, 0) and st.get(k1)["crop_top_left_flip"] == (4, 0)  # T, W - R
+    origins = {read_header(os.path.join(st.root, "shards", s.name))[1]["__metadata__"].get("origin", "")
+               for s in st.shards}
+    assert any(o.startswith("import-npz:") for o in origins) and "" in origins  # imported + encoded shards
+    st.close()
+    for p in paths:
+        os.remove(p)
+    with caplog.at_level("WARNING"):
+        assert train.main([*common, f"output_dir={tmp_path / 'run'}", "train.max_train_steps=2",
+                           "optimizer.lr_warmup_steps=0", "optimizer.lr_scheduler=constant",
+                           "sample.sample_every_n_steps=0", "save.save_every_n_steps=0", "save.save_state=false"]) == 0
+    assert any("4 dataset entries are no longer in their sources" in r.getMessage() and "cache-only" in r.getMessage()
+               for r in caplog.records)
+    ix2 = DatasetIndex.load(str(tmp_path / "store" / "dataset_index.npz"))
+    assert len(ix2) == 4 and sorted(ix2.captions.tolist()) == sorted(ix.captions.tolist())
+    assert os.path.exists(tmp_path / "run" / "models")

@@ -1,0 +1,205 @@
+"""Existing kohya / euge-trainer `.npz` latent caches into the shard store, and the index rows a store can give back.
+
+The file layouts read (kohya library/train_util.py, strategy_base.py / strategy_sd.py; euge-trainer
+modules/sdxl_dataset_utils.py), each beside its image or under the imported folder:
+    <stem>.npz                        `latents` [C, h, w] float32, `original_size` [W, H], `crop_ltrb` [L, T, R, B],
+                                      optional `latents_flipped` (kohya before its caching strategies; euge-trainer)
+    <stem>.npz + <stem>_flip.npz      `arr_0` each (kohya's first fine-tune format, prepare_buckets_latents.py)
+    <stem>_<WWWW>x<HHHH>_sdxl.npz     the strategy format (W x H = the image size); keys as the first line, or with
+                                      a `_<h>x<w>` suffix per latent size (multi-resolution caches)
+The arrays are the VAE's raw samples (`latent_dist.sample()`), so they are scaled into the diffusion model's latent
+space like our own encodes ((z - shift) * scale of the configured VAE). A latent whose size is not the bucket's
+(after our bucketing) is not imported, with the reason. Which VAE made them is the user's word: the records get
+the configured VAE's fingerprint and say in `imp` which file they came from.
+
+Cache-only training: every record cache.py writes (and every imported one) carries its index row in `x` (image
+path, caption, description, metadata, size, subset signature); `cached_rows` turns the records of entries whose
+images are gone back into index rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .buckets import crop_params, flipped_crop
+
+log = logging.getLogger(__name__)
+
+STRATEGY_RE = re.compile(r"^(?P<base>.+)_(?P<w>\d+)x(?P<h>\d+)_(?P<arch>sdxl|sd|sd3|flux|lumina|hunyuan_image)\.npz$")
+SKIP_SUFFIXES = ("_te_outputs.npz", "_te.npz")  # text-encoder caches: not latents
+
+
+def subset_signature(spec) -> str:
+    """What identifies a subset across runs (its sources), for records of the cache-only rebuild."""
+    src = json.dumps([spec.image_dirs, spec.metadata_files, getattr(spec, "dataset_name_or_path", ""),
+                      getattr(spec, "layout", "")])
+    return hashlib.sha1(src.encode()).hexdigest()[:12]
+
+
+def row_extra(index, row: int) -> dict[str, Any]:
+    """The record's copy of its index row (enough to rebuild the row without the image)."""
+    w, h = (int(v) for v in index.sizes[row])
+    spec = index.subsets[int(index.subset[row])]
+    return {"x": {"p": index.paths[row], "c": index.captions[row], "d": index.descriptions[row],
+                  "m": index.metadata[row], "wh": [w, h], "s": subset_signature(spec)}}
+
+
+def cached_rows(store_root: str, have_keys: list[str], subsets) -> "Iterator[tuple[int, str, dict]]":
+    """(subset index, key, x) of store records whose entry the sources no longer list (their image is gone)."""
+    from .store import INDEX_FILE, SHARD_DIR, LatentStore
+
+    if not os.path.isdir(os.path.join(store_root, SHARD_DIR)) and not os.path.exists(
+            os.path.join(store_root, INDEX_FILE)):
+        return
+    store = LatentStore(store_root, check_validity=False)
+    if len(store) == 0:
+        return
+    present = store.contains_many(have_keys)
+    if int(present.sum()) == len(store):  # every stored key is listed: nothing to add (no header read)
+        return
+    sig = {subset_signature(s): i for i, s in enumerate(subsets)}
+    listed = set(have_keys)
+    for key in store.keys():
+        if key in listed:
+            continue
+        x = store.record_info(key).get("x")
+        if x and x.get("s") in sig:
+            yield sig[x["s"]], key, x
+    store.close()
+
+
+# ---- the import ------------------------------------------------------------------------------------------------
+
+def _classify(name: str) -> tuple[str, str] | None:
+    """(base name, kind) of an npz file name: kind 'main' | 'flip' | 'strategy'; None when not a latent cache."""
+    low = name.lower()
+    if not low.endswith(".npz") or low.endswith(SKIP_SUFFIXES):
+        return None
+    m = STRATEGY_RE.match(name)
+    if m:
+        return m.group("base"), "strategy"
+    if low.endswith("_flip.npz"):
+        return name[: -len("_flip.npz")], "flip"
+    return name[: -len(".npz")], "main"
+
+
+def find_npz(root: str) -> dict[str, dict[str, str]]:
+    """base path (folder + base name) -> {kind: npz path} for every latent cache under root (one walk)."""
+    out: dict[str, dict[str, str]] = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            c = _classify(f)
+            if c is not None:
+                out.setdefault(os.path.join(d, c[0]), {})[c[1]] = os.path.join(d, f)
+    return out
+
+
+def _pick(z, name: str, latent_hw: tuple[int, int]) -> np.ndarray | None:
+    """`name` or its multi-resolution form `name_<h>x<w>` from an npz."""
+    for k in (name, f"{name}_{latent_hw[0]}x{latent_hw[1]}"):
+        if k in z.files:
+            return z[k]
+    return None
+
+
+def read_npz(files: dict[str, str], bucket_wh: tuple[int, int], size_wh: tuple[int, int], channels: int
+             ) -> tuple[dict[str, np.ndarray], tuple[int, int], tuple[int, int], tuple[int, int] | None] | str:
+    """(raw arrays {latent, flip.latent}, original_size (h, w), crop (top, left), flipped crop) of one entry's
+    files, or the reason it cannot be imported."""
+    bw, bh = bucket_wh
+    lhw = (bh // 8, bw // 8)
+    main = files.get("strategy") or files.get("main")
+    if main is None:
+        return "only a _flip.npz, no latents file"
+    try:
+        with np.load(main) as z:
+            lat = _pick(z, "latents", lhw)
+            if lat is None:
+                lat = z["arr_0"] if "arr_0" in z.files else None
+            if lat is None:
+                return f"{os.path.basename(main)} has no 'latents' (or 'arr_0') array (arrays: {z.files})"
+            flip = _pick(z, "latents_flipped", lhw)
+            orig = _pick(z, "original_size", lhw)
+            ltrb = _pick(z, "crop_ltrb", lhw)
+        if flip is None and "flip" in files:
+            with np.load(files["flip"]) as zf:
+                flip = zf["latents"] if "latents" in zf.files else zf["arr_0"]
+    except (OSError, ValueError, KeyError, EOFError) as e:  # np.load raises these for damaged files
+        return f"unreadable npz ({type(e).__name__}: {e})"
+    arrays = {"latent": lat} if flip is None else {"latent": lat, "flip.latent": flip}
+    for name, a in arrays.items():
+        a = np.asarray(a)
+        if a.ndim == 4 and a.shape[0] == 1:
+            a = a[0]
+        if a.shape != (channels, lhw[0], lhw[1]):
+            return (f"{name} shape {tuple(a.shape)} does not match the bucket {bw}x{bh} "
+                    f"(expected {(channels, lhw[0], lhw[1])})")
+        if not np.isfinite(a).all():
+            return f"{name} has NaN / Inf values"
+        arrays[name] = a
+    if orig is not None and np.asarray(orig).size == 2:
+        w, h = (int(v) for v in np.asarray(orig).tolist())
+        original = (h, w)
+    else:
+        original = (size_wh[1], size_wh[0])
+    if ltrb is not None and np.asarray(ltrb).size == 4:
+        left, top, right, _ = (int(v) for v in np.asarray(ltrb).tolist())
+        crop, crop_flip = (top, left), (top, bw - right)  # kohya / euge: flipped left = width - crop right
+    else:  # the oldest format records no crop: our center crop of the image size
+        _, crop = crop_params(size_wh, bucket_wh, False)
+        crop_flip = flipped_crop(size_wh, bucket_wh, crop)
+    return arrays, original, crop, (crop_flip if "flip.latent" in arrays else None)
+
+
+def import_npz(index, root: str, writer, vae_cfg, dtype: torch.dtype, content_hash: bool = False) -> dict[str, Any]:
+    """Write a record per index entry that has a usable npz under root (matched by image path without extension,
+    else by key or file stem); returns counts and the reasons for the files left out."""
+    from .store import Record, source_fingerprint
+
+    found = find_npz(os.path.abspath(root))
+    by_base: dict[str, int] = {}
+    paths, keys = index.paths.tolist(), index.keys.tolist()
+    for i, p in enumerate(paths):
+        if p:
+            by_base[os.path.splitext(p)[0]] = i
+    by_key = {k: i for i, k in enumerate(keys)}
+    by_stem: dict[str, int] = {}
+    for i, k in enumerate(keys):
+        by_stem.setdefault(os.path.basename(k), i)
+    used: set[int] = set()
+    out: dict[str, Any] = {"imported": 0, "no_flip": 0, "unmatched": 0, "rejected": {}}
+    scale, shift, channels = float(vae_cfg.scaling_factor), float(vae_cfg.shift_factor), int(vae_cfg.z_channels)
+    for base, files in sorted(found.items()):
+        rel = os.path.relpath(base, os.path.abspath(root))
+        row = by_base.get(base)
+        if row is None:
+            row = by_key.get(rel, by_key.get(os.path.basename(base), by_stem.get(os.path.basename(base))))
+        if row is None or row in used:
+            out["unmatched"] += 1
+            continue
+        bucket = (int(index.buckets[row][0]), int(index.buckets[row][1]))
+        size = (int(index.sizes[row][0]), int(index.sizes[row][1]))
+        got = read_npz(files, bucket, size, channels)
+        if isinstance(got, str):
+            out["rejected"][next(iter(files.values()))] = got
+            continue
+        arrays, original, crop, crop_flip = got
+        sub = index.subsets[int(index.subset[row])]
+        if sub.flip_aug and "flip.latent" not in arrays:
+            out["no_flip"] += 1
+        tensors = {k: ((torch.from_numpy(np.ascontiguousarray(a)).float() - shift) * scale).to(dtype)
+                   for k, a in arrays.items()}
+        src = source_fingerprint(paths[row], content_hash) if paths[row] else ""
+        extra = {**row_extra(index, row), "imp": os.path.abspath(files.get("strategy") or files["main"])}
+        writer.put(Record(keys[row], src, bucket, original, crop, tensors, crop_flip, None, extra))
+        used.add(row)
+        out["imported"] += 1
+    return out
