@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from core import cli, dist, fastpath
+from core import cli, dist, fastpath, summary
 from core.config import format_output_dir, make_run_dirs, run_dirs, to_dict, to_toml
 from core.ema import EMA
 from core.fused import check_fused_settings, fp32_state, make_stepper, per_parameter_step
@@ -103,6 +103,7 @@ class StopFlags:
 
 def main(argv: list[str] | None = None) -> int:
     cfg, _ = cli.parse(argv, "train.py", __doc__ or "")
+    t_start = time.perf_counter()
     info = dist.init()
     device, master = info.device, dist.is_main()
 
@@ -162,8 +163,6 @@ def main(argv: list[str] | None = None) -> int:
     accum = cfg.train.gradient_accumulation_steps
     steps_per_epoch = math.ceil(per_rank_batches / accum)
     total_steps = cfg.train.max_train_steps or steps_per_epoch * cfg.train.max_train_epochs
-    log.info(f"{len(index)} images, {per_rank_batches} batches per rank per epoch, {steps_per_epoch} steps per epoch, "
-             f"{total_steps} steps in all")
 
     # ---- model: the network, the frozen (or trained) text encoders, the VAE when needed
     need_text = not cfg.cache.cache_text_encoder_outputs or bool(prompts) or cfg.train.train_text_encoder
@@ -188,8 +187,6 @@ def main(argv: list[str] | None = None) -> int:
     trainee.text_encoders.requires_grad_(True).train()
     if not cfg.train.train_text_encoder and (cfg.optimizer.learning_rate_te1 or cfg.optimizer.learning_rate_te2):
         log.warning("optimizer.learning_rate_te1 / _te2 are set but train.train_text_encoder is false: not used")
-    log.info(f"{family}: network {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters ({weight_dtype}), "
-             f"autocast {amp_dtype}, trained text encoders: {list(trainee.text_encoders) or 'none'}")
 
     # ---- resume: trained weights back in place before wrapping (the rest after the optimizer exists)
     step, epoch, cursor, bad_steps = 0, 0, 0, 0
@@ -214,8 +211,6 @@ def main(argv: list[str] | None = None) -> int:
         stepper = make_stepper(cfg, optimizer)  # fused backward hooks / per-parameter steps, or None
     except ValueError as e:
         raise SystemExit(f"config error: {e}") from None
-    for g in optimizer.param_groups:
-        log.info(f"optimizer group {g.get('name', '?')}: {len(g['params'])} tensors, lr {g['lr']:g}")
     train_meta = run_metadata.training_metadata(cfg, family=family, index=index, batches_per_epoch=per_rank_batches,
                                                 world_size=info.world_size, optimizer=optimizer,
                                                 num_epochs=math.ceil(total_steps / steps_per_epoch)) if master else {}
@@ -306,13 +301,16 @@ def main(argv: list[str] | None = None) -> int:
         save_state()
         return True
 
+    if master:
+        log.info(summary.start_block(cfg=cfg, world_size=info.world_size, device=device, index=index, rows=rows,
+                                     comp=comp, trained=trainee, optimizer=optimizer, steps_per_epoch=steps_per_epoch,
+                                     total_steps=total_steps, start_step=step, out_dir=out_dir, amp_dtype=amp_dtype,
+                                     weight_dtype=weight_dtype))
     if cfg.sample.sample_at_first and step == 0:
         previews(0)
-    bar = None
-    if master:
-        from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=step, desc="steps", dynamic_ncols=True, disable=None)
-    t_last, images_since = time.perf_counter(), 0
+    bar = summary.Progress(total_steps, step, enabled=master, log=log.info)
+    t_loop, start_step, images_seen = time.perf_counter(), step, 0  # images this rank trained on in this run
+    t_last, seen_last = t_loop, 0
     try:  # the loader starts at the resumed epoch and cursor; later epochs are set at each epoch's end
         loader = make_loader(index, cfg.data, store, seed=cfg.seed, epoch=epoch, rank=info.rank,
                              world_size=info.world_size, skip=cursor,
@@ -328,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                 done = cursor // info.world_size  # this rank's micro-batches already run in this epoch
                 gens = noise_generators(cfg, device, epoch, info.rank, done, len(micro))
                 loss_mean, finite = accumulate_gradients(model, comp, objective, micro, device, gens, autocast, scaler)
-                images_since += sum(mb["loss_weight"].shape[0] for mb in micro)
+                images_seen += sum(mb["loss_weight"].shape[0] for mb in micro)
                 cursor += len(micro) * info.world_size  # global batches: every rank ran len(micro)
                 finite = dist.all_reduce_mean(1.0 if finite else 0.0) == 1.0  # decided together: every rank skips
                 grad_norm, applied = optimizer_step(cfg, model, optimizer, scaler, finite, stepper)
@@ -357,18 +355,15 @@ def main(argv: list[str] | None = None) -> int:
                 recorder.add(loss_mean)
                 if step % cfg.log.log_every_n_steps == 0 or step == total_steps:
                     now = time.perf_counter()
-                    ips = images_since * info.world_size / max(now - t_last, 1e-9)
-                    t_last, images_since = now, 0
+                    ips = (images_seen - seen_last) * info.world_size / max(now - t_last, 1e-9)
+                    t_last, seen_last = now, images_seen
                     lr = optimizer.param_groups[0]["lr"]
                     row = {"loss": loss_mean, "loss_avg": recorder.windowed_mean, "loss_ema": recorder.moving_average,
                            "lr": lr, "grad_norm": grad_norm, "images_per_s": ips, "epoch": epoch}
                     row.update(peak_memory(device))
                     metrics.write(step, row)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{loss_mean:.4f}", avg=f"{recorder.windowed_mean:.4f}",
-                                        ema=f"{recorder.moving_average:.4f}", lr=f"{lr:.2e}", ips=f"{ips:.1f}")
-                if bar is not None:
-                    bar.update(1)
+                    bar.show(row)
+                bar.update()
 
                 # -- saving, sampling, stopping
                 if cfg.save.save_every_n_steps and step % cfg.save.save_every_n_steps == 0 and step < total_steps:
@@ -392,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
         sampled_now = cfg.sample.sample_every_n_steps and step % cfg.sample.sample_every_n_steps == 0
         if prompts and (cfg.sample.sample_every_n_steps or cfg.sample.sample_every_n_epochs) and not sampled_now:
             previews(step)
-        log.info(f"done: {step} steps")
+        bar.close()
+        log.info(summary.end_block(steps=(start_step, step, total_steps), started=(t_start, t_loop),
+                                   images=images_seen * info.world_size, paths=paths, model_name=cfg.save.output_name))
         return 0
     except KeyboardInterrupt:
         log.warning("aborted by a second Ctrl-C: no state saved")
@@ -404,8 +401,7 @@ def main(argv: list[str] | None = None) -> int:
                 save_state(crash_hook=False)
         raise
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
         metrics.close()
 
 

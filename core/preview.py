@@ -7,11 +7,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from core import dist
 from core.prompts import SamplePrompt, a1111_parameters, save_png
 from core.sampling import sample
+
+LABEL_PAD = 2  # pixels around grid labels
 
 
 def size_multiple(comp: Any) -> int:
@@ -53,6 +55,36 @@ def generate(comp: Any, p: SamplePrompt, device: torch.device | str, autocast_dt
     return to_pil(comp.decode_latents(latents.float()))[0]
 
 
+def short_prompt(prompt: str) -> str:
+    """The part of a prompt before the first comma (tags after it are usually quality / style words)."""
+    return prompt.split(",")[0].strip() or prompt.strip()
+
+
+def labelled(img: Image.Image, prompt: str, step: int | None = None) -> Image.Image:
+    """The tile with the shortened prompt in a strip under it (cut with '...' to fit) and the step in the top-left
+    corner, so a grid reads without its PNG metadata. PIL's default font, no font files."""
+    font = ImageFont.load_default()
+    draw = ImageDraw.Draw(img)
+    top, bottom = draw.textbbox((0, 0), "Ag", font=font)[1::2]
+    line = bottom + LABEL_PAD
+    out = Image.new("RGB", (img.width, img.height + line + LABEL_PAD), "white")
+    out.paste(img, (0, 0))
+    draw = ImageDraw.Draw(out)
+    text = short_prompt(prompt)
+    room = img.width - 2 * LABEL_PAD
+    if draw.textlength(text, font=font) > room:
+        while text and draw.textlength(text + "...", font=font) > room:
+            text = text[:-1]
+        text = text.rstrip() + "..."
+    draw.text((LABEL_PAD, img.height + LABEL_PAD - top), text, fill="black", font=font)
+    if step is not None:
+        tag = f"step {step}"
+        box = draw.textbbox((LABEL_PAD, LABEL_PAD), tag, font=font)
+        draw.rectangle((0, 0, box[2] + LABEL_PAD, box[3] + LABEL_PAD), fill="black")
+        draw.text((LABEL_PAD, LABEL_PAD), tag, fill="white", font=font)
+    return out
+
+
 def grid(images: Sequence[Image.Image], cols: int | None = None) -> Image.Image:
     cols = cols or int(np.ceil(np.sqrt(len(images))))
     rows = int(np.ceil(len(images) / cols))
@@ -91,7 +123,7 @@ def sample_round(comp: Any, prompts: Sequence[SamplePrompt], out_dir: str, step:
             written.append(path)
         if allr:
             gpath = os.path.join(out_dir, f"{step:06d}_grid.png")
-            save_png(grid([r[2] for r in allr]), gpath,
+            save_png(grid([labelled(img, p.prompt, step) for _, p, img in allr]), gpath,
                      a1111_parameters(allr[0][1], model_name, {"Training step": str(step)}, model_hash))
             written.append(gpath)
         if log:

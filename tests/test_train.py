@@ -48,8 +48,14 @@ def test_two_process_cache_train_export_samples(dataset, tmp_path):
     _run(TORCHRUN + ["cache.py", *overrides(dataset, out, 4)[:3]])
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle --d 5 --s 3\n# comment\na blue square --d 6 --s 3 --w 64 --h 96\n")
-    _run(TORCHRUN + ["train.py", *overrides(dataset, out, 4, "save.save_every_n_steps=2", f"sample.sample_prompts={prompts}",
-                                            "sample.sample_every_n_steps=4", "sample.sample_params={width=64, height=64}")])
+    res = _run(TORCHRUN + ["train.py", *overrides(dataset, out, 4, "save.save_every_n_steps=2",
+                                                  f"sample.sample_prompts={prompts}", "sample.sample_every_n_steps=4",
+                                                  "sample.sample_params={width=64, height=64}")])
+    # the start and end summaries, once (rank 0)
+    assert res.stderr.count("run summary") == 1 and "2 per process x 1 accumulation x 2 process(es)" in res.stderr
+    assert "16 images trained" in res.stderr and "= 4 images per optimizer step" in res.stderr
+    assert res.stderr.count("run finished") == 1 and f"model      {out / 'models' / 'demo.safetensors'}" in res.stderr
+    assert "steps 0 -> 4 of 4, " in res.stderr and "last grid 000004_grid.png" in res.stderr
     import models
     comp = models.load(str(out / "models" / "demo.safetensors"))
     assert comp.family == "sdxl" and comp.unet is not None
@@ -62,6 +68,8 @@ def test_two_process_cache_train_export_samples(dataset, tmp_path):
     assert "000004_0_5.png" in pngs and "000004_1_6.png" in pngs and "000004_grid.png" in pngs
     with Image.open(out / "samples" / "000004_1_6.png") as im:
         assert im.size == (64, 96) and "a blue square" in im.text["parameters"]
+    with Image.open(out / "samples" / "000004_grid.png") as im:
+        assert im.width == 128 and im.height > 96 + 8  # two tiles side by side, a label strip under them
     assert os.path.isfile(out / "config.toml") and os.path.isfile(out / "logs" / "train.log")
     states = os.listdir(out / "state")
     assert "step-00000004" in states and "step-00000002" in states
