@@ -27,7 +27,7 @@ from core import cli, dist, fastpath, summary
 from core.config import format_output_dir, make_run_dirs, run_dirs, to_dict, to_toml
 from core.ema import EMA
 from core.fused import check_fused_settings, fp32_state, make_stepper, per_parameter_step
-from core.fsio import commit_file
+from core.fsio import atomic_write, clean_stale_temps, describe_os_error
 from core.metrics import MetricsWriter, peak_memory, setup_logging
 from core.objectives import build_objective
 from core.optim import LossRecorder, build_optimizer, build_param_groups_for_models, build_scheduler
@@ -101,6 +101,7 @@ class StopFlags:
         print("\nCtrl-C: saving a resumable state at the end of this step (press again to abort)", file=sys.stderr)
 
 
+@cli.one_line_errors("train.py")
 def main(argv: list[str] | None = None) -> int:
     cfg, _ = cli.parse(argv, "train.py", __doc__ or "")
     t_start = time.perf_counter()
@@ -118,17 +119,19 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         raise SystemExit(f"config error: {e}") from None
 
-    # ---- run folder (the {date}/{time} of rank 0, for every rank)
+    # ---- run folder (the {date}/{time} of rank 0, for every rank), run id and the state to resume, on rank 0
     out_dir = dist.broadcast_object(format_output_dir(cfg.output_dir) if master else None)
     paths = run_dirs(out_dir)
-    if master:
-        make_run_dirs(out_dir)
-        tmp = os.path.join(out_dir, f".config.toml.tmp-{os.getpid()}")
-        with open(tmp, "w") as f:
-            f.write(to_toml(cfg))
-        commit_file(tmp, os.path.join(out_dir, "config.toml"))
-    dist.barrier()
-    log = setup_logging(paths["logs"], master)
+    try:
+        removed = dist.main_first(lambda: prepare_run_folder(cfg, out_dir))
+        log = setup_logging(paths["logs"], master)
+        if removed:
+            log.info(f"removed {len(removed)} temporary file(s) of an ended run: {', '.join(removed[:3])}")
+        started = dist.main_first(lambda: rstate.start_run(out_dir, paths["state"], cfg.train.resume, to_dict(cfg),
+                                                           log.warning))
+    except dist.MainRankError as e:
+        raise SystemExit(f"train.py: {e}") from None
+    resume_path, run_id = dist.broadcast_object(started)
     metrics = MetricsWriter(paths["logs"], master, cfg.log.tensorboard)
     log.info(f"run folder {out_dir}; {info.world_size} process(es) on {device.type}, process group "
              f"{dist.backend() or 'none'}")
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         dist.main_first(lambda: load_or_build_index(cfg.data, index_dir, is_main=True))
         index = load_or_build_index(cfg.data, index_dir, is_main=False)  # rank 0 too: the saved, shared index
     except (dist.MainRankError, OSError, ValueError) as e:
-        raise SystemExit(f"data error: {e}") from None
+        raise SystemExit(cli.error_line("data error", e)) from None
     rows = usable_rows(index, store)  # one pass over the store's keys, shared by the two calls below
     per_rank_batches = batches_per_epoch(index, cfg.data, info.world_size, rows=rows)
     if per_rank_batches == 0:
@@ -175,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         comp = models.from_config(cfg.model, device=device, seed=cfg.seed, parts=parts, dtype=dtypes,
                                   zero_terminal_snr=cfg.loss.zero_terminal_snr)
     except (models.CheckpointError, OSError) as e:  # missing / damaged / mismatched checkpoint files
-        raise SystemExit(f"model error: {e}") from None
+        raise SystemExit(cli.error_line("model error", e)) from None
     net = comp.network
     net.requires_grad_(True).train()
     net.gradient_checkpointing = cfg.train.gradient_checkpointing
@@ -190,9 +193,6 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- resume: trained weights back in place before wrapping (the rest after the optimizer exists)
     step, epoch, cursor, bad_steps = 0, 0, 0, 0
-    resume_path = rstate.find_resume(cfg.train.resume, paths["state"], log.warning)
-    if cfg.train.resume and resume_path is None:
-        log.warning("resume = auto: no complete state found; starting from scratch")
     st = rstate.read_state(resume_path, info.rank) if resume_path is not None else None
     if st is not None:
         trainee.load_state_dict(st["trained"], strict=True)
@@ -250,8 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     writes = [0]
 
     def save_state(crash_hook: bool = True) -> None:
-        token = dist.broadcast_object(str(os.getpid()) if master else None)
-        tmp = rstate.tmp_dir_for(paths["state"], step, token)
+        tmp = dist.broadcast_object(rstate.tmp_dir_for(paths["state"], step) if master else None)
         rstate.write_rank_rng(tmp, info.rank)
         trained = trained_state(trainee)  # on every rank: gathering FSDP shards is collective
         optim_state = optimizer_state(model, optimizer, cfg.train.fsdp)
@@ -260,13 +259,13 @@ def main(argv: list[str] | None = None) -> int:
             progress = {"step": step, "epoch": epoch, "cursor": cursor, "world_size": info.world_size,
                         "bad_steps": bad_steps, "scheduler": scheduler.state_dict(),
                         "scaler": scaler.state_dict() if scaler is not None else None,
-                        "loss_recorder": recorder.state_dict(), "config": to_dict(cfg)}
+                        "loss_recorder": recorder.state_dict(), "config": to_dict(cfg), "run_id": run_id}
             writes[0] += 1  # fault injection for tests: SIGKILL during the N-th state write
             hook = _crash_hook if crash_hook and writes[0] == int(os.environ.get("SDTRAIN_TEST_KILL_DURING_STATE_WRITE", "0")) else None
             final = os.path.join(paths["state"], f"step-{step:08d}")
             rstate.write_state(tmp, final, trained=trained, optimizer=optim_state,
                                progress=progress, ema=ema.state_dict() if ema is not None else None, before_marker=hook)
-            rstate.prune_states(paths["state"], cfg.save.save_last_n_states)
+            rstate.prune_states(paths["state"], cfg.save.save_last_n_states, run_id, just_written=final)
             log.info(f"saved resumable state {final}")
         dist.barrier()
 
@@ -394,8 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.warning("aborted by a second Ctrl-C: no state saved")
         raise
-    except Exception:
-        if cfg.save.save_on_exception and info.world_size == 1:
+    except Exception as e:
+        if cfg.save.save_on_exception and info.world_size == 1 and describe_os_error(e) is None:  # not a full disk
             log.exception("training failed: saving a resumable state before exiting")
             with contextlib.suppress(Exception):
                 save_state(crash_hook=False)
@@ -407,6 +406,17 @@ def main(argv: list[str] | None = None) -> int:
 
 # -----------------------------------------------------------------------------
 # Helpers
+
+
+def prepare_run_folder(cfg: Any, out_dir: str) -> list[str]:
+    """Rank 0: output_dir/{models,samples,logs,state}, the resolved config.toml, and the temporaries a killed run
+    left there removed (returned). A folder that cannot be written is one line."""
+    try:
+        paths = make_run_dirs(out_dir)
+        atomic_write(os.path.join(out_dir, "config.toml"), lambda f: f.write(to_toml(cfg).encode()))
+    except OSError as e:
+        raise RuntimeError(f"cannot write the run folder: {describe_os_error(e) or e}") from None
+    return clean_stale_temps([out_dir, *paths.values()])
 
 
 def check_settings(cfg: Any, family: str) -> None:

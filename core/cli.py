@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from core.config import Config, ConfigError, load_config, to_toml
+from core.fsio import describe_os_error
 
 
 def parse(argv: Sequence[str] | None, prog: str, description: str, extra_flags: Sequence[tuple[str, str]] = ()) -> tuple[Config, argparse.Namespace]:
@@ -31,3 +33,29 @@ def parse(argv: Sequence[str] | None, prog: str, description: str, extra_flags: 
         sys.stdout.write(to_toml(cfg))
         raise SystemExit(0)
     return cfg, args
+
+
+def one_line_errors(prog: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorate an entry point's main(): a full disk, a read-only or forbidden path ends it with one line
+    ("train.py: no space left on device: <path>", exit code 1) instead of a traceback; other errors pass."""
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except OSError as e:
+                line = describe_os_error(e)
+                if line is None:
+                    raise
+                raise SystemExit(f"{prog}: {line}") from None
+        return run
+    return wrap
+
+
+def error_line(kind: str, e: BaseException, prog: str = "") -> str:
+    """One line for an error met while doing `kind` ("data error: ..."); a full / read-only disk (also when rank 0
+    met it and shared it, see dist.main_first) is said as such: "no space left on device: <path>"."""
+    cause = e if isinstance(e, OSError) else e.__cause__
+    disk = describe_os_error(cause) if isinstance(cause, OSError) else None
+    head = f"{prog}: " if prog else ""
+    return f"{head}{disk}" if disk else f"{head}{kind}: {e}"

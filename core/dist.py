@@ -16,6 +16,8 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from core.fsio import describe_os_error
+
 T = TypeVar("T")
 
 
@@ -142,7 +144,7 @@ def main_first(fn: Callable[[], T]) -> T | None:
         try:
             out = fn()
         except Exception as e:  # shared with the other ranks, then re-raised everywhere
-            err = str(e) or type(e).__name__
+            err = (describe_os_error(e) if isinstance(e, OSError) else None) or str(e) or type(e).__name__
             if not is_dist():
                 raise MainRankError(err) from e
     err = broadcast_object(err)

@@ -5,11 +5,20 @@ A state is a folder `state/step-00001234/` holding
   - `optimizer.pt`         optimizer state (tensors + plain numbers; loaded with weights_only=True)
   - `ema.safetensors`      EMA shadow weights (when enabled)
   - `rng-rank{r}.pt`       every rank's RNG states (weights_only)
-  - `progress.json`        step, epoch, data cursor, scheduler / scaler / loss recorder, world size, config
+  - `progress.json`        step, epoch, data cursor, scheduler / scaler / loss recorder, world size, config,
+                           run id, write time
   - `COMPLETE`             written last: sizes + sha256 of every file above
-Everything is first written into `step-00001234.tmp-<pid>/`, fsynced, then renamed. No pickle of
-arbitrary objects is ever loaded. `resume = "auto"` takes the newest state whose COMPLETE marker
-matches its files; a damaged or incomplete one is reported and the previous one used.
+Everything is first written into `step-00001234.sdtrain-tmp-<host>-<pid>/`, fsynced, then renamed; a failed
+write removes it, one left by a killed process is removed at the next start (core/fsio.py). No pickle of
+arbitrary objects is ever loaded.
+
+States belong to a run. A run has an id (`output_dir/run.json`), written into each of its states; a run that
+resumes a state continues that state's run. The top level of `state/` holds the current run's states only: when
+a run starts, states of other runs are moved to `state/other-runs/<run id>/` (kept, never pruned, never resumed
+by "auto"). `resume = "auto"` takes the newest intact state of the output_dir's run and refuses, naming the
+state, when it was saved with other training settings or when only other runs' states exist (resume one of
+those by its path). Pruning keeps the newest `save_last_n_states` states of the current run, by write time,
+and never the one just written.
 """
 from __future__ import annotations
 
@@ -17,16 +26,26 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
+import time
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from core.fsio import fsync_dir as _fsync_dir, fsync_file as _fsync_file, set_file_mode
+from core.fsio import (atomic_write, fsync_dir as _fsync_dir, remove_quietly, save_safetensors, temp_path,
+                       torch_save)
 
 STATE_RE = re.compile(r"^step-(\d{8})$")
 MARKER = "COMPLETE"
+RUN_FILE = "run.json"          # in output_dir: the id of the run that writes there now
+OTHER_RUNS = "other-runs"      # state/other-runs/<run id>/: states of earlier runs, set aside
+# Settings a resumed run may change without being "other settings" (length, logging, saving, previews, workers).
+RESUMABLE_CHANGES = ("output_dir", "train.resume", "train.max_train_steps", "train.max_train_epochs",
+                     "train.max_bad_steps", "train.compile", "data.max_dataloader_n_workers",
+                     "data.persistent_data_loader_workers", "cache.num_workers", "cache.vae_batch_size",
+                     "save.", "sample.", "log.")
 
 
 class StateError(RuntimeError):
@@ -41,8 +60,9 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def tmp_dir_for(state_root: str, step: int, token: str) -> str:
-    return os.path.join(state_root, f"step-{step:08d}.tmp-{token}")
+def tmp_dir_for(state_root: str, step: int) -> str:
+    """The temporary folder of a state (rank 0 names it; the other ranks are told)."""
+    return temp_path(os.path.join(state_root, f"step-{step:08d}"))
 
 
 def write_rank_rng(tmp: str, rank: int) -> None:
@@ -51,53 +71,48 @@ def write_rank_rng(tmp: str, rank: int) -> None:
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    path = os.path.join(tmp, f"rng-rank{rank}.pt")
-    torch.save(rng, path)
-    set_file_mode(path)
-    _fsync_file(path)
+    torch_save(rng, os.path.join(tmp, f"rng-rank{rank}.pt"))
 
 
 def write_state(tmp: str, final: str, *, trained: dict[str, torch.Tensor], optimizer: dict[str, Any],
                 progress: dict[str, Any], ema: dict[str, torch.Tensor] | None = None,
                 before_marker: Callable[[], None] | None = None) -> str:
-    """Rank 0: write the shared files, the COMPLETE marker last, then rename tmp -> final."""
-    os.makedirs(tmp, exist_ok=True)
-    files = {}
-    p = os.path.join(tmp, "trained.safetensors")
-    save_file({k: v.detach().contiguous().cpu() for k, v in trained.items()}, p)
-    files["trained.safetensors"] = p
-    p = os.path.join(tmp, "optimizer.pt")
-    torch.save(optimizer, p)
-    files["optimizer.pt"] = p
+    """Rank 0: write the shared files, the COMPLETE marker last, then rename tmp -> final. `progress` should
+    carry the run id ("run_id"); the write time is added. On a failure (a full disk) the temporary folder is
+    removed and the error names the file: the states already there are untouched."""
+    try:
+        os.makedirs(tmp, exist_ok=True)
+        _write_state_files(tmp, trained, optimizer, progress, ema, before_marker)
+        if os.path.exists(final):  # the same step of this run written again (a resume from an earlier state)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+    _fsync_dir(os.path.dirname(final))
+    return final
+
+
+def _write_state_files(tmp: str, trained: dict[str, torch.Tensor], optimizer: dict[str, Any],
+                       progress: dict[str, Any], ema: dict[str, torch.Tensor] | None,
+                       before_marker: Callable[[], None] | None) -> None:
+    save_safetensors(trained, os.path.join(tmp, "trained.safetensors"))
+    torch_save(optimizer, os.path.join(tmp, "optimizer.pt"))
     if ema is not None:
-        p = os.path.join(tmp, "ema.safetensors")
-        save_file({k: v.detach().contiguous().cpu() for k, v in ema.items()}, p)
-        files["ema.safetensors"] = p
-    p = os.path.join(tmp, "progress.json")
-    with open(p, "w") as f:
-        json.dump(progress, f, indent=1, sort_keys=True)
-    files["progress.json"] = p
-    for name in sorted(os.listdir(tmp)):
-        if name.startswith("rng-rank"):
-            files[name] = os.path.join(tmp, name)
-    for path in files.values():
-        set_file_mode(path)  # safetensors writes 0600
-        _fsync_file(path)
+        save_safetensors(ema, os.path.join(tmp, "ema.safetensors"))
+    _write_json(os.path.join(tmp, "progress.json"), {**progress, "saved_ns": time.time_ns()})
+    files = {name: os.path.join(tmp, name) for name in sorted(os.listdir(tmp))
+             if name in ("trained.safetensors", "optimizer.pt", "ema.safetensors", "progress.json")
+             or re.fullmatch(r"rng-rank\d+\.pt", name)}
     if before_marker is not None:  # test hook: simulate a crash during the write
         before_marker()
     manifest = {name: {"size": os.path.getsize(path), "sha256": _sha256(path)} for name, path in files.items()}
-    mp = os.path.join(tmp, MARKER)
-    with open(mp, "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    set_file_mode(mp)
+    _write_json(os.path.join(tmp, MARKER), manifest)
     _fsync_dir(tmp)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(os.path.dirname(final))
-    return final
+
+
+def _write_json(path: str, obj: Any) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, sort_keys=True).encode()))
 
 
 def verify_state(path: str) -> str | None:
@@ -130,21 +145,151 @@ def list_states(state_root: str) -> list[tuple[int, str]]:
     return sorted(out)
 
 
-def find_resume(spec: str, state_root: str, log: Callable[[str], None] = print) -> str | None:
-    """'auto' -> newest intact state (damaged ones reported and skipped); a path -> that state, verified."""
+def read_progress(path: str) -> dict[str, Any]:
+    """progress.json of a state ({} when unreadable)."""
+    try:
+        with open(os.path.join(path, "progress.json")) as f:
+            out = json.load(f)
+        return out if isinstance(out, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _saved_ns(path: str, progress: dict[str, Any]) -> int:
+    """When a state was written: its own record, else its marker's mtime."""
+    if isinstance(progress.get("saved_ns"), int):
+        return progress["saved_ns"]
+    try:
+        return os.stat(os.path.join(path, MARKER)).st_mtime_ns
+    except OSError:
+        return 0
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k not in ("optimizer_kwargs", "sample_params")
+                   else {f"{prefix}{k}": v})
+    return out
+
+
+def config_changes(saved: dict[str, Any] | None, current: dict[str, Any] | None) -> list[str]:
+    """Training settings that differ between a state's config and the current one ("key: old -> new")."""
+    if not saved or not current:
+        return []
+    a, b = _flat(saved), _flat(current)
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if any(k == r or (r.endswith(".") and k.startswith(r)) for r in RESUMABLE_CHANGES):
+            continue
+        if a.get(k) != b.get(k):
+            out.append(f"{k}: {a.get(k)!r} -> {b.get(k)!r}")
+    return out
+
+
+def find_resume(spec: str, state_root: str, log: Callable[[str], None] = print, *, run_id: str | None = None,
+                config: dict[str, Any] | None = None) -> str | None:
+    """The state to resume from, or None for a fresh start; StateError (one line) when it must not go on.
+
+    A path -> that state, verified. "auto" -> the newest intact state of run `run_id` (damaged ones reported
+    and skipped); refused when it was saved with other training settings than `config`, or when state_root
+    holds only states of other runs. States written before run ids existed (no run id, no run.json) are
+    adopted when their settings match, with a warning."""
     if not spec:
         return None
     if spec != "auto":
+        if not os.path.isdir(spec):
+            raise StateError(f"cannot resume from {spec}: no such state folder")
         reason = verify_state(spec)
         if reason:
             raise StateError(f"cannot resume from {spec}: {reason}")
+        changes = config_changes(read_progress(spec).get("config"), config)
+        if changes:
+            log(f"resuming {spec} with changed settings: {'; '.join(changes[:5])}")
         return spec
-    for _, path in reversed(list_states(state_root)):
+    others = []
+    for _, path in sorted(((_saved_ns(p, read_progress(p)), p) for _, p in list_states(state_root)), reverse=True):
         reason = verify_state(path)
-        if reason is None:
-            return path
-        log(f"resume: skipping {path}: {reason}")
+        if reason is not None:
+            log(f"resume: skipping {path}: {reason}")
+            continue
+        progress = read_progress(path)
+        legacy = run_id is None and "run_id" not in progress
+        if progress.get("run_id") != run_id and not legacy:
+            others.append((path, progress.get("run_id")))
+            continue
+        changes = config_changes(progress.get("config"), config)
+        if changes:
+            raise StateError(f"resume = auto: {path} was saved with other settings ({'; '.join(changes[:3])}"
+                             f"{'; ...' if len(changes) > 3 else ''}); to continue it with these settings set "
+                             f"train.resume = \"{path}\", or use another output_dir")
+        if legacy:
+            log(f"resume = auto: {path} has no run id (written by an earlier version); its settings match, "
+                f"resuming it")
+        return path
+    if others:
+        path, rid = others[0]
+        raise StateError(f"resume = auto: {state_root} holds states of another run only (newest: {path}, run "
+                         f"{rid or 'unknown'}; this output_dir's run is {run_id or 'new'}); set train.resume = "
+                         f"\"{path}\" to continue that run, or train.resume = \"\" to start a new one")
     return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Runs: an id per run, in output_dir/run.json and in every state
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(4)
+
+
+def read_run_id(output_dir: str) -> str | None:
+    """The id of the run that last wrote into output_dir (None: none yet, or unreadable)."""
+    try:
+        with open(os.path.join(output_dir, RUN_FILE)) as f:
+            rid = json.load(f).get("run_id")
+        return rid if isinstance(rid, str) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def start_run(output_dir: str, state_root: str, resume: str, config: dict[str, Any],
+              log: Callable[[str], None] = print) -> tuple[str | None, str]:
+    """Rank 0, before anything is loaded: choose the state to resume (find_resume), decide the run id (the
+    resumed state's, else a new one), set other runs' states aside and write output_dir/run.json.
+    Returns (state to resume or None, run id)."""
+    current = read_run_id(output_dir)
+    path = find_resume(resume, state_root, log, run_id=current, config=config)
+    if resume == "auto" and path is None:
+        log("resume = auto: no complete state found; starting from scratch")
+    run_id = (read_progress(path).get("run_id") or current or new_run_id()) if path else new_run_id()
+    set_aside_other_runs(state_root, run_id, keep=path, log=log)
+    _write_json(os.path.join(output_dir, RUN_FILE), {"run_id": run_id, "resumed_from": path,
+                                                      "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    return path, run_id
+
+
+def set_aside_other_runs(state_root: str, run_id: str, keep: str | None = None,
+                         log: Callable[[str], None] = print) -> list[str]:
+    """Move the top-level states not of `run_id` (except `keep`) to state/other-runs/<their id>/."""
+    moved = []
+    for _, path in list_states(state_root):
+        rid = read_progress(path).get("run_id")
+        if rid == run_id or (keep and os.path.abspath(path) == os.path.abspath(keep)):
+            continue
+        dest_dir = os.path.join(state_root, OTHER_RUNS, re.sub(r"[^A-Za-z0-9_.-]", "_", rid or "unknown"))
+        os.makedirs(dest_dir, exist_ok=True)
+        dest = os.path.join(dest_dir, os.path.basename(path))
+        if os.path.exists(dest):
+            dest += f"-{time.time_ns()}"  # never overwrite a kept state
+        os.replace(path, dest)
+        moved.append(dest)
+    if moved:
+        log(f"{len(moved)} state(s) of other runs moved to {os.path.join(state_root, OTHER_RUNS)} (kept; resume "
+            f"one with train.resume = <its path>): {', '.join(moved[:3])}{' ...' if len(moved) > 3 else ''}")
+    return moved
 
 
 def read_state(path: str, rank: int) -> dict[str, Any]:
@@ -170,11 +315,19 @@ def restore_rng(rng: dict[str, torch.Tensor] | None) -> None:
         torch.cuda.set_rng_state(rng["cuda"])
 
 
-def prune_states(state_root: str, keep: int) -> None:
-    """Keep the newest `keep` complete states; remove older ones and stale temporary folders."""
-    states = list_states(state_root)
-    for _, path in states[:-keep] if keep > 0 else []:
+def prune_states(state_root: str, keep: int, run_id: str | None, just_written: str | None = None) -> list[str]:
+    """Keep the newest `keep` states of run `run_id` by write time (and always `just_written`); states of other
+    runs are never touched. Returns the removed paths."""
+    mine = []
+    for _, path in list_states(state_root):
+        progress = read_progress(path)
+        if progress.get("run_id") == run_id:
+            mine.append((_saved_ns(path, progress), path))
+    mine.sort(reverse=True)
+    removed = []
+    for _, path in mine[max(keep, 1):]:
+        if just_written and os.path.abspath(path) == os.path.abspath(just_written):
+            continue
         shutil.rmtree(path, ignore_errors=True)
-    for name in os.listdir(state_root) if os.path.isdir(state_root) else []:
-        if ".tmp-" in name and name.startswith("step-"):
-            shutil.rmtree(os.path.join(state_root, name), ignore_errors=True)
+        removed.append(path)
+    return removed

@@ -14,10 +14,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from core.fsio import commit_file
+from core.fsio import save_safetensors
 
 # How many names of each kind an error message lists before it only counts.
 MAX_LISTED = 20
@@ -187,8 +186,8 @@ def load_module(
 
 
 def save_safetensors_atomic(tensors: Mapping[str, Tensor], path: str, metadata: Mapping[str, str] | None = None) -> None:
-    """Write to path + '.tmp-<pid>', fsync, os.replace, fsync the directory; on failure the old file is untouched.
-    The file gets the umask's normal mode (0644 under 022)."""
+    """Write through a temporary (`<path>.sdtrain-tmp-<host>-<pid>`), fsync, rename, fsync the directory; on
+    failure the temporary is removed and the old file is untouched."""
     path = str(path)
     meta = dict(metadata or {})
     bad_meta = [k for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str)]
@@ -207,16 +206,8 @@ def save_safetensors_atomic(tensors: Mapping[str, Tensor], path: str, metadata: 
             t = t.clone()  # tied weights: safetensors refuses shared storage, so store an independent copy
         seen_storage.add(ptr)
         out[k] = t
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        save_file(out, tmp, metadata=meta or None)  # safetensors creates it 0600: commit_file sets the normal mode
-        commit_file(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_safetensors(out, path, metadata=meta or None)  # our own temporary (core/fsio.py), none of the library's
 
 
 # Optional descriptive modelspec fields (sai_model_spec 1.0.0 "should" / "can" fields), set from [save].

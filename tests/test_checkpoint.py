@@ -198,21 +198,21 @@ def test_meta_buffer_without_init_is_an_error():
 # --- atomic save ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fail_in", ["save_file", "replace"])
+@pytest.mark.parametrize("fail_in", ["write", "replace"])
 def test_failed_save_keeps_old_file(tmp_path, monkeypatch, fail_in):
     """Reference: the old file is re-read with safetensors.torch.load_file after a write that dies midway."""
     path = str(tmp_path / "m.safetensors")
     old = {"a": torch.randn(8)}
     save_safetensors_atomic(old, path)
 
-    if fail_in == "save_file":
+    if fail_in == "write":
+        import core.fsio as fsio
 
-        def broken_save(tensors, filename, metadata=None):
-            with open(filename, "wb") as fh:
-                fh.write(b"\x00" * 100)  # partial output, then the disk fills up
+        def broken_chunks(order):
+            yield b"\x00" * 100  # partial output, then the disk fills up
             raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr(ckpt, "save_file", broken_save)
+        monkeypatch.setattr(fsio, "_st_chunks", broken_chunks)
     else:
 
         def broken_replace(src, dst):
@@ -220,8 +220,9 @@ def test_failed_save_keeps_old_file(tmp_path, monkeypatch, fail_in):
 
         monkeypatch.setattr(ckpt.os, "replace", broken_replace)
 
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as e:
         save_safetensors_atomic({"a": torch.zeros(8), "b": torch.ones(3)}, path)
+    assert e.value.filename == path  # the error names the file, not a temporary
     assert os.listdir(tmp_path) == ["m.safetensors"]
     assert torch.equal(safetensors_torch.load_file(path)["a"], old["a"])
 

@@ -125,7 +125,7 @@ def test_kill9_during_state_write_resumes_from_previous_state(dataset, tmp_path)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     names = os.listdir(out / "state")
     assert "step-00000002" in names and "step-00000004" not in names
-    assert any(n.startswith("step-00000004.tmp") for n in names)  # the half-written one
+    assert any(n.startswith("step-00000004.sdtrain-tmp-") for n in names)  # the half-written one
     res = _run([sys.executable, "train.py", *args, "train.resume=auto"])
     assert "resumed from" in res.stderr and "step-00000002" in res.stderr
     straight = tmp_path / "straight"
@@ -139,7 +139,7 @@ def test_damaged_state_is_skipped(tmp_path):
     from core import state as rstate
     root = tmp_path / "state"
     for step in (2, 4):
-        tmp = rstate.tmp_dir_for(str(root), step, "t")
+        tmp = rstate.tmp_dir_for(str(root), step)
         rstate.write_rank_rng(tmp, 0)
         rstate.write_state(tmp, str(root / f"step-{step:08d}"), trained={"w": torch.ones(3) * step},
                            optimizer={"state": {}, "param_groups": []}, progress={"step": step})
