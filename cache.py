@@ -20,7 +20,6 @@ part of the store fingerprint: changing a hook's code needs a new cache_dir or d
 
 from __future__ import annotations
 
-import argparse
 import glob
 import logging
 import os
@@ -35,6 +34,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from core import cli
+from core.fsio import clean_stale_temps
 from data.buckets import flipped_crop, load_resized
 from data.captions import CaptionOptions, full_caption
 from data.images import BadImage, SkipReport
@@ -42,8 +43,8 @@ from data.index import DatasetIndex, load_or_build_index
 from data.hooks import load_text_hook
 from data.npz_import import row_extra
 from data.sources import map_chunked
-from data.store import (BackgroundWriter, LatentStore, LATENT_DTYPES, Record, ShardWriter, source_fingerprint,
-                        store_cfg_fingerprint)
+from data.store import (BackgroundWriter, LatentStore, LATENT_DTYPES, Record, SHARD_DIR, ShardWriter,
+                        source_fingerprint, store_cfg_fingerprint)
 
 log = logging.getLogger("cache")
 
@@ -58,8 +59,8 @@ def _key_seed(key: str, salt: int = 0) -> int:
 class _Decode(Dataset):
     """Decode + bucket one row in a worker process; failures come back as {"row", "error"}."""
 
-    def __init__(self, index: DatasetIndex, content_hash: bool, jpeg_draft: bool):
-        self.index, self.content_hash, self.jpeg_draft = index, content_hash, jpeg_draft
+    def __init__(self, index: DatasetIndex, content_hash: bool, jpeg_draft: bool, max_pixels: int):
+        self.index, self.content_hash, self.jpeg_draft, self.max_pixels = index, content_hash, jpeg_draft, max_pixels
 
     def __len__(self) -> int:
         return len(self.index)
@@ -72,7 +73,7 @@ class _Decode(Dataset):
         try:
             # A random crop is drawn once per key here, so it is reproducible when the record is rebuilt.
             im, orig, crop = load_resized(path, bucket, sub.random_crop, random.Random(_key_seed(ix.keys[row])),
-                                          draft=self.jpeg_draft)
+                                          draft=self.jpeg_draft, max_pixels=self.max_pixels)
         except BadImage as e:
             return {"row": row, "error": str(e)}
         x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
@@ -110,25 +111,21 @@ def _sum_over_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return dist.all_reduce_sum(t.to(device, copy=True)).cpu() if dist.is_dist() else t.clone()
 
 
+@cli.one_line_errors("cache.py")
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config", help="the run's TOML config ([data], [cache], [model] are used)")
-    ap.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. cache.vae_batch_size=16")
-    ap.add_argument("--verify", action="store_true", help="re-check the checksum of every shard and exit")
-    ap.add_argument("--import-npz", metavar="DIR", default="",
-                    help="first bring kohya / euge-trainer .npz latents found under DIR into the store (no re-encode; "
-                         "their VAE must be the configured one), then encode what they did not cover")
-    args = ap.parse_args(argv)
+    cfg, args = cli.parse(argv, "cache.py", __doc__ or "", extra_flags=[
+        ("--verify", "re-check the checksum of every shard and exit"),
+        ("--import-npz", {"metavar": "DIR", "default": "",
+                          "help": "first bring kohya / euge-trainer .npz latents found under DIR into the store (no "
+                                  "re-encode; their VAE must be the configured one), then encode what they did not cover"})])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     import models
     from core import dist
-    from core.config import load_config
 
     info = dist.init()
     rank, world, device = info.rank, info.world_size, info.device
     main_rank = dist.is_main()
-    cfg = load_config(args.config, args.overrides)
     cc = cfg.cache
     if not cc.cache_dir:
         raise SystemExit("cache.py: [cache] cache_dir is empty; set it to the latent store directory")
@@ -136,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"cache.py: [cache] latent_dtype {cc.latent_dtype!r} not one of {sorted(LATENT_DTYPES)}")
     root = cc.cache_dir
     os.makedirs(root, exist_ok=True)
+    if main_rank:  # what a killed or failed run left (never a live writer's: see core/fsio.py)
+        clean_stale_temps([root, os.path.join(root, SHARD_DIR)], log=log.info)
 
     if args.verify:
         bad = []
@@ -157,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         dist.main_first(lambda: load_or_build_index(cfg.data, root, is_main=True, skipped=skipped, threads=threads))
         index = load_or_build_index(cfg.data, root, is_main=False)
     except (dist.MainRankError, OSError, ValueError) as e:
-        raise SystemExit(f"cache.py: data error: {e}") from None
+        raise SystemExit(cli.error_line("data error", e, "cache.py")) from None
     flip_any = any(s.flip_aug for s in index.subsets)
     te, hooks, te_ident = None, (None, None), ""
     if cc.cache_text_encoder_outputs:
@@ -206,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(pending):
         vae = models.load_vae(cfg.model, device, LATENT_DTYPES[cfg.model.vae_dtype], seed=cfg.seed).eval().requires_grad_(False)
         vae_dtype = next(vae.parameters()).dtype
-        ds = _Decode(index, cc.content_hash, cfg.data.jpeg_draft)
+        ds = _Decode(index, cc.content_hash, cfg.data.jpeg_draft, cfg.data.max_image_pixels)
         loader = DataLoader(ds, batch_sampler=mine, collate_fn=list, num_workers=workers,
                             prefetch_factor=4 if workers > 0 else None)
         waits = InputWait()
@@ -280,9 +279,11 @@ def main(argv: list[str] | None = None) -> int:
             os.remove(p)
         merged.write(os.path.join(root, "skipped.txt"))
         final = LatentStore(root, check_validity=cc.check_cache_validity)
-        final.write_index()
-        for p in glob.glob(os.path.join(root, "shards", "*.tmp*")):
-            os.remove(p)  # leftovers of a killed run (every rank is past its writes here)
+        if final.index_is_current():
+            log.info("store index unchanged")  # nothing written: a read-only store with nothing to do is fine
+        else:
+            final.write_index()
+        clean_stale_temps([root, os.path.join(root, SHARD_DIR)])
         print(f"cache: encoded {int(totals[0])}, already valid {n_valid}, skipped {len(merged)}, "
               f"failed {int(totals[2])}; store has {len(final)} records in {len(final.shards)} shards"
               + (f"; {len(final.damaged)} damaged shard(s) set aside" if final.damaged else "")

@@ -10,9 +10,11 @@ from core.config import Config, ConfigError, load_config, to_toml
 from core.fsio import describe_os_error
 
 
-def parse(argv: Sequence[str] | None, prog: str, description: str, extra_flags: Sequence[tuple[str, str]] = ()) -> tuple[Config, argparse.Namespace]:
+def parse(argv: Sequence[str] | None, prog: str, description: str,
+          extra_flags: Sequence[tuple[str, str | dict]] = ()) -> tuple[Config, argparse.Namespace]:
     """Parse `cfg.toml [overrides] [--print-config]`; print the resolved config and exit when asked.
-    Config errors are printed as one clear message (exit code 2) before anything is loaded."""
+    Config errors are printed as one clear message (exit code 2) before anything is loaded. `extra_flags`:
+    (flag, help) for a switch, or (flag, add_argument keywords) for an option with a value."""
     ap = argparse.ArgumentParser(
         prog=prog, description=description,
         epilog="Overrides after the file are typed by the field, e.g. train.max_train_steps=100 "
@@ -21,8 +23,8 @@ def parse(argv: Sequence[str] | None, prog: str, description: str, extra_flags: 
     ap.add_argument("config", help="TOML config file")
     ap.add_argument("overrides", nargs="*", help="table.key=value overrides")
     ap.add_argument("--print-config", action="store_true", help="print the fully resolved config as TOML and exit")
-    for flag, help_text in extra_flags:
-        ap.add_argument(flag, action="store_true", help=help_text)
+    for flag, spec in extra_flags:
+        ap.add_argument(flag, **(spec if isinstance(spec, dict) else {"action": "store_true", "help": spec}))
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .images import load_image_reduced
+from .images import MAX_PIXELS, load_image_reduced
 
 # Pillow resize(reducing_gap=...): first a box reduce() by an integer factor while the remaining factor stays above
 # this, then the filter; 3.0 is Pillow's "indistinguishable from fair resampling" setting (Image.resize docs).
@@ -161,7 +161,7 @@ def resize_and_crop(im: Image.Image, bucket_wh: tuple[int, int], random_crop: bo
 
 
 def load_resized(path: str, bucket_wh: tuple[int, int], random_crop: bool = False,
-                 rng: random.Random | None = None, draft: bool = True
+                 rng: random.Random | None = None, draft: bool = True, max_pixels: int = MAX_PIXELS
                  ) -> tuple[Image.Image, tuple[int, int], tuple[int, int]]:
     """`resize_and_crop(load_image(path), ...)` with a reduced decode: JPEG draft (unless `draft` is false) and
     reduce() before the filter for large downscales (`REDUCING_GAP`).
@@ -175,7 +175,7 @@ def load_resized(path: str, bucket_wh: tuple[int, int], random_crop: bool = Fals
         geom.append(crop_params(size_wh, bucket_wh, random_crop, rng))
         return geom[0][0]
 
-    im, (w, h) = load_image_reduced(path, need, draft)
+    im, (w, h) = load_image_reduced(path, need, draft, max_pixels)
     (rw, rh), (top, left) = geom[0]
     bw, bh = bucket_wh
     if (rw, rh) != im.size:

@@ -6,22 +6,25 @@ import logging
 import math
 import os
 import threading
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from core.fsio import commit_file
+from core.fsio import atomic_write
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp") + tuple(
     ext for ext, fmt in ((".avif", "AVIF"), (".jxl", "JXL")) if fmt in Image.registered_extensions().values()
 )
-# Pillow's own default (Image.MAX_IMAGE_PIXELS, ~179 MP = 0.5 GiB of RGB); bigger is treated as a decompression bomb.
+# Default of [data] max_image_pixels: Pillow's decompression-bomb *error* threshold (2 x Image.MAX_IMAGE_PIXELS,
+# ~179 MP = 0.5 GiB of RGB). Bigger images are skipped, judged from the header before any decoding.
 MAX_PIXELS = 178_956_970
+# The limit is ours (checked in _open_checked, configurable): Pillow's own check, which warns from ~89.5 MP and
+# raises from ~179 MP whatever the setting, is turned off so a legitimate 144 MP scan is not lost.
+Image.MAX_IMAGE_PIXELS = None
 # EXIF orientation tag; values 5..8 rotate by 90 degrees, so width and height swap.
 EXIF_ORIENTATION = 0x0112
 # JPEG draft decode keeps at least this factor over the resize target on each side, so the final LANCZOS still
@@ -33,34 +36,31 @@ class BadImage(Exception):
     """An image that cannot be used; the message says why."""
 
 
-def _open_checked(path: str) -> Image.Image:
-    """Open lazily (header only) and reject empty files, non-images and bombs before decoding."""
+def _open_checked(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open lazily (header only) and reject empty files, non-images and images over `max_pixels` before decoding."""
     try:
         if os.path.getsize(path) == 0:
             raise BadImage("zero-byte file")
     except OSError as e:
         raise BadImage(f"cannot stat: {e}") from None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(path)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise BadImage(f"decompression bomb: {e}") from None
+        im = Image.open(path)
     except Exception as e:  # PIL raises many types for non-images
         raise BadImage(f"not a readable image ({type(e).__name__}: {e})") from None
     w, h = im.size
-    if w * h > MAX_PIXELS:
+    if w * h > max_pixels:
         im.close()
-        raise BadImage(f"decompression bomb: {w}x{h} = {w * h} pixels > limit {MAX_PIXELS}")
+        raise BadImage(f"decompression bomb: {w}x{h} = {w * h} pixels > limit {max_pixels} "
+                       f"([data] max_image_pixels)")
     if w < 1 or h < 1:
         im.close()
         raise BadImage(f"empty image {w}x{h}")
     return im
 
 
-def read_size(path: str) -> tuple[int, int]:
+def read_size(path: str, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
     """(width, height) as displayed (EXIF orientation applied), from the header only."""
-    im = _open_checked(path)
+    im = _open_checked(path, max_pixels)
     try:
         w, h = im.size
         try:
@@ -72,14 +72,15 @@ def read_size(path: str) -> tuple[int, int]:
         im.close()
 
 
-def read_sizes(paths: list[str], num_threads: int = 16) -> tuple[np.ndarray, dict[int, str]]:
+def read_sizes(paths: list[str], num_threads: int = 16,
+               max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, dict[int, str]]:
     """Header sizes of many images in parallel threads -> ([N, 2] int32 (w, h), -1 where bad; {row: reason})."""
     sizes = np.full((len(paths), 2), -1, dtype=np.int32)
     errors: dict[int, str] = {}
 
     def one(i: int) -> None:
         try:
-            sizes[i] = read_size(paths[i])
+            sizes[i] = read_size(paths[i], max_pixels)
         except BadImage as e:
             errors[i] = str(e)
 
@@ -113,30 +114,28 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im
 
 
-def load_image(path: str) -> Image.Image:
+def load_image(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode fully to RGB with EXIF orientation applied; raises BadImage with the reason."""
-    im = _open_checked(path)
+    im = _open_checked(path, max_pixels)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im.load()  # truncated files raise here (ImageFile.LOAD_TRUNCATED_IMAGES stays False)
-            im = ImageOps.exif_transpose(im)
-            return _to_rgb(im)
+        im.load()  # truncated files raise here (ImageFile.LOAD_TRUNCATED_IMAGES stays False)
+        im = ImageOps.exif_transpose(im)
+        return _to_rgb(im)
     except BadImage:
         raise
     except Exception as e:
         raise BadImage(f"cannot decode ({type(e).__name__}: {e})") from None
 
 
-def load_image_reduced(path: str, need: Callable[[tuple[int, int]], tuple[int, int]], draft: bool = True
-                       ) -> tuple[Image.Image, tuple[int, int]]:
+def load_image_reduced(path: str, need: Callable[[tuple[int, int]], tuple[int, int]], draft: bool = True,
+                       max_pixels: int = MAX_PIXELS) -> tuple[Image.Image, tuple[int, int]]:
     """Decode to RGB no larger than needed -> (image, full displayed size (w, h)); EXIF orientation applied.
 
     `need(full_size)` returns the (w, h) the caller will resize to. A JPEG is decoded in draft mode: libjpeg scales
     the DCT by 1/2, 1/4 or 1/8 while decoding, to the smallest scale still at least `need` x DRAFT_MARGIN on both
     sides (Pillow `Image.draft`); other formats (and `draft=False`) decode fully.
     """
-    im = _open_checked(path)
+    im = _open_checked(path, max_pixels)
     try:
         w, h = im.size
         try:
@@ -149,11 +148,9 @@ def load_image_reduced(path: str, need: Callable[[tuple[int, int]], tuple[int, i
         if draft and im.format == "JPEG":
             dw, dh = math.ceil(tw * DRAFT_MARGIN), math.ceil(th * DRAFT_MARGIN)
             im.draft(None, (dh, dw) if swap else (dw, dh))  # stored orientation; at least this size on both sides
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            return _to_rgb(im), full
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        return _to_rgb(im), full
     except BadImage:
         raise
     except Exception as e:
@@ -181,16 +178,16 @@ class SkipReport:
         return len(self.items)
 
     def write(self, path: str) -> None:
-        """Write `path<TAB>reason` lines atomically (an empty report removes an old file)."""
+        """Write `path<TAB>reason` lines atomically (an empty report removes an old file; an unchanged one is left
+        as it is, so a read-only folder with nothing new is fine)."""
         if not self.items:
             if os.path.exists(path):
                 os.remove(path)
             return
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for p, r in sorted(self.items.items()):
-                f.write(f"{p}\t{r}\n")
-        commit_file(tmp, path)
+        if os.path.exists(path) and self.read(path) == self.items:
+            return
+        text = "".join(f"{p}\t{r}\n" for p, r in sorted(self.items.items()))
+        atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
     @staticmethod
     def read(path: str) -> dict[str, str]:

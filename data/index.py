@@ -17,13 +17,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from core.fsio import commit_file
+from core.fsio import commit_file, remove_quietly, temp_path, with_path
 
 from .buckets import BucketSettings, assign_buckets
 from .captions import description_of
 from .hooks import count_metadata, euge_metadata, load_repeats_hook
 from .images import SkipReport, read_sizes
-from .sources import SubsetSpec, collect, inputs_fingerprint, resolve_subsets
+from .sources import SubsetSpec, collect, inputs_fingerprint, list_images, resolve_subsets
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +130,13 @@ class DatasetIndex:
             col: StrColumn = getattr(self, name)
             arrays[f"{name}_blob"], arrays[f"{name}_off"] = col.blob, col.offsets
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}.npz"
-        np.savez(tmp, **arrays)
-        commit_file(tmp, path)
+        tmp = temp_path(path, ".npz")
+        try:
+            np.savez(tmp, **arrays)
+            commit_file(tmp, path)
+        except OSError as e:
+            remove_quietly(tmp)
+            raise with_path(e, path)
 
     @classmethod
     def load(cls, path: str) -> "DatasetIndex":
@@ -179,7 +183,7 @@ def _json_encoder() -> Callable[[Any], str]:
 
 def _settings_key(data) -> str:
     return json.dumps({"num_repeats_getter": data.num_repeats_getter, "recursive": bool(data.recursive),
-                       "v": INDEX_VERSION}, sort_keys=True)
+                       "max_image_pixels": data.max_image_pixels, "v": INDEX_VERSION}, sort_keys=True)
 
 
 def build_index(data, skipped: SkipReport | None = None, threads: int = 16,
@@ -251,7 +255,7 @@ def _build_index(data, skipped: SkipReport | None, threads: int,
     sizes = np.stack([np.asarray(cols.widths, np.int32), np.asarray(cols.heights, np.int32)], 1).reshape(n, 2)
     need = np.nonzero((sizes <= 0).any(1))[0]
     if len(need):
-        got, errors = read_sizes([cols.paths[i] for i in need], threads)
+        got, errors = read_sizes([cols.paths[i] for i in need], threads, data.max_image_pixels)
         sizes[need] = got
         for j, reason in errors.items():
             i = int(need[j])
@@ -268,7 +272,7 @@ def _build_index(data, skipped: SkipReport | None, threads: int,
             setattr(cols, name, [lst[i] for i in sel])
         sizes = sizes[keep]
     if len(sizes) == 0:
-        raise ValueError(f"the dataset has no usable images ({len(skipped)} skipped; see the log)")
+        raise ValueError(no_images_message(subsets, bool(data.recursive), n, len(skipped), threads))
     subset_arr = np.asarray(cols.subset, dtype=np.int16)
     repeats = np.asarray([s.num_repeats for s in subsets], dtype=np.int32)[subset_arr]
     descs = [description_of(m) for m in cols.metadata]
@@ -323,12 +327,48 @@ def balance_reg(repeats: np.ndarray, is_reg: np.ndarray) -> None:
              int(r.sum()), target, int((r > 0).sum()), len(r))
 
 
+def no_images_message(subsets: list[SubsetSpec], recursive: bool, found: int, skipped: int, threads: int) -> str:
+    """'no usable images' naming where it looked, and `recursive` when subfolders hold images."""
+    where = [p for s in subsets for p in (s.metadata_files or s.image_dirs or [s.dataset_name_or_path]) if p]
+    msg = (f"the dataset has no usable images: looked in {', '.join(where[:5])}{' ...' if len(where) > 5 else ''} "
+           f"({found} found, {skipped} skipped; see the log / skipped.txt)")
+    if not recursive:
+        dirs = [d for s in subsets if not s.metadata_files for d in s.image_dirs]
+        deeper = len(list_images(dirs, True, threads)) if dirs else 0
+        if deeper:
+            msg += f"; {deeper} images are in subfolders: set data.recursive = true to use them"
+    return msg
+
+
+def check_captions(index: DatasetIndex, allow_empty: bool) -> None:
+    """An error when every caption is empty (no caption file / field, and no class_tokens / prefix / suffix to stand
+    in), unless allow_empty; the message counts them per subset and says where the captions were looked for.
+    (A partly empty subset is one warning from data/sources.warn_empty_captions.)"""
+    empty = np.diff(index.captions.offsets) == 0
+    if not len(index) or not empty.all() or allow_empty:
+        return
+    if any(s.class_tokens or s.caption.get("caption_prefix") or s.caption.get("caption_suffix") for s in index.subsets):
+        return  # an empty caption becomes the class tokens / prefix / suffix
+    tot = np.bincount(index.subset.astype(np.int64), minlength=len(index.subsets))
+    parts = []
+    for i, s in enumerate(index.subsets):
+        if tot[i]:
+            src = (f"no caption or tags field in {', '.join(map(os.path.basename, s.metadata_files))}"
+                   if s.metadata_files else f"no caption column in {s.dataset_name_or_path}"
+                   if s.dataset_name_or_path else f"no {s.caption_extension} caption files")
+            parts.append(f"subset {i}: {tot[i]} of {tot[i]} ({src})")
+    raise ValueError(f"every caption is empty ({'; '.join(parts)}); set data.allow_empty_captions = true to train "
+                     f"without captions")
+
+
 def load_or_build_index(data, index_dir: str, *, is_main: bool = True, barrier: Callable[[], None] | None = None,
                         skipped: SkipReport | None = None, threads: int = 16,
                         known_sizes: Callable[[str], tuple[int, int] | None] | None = None) -> DatasetIndex:
     """Rank 0 reuses the saved index when its input fingerprint matches, else rebuilds and saves it; others load."""
     path = os.path.join(index_dir, INDEX_FILE)
     store_root = index_dir if os.path.isdir(os.path.join(index_dir, "shards")) else ""
+    # caption hooks may build a caption from the metadata: empty stored captions are then not a mistake
+    allow_empty = data.allow_empty_captions or bool(data.caption_processor or data.description_processor)
     if is_main:
         index = None
         if os.path.exists(path):
@@ -346,8 +386,11 @@ def load_or_build_index(data, index_dir: str, *, is_main: bool = True, barrier: 
                 log.warning("cannot reuse %s (%s); rebuilding", path, e)
         if index is None:
             index = build_index(data, skipped, threads, known_sizes, store_root)
+            check_captions(index, allow_empty)  # before saving: a refused index is not reused
             index.save(path)
             log.info("dataset index built: %d entries -> %s", len(index), path)
+        else:
+            check_captions(index, allow_empty)
     if barrier is not None:
         barrier()
     if not is_main:

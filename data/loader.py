@@ -105,6 +105,7 @@ class _Items(Dataset):
 
     def __init__(self, index: DatasetIndex, data_cfg, store, seed: int, epoch: int):
         self.index, self.store, self.seed, self.epoch = index, store, seed, epoch
+        self.max_pixels = data_cfg.max_image_pixels
         self.opts = [CaptionOptions(**s.caption) for s in index.subsets]
         self.caption_hook = load_text_hook(data_cfg.caption_processor, "caption_processor")
         self.description_hook = load_text_hook(data_cfg.description_processor, "description_processor")
@@ -150,7 +151,8 @@ class _Items(Dataset):
                     caption = info["cap"][int(v[2:])]
         else:
             try:
-                im, orig, crop = load_resized(ix.paths[row], (bw, bh), sub.random_crop, rng, draft=self.jpeg_draft)
+                im, orig, crop = load_resized(ix.paths[row], (bw, bh), sub.random_crop, rng, draft=self.jpeg_draft,
+                                              max_pixels=self.max_pixels)
             except BadImage as e:
                 log.warning("skipped %s at load time: %s", ix.paths[row], e)
                 return None

@@ -144,7 +144,11 @@ def _walk(dirs: list[str], recursive: bool, threads: int, stat: bool) -> list[tu
                         subdirs.append(e.path)
                 elif e.name.lower().endswith(IMAGE_EXTENSIONS):
                     if stat:
-                        st = e.stat()
+                        try:
+                            st = e.stat()
+                        except OSError:  # a dangling symlink, an entry gone or unreadable: reported as a bad image
+                            files.append((e.path, -1, -1))
+                            continue
                         files.append((e.path, st.st_size, st.st_mtime_ns))
                     else:
                         files.append((e.path, -1, -1))

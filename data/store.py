@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.fsio import commit_file
+from core.fsio import atomic_write, commit_file, remove_quietly, temp_path, with_path
 
 from .index import StrColumn
 
@@ -117,12 +117,7 @@ def write_shard(path: str, records: list[Record], cfg: str, compress: bool = Fal
         header["__metadata__"]["origin"] = origin
     hb = json.dumps(header, ensure_ascii=False).encode("utf-8")
     hb += b" " * (-len(hb) % 8)  # safetensors pads the header to 8 bytes
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(hb)))
-        f.write(hb)
-        f.write(data)
-    commit_file(tmp, path)
+    atomic_write(path, lambda f: (f.write(struct.pack("<Q", len(hb))), f.write(hb), f.write(data)))
     return 8 + len(hb) + len(data)
 
 
@@ -313,6 +308,7 @@ class LatentStore:
 
     def _open(self) -> None:
         merged = self._load_merged()
+        self._indexed, self._from_index = len(merged), 0  # shards in store_index.npz / taken from it unchanged
         all_keys: list[str] = []
         all_srcs: list[str] = []
         shard_of: list[np.ndarray] = []
@@ -323,6 +319,7 @@ class LatentStore:
             m = merged.get(name)
             if m is not None and m[0].size == st.st_size and m[0].mtime_ns == st.st_mtime_ns:
                 shard, keys, srcs, positions = m
+                self._from_index += 1
             else:
                 try:
                     start, header = read_header(path)
@@ -510,14 +507,23 @@ class LatentStore:
             if os.path.exists(p):
                 os.replace(p, p + ".damaged")
         path = os.path.join(self.root, INDEX_FILE)
-        tmp = f"{path}.tmp{os.getpid()}.npz"
+        tmp = temp_path(path, ".npz")
         kc, sc = StrColumn.from_list(keys), StrColumn.from_list(srcs)
-        np.savez(tmp, info=np.frombuffer(json.dumps({"shards": shards_info}).encode(), dtype=np.uint8),
-                 keys=kc.blob, key_off=kc.offsets, srcs=sc.blob, src_off=sc.offsets,
-                 counts=np.asarray(counts, dtype=np.int64),
-                 positions=np.concatenate(positions).astype(np.int64) if positions else np.zeros(0, np.int64))
-        commit_file(tmp, path)
+        try:
+            np.savez(tmp, info=np.frombuffer(json.dumps({"shards": shards_info}).encode(), dtype=np.uint8),
+                     keys=kc.blob, key_off=kc.offsets, srcs=sc.blob, src_off=sc.offsets,
+                     counts=np.asarray(counts, dtype=np.int64),
+                     positions=np.concatenate(positions).astype(np.int64) if positions else np.zeros(0, np.int64))
+            commit_file(tmp, path)
+        except OSError as e:
+            remove_quietly(tmp)
+            raise with_path(e, path)
         return path
+
+    def index_is_current(self) -> bool:
+        """Whether store_index.npz already says what write_index would write (so a read-only store can be used)."""
+        return (not self.damaged and os.path.exists(os.path.join(self.root, INDEX_FILE))
+                and self._from_index == len(self.shards) == self._indexed)
 
     def close(self) -> None:
         self._maps.clear()
@@ -598,13 +604,17 @@ class BackgroundWriter:
                 self.error = e
 
     def put(self, r: Record) -> None:
-        if self.error is not None:
-            raise RuntimeError(f"shard writer failed: {self.error}") from self.error
+        self._raise()
         self.q.put(r)
 
     def close(self) -> None:
         self.q.put(None)
         self.thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if isinstance(self.error, OSError):  # a full disk stays an OSError naming the shard (one line at the top)
+            raise self.error
         if self.error is not None:
             raise RuntimeError(f"shard writer failed: {self.error}") from self.error
 

@@ -29,7 +29,7 @@ def data_cfg(**kw):
              persistent_data_loader_workers=False, shuffle_caption=False, keep_tokens=0, keep_tokens_separator="",
              caption_separator=",", caption_dropout_rate=0.0, caption_tag_dropout_rate=0.0, caption_prefix="",
              caption_suffix="", num_repeats=1, caption_processor="", description_processor="", num_repeats_getter="",
-             subsets=[])
+             max_image_pixels=178_956_970, allow_empty_captions=False, subsets=[])
     d.update(kw)
     return SimpleNamespace(**d)
 
