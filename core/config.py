@@ -131,6 +131,8 @@ class DataConfig:
     caption_processor: str = opt("", "user hook 'pkg.module:function' or 'path/file.py:function' (runs user code)", path=True)
     description_processor: str = opt("", "user hook for natural-language descriptions (runs user code)", path=True)
     num_repeats_getter: str = opt("", "user hook returning the repeats of each image (runs user code)", path=True)
+    max_image_pixels: int = opt(178_956_970, "images with more pixels (width x height, read from the header before decoding) are skipped as decompression bombs; the default is Pillow's error limit", min=1)
+    allow_empty_captions: bool = opt(False, "train even when every caption is empty (unconditional); otherwise that is an error")
     subsets: list[SubsetConfig] = opt([], "several data sources ([[data.subsets]]); empty = [data] is the only subset")
 
 
@@ -329,6 +331,8 @@ def _load_with_bases(path: str, seen: tuple[str, ...] = ()) -> dict:
     if not isinstance(base, str):
         raise ConfigError(f"{path}: `base` must be a file name string, got {type(base).__name__}")
     base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+    if not os.path.isfile(base_path):
+        raise ConfigError(f"{path}: base file not found: {base_path} (from `base = \"{base}\"`, relative to this file)")
     return _merge(_load_with_bases(base_path, seen + (path,)), raw)
 
 
@@ -345,6 +349,18 @@ def _suggest(key: str, valid: Sequence[str]) -> str:
     return f" (did you mean `{close[0]}`?)" if close else ""
 
 
+def _home_of(key: str, cls: type) -> str | None:
+    """The table (other than cls) that has a field `key`, as written in TOML ("[optimizer]"), or None."""
+    hints = _hints(Config)
+    homes = [("the top level", Config)] + [(f"[{f.name}]", _dataclass_of(hints[f.name]))
+                                           for f in dataclasses.fields(Config) if _dataclass_of(hints[f.name])]
+    homes.append(("[[data.subsets]]", SubsetConfig))
+    for name, c in homes:
+        if c is not cls and key in _field_map(c) and not (c is Config and _dataclass_of(hints[key])):
+            return name
+    return None
+
+
 def _check_keys(raw: dict, cls: type, source: str, table: str) -> None:
     """Raise on any key not in the schema, recursively, naming file, table and the closest key."""
     fields = _field_map(cls)
@@ -353,6 +369,9 @@ def _check_keys(raw: dict, cls: type, source: str, table: str) -> None:
     for key, value in raw.items():
         if key not in valid:
             where = f"[{table}]" if table else "the top level"
+            home = _home_of(key, cls)
+            if home:
+                raise ConfigError(f"{source}: unknown key `{key}` in {where}: {key} belongs in {home}")
             raise ConfigError(f"{source}: unknown key `{key}` in {where}{_suggest(key, valid)}. "
                               f"Valid keys there: {', '.join(sorted(valid))}")
         if key == "base":
@@ -490,7 +509,9 @@ def _apply_override(raw: dict, path: list[str], value: Any, item: str) -> None:
         fields = _field_map(cls)
         if part not in fields:
             table = ".".join(path[:i]) or "the top level"
-            raise ConfigError(f"command line: unknown key `{part}` in {table} (from `{item}`){_suggest(part, list(fields))}")
+            home = _home_of(part, cls)
+            hint = f": {part} belongs in {home}" if home else _suggest(part, list(fields))
+            raise ConfigError(f"command line: unknown key `{part}` in {table} (from `{item}`){hint}")
         tp = _hints(cls)[part]
         if i == len(path) - 1:
             # typed by the field: a number given for a string field stays a string
@@ -508,6 +529,7 @@ def _apply_override(raw: dict, path: list[str], value: Any, item: str) -> None:
 def _validate(cfg: Config) -> None:
     """Cross-field checks: impossible combinations, said before anything is loaded."""
     t, l, d = cfg.train, cfg.loss, cfg.data
+    format_output_dir(cfg.output_dir)  # an unknown {placeholder} is said now, not after the data is indexed
     if t.full_bf16 and t.full_fp16:
         raise ConfigError("train.full_bf16 and train.full_fp16 cannot both be true")
     if t.full_bf16 and t.mixed_precision != "bf16":
