@@ -61,6 +61,17 @@ def data(tmp_path_factory):
     return root
 
 
+def _unmount(d):
+    """Close the run log (an in-process train.main leaves its file handler open there), then unmount."""
+    import logging
+    log = logging.getLogger("sdtrain")
+    for h in list(log.handlers):
+        h.close()
+        log.removeHandler(h)
+    if subprocess.run(["umount", str(d)], capture_output=True).returncode:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
 def _out(tmp_path):
     return [f"output_dir={tmp_path / 'run'}", "cache.cache_dir="]
 
@@ -172,7 +183,7 @@ def ro_dir(tmp_path):
     if r.returncode:
         pytest.skip(f"cannot mount a read-only tmpfs here: {r.stderr.strip()}")
     yield d
-    subprocess.run(["umount", str(d)], check=False)
+    _unmount(d)
 
 
 def test_read_only_output_dir_and_cache_dir(data, ro_dir, capsys):

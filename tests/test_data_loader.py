@@ -35,6 +35,7 @@ class Cfg:
     batch_size = 4
     caption_processor = description_processor = ""
     jpeg_draft = True
+    max_image_pixels = 178_956_970
 
 
 def test_global_list_covers_every_sample_once():

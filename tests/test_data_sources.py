@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import images as dimages
 from data.buckets import BucketSettings, assign_buckets, crop_params, make_buckets, resize_and_crop
 from data.captions import CaptionOptions, count_metadata, full_caption, process_caption
 from data.images import BadImage, SkipReport, load_image, read_size
@@ -218,11 +217,10 @@ def test_bad_images_skipped(tmp_path, monkeypatch):
     with pytest.raises(BadImage, match="decode"):
         load_image(str(d / "trunc.png"))  # header fine, data cut: only decoding notices
     img(d / "huge.png", (300, 300))
-    monkeypatch.setattr(dimages, "MAX_PIXELS", 300 * 300 - 1)
     with pytest.raises(BadImage, match="decompression bomb"):
-        read_size(str(d / "huge.png"))
+        read_size(str(d / "huge.png"), max_pixels=300 * 300 - 1)
     skipped = SkipReport()
-    ix = build_index(data_cfg(image_dirs=[str(d)]), skipped)
+    ix = build_index(data_cfg(image_dirs=[str(d)], max_image_pixels=300 * 300 - 1), skipped)
     assert sorted(ix.keys.tolist()) == ["good", "trunc"]  # trunc's header is readable; cache.py skips it later
     assert {os.path.basename(p) for p in skipped.items} == {"zero.png", "text.jpg", "corrupt.png", "huge.png"}
     skipped.write(str(tmp_path / "skipped.txt"))

@@ -298,6 +298,17 @@ def test_no_usable_images_names_folders_and_recursive(tmp_path):
 # 5. A full or read-only disk: one line naming the path, nothing damaged, a rerun after freeing space finishes
 
 
+def _unmount(d):
+    """Close the run log (an in-process train.main leaves its file handler open there), then unmount."""
+    import logging
+    log = logging.getLogger("sdtrain")
+    for h in list(log.handlers):
+        h.close()
+        log.removeHandler(h)
+    if subprocess.run(["umount", str(d)], capture_output=True).returncode:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A tmpfs of `size` (we are root); skipped where mounting is not allowed."""
@@ -311,7 +322,7 @@ def small_disk(tmp_path):
             pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
         return d
     yield mount
-    subprocess.run(["umount", str(d)], check=False, capture_output=True)
+    _unmount(d)
 
 
 def _fill(disk):
@@ -377,7 +388,7 @@ def test_cache_read_only_store_with_nothing_to_encode_is_fine(tmp_path, capsys):
         assert cache.main(argv) == 0
         assert "already valid 2" in capsys.readouterr().out
     finally:
-        subprocess.run(["umount", str(ro)], check=False)
+        _unmount(ro)
 
 
 @pytest.mark.slow
