@@ -4,7 +4,7 @@ Every file the project writes ends with the mode `open()` would give it under th
 (0644 under umask 022), also when the writer itself creates it 0600 (tempfile.mkstemp, safetensors'
 save_file), so a ComfyUI or web server running as another user can read the outputs.
 
-Every temporary file or folder this project writes is named `<final name>.sdtrain-tmp-<host>-<pid>[.ext]`
+Every temporary file or folder this project writes is named `<final name>.tmp-sdtrain-<host>-<pid>[.ext]`
 (`temp_path`), so a later start can tell ours from anything else and remove the ones whose writer is gone
 (`clean_stale_temps`): on this host only when that process is dead, from another host only when untouched for
 STALE_AFTER_S. Write errors carry the final path (`OSError.filename`), which `describe_os_error` turns into one
@@ -24,7 +24,7 @@ import time
 from typing import Any, Callable, Iterator, Mapping
 
 HOST = socket.gethostname() or "localhost"
-TMP_TAG = ".sdtrain-tmp"
+TMP_TAG = ".tmp-sdtrain"
 _TMP_RE = re.compile(re.escape(TMP_TAG) + r"-(?P<host>.+)-(?P<pid>\d+)(?:\.[A-Za-z0-9]+)?$")
 STALE_AFTER_S = 24 * 3600  # a temporary of another host untouched this long: its writer is gone
 # Errors that are the environment's, not a bug: said in one line (no traceback) by the entry points.
@@ -89,7 +89,7 @@ def commit_file(tmp: str, path: str) -> None:
 
 
 def temp_path(path: str, suffix: str = "") -> str:
-    """The temporary name of `path` for this process: `<path>.sdtrain-tmp-<host>-<pid><suffix>`."""
+    """The temporary name of `path` for this process: `<path>.tmp-sdtrain-<host>-<pid><suffix>`."""
     return f"{path}{TMP_TAG}-{HOST}-{os.getpid()}{suffix}"
 
 

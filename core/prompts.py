@@ -9,11 +9,10 @@ import math
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
-from core.fsio import commit_file
+from core.fsio import atomic_write
 from core.sampling import A1111_NAMES, canonical_sampler_name
 
 if sys.version_info >= (3, 11):
@@ -236,18 +235,10 @@ def a1111_parameters(p: SamplePrompt, model_name: str = "", extra: Mapping[str, 
 
 
 def save_png(image: "PIL.Image.Image", path: str, parameters: str) -> None:
-    """Write a PNG with a "parameters" text chunk atomically (temporary file, then os.replace)."""
+    """Write a PNG with a "parameters" text chunk atomically (temporary file, fsync, rename)."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     info.add_text("parameters", parameters)  # tEXt; PIL switches to iTXt for non-latin-1 text
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        commit_file(tmp, path)  # mkstemp made it 0600: the normal mode, fsync, rename
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    # our recognisable temporary (core/fsio.py), removed on failure; a killed run's is cleaned at the next start
+    atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=info), suffix=".png")

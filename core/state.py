@@ -8,7 +8,7 @@ A state is a folder `state/step-00001234/` holding
   - `progress.json`        step, epoch, data cursor, scheduler / scaler / loss recorder, world size, config,
                            run id, write time
   - `COMPLETE`             written last: sizes + sha256 of every file above
-Everything is first written into `step-00001234.sdtrain-tmp-<host>-<pid>/`, fsynced, then renamed; a failed
+Everything is first written into `step-00001234.tmp-sdtrain-<host>-<pid>/`, fsynced, then renamed; a failed
 write removes it, one left by a killed process is removed at the next start (core/fsio.py). No pickle of
 arbitrary objects is ever loaded.
 

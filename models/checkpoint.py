@@ -186,7 +186,7 @@ def load_module(
 
 
 def save_safetensors_atomic(tensors: Mapping[str, Tensor], path: str, metadata: Mapping[str, str] | None = None) -> None:
-    """Write through a temporary (`<path>.sdtrain-tmp-<host>-<pid>`), fsync, rename, fsync the directory; on
+    """Write through a temporary (`<path>.tmp-sdtrain-<host>-<pid>`), fsync, rename, fsync the directory; on
     failure the temporary is removed and the old file is untouched."""
     path = str(path)
     meta = dict(metadata or {})

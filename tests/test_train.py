@@ -125,7 +125,7 @@ def test_kill9_during_state_write_resumes_from_previous_state(dataset, tmp_path)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     names = os.listdir(out / "state")
     assert "step-00000002" in names and "step-00000004" not in names
-    assert any(n.startswith("step-00000004.sdtrain-tmp-") for n in names)  # the half-written one
+    assert any(n.startswith("step-00000004.tmp") for n in names)  # the half-written one
     res = _run([sys.executable, "train.py", *args, "train.resume=auto"])
     assert "resumed from" in res.stderr and "step-00000002" in res.stderr
     straight = tmp_path / "straight"
