@@ -271,9 +271,10 @@ def test_missing_captions_counted_and_all_empty_is_an_error(tmp_path, caplog):
     (d / "0.txt").write_text("has one")
     with caplog.at_level("WARNING"):
         ix = load_or_build_index(_data_cfg([d]), str(tmp_path / "ix"))
-    assert len(ix) == 3 and "2 of 3 images have an empty caption: subset 0: 2 of 3 (no .txt file" in caplog.text
+    assert len(ix) == 3 and "2 of 3 captions are empty" in caplog.text  # the per-subset count (data/sources.py)
     os.remove(d / "0.txt")
-    with pytest.raises(ValueError, match="every caption is empty.*allow_empty_captions"):
+    with pytest.raises(ValueError, match=r"every caption is empty \(subset 0: 3 of 3 \(no .txt caption files\)\).*"
+                                         r"allow_empty_captions"):
         load_or_build_index(_data_cfg([d]), str(tmp_path / "ix"))
     assert len(load_or_build_index(_data_cfg([d], allow_empty_captions=True), str(tmp_path / "ix"))) == 3
     # a CSV without a caption column: the case (it cached and trained with '' captions, exit 0)
