@@ -41,7 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 7 SDXL, 5 SD3)")
     ap.add_argument("--rescale", type=float, default=0.0, help="guidance rescale (0 = off)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
-    ap.add_argument("--sampler", default="euler", help="euler, euler_a, ddim, heun, dpmpp_2m, dpmpp_2m_sde")
+    ap.add_argument("--sampler", default="euler", help="euler, euler_a, ddim, heun, dpmpp_2m, dpmpp_2m_sde, lms, dpm_2, dpm_2_ancestral, dpm_solver_2m, "
+                    "dpmpp_2s or a kohya / A1111 name (k_lms, k_dpm_2_a, dpmsolver, dpmsingle, DPM2 a, ...)")
     ap.add_argument("--n", type=int, default=1, help="images per prompt")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -31,7 +31,7 @@ from core.fsio import atomic_write, clean_stale_temps, describe_os_error
 from core.metrics import MetricsWriter, peak_memory, setup_logging
 from core.objectives import build_objective
 from core.optim import LossRecorder, build_optimizer, build_param_groups_for_models, build_scheduler
-from core import run_metadata, state as rstate
+from core import emergency, run_metadata, state as rstate
 import models
 from data.index import load_or_build_index
 from data.loader import batches_per_epoch, make_loader, usable_rows
@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     except dist.MainRankError as e:
         raise SystemExit(f"train.py: {e}") from None
     resume_path, run_id = dist.broadcast_object(started)
+    if master:
+        emergency.clear_markers(paths["state"])
     metrics = MetricsWriter(paths["logs"], master, cfg.log.tensorboard)
     log.info(f"run folder {out_dir}; {info.world_size} process(es) on {device.type}, process group "
              f"{dist.backend() or 'none'}")
@@ -249,6 +251,11 @@ def main(argv: list[str] | None = None) -> int:
 
     writes = [0]
 
+    def progress_now() -> dict[str, Any]:
+        return {"step": step, "epoch": epoch, "cursor": cursor, "world_size": info.world_size, "bad_steps": bad_steps,
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+                "loss_recorder": recorder.state_dict(), "config": to_dict(cfg), "run_id": run_id}
+
     def save_state(crash_hook: bool = True) -> None:
         tmp = dist.broadcast_object(rstate.tmp_dir_for(paths["state"], step) if master else None)
         rstate.write_rank_rng(tmp, info.rank)
@@ -256,10 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         optim_state = optimizer_state(model, optimizer, cfg.train.fsdp)
         dist.barrier()
         if master:
-            progress = {"step": step, "epoch": epoch, "cursor": cursor, "world_size": info.world_size,
-                        "bad_steps": bad_steps, "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict() if scaler is not None else None,
-                        "loss_recorder": recorder.state_dict(), "config": to_dict(cfg), "run_id": run_id}
+            progress = progress_now()
             writes[0] += 1  # fault injection for tests: SIGKILL during the N-th state write
             hook = _crash_hook if crash_hook and writes[0] == int(os.environ.get("SDTRAIN_TEST_KILL_DURING_STATE_WRITE", "0")) else None
             final = os.path.join(paths["state"], f"step-{step:08d}")
@@ -272,9 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     complete: dict[str, Any] = {}  # the parts not loaded for training, kept once loaded for the first export
     exported = ExportLog()
 
-    def export(tag: str) -> None:
+    def export(tag: str, with_state: bool | None = None) -> None:
         """Exported model (original single-file layout, every part) by rank 0, others wait (FSDP: gathered first);
-        then a resumable state when save.save_state."""
+        then a resumable state when `with_state` (default save.save_state)."""
         full = {k: dist.full_tensor(v) for k, v in comp.export_state_dict().items()} if cfg.train.fsdp else None
         if master:
             whole = with_all_parts(comp, cfg, complete)
@@ -286,18 +290,30 @@ def main(argv: list[str] | None = None) -> int:
             log.info(f"exported {path}")
             prune_exports(paths["models"], cfg.save.output_name, cfg.save.save_last_n)
         dist.barrier()
-        if cfg.save.save_state:
+        if cfg.save.save_state if with_state is None else with_state:
             save_state()
+
+    def crash_save() -> None:
+        """Model file + state from this rank alone (core/emergency.py: the other ranks may be blocked)."""
+        path = os.path.join(paths["models"], f"{cfg.save.output_name}{emergency.CRASHED}.safetensors")
+        write_export(with_all_parts(comp, cfg, complete), path, cfg,
+                     run_metadata.export_metadata(train_meta, step=step, epoch=epoch), None, ema, net)
+        log.warning(f"exported {path}")
+        final = emergency.write_state_alone(paths["state"], step, info.rank, trained=trained_state(trainee),
+                                            optimizer=optimizer.state_dict(), progress=progress_now(),
+                                            ema=ema.state_dict() if ema is not None else None)
+        log.warning(f"saved resumable state {final}")
 
     # ---- loop
     stop = StopFlags(cfg.save)
+    run_token = dist.broadcast_object(f"{os.getpid()}-{time.time_ns()}" if master else None)  # names crash markers
 
     def stop_requested() -> bool:
         """A stop asked for on any rank: every rank saves a resumable state (then the run returns 0)."""
         if not dist.any_true(stop.requested is not None):
             return False
-        log.warning(f"stop requested ({stop.requested or 'another rank'}): saving a resumable state")
-        save_state()
+        log.warning(f"stop requested ({stop.requested or 'another rank'}): exporting the model and a resumable state")
+        export(emergency.INTERRUPTED, with_state=True)
         return True
 
     if master:
@@ -322,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                 micro = list(itertools.islice(batches, accum))
                 if not micro:
                     break
+                _test_fault(step, info.rank)
                 done = cursor // info.world_size  # this rank's micro-batches already run in this epoch
                 gens = noise_generators(cfg, device, epoch, info.rank, done, len(micro))
                 loss_mean, finite = accumulate_gradients(model, comp, objective, micro, device, gens, autocast, scaler)
@@ -394,10 +411,12 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("aborted by a second Ctrl-C: no state saved")
         raise
     except Exception as e:
-        if cfg.save.save_on_exception and info.world_size == 1 and describe_os_error(e) is None:  # not a full disk
-            log.exception("training failed: saving a resumable state before exiting")
-            with contextlib.suppress(Exception):
-                save_state(crash_hook=False)
+        if cfg.save.save_on_exception and describe_os_error(e) is None:  # not a full disk
+            log.exception(f"training failed on rank {info.rank}: saving the model and a resumable state before exiting")
+            sharded = cfg.train.fsdp and info.world_size > 1
+            if sharded:
+                log.error("FSDP: no rank holds the whole model, so nothing can be written now; resume from the last state")
+            emergency.on_crash(paths["state"], run_token, info.rank, log, None if sharded else crash_save)
         raise
     finally:
         bar.close()
@@ -625,13 +644,23 @@ def prune_exports(model_dir: str, name: str, keep: int) -> None:
     """Keep the newest `keep` periodic exports (step/epoch files); 0 keeps all."""
     if keep <= 0:
         return
-    periodic = sorted((f for f in os.listdir(model_dir)
-                       if f.startswith(name + "-") and f.endswith(".safetensors") and "-ema" not in f),
+    keep_always = (f"{emergency.INTERRUPTED}.safetensors", f"{emergency.CRASHED}.safetensors")
+    periodic = sorted((f for f in os.listdir(model_dir) if f.startswith(name + "-") and f.endswith(".safetensors")
+                       and "-ema" not in f and not f.endswith(keep_always)),
                       key=lambda f: (os.stat(os.path.join(model_dir, f)).st_mtime_ns, f))  # step and epoch files mixed
     for f in periodic[:-keep]:
         for p in (f, f.replace(".safetensors", "-ema.safetensors")):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(model_dir, p))
+
+
+def _test_fault(step: int, rank: int) -> None:
+    """Fault injection for the crash-export test: SDTRAIN_TEST_RAISE_AT_STEP="N" or "N:rank" raises in the loop."""
+    spec = os.environ.get("SDTRAIN_TEST_RAISE_AT_STEP")
+    if spec:
+        at, _, only = spec.partition(":")
+        if step == int(at) and (not only or rank == int(only)):
+            raise RuntimeError(f"injected test fault at step {step} on rank {rank}")
 
 
 def _crash_hook() -> None:  # fault injection for the kill-during-checkpoint test

@@ -312,6 +312,210 @@ def sample_dpmpp_2m_sde(
     return x
 
 
+def _lms_coeff(order: int, sig: list[float], i: int, j: int) -> float:
+    """Integral from sigma_i to sigma_{i+1} of the Lagrange basis polynomial of node sigma_{i-j} over the nodes
+    sigma_i .. sigma_{i-order+1} (k-diffusion `linear_multistep_coeff`). The integrand has degree order - 1 <= 3,
+    so 3-point Gauss-Legendre quadrature is exact (k-diffusion / diffusers use scipy's adaptive quad)."""
+    nodes = [sig[i - k] for k in range(order)]
+
+    def basis(tau: float) -> float:
+        p = 1.0
+        for k in range(order):
+            if k != j:
+                p *= (tau - nodes[k]) / (nodes[j] - nodes[k])
+        return p
+
+    a, b = sig[i], sig[i + 1]
+    half, mid = (b - a) / 2, (a + b) / 2
+    r = math.sqrt(3 / 5)
+    return half * (5 / 9 * basis(mid - half * r) + 8 / 9 * basis(mid) + 5 / 9 * basis(mid + half * r))
+
+
+@torch.no_grad()
+def sample_lms(
+    model: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    extra_args: Mapping[str, Any] | None = None,
+    callback: Callable | None = None,
+    disable: bool | None = None,
+    generator: torch.Generator | None = None,
+    *,
+    form: str = VE,
+    order: int = 4,
+) -> Tensor:
+    """Linear multistep (k-diffusion `sample_lms`, diffusers LMSDiscreteScheduler, order 4): Adams-Bashforth on
+    dx/dsigma = (x - x0) / sigma with the last `order` derivatives, the coefficients integrated exactly."""
+    extra, sig, s_in, steps = _setup(x, sigmas, extra_args, disable, form)
+    ds: list[Tensor] = []
+    for i in steps:
+        denoised = model(x, sig[i] * s_in, **extra)
+        _report(callback, x, i, sig[i], denoised)
+        ds.append((x - denoised) / sig[i])
+        if len(ds) > order:
+            ds.pop(0)
+        cur = min(i + 1, order)
+        x = x + sum(_lms_coeff(cur, sig, i, j) * d for j, d in enumerate(reversed(ds)))
+    return x
+
+
+def _log_midpoint(a: float, b: float) -> float:
+    """exp of the mean of log a and log b: DPM2's midpoint sigma (k-diffusion `sample_dpm_2`)."""
+    return math.exp(0.5 * (math.log(a) + math.log(b)))
+
+
+@torch.no_grad()
+def sample_dpm_2(
+    model: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    extra_args: Mapping[str, Any] | None = None,
+    callback: Callable | None = None,
+    disable: bool | None = None,
+    generator: torch.Generator | None = None,
+    *,
+    form: str = VE,
+) -> Tensor:
+    """DPM-Solver-2 as k-diffusion writes it (`sample_dpm_2`, diffusers KDPM2DiscreteScheduler): a midpoint step in
+    log sigma on dx/dsigma = (x - x0) / sigma (Karras et al. 2022, Algorithm 2's second-order step at the log-space
+    midpoint); the last step, to sigma = 0, is Euler."""
+    extra, sig, s_in, steps = _setup(x, sigmas, extra_args, disable, form)
+    for i in steps:
+        s, s_next = sig[i], sig[i + 1]
+        denoised = model(x, s * s_in, **extra)
+        _report(callback, x, i, s, denoised)
+        d = (x - denoised) / s
+        if s_next == 0:
+            x = x + d * (s_next - s)
+            continue
+        s_mid = _log_midpoint(s, s_next)
+        x_2 = x + d * (s_mid - s)
+        d_2 = (x_2 - model(x_2, s_mid * s_in, **extra)) / s_mid
+        x = x + d_2 * (s_next - s)
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_2_ancestral(
+    model: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    extra_args: Mapping[str, Any] | None = None,
+    callback: Callable | None = None,
+    disable: bool | None = None,
+    generator: torch.Generator | None = None,
+    *,
+    form: str = VE,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """Ancestral DPM-Solver-2 (k-diffusion `sample_dpm_2_ancestral`, diffusers KDPM2AncestralDiscreteScheduler):
+    the DPM2 midpoint step down to sigma_down, then fresh noise up to sigma_next (see `_ancestral_step`)."""
+    extra, sig, s_in, steps = _setup(x, sigmas, extra_args, disable, form)
+    for i in steps:
+        s = sig[i]
+        denoised = model(x, s * s_in, **extra)
+        _report(callback, x, i, s, denoised)
+        down, up, rescale = _ancestral_step(s, sig[i + 1], eta, form)
+        d = (x - denoised) / s
+        if down == 0:
+            x = x + d * (down - s)
+        else:
+            s_mid = _log_midpoint(s, down)
+            x_2 = x + d * (s_mid - s)
+            d_2 = (x_2 - model(x_2, s_mid * s_in, **extra)) / s_mid
+            x = x + d_2 * (down - s)
+        if up > 0:
+            x = rescale * x + _randn_like(x, generator) * (s_noise * up)
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_solver_2m(
+    model: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    extra_args: Mapping[str, Any] | None = None,
+    callback: Callable | None = None,
+    disable: bool | None = None,
+    generator: torch.Generator | None = None,
+    *,
+    form: str = VE,
+) -> Tensor:
+    """DPM-Solver-2M, the noise-prediction multistep solver (Lu et al. 2022, DPM-Solver++ paper eq. for
+    "dpmsolver"; diffusers DPMSolverMultistepScheduler(algorithm_type="dpmsolver"), midpoint), lambda = log(alpha /
+    sigma): x_next = alpha_next x0 + sigma_next eps - 1/2 sigma_next (e^h - 1) (h / h_last) (eps - eps_last), whose
+    first part is the first-order step (DDIM); first order on the first step and on a step to sigma = 0."""
+    extra, sig, s_in, steps = _setup(x, sigmas, extra_args, disable, form)
+    old_eps: Tensor | None = None
+    h_last = math.inf
+    for i in steps:
+        s, s_next = sig[i], sig[i + 1]
+        denoised = model(x, s * s_in, **extra)
+        _report(callback, x, i, s, denoised)
+        a, a_next = alpha_of(s, form), alpha_of(s_next, form)
+        eps = (x - a * denoised) / s
+        if s_next == 0:
+            x = denoised
+            continue
+        _, h = _exp_neg_h(s, s_next, form)
+        x = a_next * denoised + s_next * eps
+        if old_eps is not None and math.isfinite(h_last):
+            coef = a_next * s / a - s_next  # sigma_next (e^h - 1), finite wherever alpha > 0
+            x = x - 0.5 * coef * (h / h_last) * (eps - old_eps)
+        old_eps, h_last = eps, h
+    return x
+
+
+def singlestep_orders(steps: int) -> list[int]:
+    """Orders of DPM-Solver++(2S)'s steps as diffusers' DPMSolverSinglestepScheduler.get_order_list (solver_order 2,
+    lower_order_final, final sigma 0): pairs (first order to the intermediate point, second order over the pair);
+    the last step (two with an even count) first order."""
+    orders = [1, 2] * (steps // 2 - 1) + [1, 1] if steps % 2 == 0 else [1, 2] * (steps // 2) + [1]
+    orders[-1] = 1
+    return orders
+
+
+@torch.no_grad()
+def sample_dpmpp_2s(
+    model: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    extra_args: Mapping[str, Any] | None = None,
+    callback: Callable | None = None,
+    disable: bool | None = None,
+    generator: torch.Generator | None = None,
+    *,
+    form: str = VE,
+) -> Tensor:
+    """Singlestep DPM-Solver++(2S) as diffusers' DPMSolverSinglestepScheduler runs it (data prediction, midpoint):
+    the schedule's sigmas are taken in pairs; the first of a pair is a first-order step to the intermediate
+    sigma, the second restarts from the pair's first sample: x_next = (sigma_next / sigma_a) x_a +
+    alpha_next (1 - e^{-h}) (D_a + (h / 2 h_0) (D_mid - D_a)), h over the pair, h_0 over its first half."""
+    extra, sig, s_in, steps = _setup(x, sigmas, extra_args, disable, form)
+    orders = singlestep_orders(len(sig) - 1)
+    x_a, d_a, s_a = x, None, sig[0]
+    for i in steps:
+        s, s_next = sig[i], sig[i + 1]
+        denoised = model(x, s * s_in, **extra)
+        _report(callback, x, i, s, denoised)
+        if orders[i] == 1:
+            x_a, d_a, s_a = x, denoised, s
+            if s_next == 0:
+                x = denoised
+            else:
+                exp_neg_h, _ = _exp_neg_h(s, s_next, form)
+                x = (s_next / s) * x + alpha_of(s_next, form) * (1.0 - exp_neg_h) * denoised
+            continue
+        assert d_a is not None
+        exp_neg_h, h = _exp_neg_h(s_a, s_next, form) if s_next > 0 else (0.0, math.inf)
+        _, h_0 = _exp_neg_h(s_a, s, form)
+        half_inv_r = 0.0 if not math.isfinite(h) or not math.isfinite(h_0) else h / (2.0 * h_0)
+        d = d_a + half_inv_r * (denoised - d_a)
+        x = (s_next / s_a) * x_a + alpha_of(s_next, form) * (1.0 - exp_neg_h) * d
+    return x
+
+
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "euler": sample_euler,
     "euler_ancestral": sample_euler_ancestral,
@@ -319,6 +523,11 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "heun": sample_heun,
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "lms": sample_lms,
+    "dpm_2": sample_dpm_2,
+    "dpm_2_ancestral": sample_dpm_2_ancestral,
+    "dpm_solver_2m": sample_dpm_solver_2m,
+    "dpmpp_2s": sample_dpmpp_2s,
 }
 
 # kohya sd-scripts (--sample_sampler), k-diffusion ("k_*") and A1111 display names -> canonical names.
@@ -338,6 +547,13 @@ SAMPLER_ALIASES: dict[str, str] = {
     "dpm++_2m_sde": "dpmpp_2m_sde",
     "dpmpp2m_sde": "dpmpp_2m_sde",
     "k_dpmpp_2m_sde": "dpmpp_2m_sde",
+    "k_lms": "lms",  # kohya: LMSDiscreteScheduler
+    "k_dpm_2": "dpm_2",  # kohya: KDPM2DiscreteScheduler
+    "k_dpm_2_a": "dpm_2_ancestral",  # kohya: KDPM2AncestralDiscreteScheduler
+    "dpmsolver": "dpm_solver_2m",  # kohya: DPMSolverMultistepScheduler(algorithm_type="dpmsolver")
+    "dpmsingle": "dpmpp_2s",  # kohya: DPMSolverSinglestepScheduler (its default algorithm: dpmsolver++, order 2)
+    "dpm2": "dpm_2",
+    "dpm2_a": "dpm_2_ancestral",
 }
 
 # A1111 display names of the canonical samplers (for the PNG "parameters" text).
@@ -348,6 +564,11 @@ A1111_NAMES: dict[str, str] = {
     "heun": "Heun",
     "dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "lms": "LMS",
+    "dpm_2": "DPM2",
+    "dpm_2_ancestral": "DPM2 a",
+    "dpm_solver_2m": "DPM-Solver 2M",
+    "dpmpp_2s": "DPM++ 2S",
 }
 
 

@@ -34,7 +34,7 @@ def test_txt_every_option(tmp_path):
     ("a cat --w", "p.txt:3: option --w needs a value"),
     ("a cat --s 0", "p.txt:3: --s: 'steps' must be positive"),
     ("a cat --l 1e999", "p.txt:3: --l: 'scale' must be a finite number"),
-    ("a cat --ss lms", "p.txt:3: --ss: unknown sampler 'lms'"),
+    ("a cat --ss plms", "p.txt:3: --ss: unknown sampler 'plms'"),
     ("a cat --d 1 --d 2", "p.txt:3: option --d given twice"),
     ("a cat --d -1", "p.txt:3: --d: 'seed' must be >= 0"),
     ("a cat --w 4", "p.txt:3: width 4 is smaller than the minimum 8"),

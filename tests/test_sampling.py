@@ -126,7 +126,7 @@ def test_sampler_registry():
     assert canonical_sampler_name("DPM++ 2M SDE") == "dpmpp_2m_sde"
     assert get_sampler("ddim") is SAMPLERS["ddim"]
     with pytest.raises(ValueError, match="valid names: euler, euler_ancestral"):
-        get_sampler("lms")
+        get_sampler("no_such_sampler")
     with pytest.raises(ValueError, match="allowed: normal, karras"):
         DiscreteSchedule().sigmas(10, "exponential")
     with pytest.raises(ValueError, match="positive integer"):

@@ -1,0 +1,86 @@
+"""kohya's --sample_sampler names map to real implementations of those samplers, each checked against the diffusers
+scheduler kohya uses for it (library/train_util.py get_my_scheduler) on the same toy network and sigmas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.sampling import SAMPLERS, VE, DiscreteSchedule, canonical_sampler_name
+
+KOHYA_NAMES = ("ddim", "pndm", "heun", "dpmsolver", "dpmsolver++", "dpmsingle", "k_lms", "k_euler", "k_euler_a",
+               "k_dpm_2", "k_dpm_2_a")
+
+
+def toy_network(x_in, t):
+    """Nonlinear in x, independent of t (so sigma -> t interpolation conventions cannot matter)."""
+    return torch.tanh(1.3 * x_in) + 0.1 * x_in
+
+
+def _scheduler(name, **kw):
+    diffusers = pytest.importorskip("diffusers")
+    return getattr(diffusers, name)(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", **kw)
+
+
+def _diffusers_loop(ref, noise, generator=None):
+    """The pipeline loop: start from noise * init_noise_sigma, scale_model_input, step."""
+    x = noise * ref.init_noise_sigma
+    start = x.clone()
+    for t in ref.timesteps:
+        kw = {"generator": generator} if generator is not None else {}
+        x = ref.step(toy_network(ref.scale_model_input(x, t), t), t, x, **kw).prev_sample
+    return start, x
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("cls, ours, steps", [
+    ("LMSDiscreteScheduler", "k_lms", 10),
+    ("KDPM2DiscreteScheduler", "k_dpm_2", 8),
+    ("KDPM2AncestralDiscreteScheduler", "k_dpm_2_a", 8),
+])
+def test_k_samplers_match_diffusers(cls, ours, steps):
+    ref = _scheduler(cls)
+    ref.set_timesteps(steps)
+    sigmas = ref.sigmas.float().unique_consecutive()  # KDPM2 lists each sigma twice (two half steps)
+    assert len(sigmas) == steps + 1 and float(sigmas[-1]) == 0
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(5) if ours.endswith("_a") else None
+    start, want = _diffusers_loop(ref, noise, g)
+    fn = SAMPLERS[canonical_sampler_name(ours)]
+    got = fn(DiscreteSchedule().denoiser(toy_network), start, sigmas, disable=True, form=VE,
+             generator=torch.Generator().manual_seed(5) if g is not None else None)
+    assert (want - start).abs().max() > 0.1  # the latents moved
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_dpmsolver_multistep_matches_diffusers():
+    """kohya's "dpmsolver": DPMSolverMultistepScheduler(algorithm_type="dpmsolver", order 2, midpoint) ending at
+    sigma_min (final_sigmas_type "sigma_min", >= 15 steps so every step after the first is second order). diffusers
+    steps in the VP scaling x / sqrt(1 + sigma^2); ours in VE, so both ends are rescaled."""
+    ref = _scheduler("DPMSolverMultistepScheduler", algorithm_type="dpmsolver", final_sigmas_type="sigma_min")
+    ref.set_timesteps(16)
+    sigmas = ref.sigmas.float()
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    x = noise.clone()
+    for t in ref.timesteps:
+        x = ref.step(toy_network(ref.scale_model_input(x, t), t), t, x).prev_sample
+    start = noise * (1 + float(sigmas[0]) ** 2) ** 0.5
+    got = SAMPLERS[canonical_sampler_name("dpmsolver")](DiscreteSchedule().denoiser(toy_network), start, sigmas,
+                                                        disable=True, form=VE)
+    torch.testing.assert_close(got / (1 + float(sigmas[-1]) ** 2) ** 0.5, x, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("steps", [8, 9])
+def test_dpmsingle_matches_diffusers(steps):
+    """kohya's "dpmsingle": DPMSolverSinglestepScheduler defaults (dpmsolver++, order 2, final sigma 0)."""
+    ref = _scheduler("DPMSolverSinglestepScheduler")
+    ref.set_timesteps(steps)
+    sigmas = ref.sigmas.float()
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    x = noise.clone()
+    for t in ref.timesteps:
+        x = ref.step(toy_network(ref.scale_model_input(x, t), t), t, x).prev_sample
+    start = noise * (1 + float(sigmas[0]) ** 2) ** 0.5
+    got = SAMPLERS[canonical_sampler_name("dpmsingle")](DiscreteSchedule().denoiser(toy_network), start, sigmas,
+                                                        disable=True, form=VE)
+    torch.testing.assert_close(got, x, rtol=1e-4, atol=1e-4)
