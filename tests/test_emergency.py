@@ -41,7 +41,7 @@ def _check_outputs(out, suffix):
     from core import state as rstate
     comp = models.load(str(out / "models" / f"demo{suffix}.safetensors"), parts=("unet",))
     assert comp.unet is not None
-    found = rstate.find_resume("auto", str(out / "state"))
+    found = rstate.find_resume("auto", str(out / "state"), run_id=rstate.read_run_id(str(out)))
     assert found is not None and rstate.verify_state(found) is None
     return found
 
