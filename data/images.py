@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -37,14 +38,21 @@ class BadImage(Exception):
 
 
 def _open_checked(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open lazily (header only) and reject empty files, non-images and images over `max_pixels` before decoding."""
+    """Open lazily (header only) and reject empty files, non-images and images over `max_pixels` before decoding.
+    A locator (`<container>::<member>`, data/readers) is opened from the bytes its reader returns."""
+    src: Any = path
     try:
-        if os.path.getsize(path) == 0:
+        if "::" in path:
+            from .readers import is_locator, open_bytes
+
+            if is_locator(path):
+                src = io.BytesIO(open_bytes(path))
+        if (src.getbuffer().nbytes if isinstance(src, io.BytesIO) else os.path.getsize(path)) == 0:
             raise BadImage("zero-byte file")
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise BadImage(f"cannot stat: {e}") from None
     try:
-        im = Image.open(path)
+        im = Image.open(src)
     except Exception as e:  # PIL raises many types for non-images
         raise BadImage(f"not a readable image ({type(e).__name__}: {e})") from None
     w, h = im.size

@@ -620,11 +620,20 @@ class BackgroundWriter:
 
 
 def source_fingerprint(path: str, content_hash: bool = False) -> str:
-    """Identity of a source image: size + mtime (cheap) or a content hash ('' when the file is missing)."""
+    """Identity of a source image: size + mtime (cheap) or a content hash ('' when the file is missing). A locator
+    (`<container>::<member>`, a row of a dataset table) is its container's size + mtime and the member."""
+    member = ""
+    if "::" in path:
+        from .readers import is_locator, split_locator
+
+        if is_locator(path):
+            path, member = split_locator(path)
     try:
         st = os.stat(path)
     except OSError:
         return ""
+    if member:
+        return f"s{st.st_size}:{st.st_mtime_ns}:{member}"
     if not content_hash:
         return f"s{st.st_size}:{st.st_mtime_ns}"
     h = hashlib.blake2b(digest_size=16)

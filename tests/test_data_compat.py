@@ -494,3 +494,85 @@ def test_import_npz_then_train_without_images(tmp_path, capsys, caplog):
     ix2 = DatasetIndex.load(str(tmp_path / "store" / "dataset_index.npz"))
     assert len(ix2) == 4 and sorted(ix2.captions.tolist()) == sorted(ix.captions.tolist())
     assert os.path.exists(tmp_path / "run" / "models")
+
+
+def _png_bytes(size, colour):
+    import io
+
+    b = io.BytesIO()
+    Image.new("RGB", size, colour).save(b, format="PNG")
+    return b.getvalue()
+
+
+HF_FEATURES = {"image": {"_type": "Image"}, "text": {"dtype": "string", "_type": "Value"},
+               "score": {"dtype": "int64", "_type": "Value"}}
+
+
+def hf_table(pa, sizes, start=0):
+    """A table as `datasets` writes one with an Image feature: image = struct<bytes: binary, path: string>."""
+    ids = range(start, start + len(sizes))
+    img = pa.array([{"bytes": _png_bytes(s, (100 * i, 20, 30)), "path": f"{i}.png"} for i, s in zip(ids, sizes)],
+                   type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    t = pa.table({"image": img, "text": [f"caption {i}" for i in ids], "score": list(ids)})
+    return t.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": HF_FEATURES}})})
+
+
+@pytest.mark.parametrize("layout", ["hub_parquet", "save_to_disk"])
+def test_hf_dataset_parquet_and_arrow(tmp_path, layout):
+    """euge-trainer's dataset_name_or_path, local only: a hub snapshot (data/train-*.parquet) or a save_to_disk
+    folder (arrow stream + state.json); images stored as bytes are decoded by cache.py's decoder like files."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.ipc  # noqa: F401
+    import pyarrow.parquet as pq
+
+    import cache
+
+    sizes = [(64, 32), (32, 64), (48, 48)]
+    root = tmp_path / "ds"
+    if layout == "hub_parquet":
+        (root / "data").mkdir(parents=True)
+        pq.write_table(hf_table(pa, sizes[:2]), root / "data" / "train-00000-of-00002.parquet", row_group_size=1)
+        pq.write_table(hf_table(pa, sizes[2:], 2), root / "data" / "train-00001-of-00002.parquet")
+        (root / "README.md").write_text("---\ndataset_info:\n  features: []\n---\n")
+    else:
+        root.mkdir()
+        with pa.OSFile(str(root / "data-00000-of-00001.arrow"), "wb") as f:
+            t = hf_table(pa, sizes)
+            with pa.ipc.new_stream(f, t.schema) as w:
+                w.write_table(t)
+        (root / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}],
+                                                     "_fingerprint": "x", "_format_type": None, "_split": "train"}))
+        (root / "dataset_info.json").write_text(json.dumps({"features": HF_FEATURES}))
+    ix = build_index(data_cfg(dataset_name_or_path=str(root), dataset_caption_column="text",
+                              dataset_image_column="image"))
+    assert len(ix) == 3
+    assert sorted(ix.captions.tolist()) == ["caption 0", "caption 1", "caption 2"]
+    got = {ix.captions[i]: tuple(ix.sizes[i].tolist()) for i in range(len(ix))}
+    assert got == {"caption 0": (64, 32), "caption 1": (32, 64), "caption 2": (48, 48)}  # from the bytes' headers
+    assert all("::" in ix.paths[i] for i in range(len(ix)))
+    assert {ix.meta(i)["score"] for i in range(len(ix))} == {0, 1, 2}
+    dec = cache._Decode(ix, False, False)
+    for i in range(len(ix)):
+        item = dec[i]
+        assert "error" not in item, item
+        bw, bh = (int(v) for v in ix.buckets[i])
+        assert tuple(item["x"].shape) == (3, bh, bw) and item["src"].startswith("s")
+        red = 100 * int(ix.meta(i)["score"])                   # each row decodes its own pixels
+        assert abs(float(item["x"][0].float().mean()) - red) <= 1 and int(item["x"][1, 0, 0]) == 20
+
+
+def test_hf_dataset_without_pyarrow_is_a_clear_error(tmp_path, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_pyarrow(name, *a, **kw):
+        if name.startswith("pyarrow"):
+            raise ImportError("No module named 'pyarrow'")
+        return real(name, *a, **kw)
+
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "x.parquet").write_bytes(b"PAR1")
+    monkeypatch.setattr(builtins, "__import__", no_pyarrow)
+    with pytest.raises(ValueError, match="needs pyarrow: pip install -r requirements-optional.txt"):
+        build_index(data_cfg(dataset_name_or_path=str(tmp_path / "ds")))

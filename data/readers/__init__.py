@@ -141,3 +141,4 @@ def stat_sig(path: str) -> str:
 # The formats, in the order they are asked (more specific first).
 from . import metadata as _metadata  # noqa: E402,F401  (registers kohya / HCP / HF imagefolder / own metadata)
 from . import folder as _folder  # noqa: E402,F401  (registers DreamBooth folders, HF imagefolder dirs, plain folders)
+from . import hf as _hf  # noqa: E402,F401  (registers local Hugging Face datasets: parquet / arrow, pyarrow optional)
