@@ -551,7 +551,9 @@ def test_hf_dataset_parquet_and_arrow(tmp_path, layout):
     assert got == {"caption 0": (64, 32), "caption 1": (32, 64), "caption 2": (48, 48)}  # from the bytes' headers
     assert all("::" in ix.paths[i] for i in range(len(ix)))
     assert {ix.meta(i)["score"] for i in range(len(ix))} == {0, 1, 2}
-    dec = cache._Decode(ix, False, False)
+    from data.images import MAX_PIXELS
+
+    dec = cache._Decode(ix, content_hash=False, jpeg_draft=False, max_pixels=MAX_PIXELS)
     for i in range(len(ix)):
         item = dec[i]
         assert "error" not in item, item
