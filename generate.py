@@ -6,7 +6,7 @@
     python generate.py --model ckpt.safetensors --prompt_file prompts.txt --out out/
 
 Prompt files use kohya's syntax (one prompt per line, `--n` negative, `--w`/`--h` size, `--d` seed,
-`--l` CFG scale, `--s` steps, `--ss` sampler) or TOML / JSON lists. PNGs carry the settings in the
+`--l` CFG scale, `--s` steps, `--ss` sampler, `--sigmas karras`) or TOML / JSON lists. PNGs carry the settings in the
 A1111 "parameters" text chunk.
 """
 from __future__ import annotations
@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     ap.add_argument("--sampler", default="euler", help="euler, euler_a, ddim, heun, dpmpp_2m, dpmpp_2m_sde, lms, dpm_2, dpm_2_ancestral, dpm_solver_2m, "
                     "dpmpp_2s or a kohya / A1111 name (k_lms, k_dpm_2_a, dpmsolver, dpmsingle, DPM2 a, ...)")
+    ap.add_argument("--sigmas", default="normal", choices=("normal", "karras"),
+                    help="sigma spacing: the schedule's own, or Karras et al. 2022 (A1111's 'Karras' schedule type)")
     ap.add_argument("--n", type=int, default=1, help="images per prompt")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     size = 128 if small else 1024
     defaults = {"width": args.w or size, "height": args.h or size, "steps": args.steps, "sampler": args.sampler,
                 "scale": args.cfg if args.cfg is not None else (7.0 if comp.family == "sdxl" else 5.0),
-                "negative_prompt": args.negative, "rescale": args.rescale}
+                "negative_prompt": args.negative, "rescale": args.rescale, "sigmas": args.sigmas}
     if args.prompt_file:
         prompts = load_prompts(args.prompt_file, defaults)
     else:

@@ -467,7 +467,7 @@ def load_sample_prompts(cfg: Any) -> list[Any]:
     if not smp.sample_prompts or not previews_scheduled(smp):
         return []
     from core.prompts import load_prompts
-    return load_prompts(smp.sample_prompts, {"sampler": smp.sample_sampler, **smp.sample_params})
+    return load_prompts(smp.sample_prompts, {"sampler": smp.sample_sampler, "sigmas": smp.sample_sigmas, **smp.sample_params})
 
 
 def trained_param_groups(trainee: Trainee, opt_cfg: Any) -> list[dict]:

@@ -51,6 +51,7 @@ def generate(comp: Any, p: SamplePrompt, device: torch.device | str, autocast_dt
         cond = comp.conditioning(text, size, crop, size)
         uncond = comp.conditioning(neg, size, crop, size)
         latents = sample(comp.sample_schedule(), comp.network, noise, steps=p.steps, sampler=p.sampler,
+                         sigma_kind=p.sigmas,
                          cond=cond, uncond=uncond, cfg_scale=p.scale, rescale=p.rescale, generator=g, progress=progress)
     return to_pil(comp.decode_latents(latents.float()))[0]
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
 from core.fsio import atomic_write
-from core.sampling import A1111_NAMES, canonical_sampler_name
+from core.sampling import A1111_NAMES, SIGMA_KINDS, canonical_sampler_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -40,14 +40,16 @@ class SamplePrompt:
     sampler: str = "euler"  # canonical core.sampling name
     rescale: float = 0.0  # guidance rescale phi (Lin et al. 2023)
     index: int = 0  # position in the prompt file
+    sigmas: str = "normal"  # sigma spacing: "normal" (the schedule's own) or "karras" (Karras et al. 2022)
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(SamplePrompt) if f.name != "index")
 # kohya sd-scripts keys of toml/json prompt tables -> our field names.
-KEY_ALIASES = {"cfg_scale": "scale", "sample_steps": "steps", "sample_sampler": "sampler", "guidance_rescale": "rescale"}
+KEY_ALIASES = {"cfg_scale": "scale", "sample_steps": "steps", "sample_sampler": "sampler", "guidance_rescale": "rescale",
+               "schedule_type": "sigmas", "use_karras_sigmas": "sigmas"}
 # kohya inline options of .txt prompt lines ("--w 1024") -> field names.
 TXT_OPTIONS = {"n": "negative_prompt", "w": "width", "h": "height", "d": "seed", "l": "scale", "s": "steps",
-               "ss": "sampler", "rescale": "rescale"}
+               "ss": "sampler", "rescale": "rescale", "sigmas": "sigmas"}
 _OPTION = re.compile(r"(?:^|\s)--([A-Za-z_]+)(?=\s|$)")
 
 
@@ -57,6 +59,12 @@ def _coerce(field: str, value: Any) -> Any:
         if not isinstance(value, str):
             raise ValueError(f"{field!r} must be a string, got {value!r}")
         return value
+    if field == "sigmas":
+        if isinstance(value, bool):  # use_karras_sigmas = true (diffusers' option name)
+            return "karras" if value else "normal"
+        if not isinstance(value, str) or value.strip().lower() not in SIGMA_KINDS:
+            raise ValueError(f"'sigmas' must be one of {', '.join(SIGMA_KINDS)}, got {value!r}")
+        return value.strip().lower()
     if field == "sampler":
         if not isinstance(value, str):
             raise ValueError(f"'sampler' must be a string, got {value!r}")
@@ -215,8 +223,10 @@ def a1111_parameters(p: SamplePrompt, model_name: str = "", extra: Mapping[str, 
     items = {
         "Steps": str(p.steps),
         "Sampler": A1111_NAMES.get(p.sampler, p.sampler),
-        "CFG scale": f"{p.scale:g}",
     }
+    if p.sigmas == "karras":
+        items["Schedule type"] = "Karras"  # A1111's infotext name for the sigma spacing
+    items["CFG scale"] = f"{p.scale:g}"
     if p.seed is not None:
         items["Seed"] = str(p.seed)
     items["Size"] = f"{p.width}x{p.height}"

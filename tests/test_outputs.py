@@ -328,10 +328,10 @@ def test_generate_png_carries_the_model_hash(vpred_run, tmp_path):
     from core.hashes import short_hash
     model = vpred_run / "run" / "models" / "demo.safetensors"
     assert generate.main(["--model", str(model), "--prompt", 'a "quoted", tricky: prompt', "--negative", "blurry",
-                          "--steps", "1", "--w", "64", "--h", "64", "--seed", "5", "--out", str(tmp_path),
+                          "--steps", "2", "--w", "64", "--h", "64", "--seed", "5", "--out", str(tmp_path), "--sigmas", "karras",
                           "--device", "cpu", "--precision", "fp32"]) == 0
     (png,) = list(tmp_path.glob("*.png"))
     r = a1111_parse_generation_parameters(png_parameters(png))
     assert r["Prompt"] == 'a "quoted", tricky: prompt' and r["Negative prompt"] == "blurry"
     assert r["Model hash"] == short_hash(model) == hashlib.sha256(model.read_bytes()).hexdigest()[:10]
-    assert r["Seed"] == "5" and r["Model"] == "demo" and r["Steps"] == "1"
+    assert r["Seed"] == "5" and r["Model"] == "demo" and r["Steps"] == "2" and r["Schedule type"] == "Karras"

@@ -84,3 +84,24 @@ def test_dpmsingle_matches_diffusers(steps):
     got = SAMPLERS[canonical_sampler_name("dpmsingle")](DiscreteSchedule().denoiser(toy_network), start, sigmas,
                                                         disable=True, form=VE)
     torch.testing.assert_close(got, x, rtol=1e-4, atol=1e-4)
+
+
+def test_karras_sigmas_reach_prompts_and_previews(tmp_path, monkeypatch):
+    """--sigmas in prompt lines, sigmas / use_karras_sigmas in TOML, [sample] sample_sigmas as the default; previews
+    sample with it (the sigma kind handed to core.sampling.sample)."""
+    from core import preview
+    from core.prompts import load_prompts
+    (tmp_path / "p.txt").write_text("a cat --sigmas karras\na dog\n")
+    assert [p.sigmas for p in load_prompts(str(tmp_path / "p.txt"), {})] == ["karras", "normal"]
+    assert [p.sigmas for p in load_prompts(str(tmp_path / "p.txt"), {"sigmas": "karras"})] == ["karras", "karras"]
+    (tmp_path / "p.toml").write_text('[[prompts]]\nprompt = "x"\nuse_karras_sigmas = true\n')
+    assert load_prompts(str(tmp_path / "p.toml"), {})[0].sigmas == "karras"
+    with pytest.raises(ValueError, match="sigmas"):
+        load_prompts(str(tmp_path / "p.txt"), {"sigmas": "exponential"})
+    seen = []
+    monkeypatch.setattr(preview, "sample", lambda *a, **kw: seen.append(kw["sigma_kind"]) or torch.zeros(1, 4, 8, 8))
+    import models
+    comp = models.build("sdxl", "tiny")
+    p = load_prompts(str(tmp_path / "p.txt"), {"width": 64, "height": 64, "steps": 2})[0]
+    preview.generate(comp, p, "cpu")
+    assert seen == ["karras"]
