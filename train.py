@@ -28,7 +28,7 @@ from core.config import format_output_dir, make_run_dirs, run_dirs, to_dict, to_
 from core.ema import EMA
 from core.fused import check_fused_settings, fp32_state, make_stepper, per_parameter_step
 from core.fsio import atomic_write, clean_stale_temps, describe_os_error
-from core.metrics import MetricsWriter, peak_memory, setup_logging
+from core.metrics import MetricsWriter, check_tensorboard, group_lrs, peak_memory, setup_logging
 from core.objectives import build_objective
 from core.optim import LossRecorder, build_optimizer, build_param_groups_for_models, build_scheduler
 from core import emergency, run_metadata, state as rstate
@@ -245,9 +245,10 @@ def main(argv: list[str] | None = None) -> int:
             return
         from core.preview import sample_round
         with ema.swapped_into(net) if ema is not None else contextlib.nullcontext():
-            sample_round(comp, prompts, paths["samples"], at_step, device, amp_dtype, cfg.save.output_name, log.info,
-                         split=not cfg.train.fsdp,  # FSDP: every rank runs every forward (collective gathers)
-                         model_hash=exported.hash_at(at_step, ema is not None) if master else "")
+            written = sample_round(comp, prompts, paths["samples"], at_step, device, amp_dtype, cfg.save.output_name,
+                                   log.info, split=not cfg.train.fsdp,  # FSDP: every rank runs every forward
+                                   model_hash=exported.hash_at(at_step, ema is not None) if master else "")
+        metrics.write_images(at_step, written)
 
     writes = [0]
 
@@ -376,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
                     lr = optimizer.param_groups[0]["lr"]
                     row = {"loss": loss_mean, "loss_avg": recorder.windowed_mean, "loss_ema": recorder.moving_average,
                            "lr": lr, "grad_norm": grad_norm, "images_per_s": ips, "epoch": epoch}
+                    row.update(group_lrs(optimizer))
                     row.update(peak_memory(device))
                     metrics.write(step, row)
                     bar.show(row)
@@ -452,6 +454,8 @@ def check_settings(cfg: Any, family: str) -> None:
                          f"{t.max_train_steps}")
     if o.lr_scheduler == "constant" and o.lr_warmup_steps:
         raise ValueError("optimizer.lr_scheduler = \"constant\" ignores lr_warmup_steps; use \"constant_with_warmup\"")
+    if cfg.log.tensorboard:
+        check_tensorboard()
     if previews_scheduled(smp) and not smp.sample_prompts:
         raise ValueError("[sample] previews are scheduled but sample.sample_prompts is empty")
 

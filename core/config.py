@@ -273,7 +273,7 @@ class LogConfig:
     log_every_n_steps: int = opt(1, "write metrics every N optimizer steps", min=1)
     loss_recorder_stride: int = opt(100, "window of the loss recorder's mean", min=1)
     loss_recorder_gamma: float = opt(0.9, "factor of the loss recorder's moving average", min=0, max=1)
-    tensorboard: bool = opt(True, "write TensorBoard events when tensorboard is installed")
+    tensorboard: bool = opt(False, "write TensorBoard events (scalars, every param group's lr, preview images) to logs/tensorboard; needs the tensorboard package (requirements-optional.txt)")
 
 
 @dataclass

@@ -36,6 +36,20 @@ def peak_memory(device: torch.device) -> dict[str, float]:
     return {"gpu_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30}
 
 
+def check_tensorboard() -> None:
+    """log.tensorboard needs the tensorboard package (requirements-optional.txt): a clear error when it is missing."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise ValueError("log.tensorboard = true needs the tensorboard package: pip install tensorboard "
+                         "(requirements-optional.txt), or set log.tensorboard = false") from None
+
+
+def group_lrs(optimizer: Any) -> dict[str, float]:
+    """The learning rate of every optimizer parameter group, as lr/<group name> (index when unnamed)."""
+    return {f"lr/{g.get('name') or i}": float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
+
+
 class MetricsWriter:
     """metrics.jsonl (step, loss, lr, grad norm, images/s, GPU memory, ...) and TensorBoard events."""
 
@@ -45,11 +59,9 @@ class MetricsWriter:
         self._f = open(self.path, "a", buffering=1) if enabled else None
         self._tb = None
         if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-                self._tb = SummaryWriter(log_dir=os.path.join(log_dir, "tensorboard"))
-            except Exception:  # tensorboard not installed: JSON lines only
-                self._tb = None
+            check_tensorboard()
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(log_dir=os.path.join(log_dir, "tensorboard"))
 
     def write(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled or self._f is None:
@@ -60,6 +72,19 @@ class MetricsWriter:
             for k, v in values.items():
                 if isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, step)
+
+    def write_images(self, step: int, paths: list[str]) -> None:
+        """Preview PNGs as TensorBoard images, tag samples/<file index within the round> (HWC uint8)."""
+        if self._tb is None:
+            return
+        import numpy as np
+        from PIL import Image
+        for path in paths:
+            name = os.path.basename(path)
+            tag = "samples/grid" if name.endswith("_grid.png") else f"samples/{name.split('_')[1]}"
+            with Image.open(path) as im:
+                self._tb.add_image(tag, np.asarray(im.convert("RGB")), step, dataformats="HWC")
+        self._tb.flush()
 
     def close(self) -> None:
         if self._f is not None:

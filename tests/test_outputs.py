@@ -83,7 +83,8 @@ def vpred_run(tmp_path_factory):
                            "optimizer.lr_warmup_steps=0", "optimizer.lr_scheduler=constant", "save.save_every_n_steps=1",
                            "data.batch_size=2", f"sample.sample_prompts={root / 'p.txt'}", "sample.sample_every_n_steps=1",
                            "sample.sample_params={width=64, height=64}", "save.metadata_title=Tiny NoobAI",
-                           "save.metadata_author=someone", "save.metadata_description=a test model"]) == 0
+                           "save.metadata_author=someone", "save.metadata_description=a test model",
+                           "log.tensorboard=true", "optimizer.param_groups=[{pattern='^input_blocks', lr=1e-4}]"]) == 0
     finally:
         os.umask(old_mask)
     return root
@@ -335,3 +336,32 @@ def test_generate_png_carries_the_model_hash(vpred_run, tmp_path):
     assert r["Prompt"] == 'a "quoted", tricky: prompt' and r["Negative prompt"] == "blurry"
     assert r["Model hash"] == short_hash(model) == hashlib.sha256(model.read_bytes()).hexdigest()[:10]
     assert r["Seed"] == "5" and r["Model"] == "demo" and r["Steps"] == "2" and r["Schedule type"] == "Karras"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TensorBoard
+
+
+def test_tensorboard_has_every_groups_lr_and_the_previews(vpred_run):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(vpred_run / "run" / "logs" / "tensorboard"), size_guidance={"images": 0})
+    acc.Reload()
+    lrs = {t: [e.value for e in acc.Scalars(t)] for t in acc.Tags()["scalars"] if t.startswith("lr/")}
+    assert len(lrs) == 2 and sorted(round(v[0], 8) for v in lrs.values()) == [1e-4, 1e-3], lrs
+    images = acc.Tags()["images"]
+    assert {"samples/0", "samples/1", "samples/grid"} <= set(images), images
+    assert [e.step for e in acc.Images("samples/0")] == [1, 2]
+    first = acc.Images("samples/0")[0]
+    assert (first.width, first.height) == (64, 64)
+
+
+def test_tensorboard_missing_is_a_start_up_error(tmp_path, monkeypatch, capsys):
+    import sys
+    import train
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # import tensorboard now raises ImportError
+    with pytest.raises(SystemExit) as e:
+        train.main(["configs/demo.toml", f"output_dir={tmp_path / 'run'}", "log.tensorboard=true"])
+    text = str(e.value.code)
+    assert "config error" in text and "pip install tensorboard" in text
+    assert not (tmp_path / "run").exists()
