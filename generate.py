@@ -19,6 +19,7 @@ import sys
 import torch
 
 import models
+from core.cli import one_line_errors
 from core.hashes import short_hash
 from core.preview import generate, size_multiple
 from core.prompts import SamplePrompt, a1111_parameters, load_prompts, save_png
@@ -67,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@one_line_errors("generate.py")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     dt = models.DTYPES[args.precision]

@@ -86,8 +86,10 @@ def write_state(tmp: str, final: str, *, trained: dict[str, torch.Tensor], optim
         if os.path.exists(final):  # the same step of this run written again (a resume from an earlier state)
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         remove_quietly(tmp)
+        if isinstance(e, OSError) and isinstance(e.filename, str) and e.filename.startswith(tmp):
+            e.filename = final + e.filename[len(tmp):]  # name the state, not its (removed) temporary
         raise
     _fsync_dir(os.path.dirname(final))
     return final

@@ -162,6 +162,29 @@ def test_stale_temps_removed_live_and_foreign_kept(tmp_path):
     assert sorted(os.listdir(d)) == sorted(names[k] for k in ("live", "other_host_new", "not_ours"))
 
 
+def test_killed_export_leaves_only_a_recognisable_temp_that_the_next_start_removes(tmp_path):
+    """The defect: kill -9 during an export left the safetensors library's `.tmpXXXXXX` (GBs at SDXL size) that
+    nothing removed. A forked writer is killed as soon as its temporary appears."""
+    import signal
+    from models.checkpoint import save_safetensors_atomic
+    target = tmp_path / "model.safetensors"
+    pid = os.fork()
+    if pid == 0:  # the writer
+        try:
+            save_safetensors_atomic({"w": torch.zeros(64 << 20, dtype=torch.uint8)}, str(target))
+        finally:
+            os._exit(0)
+    deadline = time.time() + 30
+    while not os.listdir(tmp_path) and time.time() < deadline:
+        time.sleep(0.001)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    left = [n for n in os.listdir(tmp_path) if n != "model.safetensors"]
+    assert left and all(fsio.is_temp(n) for n in left), left
+    fsio.clean_stale_temps([str(tmp_path)])  # what train.py does at its next start
+    assert not [n for n in os.listdir(tmp_path) if n != "model.safetensors"]
+
+
 def test_own_safetensors_writer_matches_the_library(tmp_path):
     """Our streaming writer (no library temporary) reads back with safetensors, every dtype, with metadata."""
     ts = {"bf16": torch.randn(3, 5).bfloat16(), "f16": torch.randn(7).half(), "f32": torch.randn(2, 2),
