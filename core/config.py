@@ -234,6 +234,29 @@ class OptimizerConfig:
 
 
 @dataclass
+class NetworkConfig:
+    """[network]: train LoRA / LoCon adapters instead of the whole network (kohya's option names). Adapters are
+    saved in kohya's LoRA format (ComfyUI, A1111 / Forge, diffusers load it); the base model stays frozen."""
+    network_module: str = opt("", "'' = full fine-tune; 'lora' = LoRA on linear layers; 'locon' = LoRA on linear layers and convolutions (conv_dim / conv_alpha)", choices=("", "lora", "locon"))
+    network_dim: int = opt(16, "rank of each linear (and 1x1 convolution) adapter", min=1)
+    network_alpha: float = opt(1.0, "scale numerator: the adapter output is multiplied by network_alpha / network_dim (kohya)", min=0, min_exclusive=True)
+    conv_dim: int = opt(0, "locon: rank of 3x3 convolution adapters; 0 = network_dim", min=0)
+    conv_alpha: float | None = opt(None, "locon: alpha of 3x3 convolution adapters; default network_alpha", min=0, min_exclusive=True)
+    network_dropout: float = opt(0.0, "dropout on the adapter's rank activations while training", min=0, max=1, max_exclusive=True)
+    rank_dropout: float = opt(0.0, "probability of dropping each rank (per sample) while training", min=0, max=1, max_exclusive=True)
+    module_dropout: float = opt(0.0, "probability of skipping a whole adapter for a step while training", min=0, max=1, max_exclusive=True)
+    network_train_unet_only: bool = opt(False, "adapters on the diffusion network only (required with cached text-encoder outputs)")
+    network_train_text_encoder_only: bool = opt(False, "adapters on the CLIP text encoders only")
+    target_modules: list[str] = opt([], "regexes (full match) over kohya LoRA names (lora_unet_..., lora_te1_..., lora_te2_...) of linear layers to adapt; empty = kohya's defaults of the family (README: LoRA)")
+    conv_target_modules: list[str] = opt([], "locon: regexes over LoRA names of convolutions to adapt; empty = kohya's defaults (SDXL ResNet / down / up-sampling convolutions)")
+    exclude_modules: list[str] = opt([], "regexes over LoRA names never adapted (applied after the targets)")
+    block_args: list[dict] = opt([], "block-wise settings: [{pattern = 'regex over LoRA names', dim = 8, alpha = 4.0, lr = 1e-4}], first match wins; dim 0 leaves the matched layers out")
+    network_weights: str = opt("", "LoRA file (ours or kohya's) to start from; its ranks must equal the configured ones")
+    unet_lr: float | None = opt(None, "learning rate of the diffusion network's adapters; default optimizer.learning_rate", min=0)
+    text_encoder_lr: float | None = opt(None, "learning rate of the text encoders' adapters; default optimizer.learning_rate", min=0)
+
+
+@dataclass
 class SaveConfig:
     """[save]: exported models and resumable states."""
     output_name: str = opt("model", "file name stem of exported models")
@@ -287,6 +310,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "train"})
     loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "loss"})
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig, metadata={"help": "optimizer"})
+    network: NetworkConfig = field(default_factory=NetworkConfig, metadata={"help": "network"})
     save: SaveConfig = field(default_factory=SaveConfig, metadata={"help": "save"})
     sample: SampleConfig = field(default_factory=SampleConfig, metadata={"help": "sample"})
     log: LogConfig = field(default_factory=LogConfig, metadata={"help": "log"})
@@ -564,9 +588,41 @@ def _validate(cfg: Config) -> None:
     for i, g in enumerate(cfg.optimizer.param_groups):
         if set(g) - {"pattern", "lr"} or "pattern" not in g:
             raise ConfigError(f"optimizer.param_groups[{i}]: expected {{pattern = 'regex', lr = number}}, got {g!r}")
+    _validate_network(cfg)
     for spec in (d.caption_processor, d.description_processor, d.num_repeats_getter):
         if spec and ":" not in spec:
             raise ConfigError(f"data: hook `{spec}` must look like 'package.module:function' or 'path/file.py:function'")
+
+
+def _validate_network(cfg: Config) -> None:
+    """[network] combinations that cannot work, said before anything is loaded."""
+    n = cfg.network
+    if not n.network_module:
+        return
+    if n.network_train_unet_only and n.network_train_text_encoder_only:
+        raise ConfigError("network.network_train_unet_only and network.network_train_text_encoder_only cannot both be true")
+    if cfg.train.train_text_encoder:
+        raise ConfigError("train.train_text_encoder is for full fine-tunes; with [network] the text encoders get adapters "
+                          "unless network.network_train_unet_only = true")
+    if cfg.cache.cache_text_encoder_outputs and not n.network_train_unet_only:
+        raise ConfigError("cache.cache_text_encoder_outputs needs network.network_train_unet_only = true (cached outputs "
+                          "would not follow text-encoder adapters)")
+    for i, g in enumerate(n.block_args):
+        if set(g) - {"pattern", "dim", "alpha", "lr"} or not isinstance(g.get("pattern"), str):
+            raise ConfigError(f"network.block_args[{i}]: expected {{pattern = 'regex', dim = int, alpha = number, "
+                              f"lr = number}} (all but pattern optional), got {g!r}")
+    import re
+    for name in ("target_modules", "conv_target_modules", "exclude_modules"):
+        for pat in getattr(n, name):
+            try:
+                re.compile(pat)
+            except re.error as e:
+                raise ConfigError(f"network.{name}: {pat!r} is not a valid regex: {e}") from None
+    for i, g in enumerate(n.block_args):
+        try:
+            re.compile(g["pattern"])
+        except re.error as e:
+            raise ConfigError(f"network.block_args[{i}].pattern {g['pattern']!r} is not a valid regex: {e}") from None
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> Config:

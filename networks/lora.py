@@ -1,0 +1,511 @@
+"""LoRA / LoCon adapters for SDXL and SD3, applied from outside the model files, in kohya's LoRA file format.
+
+Injection (kohya's `networks/lora.py` scheme): every adapted nn.Linear / nn.Conv2d keeps its weights and its place
+in the model; only its `forward` is replaced on the instance by `base(x) + up(down(x)) * multiplier * alpha / dim`.
+The adapters live in a separate `LoRANetwork` (an nn.Module whose state_dict *is* the kohya file), so the model
+classes, their state_dict keys and their exports stay untouched. `remove()` restores the original forwards.
+
+Names (what ComfyUI's `model_lora_keys_unet` / `model_lora_keys_clip` and diffusers' kohya converter read):
+    lora_unet_<original module path, "." -> "_">       SDXL sgm UNet (input_blocks_4_1_...), SD3 MMDiT (joint_blocks_...)
+    lora_te1_<HF CLIP path>                            CLIP-L (SDXL te1, SD3 clip_l)
+    lora_te2_<HF CLIP path>                            bigG: SDXL's open_clip tower under the HF names kohya uses
+                                                       (resblocks.N.attn.in_proj -> layers.N.self_attn.{q,k,v}_proj,
+                                                       attn.out_proj -> self_attn.out_proj, c_fc / c_proj -> fc1 / fc2);
+                                                       SD3 clip_g is HF-named already
+    lora_te3_<T5 path>                                 SD3 T5 (loaded for merging only, never trained)
+each with `.lora_down.weight`, `.lora_up.weight` and `.alpha`.
+
+bigG's fused in-projection gets three adapters (q, k, v: one down and one up matrix each, as kohya trains them on
+the HF model); the patched attention adds [dq; dk; dv] to F.linear(x, in_proj_weight) -- exact, no conversion on
+save. Merging writes each delta into its third of in_proj_weight's rows.
+
+Third-party files: `lora_unet_` keys in diffusers naming (down_blocks_1_attentions_0_...) are mapped to the
+original paths (`sdxl_diffusers_to_sgm`); LoRAs are merged for generation (`merge_into`) or loaded into a network
+to continue training (`LoRANetwork.load_kohya`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Kohya's prefixes by family part.
+PREFIXES = {"sdxl": {"unet": "lora_unet", "te1": "lora_te1", "te2": "lora_te2"},
+            "sd3": {"mmdit": "lora_unet", "clip_l": "lora_te1", "clip_g": "lora_te2", "t5": "lora_te3"}}
+TEXT_PREFIXES = ("lora_te1_", "lora_te2_")  # trained text encoders (SD3's T5 stays frozen, as in kohya)
+
+# Kohya's default targets, as regexes over LoRA names. SDXL: every Linear / 1x1 conv inside the Transformer2DModel
+# blocks (proj_in / proj_out, attn1 / attn2 q, k, v, out, GEGLU proj, ff out); LoCon adds the ResnetBlock2D,
+# Downsample2D and Upsample2D layers. CLIP: attention and MLP linears. SD3: the joint blocks' attention qkv / proj
+# and MLP of both streams (attn2 in SD3.5's x-blocks included).
+_SDXL_BLOCK = r"(input_blocks_\d+|middle_block|output_blocks_\d+)"
+DEFAULT_TARGETS = {
+    "sdxl": [rf"lora_unet_{_SDXL_BLOCK}_1_(proj_in|proj_out|transformer_blocks_\d+_(attn[12]_(to_q|to_k|to_v|to_out_0)"
+             r"|ff_net_0_proj|ff_net_2))",
+             r"lora_te[12]_text_model_encoder_layers_\d+_(self_attn_(q|k|v|out)_proj|mlp_fc[12])"],
+    "sd3": [r"lora_unet_joint_blocks_\d+_(context_block|x_block)_(attn2?_(qkv|proj)|mlp_fc[12])",
+            r"lora_te[12]_text_model_encoder_layers_\d+_(self_attn_(q|k|v|out)_proj|mlp_fc[12])"],
+}
+DEFAULT_CONV_TARGETS = {
+    "sdxl": [r"lora_unet_(input_blocks_\d+_0|middle_block_[02]|output_blocks_\d+_0)_(in_layers_2|emb_layers_1"
+             r"|out_layers_3|skip_connection)",
+             r"lora_unet_input_blocks_\d+_0_op", r"lora_unet_output_blocks_\d+_[12]_conv"],
+    "sd3": [],  # the MMDiT has no convolutions but the patch embedding, which kohya does not adapt
+}
+BASE_MODEL_VERSION = {"sdxl": "sdxl_base_v1-0", "sd3": "sd3"}
+NETWORK_MODULE = {"lora": "networks.lora", "locon": "networks.lora"}  # kohya's module name for LoRA and LoCon alike
+
+
+# ----------------------------------------------------------------------------------------------
+# Names
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """One adaptable layer: `module` is the nn.Linear / nn.Conv2d, or for bigG's fused q / k / v the attention
+    module with `slot` 0 / 1 / 2 (third of in_proj_weight)."""
+    part: str
+    module: nn.Module
+    slot: int | None = None
+
+    @property
+    def weight(self) -> Tensor:
+        return self.module.in_proj_weight if self.slot is not None else self.module.weight
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out, in) features / channels."""
+        if self.slot is not None:
+            c = self.module.in_proj_weight.shape[1]
+            return c, c
+        w = self.module.weight
+        return w.shape[0], w.shape[1]
+
+    @property
+    def conv(self) -> tuple[Any, Any, Any] | None:
+        m = self.module
+        return (m.kernel_size, m.stride, m.padding) if isinstance(m, nn.Conv2d) else None
+
+    @property
+    def is_3x3(self) -> bool:
+        return isinstance(self.module, nn.Conv2d) and tuple(self.module.kernel_size) != (1, 1)
+
+
+_OPEN_CLIP_TO_HF = [(r"^transformer\.resblocks\.(\d+)\.attn\.out_proj$", r"text_model.encoder.layers.\1.self_attn.out_proj"),
+                    (r"^transformer\.resblocks\.(\d+)\.mlp\.c_fc$", r"text_model.encoder.layers.\1.mlp.fc1"),
+                    (r"^transformer\.resblocks\.(\d+)\.mlp\.c_proj$", r"text_model.encoder.layers.\1.mlp.fc2")]
+
+
+def _open_clip_hf_path(path: str) -> str | None:
+    for pat, rep in _OPEN_CLIP_TO_HF:
+        if re.match(pat, path):
+            return re.sub(pat, rep, path)
+    return None
+
+
+def lora_targets(comp: Any, parts: Iterable[str] | None = None) -> dict[str, Target]:
+    """Every adaptable layer of the loaded parts, by kohya LoRA name."""
+    out: dict[str, Target] = {}
+    for part, prefix in PREFIXES[comp.family].items():
+        model = getattr(comp, part, None)
+        if model is None or (parts is not None and part not in parts):
+            continue
+        open_clip = comp.family == "sdxl" and part == "te2"
+        for path, m in model.named_modules():
+            if open_clip and hasattr(m, "in_proj_weight"):
+                layer = re.match(r"^transformer\.resblocks\.(\d+)\.attn$", path)
+                assert layer is not None, path
+                for slot, x in enumerate("qkv"):
+                    out[f"{prefix}_text_model_encoder_layers_{layer.group(1)}_self_attn_{x}_proj"] = Target(part, m, slot)
+                continue
+            if not isinstance(m, (nn.Linear, nn.Conv2d)):
+                continue
+            name_path = _open_clip_hf_path(path) if open_clip else path
+            if name_path is not None:
+                out[f"{prefix}_{name_path.replace('.', '_')}"] = Target(part, m)
+    return out
+
+
+_RESNET_DIFFUSERS = {"conv1": "in_layers_2", "conv2": "out_layers_3", "time_emb_proj": "emb_layers_1",
+                     "conv_shortcut": "skip_connection"}
+_SDXL_TOP_DIFFUSERS = {"conv_in": "input_blocks_0_0", "conv_out": "out_2", "time_embedding_linear_1": "time_embed_0",
+                       "time_embedding_linear_2": "time_embed_2", "add_embedding_linear_1": "label_emb_0_0",
+                       "add_embedding_linear_2": "label_emb_0_2"}
+
+
+def sdxl_diffusers_to_sgm(name: str, num_res_blocks: int, transformer_depth: tuple[int, ...]) -> str:
+    """`lora_unet_` + diffusers UNet2DConditionModel path ("_"-joined) -> `lora_unet_` + the sgm path (the inverse of
+    diffusers' `_maybe_map_sgm_blocks_to_diffusers`); other names are returned unchanged."""
+    if not name.startswith("lora_unet_"):
+        return name
+    rest = name[len("lora_unet_"):]
+    per = num_res_blocks + 1
+    for k, v in _SDXL_TOP_DIFFUSERS.items():
+        if rest == k:
+            return "lora_unet_" + v
+
+    def resnet(tail: str) -> str:
+        for k, v in _RESNET_DIFFUSERS.items():
+            if tail == k:
+                return v
+        return tail
+
+    m = re.match(r"^down_blocks_(\d+)_(resnets|attentions)_(\d+)_(.+)$", rest)
+    if m:
+        b, kind, j, tail = int(m[1]), m[2], int(m[3]), m[4]
+        inner = 0 if kind == "resnets" else 1
+        return f"lora_unet_input_blocks_{1 + b * per + j}_{inner}_{resnet(tail) if inner == 0 else tail}"
+    m = re.match(r"^down_blocks_(\d+)_downsamplers_0_conv$", rest)
+    if m:
+        return f"lora_unet_input_blocks_{(int(m[1]) + 1) * per}_0_op"
+    m = re.match(r"^mid_block_(resnets|attentions)_(\d+)_(.+)$", rest)
+    if m:
+        idx = {("resnets", 0): 0, ("attentions", 0): 1, ("resnets", 1): 2}[(m[1], int(m[2]))]
+        return f"lora_unet_middle_block_{idx}_{resnet(m[3]) if m[1] == 'resnets' else m[3]}"
+    m = re.match(r"^up_blocks_(\d+)_(resnets|attentions)_(\d+)_(.+)$", rest)
+    if m:
+        b, kind, j, tail = int(m[1]), m[2], int(m[3]), m[4]
+        inner = 0 if kind == "resnets" else 1
+        return f"lora_unet_output_blocks_{b * per + j}_{inner}_{resnet(tail) if inner == 0 else tail}"
+    m = re.match(r"^up_blocks_(\d+)_upsamplers_0_conv$", rest)
+    if m:
+        b = int(m[1])
+        level = len(transformer_depth) - 1 - b
+        return f"lora_unet_output_blocks_{b * per + num_res_blocks}_{2 if transformer_depth[level] else 1}_conv"
+    return name
+
+
+# ----------------------------------------------------------------------------------------------
+# Adapter and network
+# ----------------------------------------------------------------------------------------------
+
+
+class LoRAModule(nn.Module):
+    """One adapter: forward(x) is the *delta* up(down(x)) * multiplier * alpha / dim (or None when module dropout
+    skips it). Kohya's init (down: kaiming-uniform, up: zeros) so a fresh adapter changes nothing."""
+
+    def __init__(self, out_dim: int, in_dim: int, dim: int, alpha: float, conv: tuple[Any, Any, Any] | None = None,
+                 dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0):
+        super().__init__()
+        if conv is not None:
+            kernel, stride, padding = conv
+            self.lora_down = nn.Conv2d(in_dim, dim, kernel, stride, padding, bias=False)
+            self.lora_up = nn.Conv2d(dim, out_dim, 1, 1, bias=False)
+        else:
+            self.lora_down = nn.Linear(in_dim, dim, bias=False)
+            self.lora_up = nn.Linear(dim, out_dim, bias=False)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.dim, self.scale = dim, float(alpha) / dim
+        self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
+        self.multiplier = 1.0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.scale = float(self.alpha) / self.dim  # the file's alpha decides the scale
+
+    def forward(self, x: Tensor) -> Tensor | None:
+        # dropouts only while training with gradients: previews (inference_mode) and eval run the adapter whole
+        train = self.training and torch.is_grad_enabled()
+        if train and self.module_dropout and float(torch.rand(())) < self.module_dropout:
+            return None
+        h = self.lora_down(x.to(self.lora_down.weight.dtype))  # (B, ..., dim) or (B, dim, H, W)
+        scale = self.scale
+        if train and self.dropout:
+            h = F.dropout(h, p=self.dropout)
+        if train and self.rank_dropout:
+            mask = (torch.rand(h.shape[0], self.dim, device=h.device) > self.rank_dropout).to(h.dtype)
+            mask = mask.view(h.shape[0], self.dim, 1, 1) if h.dim() == 4 else mask.view(h.shape[0], *[1] * (h.dim() - 2), self.dim)
+            h = h * mask
+            scale = scale / (1.0 - self.rank_dropout)
+        return self.lora_up(h) * (self.multiplier * scale)
+
+    def weight_delta(self) -> Tensor:
+        """multiplier * scale * up @ down in the base weight's shape (fp32)."""
+        up, down = self.lora_up.weight.float(), self.lora_down.weight.float()
+        if down.dim() == 4:  # conv: up [o, r, 1, 1], down [r, i, kh, kw]
+            d = torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down)
+        else:
+            d = up @ down
+        return d * (self.multiplier * self.scale)
+
+
+def _patch_linear(module: nn.Module, adapter: LoRAModule) -> None:
+    orig = module.forward
+
+    def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        out = orig(x, *args, **kwargs)
+        d = adapter(x)
+        return out if d is None else out + d.to(out.dtype)
+
+    module.forward = forward  # type: ignore[method-assign]
+
+
+def _patch_fused_qkv(attn: nn.Module, adapters: list[LoRAModule | None]) -> None:
+    """bigG (open_clip) attention: q, k, v deltas added to the fused in-projection's output."""
+    from models.text_encoders import _causal_attention
+
+    def forward(x: Tensor) -> Tensor:
+        qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)  # (B, T, 3C)
+        c = qkv.shape[-1] // 3
+        deltas = [a(x) if a is not None else None for a in adapters]
+        if any(d is not None for d in deltas):
+            qkv = qkv + torch.cat([d.to(qkv.dtype) if d is not None else qkv.new_zeros(*qkv.shape[:-1], c)
+                                   for d in deltas], dim=-1)
+        q, k, v = qkv.chunk(3, dim=-1)
+        return attn.out_proj(_causal_attention(q, k, v, attn.num_heads))
+
+    attn.forward = forward  # type: ignore[method-assign]
+
+
+class LoRANetwork(nn.Module):
+    """The adapters of one model (by kohya LoRA name) and where they are applied; state_dict() is the kohya file."""
+
+    def __init__(self, adapters: Mapping[str, LoRAModule], targets: Mapping[str, Target],
+                 lrs: Mapping[str, float | None] | None = None):
+        super().__init__()
+        self.adapters = nn.ModuleDict(dict(adapters))
+        self.__dict__["_targets"] = {n: targets[n] for n in adapters}  # not submodules: the model owns them
+        self.lrs = dict(lrs or {})
+        self._applied: list[nn.Module] = []
+
+    def apply_to(self) -> "LoRANetwork":
+        """Patch the forwards of the adapted layers (once)."""
+        assert not self._applied, "already applied"
+        fused: dict[int, tuple[nn.Module, list[LoRAModule | None]]] = {}
+        for name, adapter in self.adapters.items():
+            t = self._targets[name]
+            if t.slot is not None:
+                fused.setdefault(id(t.module), (t.module, [None, None, None]))[1][t.slot] = adapter
+            else:
+                _patch_linear(t.module, adapter)
+                self._applied.append(t.module)
+        for attn, slots in fused.values():
+            _patch_fused_qkv(attn, slots)
+            self._applied.append(attn)
+        return self
+
+    def remove(self) -> None:
+        """Restore the original forwards."""
+        for m in self._applied:
+            m.__dict__.pop("forward", None)
+        self._applied = []
+
+    def set_multiplier(self, value: float) -> None:
+        for a in self.adapters.values():
+            a.multiplier = value
+
+    def load_kohya(self, groups: Mapping[str, Mapping[str, Tensor]], source: str) -> None:
+        """Load a LoRA file's layers (`read_lora`): exactly this network's layers, with the same ranks."""
+        names = set(self.adapters)
+        missing, extra = sorted(names - set(groups)), sorted(set(groups) - names)
+        if missing or extra:
+            raise ValueError(f"{source}: its layers differ from the configured network: {len(missing)} missing "
+                             f"{missing[:3]}, {len(extra)} not configured {extra[:3]}; set [network] target_modules / "
+                             f"block_args to match the file")
+        mine = self.state_dict()
+        flat = {}
+        for name in names:
+            g = groups[name]
+            for leaf in ("lora_down.weight", "lora_up.weight"):
+                key, v = f"adapters.{name}.{leaf}", g[leaf]
+                if tuple(v.shape) != tuple(mine[key].shape):
+                    raise ValueError(f"{source}: {name}.{leaf} has shape {tuple(v.shape)}, the configured network "
+                                     f"{tuple(mine[key].shape)} (set network_dim / conv_dim / block_args to the file's ranks)")
+                flat[key] = v
+            flat[f"adapters.{name}.alpha"] = g["alpha"].float() if "alpha" in g else torch.tensor(float(g["lora_down.weight"].shape[0]))
+        self.load_state_dict(flat, strict=True)
+
+    def kohya_state_dict(self) -> dict[str, Tensor]:
+        """`<lora name>.lora_down.weight` / `.lora_up.weight` / `.alpha` (the file layout)."""
+        return {k[len("adapters."):]: v for k, v in self.state_dict().items()}
+
+
+def _first_match(patterns: Iterable[str], name: str) -> bool:
+    return any(re.fullmatch(p, name) for p in patterns)
+
+
+def create_network(comp: Any, ncfg: Any, *, unet: bool, text: bool) -> LoRANetwork:
+    """Adapters on the configured targets of the loaded parts (ranks, alphas, block-wise settings from [network])."""
+    family = comp.family
+    network_part = "unet" if family == "sdxl" else "mmdit"
+    parts = ([network_part] if unet else []) + ([p for p, pre in PREFIXES[family].items()
+                                                  if pre + "_" in TEXT_PREFIXES] if text else [])
+    targets = lora_targets(comp, parts)
+    linear = ncfg.target_modules or DEFAULT_TARGETS[family]
+    conv = (ncfg.conv_target_modules or DEFAULT_CONV_TARGETS[family]) if ncfg.network_module == "locon" else []
+    conv_dim = ncfg.conv_dim or ncfg.network_dim
+    conv_alpha = ncfg.conv_alpha if ncfg.conv_alpha is not None else ncfg.network_alpha
+    adapters, lrs = {}, {}
+    for name, t in targets.items():
+        if _first_match(ncfg.exclude_modules, name):
+            continue
+        if _first_match(linear, name) and not t.is_3x3:
+            dim, alpha = ncfg.network_dim, ncfg.network_alpha
+        elif _first_match(conv, name):
+            dim, alpha = (conv_dim, conv_alpha) if t.is_3x3 else (ncfg.network_dim, ncfg.network_alpha)
+        else:
+            continue
+        block = next((g for g in ncfg.block_args if re.fullmatch(g["pattern"], name)), {})
+        dim, alpha = int(block.get("dim", dim)), float(block.get("alpha", alpha))
+        if dim <= 0:
+            continue
+        out_dim, in_dim = t.shape
+        adapters[name] = LoRAModule(out_dim, in_dim, dim, alpha, t.conv, ncfg.network_dropout, ncfg.rank_dropout,
+                                    ncfg.module_dropout)
+        lrs[name] = block.get("lr")
+    if not adapters:
+        raise ValueError("[network]: no layer matches the targets (check target_modules / exclude_modules / "
+                         "block_args and network_train_unet_only / network_train_text_encoder_only)")
+    return LoRANetwork(adapters, targets, lrs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: reading (ours, kohya's, diffusers-named lora_unet_), merging, metadata
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """'file.safetensors[:weight]' -> (path, weight); a Windows drive colon is not a weight."""
+    path, sep, w = spec.rpartition(":")
+    if sep and path and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", w):
+        return path, float(w)
+    return spec, 1.0
+
+
+def read_lora(path: str, comp: Any | None = None) -> dict[str, dict[str, Tensor]]:
+    """A LoRA file as {lora name: {"lora_down.weight", "lora_up.weight", "alpha"?}}. SDXL `lora_unet_` names in
+    diffusers naming are mapped to the sgm paths when `comp` (the SDXL model they are for) is given."""
+    from models.checkpoint import SafeTensorFile
+    f = SafeTensorFile(path)
+    groups: dict[str, dict[str, Tensor]] = {}
+    for key in f.keys():
+        name, _, leaf = key.partition(".")
+        if leaf not in ("lora_down.weight", "lora_up.weight", "alpha"):
+            raise ValueError(f"{path}: {key!r} is not a kohya LoRA tensor (<name>.lora_down.weight / .lora_up.weight / "
+                             f".alpha); LoHa / LoKr / DoRA files are not supported")
+        groups.setdefault(name, {})[leaf] = f.get(key)
+    unet = getattr(comp, "unet", None) if comp is not None else None
+    if unet is not None:
+        cfg = unet.cfg
+        groups = {sdxl_diffusers_to_sgm(n, cfg.num_res_blocks, cfg.transformer_depth): g for n, g in groups.items()}
+    for name, g in groups.items():
+        if "lora_down.weight" not in g or "lora_up.weight" not in g:
+            raise ValueError(f"{path}: layer {name} lacks its lora_down or lora_up weight")
+    return groups
+
+
+def _scale(g: Mapping[str, Tensor]) -> float:
+    dim = g["lora_down.weight"].shape[0]
+    alpha = float(g["alpha"]) if "alpha" in g else float(dim)  # kohya: no alpha = alpha equal to the rank
+    return alpha / dim
+
+
+@torch.no_grad()
+def merge_into(comp: Any, groups: Mapping[str, Mapping[str, Tensor]], weight: float = 1.0,
+               source: str = "", warn: Callable[[str], None] = print) -> int:
+    """W += weight * alpha / dim * up @ down for every layer of the LoRA (in W's dtype, computed in fp32).
+    Returns the number of layers merged; layers of parts that are not loaded are skipped with a warning."""
+    targets = lora_targets(comp)
+    unknown = [n for n in groups if n not in targets]
+    if len(unknown) == len(groups):
+        raise ValueError(f"{source}: none of its {len(groups)} layers matches this {comp.family} model (e.g. "
+                         f"{unknown[:3]}): a LoRA for another model family or size?")
+    if unknown:
+        warn(f"{source}: {len(unknown)} layer(s) not in the loaded model, skipped (e.g. {unknown[:3]})")
+    for name, g in groups.items():
+        t = targets.get(name)
+        if t is None:
+            continue
+        up, down = g["lora_up.weight"].float(), g["lora_down.weight"].float()
+        if down.dim() == 4:
+            delta = torch.einsum("or,rikl->oikl", up.flatten(1), down)
+        else:
+            delta = up.flatten(1) @ down.flatten(1)
+        delta = delta * (weight * _scale(g))
+        w = t.weight
+        if t.slot is not None:
+            c = w.shape[1]
+            rows = w[t.slot * c:(t.slot + 1) * c]
+            if tuple(delta.shape) != tuple(rows.shape):
+                raise ValueError(f"{source}: {name}: shape {tuple(delta.shape)} does not fit {tuple(rows.shape)}")
+            rows.copy_((rows.float() + delta.to(rows.device)).to(w.dtype))
+            continue
+        if delta.numel() != w.numel():
+            raise ValueError(f"{source}: {name}: LoRA product {tuple(delta.shape)} does not fit weight {tuple(w.shape)}")
+        w.copy_((w.float() + delta.reshape(w.shape).to(w.device)).to(w.dtype))
+    return len(groups) - len(unknown)
+
+
+def legacy_model_hash(path: str) -> str:
+    """A1111's old 8-hex model hash (sha256 of 64 KiB at offset 1 MiB), what kohya writes as ss_sd_model_hash."""
+    import hashlib
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
+def tag_frequency(captions: Iterable[str], separator: str = ",") -> dict[str, int]:
+    """Tag -> count over captions, as kohya's ss_tag_frequency (per dataset folder)."""
+    freq: dict[str, int] = {}
+    for c in captions:
+        for tag in c.split(separator):
+            tag = tag.strip()
+            if tag:
+                freq[tag] = freq.get(tag, 0) + 1
+    return freq
+
+
+def ss_metadata(cfg: Any, family: str, network: LoRANetwork, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """kohya's ss_* training metadata (strings), plus the modelspec architecture of a LoRA."""
+    n, o = cfg.network, cfg.optimizer
+    args = {"conv_dim": str(n.conv_dim or n.network_dim), "conv_alpha": str(n.conv_alpha if n.conv_alpha is not None
+                                                                               else n.network_alpha)} \
+        if n.network_module == "locon" else {}
+    for k in ("rank_dropout", "module_dropout"):
+        if getattr(n, k):
+            args[k] = str(getattr(n, k))
+    base = cfg.model.pretrained_model_name_or_path
+    meta = {
+        "ss_network_module": NETWORK_MODULE[n.network_module], "ss_network_dim": str(n.network_dim),
+        "ss_network_alpha": str(n.network_alpha), "ss_network_args": json.dumps(args),
+        "ss_network_dropout": str(n.network_dropout), "ss_base_model_version": BASE_MODEL_VERSION[family],
+        "ss_sd_model_name": base.replace("\\", "/").split("/")[-1] if base else f"preset:{cfg.model.model_preset}",
+        "ss_learning_rate": str(o.learning_rate), "ss_unet_lr": str(n.unet_lr if n.unet_lr is not None else o.learning_rate),
+        "ss_text_encoder_lr": str(n.text_encoder_lr if n.text_encoder_lr is not None else o.learning_rate),
+        "ss_network_train_unet_only": str(not any(k.startswith(TEXT_PREFIXES) for k in network.adapters)),
+        "ss_optimizer": o.optimizer_type, "ss_lr_scheduler": o.lr_scheduler, "ss_max_train_steps": str(cfg.train.max_train_steps),
+        "ss_mixed_precision": cfg.train.mixed_precision, "ss_full_fp16": str(cfg.train.full_fp16),
+        "ss_full_bf16": str(cfg.train.full_bf16), "ss_gradient_checkpointing": str(cfg.train.gradient_checkpointing),
+        "ss_gradient_accumulation_steps": str(cfg.train.gradient_accumulation_steps), "ss_seed": str(cfg.seed),
+        "ss_resolution": str((cfg.data.resolution, cfg.data.resolution)), "ss_batch_size_per_device": str(cfg.data.batch_size),
+        "ss_noise_offset": str(cfg.loss.noise_offset), "ss_min_snr_gamma": str(cfg.loss.min_snr_gamma),
+        "ss_output_name": cfg.save.output_name, "ss_v2": "False",
+        "modelspec.architecture": {"sdxl": "stable-diffusion-xl-v1-base", "sd3": "stable-diffusion-v3-medium"}[family] + "/lora",
+        "modelspec.implementation": "https://github.com/kohya-ss/sd-scripts", "modelspec.title": cfg.save.output_name,
+    }
+    if base:
+        try:
+            meta["ss_sd_model_hash"] = legacy_model_hash(base)
+        except OSError:
+            pass
+    meta.update(extra or {})
+    return meta
+
+
+def save_lora(path: str, sd: Mapping[str, Tensor], metadata: Mapping[str, str], precision: str = "fp16") -> None:
+    """Write a kohya LoRA file atomically (alpha stays fp32 as kohya writes it only when saving fp32 -- we keep it
+    in the file precision like kohya does)."""
+    from models import DTYPES
+    from models.checkpoint import save_safetensors_atomic
+    dt = DTYPES[precision]
+    out = {k: v.detach().to("cpu", dt).contiguous() for k, v in sd.items()}
+    save_safetensors_atomic(out, path, dict(metadata))
