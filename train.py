@@ -182,33 +182,31 @@ def main(argv: list[str] | None = None) -> int:
     except (models.CheckpointError, OSError) as e:  # missing / damaged / mismatched checkpoint files
         raise SystemExit(cli.error_line("model error", e)) from None
     net = comp.network
-    net.requires_grad_(True).train()
     net.gradient_checkpointing = cfg.train.gradient_checkpointing
-    for te in comp.text_encoders().values():
-        te.requires_grad_(False).eval()
-    if comp.vae is not None:
-        comp.vae.requires_grad_(False).eval()
-    trainee = Trainee(comp, cfg.train.train_text_encoder)
-    trainee.text_encoders.requires_grad_(True).train()
-    if not cfg.train.train_text_encoder and (cfg.optimizer.learning_rate_te1 or cfg.optimizer.learning_rate_te2):
-        log.warning("optimizer.learning_rate_te1 / _te2 are set but train.train_text_encoder is false: not used")
+    try:  # what is trained: the whole network (+ text encoders), or [network] adapters
+        trainable = make_trainable(cfg, comp, device, log.warning)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"config error: {e}") from None
+    trainee = trainable.trainee
+    log.info(f"{family}: network {sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters ({weight_dtype}), "
+             f"autocast {amp_dtype}, trained: {trainable.describe()}")
 
     # ---- resume: trained weights back in place before wrapping (the rest after the optimizer exists)
     step, epoch, cursor, bad_steps = 0, 0, 0, 0
     st = rstate.read_state(resume_path, info.rank) if resume_path is not None else None
     if st is not None:
-        trainee.load_state_dict(st["trained"], strict=True)
+        trainable.load_state_dict(st["trained"])
 
     # ---- EMA (of the full, unwrapped network), then wrapping, then the optimizer over the wrapped parameters
-    ema = EMA(net, decay=cfg.train.ema_decay, device="cpu" if cfg.train.ema_device == "cpu" else device) \
+    ema = EMA(trainable.ema_module, decay=cfg.train.ema_decay, device="cpu" if cfg.train.ema_device == "cpu" else device) \
         if cfg.train.use_ema else None
     blocks = [b for name in FSDP_BLOCKS[family] for b in getattr(net, name)]
     fastpath.apply(cfg.train, comp, blocks, device, amp_dtype, log.info)  # channels_last, SDPA backend, compile
     # FSDP2 replaces parameters with sharded ones: the optimizer must be built after wrapping
     model = dist.wrap_fsdp(trainee, blocks + [net], amp_dtype) if cfg.train.fsdp else \
-        dist.wrap_ddp(trainee, find_unused_parameters=len(trainee.text_encoders) > 0)
+        dist.wrap_ddp(trainee, find_unused_parameters=trainable.find_unused)
     try:
-        optimizer = build_optimizer(trained_param_groups(trainee, cfg.optimizer), cfg.optimizer)
+        optimizer = build_optimizer(trainable.param_groups(cfg.optimizer), cfg.optimizer)
         scheduler = build_scheduler(optimizer, cfg.optimizer, total_steps)
         stepper = make_stepper(cfg, optimizer)  # fused backward hooks / per-parameter steps, or None
     except ValueError as e:
@@ -244,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         if not prompts:
             return
         from core.preview import sample_round
-        with ema.swapped_into(net) if ema is not None else contextlib.nullcontext():
+        with ema.swapped_into(trainable.ema_module) if ema is not None else contextlib.nullcontext(), \
+                trainable.previewing(model):
             written = sample_round(comp, prompts, paths["samples"], at_step, device, amp_dtype, cfg.save.output_name,
                                    log.info, split=not cfg.train.fsdp,  # FSDP: every rank runs every forward
                                    model_hash=exported.hash_at(at_step, ema is not None) if master else "")
@@ -260,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     def save_state(crash_hook: bool = True) -> None:
         tmp = dist.broadcast_object(rstate.tmp_dir_for(paths["state"], step) if master else None)
         rstate.write_rank_rng(tmp, info.rank)
-        trained = trained_state(trainee)  # on every rank: gathering FSDP shards is collective
+        trained = trainable.state_dict()  # on every rank: gathering FSDP shards is collective
         optim_state = optimizer_state(model, optimizer, cfg.train.fsdp)
         dist.barrier()
         if master:
@@ -274,19 +273,15 @@ def main(argv: list[str] | None = None) -> int:
             log.info(f"saved resumable state {final}")
         dist.barrier()
 
-    complete: dict[str, Any] = {}  # the parts not loaded for training, kept once loaded for the first export
     exported = ExportLog()
 
     def export(tag: str, with_state: bool | None = None) -> None:
         """Exported model (original single-file layout, every part) by rank 0, others wait (FSDP: gathered first);
         then a resumable state when `with_state` (default save.save_state)."""
-        full = {k: dist.full_tensor(v) for k, v in comp.export_state_dict().items()} if cfg.train.fsdp else None
+        path = os.path.join(paths["models"], f"{cfg.save.output_name}{tag}.safetensors")
+        meta = run_metadata.export_metadata(train_meta, step=step, epoch=epoch) if master else {}
+        trainable.export(path, meta, ema)  # collective under FSDP; rank 0 writes
         if master:
-            whole = with_all_parts(comp, cfg, complete)
-            if full is not None:
-                full.update({k: v for k, v in whole.export_state_dict().items() if k not in full})
-            path = os.path.join(paths["models"], f"{cfg.save.output_name}{tag}.safetensors")
-            write_export(whole, path, cfg, run_metadata.export_metadata(train_meta, step=step, epoch=epoch), full, ema, net)
             exported.add(step, path)
             log.info(f"exported {path}")
             prune_exports(paths["models"], cfg.save.output_name, cfg.save.save_last_n)
@@ -297,10 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     def crash_save() -> None:
         """Model file + state from this rank alone (core/emergency.py: the other ranks may be blocked)."""
         path = os.path.join(paths["models"], f"{cfg.save.output_name}{emergency.CRASHED}.safetensors")
-        write_export(with_all_parts(comp, cfg, complete), path, cfg,
-                     run_metadata.export_metadata(train_meta, step=step, epoch=epoch), None, ema, net)
+        trainable.export(path, run_metadata.export_metadata(train_meta, step=step, epoch=epoch), ema, alone=True)
         log.warning(f"exported {path}")
-        final = emergency.write_state_alone(paths["state"], step, info.rank, trained=trained_state(trainee),
+        final = emergency.write_state_alone(paths["state"], step, info.rank, trained=trainable.state_dict(),
                                             optimizer=optimizer.state_dict(), progress=progress_now(),
                                             ema=ema.state_dict() if ema is not None else None)
         log.warning(f"saved resumable state {final}")
@@ -365,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                 scheduler.step()
                 step += 1
                 if ema is not None:
-                    ema.update(net, step)
+                    ema.update(trainable.ema_module, step)
 
                 # -- logging
                 loss_mean = dist.all_reduce_mean(loss_mean)
@@ -472,6 +466,69 @@ def load_sample_prompts(cfg: Any) -> list[Any]:
         return []
     from core.prompts import load_prompts
     return load_prompts(smp.sample_prompts, {"sampler": smp.sample_sampler, "sigmas": smp.sample_sigmas, **smp.sample_params})
+
+
+class FullFineTune:
+    """The trainable set of a full fine-tune: the whole network, plus the CLIP text encoders with
+    train.train_text_encoder. The same interface as networks.lora.LoRATraining: the module DDP / FSDP wraps
+    (`trainee`), optimizer groups, the weights of a resume state, the export, what the EMA follows."""
+
+    def __init__(self, cfg: Any, comp: Any, warn: Callable[[str], None]):
+        self.cfg, self.comp = cfg, comp
+        freeze(comp)
+        comp.network.requires_grad_(True)
+        self.trainee = Trainee(comp, cfg.train.train_text_encoder)
+        self.trainee.text_encoders.requires_grad_(True).train()
+        self.ema_module: nn.Module = comp.network
+        self.find_unused = len(self.trainee.text_encoders) > 0
+        self._complete: dict[str, Any] = {}  # the parts not loaded for training, kept once loaded for the first export
+        if not cfg.train.train_text_encoder and (cfg.optimizer.learning_rate_te1 or cfg.optimizer.learning_rate_te2):
+            warn("optimizer.learning_rate_te1 / _te2 are set but train.train_text_encoder is false: not used")
+
+    def describe(self) -> str:
+        return f"the network, text encoders: {list(self.trainee.text_encoders) or 'none'}"
+
+    def param_groups(self, opt_cfg: Any) -> list[dict]:
+        return trained_param_groups(self.trainee, opt_cfg)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return trained_state(self.trainee)
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        self.trainee.load_state_dict(sd, strict=True)
+
+    def previewing(self, model: nn.Module) -> Any:
+        return contextlib.nullcontext()
+
+    def export(self, path: str, meta: dict[str, str], ema: EMA | None, alone: bool = False) -> None:
+        """The whole checkpoint in the original single-file layout (every part), by rank 0 (FSDP: gathered first);
+        `alone`: by this rank, nothing gathered (a crash, the other ranks may be blocked)."""
+        comp, cfg = self.comp, self.cfg
+        full = {k: dist.full_tensor(v) for k, v in comp.export_state_dict().items()} if cfg.train.fsdp and not alone \
+            else None
+        if not (alone or dist.is_main()):
+            return
+        whole = with_all_parts(comp, cfg, self._complete)
+        if full is not None:
+            full.update({k: v for k, v in whole.export_state_dict().items() if k not in full})
+        write_export(whole, path, cfg, meta, full, ema, comp.network)
+
+
+def freeze(comp: Any) -> None:
+    """Every loaded part frozen; the network in train mode (gradient checkpointing runs only in training mode)."""
+    for m in comp.parts().values():
+        m.requires_grad_(False).eval()
+    comp.network.train()
+
+
+def make_trainable(cfg: Any, comp: Any, device: torch.device, warn: Callable[[str], None]) -> Any:
+    """FullFineTune, or LoRA / LoCon adapters when [network] network_module is set."""
+    if not cfg.network.network_module:
+        return FullFineTune(cfg, comp, warn)
+    from networks.lora import LoRATraining
+    freeze(comp)
+    return LoRATraining(cfg, comp, Trainee(comp, train_text_encoder=not cfg.network.network_train_unet_only),
+                        device, warn)
 
 
 def trained_param_groups(trainee: Trainee, opt_cfg: Any) -> list[dict]:

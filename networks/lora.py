@@ -509,3 +509,117 @@ def save_lora(path: str, sd: Mapping[str, Tensor], metadata: Mapping[str, str], 
     dt = DTYPES[precision]
     out = {k: v.detach().to("cpu", dt).contiguous() for k, v in sd.items()}
     save_safetensors_atomic(out, path, dict(metadata))
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainable set of a LoRA run (train.py: the same interface as its FullFineTune)
+# ----------------------------------------------------------------------------------------------
+
+
+class LoRATraining:
+    """Adapters on the frozen model: `trainee` (what DDP / FSDP wraps) runs the patched model and holds the
+    adapters as `trainee.lora`; resume states and exports hold the adapters only (kohya's file layout)."""
+
+    def __init__(self, cfg: Any, comp: Any, trainee: nn.Module, device: torch.device, warn: Callable[[str], None]):
+        n = cfg.network
+        self.cfg, self.comp, self.trainee = cfg, comp, trainee
+        self.network = create_network(comp, n, unet=not n.network_train_text_encoder_only,
+                                      text=not n.network_train_unet_only).to(device)  # fp32 adapters
+        if n.network_weights:
+            self.network.load_kohya(read_lora(n.network_weights, comp), n.network_weights)
+        self.network.apply_to().requires_grad_(True).train()
+        trainee.add_module("lora", self.network)
+        self.ema_module: nn.Module = self.network
+        # module dropout leaves adapters out of some steps: DDP must not wait for their gradients
+        self.find_unused = n.module_dropout > 0 or not any(k.startswith("lora_unet_") for k in self.network.adapters)
+        self._tags: dict[str, dict[str, int]] | None = None  # ss_tag_frequency, counted at the first export
+        if cfg.optimizer.learning_rate_te1 or cfg.optimizer.learning_rate_te2:
+            warn("optimizer.learning_rate_te1 / _te2 are for full fine-tunes; LoRA uses network.text_encoder_lr")
+
+    def describe(self) -> str:
+        n = len(self.network.adapters)
+        size = sum(p.numel() for p in self.network.parameters())
+        te = sum(k.startswith(TEXT_PREFIXES) for k in self.network.adapters)
+        return (f"{self.cfg.network.network_module} adapters on {n - te} network / {te} text-encoder layers, "
+                f"{size / 1e6:.2f}M parameters (fp32), base frozen")
+
+    def param_groups(self, opt_cfg: Any) -> list[dict]:
+        """unet_lr / text_encoder_lr (default learning_rate), block_args lrs, then [optimizer] param_groups."""
+        from core.optim import build_param_groups_for_models
+        n = self.cfg.network
+        base = {"unet": n.unet_lr if n.unet_lr is not None else opt_cfg.learning_rate,
+                "text_encoder": n.text_encoder_lr if n.text_encoder_lr is not None else opt_cfg.learning_rate}
+        named: dict[str, list[tuple[str, nn.Parameter]]] = {}
+        lrs: dict[str, float] = {}
+        for name, adapter in self.network.adapters.items():
+            kind = "text_encoder" if name.startswith(TEXT_PREFIXES) else "unet"
+            block_lr = self.network.lrs.get(name)
+            key = kind if block_lr is None else f"{kind}@{block_lr:g}"
+            lrs[key] = base[kind] if block_lr is None else float(block_lr)
+            named.setdefault(key, []).extend((f"{name}.{k}", p) for k, p in adapter.named_parameters())
+        return build_param_groups_for_models(named, opt_cfg, lrs)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        from core import dist
+        return {k: dist.full_tensor(v) for k, v in self.network.state_dict().items()}
+
+    def load_state_dict(self, sd: Mapping[str, Tensor]) -> None:
+        self.network.load_state_dict(dict(sd), strict=True)
+
+    def previewing(self, model: nn.Module) -> Any:
+        """FSDP2: the adapters sit in the root unit, which only the trainee's forward gathers; previews call the
+        network directly, so the root is gathered around them."""
+        import contextlib
+        if not hasattr(model, "unshard"):
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def gathered() -> Any:
+            model.unshard()
+            try:
+                yield
+            finally:
+                model.reshard()
+        return gathered()
+
+    def export(self, path: str, meta: Mapping[str, str], ema: Any, alone: bool = False) -> None:
+        """The LoRA file (kohya layout, ss_* metadata) by rank 0; with an EMA also `-ema`. `alone`: by this rank,
+        nothing gathered (a crash)."""
+        from core import dist
+        sd = {k: v if alone else dist.full_tensor(v) for k, v in self.network.kohya_state_dict().items()}
+        if not (alone or dist.is_main()):
+            return
+        if self._tags is None:
+            self._tags = _dataset_tag_frequency(self.cfg)
+        extra = {**meta, "ss_steps": meta.get("sdtrain.step", ""), "ss_tag_frequency": json.dumps(self._tags)}
+        info = ss_metadata(self.cfg, self.comp.family, self.network, extra)
+        save_lora(path, sd, info, self.cfg.save.save_precision)
+        if ema is not None:
+            with ema.swapped_into(self.network):
+                save_lora(path.replace(".safetensors", "-ema.safetensors"), self.network.kohya_state_dict(),
+                          {**info, "sdtrain.ema_decay": str(ema.decay)}, self.cfg.save.save_precision)
+
+
+TAG_FREQUENCY_MAX_FILES = 10_000  # caption files read per folder for ss_tag_frequency (a sample of huge folders)
+
+
+def _dataset_tag_frequency(cfg: Any) -> dict[str, dict[str, int]]:
+    """kohya's ss_tag_frequency: {folder: {tag: count}} over the caption files of each image folder (at most
+    TAG_FREQUENCY_MAX_FILES per folder, in name order, so a 10M-image folder costs seconds, not an hour)."""
+    import itertools
+    import os
+    out: dict[str, dict[str, int]] = {}
+    d = cfg.data
+    subsets = d.subsets or [d]
+    for sub in subsets:
+        ext = getattr(sub, "caption_extension", None) or d.caption_extension
+        for folder in sub.image_dirs:
+            if not os.path.isdir(folder):
+                continue
+            caps = []
+            names = (e.name for e in os.scandir(folder) if e.name.endswith(ext))
+            for f in sorted(itertools.islice(names, TAG_FREQUENCY_MAX_FILES)):
+                with open(os.path.join(folder, f), encoding="utf-8", errors="replace") as fh:
+                    caps.append(fh.read().strip())
+            out[os.path.basename(os.path.normpath(folder))] = tag_frequency(caps, d.caption_separator)
+    return out
