@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--v_parameterization", action="store_true",
                     help="SDXL v-prediction model (default: read from the file's modelspec.prediction_type)")
     ap.add_argument("--max_token_length", type=int, default=75, choices=(75, 150, 225))
+    ap.add_argument("--lora", nargs="+", default=[], metavar="FILE[:WEIGHT]",
+                    help="kohya-format LoRA file(s) merged into the model before sampling (weight default 1)")
     args = ap.parse_args(argv)
     if bool(args.prompt) == bool(args.prompt_file):
         ap.error("give exactly one of --prompt or --prompt_file")
@@ -76,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
                        device=args.device, dtype={"network": dt, "text": dt, "vae": torch.float32},
                        v_parameterization=True if args.v_parameterization else None,  # None: from the file's modelspec
                        max_token_length=args.max_token_length)
+    if args.lora:
+        from networks.lora import merge_files
+        try:
+            merge_files(comp, args.lora, warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+        except (ValueError, OSError) as e:  # missing / foreign / mismatched LoRA file: one line, no traceback
+            raise SystemExit(f"lora error: {e}") from None
     comp.network.eval()
     small = comp.vae.cfg.ch < 128  # tiny test models: default to small images
     size = 128 if small else 1024

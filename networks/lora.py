@@ -623,3 +623,10 @@ def _dataset_tag_frequency(cfg: Any) -> dict[str, dict[str, int]]:
                     caps.append(fh.read().strip())
             out[os.path.basename(os.path.normpath(folder))] = tag_frequency(caps, d.caption_separator)
     return out
+
+
+def merge_files(comp: Any, specs: Iterable[str], warn: Callable[[str], None] = print) -> None:
+    """Merge each 'file[:weight]' into the loaded model (generate.py --lora, tools/merge_lora)."""
+    for spec in specs:
+        path, weight = parse_lora_spec(spec)
+        merge_into(comp, read_lora(path, comp), weight, source=path, warn=warn)

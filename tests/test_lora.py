@@ -127,3 +127,162 @@ def test_sdxl_lora_file_loads_in_diffusers_with_equal_outputs(tmp_path):
         again = comp.unet(x, t, context, _sgm_y(pooled, time_ids))
     assert _rel(plain, ours) > 1e-3
     assert torch.equal(plain, again)
+
+
+# ---------------------------------------------------------------- SD3: ComfyUI's key rule
+
+LORA_CLIP_MAP = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "self_attn.k_proj": "self_attn_k_proj",
+                 "self_attn.q_proj": "self_attn_q_proj", "self_attn.v_proj": "self_attn_v_proj",
+                 "self_attn.out_proj": "self_attn_out_proj"}
+
+
+def _comfy_key_map(comp) -> dict[str, str]:
+    """ComfyUI's rule (comfy/lora.py model_lora_keys_unet / model_lora_keys_clip), over the file's keys:
+    lora_unet_ + diffusion-model key without `.weight`, "." -> "_"; CLIP layers (HF naming) lora_te1_ (clip_l) /
+    lora_te2_ (clip_g) + text_model_encoder_layers_{b}_{LORA_CLIP_MAP[c]}."""
+    sd = comp.export_state_dict()
+    out = {}
+    for k in sd:
+        if k.startswith("model.diffusion_model.") and k.endswith(".weight"):
+            out["lora_unet_" + k[len("model.diffusion_model."):-len(".weight")].replace(".", "_")] = k
+    for te, prefix in (("clip_l", "lora_te1"), ("clip_g", "lora_te2")):
+        for b in range(32):
+            for c, short in LORA_CLIP_MAP.items():
+                k = f"text_encoders.{te}.transformer.text_model.encoder.layers.{b}.{c}.weight"
+                if k in sd:
+                    out[f"{prefix}_text_model_encoder_layers_{b}_{short}"] = k
+    return out
+
+
+def test_sd3_names_follow_comfyui_rule_and_merge_equals_applied():
+    comp = models.build("sd3", "tiny", seed=0, parts=["mmdit", "clip_l", "clip_g"])
+    net = lora.create_network(comp, _cfg(network_dim=2, network_alpha=4.0).network, unet=True, text=True)
+    _randomize_adapters(net, seed=1)
+    rule = _comfy_key_map(comp)
+    sd = comp.export_state_dict()
+    depth = comp.mmdit.cfg.depth
+    for name, a in net.adapters.items():
+        assert name in rule, name
+        assert tuple(sd[rule[name]].shape) == tuple(a.weight_delta().shape), name
+    expected = {f"lora_unet_joint_blocks_0_{s}_{m}" for s in ("context_block", "x_block")
+                for m in ("attn_qkv", "attn_proj", "mlp_fc1", "mlp_fc2")}
+    assert expected <= set(net.adapters)
+    last = f"lora_unet_joint_blocks_{depth - 1}_context_block_"  # pre_only: qkv only
+    assert {n[len(last):] for n in net.adapters if n.startswith(last)} == {"attn_qkv"}
+    assert not any("adaLN" in n or "embedder" in n or "final_layer" in n for n in net.adapters)
+    assert any(n.startswith("lora_te1_") for n in net.adapters) and any(n.startswith("lora_te2_") for n in net.adapters)
+
+    # merging the file into the weights gives the model with the LoRA applied
+    g = torch.Generator().manual_seed(0)
+    c = comp.mmdit.cfg
+    x = torch.randn(1, c.in_channels, 16, 16, generator=g)
+    ctx = torch.randn(1, 8, c.context_in_dim, generator=g)
+    y = torch.randn(1, c.adm_in_channels, generator=g)
+    t = torch.tensor([0.6])
+    comp.mmdit.eval()
+    with torch.no_grad():
+        base = comp.mmdit(x, t, context=ctx, y=y)
+        net.apply_to()
+        applied = comp.mmdit(x, t, context=ctx, y=y)
+        net.remove()
+        groups = {}
+        for k, v in net.kohya_state_dict().items():
+            name, _, leaf = k.partition(".")
+            groups.setdefault(name, {})[leaf] = v
+        assert lora.merge_into(comp, groups, 1.0) == len(groups)
+        merged = comp.mmdit(x, t, context=ctx, y=y)
+    assert _rel(applied, base) > 1e-3
+    assert _rel(merged, applied) <= 1e-5
+
+
+# ---------------------------------------------------------------- diffusers-named third-party files
+
+
+def test_diffusers_named_sdxl_keys_map_back_to_sgm():
+    """Every adaptable sgm layer (LoCon covers convs, embeddings too) -> diffusers' own kohya key conversion
+    (_maybe_map_sgm_blocks_to_diffusers + _convert_unet_lora_key) -> a module of the diffusers UNet; our inverse
+    maps that diffusers name back to the sgm name."""
+    pytest.importorskip("diffusers")
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders import lora_conversion_utils as lcu
+    from test_unet_sdxl import _diffusers_config
+    comp = models.build("sdxl", "tiny", parts=["unet"])
+    cfg = comp.unet.cfg
+    names = [n for n in lora.lora_targets(comp) if n.startswith("lora_unet_")]
+    dcfg = _diffusers_config(cfg)
+    dmodules = dict(UNet2DConditionModel(**dcfg).named_modules())
+
+    class C:
+        layers_per_block = cfg.num_res_blocks
+    mapped = lcu._maybe_map_sgm_blocks_to_diffusers({f"{n}.lora_down.weight": n for n in names}, C())
+    assert len(mapped) == len(names)
+    for key, original in mapped.items():
+        path = lcu._convert_unet_lora_key(key)[:-len(".lora_down.weight")].replace(".processor", "")
+        if isinstance(dmodules.get(path), nn.ModuleList):  # old attn-processor naming `to_out_lora`: the Linear is .0
+            path += ".0"
+        assert isinstance(dmodules.get(path), (nn.Linear, nn.Conv2d)), (original, path)
+        diffusers_name = "lora_unet_" + path.replace(".", "_")
+        assert lora.sdxl_diffusers_to_sgm(diffusers_name, cfg.num_res_blocks, cfg.transformer_depth) == original
+
+
+# ---------------------------------------------------------------- merging (tools.merge_lora)
+
+
+def test_merge_lora_tool_adds_scaled_products_and_reloads(tmp_path):
+    """merged == base + weight * alpha / dim * up @ down on every adapted layer (bigG q / k / v into their rows of
+    in_proj_weight, LoCon 3x3 convs), every other tensor unchanged; the file reloads in ours and converts strictly
+    in diffusers (UNet), whose output equals ours with the LoRA applied."""
+    from safetensors.torch import load_file
+    from tools import merge_lora
+    comp = _sdxl()
+    comp_full = models.build("sdxl", "tiny", seed=0)
+    comp_full.unet, comp_full.te1, comp_full.te2 = comp.unet, comp.te1, comp.te2
+    base_path, lora_path, out = tmp_path / "base.safetensors", tmp_path / "l.safetensors", tmp_path / "m.safetensors"
+    models.save(comp_full, str(base_path), "fp32")
+    net = lora.create_network(comp, _cfg(network_module="locon", network_dim=3, network_alpha=1.5, conv_dim=2,
+                                         conv_alpha=2.0).network, unet=True, text=True)
+    _randomize_adapters(net, seed=2)
+    lora.save_lora(str(lora_path), net.kohya_state_dict(), {}, precision="fp32")
+    assert merge_lora.main([str(base_path), f"{lora_path}:0.5", "--out", str(out), "--precision", "fp32"]) == 0
+
+    base, merged = load_file(str(base_path)), load_file(str(out))
+    assert base.keys() == merged.keys()
+    targets = lora.lora_targets(comp)
+    changed = set()
+    for name, a in net.adapters.items():
+        t = targets[name]
+        prefix = models.sdxl.PREFIX[t.part]
+        path = next(p for p, m in getattr(comp, t.part).named_modules() if m is t.module)
+        key = f"{prefix}{path}.{'in_proj_weight' if t.slot is not None else 'weight'}"
+        up, down = a.lora_up.weight.flatten(1), a.lora_down.weight
+        delta = 0.5 * (a.alpha / a.dim) * (up @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
+        rows = slice(None) if t.slot is None else slice(t.slot * up.shape[0], (t.slot + 1) * up.shape[0])
+        torch.testing.assert_close(merged[key][rows], base[key][rows] + delta.reshape(base[key][rows].shape),
+                                   rtol=1e-5, atol=1e-6)
+        changed.add(key)
+    assert any("in_layers" in k for k in changed) and any("in_proj_weight" in k for k in changed)
+    for k in base.keys() - changed:
+        assert torch.equal(base[k], merged[k]), k
+
+    again = models.load(str(out))  # ours: strict load of every part
+    pytest.importorskip("diffusers")
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    from test_unet_sdxl import _diffusers_config, _inputs, _sgm_y
+    dcfg = _diffusers_config(comp.unet.cfg)
+    ref = UNet2DConditionModel(**dcfg).eval()
+    ref.load_state_dict(convert_ldm_unet_checkpoint(merged, dcfg), strict=True)
+    x, t, context, pooled, time_ids = _inputs(comp.unet.cfg)
+    net.set_multiplier(0.5)
+    net.apply_to()
+    with torch.no_grad():
+        applied = comp.unet(x, t, context, _sgm_y(pooled, time_ids))
+        expected = ref(x, t, context, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        reloaded = again.unet.eval()(x, t, context, _sgm_y(pooled, time_ids))
+    assert _rel(expected, applied) <= 1e-5 and _rel(reloaded, applied) <= 1e-5
+    # a LoRA for another model is one clear error
+    with pytest.raises(SystemExit, match="merge_lora: .*none of its"):
+        other = models.build("sd3", "tiny", parts=["mmdit"])
+        net3 = lora.create_network(other, _cfg().network, unet=True, text=False)
+        lora.save_lora(str(tmp_path / "sd3.safetensors"), net3.kohya_state_dict(), {}, "fp32")
+        merge_lora.main([str(base_path), str(tmp_path / "sd3.safetensors"), "--out", str(tmp_path / "x.safetensors")])
