@@ -445,14 +445,6 @@ def merge_into(comp: Any, groups: Mapping[str, Mapping[str, Tensor]], weight: fl
     return len(groups) - len(unknown)
 
 
-def legacy_model_hash(path: str) -> str:
-    """A1111's old 8-hex model hash (sha256 of 64 KiB at offset 1 MiB), what kohya writes as ss_sd_model_hash."""
-    import hashlib
-    with open(path, "rb") as f:
-        f.seek(0x100000)
-        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
-
-
 def tag_frequency(captions: Iterable[str], separator: str = ",") -> dict[str, int]:
     """Tag -> count over captions, as kohya's ss_tag_frequency (per dataset folder)."""
     freq: dict[str, int] = {}
@@ -464,46 +456,36 @@ def tag_frequency(captions: Iterable[str], separator: str = ",") -> dict[str, in
     return freq
 
 
-def ss_metadata(cfg: Any, family: str, network: LoRANetwork, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """kohya's ss_* training metadata (strings), plus the modelspec architecture of a LoRA."""
+def ss_metadata(cfg: Any, family: str, network: LoRANetwork, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The run's kohya metadata (`base`: core/run_metadata.py's ss_* keys) with what a LoRA file adds: network
+    module / dim / alpha / args / dropout, the adapters' learning rates and the LoRA modelspec architecture."""
     n, o = cfg.network, cfg.optimizer
-    args = {"conv_dim": str(n.conv_dim or n.network_dim), "conv_alpha": str(n.conv_alpha if n.conv_alpha is not None
-                                                                               else n.network_alpha)} \
+    args = {"conv_dim": str(n.conv_dim or n.network_dim),
+            "conv_alpha": str(n.conv_alpha if n.conv_alpha is not None else n.network_alpha)} \
         if n.network_module == "locon" else {}
     for k in ("rank_dropout", "module_dropout"):
         if getattr(n, k):
             args[k] = str(getattr(n, k))
-    base = cfg.model.pretrained_model_name_or_path
-    meta = {
+    meta = {k: v for k, v in (base or {}).items() if k != "ss_training_type"}
+    te_trained = any(k.startswith(TEXT_PREFIXES) for k in network.adapters)
+    meta.update({
         "ss_network_module": NETWORK_MODULE[n.network_module], "ss_network_dim": str(n.network_dim),
         "ss_network_alpha": str(n.network_alpha), "ss_network_args": json.dumps(args),
         "ss_network_dropout": str(n.network_dropout), "ss_base_model_version": BASE_MODEL_VERSION[family],
-        "ss_sd_model_name": base.replace("\\", "/").split("/")[-1] if base else f"preset:{cfg.model.model_preset}",
-        "ss_learning_rate": str(o.learning_rate), "ss_unet_lr": str(n.unet_lr if n.unet_lr is not None else o.learning_rate),
+        "ss_unet_lr": str(n.unet_lr if n.unet_lr is not None else o.learning_rate),
         "ss_text_encoder_lr": str(n.text_encoder_lr if n.text_encoder_lr is not None else o.learning_rate),
-        "ss_network_train_unet_only": str(not any(k.startswith(TEXT_PREFIXES) for k in network.adapters)),
-        "ss_optimizer": o.optimizer_type, "ss_lr_scheduler": o.lr_scheduler, "ss_max_train_steps": str(cfg.train.max_train_steps),
-        "ss_mixed_precision": cfg.train.mixed_precision, "ss_full_fp16": str(cfg.train.full_fp16),
-        "ss_full_bf16": str(cfg.train.full_bf16), "ss_gradient_checkpointing": str(cfg.train.gradient_checkpointing),
-        "ss_gradient_accumulation_steps": str(cfg.train.gradient_accumulation_steps), "ss_seed": str(cfg.seed),
-        "ss_resolution": str((cfg.data.resolution, cfg.data.resolution)), "ss_batch_size_per_device": str(cfg.data.batch_size),
-        "ss_noise_offset": str(cfg.loss.noise_offset), "ss_min_snr_gamma": str(cfg.loss.min_snr_gamma),
-        "ss_output_name": cfg.save.output_name, "ss_v2": "False",
-        "modelspec.architecture": {"sdxl": "stable-diffusion-xl-v1-base", "sd3": "stable-diffusion-v3-medium"}[family] + "/lora",
-        "modelspec.implementation": "https://github.com/kohya-ss/sd-scripts", "modelspec.title": cfg.save.output_name,
-    }
-    if base:
-        try:
-            meta["ss_sd_model_hash"] = legacy_model_hash(base)
-        except OSError:
-            pass
-    meta.update(extra or {})
+        "ss_network_train_unet_only": str(not te_trained),
+        "modelspec.architecture": {"sdxl": "stable-diffusion-xl-v1-base", "sd3": "stable-diffusion-v3-medium"}[family]
+        + "/lora",
+        "modelspec.sai_model_spec": "1.0.0", "modelspec.title": cfg.save.output_name,
+    })
+    if not te_trained:
+        meta.pop("ss_text_encoder_lr")
     return meta
 
 
 def save_lora(path: str, sd: Mapping[str, Tensor], metadata: Mapping[str, str], precision: str = "fp16") -> None:
-    """Write a kohya LoRA file atomically (alpha stays fp32 as kohya writes it only when saving fp32 -- we keep it
-    in the file precision like kohya does)."""
+    """Write a kohya LoRA file atomically, every tensor (alpha too, as kohya does) in `precision`."""
     from models import DTYPES
     from models.checkpoint import save_safetensors_atomic
     dt = DTYPES[precision]
@@ -591,8 +573,7 @@ class LoRATraining:
             return
         if self._tags is None:
             self._tags = _dataset_tag_frequency(self.cfg)
-        extra = {**meta, "ss_steps": meta.get("sdtrain.step", ""), "ss_tag_frequency": json.dumps(self._tags)}
-        info = ss_metadata(self.cfg, self.comp.family, self.network, extra)
+        info = ss_metadata(self.cfg, self.comp.family, self.network, {**meta, "ss_tag_frequency": json.dumps(self._tags)})
         save_lora(path, sd, info, self.cfg.save.save_precision)
         if ema is not None:
             with ema.swapped_into(self.network):
