@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         check_fused_settings(cfg, info.world_size)
         objective = build_objective(family, cfg.loss, cfg.model.v_parameterization)
         prompts = load_sample_prompts(cfg)
+    except models.CheckpointError as e:  # a missing / damaged checkpoint (its header is read for the markers)
+        raise SystemExit(f"model error: {e}") from None
     except (ValueError, OSError) as e:
         raise SystemExit(f"config error: {e}") from None
 
