@@ -115,6 +115,8 @@ def _sum_over_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> int:
     cfg, args = cli.parse(argv, "cache.py", __doc__ or "", extra_flags=[
         ("--verify", "re-check the checksum of every shard and exit"),
+        ("--dry-run", "build the index and report what would be trained on (subsets, buckets, captions, 8 examples, "
+                      "<cache_dir>/dataset_preview.png) without loading any model, then exit"),
         ("--import-npz", {"metavar": "DIR", "default": "",
                           "help": "first bring kohya / euge-trainer .npz latents found under DIR into the store (no "
                                   "re-encode; their VAE must be the configured one), then encode what they did not cover"})])
@@ -157,6 +159,14 @@ def main(argv: list[str] | None = None) -> int:
         index = load_or_build_index(cfg.data, root, is_main=False)
     except (dist.MainRankError, OSError, ValueError) as e:
         raise SystemExit(cli.error_line("data error", e, "cache.py")) from None
+    if args.dry_run:
+        if main_rank:
+            from data.dry_run import report
+
+            print(report(index, cfg.data, cfg.model, os.path.join(root, "dataset_preview.png"), cfg.seed))
+        dist.barrier()
+        dist.shutdown()
+        return 0
     flip_any = any(s.flip_aug for s in index.subsets)
     te, hooks, te_ident = None, (None, None), ""
     if cc.cache_text_encoder_outputs:

@@ -578,3 +578,45 @@ def test_hf_dataset_without_pyarrow_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_pyarrow)
     with pytest.raises(ValueError, match="needs pyarrow: pip install -r requirements-optional.txt"):
         build_index(data_cfg(dataset_name_or_path=str(tmp_path / "ds")))
+
+
+def test_cache_dry_run_reports_without_models(tmp_path, capsys, monkeypatch):
+    """cache.py --dry-run: per-subset counts (reg balanced), bucket histogram, caption stats, 8 processed captions
+    and the contact sheet, with every model loader made to fail (none may be called)."""
+    import cache
+    import models
+
+    for name in ("load_vae", "load_text_encoders", "from_config", "load"):
+        monkeypatch.setattr(models, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
+    tr, reg = dreambooth_fixture(tmp_path, n_train=4, train_repeats=3, n_reg=20)
+    img(tr / "3_sks dog" / "wide.png", (96, 32))
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(f"""
+[model]
+model_family = "sdxl"
+model_preset = "tiny"
+[data]
+train_data_dir = "{tr}"
+reg_data_dir = "{reg}"
+caption_extension = ".caption"
+resolution = 64
+bucket_reso_step = 16
+min_bucket_reso = 32
+max_bucket_reso = 128
+caption_prefix = "photo,"
+[cache]
+cache_dir = "{tmp_path / 'store'}"
+""")
+    assert cache.main([str(cfg), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "dataset: 25 entries, 30 samples per epoch" in out
+    assert "3_sks dog: 5 images, 15 samples/epoch, num_repeats 3, class tokens 'sks dog'" in out
+    assert "1_dog: 20 images, 15 samples/epoch, num_repeats 1, reg, class tokens 'dog', 5 with 0 repeats" in out
+    assert "buckets (2): bucket  images  samples  share" in out
+    assert "     80x48         24       27   90.0%" in out and "     96x32          1        3   10.0%" in out
+    assert "captions: 24 empty (96.0%)" in out and "CLIP tokens over 25 sampled" in out
+    ex = out.split("processed captions (as the loader makes them):\n")[1].splitlines()[:8]
+    assert len(ex) == 8 and all(e.split(": ", 1)[1].startswith("photo, ") for e in ex)
+    assert any(e.endswith("photo, sks dog") or e.endswith("photo, dog") for e in ex)
+    sheet = Image.open(tmp_path / "store" / "dataset_preview.png")
+    assert sheet.size == (4 * 192, 2 * (192 + 64)) and "contact sheet of 8 bucketed crops" in out
