@@ -2,7 +2,6 @@
 non-zero exit and one line that names the problem, never a traceback. Nothing here loads a model except the
 missing-checkpoint case, so the whole file runs in a few seconds."""
 import importlib
-import json
 import os
 import subprocess
 
