@@ -350,7 +350,7 @@ def memory_rows(s: Suite, p: dict) -> None:
     settings = [("AdamW, fp32 weights", "adamw", torch.float32, False, False),
                 ("Adafactor + fused backward, bf16 weights", "adafactor", torch.bfloat16, True, False),
                 ("Adafactor + fused backward + stochastic rounding, bf16", "adafactor", torch.bfloat16, True, True)]
-    for label, opt_name, dtype, fused, sr in settings:
+    for label, opt_name, dtype, fused, sr in settings[: p.get("only")]:
         def fn(opt_name=opt_name, dtype=dtype, fused=fused, sr=sr):
             free_cuda(device)
             if device.type == "cuda":
