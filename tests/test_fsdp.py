@@ -45,7 +45,8 @@ def test_fsdp_matches_ddp_exports_and_resumes(tmp_path):
     res = tmp_path / "fsdp_resumed"
     os.makedirs(res / "state")
     shutil.copytree(tmp_path / "fsdp" / "state" / "step-00000002", res / "state" / "step-00000002")
-    out = _run(TORCHRUN + ["train.py", *common, f"output_dir={res}", "train.fsdp=true", "train.resume=auto"])
+    out = _run(TORCHRUN + ["train.py", *common, f"output_dir={res}", "train.fsdp=true",
+                          f"train.resume={res / 'state' / 'step-00000002'}"])  # another run's state: named, not auto
     assert "resumed from" in out.stderr
     a = load_file(str(tmp_path / "fsdp" / "state" / "step-00000004" / "trained.safetensors"))
     b = load_file(str(res / "state" / "step-00000004" / "trained.safetensors"))
