@@ -15,3 +15,14 @@ def run_ok(cmd, env=None, timeout=600, expect=0):
     assert out.returncode == expect, (f"{' '.join(map(str, cmd))} exited {out.returncode}, expected {expect}:\n"
                                       f"{out.stdout[-3000:]}\n{out.stderr[-5000:]}")
     return out
+
+
+def unmount(d):
+    """Close the run log (an in-process train.main leaves its file handler open there), then unmount `d`."""
+    import logging
+    log = logging.getLogger("sdtrain")
+    for h in list(log.handlers):
+        h.close()
+        log.removeHandler(h)
+    if subprocess.run(["umount", str(d)], capture_output=True).returncode:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)

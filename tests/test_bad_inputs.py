@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from core import state as rstate
+from helpers import unmount
 
 DEMO = "configs/demo.toml"
 
@@ -58,17 +59,6 @@ def data(tmp_path_factory):
         f.seek(3)
         f.write(b"\xff")
     return root
-
-
-def _unmount(d):
-    """Close the run log (an in-process train.main leaves its file handler open there), then unmount."""
-    import logging
-    log = logging.getLogger("sdtrain")
-    for h in list(log.handlers):
-        h.close()
-        log.removeHandler(h)
-    if subprocess.run(["umount", str(d)], capture_output=True).returncode:
-        subprocess.run(["umount", "-l", str(d)], capture_output=True)
 
 
 def _out(tmp_path):
@@ -182,7 +172,7 @@ def ro_dir(tmp_path):
     if r.returncode:
         pytest.skip(f"cannot mount a read-only tmpfs here: {r.stderr.strip()}")
     yield d
-    _unmount(d)
+    unmount(d)
 
 
 def test_read_only_output_dir_and_cache_dir(data, ro_dir, capsys):

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from core import fsio
 from core import state as rstate
+from helpers import unmount
 
 
 def _state(root, step, run_id, config=None, saved_ns=None):
@@ -322,17 +323,6 @@ def test_no_usable_images_names_folders_and_recursive(tmp_path):
 # 5. A full or read-only disk: one line naming the path, nothing damaged, a rerun after freeing space finishes
 
 
-def _unmount(d):
-    """Close the run log (an in-process train.main leaves its file handler open there), then unmount."""
-    import logging
-    log = logging.getLogger("sdtrain")
-    for h in list(log.handlers):
-        h.close()
-        log.removeHandler(h)
-    if subprocess.run(["umount", str(d)], capture_output=True).returncode:
-        subprocess.run(["umount", "-l", str(d)], capture_output=True)
-
-
 @pytest.fixture
 def small_disk(tmp_path):
     """A tmpfs of `size` (we are root); skipped where mounting is not allowed."""
@@ -346,7 +336,7 @@ def small_disk(tmp_path):
             pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
         return d
     yield mount
-    _unmount(d)
+    unmount(d)
 
 
 def _fill(disk):
@@ -412,7 +402,7 @@ def test_cache_read_only_store_with_nothing_to_encode_is_fine(tmp_path, capsys):
         assert cache.main(argv) == 0
         assert "already valid 2" in capsys.readouterr().out
     finally:
-        _unmount(ro)
+        unmount(ro)
 
 
 @pytest.mark.slow
