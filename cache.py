@@ -6,8 +6,9 @@
 Loads the VAE alone (text encoders only with [cache] cache_text_encoder_outputs), builds or reuses the dataset
 index (rank 0), finds the records that are missing or stale, splits them across ranks evenly by bucket, decodes
 and resizes images in DataLoader workers, encodes in batches of vae_batch_size, and hands the results to a
-background writer so encoding never waits for the disk. Each rank writes its own shards; rank 0 merges the
-store index at the end. Unreadable images are skipped with one log line and listed in <cache_dir>/skipped.txt.
+background writer so encoding never waits for the disk. Images in tar shards are not read one by one: each rank
+gets whole shards and streams them once from start to end, batching the decoded images by bucket as they come.
+Each rank writes its own shards; rank 0 merges the store index at the end. Unreadable images are skipped with one log line and listed in <cache_dir>/skipped.txt.
 Exit status 0 unless nothing usable is left (or, with --verify, a shard is damaged).
 
 Cached text: variant k of an image's caption is built by the same `full_caption` call the loader makes (built-in
@@ -21,6 +22,7 @@ part of the store fingerprint: changing a hook's code needs a new cache_dir or d
 from __future__ import annotations
 
 import glob
+import itertools
 import logging
 import os
 import random
@@ -32,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from core import cli
 from core.fsio import clean_stale_temps
@@ -42,6 +44,7 @@ from data.images import BadImage, SkipReport
 from data.index import DatasetIndex, load_or_build_index
 from data.hooks import load_text_hook
 from data.npz_import import row_extra
+from data.readers import LOCATOR_SEP, container_reader, member_bytes, split_locator
 from data.sources import map_chunked
 from data.store import (BackgroundWriter, LatentStore, LATENT_DTYPES, Record, SHARD_DIR, ShardWriter,
                         source_fingerprint, store_cfg_fingerprint)
@@ -93,6 +96,89 @@ def _split_by_bucket(index: DatasetIndex, rows: np.ndarray, batch_size: int, wor
         for grp in np.split(rows, cut):
             batches += [grp[i : i + batch_size].tolist() for i in range(0, len(grp), batch_size)]
     return [batches[r::world] for r in range(world)]
+
+
+def _sequential_rows(index: DatasetIndex, rows: np.ndarray) -> tuple[np.ndarray, dict[str, list[int]]]:
+    """Rows decoded one by one (files, table cells) and, per sequential container (a tar shard), its rows."""
+    loose: list[int] = []
+    streamed: dict[str, list[int]] = {}
+    sequential: dict[str, bool] = {}
+    for i in rows.tolist():
+        p = index.paths[i]
+        if LOCATOR_SEP in p:
+            c = split_locator(p)[0]
+            if c not in sequential:
+                r = container_reader(c)
+                sequential[c] = r is not None and r.sequential
+            if sequential[c]:
+                streamed.setdefault(c, []).append(i)
+                continue
+        loose.append(i)
+    return np.asarray(loose, dtype=np.int64), streamed
+
+
+def _deal_containers(streamed: dict[str, list[int]], world: int) -> list[dict[str, list[int]]]:
+    """Whole containers to ranks, largest first to the least loaded rank (the same on every rank)."""
+    out: list[dict[str, list[int]]] = [{} for _ in range(world)]
+    load = [0] * world
+    for c in sorted(streamed, key=lambda c: (-len(streamed[c]), c)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        out[r][c] = streamed[c]
+        load[r] += len(streamed[c])
+    return out
+
+
+def _stream_batch_count(index: DatasetIndex, containers: dict[str, list[int]], batch_size: int) -> int:
+    """Batches `_streamed_batches` makes of these containers' rows: ceil(rows / batch size) per bucket."""
+    rows = [r for rs in containers.values() for r in rs]
+    if not rows:
+        return 0
+    _, n = np.unique(index.buckets[np.asarray(rows)], axis=0, return_counts=True)
+    return int(((n + batch_size - 1) // batch_size).sum())
+
+
+class _Stream(IterableDataset):
+    """Decoded items of whole sequential containers, each read once from start to end (`stream_members`); DataLoader
+    workers take every n-th container. A member that cannot be read comes back as {"row", "error"}."""
+
+    def __init__(self, decode: _Decode, containers: dict[str, list[int]]):
+        self.decode, self.containers = decode, containers
+
+    def __iter__(self):
+        ix = self.decode.index
+        todo = sorted(self.containers)
+        w = get_worker_info()
+        for c in todo[w.id :: w.num_workers] if w is not None else todo:
+            by_member = {split_locator(ix.paths[r])[1]: r for r in self.containers[c]}
+            for member, data, why in container_reader(c).stream_members(c, set(by_member)):
+                row = by_member[member]
+                if data is None:
+                    yield {"row": row, "error": why}
+                    continue
+                with member_bytes(ix.paths[row], data):
+                    item = self.decode[row]
+                yield item
+
+
+def _as_is(x):
+    return x
+
+
+def _streamed_batches(decode: _Decode, containers: dict[str, list[int]], batch_size: int, workers: int):
+    """One-bucket batches of the streamed items (as they arrive; each bucket's last partial batch at the end)."""
+    if not containers:
+        return
+    n = min(workers, len(containers))
+    items = DataLoader(_Stream(decode, containers), batch_size=None, collate_fn=_as_is, num_workers=n,
+                       prefetch_factor=4 if n > 0 else None)
+    pending: dict[tuple[int, int], list] = {}
+    for it in items:
+        b = tuple(int(v) for v in decode.index.buckets[it["row"]])
+        group = pending.setdefault(b, [])
+        group.append(it)
+        if len(group) == batch_size:
+            yield pending.pop(b)
+    yield from pending.values()
 
 
 def _encode(vae, x: torch.Tensor, tile: int, posterior: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -203,9 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     if main_rank:
         for i in np.flatnonzero(status == MISSING).tolist():
             skipped.add(index.paths[i] or index.keys[i], "image not found and not in the store")
-    split = _split_by_bucket(index, pending, max(1, cc.vae_batch_size), world)
+    bs = max(1, cc.vae_batch_size)
+    loose, streamed = _sequential_rows(index, pending)
+    split = _split_by_bucket(index, loose, bs, world)
+    shards = _deal_containers(streamed, world)  # sequential containers (tar shards): whole ones per rank
     mine = split[rank]
-    in_step = min(map(len, split))  # progress collectives only while every rank still has batches
+    # progress collectives only while every rank still has batches
+    in_step = min(len(split[r]) + _stream_batch_count(index, shards[r], bs) for r in range(world))
     if main_rank:
         log.info("%d entries: %d already valid, %d to encode on %d rank(s)", n, n_valid, len(pending), world)
 
@@ -218,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         ds = _Decode(index, cc.content_hash, cfg.data.jpeg_draft, cfg.data.max_image_pixels)
         loader = DataLoader(ds, batch_sampler=mine, collate_fn=list, num_workers=workers,
                             prefetch_factor=4 if workers > 0 else None)
+        loader = itertools.chain(loader, _streamed_batches(ds, shards[rank], bs, workers))
         waits = InputWait()
         writer = BackgroundWriter(ShardWriter(root, cfg_fp, rank, cc.shard_size_mb, cc.compress))
         dtype = LATENT_DTYPES[cc.latent_dtype]

@@ -35,6 +35,8 @@ from core import emergency, run_metadata, state as rstate
 import models
 from data.index import load_or_build_index
 from data.loader import batches_per_epoch, make_loader, usable_rows
+from data.sources import require_store_for_containers
+from data.store import LatentStore
 
 DTYPES = {"no": None, **models.DTYPES}  # config precision names -> torch dtypes ("no": no autocast)
 FSDP_BLOCKS = {"sdxl": ("input_blocks", "output_blocks"), "sd3": ("joint_blocks",)}
@@ -155,10 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     use_store = bool(cfg.cache.cache_dir)
     index_dir = cfg.cache.cache_dir if use_store else paths["state"]
     try:
-        store = None
-        if use_store:
-            from data.store import LatentStore
-            store = LatentStore(cfg.cache.cache_dir, check_validity=cfg.cache.check_cache_validity)
+        require_store_for_containers(cfg.data, use_store)  # tar shards: cache.py reads them, train.py the store
+        store = LatentStore(cfg.cache.cache_dir, check_validity=cfg.cache.check_cache_validity) if use_store else None
         dist.main_first(lambda: load_or_build_index(cfg.data, index_dir, is_main=True))
         index = load_or_build_index(cfg.data, index_dir, is_main=False)  # rank 0 too: the saved, shared index
     except (dist.MainRankError, OSError, ValueError) as e:

@@ -247,7 +247,7 @@ def _build_index(data, skipped: SkipReport | None, threads: int,
     subsets = resolve_subsets(data)
     bs = BucketSettings.from_data_cfg(data)
     fp = inputs_fingerprint(subsets, bool(data.recursive), _settings_key(data) + bs.key())
-    cols = collect(subsets, bool(data.recursive), threads)
+    cols = collect(subsets, bool(data.recursive), threads, bool(data.allow_empty_captions))
     from_store = bool(store_root) and _add_cached_rows(cols, subsets, store_root)
     if store_root and known_sizes is None:
         known_sizes = _store_sizes(store_root)
@@ -329,7 +329,8 @@ def balance_reg(repeats: np.ndarray, is_reg: np.ndarray) -> None:
 
 def no_images_message(subsets: list[SubsetSpec], recursive: bool, found: int, skipped: int, threads: int) -> str:
     """'no usable images' naming where it looked, and `recursive` when subfolders hold images."""
-    where = [p for s in subsets for p in (s.metadata_files or s.image_dirs or [s.dataset_name_or_path]) if p]
+    where = [p for s in subsets for p in (s.metadata_files or s.image_dirs or s.tar_shards or [s.dataset_name_or_path])
+             if p]
     msg = (f"the dataset has no usable images: looked in {', '.join(where[:5])}{' ...' if len(where) > 5 else ''} "
            f"({found} found, {skipped} skipped; see the log / skipped.txt)")
     if not recursive:
@@ -354,7 +355,8 @@ def check_captions(index: DatasetIndex, allow_empty: bool) -> None:
     for i, s in enumerate(index.subsets):
         if tot[i]:
             src = (f"no caption or tags field in {', '.join(map(os.path.basename, s.metadata_files))}"
-                   if s.metadata_files else f"no caption column in {s.dataset_name_or_path}"
+                   if s.metadata_files else f"no .txt / .caption / .json caption members in {len(s.tar_shards)} "
+                   f"tar shard(s)" if s.tar_shards else f"no caption column in {s.dataset_name_or_path}"
                    if s.dataset_name_or_path else f"no {s.caption_extension} caption files")
             parts.append(f"subset {i}: {tot[i]} of {tot[i]} ({src})")
     raise ValueError(f"every caption is empty ({'; '.join(parts)}); set data.allow_empty_captions = true to train "

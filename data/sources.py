@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from .images import IMAGE_EXTENSIONS
 from .readers import Rows, reader_for, sources_of, stat_sig
+from .readers.tar import expand_shards
 from .readers.metadata import METADATA_EXTENSIONS, PATH_FIELD, read_metadata_file  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class SubsetSpec:
     dataset_name_or_path: str = ""                         # a local Hugging Face dataset (parquet / arrow)
     dataset_image_column: str = ""
     dataset_caption_column: str = ""
+    tar_shards: list[str] = field(default_factory=list)    # webdataset tar shards (patterns expanded, absolute)
 
 
 def _subset_fields(s, data) -> list[tuple[Any, str, int, str]]:
@@ -84,15 +86,22 @@ def resolve_subsets(data) -> list[SubsetSpec]:
                                 flip_aug=None, random_crop=None, loss_weight=1.0,
                                 train_data_dir=getattr(data, "train_data_dir", ""),
                                 reg_data_dir=getattr(data, "reg_data_dir", ""),
-                                dataset_name_or_path=getattr(data, "dataset_name_or_path", ""))]
+                                dataset_name_or_path=getattr(data, "dataset_name_or_path", ""),
+                                tar_shards=list(getattr(data, "tar_shards", [])))]
     prior = float(getattr(data, "prior_loss_weight", 1.0))
     out = []
     for i, s0 in enumerate(subs):
         for s, layout, repeats, tokens in _subset_fields(s0, data):
             ds = getattr(s, "dataset_name_or_path", "") or ""
-            if not s.image_dirs and not s.metadata_files and not ds:
+            tars = list(getattr(s, "tar_shards", None) or [])
+            if not s.image_dirs and not s.metadata_files and not ds and not tars:
                 raise ValueError(f"[data] subset {i}: needs image_dirs, metadata_files, train_data_dir / "
-                                 f"reg_data_dir or dataset_name_or_path (all are empty)")
+                                 f"reg_data_dir, dataset_name_or_path or tar_shards (all are empty)")
+            if tars and (s.image_dirs or s.metadata_files or ds):
+                raise ValueError(f"[data] subset {i}: tar_shards cannot be combined with image_dirs / metadata_files "
+                                 f"/ dataset_name_or_path in one subset; give the shards their own [[data.subsets]]")
+            if tars:
+                tars = expand_shards(tars, f"[data] subset {i}")
             if repeats < 0:
                 raise ValueError(f"[data] subset {i}: num_repeats = {repeats} must be >= 0")
             for p in list(s.image_dirs):
@@ -122,7 +131,8 @@ def resolve_subsets(data) -> list[SubsetSpec]:
                 loss_weight=float(s.loss_weight) * (prior if is_reg else 1.0), caption=opts.__dict__.copy(),
                 layout=layout, dataset_name_or_path=os.path.abspath(ds) if ds else "",
                 dataset_image_column=getattr(s, "dataset_image_column", None) or getattr(data, "dataset_image_column", ""),
-                dataset_caption_column=getattr(s, "dataset_caption_column", None) or getattr(data, "dataset_caption_column", "")))
+                dataset_caption_column=getattr(s, "dataset_caption_column", None) or getattr(data, "dataset_caption_column", ""),
+                tar_shards=tars))
     if len(out) > 32767:
         raise ValueError(f"[data] {len(out)} subsets; at most 32767 are supported")
     return out
@@ -248,7 +258,7 @@ def _image_names(dirs: list[str], threads: int) -> dict[str, str]:
     return dict(zip(map(os.path.basename, reversed(files)), reversed(files)))  # later (smaller) paths win
 
 
-def collect(subsets: list[SubsetSpec], recursive: bool, threads: int = 16) -> Rows:
+def collect(subsets: list[SubsetSpec], recursive: bool, threads: int = 16, allow_empty: bool = False) -> Rows:
     """Read every subset's sources into columns (each through its format's reader); raise on duplicate keys."""
     cols = Rows()
     for si, s in enumerate(subsets):
@@ -256,21 +266,39 @@ def collect(subsets: list[SubsetSpec], recursive: bool, threads: int = 16) -> Ro
         for src in sources_of(s, recursive):
             for chunk in reader_for(src).read(src, si, threads):
                 cols.extend(chunk)
-        warn_empty_captions(cols.captions[n0:], s, si)
+        warn_empty_captions(cols.captions[n0:], s, si, allow_empty)
     check_duplicates(cols)
     return cols
 
 
-def warn_empty_captions(captions: list[str], s: SubsetSpec, si: int) -> None:
-    """One warning when more than a few percent of a subset's captions are empty (class tokens do not count)."""
+def subset_where(s: SubsetSpec) -> str:
+    """Where a subset's entries come from, for messages (its first folder / file / dataset / shard)."""
+    return (s.image_dirs or s.metadata_files or s.tar_shards or [s.dataset_name_or_path])[0]
+
+
+def warn_empty_captions(captions: list[str], s: SubsetSpec, si: int, allow_empty: bool = False) -> None:
+    """One warning when more than a few percent of a subset's captions are empty (class tokens do not count); with
+    data.allow_empty_captions (empty captions are intended) it is an info line."""
     if not captions or s.class_tokens:
         return
     empty = captions.count("")
     if empty > EMPTY_CAPTION_WARN * len(captions):
-        where = (s.image_dirs or s.metadata_files or [s.dataset_name_or_path])[0]
-        log.warning("subset %d (%s): %d of %d captions are empty (%.0f%%); check caption_extension / the caption "
-                    "column (set class_tokens to give them a caption)", si, where, empty, len(captions),
-                    100.0 * empty / len(captions))
+        look = "the shards' .txt / .caption / .json members" if s.tar_shards else "caption_extension / the caption column"
+        log.log(logging.INFO if allow_empty else logging.WARNING,
+                "subset %d (%s): %d of %d captions are empty (%.0f%%); they train as unconditional samples. Check %s, "
+                "set class_tokens to give them a caption, or set data.allow_empty_captions = true if that is intended",
+                si, subset_where(s), empty, len(captions), 100.0 * empty / len(captions), look)
+
+
+def require_store_for_containers(data, use_store: bool) -> None:
+    """train.py without a latent store decodes images itself: tar shards are read only by cache.py (in order)."""
+    if use_store:
+        return
+    for s in [data] + list(data.subsets):
+        if getattr(s, "tar_shards", None):
+            raise ValueError("tar_shards are read by cache.py, not by train.py: set [cache] cache_dir and run "
+                             "`torchrun --nproc_per_node=N cache.py <config>` first; train.py then trains from the "
+                             "latent store")
 
 
 

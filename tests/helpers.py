@@ -26,3 +26,19 @@ def unmount(d):
         log.removeHandler(h)
     if subprocess.run(["umount", str(d)], capture_output=True).returncode:
         subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def write_webdataset_shard(path, samples):
+    """A tar shard as webdataset's TarWriter writes one: per sample `{key: {ext: bytes}}` its members
+    `<key>.<ext>` in sorted extension order, streamed (`w|`), mode 0o444, owner bigdata."""
+    import io
+    import tarfile
+    import time
+
+    with tarfile.open(str(path), "w|") as tf:
+        for key, members in samples:
+            for ext in sorted(members):
+                data = members[ext] if isinstance(members[ext], bytes) else members[ext].encode("utf-8")
+                ti = tarfile.TarInfo(f"{key}.{ext}")
+                ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = len(data), time.time(), 0o444, "bigdata", "bigdata"
+                tf.addfile(ti, io.BytesIO(data))

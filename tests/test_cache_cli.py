@@ -1,41 +1,59 @@
-"""cache.py end to end under `torchrun --nproc_per_node=2` on CPU (gloo) with the tiny VAE.
+"""cache.py end to end under `torchrun --nproc_per_node=2` on CPU (gloo) with the tiny VAE, over an image folder
+and webdataset tar shards (written as webdataset's TarWriter lays them out), then train.py from the store.
 
 References: the dataset index and the files on disk (analytic counts), the safetensors library for shard
 validity (`--verify` re-checks every CRC), file timestamps for staleness.
 """
 
+import contextlib
+import io
+import json
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 from data.demo import make_demo_dataset
 from data.index import DatasetIndex
 from data.store import LatentStore
+from helpers import write_webdataset_shard
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 14
 
 
-def _cfg(tmp):
+def _cfg(tmp, tar=False):
     p = tmp / "cfg.toml"
+    shards = f"""
+[[data.subsets]]
+image_dirs = ["{tmp / 'imgs'}"]
+[[data.subsets]]
+tar_shards = ["{tmp / 'shards'}/{{000000..000003}}.tar"]
+flip_aug = false
+""" if tar else ""
     p.write_text(f"""
 [model]
 model_family = "sdxl"
 model_preset = "tiny"
 [data]
-image_dirs = ["{tmp / 'imgs'}"]
+{'' if tar else f'image_dirs = ["{tmp / "imgs"}"]'}
 resolution = 64
-bucket_reso_step = 16
+bucket_reso_step = 32
 min_bucket_reso = 32
-max_bucket_reso = 128
+max_bucket_reso = 64
+bucket_no_upscale = true
 flip_aug = true
+max_dataloader_n_workers = 0
+{shards}
 [cache]
 cache_dir = "{tmp / 'store'}"
 num_workers = 0
-vae_batch_size = 4
+vae_batch_size = 8
 """)
     return str(p)
 
@@ -54,29 +72,129 @@ def _summary(r):
     return [l for l in r.stdout.splitlines() if l.startswith("cache:")][-1]
 
 
+def _in_process(cfg, *extra):
+    """cache.py as one in-process rank -> its summary line."""
+    import cache
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = cache.main([cfg, *extra])
+    return rc, [l for l in out.getvalue().splitlines() if l.startswith(("cache:", "verify:"))][-1]
+
+
+TAR_SHARDS, PER_SHARD = 4, 60
+
+
+def _write_shards(d):
+    """4 webdataset shards of 60 tiny images (png / jpg / webp; captions from .txt, .caption or a .json's caption /
+    tags / description), one corrupt image, one image without any caption, one sample without an image."""
+    rng = random.Random(0)
+    os.makedirs(d)
+    keys = []
+    for s in range(TAR_SHARDS):
+        samples = []
+        for i in range(PER_SHARD):
+            key = f"{s:06d}_{i:04d}"
+            w, h = rng.choice([(32, 64), (64, 32), (32, 32)])
+            fmt, ext = [("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp")][i % 3]
+            b = io.BytesIO()
+            Image.new("RGB", (w, h), tuple(rng.randrange(256) for _ in range(3))).save(b, fmt)
+            m = {ext: b.getvalue()}
+            kind = i % 4
+            if kind == 0:
+                m["txt"] = f"a {w}x{h} square, shard {s}\n"
+            elif kind == 1:
+                m["caption"] = f"colour field {i}"
+            else:
+                m["json"] = json.dumps({"caption": f"record {i}"} if kind == 2 else
+                                       {"tags": f"tag{i}, flat", "description": f"a flat image {i}"})
+            if (s, i) == (1, 5):
+                m = {"jpg": b"\xff\xd8\xff\xe0 truncated nonsense"}  # corrupt image member
+            if (s, i) == (2, 7):
+                m = {ext: m[ext]}                                    # no caption at all
+            samples.append((key, m))
+            keys.append(key)
+        if s == 3:
+            samples.insert(10, (f"{s:06d}_meta", {"json": "{}"}))  # a sample without an image
+        write_webdataset_shard(os.path.join(d, f"{s:06d}.tar"), samples)
+    return keys
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """One `torchrun --nproc_per_node=2 cache.py` over an image folder (14 images + a broken one) and 4 tar
+    shards (240 samples, 1 corrupt, 1 without an image); shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("two_ranks")
+    paths = make_demo_dataset(str(tmp / "imgs"), n=N, size=(40, 100))
+    (tmp / "imgs" / "broken.png").write_bytes(b"\x89PNG garbage")
+    tar_keys = _write_shards(str(tmp / "shards"))
+    cfg = _cfg(tmp, tar=True)
+    return tmp, cfg, paths, tar_keys, _summary(_run(cfg))
+
+
 @pytest.mark.slow
-def test_cache_two_ranks_incremental_and_crash(tmp_path):
-    """2 ranks: each image once; rerun encodes nothing; a touched image alone is re-encoded; kill -9 recovers."""
-    paths = make_demo_dataset(str(tmp_path / "imgs"), n=N, size=(40, 100))
-    (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG garbage")
-    cfg = _cfg(tmp_path)
-    r = _run(cfg)
-    assert "encoded 14, already valid 0, skipped 1" in _summary(r)
-    ix = DatasetIndex.load(str(tmp_path / "store" / "dataset_index.npz"))
-    keys = ix.keys.tolist()
-    assert len(keys) == len(set(keys)) == N
-    st = LatentStore(str(tmp_path / "store"))
-    assert sorted(st.keys()) == sorted(keys) and len(st.shards) == 2  # one shard per rank
-    for k in keys:
+def test_cache_two_ranks_tar_shards_then_train(two_ranks, tmp_path):
+    """2 ranks over folder + tar subsets: each rank streams whole tar shards (every shard's records land in one
+    rank's store shard, two tar shards per rank); the corrupt member and the image-less sample are skipped and
+    reported; the caption-less image is cached with an empty caption (the empty-caption rule); train.py trains
+    from the store and refuses the tar subset without one."""
+    import train
+
+    tmp, cfg, _, tar_keys, summary = two_ranks
+    good = TAR_SHARDS * PER_SHARD - 1
+    assert f"encoded {N + good}, already valid 0, skipped 3" in summary
+    shard = lambda s: str(tmp / "shards" / f"{s:06d}.tar")  # noqa: E731
+    skipped = (tmp / "store" / "skipped.txt").read_text()
+    assert "broken.png" in skipped
+    assert f"{shard(1)}::000001_0005.jpg" in skipped and "not a readable image" in skipped
+    assert f"{shard(3)}::000003_meta" in skipped and "no image member (has .json)" in skipped
+    ix = DatasetIndex.load(str(tmp / "store" / "dataset_index.npz"))
+    row = {k: i for i, k in enumerate(ix.keys.tolist())}
+    assert ix.captions[row["000002_0007"]] == "" and ix.captions[row["000000_0002"]] == "record 2"
+    assert ix.captions[row["000000_0003"]] == "tag3, flat" and ix.descriptions[row["000000_0003"]] == "a flat image 3"
+    assert ix.paths[row["000000_0001"]] == f"{shard(0)}::000000_0001.jpg"
+    st = LatentStore(str(tmp / "store"))
+    want = sorted([k for k in tar_keys if k != "000001_0005"] + [os.path.splitext(os.path.basename(p))[0]
+                                                                  for p in two_ranks[2]])
+    assert sorted(st.keys()) == want and len(st.shards) == 2
+    by_store_shard = {}
+    for s in range(TAR_SHARDS):
+        homes = {st._loc(k)[0] for k in tar_keys if k.startswith(f"{s:06d}_") and k in st}
+        assert len(homes) == 1, f"tar shard {s} was split across ranks"
+        by_store_shard.setdefault(homes.pop(), []).append(s)
+    assert sorted(map(len, by_store_shard.values())) == [2, 2]
+    assert {tuple(st.get(k)["bucket"]) for k in tar_keys if k in st} == {(32, 64), (64, 32), (32, 32)}
+    for k in [tar_keys[0]] + [os.path.splitext(os.path.basename(p))[0] for p in two_ranks[2][:2]]:
         rec = st.get(k)
         bw, bh = rec["bucket"]
-        assert rec["latent"].shape == rec["flip.latent"].shape == (4, bh // 8, bw // 8)
-    assert "broken.png" in (tmp_path / "store" / "skipped.txt").read_text()
+        assert rec["latent"].shape == (4, bh // 8, bw // 8)
+        assert ("flip.latent" in rec) == (k not in tar_keys)  # flip_aug only in the folder subset
+    st.close()
 
-    assert "encoded 0, already valid 14" in _summary(_run(cfg))
+    common = [cfg, "train.max_train_steps=2", "optimizer.lr_warmup_steps=0", "sample.sample_every_n_steps=0",
+              "save.save_every_n_steps=0", "save.save_state=false", "data.batch_size=4"]
+    assert train.main(common + [f"output_dir={tmp_path / 'run'}"]) == 0
+    assert os.listdir(tmp_path / "run" / "models")
+    with pytest.raises(SystemExit, match="tar_shards are read by cache.py"):
+        train.main(common + [f"output_dir={tmp_path / 'run2'}", "cache.cache_dir="])
+
+
+@pytest.mark.slow
+def test_cache_incremental_and_crash(two_ranks, tmp_path):
+    """After the 2-rank run: a rerun encodes nothing; a touched image alone is re-encoded; --verify passes;
+    kill -9 mid-run, then a rerun completes what it left (in-process reruns: one rank is enough for these)."""
+    tmp0, _, _, _, _ = two_ranks
+    shutil.copytree(tmp0 / "imgs", tmp_path / "imgs")
+    shutil.copytree(tmp0 / "store", tmp_path / "store")
+    shutil.copytree(tmp0 / "shards", tmp_path / "shards")  # copy2 keeps sizes + mtimes: the records stay valid
+    paths = sorted(str(tmp_path / "imgs" / os.path.basename(p)) for p in two_ranks[2])
+    cfg = _cfg(tmp_path, tar=True)
+    total = N + TAR_SHARDS * PER_SHARD - 1
+    assert f"encoded 0, already valid {total}" in _in_process(cfg)[1]
     os.utime(paths[3])
-    assert "encoded 1, already valid 13" in _summary(_run(cfg))
-    assert _run(cfg, "--verify", nproc=1).returncode == 0
+    assert f"encoded 1, already valid {total - 1}" in _in_process(cfg)[1]
+    rc, line = _in_process(cfg, "--verify")
+    assert rc == 0 and "0 damaged" in line
 
     # kill -9 mid-run (after the index is built, while encoding), then re-run: complete and valid.
     for p in paths[:8]:
@@ -90,14 +208,14 @@ def test_cache_two_ranks_incremental_and_crash(tmp_path):
             break
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    r = _run(cfg)
     import re
 
-    enc, valid = map(int, re.search(r"encoded (\d+), already valid (\d+)", _summary(r)).groups())
-    assert enc + valid == N and 1 <= enc <= 8  # whatever the killed run finished is kept, the rest redone
+    enc, valid = map(int, re.search(r"encoded (\d+), already valid (\d+)", _in_process(cfg)[1]).groups())
+    assert enc + valid == total and 1 <= enc <= 8  # whatever the killed run finished is kept, the rest redone
     st = LatentStore(str(tmp_path / "store"))
-    assert sorted(st.keys()) == sorted(keys) and not st.damaged
-    assert _run(cfg, "--verify", nproc=1).returncode == 0
+    assert len(st) == total and not st.damaged
+    rc, line = _in_process(cfg, "--verify")
+    assert rc == 0 and "0 damaged" in line
 
 
 def test_verify_counts_each_damaged_shard_once(tmp_path, capsys):

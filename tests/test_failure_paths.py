@@ -296,6 +296,7 @@ def test_missing_captions_counted_and_all_empty_is_an_error(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         ix = load_or_build_index(_data_cfg([d]), str(tmp_path / "ix"))
     assert len(ix) == 3 and "2 of 3 captions are empty" in caplog.text  # the per-subset count (data/sources.py)
+    assert "data.allow_empty_captions = true" in caplog.text  # the warning names the setting that intends it
     os.remove(d / "0.txt")
     with pytest.raises(ValueError, match=r"every caption is empty \(subset 0: 3 of 3 \(no .txt caption files\)\).*"
                                          r"allow_empty_captions"):

@@ -1,19 +1,23 @@
 """Dataset readers: one per on-disk format, all behind one interface, all producing the same index rows.
 
-A subset's *sources* are its metadata files (one source each), its Hugging Face dataset folder, or else its image
-folders (one source for all of them). Each source is read by the first registered reader whose `claims(source)`
+A subset's *sources* are its metadata files (one source each), its Hugging Face dataset folder, its tar shards
+(one source for all of them), or else its image folders (one source for all of them). Each source is read by the first registered reader whose `claims(source)`
 is true; the reader streams `Rows` chunks (column lists, never one object per entry) and hashes what its rows
 depend on for the index fingerprint. Nothing outside this package knows about formats.
 
 Adding a format = one module with a `Reader` subclass, decorated with `@register`, imported at the bottom of this
 file. A container format whose images are members of a bigger file (parquet / arrow tables, tar shards) gives its
 rows locators `"<container path>::<member>"` as paths and implements `read_member`; `open_bytes` routes every
-locator to the reader that made it, so cache.py and the loader decode those images like files.
+locator to the reader that made it, so cache.py and the loader decode those images like files. A `sequential`
+container (a tar shard) is not read member by member: cache.py hands each rank whole containers and streams them
+with `stream_members`, serving the bytes to the decoder through `member_bytes`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -25,7 +29,7 @@ CHUNK = 65536       # rows per streamed chunk
 class Source:
     """One thing to read: a metadata file, a dataset folder, or a subset's image folders."""
 
-    kind: str                      # "metadata" | "dataset" | "folders"
+    kind: str                      # "metadata" | "dataset" | "tar" | "folders"
     path: str                      # the file / folder ("" for "folders")
     spec: Any                      # the SubsetSpec (image_dirs, caption_extension, options ...)
     recursive: bool = False
@@ -62,6 +66,7 @@ class Reader:
 
     name = "?"
     container_exts: tuple[str, ...] = ()  # locator containers this reader opens in `read_member`
+    sequential = False  # containers read front to back only (tar): cache.py streams them whole, `stream_members`
 
     def claims(self, src: Source) -> bool:
         raise NotImplementedError
@@ -77,6 +82,11 @@ class Reader:
     def read_member(self, locator: str) -> bytes:
         """The bytes of one member of a container file (only readers with container_exts)."""
         raise NotImplementedError(f"reader {self.name} has no container members")
+
+    def stream_members(self, container: str, wanted: set[str]) -> Iterator[tuple[str, "bytes | None", str]]:
+        """(member, bytes, '') of the wanted members in container order, then (member, None, why) for each one
+        that could not be read (only sequential readers)."""
+        raise NotImplementedError(f"reader {self.name} does not stream containers")
 
 
 READERS: list[Reader] = []
@@ -98,11 +108,13 @@ def reader_for(src: Source) -> Reader:
 
 
 def sources_of(spec: Any, recursive: bool) -> list[Source]:
-    """A subset's sources: each metadata file, else its dataset folder, else its image folders."""
+    """A subset's sources: each metadata file, else its dataset folder, else its tar shards, else its image folders."""
     if spec.metadata_files:
         return [Source("metadata", m, spec, recursive) for m in spec.metadata_files]
     if getattr(spec, "dataset_name_or_path", ""):
         return [Source("dataset", spec.dataset_name_or_path, spec, recursive)]
+    if getattr(spec, "tar_shards", None):
+        return [Source("tar", "", spec, recursive)]
     return [Source("folders", "", spec, recursive)]
 
 
@@ -115,14 +127,46 @@ def split_locator(path: str) -> tuple[str, str]:
     return container, member
 
 
-def open_bytes(locator: str) -> bytes:
-    """The bytes behind a locator, from the reader that owns its container's extension."""
-    container, _ = split_locator(locator)
+def chunked_rows(keys: list[str], paths: list[str], captions: list[str], metadata: list[dict[str, Any]],
+                 widths: list[int], heights: list[int], subset_index: int, origin: str) -> Iterator[Rows]:
+    """Column lists of one source as `Rows` chunks of at most CHUNK entries (every row from `origin`)."""
+    for a in range(0, len(keys), CHUNK):
+        b = min(len(keys), a + CHUNK)
+        yield Rows(keys=keys[a:b], paths=paths[a:b], captions=captions[a:b], metadata=metadata[a:b],
+                   widths=widths[a:b], heights=heights[a:b], subset=[subset_index] * (b - a),
+                   origin=[origin] * (b - a))
+
+
+def container_reader(container: str) -> Reader | None:
+    """The reader that owns a locator container's extension (None: no reader does)."""
     low = container.lower()
-    for r in READERS:
-        if r.container_exts and low.endswith(r.container_exts):
-            return r.read_member(locator)
-    raise FileNotFoundError(f"{locator!r}: no reader opens {container!r}")
+    return next((r for r in READERS if r.container_exts and low.endswith(r.container_exts)), None)
+
+
+_served = threading.local()  # locator -> bytes already read by a streaming reader, per thread
+
+
+@contextlib.contextmanager
+def member_bytes(locator: str, data: bytes):
+    """Within the block, `open_bytes(locator)` (and so every image function given the locator) returns `data`."""
+    d = _served.__dict__.setdefault("m", {})
+    d[locator] = data
+    try:
+        yield
+    finally:
+        d.pop(locator, None)
+
+
+def open_bytes(locator: str) -> bytes:
+    """The bytes behind a locator: served by `member_bytes`, else from the reader that owns its container."""
+    served = getattr(_served, "m", None)
+    if served and locator in served:
+        return served[locator]
+    container, _ = split_locator(locator)
+    r = container_reader(container)
+    if r is None:
+        raise FileNotFoundError(f"{locator!r}: no reader opens {container!r}")
+    return r.read_member(locator)
 
 
 def stat_sig(path: str) -> str:
@@ -142,3 +186,4 @@ def stat_sig(path: str) -> str:
 from . import metadata as _metadata  # noqa: E402,F401  (registers kohya / HCP / HF imagefolder / own metadata)
 from . import folder as _folder  # noqa: E402,F401  (registers DreamBooth folders, HF imagefolder dirs, plain folders)
 from . import hf as _hf  # noqa: E402,F401  (registers local Hugging Face datasets: parquet / arrow, pyarrow optional)
+from . import tar as _tar  # noqa: E402,F401  (registers webdataset tar shards)

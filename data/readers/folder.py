@@ -93,12 +93,7 @@ class DreamBoothReader(Reader):
             warn_other_extension(missing, len(files), s.caption_extension, s.image_dirs[0])
         folder = os.path.basename(s.image_dirs[0])
         prefix = ("reg/" if s.is_reg else "") + folder + "/"
-        for a in range(0, len(files), CHUNK):
-            part = files[a : a + CHUNK]
-            n = len(part)
-            yield Rows(keys=[prefix + os.path.splitext(os.path.basename(p))[0] for p in part], paths=part,
-                       captions=[t or "" for t in texts[a : a + CHUNK]], metadata=[{} for _ in part],
-                       widths=[-1] * n, heights=[-1] * n, subset=[subset_index] * n, origin=part)
+        yield from _file_rows(files, texts, prefix, subset_index)
 
 
 @register
@@ -122,12 +117,17 @@ class FolderReader(Reader):
         texts = map_chunked(read_text, caps, threads, 256)
         warn_other_extension([p for p, t in zip(files, texts) if t is None], len(files), s.caption_extension,
                              ", ".join(s.image_dirs))
-        for a in range(0, len(files), CHUNK):
-            part = files[a : a + CHUNK]
-            n = len(part)
-            yield Rows(keys=[os.path.splitext(os.path.basename(p))[0] for p in part], paths=part,
-                       captions=[t or "" for t in texts[a : a + CHUNK]], metadata=[{} for _ in part],
-                       widths=[-1] * n, heights=[-1] * n, subset=[subset_index] * n, origin=part)
+        yield from _file_rows(files, texts, "", subset_index)
+
+
+def _file_rows(files: list[str], texts: list[str | None], prefix: str, si: int) -> Iterator[Rows]:
+    """Rows of image files: key = prefix + stem, caption = the text ('' for none), sizes from the headers later."""
+    for a in range(0, len(files), CHUNK):
+        part = files[a : a + CHUNK]
+        n = len(part)
+        yield Rows(keys=[prefix + os.path.splitext(os.path.basename(p))[0] for p in part], paths=part,
+                   captions=[t or "" for t in texts[a : a + CHUNK]], metadata=[{} for _ in part],
+                   widths=[-1] * n, heights=[-1] * n, subset=[si] * n, origin=part)
 
 
 def _folder_fingerprint(src: Source, h) -> None:

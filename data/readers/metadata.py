@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ..images import IMAGE_EXTENSIONS
-from . import CHUNK, Reader, Rows, Source, register
+from . import Reader, Rows, Source, chunked_rows, register
 
 METADATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".sqlite", ".sqlite3", ".db")
 PATH_FIELD = "image_path"
@@ -247,11 +247,17 @@ def _fallback_by_name(paths: list[str], dirs: list[str], threads: int) -> None:
 
 def _rows(keys: list[str], paths: list[str], caps: list[str], recs: list[dict[str, Any]], wh: np.ndarray,
           si: int, origin: str) -> Iterator[Rows]:
-    for a in range(0, len(keys), CHUNK):
-        b = min(len(keys), a + CHUNK)
-        yield Rows(keys=keys[a:b], paths=paths[a:b], captions=caps[a:b], metadata=recs[a:b],
-                   widths=wh[a:b, 0].tolist(), heights=wh[a:b, 1].tolist(), subset=[si] * (b - a),
-                   origin=[origin] * (b - a))
+    return chunked_rows(keys, paths, caps, recs, wh[:, 0].tolist(), wh[:, 1].tolist(), si, origin)
+
+
+def _record_rows(keys: list[str], paths: list[str], caps: list[str], recs: list[dict[str, Any]], src: Source,
+                 si: int, threads: int) -> Iterator[Rows]:
+    """Rows of records that name their images: sizes from the records, missing paths looked up by file name in
+    the subset's image_dirs."""
+    wh = sizes_from_records(recs)
+    if src.spec.image_dirs:
+        _fallback_by_name(paths, src.spec.image_dirs, threads)
+    return _rows(keys, paths, caps, recs, wh, si, src.path)
 
 
 def _by_stem(keys: list[str], spec, recursive: bool, threads: int, what: str, path: str) -> list[str]:
@@ -394,10 +400,7 @@ class HfImagefolderReader(Reader):
         paths = [os.path.join(base, f) for f in files]
         keys = [os.path.splitext(f)[0] for f in files]  # relative to the folder: unique within it
         caps = [str(r.pop(col, "") or "").strip() if col else "" for r in recs]
-        wh = sizes_from_records(recs)
-        if src.spec.image_dirs:
-            _fallback_by_name(paths, src.spec.image_dirs, threads)
-        yield from _rows(keys, paths, caps, recs, wh, si, src.path)
+        yield from _record_rows(keys, paths, caps, recs, src, si, threads)
 
 
 @register
@@ -424,10 +427,7 @@ class MetadataReader(Reader):
         caps = [r.pop("caption", None) for r in recs]
         for i in [i for i, c in enumerate(caps) if not c]:  # euge-trainer: caption or tags
             caps[i] = recs[i].get("tags") or ""
-        wh = sizes_from_records(recs)
-        if src.spec.image_dirs:
-            _fallback_by_name(ps, src.spec.image_dirs, threads)
-        yield from _rows(keys, ps, list(map(str, caps)), recs, wh, si, m)
+        yield from _record_rows(keys, ps, list(map(str, caps)), recs, src, si, threads)
 
 
 @register

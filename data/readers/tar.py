@@ -1,0 +1,274 @@
+"""Tar shards in the webdataset layout (`[[data.subsets]] tar_shards = ["/data/shards/{000000..000999}.tar"]`).
+
+A shard holds samples: files that share a key, `<key>.<ext>`, stored next to each other (what webdataset's
+TarWriter / ShardWriter, img2dataset and `tar` over a sorted folder write). The grouping is webdataset's
+(tariterators.base_plus_ext / group_by_keys): only regular files count; names `__...__` are webdataset metadata
+and skipped; the key is the member name up to the first dot of its base name (folders inside the tar kept:
+`a/b.c.jpg` -> key `a/b`, extension `c.jpg`), the extension is lower-cased; consecutive members with the same key
+form one sample; a repeated extension within a sample is an error.
+
+Per sample: the image is the `jpg` / `jpeg` / `png` / `webp` ... member (the first one in tar order); the caption
+is the `<caption_extension>` member (default `.txt`), else `.txt` / `.caption`, else a `.json` member's `caption`
+(else its `tags`, as our metadata records); a `.json` member's other fields are the entry's metadata
+(`description`, `tags`, ... as elsewhere). Its `width` / `height` are used for bucketing when present (as for
+metadata records); otherwise the size comes from the image header, read while the shard is scanned.
+
+Index rows point at `<shard>::<image member>`. The index scan (rank 0, shards in parallel threads) reads member
+headers, the caption / JSON members and the first bytes of each image, moving forward only; cache.py then gives
+each rank whole shards and streams them once from start to end (`stream_members`); nothing seeks back into a tar.
+A corrupt image or a sample without one is left out with its reason (skipped.txt), like a bad image file.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import tarfile
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterator
+
+from ..images import IMAGE_EXTENSIONS, BadImage, read_size
+from . import LOCATOR_SEP, Reader, Rows, Source, chunked_rows, member_bytes, register, split_locator, stat_sig
+
+IMAGE_SUFFIXES = tuple(e[1:] for e in IMAGE_EXTENSIONS)  # webdataset extensions: "jpg", "png", ...
+CAPTION_SUFFIXES = ("txt", "caption")
+HEAD_BYTES = 1 << 16  # bytes of an image read for its size while indexing (the whole member when the header is longer)
+KEEP_OPEN = 2         # shards kept open per process for the odd member read (dry-run previews)
+_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset base_plus_ext: key = up to the first dot of the base name
+_META = re.compile(r"__[^/]*__($|/)")               # webdataset's skipped metadata members
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?$")
+
+
+# ---- shard lists -----------------------------------------------------------------------------------------------
+
+def expand_braces(pattern: str) -> list[str]:
+    """Brace expansion as bash / webdataset's braceexpand: `{a,b}`, `{000..123}` (zero padded to the wider end when
+    an end has a leading zero), `{1..9..2}`, descending ranges, nesting; `{x}` without a comma or range stays as is."""
+    i = pattern.find("{")
+    if i < 0:
+        return [pattern]
+    depth, j = 0, i
+    for j in range(i, len(pattern)):
+        depth += {"{": 1, "}": -1}.get(pattern[j], 0)
+        if depth == 0:
+            break
+    if depth:
+        raise ValueError(f"tar_shards pattern {pattern!r}: unbalanced braces")
+    head, inner, rest = pattern[:i], pattern[i + 1 : j], expand_braces(pattern[j + 1 :])
+    m = _RANGE.match(inner)
+    if m:
+        left, right, step = m.groups()
+        pad = max(len(left), len(right)) if any(s.lstrip("-").startswith("0") and s.lstrip("-") != "0"
+                                                for s in (left, right)) else 0
+        a, b, k = int(left), int(right), abs(int(step or 1)) or 1
+        items = [f"{v:0{pad}d}" for v in (range(a, b + 1, k) if a <= b else range(a, b - 1, -k))]
+    else:
+        parts, depth, start = [], 0, 0
+        for p, c in enumerate(inner):
+            depth += {"{": 1, "}": -1}.get(c, 0)
+            if c == "," and depth == 0:
+                parts.append(inner[start:p])
+                start = p + 1
+        if not parts:  # no top-level comma: a literal brace pair
+            items = ["{" + x + "}" for x in expand_braces(inner)]
+        else:
+            items = [x for part in parts + [inner[start:]] for x in expand_braces(part)]
+    return [head + x + r for x in items for r in rest]
+
+
+def expand_shards(patterns: list[str], where: str) -> list[str]:
+    """Absolute shard paths of tar_shards patterns (braces, then globs), in order, each once; missing shards are an
+    error that names them (a glob that matches nothing too)."""
+    out: dict[str, None] = {}
+    missing: list[str] = []
+    for pat in patterns:
+        for p in expand_braces(os.path.expanduser(pat)):
+            if glob.has_magic(p):
+                hits = sorted(glob.glob(p))
+                if not hits:
+                    missing.append(p)
+                out.update(dict.fromkeys(os.path.abspath(h) for h in hits if os.path.isfile(h)))
+            elif os.path.isfile(p):
+                out[os.path.abspath(p)] = None
+            else:
+                missing.append(p)
+    if missing:
+        more = f" ... and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise FileNotFoundError(f"{where}: {len(missing)} tar_shards entr{'y does' if len(missing) == 1 else 'ies do'} "
+                                f"not exist: {', '.join(missing[:3])}{more}")
+    if not out:
+        raise FileNotFoundError(f"{where}: tar_shards {patterns} name no files")
+    return list(out)
+
+
+# ---- samples ---------------------------------------------------------------------------------------------------
+
+def split_key(name: str) -> tuple[str, str] | None:
+    """(key, lower-cased extension) of a member name as webdataset splits it; None for names it skips."""
+    m = _KEY.match(name)
+    return (m.group(1), m.group(2).lower()) if m else None
+
+
+def group_samples(members: Iterator[tarfile.TarInfo], shard: str) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
+    """(key, {extension: member}) per sample, webdataset's rule: consecutive regular files with the same key."""
+    key, cur = None, {}
+    for ti in members:
+        if not ti.isreg() or _META.match(ti.name) or ("/" not in ti.name and ti.name.startswith("__")
+                                                      and ti.name.endswith("__")):
+            continue
+        kx = split_key(ti.name)
+        if kx is None:
+            continue
+        k, ext = kx
+        if k != key:
+            if cur:
+                yield key, cur
+            key, cur = k, {}
+        if ext in cur:
+            raise ValueError(f"tar shard {shard!r}: member {ti.name!r} repeats {ext!r} in sample {k!r} (webdataset "
+                             f"refuses duplicate file names in a sample)")
+        cur[ext] = ti
+    if cur:
+        yield key, cur
+
+
+def _text(tf: tarfile.TarFile, ti: tarfile.TarInfo, shard: str) -> str:
+    try:
+        return tf.extractfile(ti).read().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"caption {shard}{LOCATOR_SEP}{ti.name} is not UTF-8: {e}") from None
+
+
+def _scan_shard(shard: str, caption_ext: str) -> tuple[list, dict[str, str]]:
+    """One shard's samples as (key, locator, caption, metadata, w, h) and {locator: why it is unusable}."""
+    from .metadata import _size_from_md
+
+    order = [caption_ext.lstrip(".").lower()] + [e for e in CAPTION_SUFFIXES if e != caption_ext.lstrip(".").lower()]
+    out, bad = [], {}
+    try:
+        tf = tarfile.open(shard, "r:*")
+    except (tarfile.TarError, OSError) as e:
+        raise ValueError(f"tar shard {shard!r} cannot be read: {e}") from None
+    with tf:
+        try:
+            for key, sample in group_samples(tf, shard):
+                img = next((ext for ext in sample if ext in IMAGE_SUFFIXES), None)
+                loc = f"{shard}{LOCATOR_SEP}{sample[img].name if img else key}"
+                if img is None:
+                    bad[loc] = f"sample {key!r} has no image member (has {', '.join('.' + e for e in sample)})"
+                    out.append((key, loc, "", {}, -1, -1))
+                    continue
+                cap = next((_text(tf, sample[e], shard).strip() for e in order if e in sample), None)
+                md: dict[str, Any] = {}
+                if "json" in sample:
+                    try:
+                        md = json.loads(_text(tf, sample["json"], shard))
+                        if not isinstance(md, dict):
+                            raise ValueError(f"an object is expected, got {type(md).__name__}")
+                    except ValueError as e:
+                        bad[loc] = f"{key}.json is not a JSON object: {e}"
+                        out.append((key, loc, "", {}, -1, -1))
+                        continue
+                    c = md.pop("caption", None)
+                    if cap is None:
+                        cap = str(c or md.get("tags") or "").strip()  # our records' rule: caption, else tags
+                w, h = _size_from_md(md)
+                if w <= 0 or h <= 0:
+                    w, h = _header_size(tf, sample[img], loc, bad)
+                out.append((key, loc, cap or "", md, w, h))
+        except (tarfile.TarError, OSError) as e:
+            raise ValueError(f"tar shard {shard!r} is damaged: {e}") from None
+    return out, bad
+
+
+def _header_size(tf: tarfile.TarFile, ti: tarfile.TarInfo, loc: str, bad: dict[str, str]) -> tuple[int, int]:
+    """Displayed size from the first bytes of the member (all of it when its header is longer); -1 when unusable."""
+    f = tf.extractfile(ti)
+    data = f.read(HEAD_BYTES)
+    while True:
+        try:
+            with member_bytes(loc, data):
+                return read_size(loc)
+        except BadImage as e:
+            if len(data) < ti.size:
+                data += f.read()
+                continue
+            bad[loc] = str(e)
+            return -1, -1
+
+
+@register
+class TarShardReader(Reader):
+    """webdataset tar shards of a subset: read forward only, shards in parallel threads."""
+
+    name = "tar-shards"
+    container_exts = (".tar", ".tar.gz", ".tgz")
+    sequential = True
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: OrderedDict[str, tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]] = OrderedDict()
+        self._bad: dict[str, str] = {}  # locator -> reason, from this process's scans (read_member reports it)
+
+    def claims(self, src: Source) -> bool:
+        return src.kind == "tar"
+
+    def fingerprint(self, src: Source, h) -> None:
+        for shard in src.spec.tar_shards:
+            h.update(f"{self.name}:{shard}:{stat_sig(shard)}".encode())
+
+    def read(self, src: Source, si: int, threads: int) -> Iterator[Rows]:
+        shards = src.spec.tar_shards
+        with ThreadPoolExecutor(max(1, min(threads, len(shards)))) as ex:
+            for shard, (samples, bad) in zip(shards, ex.map(lambda s: _scan_shard(s, src.spec.caption_extension),
+                                                            shards)):
+                self._bad.update(bad)
+                if samples:
+                    keys, locs, caps, mds, ws, hs = map(list, zip(*samples))
+                    yield from chunked_rows(keys, locs, caps, mds, ws, hs, si, shard)
+
+    def read_member(self, locator: str) -> bytes:
+        """One member (a few reads: previews); a locator found unusable while indexing raises its reason."""
+        if locator in self._bad:
+            raise BadImage(self._bad[locator])
+        shard, member = split_locator(locator)
+        with self._lock:
+            got = self._open.get(shard)
+            if got is None:
+                tf = tarfile.open(shard, "r:*")
+                got = self._open[shard] = (tf, {ti.name: ti for ti in tf.getmembers()})
+                while len(self._open) > KEEP_OPEN:
+                    self._open.popitem(last=False)[1][0].close()
+            tf, members = got
+            if member not in members:
+                raise FileNotFoundError(f"{shard} has no member {member!r}")
+            return tf.extractfile(members[member]).read()
+
+    def stream_members(self, shard: str, wanted: set[str]) -> Iterator[tuple[str, bytes | None, str]]:
+        """(member, bytes, '') for the wanted members in tar order, reading the shard once from start to end; then
+        (member, None, why) for each wanted member that is not there (or past a damaged part)."""
+        left = set(wanted)
+        why = "not in the shard (changed since it was indexed?)"
+        try:
+            with open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
+                for ti in tf:
+                    tf.members = []  # streaming: keep no TarInfo list
+                    if ti.name in left and ti.isreg():
+                        left.discard(ti.name)
+                        yield ti.name, tf.extractfile(ti).read(), ""
+                        if not left:
+                            break
+        except (tarfile.TarError, OSError) as e:
+            why = f"tar shard unreadable: {e}"
+        for m in sorted(left):
+            yield m, None, why
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers open their own shards
+        return {}
+
+    def __setstate__(self, st: dict[str, Any]) -> None:
+        self.__init__()

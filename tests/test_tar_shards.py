@@ -1,0 +1,114 @@
+"""Tar-shard sources (data/readers/tar.py), in process: brace expansion against bash itself, webdataset's sample
+grouping (its tariterators rule: key = name up to the first dot of the base name, consecutive members, regular
+files only, `__...__` skipped), and what the index makes of a shard. The 2-rank cache + train run over tar shards
+is in tests/test_cache_cli.py (shared with the image-folder run)."""
+
+import io
+import json
+import subprocess
+import tarfile
+
+import pytest
+from PIL import Image
+
+from data.readers.tar import expand_braces, expand_shards, group_samples
+from helpers import write_webdataset_shard
+
+
+@pytest.mark.parametrize("pattern", ["s{000000..000003}.tar", "{a,b}{1..2}", "x{9..7}y", "{1..10..3}", "a{b,c{d,e}}f",
+                                     "{08..11}", "{0..10}", "{-01..1}", "{x}", "p{000..2}q", "no_braces.tar"])
+def test_brace_expansion_matches_bash(pattern):
+    want = subprocess.run(["bash", "-c", f"printf '%s\\n' {pattern}"], capture_output=True, text=True,
+                          check=True).stdout.split()
+    assert expand_braces(pattern) == want
+
+
+def _tar(names):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for n in names:
+            ti = tarfile.TarInfo(n.rstrip("/"))
+            if n.endswith("/"):
+                ti.type = tarfile.DIRTYPE
+                tf.addfile(ti)
+            else:
+                ti.size = 1
+                tf.addfile(ti, io.BytesIO(b"x"))
+    buf.seek(0)
+    return tarfile.open(fileobj=buf, mode="r")
+
+
+def test_webdataset_key_grouping():
+    """webdataset's group_by_keys over these members (derived by hand from its base_plus_ext regex)."""
+    tf = _tar(["__meta__", "a.jpg", "a.txt", "b.seg.PNG", "b.json", "dir/", "dir/c.d.jpg", "noext", "A.JPG",
+               "a.txt", "dir/__x__/y.jpg"])
+    got = [(k, sorted(s)) for k, s in group_samples(tf, "t.tar")]
+    assert got == [("a", ["jpg", "txt"]), ("b", ["json", "seg.png"]), ("dir/c", ["d.jpg"]), ("A", ["jpg"]),
+                   ("a", ["txt"]), ("dir/__x__/y", ["jpg"])]
+    with pytest.raises(ValueError, match="repeats 'jpg' in sample 'k'"):
+        list(group_samples(_tar(["k.jpg", "k.JPG"]), "t.tar"))
+
+
+def test_expand_shards_globs_ranges_and_missing(tmp_path):
+    for i in range(3):
+        (tmp_path / f"{i:06d}.tar").write_bytes(b"")
+    d = str(tmp_path)
+    assert expand_shards([f"{d}/{{000000..000002}}.tar"], "s") == [f"{d}/{i:06d}.tar" for i in range(3)]
+    assert expand_shards([f"{d}/*.tar", f"{d}/000001.tar"], "s") == [f"{d}/{i:06d}.tar" for i in range(3)]
+    with pytest.raises(FileNotFoundError, match=r"1 tar_shards entry does not exist: .*000003\.tar"):
+        expand_shards([f"{d}/{{000000..000003}}.tar"], "s")
+    with pytest.raises(FileNotFoundError, match=r"\*\.tgz"):
+        expand_shards([f"{d}/*.tgz"], "s")
+
+
+def _img(size, fmt="PNG"):
+    b = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(b, fmt)
+    return b.getvalue()
+
+
+def test_index_of_a_shard(tmp_path):
+    """Captions: caption_extension member, else .txt / .caption, else the JSON's caption, else its tags; the JSON's
+    other fields are metadata (description used); JSON width / height are trusted as for metadata records; a
+    corrupt image, a sample without image and a broken JSON are skipped with their reasons."""
+    from core.config import load_config
+    from data.images import SkipReport
+    from data.index import build_index
+
+    write_webdataset_shard(tmp_path / "000000.tar", [
+        ("k0", {"jpg": _img((40, 24), "JPEG"), "txt": " a cat \n", "json": json.dumps({"caption": "not this"})}),
+        ("k1", {"webp": _img((24, 40), "WEBP"), "caption": "a dog"}),
+        ("k2", {"png": _img((32, 32)), "json": json.dumps({"tags": "t1, t2", "description": "a bird", "width": 64,
+                                                         "height": 32})}),
+        ("k3", {"png": _img((32, 32))}),
+        ("bad", {"jpg": b"\xff\xd8 not a jpeg", "txt": "x"}),
+        ("noimg", {"json": "{}", "txt": "y"}),
+        ("badjson", {"png": _img((32, 32)), "json": "{oops"}),
+    ])
+    (tmp_path / "cfg.toml").write_text(f'[model]\nmodel_family = "sdxl"\nmodel_preset = "tiny"\n[data]\n'
+                                       f'resolution = 64\nmin_bucket_reso = 32\nmax_bucket_reso = 128\n'
+                                       f'bucket_reso_step = 32\n[[data.subsets]]\n'
+                                       f'tar_shards = ["{tmp_path}/{{000000..000000}}.tar"]\n')
+    c = load_config(str(tmp_path / "cfg.toml"), [])
+    sk = SkipReport()
+    ix = build_index(c.data, sk)
+    shard = str(tmp_path / "000000.tar")
+    assert ix.keys.tolist() == ["k0", "k1", "k2", "k3"]
+    assert ix.paths.tolist() == [f"{shard}::k0.jpg", f"{shard}::k1.webp", f"{shard}::k2.png", f"{shard}::k3.png"]
+    assert ix.captions.tolist() == ["a cat", "a dog", "t1, t2", ""]
+    assert ix.descriptions[2] == "a bird" and json.loads(ix.metadata[2])["tags"] == "t1, t2"
+    assert ix.sizes.tolist() == [[40, 24], [24, 40], [64, 32], [32, 32]]
+    assert set(sk.items) == {f"{shard}::bad.jpg", f"{shard}::noimg", f"{shard}::badjson.png"}
+    assert "no image member (has .json, .txt)" in sk.items[f"{shard}::noimg"]
+    assert "not a readable image" in sk.items[f"{shard}::bad.jpg"]
+
+
+def test_train_refuses_uncached_tar_shards():
+    from types import SimpleNamespace
+
+    from data.sources import require_store_for_containers
+
+    data = SimpleNamespace(tar_shards=[], subsets=[SimpleNamespace(tar_shards=["/x/{0..3}.tar"])])
+    require_store_for_containers(data, use_store=True)
+    with pytest.raises(ValueError, match="run `torchrun --nproc_per_node=N cache.py"):
+        require_store_for_containers(data, use_store=False)
