@@ -21,6 +21,7 @@ from .buckets import resize_and_crop
 from .captions import CaptionOptions, full_caption
 from .hooks import load_text_hook
 from .images import BadImage, load_image
+from .sources import subset_where
 
 TOKEN_SAMPLE = 2000   # captions tokenized for the statistics
 EXAMPLES = 8
@@ -85,7 +86,7 @@ def report(index, data_cfg, model_cfg, preview_path: str, seed: int = 0) -> str:
     lines.append("subsets:")
     for si, s in enumerate(index.subsets):
         sel = index.subset == si
-        src = (s.image_dirs or s.metadata_files or [s.dataset_name_or_path] or ["?"])[0]
+        src = subset_where(s) or "?"
         lines.append(f"  [{si}] {src}: {int(sel.sum())} images, {int(index.repeats[sel].sum())} samples/epoch, "
                      f"num_repeats {s.num_repeats}{', reg' if s.is_reg else ''}"
                      f"{f', class tokens {s.class_tokens!r}' if s.class_tokens else ''}, "

@@ -39,8 +39,9 @@ SKIP_SUFFIXES = ("_te_outputs.npz", "_te.npz")  # text-encoder caches: not laten
 
 def subset_signature(spec) -> str:
     """What identifies a subset across runs (its sources), for records of the cache-only rebuild."""
+    tars = getattr(spec, "tar_shards", None)
     src = json.dumps([spec.image_dirs, spec.metadata_files, getattr(spec, "dataset_name_or_path", ""),
-                      getattr(spec, "layout", "")])
+                      getattr(spec, "layout", "")] + ([sorted({os.path.dirname(t) for t in tars})] if tars else []))
     return hashlib.sha1(src.encode()).hexdigest()[:12]
 
 
