@@ -26,8 +26,9 @@ from torch import Tensor, nn
 
 from models import sd3, sdxl
 from models import vae as vae_mod
-from models.checkpoint import (CheckpointError, SafeTensorFile, load_module, modelspec_hash, modelspec_metadata,
-                               save_safetensors_atomic)
+from models.checkpoint import (TORCH_SUFFIXES, CheckpointError, SafeTensorFile, TorchFile, load_module, modelspec_hash,
+                               modelspec_metadata, save_safetensors_atomic)
+from models.diffusers_layout import DiffusersFolder, is_diffusers_folder
 from models.family import strip_prefix
 
 FAMILIES = {"sdxl": sdxl, "sd3": sd3}
@@ -38,8 +39,21 @@ NETWORK_PART = {"sdxl": "unet", "sd3": "mmdit"}
 TEXT_CACHE_LAYOUT = {"sdxl": "context+pooled", "sd3": "clip+t5+pooled"}
 BUNDLED_T5_SPIECE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "t5_spiece.model")
 
-__all__ = ["build", "load", "save", "export_metadata", "detect_family", "from_config", "resolve_prediction", "file_markers", "load_vae", "vae_identity",
+__all__ = ["build", "load", "open_checkpoint", "save", "export_metadata", "detect_family", "from_config", "resolve_prediction", "file_markers", "load_vae", "vae_identity",
            "load_text_encoders", "CheckpointError", "FAMILIES"]
+
+
+def open_checkpoint(path: str) -> Any:
+    """A checkpoint by its form: a diffusers folder (model_index.json), a .ckpt / .pt file (torch.load with
+    weights_only=True), else a .safetensors file; all read through SafeTensorFile's interface, in the original layout."""
+    if os.path.isdir(path):
+        if not is_diffusers_folder(path):
+            raise CheckpointError(f"{path}: a folder without model_index.json; give a .safetensors / .ckpt file or a "
+                                  "diffusers folder (model_index.json, unet/ or transformer/, vae/, text_encoder*/)")
+        return DiffusersFolder(path)
+    if str(path).lower().endswith(TORCH_SUFFIXES):
+        return TorchFile(path)
+    return SafeTensorFile(path)
 
 
 def detect_family(keys: Iterable[str]) -> str:
@@ -114,13 +128,13 @@ def build(family: str, preset: str, *, device: str | torch.device = "cpu", dtype
 
 def _separate_file(path: str, prefix_in_main: str) -> tuple[SafeTensorFile, str, dict[str, tuple[int, ...]]]:
     """A part given as its own file: keys may carry the main file's prefix or none."""
-    f = SafeTensorFile(path)
+    f = open_checkpoint(path)
     shapes = f.shapes()
     sub = strip_prefix(shapes, prefix_in_main)
     return (f, prefix_in_main, sub) if sub else (f, "", shapes)
 
 
-def file_markers(f: SafeTensorFile, family: str) -> dict[str, bool]:
+def file_markers(f: Any, family: str) -> dict[str, bool]:
     """How a checkpoint says it was trained, read as ComfyUI reads SDXL files (comfy/supported_models.py
     SDXL.model_type): v-prediction when the top-level `v_pred` key exists (or, from our older exports, when
     modelspec.prediction_type is "v"), zero terminal SNR when `ztsnr` exists. SD3 (flow matching): neither."""
@@ -147,7 +161,7 @@ def load(path: str | None, family: str | None = None, *, vae: str | None = None,
     """Load a single-file checkpoint (+ optional separate part files). `parts` limits what is loaded
     (e.g. ('vae',)); missing text encoders in the main file may come from separate files."""
     sources: dict[str, tuple[SafeTensorFile, str, dict[str, tuple[int, ...]]]] = {}
-    main = SafeTensorFile(path) if path else None
+    main = open_checkpoint(path) if path else None
     main_shapes = main.shapes() if main is not None else {}
     markers: dict[str, bool] = {}
     if main is not None and family is None:
@@ -179,6 +193,9 @@ def load(path: str | None, family: str | None = None, *, vae: str | None = None,
             continue
         try:
             cfg = fam.configs_from_shapes({fam.PREFIX[name] + k: s for k, s in sub_shapes.items()})[name]
+            known = getattr(f, "config_overrides", {}).get(name)  # a diffusers folder's config.json values
+            if known:
+                cfg = dataclasses.replace(cfg, **known)
         except CheckpointError:
             raise
         except (KeyError, ValueError) as e:  # layout that no config explains: name the file and the part
@@ -266,7 +283,7 @@ def family_of(model_cfg: Any) -> str:
     if model_cfg.model_family != "auto":
         return model_cfg.model_family
     if model_cfg.pretrained_model_name_or_path:
-        return detect_family(SafeTensorFile(model_cfg.pretrained_model_name_or_path).keys())
+        return detect_family(open_checkpoint(model_cfg.pretrained_model_name_or_path).keys())
     preset = model_cfg.model_preset
     if preset in sd3.PRESETS and preset not in sdxl.PRESETS:
         return "sd3"
@@ -303,7 +320,7 @@ def resolve_prediction(cfg: Any) -> tuple[Any, list[str]]:
     which won where the two could differ."""
     family = family_of(cfg.model)
     path = cfg.model.pretrained_model_name_or_path
-    found = file_markers(SafeTensorFile(path), family) if path else {"v_parameterization": False, "zero_terminal_snr": False}
+    found = file_markers(open_checkpoint(path), family) if path else {"v_parameterization": False, "zero_terminal_snr": False}
     notes, fields = [], {}
     for table, name, marker in (("model", "v_parameterization", "v_pred"), ("loss", "zero_terminal_snr", "ztsnr")):
         given = getattr(getattr(cfg, table), name)
@@ -323,6 +340,10 @@ def load_vae(model_cfg: Any, device: str | torch.device = "cpu", dtype: torch.dt
 
 
 def _file_identity(path: str) -> str:
+    """Path, size and mtime of a file; of a folder (diffusers), the same of every file in it."""
+    if os.path.isdir(path):
+        return "|".join(_file_identity(os.path.join(root, f)) for root, _d, files in sorted(os.walk(path))
+                        for f in sorted(files))
     st = os.stat(path)
     return f"{os.path.abspath(path)}:{st.st_size}:{int(st.st_mtime)}"
 

@@ -10,6 +10,7 @@ import datetime
 import fnmatch
 import hashlib
 import os
+import pickle
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -81,6 +82,63 @@ class SafeTensorFile:
             return self._file.get_tensor(key)
         except SafetensorError as e:
             raise CheckpointError(f"{self.path}: cannot read tensor {key!r}: {e}") from e
+
+
+# Pickle-based checkpoint suffixes (read with torch.load(weights_only=True) only).
+TORCH_SUFFIXES = (".ckpt", ".pt", ".pth")
+# Keys of LDM-trained .ckpt files that are not the model (EMA copies and counters); diffusers' converter skips them too.
+TORCH_SKIP_PREFIXES = ("model_ema.",)
+
+
+class TorchFile:
+    """A `.ckpt` / `.pt` checkpoint read with `torch.load(weights_only=True, mmap=True)` only: no pickled code runs,
+    tensors stay memory-mapped. A top-level `state_dict` (LDM / A1111 files) is unwrapped; non-tensor entries
+    (epoch, global_step) are dropped. Same interface as SafeTensorFile."""
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        if not os.path.isfile(self.path):
+            raise CheckpointError(f"checkpoint file not found: {self.path}")
+        try:
+            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{self.path}: torch.load(weights_only=True) refused it (it holds pickled objects "
+                                  f"that could run code: {reason[:200]}); sdtrain does not unpickle code: convert it to "
+                                  ".safetensors with a tool you trust") from None
+        except (RuntimeError, OSError, EOFError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{self.path}: not a readable torch checkpoint (truncated, or the legacy non-zip "
+                                  f"format that cannot be memory-mapped?): {first[:200]}") from None
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{self.path}: holds a {type(obj).__name__}, not a state dict of tensors")
+        self._tensors: dict[str, Tensor] = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)
+                                            and not k.startswith(TORCH_SKIP_PREFIXES)}
+        if not self._tensors:
+            raise CheckpointError(f"{self.path}: no tensors found (expected a state dict, or one under 'state_dict')")
+        self.metadata: dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        return f"TorchFile({self.path!r}, {len(self._tensors)} tensors)"
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._tensors
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.get(key).shape)
+
+    def shapes(self, prefix: str = "", strip: bool = True) -> dict[str, tuple[int, ...]]:
+        return {(k[len(prefix):] if strip else k): tuple(v.shape) for k, v in self._tensors.items() if k.startswith(prefix)}
+
+    def get(self, key: str) -> Tensor:
+        if key not in self._tensors:
+            raise CheckpointError(f"{self.path}: no tensor named {key!r} ({len(self._tensors)} tensors in the file)")
+        return self._tensors[key]
 
 
 # ---------------------------------------------------------------------------------------------
