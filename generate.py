@@ -28,7 +28,7 @@ from core.sampling import canonical_sampler_name
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="generate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="single-file .safetensors checkpoint (SDXL or SD3)")
+    ap.add_argument("--model", required=True, help="checkpoint (SDXL or SD3): single-file .safetensors, .ckpt / .pt, or a diffusers folder (model_index.json)")
     ap.add_argument("--vae", default=None, help="separate VAE file")
     ap.add_argument("--clip_l", default=None, help="separate CLIP-L file (SD3)")
     ap.add_argument("--clip_g", default=None, help="separate CLIP-G file (SD3)")
@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [SamplePrompt(prompt=args.prompt, seed=args.seed, **defaults)]
     os.makedirs(args.out, exist_ok=True)
     name = os.path.splitext(os.path.basename(args.model))[0]
-    model_hash = short_hash(args.model)  # A1111's "Model hash" of the file, so A1111 / Civitai link the images to it
+    # A1111's "Model hash" of the file, so A1111 / Civitai link the images to it (a diffusers folder has none)
+    model_hash = short_hash(args.model) if os.path.isfile(args.model) else ""
     m = size_multiple(comp)
     count = 0
     for p in prompts:

@@ -56,7 +56,7 @@ def path_fields(cls: type) -> set[str]:
 @dataclass
 class ModelConfig:
     """[model]: which checkpoint to fine-tune and how its parts are loaded."""
-    pretrained_model_name_or_path: str = opt("", "single-file .safetensors checkpoint (SDXL or SD3); empty = random init from model_preset", path=True)
+    pretrained_model_name_or_path: str = opt("", "checkpoint (SDXL or SD3): single-file .safetensors, .ckpt / .pt (read with torch.load(weights_only=True)), or a diffusers folder (model_index.json); empty = random init from model_preset", path=True)
     model_family: str = opt("auto", "model family; auto = detect from the checkpoint's keys", choices=("auto", "sdxl", "sd3"))
     model_preset: str = opt("", "preset used when no checkpoint is given (e.g. tiny, base, sd3_medium); weights are random")
     vae: str = opt("", "separate VAE file (original or diffusers naming) overriding the checkpoint's VAE", path=True)

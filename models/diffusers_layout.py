@@ -554,13 +554,19 @@ class _Weights:
         return self.where[k].get(k)
 
 
-def _module_keys(kind: str, cfg: Any) -> list[str]:
-    """The original key set of a part (our module's state dict, built on the meta device)."""
+_KEYS_CACHE: dict[tuple[str, str], tuple[str, ...]] = {}
+
+
+def _module_keys(kind: str, cfg: Any) -> tuple[str, ...]:
+    """The original key set of a part (our module's state dict, built once per config on the meta device)."""
     from models import mmdit, text_encoders, unet_sdxl, vae
-    build = {"unet": unet_sdxl.UNet, "vae": vae.AutoencoderKL, "open_clip": text_encoders.OpenCLIPTextModel,
-             "mmdit": mmdit.MMDiT}[kind]
-    with torch.device("meta"):
-        return list(build(cfg).state_dict().keys())
+    cache_key = (kind, repr(cfg))
+    if cache_key not in _KEYS_CACHE:
+        build = {"unet": unet_sdxl.UNet, "vae": vae.AutoencoderKL, "open_clip": text_encoders.OpenCLIPTextModel,
+                 "mmdit": mmdit.MMDiT}[kind]
+        with torch.device("meta"):
+            _KEYS_CACHE[cache_key] = tuple(build(cfg).state_dict().keys())
+    return _KEYS_CACHE[cache_key]
 
 
 CONFIG_FROM_JSON = {"unet": unet_config, "vae": vae_config, "clip": clip_config, "open_clip": clip_config,
@@ -571,11 +577,12 @@ JSON_FIELDS = {"unet": ("num_head_channels",), "vae": ("scaling_factor", "shift_
                "open_clip": ("num_heads", "act")}
 
 
-def part_map(kind: str, cfg: Any) -> dict[str, Target] | None:
-    """Original key -> Target for a part; None where the naming is the same (HF CLIP, T5)."""
+def part_map(kind: str, cfg: Any, keys: Iterable[str] | None = None) -> dict[str, Target] | None:
+    """Original key -> Target for a part (`keys`: its original keys, default those of our module for `cfg`); None
+    where the naming is the same (HF CLIP, T5)."""
     if kind not in BLOCKS:
         return None
-    return map_keys(_module_keys(kind, cfg), BLOCKS[kind](cfg))
+    return map_keys(_module_keys(kind, cfg) if keys is None else keys, BLOCKS[kind](cfg))
 
 
 class DiffusersFolder:
@@ -711,7 +718,7 @@ SCHEDULER_CLASS = {"sdxl": "EulerDiscreteScheduler", "sd3": "FlowMatchEulerDiscr
 def part_tensors(family: str, name: str, module_cfg: Any, sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """One part's original state dict (no file prefix) -> its diffusers / transformers tensors."""
     spec = PARTS[family][name]
-    mapping = part_map(spec.kind, module_cfg)
+    mapping = part_map(spec.kind, module_cfg, sd.keys())
     if mapping is None:
         out = dict(sd)
     else:
@@ -811,7 +818,8 @@ def save_diffusers(comp: Any, path: str, sd: Mapping[str, Tensor], metadata: Map
             sub = os.path.join(tmp, spec.folder)
             os.makedirs(sub)
             part_sd = {k[len(prefixes[name]):]: v for k, v in sd.items() if k.startswith(prefixes[name])}
-            part_sd = {k: v for k, v in part_sd.items() if k in module.state_dict()}  # position ids, logit_scale out
+            own = set(module.state_dict())
+            part_sd = {k: v for k, v in part_sd.items() if k in own}  # position ids, logit_scale, markers stay out
             stem = "diffusion_pytorch_model" if spec.library == "diffusers" else "model"
             meta = header if name == NETWORK[family] else {"format": "pt"}
             save_safetensors(part_tensors(family, name, module.cfg, part_sd), os.path.join(sub, f"{stem}.safetensors"),

@@ -279,6 +279,8 @@ class UNet(nn.Module):
 
     def initialize_weights(self) -> None:
         """Variance-preserving normal init; output convs are NOT zeroed (real weights come from checkpoints)."""
+        if self.out[2].weight.is_meta:  # shapes only (loading, key checks): nothing to draw
+            return
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 nn.init.normal_(m.weight, std=(m.weight[0].numel()) ** -0.5)  # std = fan_in^-1/2

@@ -157,6 +157,14 @@ def test_sdxl_folder_written_by_diffusers_sharded(tmp_path) -> None:
     assert comp.family == "sdxl" and comp.v_parameterization and comp.zero_terminal_snr
     assert comp.vae.cfg.scaling_factor == parts["vae"].config.scaling_factor
     _check_sdxl(comp, parts)
+    # the [model] table's path takes the folder too: family, markers, one part alone
+    from core.config import Config, ModelConfig
+    cfg = Config(model=ModelConfig(pretrained_model_name_or_path=path))
+    resolved, notes = models.resolve_prediction(cfg)
+    assert models.family_of(cfg.model) == "sdxl" and resolved.model.v_parameterization and resolved.loss.zero_terminal_snr
+    assert any("v_pred" in n for n in notes)
+    vae = models.load_vae(cfg.model)
+    torch.testing.assert_close(vae.state_dict(), comp.vae.state_dict())
 
 
 def test_sd3_folder_written_by_diffusers_fp16_variant(tmp_path) -> None:
@@ -230,3 +238,26 @@ def test_diffusers_export_loads_in_diffusers(tmp_path, family) -> None:
         got = again.parts()[name].state_dict()
         for k, v in m.state_dict().items():
             torch.testing.assert_close(got[k], v, atol=0, rtol=0, msg=f"{name}.{k}")
+
+
+class _Pickled:
+    """Not a tensor: torch.load(weights_only=True) refuses to rebuild it."""
+
+
+def test_ckpt_and_pt_weights_only(tmp_path) -> None:
+    """A .ckpt with the LDM `state_dict` wrapper (plus non-tensor counters and model_ema copies) loads like the
+    .safetensors of the same weights; a file holding a pickled object is refused in one line, nothing run."""
+    comp = models.build("sdxl", "tiny", seed=1, parts=("vae",))
+    sd = {k: v.clone() for k, v in comp.export_state_dict().items()}
+    ckpt = tmp_path / "m.ckpt"
+    torch.save({"state_dict": {**sd, "model_ema.decay": torch.tensor(0.999)}, "global_step": 7, "epoch": 1}, ckpt)
+    got = models.load(str(ckpt), "sdxl", parts=("vae",))
+    torch.testing.assert_close(got.vae.state_dict(), comp.vae.state_dict(), atol=0, rtol=0)
+    pt = tmp_path / "m.pt"
+    torch.save(sd, pt)  # no wrapper
+    assert models.load(str(pt), "sdxl", parts=("vae",)).vae is not None
+    bad = tmp_path / "bad.ckpt"
+    torch.save({"state_dict": sd, "hook": _Pickled()}, bad)
+    with pytest.raises(CheckpointError) as e:
+        models.load(str(bad), "sdxl", parts=("vae",))
+    assert "weights_only=True" in str(e.value) and "\n" not in str(e.value)
