@@ -27,7 +27,7 @@ from core import cli, dist, fastpath, summary
 from core.config import format_output_dir, make_run_dirs, run_dirs, to_dict, to_toml
 from core.ema import EMA
 from core.fused import check_fused_settings, fp32_state, make_stepper, per_parameter_step
-from core.fsio import atomic_write, clean_stale_temps, describe_os_error
+from core.fsio import atomic_write, clean_stale_temps, describe_os_error, is_temp, remove_quietly
 from core.metrics import MetricsWriter, check_tensorboard, group_lrs, peak_memory, setup_logging
 from core.objectives import build_objective
 from core.optim import LossRecorder, build_optimizer, build_param_groups_for_models, build_scheduler
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     def export(tag: str, with_state: bool | None = None) -> None:
         """Exported model (original single-file layout, every part) by rank 0, others wait (FSDP: gathered first);
         then a resumable state when `with_state` (default save.save_state)."""
-        path = os.path.join(paths["models"], f"{cfg.save.output_name}{tag}.safetensors")
+        path = os.path.join(paths["models"], cfg.save.output_name + tag + export_suffix(cfg))
         meta = run_metadata.export_metadata(train_meta, step=step, epoch=epoch) if master else {}
         trainable.export(path, meta, ema)  # collective under FSDP; rank 0 writes
         if master:
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def crash_save() -> None:
         """Model file + state from this rank alone (core/emergency.py: the other ranks may be blocked)."""
-        path = os.path.join(paths["models"], f"{cfg.save.output_name}{emergency.CRASHED}.safetensors")
+        path = os.path.join(paths["models"], cfg.save.output_name + emergency.CRASHED + export_suffix(cfg))
         trainable.export(path, run_metadata.export_metadata(train_meta, step=step, epoch=epoch), ema, alone=True)
         log.warning(f"exported {path}")
         final = emergency.write_state_alone(paths["state"], step, info.rank, trained=trainable.state_dict(),
@@ -403,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
             previews(step)
         bar.close()
         log.info(summary.end_block(steps=(start_step, step, total_steps), started=(t_start, t_loop),
-                                   images=images_seen * info.world_size, paths=paths, model_name=cfg.save.output_name))
+                                   images=images_seen * info.world_size, paths=paths, model_name=cfg.save.output_name,
+                                   suffix=export_suffix(cfg)))
         return 0
     except KeyboardInterrupt:
         log.warning("aborted by a second Ctrl-C: no state saved")
@@ -573,8 +574,8 @@ class ExportLog:
         if step != self.step:
             return ""
         from core.hashes import short_hash
-        path = self.path.replace(".safetensors", "-ema.safetensors") if ema else self.path
-        return short_hash(path) if os.path.isfile(path) else ""
+        path = ema_twin(self.path) if ema else self.path
+        return short_hash(path) if os.path.isfile(path) else ""  # a diffusers folder has no A1111 hash
 
 
 def write_export(whole: Any, path: str, cfg: Any, meta: dict[str, str], full: dict[str, torch.Tensor] | None,
@@ -584,11 +585,21 @@ def write_export(whole: Any, path: str, cfg: Any, meta: dict[str, str], full: di
     kw = {"resolution": cfg.data.resolution, "title": s.metadata_title,
           "info": {"author": s.metadata_author, "description": s.metadata_description, "license": s.metadata_license,
                    "tags": s.metadata_tags}}
-    models.save(whole, path, s.save_precision, extra_metadata=meta, state_dict=full, **kw)
+    models.save(whole, path, s.save_precision, extra_metadata=meta, state_dict=full, save_as=s.save_model_as, **kw)
     if ema is not None:
         with ema.swapped_into(net):
-            models.save(whole, path.replace(".safetensors", "-ema.safetensors"), s.save_precision,
+            models.save(whole, ema_twin(path), s.save_precision, save_as=s.save_model_as,
                         extra_metadata={**meta, "sdtrain.ema_decay": str(ema.decay)}, **kw)
+
+
+def export_suffix(cfg: Any) -> str:
+    """File suffix of exports: .safetensors, or none for a diffusers folder (LoRA files are always .safetensors)."""
+    return ".safetensors" if cfg.network.network_module else models.EXPORT_SUFFIX[cfg.save.save_model_as]
+
+
+def ema_twin(path: str) -> str:
+    """The EMA export beside an export: `x.safetensors` -> `x-ema.safetensors`, folder `x` -> `x-ema`."""
+    return path[: -len(".safetensors")] + "-ema.safetensors" if path.endswith(".safetensors") else path + "-ema"
 
 
 def noise_generators(cfg: Any, device: torch.device, epoch: int, rank: int, done: int, n: int) -> list[torch.Generator]:
@@ -707,14 +718,17 @@ def prune_exports(model_dir: str, name: str, keep: int) -> None:
     """Keep the newest `keep` periodic exports (step/epoch files); 0 keeps all."""
     if keep <= 0:
         return
-    keep_always = (f"{emergency.INTERRUPTED}.safetensors", f"{emergency.CRASHED}.safetensors")
-    periodic = sorted((f for f in os.listdir(model_dir) if f.startswith(name + "-") and f.endswith(".safetensors")
-                       and "-ema" not in f and not f.endswith(keep_always)),
+    keep_always = (emergency.INTERRUPTED, emergency.CRASHED)
+
+    def export_like(f: str) -> bool:  # a file, or a diffusers folder (not a temporary)
+        return f.endswith(".safetensors") or (os.path.isdir(os.path.join(model_dir, f)) and not is_temp(f))
+
+    periodic = sorted((f for f in os.listdir(model_dir) if f.startswith(name + "-") and export_like(f)
+                       and "-ema" not in f and not f.removesuffix(".safetensors").endswith(keep_always)),
                       key=lambda f: (os.stat(os.path.join(model_dir, f)).st_mtime_ns, f))  # step and epoch files mixed
     for f in periodic[:-keep]:
-        for p in (f, f.replace(".safetensors", "-ema.safetensors")):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(model_dir, p))
+        for p in (f, ema_twin(f)):
+            remove_quietly(os.path.join(model_dir, p))
 
 
 def _test_fault(step: int, rank: int) -> None:

@@ -263,6 +263,7 @@ class SaveConfig:
     """[save]: exported models and resumable states."""
     output_name: str = opt("model", "file name stem of exported models")
     save_precision: str = opt("fp16", "precision of exported models", choices=PRECISIONS)
+    save_model_as: str = opt("safetensors", "format of exported full models (kohya's option): safetensors = the original single file; diffusers = a diffusers folder (model_index.json, one sub-folder per part, scheduler and tokenizers) named like the file without the suffix. LoRA files are always .safetensors", choices=("safetensors", "diffusers"))
     save_every_n_steps: int = opt(0, "export every N optimizer steps; 0 = off", min=0)
     save_every_n_epochs: int = opt(0, "export every N epochs; 0 = off", min=0)
     save_on_train_end: bool = opt(True, "export when training ends")
@@ -601,6 +602,9 @@ def _validate_network(cfg: Config) -> None:
     n = cfg.network
     if not n.network_module:
         return
+    if cfg.save.save_model_as != "safetensors":
+        raise ConfigError(f"save.save_model_as = {cfg.save.save_model_as!r} is for full fine-tunes; [network] runs write "
+                          "kohya-format LoRA .safetensors files")
     if n.network_train_unet_only and n.network_train_text_encoder_only:
         raise ConfigError("network.network_train_unet_only and network.network_train_text_encoder_only cannot both be true")
     if cfg.train.train_text_encoder:

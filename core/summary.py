@@ -106,13 +106,14 @@ def start_block(*, cfg: Any, world_size: int, device: torch.device, index: Any, 
 
 
 def end_block(*, steps: tuple[int, int, int], started: tuple[float, float], images: int, paths: dict[str, str],
-              model_name: str) -> str:
+              model_name: str, suffix: str = ".safetensors") -> str:
     """The end-of-run summary: time, throughput and where the outputs are. steps = (first, last, total) of this
-    run; started = perf_counter() at the start of main() and of the loop; images = trained in this run, all ranks."""
+    run; started = perf_counter() at the start of main() and of the loop; images = trained in this run, all ranks;
+    suffix: of the exported model ("" for a diffusers folder)."""
     now = time.perf_counter()
     seconds, loop_seconds = now - started[0], now - started[1]
     ips = images / loop_seconds if loop_seconds > 0 else 0.0
-    model = os.path.join(paths["models"], model_name + ".safetensors")
+    model = os.path.join(paths["models"], model_name + suffix)
     grids = sorted(f for f in _listdir(paths["samples"]) if f.endswith("_grid.png"))
     states = sorted(f for f in _listdir(paths["state"]) if f.startswith("step-"))
     lines = [

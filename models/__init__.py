@@ -254,18 +254,30 @@ def export_metadata(comp: Any, path: str, tensors: Mapping[str, Tensor] | None =
                               info=info, hash_sha256=modelspec_hash(tensors) if tensors is not None else "")
 
 
+SAVE_FORMATS = ("safetensors", "diffusers")
+EXPORT_SUFFIX = {"safetensors": ".safetensors", "diffusers": ""}  # a diffusers export is a folder
+
+
 def save(comp: Any, path: str, precision: str = "fp16", title: str = "", extra_metadata: Mapping[str, str] | None = None,
          state_dict: Mapping[str, Tensor] | None = None, *, resolution: int | str | None = None,
-         info: Mapping[str, str] | None = None) -> None:
+         info: Mapping[str, str] | None = None, save_as: str = "safetensors") -> None:
     """Write the exact original single-file layout in `precision` with modelspec metadata (export_metadata),
-    atomically. `state_dict`: an already gathered export_state_dict() (FSDP), else taken from `comp`."""
+    atomically; `save_as = "diffusers"`: a diffusers folder at `path` instead (models/diffusers_layout.py; the
+    metadata goes into the network's weights file). `state_dict`: an already gathered export_state_dict() (FSDP),
+    else taken from `comp`."""
+    if save_as not in SAVE_FORMATS:
+        raise ValueError(f"save_as must be one of {', '.join(SAVE_FORMATS)}, got {save_as!r}")
     if precision not in DTYPES:
         raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
     dt = DTYPES[precision]
     src = state_dict if state_dict is not None else comp.export_state_dict()
     sd = {k: (v.detach().to("cpu", dt) if v.is_floating_point() else v.detach().cpu()) for k, v in src.items()}
     meta = export_metadata(comp, path, sd, title=title, resolution=resolution, info=info, extra=extra_metadata)
-    save_safetensors_atomic(sd, path, meta)
+    if save_as == "diffusers":
+        from models.diffusers_layout import save_diffusers
+        save_diffusers(comp, path, sd, meta)
+    else:
+        save_safetensors_atomic(sd, path, meta)
 
 
 # ----------------------------------------------------------------------------------------------

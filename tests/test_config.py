@@ -60,6 +60,8 @@ def test_type_errors_say_allowed_type(tmp_path, text, needle):
     ("[train]\nfull_bf16 = true\nmixed_precision = \"fp16\"\n", "requires"),
     ("[data]\nresolution = 1020\n", "multiple of 8"),
     ("[optimizer]\nparam_groups = [{pattern = 'x', learning_rate = 1}]\n", "param_groups"),
+    ("[save]\nsave_model_as = \"diffusers\"\n[network]\nnetwork_module = \"lora\"\n", "is for full fine-tunes"),
+    ("[save]\nsave_model_as = \"ckpt\"\n", "allowed values: .*'diffusers'"),
 ])
 def test_impossible_values(tmp_path, text, needle):
     with pytest.raises(ConfigError, match=needle):

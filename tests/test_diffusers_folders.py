@@ -261,3 +261,38 @@ def test_ckpt_and_pt_weights_only(tmp_path) -> None:
     with pytest.raises(CheckpointError) as e:
         models.load(str(bad), "sdxl", parts=("vae",))
     assert "weights_only=True" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_train_exports_diffusers_folders(tmp_path) -> None:
+    """train.py with save.save_model_as = "diffusers": periodic and final exports are folders (no temporaries, 0644
+    files under umask 022, modelspec in the UNet's header), save_last_n prunes folders; the final one loads in ours
+    and in diffusers with equal UNet outputs."""
+    import stat
+
+    import train
+    from data.demo import make_demo_dataset
+    from safetensors import safe_open
+    make_demo_dataset(str(tmp_path / "data"), n=2, size=(64, 64))
+    out = tmp_path / "run"
+    old = os.umask(0o022)
+    try:
+        assert train.main(["configs/demo.toml", f"data.image_dirs=['{tmp_path / 'data'}']", "cache.cache_dir=",
+                           f"output_dir={out}", "train.max_train_steps=3", "optimizer.lr_warmup_steps=0",
+                           "sample.sample_every_n_steps=0", "save.save_every_n_steps=1", "save.save_last_n=1",
+                           "save.save_state=false", "save.save_model_as=diffusers", "data.batch_size=2",
+                           "data.resolution=64"]) == 0
+    finally:
+        os.umask(old)
+    assert sorted(os.listdir(out / "models")) == ["demo", "demo-step00000002"]
+    folder = out / "models" / "demo"
+    for root, _dirs, files in os.walk(folder):
+        for f in files:
+            assert stat.S_IMODE(os.stat(os.path.join(root, f)).st_mode) == 0o644, f
+    with safe_open(str(folder / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert f.metadata()["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
+    comp = models.load(str(folder))
+    ref = diffusers.UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet").eval()
+    x, t, context, pooled, time_ids = _inputs(comp.unet.cfg)
+    with torch.no_grad():
+        want = ref(x, t, encoder_hidden_states=context, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids})
+        torch.testing.assert_close(comp.unet(x, t, context, _sgm_y(pooled, time_ids)), want.sample, atol=ATOL, rtol=0)
