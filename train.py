@@ -31,6 +31,7 @@ from core.fsio import atomic_write, clean_stale_temps, describe_os_error, is_tem
 from core.metrics import MetricsWriter, check_tensorboard, group_lrs, peak_memory, setup_logging
 from core.objectives import build_objective
 from core.optim import LossRecorder, build_optimizer, build_param_groups_for_models, build_scheduler
+from core.steplog import StepLog, mean_loss
 from core import emergency, run_metadata, state as rstate
 import models
 from data.index import load_or_build_index
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 world_size=info.world_size, optimizer=optimizer,
                                                 num_epochs=math.ceil(total_steps / steps_per_epoch)) if master else {}
     scaler = make_scaler(cfg, device)
-    recorder = LossRecorder(cfg.log.loss_recorder_stride, cfg.log.loss_recorder_gamma)
+    steplog = StepLog(LossRecorder(cfg.log.loss_recorder_stride, cfg.log.loss_recorder_gamma))  # read when logged
     if st is not None:
         load_optimizer_state(model, optimizer, st["optimizer"], cfg.train.fsdp)
         if stepper is not None and cfg.train.full_bf16 and cfg.train.stochastic_rounding:
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             scaler.load_state_dict(pr["scaler"])
         if ema is not None and "ema" in st:
             ema.load_state_dict(st["ema"])
-        recorder.load_state_dict(pr["loss_recorder"])
+        steplog.recorder.load_state_dict(pr["loss_recorder"])
         step, epoch, bad_steps = pr["step"], pr["epoch"], pr["bad_steps"]
         cursor = pr["cursor"]  # global batches consumed in this epoch: valid for any world size
         if pr["world_size"] == info.world_size:
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     def progress_now() -> dict[str, Any]:
         return {"step": step, "epoch": epoch, "cursor": cursor, "world_size": info.world_size, "bad_steps": bad_steps,
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
-                "loss_recorder": recorder.state_dict(), "config": to_dict(cfg), "run_id": run_id}
+                "loss_recorder": steplog.state_dict(), "config": to_dict(cfg), "run_id": run_id}
 
     def save_state(crash_hook: bool = True) -> None:
         tmp = dist.broadcast_object(rstate.tmp_dir_for(paths["state"], step) if master else None)
@@ -338,11 +339,10 @@ def main(argv: list[str] | None = None) -> int:
                 _test_fault(step, info.rank)
                 done = cursor // info.world_size  # this rank's micro-batches already run in this epoch
                 gens = noise_generators(cfg, device, epoch, info.rank, done, len(micro))
-                loss_mean, finite = accumulate_gradients(model, comp, objective, micro, device, gens, autocast, scaler)
+                loss = accumulate_gradients(model, comp, objective, micro, device, gens, autocast, scaler)
                 images_seen += sum(mb["loss_weight"].shape[0] for mb in micro)
                 cursor += len(micro) * info.world_size  # global batches: every rank ran len(micro)
-                finite = dist.all_reduce_mean(1.0 if finite else 0.0) == 1.0  # decided together: every rank skips
-                grad_norm, applied = optimizer_step(cfg, model, optimizer, scaler, finite, stepper)
+                grad_norm, applied = optimizer_step(cfg, model, optimizer, scaler, torch.isfinite(loss), stepper)
                 optimizer.zero_grad(set_to_none=True)
                 if not applied:  # nothing was changed: the weights are those of the last good step
                     bad_steps += 1
@@ -363,16 +363,16 @@ def main(argv: list[str] | None = None) -> int:
                 if ema is not None:
                     ema.update(trainable.ema_module, step)
 
-                # -- logging
-                loss_mean = dist.all_reduce_mean(loss_mean)
-                recorder.add(loss_mean)
+                # -- logging (the step's loss and grad norm are read here, once per interval)
+                steplog.add(loss, grad_norm)
                 if step % cfg.log.log_every_n_steps == 0 or step == total_steps:
+                    loss_now, norm_now = steplog.flush()
                     now = time.perf_counter()
                     ips = (images_seen - seen_last) * info.world_size / max(now - t_last, 1e-9)
                     t_last, seen_last = now, images_seen
                     lr = optimizer.param_groups[0]["lr"]
-                    row = {"loss": loss_mean, "loss_avg": recorder.windowed_mean, "loss_ema": recorder.moving_average,
-                           "lr": lr, "grad_norm": grad_norm, "images_per_s": ips, "epoch": epoch}
+                    row = {"loss": loss_now, "loss_avg": steplog.recorder.windowed_mean, "grad_norm": norm_now,
+                           "loss_ema": steplog.recorder.moving_average, "lr": lr, "images_per_s": ips, "epoch": epoch}
                     row.update(group_lrs(optimizer))
                     row.update(peak_memory(device))
                     metrics.write(step, row)
@@ -632,20 +632,19 @@ def micro_step_loss(model: nn.Module, comp: Any, objective: Any, batch: dict[str
 
 def accumulate_gradients(model: nn.Module, comp: Any, objective: Any, micro: list[dict[str, Any]],
                          device: torch.device, generators: list[torch.Generator],
-                         autocast: Callable[[], Any], scaler: torch.amp.GradScaler | None) -> tuple[float, bool]:
+                         autocast: Callable[[], Any], scaler: torch.amp.GradScaler | None) -> torch.Tensor:
     """Forward + backward of each micro-batch into .grad (each loss / len(micro); DDP all-reduces only on the
-    last one). Returns the mean loss and whether every loss was finite."""
-    loss_mean, finite = 0.0, True
+    last one). Returns the mean loss over micro-batches and ranks as a 0-d float64 tensor on the device, not read
+    (no host sync): a non-finite loss on any rank makes it non-finite, so every rank skips the step together."""
+    losses = []
     for i, (batch, generator) in enumerate(zip(micro, generators)):
         with dist.no_sync(model, skip=i < len(micro) - 1):  # backward inside: FSDP2 decides there
             with autocast():
                 loss = micro_step_loss(model, comp, objective, batch, device, generator)
             scaled = loss / len(micro)
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        value = float(loss.detach())
-        finite &= math.isfinite(value)
-        loss_mean += value / len(micro)
-    return loss_mean, finite
+        losses.append(loss.detach())
+    return dist.all_reduce_mean_tensor(mean_loss(losses))
 
 
 class _FP16Scaler(torch.amp.GradScaler):
@@ -663,27 +662,31 @@ def make_scaler(cfg: Any, device: torch.device) -> torch.amp.GradScaler | None:
 
 
 def optimizer_step(cfg: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
-                   scaler: torch.amp.GradScaler | None, finite: bool = True, stepper: Any = None) -> tuple[float, bool]:
-    """Unscale, clip, step. Returns the gradient norm before clipping and whether a step was taken: a non-finite
-    norm skips it (with fp16 the scaler skips such steps itself and lowers its scale: part of its normal work), as
-    does a non-finite loss (`finite` false). A fused backward pass has stepped already (core/fused.py; parameters
-    with a non-finite gradient were left alone); stochastic rounding steps one parameter at a time."""
+                   scaler: torch.amp.GradScaler | None, loss_finite: torch.Tensor | bool = True,
+                   stepper: Any = None) -> tuple[torch.Tensor | float, bool]:
+    """Unscale, clip, step. Returns the gradient norm before clipping (a tensor, not read) and whether a step was
+    taken: a non-finite loss (`loss_finite`, the same on every rank) or gradient norm skips it (with fp16 the scaler
+    skips such steps itself and lowers its scale: part of its normal work). That decision is the step's one host
+    read. A fused backward pass has stepped already (core/fused.py; parameters with a non-finite gradient were left
+    alone); stochastic rounding steps one parameter at a time."""
     if hasattr(stepper, "finish"):
         norm, ok = stepper.finish()
-        return (norm, ok) if finite else (math.nan, False)
-    if not finite:
-        return math.nan, False
+        return (norm, ok) if bool(loss_finite) else (math.nan, False)
     if scaler is not None:
+        if not bool(loss_finite):
+            return math.nan, False
         scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    max_norm = cfg.optimizer.max_grad_norm if cfg.optimizer.max_grad_norm > 0 else float("inf")
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    norm = float(dist.full_tensor(norm))
+    if cfg.optimizer.max_grad_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.max_grad_norm)  # no sync: scales on the device
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # logged only: no scaling pass
+    norm = dist.full_tensor(norm)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
         return norm, True
-    if not math.isfinite(norm):
+    if not bool(torch.as_tensor(loss_finite, device=norm.device) & torch.isfinite(norm)):  # the host read
         return norm, False
     if stepper is not None:
         per_parameter_step(optimizer, stepper, params)

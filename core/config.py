@@ -123,7 +123,7 @@ class DataConfig:
     flip_aug: bool = opt(False, "random horizontal flips (latents cached for both orientations)")
     batch_size: int = opt(1, "images per GPU per micro-step", min=1)
     max_dataloader_n_workers: int = opt(-1, "DataLoader worker processes per rank; -1 = the CPU cores per rank minus one, at most 8 (kohya's default cap)", min=-1)
-    jpeg_draft: bool = opt(True, "decode JPEGs at 1/2, 1/4 or 1/8 scale in the DCT when the bucket is that much smaller (2x+ faster at 6-12 MP; photos >= 45 dB PSNR against the full decode, high-contrast line art ~32 dB: set false for line-art / pixel-art datasets)")
+    jpeg_draft: bool = opt(True, "decode JPEGs at 1/2, 1/4 or 1/8 scale in the DCT when the bucket is that much smaller (2x+ faster on 6-12 MP photos); a sharp image (line art) whose draft would lose quality is decoded at 2.5x the bucket or fully, so both stay >= 40 dB PSNR against the full decode; false = always the full decode")
     persistent_data_loader_workers: bool = opt(True, "keep DataLoader workers alive between epochs")
     shuffle_caption: bool = opt(False, "shuffle comma-separated tags")
     keep_tokens: int = opt(0, "leading tags kept in place when shuffling", min=0)

@@ -113,6 +113,15 @@ def all_reduce_mean(x: float) -> float:
     return float(t.item()) / world_size()
 
 
+def all_reduce_mean_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over ranks, left on the device (no host read; as all_reduce_mean for the value)."""
+    if not is_dist():
+        return t
+    t = t.clone()
+    tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t / world_size()
+
+
 def any_true(flag: bool) -> bool:
     """True on every rank if it is true on any rank (for stop decisions taken together)."""
     if not is_dist():

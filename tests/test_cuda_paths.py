@@ -178,7 +178,7 @@ def test_fp16_grad_scaler_skips_an_overflow_and_backs_off():
     scaler.scale(_fp16_loss(net, x)).backward()
     net[0].weight.grad[0, 0] = float("inf")  # an fp16 overflow in the backward pass
     norm, applied = train.optimizer_step(cfg, net, opt, scaler)
-    assert applied and not torch.isfinite(torch.tensor(norm))  # the scaler's own skip (counted as its normal work)
+    assert applied and not torch.isfinite(torch.as_tensor(norm))  # the scaler's own skip (counted as its normal work)
     assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
     assert scaler.get_scale() == 2.0**15
 

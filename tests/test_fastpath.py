@@ -57,3 +57,23 @@ def test_compile_blocks_bookkeeping(monkeypatch):
     net(torch.randn(1, 4))
     net(torch.randn(1, 4))
     assert sum("first forward" in m for m in logs) == 1
+
+
+def test_sdpa_choice_on_cuda_enables_one_backend(monkeypatch):
+    """The CUDA selection logic without a GPU (probes stubbed): auto takes the first backend of AUTO_ORDER that
+    runs, enables only it and logs it; a named backend that does not run is a clear error."""
+    import pytest
+
+    runs = {"efficient", "math"}
+    monkeypatch.setattr(fastpath, "_probe", lambda b, device, dtype, head_dim: b in runs)
+    enabled: dict[str, bool] = {}
+    for b, fn in fastpath._ENABLE.items():
+        monkeypatch.setattr(torch.backends.cuda, fn, lambda on, b=b: enabled.__setitem__(b, on))
+    logs: list[str] = []
+    cuda = torch.device("cuda")
+    assert fastpath.choose_sdpa_backend("auto", cuda, torch.bfloat16, 64, logs.append) == "efficient"
+    assert enabled == {"flash": False, "cudnn": False, "efficient": True, "math": False}
+    assert logs == ["attention: SDPA backend efficient (torch.bfloat16, head_dim 64; the only one enabled)"]
+    assert fastpath.choose_sdpa_backend("math", cuda, torch.float32, 64, logs.append) == "math" and enabled["math"]
+    with pytest.raises(ValueError, match="'flash' does not run"):
+        fastpath.choose_sdpa_backend("flash", cuda, torch.float32, 64, logs.append)

@@ -193,9 +193,9 @@ def test_train_helpers_fused_equal_ordinary_on_tiny_sdxl():
         stepper = make_stepper(cfg, opt)
         for _ in range(2):
             gens = [torch.Generator().manual_seed(3)]
-            _, finite = train.accumulate_gradients(trainee, comp, build_objective("sdxl", LossConfig()), [batch],
-                                                   torch.device("cpu"), gens, contextlib.nullcontext, None)
-            norm, applied = train.optimizer_step(cfg, trainee, opt, None, finite, stepper)
+            loss = train.accumulate_gradients(trainee, comp, build_objective("sdxl", LossConfig()), [batch],
+                                              torch.device("cpu"), gens, contextlib.nullcontext, None)
+            norm, applied = train.optimizer_step(cfg, trainee, opt, None, torch.isfinite(loss), stepper)
             opt.zero_grad(set_to_none=True)
             assert applied and norm > 0
         if stepper is not None:
