@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                 optimizer.zero_grad(set_to_none=True)
                 if not applied:  # nothing was changed: the weights are those of the last good step
                     bad_steps += 1
-                    log.warning(f"step {step + 1}: non-finite {'loss' if not finite else 'gradient norm'}, step "
+                    log.warning(f"step {step + 1}: non-finite {'gradient norm' if loss.isfinite() else 'loss'}, step "
                                 f"skipped ({bad_steps} in a row, train.max_bad_steps = {cfg.train.max_bad_steps})")
                     if bad_steps >= cfg.train.max_bad_steps:
                         save_state()
