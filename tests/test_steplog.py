@@ -1,4 +1,4 @@
-"""No host syncs in the training step: losses and gradient norms stay tensors until the log interval (core/steplog.py)."""
+"""No host syncs in the training step: loss and gradient norm stay tensors until the log interval (core/steplog.py)."""
 
 from __future__ import annotations
 
