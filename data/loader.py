@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -56,48 +57,88 @@ def usable_rows(index: DatasetIndex, store=None) -> np.ndarray:
     return rows
 
 
-def global_batches(index: DatasetIndex, batch_size: int, seed: int, epoch: int,
-                   rows: np.ndarray | None = None) -> list[np.ndarray]:
-    """The epoch's global batch list; each batch is an array of (row, position) pairs [b, 2]."""
+@dataclass
+class EpochPlan:
+    """An epoch's global batch list, flat: batch i is `pairs[starts[i]:ends[i]]`, (row, position) pairs [b, 2]
+    (int32), instead of a list of small arrays: 1M samples cost ~8 MB + 16 bytes per batch."""
+
+    pairs: np.ndarray   # [N, 2] (row, position), grouped by batch
+    starts: np.ndarray  # [n_batches] in the shuffled batch order
+    ends: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def batch(self, i: int) -> np.ndarray:
+        return self.pairs[self.starts[i] : self.ends[i]]
+
+    def take(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The batches `ids`, compact: (pairs [n, 2], offsets [len(ids) + 1]); batch j = pairs[offsets[j]:offsets[j+1]]."""
+        n = self.ends[ids] - self.starts[ids]
+        offsets = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
+        idx = np.repeat(self.starts[ids] - offsets[:-1], n) + np.arange(int(offsets[-1]), dtype=np.int64)
+        return self.pairs[idx], offsets
+
+
+def epoch_plan(index: DatasetIndex, batch_size: int, seed: int, epoch: int,
+               rows: np.ndarray | None = None) -> EpochPlan:
+    """The epoch's global batch list (see the module docstring), as flat arrays."""
     if batch_size < 1:
         raise ValueError(f"batch_size = {batch_size} must be >= 1")
     rows = np.nonzero(index.repeats > 0)[0] if rows is None else rows
     expanded = np.repeat(rows, index.repeats[rows])                      # every sample x repeats exactly once
     rng = np.random.default_rng(_seed(seed, epoch))
-    expanded = expanded[rng.permutation(len(expanded))]
-    positions = np.arange(len(expanded))                                 # the sample's identity within the epoch
-    b = index.buckets[expanded]
-    bucket_id = b[:, 0].astype(np.int64) * 100_003 + b[:, 1]
+    expanded = expanded[rng.permutation(len(expanded))]                  # position i = the sample's identity
+    b = index.buckets
+    bucket_id = (b[:, 0].astype(np.int64) * 100_003 + b[:, 1])[expanded]
     order = np.argsort(bucket_id, kind="stable")                         # group by bucket, shuffled within
-    sb = bucket_id[order]
-    bounds = np.flatnonzero(np.diff(sb)) + 1
-    batches = []
-    for grp in np.split(order, bounds):
-        for s in range(0, len(grp), batch_size):
-            sel = grp[s : s + batch_size]
-            batches.append(np.stack([expanded[sel], positions[sel]], 1))
-    perm = rng.permutation(len(batches))
-    return [batches[i] for i in perm]
+    pairs = np.empty((len(order), 2), np.int32)                          # rows and positions < 2**31
+    pairs[:, 0] = expanded[order]
+    pairs[:, 1] = order
+    del expanded
+    cut = np.flatnonzero(np.diff(bucket_id[order])) + 1
+    del bucket_id, order
+    g0 = np.concatenate([[0], cut]).astype(np.int64)[: len(pairs)]       # bucket groups [g0, g1)
+    g1 = np.concatenate([cut, [len(pairs)]]).astype(np.int64)[: len(pairs)]
+    per = (g1 - g0 + batch_size - 1) // batch_size
+    first = np.repeat(np.cumsum(per) - per, per)
+    starts = np.repeat(g0, per) + (np.arange(int(per.sum())) - first) * batch_size
+    del first
+    ends = np.minimum(starts + batch_size, np.repeat(g1, per))
+    perm = rng.permutation(len(starts))
+    return EpochPlan(pairs, starts[perm], ends[perm])
+
+
+def global_batches(index: DatasetIndex, batch_size: int, seed: int, epoch: int,
+                   rows: np.ndarray | None = None) -> list[np.ndarray]:
+    """The epoch's global batch list; each batch is an array of (row, position) pairs [b, 2]."""
+    plan = epoch_plan(index, batch_size, seed, epoch, rows)
+    return [plan.batch(i) for i in range(len(plan))]
 
 
 def batches_per_epoch(index: DatasetIndex, data_cfg, world_size: int, store=None,
                       rows: np.ndarray | None = None) -> int:
     """Steps each rank runs per epoch (ceil of global batches / world size); `rows` = usable_rows(), if known."""
     rows = usable_rows(index, store) if rows is None else rows
-    n = len(global_batches(index, int(data_cfg.batch_size), 0, 0, rows))
+    n = len(epoch_plan(index, int(data_cfg.batch_size), 0, 0, rows))
     return math.ceil(n / max(1, world_size))
 
 
-def rank_batches(batches: list[np.ndarray], rank: int, world_size: int, skip: int = 0) -> list[np.ndarray]:
-    """Global batches rank, rank+W, ... from position `skip`; the last round wraps to the start of the list.
-    Every rank gets the same count, also when `skip` is not a multiple of W (a resume under another world size)."""
+def rank_batch_ids(n: int, rank: int, world_size: int, skip: int = 0) -> np.ndarray:
+    """Positions in the global batch list of rank's batches: rank, rank+W, ... from `skip`; the last round wraps to
+    the start of the list. Every rank gets the same count, also when `skip` is not a multiple of W (a resume under
+    another world size)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} not in [0, {world_size})")
-    n = len(batches)
     if n == 0:
-        return []
+        return np.zeros(0, np.int64)
     total = skip + math.ceil(max(0, n - skip) / world_size) * world_size
-    return [batches[p % n] for p in range(skip + rank, total, world_size)]
+    return np.arange(skip + rank, total, world_size, dtype=np.int64) % n
+
+
+def rank_batches(batches: list[np.ndarray], rank: int, world_size: int, skip: int = 0) -> list[np.ndarray]:
+    """The batches of `rank_batch_ids` from a batch list."""
+    return [batches[i] for i in rank_batch_ids(len(batches), rank, world_size, skip).tolist()]
 
 
 class _Items(Dataset):
@@ -206,15 +247,17 @@ class EpochBatches:
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         self.epoch = epoch
-        batches = global_batches(self.index, self.batch_size, self.seed, epoch, self.rows)
-        self.batches = [[(r, p, epoch) for r, p in b.tolist()]
-                        for b in rank_batches(batches, self.rank, self.world_size, skip)]
+        plan = epoch_plan(self.index, self.batch_size, self.seed, epoch, self.rows)
+        # Only this rank's batches are kept, as two flat arrays (not a list of tuples: ~1/10 of the memory).
+        self.pairs, self.offsets = plan.take(rank_batch_ids(len(plan), self.rank, self.world_size, skip))
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
-        return iter(self.batches)
+        pairs, off, epoch = self.pairs, self.offsets.tolist(), self.epoch
+        for j in range(len(off) - 1):
+            yield [(r, p, epoch) for r, p in pairs[off[j] : off[j + 1]].tolist()]
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return len(self.offsets) - 1
 
 
 def make_loader(index: DatasetIndex, data_cfg, store, *, seed: int, epoch: int, rank: int, world_size: int,
