@@ -288,7 +288,7 @@ class SampleConfig:
     sample_every_n_steps: int = opt(0, "previews every N optimizer steps; 0 = off", min=0)
     sample_every_n_epochs: int = opt(0, "previews every N epochs; 0 = off", min=0)
     sample_at_first: bool = opt(False, "previews before training starts")
-    sample_sampler: str = opt("euler", "default sampler: euler, euler_a, ddim, heun, dpmpp_2m, dpmpp_2m_sde, lms, dpm_2, dpm_2_ancestral, dpm_solver_2m, dpmpp_2s, or a kohya name (k_lms, k_dpm_2, k_dpm_2_a, dpmsolver, dpmsolver++, dpmsingle, ...)")
+    sample_sampler: str = opt("euler", "default sampler: euler, euler_a, ddim, heun, dpmpp_2m, dpmpp_2m_sde, lms, dpm_2, dpm_2_ancestral, dpm_solver_2m, dpmpp_2s, pndm, or a kohya name (k_lms, k_dpm_2, k_dpm_2_a, dpmsolver, dpmsolver++, dpmsingle, ...)")
     sample_sigmas: str = opt("normal", "default sigma spacing: the schedule's own, or karras (Karras et al. 2022); prompts may set their own (--sigmas, sigmas =)", choices=("normal", "karras"))
     sample_params: dict = opt({}, "defaults for prompts that do not set them (width, height, steps, scale, seed, negative_prompt, ...)")
 

@@ -129,6 +129,14 @@ def _ancestral_step(sigma: float, sigma_next: float, eta: float, form: str) -> t
     return down, up, rescale
 
 
+def _add_ancestral_noise(x: Tensor, up: float, rescale: float, s_noise: float,
+                         generator: torch.Generator | None) -> Tensor:
+    """The tail of an ancestral step (see `_ancestral_step`): rescale, then fresh noise of scale `up` (none when 0)."""
+    if up <= 0:
+        return x
+    return rescale * x + _randn_like(x, generator) * (s_noise * up)
+
+
 @torch.no_grad()
 def sample_euler_ancestral(
     model: Denoiser,
@@ -150,9 +158,7 @@ def sample_euler_ancestral(
         _report(callback, x, i, sig[i], denoised)
         down, up, rescale = _ancestral_step(sig[i], sig[i + 1], eta, form)
         # The Euler step to sigma_down is exact along the DDIM direction in both forms (see sample_ddim).
-        x = x + (x - denoised) / sig[i] * (down - sig[i])
-        if up > 0:
-            x = rescale * x + _randn_like(x, generator) * (s_noise * up)
+        x = _add_ancestral_noise(x + (x - denoised) / sig[i] * (down - sig[i]), up, rescale, s_noise, generator)
     return x
 
 
@@ -425,8 +431,7 @@ def sample_dpm_2_ancestral(
             x_2 = x + d * (s_mid - s)
             d_2 = (x_2 - model(x_2, s_mid * s_in, **extra)) / s_mid
             x = x + d_2 * (down - s)
-        if up > 0:
-            x = rescale * x + _randn_like(x, generator) * (s_noise * up)
+        x = _add_ancestral_noise(x, up, rescale, s_noise, generator)
     return x
 
 
@@ -516,6 +521,53 @@ def sample_dpmpp_2s(
     return x
 
 
+# Linear multistep coefficients of PLMS by the number of stored derivatives (Liu et al. 2022, eq. 12; diffusers
+# PNDMScheduler.step_plms): Adams-Bashforth of orders 2, 3 and 4 on equal steps.
+PLMS_COEFFS = {2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+
+@torch.no_grad()
+def sample_pndm(
+    model: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    extra_args: Mapping[str, Any] | None = None,
+    callback: Callable | None = None,
+    disable: bool | None = None,
+    generator: torch.Generator | None = None,
+    *,
+    form: str = VE,
+) -> Tensor:
+    """PNDM's pseudo linear multistep sampler (PLMS; Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models")
+    as diffusers' PNDMScheduler runs it with skip_prk_steps = true (the Stable Diffusion scheduler configs; crowsonkb's
+    PLMS): the transfer from sigma to sigma_next along a derivative d is the DDIM step, x + (sigma_next - sigma) d with
+    d = (x - x0) / sigma (eps in VE, the velocity in flow form). The first step is a pseudo improved Euler step (two
+    evaluations, derivatives averaged), the next ones Adams-Bashforth of orders 2, 3, then 4 on the stored
+    derivatives (`PLMS_COEFFS`), whose first entries are the ones at the start of each step (the first step's
+    correction evaluation is not stored). N steps take N + 1 evaluations (N >= 2). For v-prediction networks diffusers
+    combines the raw v outputs instead (converted to eps with the current x afterwards); we combine eps, as the paper.
+    kohya's `pndm` is PNDMScheduler with its defaults, which start with 3 pseudo Runge-Kutta steps (12 evaluations at
+    half-step timesteps the sigma grid does not hold); we start with the pseudo improved Euler step of the SD
+    configs instead."""
+    extra, sig, s_in, steps = _setup(x, sigmas, extra_args, disable, form)
+    history: list[Tensor] = []  # derivatives at the start of each step, newest last
+    for i in steps:
+        s, s_next = sig[i], sig[i + 1]
+        denoised = model(x, s * s_in, **extra)
+        _report(callback, x, i, s, denoised)
+        d = (x - denoised) / s
+        history = [*history[-3:], d]
+        if len(history) == 1 and len(sig) > 2 and s_next > 0:  # pseudo improved Euler: a second evaluation
+            x_2 = x + d * (s_next - s)
+            d_2 = (x_2 - model(x_2, s_next * s_in, **extra)) / s_next
+            x = x + (d + d_2) / 2 * (s_next - s)
+            continue
+        coeffs = PLMS_COEFFS.get(len(history), (1.0,))
+        d_plms = sum(c * h for c, h in zip(coeffs, reversed(history)))
+        x = x + d_plms * (s_next - s)
+    return x
+
+
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "euler": sample_euler,
     "euler_ancestral": sample_euler_ancestral,
@@ -528,6 +580,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpm_2_ancestral": sample_dpm_2_ancestral,
     "dpm_solver_2m": sample_dpm_solver_2m,
     "dpmpp_2s": sample_dpmpp_2s,
+    "pndm": sample_pndm,
 }
 
 # kohya sd-scripts (--sample_sampler), k-diffusion ("k_*") and A1111 display names -> canonical names.
@@ -569,6 +622,7 @@ A1111_NAMES: dict[str, str] = {
     "dpm_2_ancestral": "DPM2 a",
     "dpm_solver_2m": "DPM-Solver 2M",
     "dpmpp_2s": "DPM++ 2S",
+    "pndm": "PLMS",
 }
 
 

@@ -86,6 +86,39 @@ def test_dpmsingle_matches_diffusers(steps):
     torch.testing.assert_close(got, x, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("steps, prediction, spacing", [(9, "epsilon", "leading"), (2, "epsilon", "leading"),
+                                                        (1, "v_prediction", "trailing")])
+def test_pndm_matches_diffusers_plms(steps, prediction, spacing):
+    """kohya's "pndm": diffusers PNDMScheduler with the Stable Diffusion scheduler config (skip_prk_steps, steps_offset
+    1, set_alpha_to_one false): PLMS with a pseudo improved Euler first step, N + 1 network calls; the last step ends
+    at alphas_cumprod[0]'s sigma. diffusers steps in the VP scaling, ours in VE: both ends are rescaled. v-prediction
+    only with one step: diffusers combines the raw v outputs of several steps (then converts with the current x), we
+    combine the derivatives (eps), as the paper does; one step has nothing to combine."""
+    ref = _scheduler("PNDMScheduler", skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
+                     prediction_type=prediction, timestep_spacing=spacing)
+    ref.set_timesteps(steps)
+    ab = ref.alphas_cumprod.double()
+    ts = ref.timesteps.unique_consecutive()
+    assert len(ts) == steps and len(ref.timesteps) == steps + (steps > 1)
+    sigmas = torch.cat([((1 - ab[ts]) / ab[ts]).sqrt(), ((1 - ab[:1]) / ab[:1]).sqrt()]).float()
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    x = noise.clone()
+    for t in ref.timesteps:
+        x = ref.step(toy_network(ref.scale_model_input(x, t), t), t, x).prev_sample
+    calls = []
+
+    def counted(x_in, t):
+        calls.append(1)
+        return toy_network(x_in, t)
+
+    start = noise * (1 + float(sigmas[0]) ** 2) ** 0.5
+    sched = DiscreteSchedule(prediction="v" if prediction == "v_prediction" else "eps")
+    got = SAMPLERS[canonical_sampler_name("pndm")](sched.denoiser(counted), start, sigmas, disable=True, form=VE)
+    assert len(calls) == len(ref.timesteps)
+    assert (x - noise).abs().max() > 0.1
+    torch.testing.assert_close(got / (1 + float(sigmas[-1]) ** 2) ** 0.5, x, rtol=1e-4, atol=1e-4)
+
+
 def test_karras_sigmas_reach_prompts_and_previews(tmp_path, monkeypatch):
     """--sigmas in prompt lines, sigmas / use_karras_sigmas in TOML, [sample] sample_sigmas as the default; previews
     sample with it (the sigma kind handed to core.sampling.sample)."""
