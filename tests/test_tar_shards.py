@@ -49,6 +49,44 @@ def test_webdataset_key_grouping():
         list(group_samples(_tar(["k.jpg", "k.JPG"]), "t.tar"))
 
 
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_member_headers_match_tarfile(tmp_path, fmt):
+    """The index scan's own header reader against Python's tarfile on the same archive: names (long, nested,
+    non-ASCII), sizes, regular-or-not and the data at each offset; streamed (`w|`) and seekable writes."""
+    from data.readers.tar import iter_members
+
+    names = ["a.jpg", "d/", "d/" + "x" * 120 + ".png", "é/ü.txt", "empty.txt", "k.json", "z" * 99 + ".caption"]
+    if fmt == tarfile.USTAR_FORMAT:
+        names = [n for n in names if len(n) <= 100 and n.isascii()]
+    for mode in ("w", "w|"):
+        path = tmp_path / f"t{fmt}{mode.strip('|')}.tar"
+        with tarfile.open(str(path), mode, format=fmt) as tf:
+            for i, n in enumerate(names):
+                ti = tarfile.TarInfo(n.rstrip("/"))
+                if n.endswith("/"):
+                    ti.type = tarfile.DIRTYPE
+                    tf.addfile(ti)
+                else:
+                    data = bytes([i]) * (0 if n == "empty.txt" else 700 * i + 3)
+                    ti.size, ti.mtime = len(data), 1.5e9 + 0.25  # a float mtime: PAX writes a header for it
+                    tf.addfile(ti, io.BytesIO(data))
+        with tarfile.open(str(path)) as tf:
+            want = [(t.name, t.size, t.isreg(), tf.extractfile(t).read() if t.isreg() else b"") for t in tf]
+        with open(path, "rb") as f:
+            got = []
+            for m in iter_members(f, str(path)):
+                f.seek(m.offset)
+                got.append((m.name, m.size, m.isreg(), f.read(m.size) if m.isreg() else b""))
+        assert got == want
+    with tarfile.open(str(path)) as tf:
+        second = tf.getmembers()[1].offset  # where its header (or its PAX header) starts
+    data = bytearray(path.read_bytes())
+    data[second + 10] ^= 0xFF  # inside the second member's name
+    path.write_bytes(bytes(data))
+    with open(path, "rb") as f, pytest.raises(ValueError, match="damaged member header"):
+        list(iter_members(f, str(path)))
+
+
 def test_expand_shards_globs_ranges_and_missing(tmp_path):
     for i in range(3):
         (tmp_path / f"{i:06d}.tar").write_bytes(b"")
