@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from core import cli, dist, fastpath, summary
+from core.dist import mix_seed
 from core.config import format_output_dir, make_run_dirs, run_dirs, to_dict, to_toml
 from core.ema import EMA
 from core.fused import check_fused_settings, fp32_state, make_stepper, per_parameter_step
@@ -71,14 +72,6 @@ class Trainee(nn.Module):
         text = {k: v.float() for k, v in text.items()}
         cond = self.comp.conditioning(text, *sizes)
         return self.network(x_t, t, **cond)
-
-
-def mix_seed(*parts: int) -> int:
-    """Deterministic 63-bit seed from integers (noise of each micro-step: same on resume)."""
-    h = 0
-    for p in parts:
-        h = (h * 0x9E3779B97F4A7C15 + int(p) + 1) % (1 << 63)
-    return h
 
 
 class StopFlags:

@@ -89,6 +89,14 @@ def is_main() -> bool:
     return info().rank == 0
 
 
+def mix_seed(*parts: int) -> int:
+    """Deterministic 63-bit seed from integers (run seed, rank, ...: per-rank streams that are the same on resume)."""
+    h = 0
+    for p in parts:
+        h = (h * 0x9E3779B97F4A7C15 + int(p) + 1) % (1 << 63)
+    return h
+
+
 def barrier() -> None:
     if is_dist():
         if info().device.type == "cuda":

@@ -157,11 +157,13 @@ def sdxl_diffusers_to_sgm(name: str, num_res_blocks: int, transformer_depth: tup
                 return v
         return tail
 
-    m = re.match(r"^down_blocks_(\d+)_(resnets|attentions)_(\d+)_(.+)$", rest)
-    if m:
-        b, kind, j, tail = int(m[1]), m[2], int(m[3]), m[4]
+    m = re.match(r"^(down|up)_blocks_(\d+)_(resnets|attentions)_(\d+)_(.+)$", rest)
+    if m:  # input_blocks start after conv_in (index 0); output_blocks at 0
+        side, b, kind, j, tail = m[1], int(m[2]), m[3], int(m[4]), m[5]
         inner = 0 if kind == "resnets" else 1
-        return f"lora_unet_input_blocks_{1 + b * per + j}_{inner}_{resnet(tail) if inner == 0 else tail}"
+        index = (1 if side == "down" else 0) + b * per + j
+        return (f"lora_unet_{'input' if side == 'down' else 'output'}_blocks_{index}_{inner}_"
+                f"{resnet(tail) if inner == 0 else tail}")
     m = re.match(r"^down_blocks_(\d+)_downsamplers_0_conv$", rest)
     if m:
         return f"lora_unet_input_blocks_{(int(m[1]) + 1) * per}_0_op"
@@ -169,11 +171,6 @@ def sdxl_diffusers_to_sgm(name: str, num_res_blocks: int, transformer_depth: tup
     if m:
         idx = {("resnets", 0): 0, ("attentions", 0): 1, ("resnets", 1): 2}[(m[1], int(m[2]))]
         return f"lora_unet_middle_block_{idx}_{resnet(m[3]) if m[1] == 'resnets' else m[3]}"
-    m = re.match(r"^up_blocks_(\d+)_(resnets|attentions)_(\d+)_(.+)$", rest)
-    if m:
-        b, kind, j, tail = int(m[1]), m[2], int(m[3]), m[4]
-        inner = 0 if kind == "resnets" else 1
-        return f"lora_unet_output_blocks_{b * per + j}_{inner}_{resnet(tail) if inner == 0 else tail}"
     m = re.match(r"^up_blocks_(\d+)_upsamplers_0_conv$", rest)
     if m:
         b = int(m[1])
@@ -187,6 +184,12 @@ def sdxl_diffusers_to_sgm(name: str, num_res_blocks: int, transformer_depth: tup
 # ----------------------------------------------------------------------------------------------
 
 
+def lora_product(up: Tensor, down: Tensor) -> Tensor:
+    """up @ down in fp32, in the base weight's shape: linear up [o, r] / down [r, i] -> [o, i]; conv up [o, r, 1, 1] /
+    down [r, i, kh, kw] -> [o, i, kh, kw]."""
+    return torch.einsum("or,r...->o...", up.float().flatten(1), down.float())
+
+
 class LoRAModule(nn.Module):
     """One adapter: forward(x) is the *delta* up(down(x)) * multiplier * alpha / dim (or None when module dropout
     skips it). Kohya's init (down: kaiming-uniform, up: zeros) so a fresh adapter changes nothing."""
@@ -194,18 +197,20 @@ class LoRAModule(nn.Module):
     def __init__(self, out_dim: int, in_dim: int, dim: int, alpha: float, conv: tuple[Any, Any, Any] | None = None,
                  dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0):
         super().__init__()
-        if conv is not None:
+        if conv is not None:  # down: the base conv's kernel / stride / padding; up: 1x1
             kernel, stride, padding = conv
             self.lora_down = nn.Conv2d(in_dim, dim, kernel, stride, padding, bias=False)
             self.lora_up = nn.Conv2d(dim, out_dim, 1, 1, bias=False)
         else:
             self.lora_down = nn.Linear(in_dim, dim, bias=False)
             self.lora_up = nn.Linear(dim, out_dim, bias=False)
+        self.rank_axis = 1 if conv is not None else -1  # where down(x) keeps its rank: (B, dim, H, W) / (B, ..., dim)
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
         self.register_buffer("alpha", torch.tensor(float(alpha)))
         self.dim, self.scale = dim, float(alpha) / dim
         self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
+        self.skipped = False  # module dropout of this training forward (LoRANetwork.drop_modules)
         self.multiplier = 1.0
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
@@ -215,27 +220,22 @@ class LoRAModule(nn.Module):
     def forward(self, x: Tensor) -> Tensor | None:
         # dropouts only while training with gradients: previews (inference_mode) and eval run the adapter whole
         train = self.training and torch.is_grad_enabled()
-        if train and self.module_dropout and float(torch.rand(())) < self.module_dropout:
+        if train and self.skipped:
             return None
         h = self.lora_down(x.to(self.lora_down.weight.dtype))  # (B, ..., dim) or (B, dim, H, W)
         scale = self.scale
         if train and self.dropout:
             h = F.dropout(h, p=self.dropout)
         if train and self.rank_dropout:
-            mask = (torch.rand(h.shape[0], self.dim, device=h.device) > self.rank_dropout).to(h.dtype)
-            mask = mask.view(h.shape[0], self.dim, 1, 1) if h.dim() == 4 else mask.view(h.shape[0], *[1] * (h.dim() - 2), self.dim)
-            h = h * mask
+            shape = [h.shape[0]] + [1] * (h.dim() - 1)  # one mask per sample and rank
+            shape[self.rank_axis] = self.dim
+            h = h * (torch.rand(shape, device=h.device) > self.rank_dropout).to(h.dtype)
             scale = scale / (1.0 - self.rank_dropout)
         return self.lora_up(h) * (self.multiplier * scale)
 
     def weight_delta(self) -> Tensor:
         """multiplier * scale * up @ down in the base weight's shape (fp32)."""
-        up, down = self.lora_up.weight.float(), self.lora_down.weight.float()
-        if down.dim() == 4:  # conv: up [o, r, 1, 1], down [r, i, kh, kw]
-            d = torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down)
-        else:
-            d = up @ down
-        return d * (self.multiplier * self.scale)
+        return lora_product(self.lora_up.weight, self.lora_down.weight) * (self.multiplier * self.scale)
 
 
 def _patch_linear(module: nn.Module, adapter: LoRAModule) -> None:
@@ -298,6 +298,15 @@ class LoRANetwork(nn.Module):
         for m in self._applied:
             m.__dict__.pop("forward", None)
         self._applied = []
+
+    def drop_modules(self, generator: torch.Generator) -> None:
+        """Module dropout for the next training forward: each adapter skipped with its module_dropout probability.
+        Drawn once per forward, not inside it: with the same generator state on every rank the same adapters go
+        unused (FSDP's reduce-scatter needs the same gradients on all ranks), and a block recomputed by gradient
+        checkpointing skips what its forward skipped."""
+        draws = torch.rand(len(self.adapters), generator=generator).tolist()
+        for a, u in zip(self.adapters.values(), draws):
+            a.skipped = u < a.module_dropout
 
     def set_multiplier(self, value: float) -> None:
         for a in self.adapters.values():
@@ -425,12 +434,7 @@ def merge_into(comp: Any, groups: Mapping[str, Mapping[str, Tensor]], weight: fl
         t = targets.get(name)
         if t is None:
             continue
-        up, down = g["lora_up.weight"].float(), g["lora_down.weight"].float()
-        if down.dim() == 4:
-            delta = torch.einsum("or,rikl->oikl", up.flatten(1), down)
-        else:
-            delta = up.flatten(1) @ down.flatten(1)
-        delta = delta * (weight * _scale(g))
+        delta = lora_product(g["lora_up.weight"], g["lora_down.weight"]) * (weight * _scale(g))
         w = t.weight
         if t.slot is not None:
             c = w.shape[1]
@@ -505,13 +509,19 @@ class LoRATraining:
     def __init__(self, cfg: Any, comp: Any, trainee: nn.Module, device: torch.device, warn: Callable[[str], None]):
         n = cfg.network
         self.cfg, self.comp, self.trainee = cfg, comp, trainee
-        self.network = create_network(comp, n, unet=not n.network_train_text_encoder_only,
-                                      text=not n.network_train_unet_only).to(device)  # fp32 adapters
+        with torch.random.fork_rng(devices=[]):  # the same init on every rank (FSDP shards what each rank holds)
+            torch.default_generator.manual_seed(cfg.seed)
+            self.network = create_network(comp, n, unet=not n.network_train_text_encoder_only,
+                                          text=not n.network_train_unet_only).to(device)  # fp32 adapters
         if n.network_weights:
             self.network.load_kohya(read_lora(n.network_weights, comp), n.network_weights)
         self.network.apply_to().requires_grad_(True).train()
         trainee.add_module("lora", self.network)
         self.ema_module: nn.Module = self.network
+        self.forwards = 0  # training forwards run (with the seed and rank: the dropout masks; kept in resume states)
+        if n.network_dropout or n.rank_dropout or n.module_dropout:
+            from core import dist
+            _own_dropout_rng(trainee, self, dist.rank(), device)
         # module dropout leaves adapters out of some steps: DDP must not wait for their gradients
         self.find_unused = n.module_dropout > 0 or not any(k.startswith("lora_unet_") for k in self.network.adapters)
         self._tags: dict[str, dict[str, int]] | None = None  # ss_tag_frequency, counted at the first export
@@ -543,10 +553,13 @@ class LoRATraining:
 
     def state_dict(self) -> dict[str, Tensor]:
         from core import dist
-        return {k: dist.full_tensor(v) for k, v in self.network.state_dict().items()}
+        return {**{k: dist.full_tensor(v) for k, v in self.network.state_dict().items()},
+                FORWARDS_KEY: torch.tensor(self.forwards, dtype=torch.int64)}
 
     def load_state_dict(self, sd: Mapping[str, Tensor]) -> None:
-        self.network.load_state_dict(dict(sd), strict=True)
+        sd = dict(sd)
+        self.forwards = int(sd.pop(FORWARDS_KEY, 0))  # states written before the key: masks restart at 0
+        self.network.load_state_dict(sd, strict=True)
 
     def previewing(self, model: nn.Module) -> Any:
         """FSDP2: the adapters sit in the root unit, which only the trainee's forward gathers; previews call the
@@ -579,6 +592,37 @@ class LoRATraining:
             with ema.swapped_into(self.network):
                 save_lora(path.replace(".safetensors", "-ema.safetensors"), self.network.kohya_state_dict(),
                           {**info, "sdtrain.ema_decay": str(ema.decay)}, self.cfg.save.save_precision)
+
+
+FORWARDS_KEY = "dropout_forwards"  # in resume states beside the adapters: where the dropout masks continue
+
+
+def _own_dropout_rng(trainee: nn.Module, run: LoRATraining, rank: int, device: torch.device) -> None:
+    """The adapters' dropouts from their own streams, so a resume continues them exactly (no other consumer of the
+    global RNG -- loader workers, previews -- shifts them). Each training forward of `trainee`: module dropout drawn
+    from (run seed, forwards so far), the same on every rank; then the forward runs with the default generators (CPU,
+    and the device's) forked and seeded from (run seed, rank, forwards) for the dropout / rank-dropout masks, and
+    restored after it. Gradient checkpointing replays the default generators' state when it recomputes a block, so
+    the recomputation draws the forward's masks."""
+    from core.dist import mix_seed
+    orig = trainee.forward
+    cuda = device.type == "cuda"
+    modules = torch.Generator()
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if not (torch.is_grad_enabled() and trainee.training):
+            return orig(*args, **kwargs)
+        modules.manual_seed(mix_seed(run.cfg.seed, run.forwards))
+        run.network.drop_modules(modules)
+        seed = mix_seed(run.cfg.seed, rank, run.forwards, 1)
+        run.forwards += 1
+        with torch.random.fork_rng(devices=[device] if cuda else [], device_type=device.type):
+            torch.default_generator.manual_seed(seed)
+            if cuda:
+                torch.cuda.manual_seed(seed)
+            return orig(*args, **kwargs)
+
+    trainee.forward = forward  # type: ignore[method-assign]
 
 
 TAG_FREQUENCY_MAX_FILES = 10_000  # caption files read per folder for ss_tag_frequency (a sample of huge folders)

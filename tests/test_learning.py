@@ -40,7 +40,7 @@ def _make_dataset(root):
         caption = list(CLASSES)[i % len(CLASSES)]
         colour, shape = CLASSES[caption]
         im = Image.new("RGB", (SIZE, SIZE), (255, 255, 255))
-        r = rng.randint(16, 22)
+        r = rng.randint(SIZE // 4, SIZE * 11 // 32)
         cx, cy = rng.randint(r, SIZE - r), rng.randint(r, SIZE - r)
         getattr(ImageDraw.Draw(im), shape)((cx - r, cy - r, cx + r, cy + r), fill=colour)
         stem = f"{i:03d}"

@@ -195,6 +195,31 @@ def test_sd3_names_follow_comfyui_rule_and_merge_equals_applied():
     assert _rel(merged, applied) <= 1e-5
 
 
+def test_sd3_kohya_keys_are_not_read_by_diffusers_sd3_loader(tmp_path):
+    """diffusers has no kohya reader for SD3, so there is no diffusers oracle for our SD3 files (ComfyUI's rule above
+    is the check). Where (diffusers 0.42, src/diffusers/loaders/): `SD3LoraLoaderMixin.lora_state_dict`
+    (lora_pipeline.py) only fetches the file and drops `dora_scale` keys, where the SDXL mixin's sends files with
+    `lora_unet_` / `lora_te*_` keys through `_convert_non_diffusers_lora_to_diffusers`; `load_lora_into_transformer`
+    then calls `SD3Transformer2DModel.load_lora_adapter(prefix="transformer")` (peft.py), which keeps only keys
+    starting with `transformer.` and warns "No LoRA keys associated to SD3Transformer2DModel found"; and
+    lora_conversion_utils.py maps kohya `lora_unet_` names for the SD / SDXL UNet and Flux (`double_blocks`) only,
+    nothing for `joint_blocks`. This test runs that path on our file and fails the day diffusers starts reading
+    kohya SD3 keys (then compare outputs, as the SDXL test does)."""
+    pytest.importorskip("peft")
+    from diffusers.loaders import SD3LoraLoaderMixin
+    from test_mmdit import _diffusers_model
+    comp = models.build("sd3", "tiny", seed=0, parts=["mmdit"])
+    net = lora.create_network(comp, _cfg(network_dim=2, network_alpha=4.0).network, unet=True, text=False)
+    _randomize_adapters(net, seed=1)
+    path = tmp_path / "sd3.safetensors"
+    lora.save_lora(str(path), net.kohya_state_dict(), {"ss_network_module": "networks.lora"}, precision="fp32")
+    sd = SD3LoraLoaderMixin.lora_state_dict(str(path))
+    assert set(sd) == set(net.kohya_state_dict())  # read as is: no conversion of kohya names
+    ref = _diffusers_model(comp.mmdit.cfg, comp.mmdit.state_dict())
+    SD3LoraLoaderMixin.load_lora_into_transformer(sd, ref)
+    assert not getattr(ref, "peft_config", None)  # no adapter was added: every key was filtered out
+
+
 # ---------------------------------------------------------------- diffusers-named third-party files
 
 
