@@ -87,6 +87,31 @@ def test_member_headers_match_tarfile(tmp_path, fmt):
         list(iter_members(f, str(path)))
 
 
+@pytest.mark.parametrize("name", ["000000.tar", "000000.tar.gz"])
+def test_stream_and_read_members(tmp_path, name):
+    """stream_members yields the wanted members' bytes in tar order and then each missing one with a reason;
+    read_member / open_bytes give one member (plain and gzip-compressed shards)."""
+    import gzip
+    import shutil
+
+    from data.readers import open_bytes
+    from data.readers.tar import TarShardReader
+
+    samples = [(f"k{i}", {"png": bytes([i]) * (100 + i), "txt": f"c{i}"}) for i in range(5)]
+    write_webdataset_shard(tmp_path / "000000.tar", samples)
+    shard = tmp_path / name
+    if name.endswith(".gz"):
+        with open(tmp_path / "000000.tar", "rb") as f, gzip.open(shard, "wb") as g:
+            shutil.copyfileobj(f, g)
+    r = TarShardReader()
+    got = list(r.stream_members(str(shard), {"k3.png", "k1.txt", "k9.png"}))
+    assert got[:2] == [("k1.txt", b"c1", ""), ("k3.png", bytes([3]) * 103, "")]
+    assert got[2][0] == "k9.png" and got[2][1] is None and "not in the shard" in got[2][2]
+    assert open_bytes(f"{shard}::k4.png") == bytes([4]) * 104
+    with pytest.raises(FileNotFoundError, match="no member 'k4.jpg'"):
+        open_bytes(f"{shard}::k4.jpg")
+
+
 def test_expand_shards_globs_ranges_and_missing(tmp_path):
     for i in range(3):
         (tmp_path / f"{i:06d}.tar").write_bytes(b"")

@@ -25,7 +25,6 @@ import glob
 import json
 import os
 import re
-import tarfile
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +36,7 @@ from . import LOCATOR_SEP, Reader, Rows, Source, chunked_rows, member_bytes, reg
 IMAGE_SUFFIXES = tuple(e[1:] for e in IMAGE_EXTENSIONS)  # webdataset extensions: "jpg", "png", ...
 CAPTION_SUFFIXES = ("txt", "caption")
 HEAD_BYTES = 1 << 16  # bytes of an image read for its size while indexing (the whole member when the header is longer)
-KEEP_OPEN = 2         # shards kept open per process for the odd member read (dry-run previews)
+KEEP_OPEN = 4         # shards whose member table is kept per process for the odd member read (dry-run previews)
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset base_plus_ext: key = up to the first dot of the base name
 _META = re.compile(r"__[^/]*__($|/)")               # webdataset's skipped metadata members
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?$")
@@ -113,7 +112,7 @@ def split_key(name: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2).lower()) if m else None
 
 
-def group_samples(members: Iterator[tarfile.TarInfo], shard: str) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
+def group_samples(members: Iterator, shard: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """(key, {extension: member}) per sample, webdataset's rule: consecutive regular files with the same key."""
     key, cur = None, {}
     for ti in members:
@@ -169,7 +168,8 @@ def _pax(data: bytes) -> dict[str, str]:
 
 def iter_members(f, shard: str) -> Iterator[Member]:
     """The members of a tar stream, from their 512-byte headers only (ustar, GNU long names, PAX `path` / `size`),
-    seeking over the data: the Python tarfile module builds a full TarInfo per member, ~10x slower."""
+    seeking over the data (tarfile builds a full TarInfo per member: the scan ran 2.7x slower with it,
+    bench/tar_bench.py)."""
     pos, long_name, pax = 0, None, {}
     while True:
         f.seek(pos)
@@ -291,7 +291,7 @@ class TarShardReader(Reader):
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._open: OrderedDict[str, tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]] = OrderedDict()
+        self._open: OrderedDict[str, dict[str, Member]] = OrderedDict()  # member tables of the last shards
         self._bad: dict[str, str] = {}  # locator -> reason, from this process's scans (read_member reports it)
 
     def claims(self, src: Source) -> bool:
@@ -317,16 +317,17 @@ class TarShardReader(Reader):
             raise BadImage(self._bad[locator])
         shard, member = split_locator(locator)
         with self._lock:
-            got = self._open.get(shard)
-            if got is None:
-                tf = tarfile.open(shard, "r:*")
-                got = self._open[shard] = (tf, {ti.name: ti for ti in tf.getmembers()})
+            members = self._open.get(shard)
+            if members is None:
+                with _open_raw(shard) as f:
+                    members = self._open[shard] = {m.name: m for m in iter_members(f, shard)}
                 while len(self._open) > KEEP_OPEN:
-                    self._open.popitem(last=False)[1][0].close()
-            tf, members = got
-            if member not in members:
-                raise FileNotFoundError(f"{shard} has no member {member!r}")
-            return tf.extractfile(members[member]).read()
+                    self._open.popitem(last=False)
+            self._open.move_to_end(shard)
+        if member not in members:
+            raise FileNotFoundError(f"{shard} has no member {member!r}")
+        with _open_raw(shard) as f:
+            return _read(f, members[member])
 
     def stream_members(self, shard: str, wanted: set[str]) -> Iterator[tuple[str, bytes | None, str]]:
         """(member, bytes, '') for the wanted members in tar order, reading the shard once from start to end; then
@@ -334,15 +335,14 @@ class TarShardReader(Reader):
         left = set(wanted)
         why = "not in the shard (changed since it was indexed?)"
         try:
-            with open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
-                for ti in tf:
-                    tf.members = []  # streaming: keep no TarInfo list
-                    if ti.name in left and ti.isreg():
-                        left.discard(ti.name)
-                        yield ti.name, tf.extractfile(ti).read(), ""
+            with _open_raw(shard) as f:
+                for m in iter_members(f, shard):
+                    if m.reg and m.name in left:
+                        left.discard(m.name)
+                        yield m.name, _read(f, m), ""
                         if not left:
                             break
-        except (tarfile.TarError, OSError) as e:
+        except (OSError, EOFError, ValueError) as e:
             why = f"tar shard unreadable: {e}"
         for m in sorted(left):
             yield m, None, why
