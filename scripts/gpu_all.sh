@@ -4,6 +4,11 @@
 #
 #   bash scripts/gpu_all.sh
 #   SMOKE_TIMEOUT=300 SUITE_TIMEOUT=240 GPU_SUITE_ARGS="..." bash scripts/gpu_all.sh
+#   GPU_SMOKE_ARGS="--device cpu --quick" GPU_SUITE_ARGS="--device cpu --preset tiny --batches 1" \
+#     bash scripts/gpu_all.sh                          # the CPU dry run of this script (no GPU numbers)
+#
+# The suite gets --budget-s = SUITE_TIMEOUT - 60 (its default 420 s at SUITE_TIMEOUT=480; GPU_SUITE_ARGS may override
+# it), so rows that would start too late print "SKIP (budget)" and it ends with its summary instead of being killed.
 #
 # $OUT/env.txt (nvidia-smi, torch / CUDA versions), $OUT/gpu_smoke.txt (one PASS / FAIL / SKIP line per step),
 # $OUT/smoke_logs/ (each entry point's log, each run's train.log and metrics.jsonl), $OUT/gpu_suite.txt.
@@ -20,7 +25,9 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_smoke.XXXXXX")   # checkpoints and states 
 } > "$OUT/env.txt" 2>&1
 
 echo "== gpu_smoke (timeout ${SMOKE_TIMEOUT:-300} s)"
-timeout --kill-after=20 "${SMOKE_TIMEOUT:-300}" python scripts/gpu_smoke.py --out "$WORK" 2>&1 | tee "$OUT/gpu_smoke.txt"
+# shellcheck disable=SC2086  # GPU_SMOKE_ARGS is a list of arguments
+timeout --kill-after=20 "${SMOKE_TIMEOUT:-300}" python scripts/gpu_smoke.py --out "$WORK" ${GPU_SMOKE_ARGS:-} 2>&1 \
+  | tee "$OUT/gpu_smoke.txt"
 smoke=${PIPESTATUS[0]}
 [ "$smoke" = 124 ] && echo "FAIL gpu_smoke: timed out after ${SMOKE_TIMEOUT:-300} s" | tee -a "$OUT/gpu_smoke.txt"
 mkdir -p "$OUT/smoke_logs"
@@ -36,7 +43,8 @@ rm -rf "$WORK"
 echo "== gpu_suite (timeout ${SUITE_TIMEOUT:-240} s)"
 if [ -f bench/gpu_suite.py ]; then
   # shellcheck disable=SC2086  # GPU_SUITE_ARGS is a list of arguments
-  OUT="$OUT" timeout --kill-after=20 "${SUITE_TIMEOUT:-240}" python bench/gpu_suite.py ${GPU_SUITE_ARGS:-} 2>&1 \
+  OUT="$OUT" timeout --kill-after=20 "${SUITE_TIMEOUT:-240}" python bench/gpu_suite.py \
+    --budget-s $(( ${SUITE_TIMEOUT:-240} - 60 )) ${GPU_SUITE_ARGS:-} 2>&1 \
     | tee "$OUT/gpu_suite.txt"
   suite=${PIPESTATUS[0]}
   [ "$suite" = 124 ] && echo "FAIL gpu_suite: timed out after ${SUITE_TIMEOUT:-240} s" | tee -a "$OUT/gpu_suite.txt"
