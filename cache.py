@@ -8,7 +8,8 @@ index (rank 0), finds the records that are missing or stale, splits them across 
 and resizes images in DataLoader workers, encodes in batches of vae_batch_size, and hands the results to a
 background writer so encoding never waits for the disk. Images in tar shards are not read one by one: each rank
 gets whole shards and streams them once from start to end, batching the decoded images by bucket as they come.
-Each rank writes its own shards; rank 0 merges the store index at the end. Unreadable images are skipped with one log line and listed in <cache_dir>/skipped.txt.
+Each rank writes its own shards; rank 0 merges the store index at the end. Unreadable images are skipped with one
+log line and listed in <cache_dir>/skipped.txt.
 Exit status 0 unless nothing usable is left (or, with --verify, a shard is damaged).
 
 Cached text: variant k of an image's caption is built by the same `full_caption` call the loader makes (built-in
