@@ -63,7 +63,8 @@ def _open_checked(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
     try:
         im = Image.open(src)
     except Exception as e:  # PIL raises many types for non-images
-        raise BadImage(f"not a readable image ({type(e).__name__}: {e})") from None
+        why = str(e).replace(repr(src), "the member's bytes") if isinstance(src, io.BytesIO) else e  # no address
+        raise BadImage(f"not a readable image ({type(e).__name__}: {why})") from None
     w, h = im.size
     if w * h > max_pixels:
         im.close()

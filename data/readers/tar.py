@@ -303,9 +303,9 @@ class TarShardReader(Reader):
 
     def read(self, src: Source, si: int, threads: int) -> Iterator[Rows]:
         shards = src.spec.tar_shards
-        with ThreadPoolExecutor(max(1, min(threads, len(shards)))) as ex:
-            for shard, (samples, bad) in zip(shards, ex.map(lambda s: _scan_shard(s, src.spec.caption_extension),
-                                                            shards)):
+        with ThreadPoolExecutor(max(1, min(threads, len(shards)))) as ex:  # they overlap the reads
+            scans = ex.map(_scan_shard, shards, [src.spec.caption_extension] * len(shards))
+            for shard, (samples, bad) in zip(shards, scans):
                 self._bad.update(bad)
                 if samples:
                     keys, locs, caps, mds, ws, hs = map(list, zip(*samples))
