@@ -27,6 +27,7 @@ from core import cli, dist, fastpath, summary
 from core.dist import mix_seed
 from core.config import format_output_dir, make_run_dirs, run_dirs, to_dict, to_toml
 from core.ema import EMA
+from core.trainable import TrainableSet
 from core.fused import check_fused_settings, fp32_state, make_stepper, per_parameter_step
 from core.fsio import atomic_write, clean_stale_temps, describe_os_error, is_temp, remove_quietly
 from core.metrics import MetricsWriter, check_tensorboard, group_lrs, peak_memory, setup_logging
@@ -190,17 +191,18 @@ def main(argv: list[str] | None = None) -> int:
     # ---- resume: trained weights back in place before wrapping (the rest after the optimizer exists)
     step, epoch, cursor, bad_steps = 0, 0, 0, 0
     st = rstate.read_state(resume_path, info.rank) if resume_path is not None else None
-    if st is not None:
+    if st is not None and "trained" in st:  # a full state (a sharded one is read once the optimizer exists)
         trainable.load_state_dict(st["trained"])
 
-    # ---- EMA (of the full, unwrapped network), then wrapping, then the optimizer over the wrapped parameters
-    ema = EMA(trainable.ema_module, decay=cfg.train.ema_decay, device="cpu" if cfg.train.ema_device == "cpu" else device) \
-        if cfg.train.use_ema else None
+    # ---- wrapping, then the EMA (of the unwrapped trained modules: each rank's shards under FSDP) and the
+    # optimizer over the wrapped parameters
     blocks = [b for name in FSDP_BLOCKS[family] for b in getattr(net, name)]
     fastpath.apply(cfg.train, comp, blocks, device, amp_dtype, log.info)  # channels_last, SDPA backend, compile
     # FSDP2 replaces parameters with sharded ones: the optimizer must be built after wrapping
     model = dist.wrap_fsdp(trainee, blocks + [net], amp_dtype) if cfg.train.fsdp else \
         dist.wrap_ddp(trainee, find_unused_parameters=trainable.find_unused)
+    ema = EMA(trainable.ema_module, decay=cfg.train.ema_decay, device="cpu" if cfg.train.ema_device == "cpu" else device) \
+        if cfg.train.use_ema else None
     try:
         optimizer = build_optimizer(trainable.param_groups(cfg.optimizer), cfg.optimizer)
         scheduler = build_scheduler(optimizer, cfg.optimizer, total_steps)
@@ -213,15 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     scaler = make_scaler(cfg, device)
     steplog = StepLog(LossRecorder(cfg.log.loss_recorder_stride, cfg.log.loss_recorder_gamma))  # read when logged
     if st is not None:
-        load_optimizer_state(model, optimizer, st["optimizer"], cfg.train.fsdp)
+        trainable.load_state(st, model, optimizer, ema)  # optimizer, EMA (and sharded weights: resharded by DCP)
         if stepper is not None and cfg.train.full_bf16 and cfg.train.stochastic_rounding:
             fp32_state(optimizer)  # the fp32 steps keep fp32 state; torch's loader cast it to bf16
         pr = st["progress"]
         scheduler.load_state_dict(pr["scheduler"])
         if scaler is not None and pr.get("scaler"):
             scaler.load_state_dict(pr["scaler"])
-        if ema is not None and "ema" in st:
-            ema.load_state_dict(st["ema"])
         steplog.recorder.load_state_dict(pr["loss_recorder"])
         step, epoch, bad_steps = pr["step"], pr["epoch"], pr["bad_steps"]
         cursor = pr["cursor"]  # global batches consumed in this epoch: valid for any world size
@@ -255,16 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     def save_state(crash_hook: bool = True) -> None:
         tmp = dist.broadcast_object(rstate.tmp_dir_for(paths["state"], step) if master else None)
         rstate.write_rank_rng(tmp, info.rank)
-        trained = trainable.state_dict()  # on every rank: gathering FSDP shards is collective
-        optim_state = optimizer_state(model, optimizer, cfg.train.fsdp)
-        dist.barrier()
+        files = trainable.write_state(tmp, optimizer, ema)  # FSDP: every rank writes its shards, in parallel
         if master:
             progress = progress_now()
             writes[0] += 1  # fault injection for tests: SIGKILL during the N-th state write
             hook = _crash_hook if crash_hook and writes[0] == int(os.environ.get("SDTRAIN_TEST_KILL_DURING_STATE_WRITE", "0")) else None
             final = os.path.join(paths["state"], f"step-{step:08d}")
-            rstate.write_state(tmp, final, trained=trained, optimizer=optim_state,
-                               progress=progress, ema=ema.state_dict() if ema is not None else None, before_marker=hook)
+            rstate.write_state(tmp, final, progress=progress, before_marker=hook, **files)
             rstate.prune_states(paths["state"], cfg.save.save_last_n_states, run_id, just_written=final)
             log.info(f"saved resumable state {final}")
         dist.barrier()
@@ -272,8 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     exported = ExportLog()
 
     def export(tag: str, with_state: bool | None = None) -> None:
-        """Exported model (original single-file layout, every part) by rank 0, others wait (FSDP: gathered first);
-        then a resumable state when `with_state` (default save.save_state)."""
+        """Exported model (original single-file layout, every part; a LoRA file for adapters) and its -ema twin,
+        written by rank 0 one tensor at a time (FSDP: every rank gathers each tensor in turn); then a resumable
+        state when `with_state` (default save.save_state)."""
         path = os.path.join(paths["models"], cfg.save.output_name + tag + export_suffix(cfg))
         meta = run_metadata.export_metadata(train_meta, step=step, epoch=epoch) if master else {}
         trainable.export(path, meta, ema)  # collective under FSDP; rank 0 writes
@@ -405,10 +403,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if cfg.save.save_on_exception and describe_os_error(e) is None:  # not a full disk
             log.exception(f"training failed on rank {info.rank}: saving the model and a resumable state before exiting")
-            sharded = cfg.train.fsdp and info.world_size > 1
-            if sharded:
-                log.error("FSDP: no rank holds the whole model, so nothing can be written now; resume from the last state")
-            emergency.on_crash(paths["state"], run_token, info.rank, log, None if sharded else crash_save)
+            if cfg.train.fsdp:  # the export gathers and every rank writes its shards: all of them, or nothing
+                emergency.all_crashed(paths["state"], run_token, info.rank, info.world_size, log,
+                                      lambda: export(emergency.CRASHED, with_state=True))
+            else:
+                emergency.on_crash(paths["state"], run_token, info.rank, log, crash_save)
         raise
     finally:
         bar.close()
@@ -437,8 +436,6 @@ def check_settings(cfg: Any, family: str) -> None:
         if not cfg.model.model_preset:
             raise ValueError("set model.pretrained_model_name_or_path (a checkpoint) or model.model_preset")
         models.FAMILIES[family].preset_configs(cfg.model.model_preset)  # unknown preset: ValueError naming them
-    if t.fsdp and t.use_ema:
-        raise ValueError("train.use_ema is not supported with train.fsdp yet (the EMA needs full, unsharded weights)")
     if t.max_train_steps and o.lr_warmup_steps > t.max_train_steps:
         raise ValueError(f"optimizer.lr_warmup_steps = {o.lr_warmup_steps} exceeds train.max_train_steps = "
                          f"{t.max_train_steps}")
@@ -464,10 +461,11 @@ def load_sample_prompts(cfg: Any) -> list[Any]:
     return load_prompts(smp.sample_prompts, {"sampler": smp.sample_sampler, "sigmas": smp.sample_sigmas, **smp.sample_params})
 
 
-class FullFineTune:
+class FullFineTune(TrainableSet):
     """The trainable set of a full fine-tune: the whole network, plus the CLIP text encoders with
     train.train_text_encoder. The same interface as networks.lora.LoRATraining: the module DDP / FSDP wraps
-    (`trainee`), optimizer groups, the weights of a resume state, the export, what the EMA follows."""
+    (`trainee`), optimizer groups, the weights of a resume state (core/trainable.py: sharded under FSDP), the
+    export, what the EMA follows."""
 
     def __init__(self, cfg: Any, comp: Any, warn: Callable[[str], None]):
         self.cfg, self.comp = cfg, comp
@@ -488,7 +486,8 @@ class FullFineTune:
         return trained_param_groups(self.trainee, opt_cfg)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return trained_state(self.trainee)
+        """The network and trained text encoders, full tensors (unsharded runs)."""
+        return dict(self.trainee.state_dict())
 
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         self.trainee.load_state_dict(sd, strict=True)
@@ -497,17 +496,15 @@ class FullFineTune:
         return contextlib.nullcontext()
 
     def export(self, path: str, meta: dict[str, str], ema: EMA | None, alone: bool = False) -> None:
-        """The whole checkpoint in the original single-file layout (every part), by rank 0 (FSDP: gathered first);
-        `alone`: by this rank, nothing gathered (a crash, the other ranks may be blocked)."""
-        comp, cfg = self.comp, self.cfg
-        full = {k: dist.full_tensor(v) for k, v in comp.export_state_dict().items()} if cfg.train.fsdp and not alone \
-            else None
-        if not (alone or dist.is_main()):
+        """The whole checkpoint in the original single-file layout (every part) and its -ema twin, written by rank 0
+        one tensor at a time (FSDP: every rank gathers each tensor in turn, collective); `alone`: by this rank,
+        nothing collective (a crash under DDP: the other ranks may be blocked)."""
+        write = alone or dist.is_main()
+        if not (write or self.cfg.train.fsdp):
             return
-        whole = with_all_parts(comp, cfg, self._complete)
-        if full is not None:
-            full.update({k: v for k, v in whole.export_state_dict().items() if k not in full})
-        write_export(whole, path, cfg, meta, full, ema, comp.network)
+        whole = with_all_parts(self.comp, self.cfg, self._complete) if write else self.comp
+        write_export(whole, path, self.cfg, meta, ema, gather=dist.full_tensor if self.cfg.train.fsdp else None,
+                     write=write)
 
 
 def freeze(comp: Any) -> None:
@@ -571,18 +568,22 @@ class ExportLog:
         return short_hash(path) if os.path.isfile(path) else ""  # a diffusers folder has no A1111 hash
 
 
-def write_export(whole: Any, path: str, cfg: Any, meta: dict[str, str], full: dict[str, torch.Tensor] | None,
-                 ema: EMA | None, net: nn.Module) -> None:
-    """The exported model (and its EMA twin) with modelspec from [save] and the run's training metadata."""
+def write_export(whole: Any, path: str, cfg: Any, meta: dict[str, str], ema: EMA | None, gather: Any,
+                 write: bool) -> None:
+    """The exported model and, with an EMA, `-ema.safetensors` (the EMA's weights in the network's place), with
+    modelspec from [save] and the run's training metadata. Streamed (models.save): one tensor gathered by `gather`
+    (FSDP: collective, every rank calls this with the same network keys; `write` on rank 0 only) and written at
+    a time."""
     s = cfg.save
-    kw = {"resolution": cfg.data.resolution, "title": s.metadata_title,
+    kw = {"resolution": cfg.data.resolution, "title": s.metadata_title, "gather": gather, "write": write,
           "info": {"author": s.metadata_author, "description": s.metadata_description, "license": s.metadata_license,
                    "tags": s.metadata_tags}}
-    models.save(whole, path, s.save_precision, extra_metadata=meta, state_dict=full, save_as=s.save_model_as, **kw)
-    if ema is not None:
-        with ema.swapped_into(net):
-            models.save(whole, ema_twin(path), s.save_precision, save_as=s.save_model_as,
-                        extra_metadata={**meta, "sdtrain.ema_decay": str(ema.decay)}, **kw)
+    models.save(whole, path, s.save_precision, extra_metadata=meta, save_as=s.save_model_as, **kw)
+    if ema is not None:  # the EMA's weights (FSDP: its shards) in the network's place
+        prefix = whole.prefix[models.NETWORK_PART[whole.family]]
+        sd = {**whole.export_state_dict(), **{prefix + k: v for k, v in ema.state_dict().items()}}
+        models.save(whole, ema_twin(path), s.save_precision, state_dict=sd, save_as=s.save_model_as,
+                    extra_metadata={**meta, "sdtrain.ema_decay": str(ema.decay)}, **kw)
 
 
 def export_suffix(cfg: Any) -> str:
@@ -670,10 +671,8 @@ def optimizer_step(cfg: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
             return math.nan, False
         scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    if cfg.optimizer.max_grad_norm > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.max_grad_norm)  # no sync: scales on the device
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # logged only: no scaling pass
+    # no sync: scales on the device; FSDP: on the local shards. max_grad_norm = 0: logged only, no scaling pass
+    norm = dist.clip_grad_norm_(params, cfg.optimizer.max_grad_norm or None)
     norm = dist.full_tensor(norm)
     if scaler is not None:
         scaler.step(optimizer)
@@ -686,28 +685,6 @@ def optimizer_step(cfg: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
     else:
         optimizer.step()
     return norm, True
-
-
-def trained_state(trainee: nn.Module) -> dict[str, torch.Tensor]:
-    """Weights of everything trained (the network and trained text encoders), full tensors."""
-    return {k: dist.full_tensor(v) for k, v in trainee.state_dict().items()}
-
-
-def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> dict[str, Any]:
-    """The optimizer state to save. FSDP2: gathered to full tensors keyed by parameter name (collective)."""
-    if not fsdp:
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sd: dict[str, Any], fsdp: bool) -> None:
-    """Resume the optimizer; FSDP2: the full state is resharded onto this rank's parameters."""
-    if not fsdp:
-        optimizer.load_state_dict(sd)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=sd, options=StateDictOptions(full_state_dict=True))
 
 
 def prune_exports(model_dir: str, name: str, keep: int) -> None:

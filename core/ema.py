@@ -1,4 +1,9 @@
-"""Exponential moving average (EMA) of a model's trainable parameters, for sampling and export."""
+"""Exponential moving average (EMA) of a model's trainable parameters, for sampling and export.
+
+Under FSDP2 each rank keeps the EMA of its own parameter shards only (the parameters are DTensors: the
+update runs on the local shards); `state_dict()` hands the shards out as DTensors again, so the sharded
+resume state (torch.distributed.checkpoint) and the streamed export treat them like the model's weights.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,11 @@ WARMUP_INV_GAMMA = 10.0
 WARMUP_POWER = 0.75
 # Elements per fused update (128 Mi fp32 = 512 MiB of temporary copies at most).
 UPDATE_CHUNK_NUMEL = 1 << 27
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor (FSDP2 parameter; shares its storage); a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class EMA:
@@ -42,10 +52,13 @@ class EMA:
         params = self._tracked(model)
         if not params:
             raise ValueError("EMA: the model has no trainable floating-point parameters")
-        first = next(iter(params.values()))
+        first = _local(next(iter(params.values())))
         self.device = torch.device(device) if device is not None else first.device
-        self.shadow: dict[str, Tensor] = {
-            n: p.detach().to(device=self.device, dtype=torch.float32, copy=True) for n, p in params.items()
+        # sharded parameters: (mesh, placements, global shape, global stride) to hand the shards out as DTensors
+        self._layout = {n: (p.device_mesh, p.placements, tuple(p.shape), p.stride())
+                        for n, p in params.items() if hasattr(p, "device_mesh")}
+        self.shadow: dict[str, Tensor] = {  # local shards under FSDP2, full tensors otherwise
+            n: _local(p.detach()).to(device=self.device, dtype=torch.float32, copy=True) for n, p in params.items()
         }
 
     @staticmethod
@@ -90,15 +103,27 @@ class EMA:
 
     def _lerp(self, names: list[str], params: dict[str, nn.Parameter], weight: float) -> None:
         shadows = [self.shadow[n] for n in names]
-        sources = [params[n].detach().to(device=self.device, dtype=torch.float32) for n in names]
+        sources = [_local(params[n].detach()).to(device=self.device, dtype=torch.float32) for n in names]
         torch._foreach_lerp_(shadows, sources, weight)
 
     def state_dict(self) -> dict[str, Tensor]:
-        """Shadow weights by parameter name (fp32)."""
-        return dict(self.shadow)
+        """Shadow weights by parameter name (fp32); sharded ones as DTensors (on the mesh's device)."""
+        if not self._layout:
+            return dict(self.shadow)
+        from torch.distributed.tensor import DTensor
+
+        out = {}
+        for n, t in self.shadow.items():
+            if n in self._layout:
+                mesh, placements, shape, stride = self._layout[n]
+                t = DTensor.from_local(t.to(mesh.device_type), mesh, placements, shape=shape, stride=stride,
+                                       run_check=False)
+            out[n] = t
+        return out
 
     def load_state_dict(self, sd: dict[str, Tensor]) -> None:
-        """Load shadow weights; names and shapes must match exactly."""
+        """Load shadow weights; names and (global) shapes must match exactly. Full tensors are cut to this rank's
+        shard when the EMA is sharded."""
         missing, unexpected = set(self.shadow) - set(sd), set(sd) - set(self.shadow)
         if missing or unexpected:
             raise KeyError(
@@ -106,23 +131,28 @@ class EMA:
                 f"unexpected {sorted(unexpected)[:5]} ({len(unexpected)})"
             )
         for n, v in sd.items():
-            if v.shape != self.shadow[n].shape:
-                raise ValueError(f"EMA state: {n} has shape {tuple(v.shape)}, expected {tuple(self.shadow[n].shape)}")
+            want = self._layout[n][2] if n in self._layout else tuple(self.shadow[n].shape)
+            if tuple(v.shape) != want:
+                raise ValueError(f"EMA state: {n} has shape {tuple(v.shape)}, expected {want}")
         for n, v in sd.items():
-            self.shadow[n].copy_(v)
+            if n in self._layout and not hasattr(v, "to_local"):  # a full tensor (unsharded state): this rank's part
+                from torch.distributed.tensor import distribute_tensor
+                mesh, placements, _, _ = self._layout[n]
+                v = distribute_tensor(v.to(mesh.device_type), mesh, placements, src_data_rank=None)
+            self.shadow[n].copy_(_local(v))
 
     @contextmanager
     def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:
         """Temporarily put EMA weights into the model (for sampling or export); restore the trained ones after."""
         params = self._params_of(model)
         # backup on the CPU: a second GPU copy of a multi-GB model may not fit
-        backup = {n: p.detach().to("cpu", copy=True) for n, p in params.items()}
+        backup = {n: _local(p.detach()).to("cpu", copy=True) for n, p in params.items()}
         try:
             with torch.no_grad():
                 for n, p in params.items():
-                    p.copy_(self.shadow[n])
+                    _local(p).copy_(self.shadow[n])
             yield model
         finally:
             with torch.no_grad():
                 for n, p in params.items():
-                    p.copy_(backup[n])
+                    _local(p).copy_(backup[n])

@@ -9,8 +9,13 @@
   writes `<name>-crashed.safetensors` and a state from its own replica (DDP keeps identical weights and
   optimizer state on every rank; only its RNG is saved, the others are re-derived on resume). Every other rank
   that crashed waits for it at most `wait_s` seconds, saying so, then exits; its exit is what lets torchrun stop
-  the ranks still blocked. With FSDP across processes no rank holds the whole model: nothing is written and
-  the log says so (the last periodic state stays the resume point).
+  the ranks still blocked.
+- Crashed under FSDP: no rank holds the whole model, so the export (gathered tensor by tensor) and the sharded
+  state (every rank writes its shards) need every rank. Each crashed rank marks itself in the state folder and
+  waits at most `wait_s` seconds for all the others (`all_crashed`); when all are there (an error every rank
+  met, e.g. bad data or a full disk of the same batch) they write `-crashed` and a state together, as an
+  interrupt does. When a rank is missing (gone, or blocked in a collective) nothing can be gathered: one line
+  says so and the last periodic state stays the resume point.
 """
 from __future__ import annotations
 
@@ -87,3 +92,30 @@ def write_state_alone(state_root: str, step: int, rank: int, *, trained: dict, o
     tmp = rstate.tmp_dir_for(state_root, step)  # names carry host and pid: unique per rank
     rstate.write_rank_rng(tmp, rank)
     return rstate.write_state(tmp, final, trained=trained, optimizer=optimizer, progress=progress, ema=ema)
+
+
+def all_crashed(state_dir: str, token: str, rank: int, world_size: int, log: Any, write: Callable[[], None],
+                wait_s: float = WAIT_S, poll_s: float = 0.1) -> bool:
+    """FSDP: called by every rank whose loop raised. Marks this rank, waits (at most `wait_s`) for all
+    `world_size` ranks to have marked themselves, then runs the collective `write` on every rank (its failure is
+    logged, not raised: the original exception is what the user must see). Returns whether `write` ran."""
+    os.makedirs(state_dir, exist_ok=True)
+    mark = os.path.join(state_dir, f"{MARKER}{token}.rank")
+    open(f"{mark}{rank}", "w").close()
+    deadline = time.monotonic() + wait_s
+    while True:
+        missing = [r for r in range(world_size) if not os.path.exists(f"{mark}{r}")]
+        if not missing:
+            break
+        if time.monotonic() > deadline:
+            log.error(f"rank {rank}: rank(s) {missing} did not reach the crash save within {wait_s:g} s (gone or "
+                      f"blocked); FSDP needs every rank to gather the model and write the state, so nothing was "
+                      f"written: resume from the last state")
+            return False
+        time.sleep(poll_s)
+    try:
+        write()
+    except Exception:
+        log.exception(f"rank {rank}: writing the crash export failed")
+        return False
+    return True

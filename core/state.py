@@ -8,6 +8,11 @@ A state is a folder `state/step-00001234/` holding
   - `progress.json`        step, epoch, data cursor, scheduler / scaler / loss recorder, world size, config,
                            run id, write time
   - `COMPLETE`             written last: sizes + sha256 of every file above
+Under FSDP the weights, optimizer and EMA are instead one torch.distributed.checkpoint (DCP) folder `dcp/`
+written by every rank in parallel (`__<rank>_0.distcp`: that rank's shards; `.metadata`: the global layout,
+from rank 0), so no process gathers the model. Each rank hashes the files it wrote; rank 0 puts every hash
+into COMPLETE. DCP reshards on load: such a state resumes under any world size, with FSDP or without it (a
+single process reads the full tensors).
 Everything is first written into `step-00001234.tmp-sdtrain-<host>-<pid>/`, fsynced, then renamed; a failed
 write removes it, one left by a killed process is removed at the next start (core/fsio.py). No pickle of
 arbitrary objects is ever loaded.
@@ -34,11 +39,13 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file
 
-from core.fsio import (atomic_write, fsync_dir as _fsync_dir, remove_quietly, save_safetensors, temp_path,
+from core.fsio import (atomic_write, fsync_dir as _fsync_dir, fsync_file as _fsync_file, remove_quietly,
+                       save_safetensors, temp_path,
                        torch_save)
 
 STATE_RE = re.compile(r"^step-(\d{8})$")
 MARKER = "COMPLETE"
+DCP_DIR = "dcp"                # a sharded (FSDP) state's torch.distributed.checkpoint folder
 RUN_FILE = "run.json"          # in output_dir: the id of the run that writes there now
 OTHER_RUNS = "other-runs"      # state/other-runs/<run id>/: states of earlier runs, set aside
 # Settings a resumed run may change without being "other settings" (length, logging, saving, previews, workers).
@@ -74,15 +81,37 @@ def write_rank_rng(tmp: str, rank: int) -> None:
     torch_save(rng, os.path.join(tmp, f"rng-rank{rank}.pt"))
 
 
-def write_state(tmp: str, final: str, *, trained: dict[str, torch.Tensor], optimizer: dict[str, Any],
-                progress: dict[str, Any], ema: dict[str, torch.Tensor] | None = None,
+def hash_files(tmp: str, names: list[str]) -> dict[str, dict[str, Any]]:
+    """{name: {size, sha256}} of files (paths relative to tmp), fsynced first: what each rank adds to COMPLETE."""
+    out = {}
+    for name in names:
+        p = os.path.join(tmp, name)
+        _fsync_file(p)
+        out[name] = {"size": os.path.getsize(p), "sha256": _sha256(p)}
+    return out
+
+
+def rank_files(tmp: str, rank: int) -> list[str]:
+    """The files rank `rank` wrote into a state folder: its RNG file and its DCP shard files."""
+    names = [f"rng-rank{rank}.pt"]
+    shard_dir = os.path.join(tmp, DCP_DIR)
+    if os.path.isdir(shard_dir):
+        names += sorted(f"{DCP_DIR}/{n}" for n in os.listdir(shard_dir) if n.startswith(f"__{rank}_"))
+    return names
+
+
+def write_state(tmp: str, final: str, *, progress: dict[str, Any], trained: dict[str, torch.Tensor] | None = None,
+                optimizer: dict[str, Any] | None = None, ema: dict[str, torch.Tensor] | None = None,
+                hashed: dict[str, dict[str, Any]] | None = None,
                 before_marker: Callable[[], None] | None = None) -> str:
     """Rank 0: write the shared files, the COMPLETE marker last, then rename tmp -> final. `progress` should
     carry the run id ("run_id"); the write time is added. On a failure (a full disk) the temporary folder is
-    removed and the error names the file: the states already there are untouched."""
+    removed and the error names the file: the states already there are untouched.
+    `hashed`: files the ranks wrote and hashed themselves (rank_files / hash_files); every other file in tmp (the
+    rest of a DCP folder included) is hashed here. `trained` / `optimizer` are None for a sharded (DCP) state."""
     try:
         os.makedirs(tmp, exist_ok=True)
-        _write_state_files(tmp, trained, optimizer, progress, ema, before_marker)
+        _write_state_files(tmp, trained, optimizer, progress, ema, hashed or {}, before_marker)
         if os.path.exists(final):  # the same step of this run written again (a resume from an earlier state)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -95,20 +124,29 @@ def write_state(tmp: str, final: str, *, trained: dict[str, torch.Tensor], optim
     return final
 
 
-def _write_state_files(tmp: str, trained: dict[str, torch.Tensor], optimizer: dict[str, Any],
+def _write_state_files(tmp: str, trained: dict[str, torch.Tensor] | None, optimizer: dict[str, Any] | None,
                        progress: dict[str, Any], ema: dict[str, torch.Tensor] | None,
-                       before_marker: Callable[[], None] | None) -> None:
-    save_safetensors(trained, os.path.join(tmp, "trained.safetensors"))
-    torch_save(optimizer, os.path.join(tmp, "optimizer.pt"))
+                       hashed: dict[str, dict[str, Any]], before_marker: Callable[[], None] | None) -> None:
+    if trained is not None:
+        save_safetensors(trained, os.path.join(tmp, "trained.safetensors"))
+    if optimizer is not None:
+        torch_save(optimizer, os.path.join(tmp, "optimizer.pt"))
     if ema is not None:
         save_safetensors(ema, os.path.join(tmp, "ema.safetensors"))
     _write_json(os.path.join(tmp, "progress.json"), {**progress, "saved_ns": time.time_ns()})
     files = {name: os.path.join(tmp, name) for name in sorted(os.listdir(tmp))
-             if name in ("trained.safetensors", "optimizer.pt", "ema.safetensors", "progress.json")
-             or re.fullmatch(r"rng-rank\d+\.pt", name)}
+             if name not in hashed and (name in ("trained.safetensors", "optimizer.pt", "ema.safetensors",
+                                                 "progress.json") or re.fullmatch(r"rng-rank\d+\.pt", name))}
+    if os.path.isdir(os.path.join(tmp, DCP_DIR)):  # the shard layout (.metadata) rank 0 wrote; shards are hashed
+        for name in sorted(os.listdir(os.path.join(tmp, DCP_DIR))):
+            rel = f"{DCP_DIR}/{name}"
+            if rel not in hashed:
+                files[rel] = os.path.join(tmp, DCP_DIR, name)
+        _fsync_dir(os.path.join(tmp, DCP_DIR))
     if before_marker is not None:  # test hook: simulate a crash during the write
         before_marker()
     manifest = {name: {"size": os.path.getsize(path), "sha256": _sha256(path)} for name, path in files.items()}
+    manifest.update(hashed)
     _write_json(os.path.join(tmp, MARKER), manifest)
     _fsync_dir(tmp)
 
@@ -295,13 +333,16 @@ def set_aside_other_runs(state_root: str, run_id: str, keep: str | None = None,
 
 
 def read_state(path: str, rank: int) -> dict[str, Any]:
+    """progress, RNG, and either the full tensors (trained / optimizer / ema) or `dcp`: the sharded folder, read
+    by load_sharded once the model, optimizer and EMA exist."""
     with open(os.path.join(path, "progress.json")) as f:
         progress = json.load(f)
-    out: dict[str, Any] = {
-        "progress": progress,
-        "trained": load_file(os.path.join(path, "trained.safetensors")),
-        "optimizer": torch.load(os.path.join(path, "optimizer.pt"), weights_only=True, map_location="cpu"),
-    }
+    out: dict[str, Any] = {"progress": progress}
+    if os.path.isdir(os.path.join(path, DCP_DIR)):
+        out["dcp"] = os.path.join(path, DCP_DIR)
+    else:
+        out["trained"] = load_file(os.path.join(path, "trained.safetensors"))
+        out["optimizer"] = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True, map_location="cpu")
     if os.path.isfile(os.path.join(path, "ema.safetensors")):
         out["ema"] = load_file(os.path.join(path, "ema.safetensors"))
     rng_path = os.path.join(path, f"rng-rank{rank}.pt")
@@ -333,3 +374,64 @@ def prune_states(state_root: str, keep: int, run_id: str | None, just_written: s
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
+
+
+# -----------------------------------------------------------------------------
+# Sharded states (FSDP2): torch.distributed.checkpoint, every rank writes its own shards
+
+
+# Trained parameters only: a LoRA run's frozen base model stays out of its states (the adapters are what is trained).
+def _options(**kw: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(ignore_frozen_params=True, **kw)
+
+
+def sharded_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: Any = None) -> dict[str, Any]:
+    """The trained weights (parameters with requires_grad, and buffers) and the optimizer state keyed by
+    parameter name (DTensor shards under FSDP2, no gathering), plus the EMA's shards: what write_sharded saves
+    and load_sharded fills."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    weights, optim = get_state_dict(model, optimizer, options=_options())
+    sd: dict[str, Any] = {"model": weights, "optimizer": optim}
+    if ema is not None:
+        sd["ema"] = ema.state_dict()
+    return sd
+
+
+def write_sharded(tmp: str, sd: dict[str, Any]) -> None:
+    """Every rank (collective): write this rank's shards of `sd` into tmp/dcp/, fsynced, in parallel."""
+    import torch.distributed.checkpoint as dcp
+
+    os.makedirs(os.path.join(tmp, DCP_DIR), exist_ok=True)
+    dcp.save(sd, storage_writer=dcp.FileSystemWriter(os.path.join(tmp, DCP_DIR), sync_files=True))
+
+
+def load_sharded(folder: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: Any = None) -> None:
+    """Every rank: read what it needs of a DCP folder into the (sharded or plain) model, optimizer and EMA;
+    DCP reshards for the current world size (or reads the full tensors without a process group)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    sd = sharded_state_dict(model, optimizer, ema)
+    meta = dcp.FileSystemReader(folder).read_metadata()
+    if ema is not None and not any(k.startswith("ema.") for k in meta.state_dict_metadata):
+        ema = None  # a state saved without EMA: the EMA starts from the resumed weights (as with full states)
+    if ema is None:
+        sd.pop("ema", None)
+    dcp.load(sd, storage_reader=dcp.FileSystemReader(folder))  # a key the folder lacks is an error here
+    # not strict: the frozen parameters are left out of `sd` on purpose (and stay as loaded)
+    set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"],
+                   options=_options(strict=False))
+    if ema is not None:
+        ema.load_state_dict(sd["ema"])
+
+
+def load_full_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sd: dict[str, Any],
+                        fsdp: bool) -> None:
+    """Resume the optimizer from a full (unsharded) state; FSDP2: resharded onto this rank's parameters."""
+    if not fsdp:
+        optimizer.load_state_dict(sd)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=sd, options=StateDictOptions(full_state_dict=True))

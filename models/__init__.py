@@ -19,7 +19,7 @@ import fnmatch
 import hashlib
 import os
 import zlib
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from models import sd3, sdxl
 from models import vae as vae_mod
 from models.checkpoint import (TORCH_SUFFIXES, CheckpointError, SafeTensorFile, TorchFile, load_module, modelspec_hash,
-                               modelspec_metadata, save_safetensors_atomic)
+                               modelspec_metadata, save_safetensors_streamed)
 from models.diffusers_layout import DiffusersFolder, is_diffusers_folder
 from models.family import strip_prefix
 
@@ -260,24 +260,34 @@ EXPORT_SUFFIX = {"safetensors": ".safetensors", "diffusers": ""}  # a diffusers 
 
 def save(comp: Any, path: str, precision: str = "fp16", title: str = "", extra_metadata: Mapping[str, str] | None = None,
          state_dict: Mapping[str, Tensor] | None = None, *, resolution: int | str | None = None,
-         info: Mapping[str, str] | None = None, save_as: str = "safetensors") -> None:
+         info: Mapping[str, str] | None = None, save_as: str = "safetensors",
+         gather: Callable[[Tensor], Tensor] | None = None, write: bool = True) -> None:
     """Write the exact original single-file layout in `precision` with modelspec metadata (export_metadata),
     atomically; `save_as = "diffusers"`: a diffusers folder at `path` instead (models/diffusers_layout.py; the
-    metadata goes into the network's weights file). `state_dict`: an already gathered export_state_dict() (FSDP),
-    else taken from `comp`."""
+    metadata goes into the network's weights file). `state_dict`: the export_state_dict() to write (e.g. with EMA
+    weights), else taken from `comp`. The single file is streamed: the header first, then one tensor at a time,
+    each gathered by `gather` just before it is written (FSDP2: `DTensor.full_tensor`; collective, so every rank
+    calls save with the same keys and only the rank with `write=True` writes), so no process holds the whole model
+    twice; modelspec.hash_sha256 is hashed on the way (models.checkpoint.modelspec_hash of the same tensors) and
+    filled into the header at the end. A diffusers folder is converted as a whole: gathered first."""
     if save_as not in SAVE_FORMATS:
         raise ValueError(f"save_as must be one of {', '.join(SAVE_FORMATS)}, got {save_as!r}")
     if precision not in DTYPES:
         raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
-    dt = DTYPES[precision]
     src = state_dict if state_dict is not None else comp.export_state_dict()
-    sd = {k: (v.detach().to("cpu", dt) if v.is_floating_point() else v.detach().cpu()) for k, v in src.items()}
-    meta = export_metadata(comp, path, sd, title=title, resolution=resolution, info=info, extra=extra_metadata)
     if save_as == "diffusers":
         from models.diffusers_layout import save_diffusers
-        save_diffusers(comp, path, sd, meta)
-    else:
-        save_safetensors_atomic(sd, path, meta)
+        dt, full = DTYPES[precision], gather or (lambda t: t)
+        sd = {k: (full(v).detach().to("cpu", dt) if v.is_floating_point() else full(v).detach().cpu())
+              for k, v in src.items()}
+        if write:
+            save_diffusers(comp, path, sd, export_metadata(comp, path, sd, title=title, resolution=resolution,
+                                                           info=info, extra=extra_metadata))
+        return
+    meta = export_metadata(comp, path, None, title=title, resolution=resolution, info=info,
+                           extra=extra_metadata) if write else None
+    save_safetensors_streamed(src, path, DTYPES[precision], meta, gather=gather, write=write,
+                              sha256_field="modelspec.hash_sha256")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ shape before anything is assigned; saving is atomic (temp file, fsync, rename).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fnmatch
 import hashlib
@@ -17,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-from core.fsio import save_safetensors
+from core.fsio import commit_file, save_safetensors, temp_path
 
 # How many names of each kind an error message lists before it only counts.
 MAX_LISTED = 20
@@ -331,3 +332,176 @@ def cast_state_dict(sd: Mapping[str, Tensor], dtype: torch.dtype | None) -> dict
     if dtype is None:
         return dict(sd)
     return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in sd.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Streamed writing: header first, then one tensor at a time
+# ---------------------------------------------------------------------------------------------
+
+# safetensors dtype names (the format's spec, safetensors/src/tensor.rs `Dtype`)
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+# The header is padded with spaces to a multiple of 8 bytes, as safetensors' own writer does (aligned data).
+HEADER_ALIGN = 8
+# Stands in for a sha256 of the data ('0x' + 64 hex digits, as modelspec_hash writes it) until the data is written.
+SHA256_PLACEHOLDER = "0x" + "0" * 64
+
+
+def safetensors_header(specs: Mapping[str, tuple[torch.dtype, Sequence[int]]],
+                       metadata: Mapping[str, str] | None = None) -> bytes:
+    """The 8-byte length + JSON header of a .safetensors file whose tensors (name -> (dtype, shape)) follow
+    in the given order, back to back."""
+    import json
+
+    header: dict[str, object] = {}
+    meta = dict(metadata or {})
+    bad_meta = [k for k, v in meta.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad_meta:
+        raise CheckpointError(f"safetensors metadata must map str -> str; offending keys: {bad_meta[:MAX_LISTED]}")
+    if meta:
+        header["__metadata__"] = meta
+    offset = 0
+    for name, (dtype, shape) in specs.items():
+        if dtype not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"cannot save {name!r}: dtype {dtype} has no safetensors name")
+        n = 1
+        for s in shape:
+            n *= int(s)
+        size = n * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": [int(s) for s in shape],
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % HEADER_ALIGN)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+class StreamedSafetensorsWriter:
+    """Write a .safetensors file one tensor at a time, so only the tensor being written is in memory.
+
+    Names, dtypes and shapes are known before any data (for FSDP2 shards: the global shapes), so the
+    header goes first; then `write(name, tensor)` in header order appends each tensor's bytes. `close()`
+    checks every tensor was written, fsyncs and renames the temp file into place (atomic, like
+    save_safetensors_atomic); on any error the temp file is removed and an old file at `path` is untouched.
+    Use as a context manager.
+
+    `sha256_field`: a metadata key that receives '0x' + the sha256 of the data section, i.e. of every tensor's
+    bytes in order (= modelspec_hash of the same tensors): written as a same-length placeholder first, hashed on
+    the way, and filled in at `close()`.
+    """
+
+    def __init__(self, path: str, specs: Mapping[str, tuple[torch.dtype, Sequence[int]]],
+                 metadata: Mapping[str, str] | None = None, sha256_field: str | None = None):
+        self.path = str(path)
+        self.specs = {k: (d, tuple(int(s) for s in shape)) for k, (d, shape) in specs.items()}
+        self._order = list(self.specs)
+        self._next = 0
+        self._hash, self._hash_at = None, -1
+        if sha256_field is not None:
+            import hashlib
+
+            metadata = {**(metadata or {}), sha256_field: SHA256_PLACEHOLDER}
+            self._hash = hashlib.sha256()
+        header = safetensors_header(self.specs, metadata)
+        if self._hash is not None:
+            placeholder = SHA256_PLACEHOLDER.encode()
+            if header.count(placeholder) != 1:
+                raise CheckpointError(f"{self.path}: the metadata already holds {SHA256_PLACEHOLDER!r}")
+            self._hash_at = header.index(placeholder)
+        directory = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(directory, exist_ok=True)
+        self._tmp = temp_path(self.path)  # recognisable: a stale one is cleaned at the next start
+        self._f = open(self._tmp, "wb")
+        try:
+            self._f.write(header)
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, name: str, tensor: Tensor) -> None:
+        """Append `name`'s data; must be the next name of the header, with its dtype and shape."""
+        if self._next >= len(self._order) or self._order[self._next] != name:
+            want = self._order[self._next] if self._next < len(self._order) else "nothing (all written)"
+            raise CheckpointError(f"{self.path}: tensors out of order: got {name!r}, expected {want!r}")
+        dtype, shape = self.specs[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise CheckpointError(f"{self.path}: {name!r} is {tensor.dtype} {list(tensor.shape)}, the header says "
+                                  f"{dtype} {list(shape)}")
+        if tensor.is_meta:
+            raise CheckpointError(f"cannot save {name!r} to {self.path}: it is on the meta device (never loaded)")
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        if t.numel():
+            data = t.view(torch.uint8).numpy().data  # no extra copy of the bytes (little-endian hosts)
+            self._f.write(data)
+            if self._hash is not None:
+                self._hash.update(data)
+        self._next += 1
+
+    def close(self) -> None:
+        """All written: the umask's normal mode, fsync, rename into place, fsync the directory (core.fsio.commit_file)."""
+        if self._next != len(self._order):
+            missing = self._order[self._next:]
+            self.abort()
+            raise CheckpointError(f"{self.path}: {len(missing)} tensor(s) never written, e.g. {missing[:3]}")
+        try:
+            if self._hash is not None:
+                self._f.seek(self._hash_at)
+                self._f.write(f"0x{self._hash.hexdigest()}".encode())
+            self._f.close()
+            commit_file(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Drop the partial temp file (the file at `path`, if any, stays as it was)."""
+        with contextlib.suppress(OSError):
+            self._f.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self._tmp)
+
+    def __enter__(self) -> "StreamedSafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def save_safetensors_streamed(tensors: Mapping[str, Tensor], path: str, dtype: torch.dtype | None = None,
+                              metadata: Mapping[str, str] | None = None,
+                              gather: Callable[[Tensor], Tensor] | None = None, write: bool = True,
+                              sha256_field: str | None = None) -> None:
+    """Save `tensors` (floating-point ones cast to `dtype`; None keeps each dtype) one at a time.
+
+    `gather` turns a value into the full CPU-or-device tensor just before it is written (FSDP2:
+    `DTensor.full_tensor`, a collective: then every rank calls this with the same keys in the same order
+    and only the rank with `write=True` writes). Values only need `.shape`, `.dtype` and
+    `.is_floating_point()` until then, so the writing rank holds one gathered tensor at a time, never the
+    whole model. Tensors sharing storage (tied weights) are simply written twice. `sha256_field`: see
+    StreamedSafetensorsWriter.
+    """
+    def out_dtype(v: Tensor) -> torch.dtype:
+        return dtype if dtype is not None and v.is_floating_point() else v.dtype
+
+    writer = StreamedSafetensorsWriter(path, {k: (out_dtype(v), tuple(v.shape)) for k, v in tensors.items()},
+                                       metadata, sha256_field) if write else None
+    try:
+        for k, v in tensors.items():
+            if not isinstance(v, Tensor):
+                raise CheckpointError(f"cannot save {k!r} to {path}: expected a tensor, got {type(v).__name__}")
+            full = gather(v) if gather is not None else v
+            if writer is not None:
+                writer.write(k, full.detach().to("cpu", out_dtype(v)))
+            del full
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer is not None:
+        writer.close()

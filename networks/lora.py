@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.trainable import TrainableSet
+
 # Kohya's prefixes by family part.
 PREFIXES = {"sdxl": {"unet": "lora_unet", "te1": "lora_te1", "te2": "lora_te2"},
             "sd3": {"mmdit": "lora_unet", "clip_l": "lora_te1", "clip_g": "lora_te2", "t5": "lora_te3"}}
@@ -502,9 +504,10 @@ def save_lora(path: str, sd: Mapping[str, Tensor], metadata: Mapping[str, str], 
 # ----------------------------------------------------------------------------------------------
 
 
-class LoRATraining:
+class LoRATraining(TrainableSet):
     """Adapters on the frozen model: `trainee` (what DDP / FSDP wraps) runs the patched model and holds the
-    adapters as `trainee.lora`; resume states and exports hold the adapters only (kohya's file layout)."""
+    adapters as `trainee.lora`; resume states (core/trainable.py; sharded under FSDP) hold the adapters, their
+    optimizer state and EMA only; exports are kohya's file layout."""
 
     def __init__(self, cfg: Any, comp: Any, trainee: nn.Module, device: torch.device, warn: Callable[[str], None]):
         n = cfg.network
@@ -581,17 +584,22 @@ class LoRATraining:
         """The LoRA file (kohya layout, ss_* metadata) by rank 0; with an EMA also `-ema`. `alone`: by this rank,
         nothing gathered (a crash)."""
         from core import dist
-        sd = {k: v if alone else dist.full_tensor(v) for k, v in self.network.kohya_state_dict().items()}
+
+        def gathered() -> dict[str, Tensor]:  # FSDP: collective, every rank in the same order
+            return {k: v if alone else dist.full_tensor(v) for k, v in self.network.kohya_state_dict().items()}
+        sd, ema_sd = gathered(), None
+        if ema is not None:
+            with ema.swapped_into(self.network):
+                ema_sd = gathered()
         if not (alone or dist.is_main()):
             return
         if self._tags is None:
             self._tags = _dataset_tag_frequency(self.cfg)
         info = ss_metadata(self.cfg, self.comp.family, self.network, {**meta, "ss_tag_frequency": json.dumps(self._tags)})
         save_lora(path, sd, info, self.cfg.save.save_precision)
-        if ema is not None:
-            with ema.swapped_into(self.network):
-                save_lora(path.replace(".safetensors", "-ema.safetensors"), self.network.kohya_state_dict(),
-                          {**info, "sdtrain.ema_decay": str(ema.decay)}, self.cfg.save.save_precision)
+        if ema_sd is not None:
+            save_lora(path.replace(".safetensors", "-ema.safetensors"), ema_sd,
+                      {**info, "sdtrain.ema_decay": str(ema.decay)}, self.cfg.save.save_precision)
 
 
 FORWARDS_KEY = "dropout_forwards"  # in resume states beside the adapters: where the dropout masks continue

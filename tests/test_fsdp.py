@@ -1,53 +1,198 @@
-"""FSDP2 (fully_shard) on CPU with gloo, 2 processes: trains like DDP, exports the full single file,
-and resumes from its own (gathered) state to the same weights."""
+"""FSDP2 (fully_shard) and multi-node on CPU with gloo, 2 processes. Every launch costs seconds, so the runs are
+shared: one module fixture caches the data under two torchrun agents (--nnodes=2, c10d rendezvous on 127.0.0.1)
+and trains the single-agent 2-process FSDP reference run (EMA, previews); the tests compare against it.
+
+- two nodes: the same FSDP run under two agents, one node's worker sent SIGTERM mid-run (model file + sharded
+  state), resumed by two agents to the end: the reference's weights and EMA, bit for bit;
+- DDP: the same run under DDP gives the reference's weights and EMA up to fp32 rounding;
+- a crash (an exception in the loop on both ranks) under FSDP leaves a `-crashed` model file and a sharded state;
+  that 2-process state resumed by one process without FSDP: the full weights, EMA and optimizer state it writes
+  equal the sharded state's contents exactly; a rank missing from the crash save is waited for (bounded), then
+  one line.
+"""
+import json
+import logging
 import os
 import shutil
+import signal
+import socket
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from helpers import TORCHRUN, run_ok
+from helpers import ENV, ROOT, TORCHRUN, run_ok
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _run(cmd):
-    return run_ok(cmd)
+STEPS = 4
+NAMES = ("demo.safetensors", "demo-ema.safetensors")
 
 
-@pytest.mark.slow
-def test_fsdp_matches_ddp_exports_and_resumes(tmp_path):
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_agents(args, on_start=None, timeout=300):
+    """Two torchrun agents, one worker each, meeting at a c10d rendezvous on 127.0.0.1: two 'nodes' on one machine.
+    `on_start(agents)` runs while they train. Both must exit 0."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+           f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=s{port}", *map(str, args)]
+    agents = [subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for _ in range(2)]
+    try:
+        if on_start is not None:
+            on_start(agents)
+        outs = [a.communicate(timeout=timeout)[0] for a in agents]
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                a.kill()
+    for a, out in zip(agents, outs):
+        assert a.returncode == 0, f"agent exited {a.returncode}:\n{out[-6000:]}"
+    return "\n".join(outs)
+
+
+def _worker_of(agent):
+    """The training process a torchrun agent started (its one child)."""
+    deadline = time.time() + 120  # the rendezvous comes first
+    while time.time() < deadline and agent.poll() is None:
+        kids = open(f"/proc/{agent.pid}/task/{agent.pid}/children").read().split()
+        if kids:
+            return int(kids[0])
+        time.sleep(0.02)
+    raise AssertionError("the agent started no worker")
+
+
+def _sigterm_after_first_step(out_dir):
+    def go(agents):
+        worker = _worker_of(agents[1])
+        metrics = os.path.join(out_dir, "logs", "metrics.jsonl")
+        deadline = time.time() + 120
+        while time.time() < deadline:  # step 1 is logged: the signal handlers are in place, the run is under way
+            if os.path.isfile(metrics) and open(metrics).read().strip():
+                break
+            time.sleep(0.01)
+        os.kill(worker, signal.SIGTERM)
+    return go
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _models(out):
+    return {name: load_file(str(out / "models" / name)) for name in NAMES}
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory):
+    """(folder, common args, fsdp args): the data cached by two agents, the reference FSDP run in folder/fsdp."""
     pytest.importorskip("torch.distributed.fsdp").fully_shard  # FSDP2 API
     from data.demo import make_demo_dataset
-    make_demo_dataset(str(tmp_path / "data"), n=12, size=(64, 96))
-    common = ["configs/demo.toml", f"data.image_dirs=['{tmp_path / 'data'}']", f"cache.cache_dir={tmp_path / 'cache'}",
-              "train.max_train_steps=4", "optimizer.lr_warmup_steps=0", "optimizer.lr_scheduler=constant",
-              "sample.sample_every_n_steps=0", "data.batch_size=2", "save.save_every_n_steps=2",
+    tmp = tmp_path_factory.mktemp("fsdp")
+    make_demo_dataset(str(tmp / "data"), n=4, size=(64, 64))
+    common = ["configs/demo.toml", f"data.image_dirs=['{tmp / 'data'}']", f"cache.cache_dir={tmp / 'cache'}",
+              "data.resolution=64", "data.min_bucket_reso=64", "data.max_bucket_reso=64", "data.batch_size=1",
+              f"train.max_train_steps={STEPS}", "optimizer.lr_warmup_steps=0", "optimizer.lr_scheduler=constant",
+              "sample.sample_every_n_steps=0", "save.save_every_n_steps=0", "save.save_state=false",
+              "train.use_ema=true", "train.ema_decay=0.5",
               # SGD: the update is linear in the gradient, so reduction-order rounding stays rounding (Adam's
               # normalisation turns it into sign flips on parameters whose gradient is ~0)
               "optimizer.optimizer_type=SGD", "optimizer.learning_rate=0.05", "optimizer.optimizer_kwargs={momentum=0.9}"]
-    _run([sys.executable, "cache.py", *common])
-    _run(TORCHRUN + ["train.py", *common, f"output_dir={tmp_path / 'ddp'}"])
-    _run(TORCHRUN + ["train.py", *common, f"output_dir={tmp_path / 'fsdp'}", "train.fsdp=true",
-                     "sample.sample_every_n_steps=4", "sample.sample_params={width=64, height=64, steps=2}"])
-    # previews under FSDP: every rank runs every prompt (sharded forwards are collective), rank 0 writes
-    assert os.path.isfile(tmp_path / "fsdp" / "samples" / "000004_grid.png")
-    ddp = load_file(str(tmp_path / "ddp" / "models" / "demo.safetensors"))
-    fsdp = load_file(str(tmp_path / "fsdp" / "models" / "demo.safetensors"))
-    assert ddp.keys() == fsdp.keys()
-    for k in ddp:  # same data and noise: equal up to the order of floating-point reductions
-        assert torch.allclose(ddp[k].float(), fsdp[k].float(), rtol=1e-4, atol=1e-6), (k, (ddp[k].float() - fsdp[k].float()).abs().max())
-    import models
-    assert models.load(str(tmp_path / "fsdp" / "models" / "demo.safetensors")).unet is not None
+    fsdp = [*common, "train.fsdp=true"]
+    out = _two_agents(["cache.py", *common])
+    assert "encoded 4" in out
+    run_ok(TORCHRUN + ["train.py", *fsdp, f"output_dir={tmp / 'fsdp'}", f"sample.sample_every_n_steps={STEPS}",
+                       "sample.sample_params={width=64, height=64, steps=1}"])
+    return tmp, common, fsdp
 
-    # resume from the step-2 state under FSDP: same final weights as the straight FSDP run
-    res = tmp_path / "fsdp_resumed"
-    os.makedirs(res / "state")
-    shutil.copytree(tmp_path / "fsdp" / "state" / "step-00000002", res / "state" / "step-00000002")
-    out = _run(TORCHRUN + ["train.py", *common, f"output_dir={res}", "train.fsdp=true",
-                          f"train.resume={res / 'state' / 'step-00000002'}"])  # another run's state: named, not auto
-    assert "resumed from" in out.stderr
-    a = load_file(str(tmp_path / "fsdp" / "state" / "step-00000004" / "trained.safetensors"))
-    b = load_file(str(res / "state" / "step-00000004" / "trained.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+@pytest.mark.slow
+def test_two_nodes_sigterm_and_resume_match_one_node_bit_for_bit(ref):
+    tmp, _, fsdp = ref
+    # previews under FSDP (the sharded EMA swapped in): every rank runs every prompt, rank 0 writes
+    assert os.path.isfile(tmp / "fsdp" / "samples" / f"{STEPS:06d}_grid.png")
+    # two nodes: SIGTERM to the second node's worker mid-run: a model file and a sharded state, written by both
+    nodes = tmp / "nodes"
+    out = _two_agents(["train.py", *fsdp, f"output_dir={nodes}"], on_start=_sigterm_after_first_step(str(nodes)))
+    assert "stop requested" in out
+    stopped = [int(n[5:]) for n in os.listdir(nodes / "state") if n.startswith("step-")]
+    assert stopped and max(stopped) < STEPS, f"the run ended before the signal arrived: {stopped}"
+    state = nodes / "state" / f"step-{max(stopped):08d}"
+    manifest = json.load(open(state / "COMPLETE"))  # one shard file per rank + the layout, each with its checksum
+    assert {"dcp/__0_0.distcp", "dcp/__1_0.distcp", "dcp/.metadata", "rng-rank0.pt", "rng-rank1.pt",
+            "progress.json"} <= set(manifest)
+    assert not (state / "trained.safetensors").exists()
+    import models
+    assert models.load(str(nodes / "models" / "demo-interrupted.safetensors"), parts=("unet",)).unet is not None
+    # resumed by two agents (a 2-process state with 2 processes): the single-agent run's weights and EMA exactly
+    out = _two_agents(["train.py", *fsdp, f"output_dir={nodes}", "train.resume=auto"])
+    assert f"resumed from {state}" in out
+    want, got = _models(tmp / "fsdp"), _models(nodes)
+    for name in NAMES:
+        assert _same(want[name], got[name]), name
+    assert not _same(want[NAMES[0]], want[NAMES[1]])  # the EMA is not the model
+
+
+@pytest.mark.slow
+def test_fsdp_ema_matches_ddp_crash_export_and_one_process_resume(ref, tmp_path):
+    tmp, common, fsdp = ref
+    run_ok(TORCHRUN + ["train.py", *common, f"output_dir={tmp_path / 'ddp'}"])
+    ddp, fs = _models(tmp_path / "ddp"), _models(tmp / "fsdp")
+    for name in NAMES:  # same data and noise: equal up to the order of floating-point reductions
+        assert ddp[name].keys() == fs[name].keys()
+        for k in ddp[name]:
+            assert torch.allclose(ddp[name][k].float(), fs[name][k].float(), rtol=1e-4, atol=1e-6), (name, k)
+
+    # an exception in the loop on both ranks under FSDP: they agree, gather the -crashed export and write a state
+    crash = tmp_path / "crash"
+    env = {**ENV, "SDTRAIN_TEST_RAISE_AT_STEP": "2", "SDTRAIN_CRASH_WAIT_S": "60"}
+    out = run_ok(TORCHRUN + ["train.py", *fsdp, f"output_dir={crash}"], env=env, expect=1)
+    assert "injected test fault at step 2" in out.stderr
+    import models
+    assert models.load(str(crash / "models" / "demo-crashed.safetensors"), parts=("unet",)).unet is not None
+    assert os.path.isfile(crash / "models" / "demo-crashed-ema.safetensors")
+    state = crash / "state" / "step-00000002"
+    from core import state as rstate
+    assert rstate.verify_state(str(state)) is None and (state / "dcp" / "__1_0.distcp").is_file()
+
+    # that 2-process sharded state resumed by one process without FSDP (it ends at once and writes a full state)
+    import train
+    from core import dist
+    one = tmp_path / "one"
+    os.makedirs(one / "state")
+    shutil.copytree(state, one / "state" / state.name)
+    try:
+        assert train.main([*common, f"output_dir={one}", f"train.resume={one / 'state' / state.name}",
+                           "train.max_train_steps=2", "save.save_state=true"]) == 0
+    finally:
+        dist.shutdown()
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(str(state / "dcp"), str(tmp_path / "full.pt"))
+    full = torch.load(str(tmp_path / "full.pt"), weights_only=False)
+    got = one / "state" / state.name
+    assert _same(load_file(str(got / "trained.safetensors")), full["model"])
+    assert _same(load_file(str(got / "ema.safetensors")), full["ema"])
+    opt = torch.load(str(got / "optimizer.pt"), weights_only=True)
+    names = full["optimizer"]["param_groups"][0]["params"]  # parameter names in the group's order
+    assert len(names) == len(opt["param_groups"][0]["params"]) == len(full["model"])
+    for i, name in zip(opt["param_groups"][0]["params"], names):
+        assert torch.equal(opt["state"][i]["momentum_buffer"], full["optimizer"]["state"][name]["momentum_buffer"])
+
+
+def test_crash_save_under_fsdp_waits_for_every_rank_bounded(tmp_path, caplog):
+    from core import emergency
+    log = logging.getLogger("test_fsdp")
+    wrote = []
+    t0 = time.monotonic()
+    with caplog.at_level(logging.ERROR, "test_fsdp"):  # rank 1 never arrives: nothing written, one line, bounded
+        assert not emergency.all_crashed(str(tmp_path), "tok", 0, 2, log, lambda: wrote.append(0), wait_s=0.3)
+    assert time.monotonic() - t0 < 5 and not wrote
+    assert len(caplog.records) == 1 and "rank(s) [1] did not reach the crash save" in caplog.text
+    open(tmp_path / ".crash-tok.rank1", "w").close()  # rank 1 crashed too: both write together
+    assert emergency.all_crashed(str(tmp_path), "tok", 0, 2, log, lambda: wrote.append(1), wait_s=0.3)
+    assert wrote == [1]
