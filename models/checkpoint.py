@@ -496,6 +496,8 @@ def save_safetensors_streamed(tensors: Mapping[str, Tensor], path: str, dtype: t
             if not isinstance(v, Tensor):
                 raise CheckpointError(f"cannot save {k!r} to {path}: expected a tensor, got {type(v).__name__}")
             full = gather(v) if gather is not None else v
+            if full.is_meta:
+                raise CheckpointError(f"cannot save {k!r} to {path}: it is on the meta device (never loaded)")
             if writer is not None:
                 writer.write(k, full.detach().to("cpu", out_dtype(v)))
             del full

@@ -25,9 +25,9 @@ def test_streamed_file_reads_back_with_safetensors(tmp_path):
     path = str(tmp_path / "m.safetensors")
     save_safetensors_streamed(sd, path, metadata={"modelspec.title": "m", "ss_steps": "3"})
     back = load_file(path)
-    assert list(back) == sorted(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
+    assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
     with safe_open(path, "pt") as f:
-        assert list(f.keys()) == sorted(sd) and f.metadata() == {"modelspec.title": "m", "ss_steps": "3"}
+        assert set(f.keys()) == set(sd) and f.metadata() == {"modelspec.title": "m", "ss_steps": "3"}
     # cast on the way out: floating-point tensors only
     save_safetensors_streamed(sd, path, dtype=torch.float16)
     back = load_file(path)
