@@ -1,7 +1,9 @@
 """The dataset index: columnar arrays of keys, paths, captions, sizes, buckets and repeats, built once and reused.
 
-Saved as one `.npz` (strings as a UTF-8 blob + offsets, so a million entries load in well under a second) with a
-fingerprint of its inputs; a later run whose inputs are unchanged loads it instead of rescanning headers.
+Saved as one uncompressed `.npz` (strings as a UTF-8 blob + offsets) with a fingerprint of its inputs; a later run
+whose inputs are unchanged loads it instead of rescanning headers. Loading memory-maps every column straight out of
+the file (the members are stored uncompressed, so each is a plain array at a known offset): nothing is read until
+used, and the ranks of a node share one copy in the page cache instead of holding one each.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import json
 import json.encoder
 import logging
 import os
+import struct
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -139,21 +143,51 @@ class DatasetIndex:
             raise with_path(e, path)
 
     @classmethod
-    def load(cls, path: str) -> "DatasetIndex":
-        """Read an index written by `save`."""
-        with np.load(path) as z:
-            info = json.loads(z["info"].tobytes().decode())
-            if info.get("version") != INDEX_VERSION:
-                raise ValueError(f"{path}: index version {info.get('version')} != {INDEX_VERSION}; delete it to rebuild")
-            cols = {n: StrColumn(z[f"{n}_blob"], z[f"{n}_off"]) for n in STR_COLUMNS}
-            return cls(sizes=z["sizes"], buckets=z["buckets"], subset=z["subset"], repeats=z["repeats"],
-                       subsets=[SubsetSpec(**s) for s in info["subsets"]],
-                       bucket_settings=BucketSettings(**info["bucket_settings"]),
-                       fingerprint=info["fingerprint"], counter=info["counter"],
-                       skipped=info.get("skipped", {}), store_sig=info.get("store_sig", ""), **cols)
+    def load(cls, path: str, mmap: bool = True) -> "DatasetIndex":
+        """Read an index written by `save`; `mmap`: columns memory-mapped read-only (see load_npz), else read."""
+        z = load_npz(path) if mmap else dict(np.load(path))
+        info = json.loads(z["info"].tobytes().decode())
+        if info.get("version") != INDEX_VERSION:
+            raise ValueError(f"{path}: index version {info.get('version')} != {INDEX_VERSION}; delete it to rebuild")
+        cols = {n: StrColumn(z[f"{n}_blob"], z[f"{n}_off"]) for n in STR_COLUMNS}
+        return cls(sizes=z["sizes"], buckets=z["buckets"], subset=z["subset"], repeats=z["repeats"],
+                   subsets=[SubsetSpec(**s) for s in info["subsets"]],
+                   bucket_settings=BucketSettings(**info["bucket_settings"]),
+                   fingerprint=info["fingerprint"], counter=info["counter"],
+                   skipped=info.get("skipped", {}), store_sig=info.get("store_sig", ""), **cols)
 
 
 STR_COLUMNS = ("keys", "paths", "captions", "metadata", "descriptions")
+_ZIP_LOCAL_HEADER = 30  # bytes of a zip local file header before its name and extra field (PKWARE APPNOTE 4.3.7)
+
+
+def load_npz(path: str) -> dict[str, np.ndarray]:
+    """The arrays of an uncompressed .npz (np.savez) memory-mapped read-only, without reading them: each member is
+    a .npy file stored as is inside the zip, so its data sits at a fixed offset of the .npz. Pages are read on
+    first use and shared by every process that maps the file (the ranks of a node)."""
+    out: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+        for member in zf.infolist():
+            if member.compress_type != zipfile.ZIP_STORED:
+                raise ValueError(f"{path}: member {member.filename} is compressed; cannot memory-map it")
+            f.seek(member.header_offset)
+            local = f.read(_ZIP_LOCAL_HEADER)
+            if local[:4] != b"PK\x03\x04":
+                raise ValueError(f"{path}: damaged zip entry {member.filename}")
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            f.seek(member.header_offset + _ZIP_LOCAL_HEADER + name_len + extra_len)
+            version = np.lib.format.read_magic(f)
+            shape, fortran, dtype = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                                     else np.lib.format.read_array_header_2_0(f))
+            if dtype.hasobject:
+                raise ValueError(f"{path}: member {member.filename} holds Python objects")
+            name = member.filename[:-4] if member.filename.endswith(".npy") else member.filename
+            if int(np.prod(shape)) == 0:  # mmap cannot map zero bytes
+                out[name] = np.empty(shape, dtype)
+            else:
+                out[name] = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape,
+                                      order="F" if fortran else "C")
+    return out
 # The metadata fields count_metadata (data/captions.py) reads; entries with none of them cannot change the counts.
 COUNTED_FIELDS = frozenset({"artist", "characters", "styles", "quality"})
 
