@@ -479,4 +479,4 @@ def _encode_texts(te, caps: list[list[str]]) -> list[dict[str, torch.Tensor]]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_now(main())  # flushed, then no interpreter teardown

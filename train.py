@@ -720,4 +720,4 @@ def _crash_hook() -> None:  # fault injection for the kill-during-checkpoint tes
 if __name__ == "__main__":
     code = main()
     dist.shutdown()
-    sys.exit(code)
+    cli.exit_now(code)

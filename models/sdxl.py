@@ -49,6 +49,7 @@ EDM_MARKERS = ("edm_mean", "edm_std", "edm_vpred.sigma_max", "edm_vpred.sigma_mi
 PRESETS = {
     "base": ("base", "sdxl", "clip_l", "bigg"),
     "tiny": ("tiny", "tiny", "tiny_l", "tiny_g"),
+    "micro": ("micro", "tiny", "tiny_l", "tiny_g"),  # tests: the fewest tensors
 }
 
 

@@ -63,7 +63,11 @@ class UNetConfig:
 
 TINY = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, transformer_depth=(0, 1, 1),
                   transformer_depth_middle=1, num_head_channels=8, context_dim=64, adm_in_channels=32 + 6 * 256)
-PRESETS: dict[str, UNetConfig] = {"base": UNetConfig(), "tiny": TINY}
+# Two levels, one res block each: the fewest tensors with SDXL's structure (tests of distributed paths, where the
+# cost is per tensor, not per parameter).
+MICRO = UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(0, 1),
+                   transformer_depth_middle=1, num_head_channels=8, context_dim=64, adm_in_channels=32 + 6 * 256)
+PRESETS: dict[str, UNetConfig] = {"base": UNetConfig(), "tiny": TINY, "micro": MICRO}
 
 
 # ---------------------------------------------------------------- embeddings

@@ -1,14 +1,15 @@
 """FSDP2 (fully_shard) and multi-node on CPU with gloo, 2 processes. Every launch costs seconds, so the runs are
 shared: one module fixture caches the data under two torchrun agents (--nnodes=2, c10d rendezvous on 127.0.0.1)
-and trains the single-agent 2-process FSDP reference run (EMA, previews); the tests compare against it.
+and trains the single-agent 2-process FSDP reference run (EMA, previews), which raises on both ranks after STEPS
+steps: its `-crashed` export (gathered after every rank agreed) holds the weights of STEPS steps, next to a
+sharded state. The tests compare against it:
 
 - two nodes: the same FSDP run under two agents, one node's worker sent SIGTERM mid-run (model file + sharded
-  state), resumed by two agents to the end: the reference's weights and EMA, bit for bit;
+  state), resumed by two agents to STEPS: the reference's weights and EMA, bit for bit;
 - DDP: the same run under DDP gives the reference's weights and EMA up to fp32 rounding;
-- a crash (an exception in the loop on both ranks) under FSDP leaves a `-crashed` model file and a sharded state;
-  that 2-process state resumed by one process without FSDP: the full weights, EMA and optimizer state it writes
-  equal the sharded state's contents exactly; a rank missing from the crash save is waited for (bounded), then
-  one line.
+- the reference's 2-process crash state resumed by one process without FSDP: the full weights, EMA and optimizer
+  state it writes equal the sharded state's contents exactly; a rank missing from a crash save is waited for
+  (bounded), then one line.
 """
 import json
 import logging
@@ -90,32 +91,39 @@ def _models(out):
 
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
-    """(folder, common args, fsdp args): the data cached by two agents, the reference FSDP run in folder/fsdp."""
+    """(folder, common args, fsdp args): the data cached by two agents; the reference FSDP run in folder/fsdp."""
     pytest.importorskip("torch.distributed.fsdp").fully_shard  # FSDP2 API
     from data.demo import make_demo_dataset
     tmp = tmp_path_factory.mktemp("fsdp")
     make_demo_dataset(str(tmp / "data"), n=4, size=(64, 64))
-    common = ["configs/demo.toml", f"data.image_dirs=['{tmp / 'data'}']", f"cache.cache_dir={tmp / 'cache'}",
-              "data.resolution=64", "data.min_bucket_reso=64", "data.max_bucket_reso=64", "data.batch_size=1",
-              f"train.max_train_steps={STEPS}", "optimizer.lr_warmup_steps=0", "optimizer.lr_scheduler=constant",
-              "sample.sample_every_n_steps=0", "save.save_every_n_steps=0", "save.save_state=false",
-              "train.use_ema=true", "train.ema_decay=0.5",
+    common = ["configs/demo.toml", "model.model_preset=micro", f"data.image_dirs=['{tmp / 'data'}']",
+              f"cache.cache_dir={tmp / 'cache'}", "data.resolution=64", "data.min_bucket_reso=64",
+              "data.max_bucket_reso=64", "data.batch_size=1", f"train.max_train_steps={STEPS}",
+              "optimizer.lr_warmup_steps=0", "optimizer.lr_scheduler=constant", "sample.sample_every_n_steps=0",
+              "save.save_every_n_steps=0", "save.save_state=false", "train.use_ema=true", "train.ema_decay=0.5",
               # SGD: the update is linear in the gradient, so reduction-order rounding stays rounding (Adam's
               # normalisation turns it into sign flips on parameters whose gradient is ~0)
               "optimizer.optimizer_type=SGD", "optimizer.learning_rate=0.05", "optimizer.optimizer_kwargs={momentum=0.9}"]
     fsdp = [*common, "train.fsdp=true"]
     out = _two_agents(["cache.py", *common])
     assert "encoded 4" in out
-    run_ok(TORCHRUN + ["train.py", *fsdp, f"output_dir={tmp / 'fsdp'}", f"sample.sample_every_n_steps={STEPS}",
-                       "sample.sample_params={width=64, height=64, steps=1}"])
+    # the reference: STEPS steps, previews (FSDP: every rank runs every prompt, the sharded EMA swapped in), then an
+    # exception on both ranks before step STEPS + 1
+    env = {**ENV, "SDTRAIN_TEST_RAISE_AT_STEP": str(STEPS), "SDTRAIN_CRASH_WAIT_S": "60"}
+    out = run_ok(TORCHRUN + ["train.py", *fsdp, f"output_dir={tmp / 'fsdp'}", f"train.max_train_steps={STEPS + 1}",
+                             f"sample.sample_every_n_steps={STEPS}", "sample.sample_params={width=64, height=64, steps=1}"],
+                 env=env, expect=1)
+    assert f"injected test fault at step {STEPS}" in out.stderr
     return tmp, common, fsdp
+
+
+def _reference(tmp):
+    return {name: load_file(str(tmp / "fsdp" / "models" / name.replace("demo", "demo-crashed"))) for name in NAMES}
 
 
 @pytest.mark.slow
 def test_two_nodes_sigterm_and_resume_match_one_node_bit_for_bit(ref):
     tmp, _, fsdp = ref
-    # previews under FSDP (the sharded EMA swapped in): every rank runs every prompt, rank 0 writes
-    assert os.path.isfile(tmp / "fsdp" / "samples" / f"{STEPS:06d}_grid.png")
     # two nodes: SIGTERM to the second node's worker mid-run: a model file and a sharded state, written by both
     nodes = tmp / "nodes"
     out = _two_agents(["train.py", *fsdp, f"output_dir={nodes}"], on_start=_sigterm_after_first_step(str(nodes)))
@@ -132,7 +140,7 @@ def test_two_nodes_sigterm_and_resume_match_one_node_bit_for_bit(ref):
     # resumed by two agents (a 2-process state with 2 processes): the single-agent run's weights and EMA exactly
     out = _two_agents(["train.py", *fsdp, f"output_dir={nodes}", "train.resume=auto"])
     assert f"resumed from {state}" in out
-    want, got = _models(tmp / "fsdp"), _models(nodes)
+    want, got = _reference(tmp), _models(nodes)
     for name in NAMES:
         assert _same(want[name], got[name]), name
     assert not _same(want[NAMES[0]], want[NAMES[1]])  # the EMA is not the model
@@ -140,27 +148,21 @@ def test_two_nodes_sigterm_and_resume_match_one_node_bit_for_bit(ref):
 
 @pytest.mark.slow
 def test_fsdp_ema_matches_ddp_crash_export_and_one_process_resume(ref, tmp_path):
-    tmp, common, fsdp = ref
+    tmp, common, _ = ref
+    assert os.path.isfile(tmp / "fsdp" / "samples" / f"{STEPS:06d}_grid.png")  # previews under FSDP
+    import models
+    assert models.load(str(tmp / "fsdp" / "models" / "demo-crashed.safetensors"), parts=("unet",)).unet is not None
     run_ok(TORCHRUN + ["train.py", *common, f"output_dir={tmp_path / 'ddp'}"])
-    ddp, fs = _models(tmp_path / "ddp"), _models(tmp / "fsdp")
+    ddp, fs = _models(tmp_path / "ddp"), _reference(tmp)
     for name in NAMES:  # same data and noise: equal up to the order of floating-point reductions
         assert ddp[name].keys() == fs[name].keys()
         for k in ddp[name]:
             assert torch.allclose(ddp[name][k].float(), fs[name][k].float(), rtol=1e-4, atol=1e-6), (name, k)
 
-    # an exception in the loop on both ranks under FSDP: they agree, gather the -crashed export and write a state
-    crash = tmp_path / "crash"
-    env = {**ENV, "SDTRAIN_TEST_RAISE_AT_STEP": "2", "SDTRAIN_CRASH_WAIT_S": "60"}
-    out = run_ok(TORCHRUN + ["train.py", *fsdp, f"output_dir={crash}"], env=env, expect=1)
-    assert "injected test fault at step 2" in out.stderr
-    import models
-    assert models.load(str(crash / "models" / "demo-crashed.safetensors"), parts=("unet",)).unet is not None
-    assert os.path.isfile(crash / "models" / "demo-crashed-ema.safetensors")
-    state = crash / "state" / "step-00000002"
+    # the crash state: sharded, intact; resumed by one process without FSDP (it ends at once, writes a full state)
+    state = tmp / "fsdp" / "state" / f"step-{STEPS:08d}"
     from core import state as rstate
     assert rstate.verify_state(str(state)) is None and (state / "dcp" / "__1_0.distcp").is_file()
-
-    # that 2-process sharded state resumed by one process without FSDP (it ends at once and writes a full state)
     import train
     from core import dist
     one = tmp_path / "one"
@@ -168,7 +170,7 @@ def test_fsdp_ema_matches_ddp_crash_export_and_one_process_resume(ref, tmp_path)
     shutil.copytree(state, one / "state" / state.name)
     try:
         assert train.main([*common, f"output_dir={one}", f"train.resume={one / 'state' / state.name}",
-                           "train.max_train_steps=2", "save.save_state=true"]) == 0
+                           "save.save_state=true"]) == 0
     finally:
         dist.shutdown()
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
