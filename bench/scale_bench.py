@@ -85,23 +85,25 @@ def bench_index(root: str, entries: int) -> None:
 
 
 def _rank_worker(path: str, rank: int, world: int, mmap: bool, barrier_dir: str) -> None:
-    from types import SimpleNamespace
-
     from data.index import DatasetIndex
-    from data.loader import global_batches, rank_batches, usable_rows
+    from data.loader import EpochBatches, usable_rows
 
     before = _mem()
     ix = DatasetIndex.load(path, mmap=mmap)
     rows = usable_rows(ix)
+    from data.index import STR_COLUMNS
+    for name in ("sizes", "buckets", "subset", "repeats"):  # touch every page of every column
+        np.asarray(getattr(ix, name)).sum()
+    for name in STR_COLUMNS:
+        col = getattr(ix, name)
+        int(col.blob.sum()) + int(col.offsets.sum())
     index_only = _mem()
-    batches = rank_batches(global_batches(ix, 4, 0, 0, rows), rank, world)
-    mine = [[(int(r), int(p), 0) for r, p in b.tolist()] for b in batches]  # the loader's per-rank batch list
-    _ = SimpleNamespace(ix=ix, mine=mine)
+    sampler = EpochBatches(ix, 4, rows, seed=0, epoch=0, rank=rank, world_size=world)  # the loader's per-rank batches
     open(os.path.join(barrier_dir, f"ready{rank}"), "w").close()
     while len([n for n in os.listdir(barrier_dir) if n.startswith("ready")]) < world:
         time.sleep(0.05)
     after = _mem()
-    print(json.dumps({"rank": rank, "mmap": mmap, "batches": len(mine),
+    print(json.dumps({"rank": rank, "mmap": mmap, "batches": len(sampler),
                       "index_private": round(index_only["private"] - before["private"], 1),
                       **{k: round(after[k] - before[k], 1) for k in after}}), flush=True)
     open(os.path.join(barrier_dir, f"done{rank}"), "w").close()
@@ -122,7 +124,7 @@ def bench_ranks(root: str, entries: int, world: int = 2) -> None:
         for o in outs:
             print(f"{entries} entries, index {'memory-mapped' if mmap else 'read into memory'}: rank {o['rank']} added "
                   f"RSS {o['rss']:.0f} MB, PSS {o['pss']:.0f} MB, private {o['private']:.0f} MB, of which the index "
-                  f"{o['index_private']:.0f} MB and its epoch batch list ({o['batches']} batches) the rest")
+                  f"{o['index_private']:.0f} MB and its epoch batches ({o['batches']}, data.loader.EpochBatches) the rest")
 
 
 def _state_worker(rank: int, world: int, store: str) -> None:

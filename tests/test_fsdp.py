@@ -57,27 +57,30 @@ def _two_agents(args, on_start=None, timeout=300):
     return "\n".join(outs)
 
 
-def _worker_of(agent):
-    """The training process a torchrun agent started (its one child)."""
-    deadline = time.time() + 120  # the rendezvous comes first
-    while time.time() < deadline and agent.poll() is None:
-        kids = open(f"/proc/{agent.pid}/task/{agent.pid}/children").read().split()
-        if kids:
-            return int(kids[0])
-        time.sleep(0.02)
-    raise AssertionError("the agent started no worker")
+def _worker_of(agent, script):
+    """The process a torchrun agent started to run `script` (found by its command line among the agent's
+    descendants: the agent may start helpers too)."""
+    todo = [agent.pid]
+    while todo:
+        pid = todo.pop()
+        try:
+            if pid != agent.pid and script in open(f"/proc/{pid}/cmdline").read().split("\0"):
+                return pid
+            todo += [int(k) for k in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+        except OSError:  # gone meanwhile
+            pass
+    raise AssertionError(f"the agent runs no {script}")
 
 
 def _sigterm_after_first_step(out_dir):
     def go(agents):
-        worker = _worker_of(agents[1])
         metrics = os.path.join(out_dir, "logs", "metrics.jsonl")
-        deadline = time.time() + 120
+        deadline = time.time() + 180
         while time.time() < deadline:  # step 1 is logged: the signal handlers are in place, the run is under way
             if os.path.isfile(metrics) and open(metrics).read().strip():
                 break
             time.sleep(0.01)
-        os.kill(worker, signal.SIGTERM)
+        os.kill(_worker_of(agents[1], "train.py"), signal.SIGTERM)
     return go
 
 
