@@ -4,8 +4,10 @@ A diffusers folder (what hub downloads usually are) holds `model_index.json` and
 with a `config.json` and weights (`diffusion_pytorch_model.safetensors` / `model.safetensors`, or shards
 `...-0000k-of-0000n.safetensors` + `....safetensors.index.json`, or a variant such as `*.fp16.safetensors`):
 
-    SDXL  unet/ (UNet2DConditionModel)  vae/ (AutoencoderKL)  text_encoder/ (CLIPTextModel)  text_encoder_2/ (CLIPTextModelWithProjection)
-    SD3   transformer/ (SD3Transformer2DModel)  vae/  text_encoder/, text_encoder_2/ (CLIPTextModelWithProjection)  text_encoder_3/ (T5EncoderModel)
+    SDXL  unet/ (UNet2DConditionModel), vae/ (AutoencoderKL), text_encoder/ (CLIPTextModel),
+          text_encoder_2/ (CLIPTextModelWithProjection)
+    SD3   transformer/ (SD3Transformer2DModel), vae/, text_encoder/ and text_encoder_2/ (CLIPTextModelWithProjection),
+          text_encoder_3/ (T5EncoderModel)
 
 `DiffusersFolder` reads such a folder as if it were a single file in the original layout (same interface as
 models.checkpoint.SafeTensorFile: keys / shape / shapes / get), so `models.load` needs no second path. The
@@ -185,7 +187,8 @@ def unet_blocks(cfg: Any) -> list[Block]:
             out.append((f"input_blocks.{k}.1.", f"down_blocks.{i}.attentions.{j}.", SAME_NAMES))
         if i < levels - 1:
             out.append((f"input_blocks.{(n + 1) * (i + 1)}.0.op.", f"down_blocks.{i}.downsamplers.0.conv.", SAME_NAMES))
-    out += [("middle_block.0.", "mid_block.resnets.0.", UNET_RESNET), ("middle_block.1.", "mid_block.attentions.0.", SAME_NAMES),
+    out += [("middle_block.0.", "mid_block.resnets.0.", UNET_RESNET),
+            ("middle_block.1.", "mid_block.attentions.0.", SAME_NAMES),
             ("middle_block.2.", "mid_block.resnets.1.", UNET_RESNET)]
     for r in range(levels):
         has_attn = bool(depth[levels - 1 - r])
@@ -195,7 +198,8 @@ def unet_blocks(cfg: Any) -> list[Block]:
             out.append((f"output_blocks.{k}.1.", f"up_blocks.{r}.attentions.{j}.", SAME_NAMES))
         if r < levels - 1:
             k = (n + 1) * r + n
-            out.append((f"output_blocks.{k}.{2 if has_attn else 1}.conv.", f"up_blocks.{r}.upsamplers.0.conv.", SAME_NAMES))
+            out.append((f"output_blocks.{k}.{2 if has_attn else 1}.conv.", f"up_blocks.{r}.upsamplers.0.conv.",
+                        SAME_NAMES))
     return out
 
 
@@ -203,7 +207,8 @@ def vae_blocks(cfg: Any) -> list[Block]:
     """Original encoder.down.i / decoder.up.i (decoder counted from the highest resolution) -> diffusers blocks."""
     levels, n = len(cfg.ch_mult), cfg.num_res_blocks
     out = _fixed(VAE_FIXED) + [(p, p, SAME_NAMES) for p in VAE_TOP]
-    out += [(f"{side}.mid.attn_1.", f"{side}.mid_block.attentions.0.", VAE_ATTENTION) for side in ("encoder", "decoder")]
+    out += [(f"{side}.mid.attn_1.", f"{side}.mid_block.attentions.0.", VAE_ATTENTION)
+            for side in ("encoder", "decoder")]
     out += [(f"{side}.mid.{b}.", f"{side}.mid_block.resnets.{j}.", VAE_RESNET)
             for side in ("encoder", "decoder") for b, j in (("block_1", 0), ("block_2", 1))]
     for i in range(levels):
@@ -217,7 +222,8 @@ def vae_blocks(cfg: Any) -> list[Block]:
 
 def open_clip_blocks(cfg: Any) -> list[Block]:
     out = _fixed(OPEN_CLIP_FIXED) + [("", "", OPEN_CLIP_TOP)]
-    out += [(f"transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}.", OPEN_CLIP_LAYER) for i in range(cfg.num_layers)]
+    out += [(f"transformer.resblocks.{i}.", f"text_model.encoder.layers.{i}.", OPEN_CLIP_LAYER)
+            for i in range(cfg.num_layers)]
     return out
 
 
@@ -344,7 +350,8 @@ def unet_config(j: Mapping[str, Any], where: str) -> Any:
     if len(head_ch) != 1 or not isinstance(j.get("layers_per_block"), int):
         raise CheckpointError(f"{where}: per-level head widths {sorted(head_ch)} / layers_per_block "
                               f"{j.get('layers_per_block')!r}: not an SDXL UNet layout")
-    return UNetConfig(in_channels=j.get("in_channels", 4), out_channels=j.get("out_channels", 4), model_channels=widths[0],
+    return UNetConfig(in_channels=j.get("in_channels", 4), out_channels=j.get("out_channels", 4),
+                      model_channels=widths[0],
                       channel_mult=tuple(w // widths[0] for w in widths), num_res_blocks=j["layers_per_block"],
                       transformer_depth=tuple(layers[i] if attn[i] else 0 for i in range(levels)),
                       transformer_depth_middle=layers[-1], num_head_channels=head_ch.pop(),
@@ -375,7 +382,8 @@ def vae_config(j: Mapping[str, Any], where: str) -> Any:
     widths = list(j["block_out_channels"])
     return VAEConfig(in_channels=j.get("in_channels", 3), ch=widths[0], ch_mult=tuple(w // widths[0] for w in widths),
                      num_res_blocks=j.get("layers_per_block", 1), z_channels=j.get("latent_channels", 4),
-                     use_quant_conv=bool(j.get("use_quant_conv", True)), scaling_factor=float(j.get("scaling_factor", 0.18215)),
+                     use_quant_conv=bool(j.get("use_quant_conv", True)),
+                     scaling_factor=float(j.get("scaling_factor", 0.18215)),
                      shift_factor=float(j.get("shift_factor") or 0.0))
 
 
@@ -779,7 +787,8 @@ def write_clip_tokenizer(folder: str, pad_token: str) -> None:
         merges = f.read().decode("utf-8").split("\n")[1:NUM_MERGES + 1]
     pairs = [tuple(m.split()) for m in merges]
     chars = list(bytes_to_unicode().values())
-    vocab_list = chars + [c + "</w>" for c in chars] + ["".join(p) for p in pairs] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab_list = [*chars, *(c + "</w>" for c in chars), *("".join(p) for p in pairs), "<|startoftext|>",
+                  "<|endoftext|>"]
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
         json.dump({t: i for i, t in enumerate(vocab_list)}, f, ensure_ascii=False)
@@ -790,7 +799,8 @@ def write_clip_tokenizer(folder: str, pad_token: str) -> None:
         "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad_token, "do_lower_case": True,
         "clean_up_tokenization_spaces": True, "errors": "replace"})
     _write_json(os.path.join(folder, "special_tokens_map.json"), {
-        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad_token})
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+        "pad_token": pad_token})
 
 
 def _write_json(path: str, obj: Mapping[str, Any]) -> None:
