@@ -419,7 +419,13 @@ def load_sharded(folder: str, model: torch.nn.Module, optimizer: torch.optim.Opt
         ema = None  # a state saved without EMA: the EMA starts from the resumed weights (as with full states)
     if ema is None:
         sd.pop("ema", None)
-    dcp.load(sd, storage_reader=dcp.FileSystemReader(folder))  # a key the folder lacks is an error here
+    # Optimizer state of parameters that had none when saved (no gradient yet, e.g. adapters of a text encoder
+    # whose outputs were cached): torch creates it for every parameter here, the folder lacks it; left out, so
+    # those parameters start without state again, as in the run that saved it.
+    saved = {k[len("optimizer.state."):].rsplit(".", 1)[0] for k in meta.state_dict_metadata
+             if k.startswith("optimizer.state.")}
+    sd["optimizer"]["state"] = {k: v for k, v in sd["optimizer"]["state"].items() if k in saved}
+    dcp.load(sd, storage_reader=dcp.FileSystemReader(folder))  # any other key the folder lacks is an error here
     # not strict: the frozen parameters are left out of `sd` on purpose (and stay as loaded)
     set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"],
                    options=_options(strict=False))

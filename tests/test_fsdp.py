@@ -201,3 +201,29 @@ def test_crash_save_under_fsdp_waits_for_every_rank_bounded(tmp_path, caplog):
     open(tmp_path / ".crash-tok.rank1", "w").close()  # rank 1 crashed too: both write together
     assert emergency.all_crashed(str(tmp_path), "tok", 0, 2, log, lambda: wrote.append(1), wait_s=0.3)
     assert wrote == [1]
+
+
+@pytest.mark.slow
+def test_lora_under_fsdp_state_holds_adapters_only_and_resumes_exactly(ref, tmp_path):
+    """LoRA with FSDP (one plain process: its own group of one): the adapters are the trainable set, so the sharded
+    state holds adapters, their optimizer state and EMA, never the frozen base; resuming it is exact."""
+    tmp, _, fsdp = ref
+    import train
+    from core import dist
+    import torch.distributed.checkpoint as dcp
+    args = [*fsdp, "network.network_module=lora", "network.network_dim=4", "train.max_train_steps=2",
+            "save.save_every_n_steps=1", "save.save_state=true"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    try:
+        assert train.main([*args, f"output_dir={a}"]) == 0
+        dist.shutdown()
+        state = a / "state" / "step-00000001"
+        keys = list(dcp.FileSystemReader(str(state / "dcp")).read_metadata().state_dict_metadata)
+        assert any(k.startswith("model.lora.") for k in keys) and any(k.startswith("ema.") for k in keys)
+        assert not [k for k in keys if k.startswith("model.") and not k.startswith("model.lora.")]
+        assert train.main([*args, f"output_dir={b}", f"train.resume={state}"]) == 0
+    finally:
+        dist.shutdown()
+    for name in NAMES:
+        fa, fb = load_file(str(a / "models" / name)), load_file(str(b / "models" / name))
+        assert any(k.startswith("lora_unet_") for k in fa) and _same(fa, fb), name
