@@ -84,31 +84,34 @@ def bench_index(root: str, entries: int) -> None:
           f"file {os.path.getsize(path) / 2**20:.0f} MB, peak RSS of the building process {_peak_rss_mb():.0f} MB")
 
 
+def _barrier(barrier_dir: str, name: str, world: int) -> None:
+    """Every process at the same point (so pages both mapped count as shared, not as one's private)."""
+    open(os.path.join(barrier_dir, f"{name}{os.getpid()}"), "w").close()
+    while len([n for n in os.listdir(barrier_dir) if n.startswith(name)]) < world:
+        time.sleep(0.05)
+
+
 def _rank_worker(path: str, rank: int, world: int, mmap: bool, barrier_dir: str) -> None:
-    from data.index import DatasetIndex
+    from data.index import STR_COLUMNS, DatasetIndex
     from data.loader import EpochBatches, usable_rows
 
     before = _mem()
     ix = DatasetIndex.load(path, mmap=mmap)
     rows = usable_rows(ix)
-    from data.index import STR_COLUMNS
     for name in ("sizes", "buckets", "subset", "repeats"):  # touch every page of every column
         np.asarray(getattr(ix, name)).sum()
     for name in STR_COLUMNS:
         col = getattr(ix, name)
         int(col.blob.sum()) + int(col.offsets.sum())
+    _barrier(barrier_dir, "index", world)
     index_only = _mem()
     sampler = EpochBatches(ix, 4, rows, seed=0, epoch=0, rank=rank, world_size=world)  # the loader's per-rank batches
-    open(os.path.join(barrier_dir, f"ready{rank}"), "w").close()
-    while len([n for n in os.listdir(barrier_dir) if n.startswith("ready")]) < world:
-        time.sleep(0.05)
+    _barrier(barrier_dir, "ready", world)
     after = _mem()
     print(json.dumps({"rank": rank, "mmap": mmap, "batches": len(sampler),
                       "index_private": round(index_only["private"] - before["private"], 1),
                       **{k: round(after[k] - before[k], 1) for k in after}}), flush=True)
-    open(os.path.join(barrier_dir, f"done{rank}"), "w").close()
-    while len([n for n in os.listdir(barrier_dir) if n.startswith("done")]) < world:
-        time.sleep(0.05)
+    _barrier(barrier_dir, "done", world)
 
 
 def bench_ranks(root: str, entries: int, world: int = 2) -> None:
