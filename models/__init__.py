@@ -28,7 +28,7 @@ from models import sd3, sdxl
 from models import vae as vae_mod
 from models.checkpoint import (TORCH_SUFFIXES, CheckpointError, SafeTensorFile, TorchFile, load_module, modelspec_hash,
                                modelspec_metadata, save_safetensors_streamed)
-from models.diffusers_layout import DiffusersFolder, is_diffusers_folder
+from models.diffusers_layout import DiffusersFolder, convert_diffusers_vae, is_diffusers_folder, is_diffusers_vae
 from models.family import strip_prefix
 
 FAMILIES = {"sdxl": sdxl, "sd3": sd3}
@@ -186,7 +186,7 @@ def load(path: str | None, family: str | None = None, *, vae: str | None = None,
     for name, (f, prefix, sub_shapes) in sources.items():
         if parts is not None and name not in parts:
             continue
-        if name == "vae" and prefix == "" and vae_mod.is_diffusers_vae(sub_shapes):
+        if name == "vae" and prefix == "" and is_diffusers_vae(sub_shapes):
             modules[name] = _load_diffusers_vae(f, _dtype_for(name, family, dtype), device)
             continue
         if name == "t5" and not opts.get("use_t5", True):
@@ -229,7 +229,7 @@ def load(path: str | None, family: str | None = None, *, vae: str | None = None,
 
 def _load_diffusers_vae(f: SafeTensorFile, dtype: torch.dtype | None, device: Any) -> nn.Module:
     """A standalone VAE file in diffusers naming, converted to the original keys in memory (the VAE is small)."""
-    sd = vae_mod.convert_diffusers_vae({k: f.get(k) for k in f.keys()})
+    sd = convert_diffusers_vae({k: f.get(k) for k in f.keys()})
     cfg = vae_mod.config_from_shapes({k: tuple(v.shape) for k, v in sd.items()})
     with torch.device("meta"):
         module = vae_mod.AutoencoderKL(cfg)

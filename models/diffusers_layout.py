@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -318,6 +319,42 @@ def shape_from_diffusers(op: str, shapes: Sequence[tuple[int, ...]]) -> tuple[in
     if op == CONV1X1 and len(s) == 2:
         return (*s, 1, 1)
     return s
+
+
+# Pre-0.14 diffusers VAE attention names (e.g. older standalone VAE files), renamed before the map applies.
+LEGACY_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def is_diffusers_vae(keys: Iterable[str]) -> bool:
+    """True when VAE keys use diffusers naming (down_blocks / up_blocks / mid_block)."""
+    return any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.", "encoder.mid_block.")) for k in keys)
+
+
+def convert_diffusers_vae(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A diffusers-named VAE state dict without its config.json (a standalone `diffusion_pytorch_model.safetensors`)
+    -> original naming, by the same map as folders (`vae_blocks`): the structure the names need (levels, res blocks
+    per level, channel widths for the shortcut convolutions, quant convs) is read from the tensors' shapes."""
+    from models.vae import VAEConfig
+    legacy = re.compile(r"\.(" + "|".join(LEGACY_VAE_ATTENTION) + r")\.")
+    sd = {legacy.sub(lambda m: f".{LEGACY_VAE_ATTENTION[m.group(1)]}.", k): v for k, v in sd.items()}
+    try:
+        levels = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down_blocks\.(\d+)\.", k)))
+        n = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", k)))
+        widths = [int(sd[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0]) for i in range(levels)]
+        cfg = VAEConfig(in_channels=int(sd["encoder.conv_in.weight"].shape[1]), ch=widths[0],
+                        ch_mult=tuple(w // widths[0] for w in widths), num_res_blocks=n,
+                        z_channels=int(sd["decoder.conv_in.weight"].shape[1]), use_quant_conv="quant_conv.weight" in sd)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"not a diffusers AutoencoderKL state dict: {e}") from None
+    mapping = part_map("vae", cfg)
+    assert mapping is not None
+    lost = [k for t in mapping.values() for k in t.keys if k not in sd]
+    used = {k for t in mapping.values() for k in t.keys}
+    extra = [k for k in sd if k not in used]
+    if lost or extra:
+        raise CheckpointError(f"diffusers VAE keys do not match an AutoencoderKL of {levels} levels: missing {lost[:5]}, "
+                              f"unexpected {extra[:5]}")
+    return {orig: from_diffusers(t.op, [sd[k] for k in t.keys]) for orig, t in mapping.items()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -385,69 +385,3 @@ def _ramp(size: int, ramp: int, fade_start: bool, fade_end: bool, device: torch.
     if fade_end:
         w = torch.minimum(w, (size - pos) / ramp)
     return w
-
-
-# ---------------------------------------------------------------------------------------------
-# Diffusers naming (standalone VAE files such as `sdxl-vae/diffusion_pytorch_model.safetensors`)
-# ---------------------------------------------------------------------------------------------
-
-# Structural renames, diffusers regex -> original template. The named group `rev` is a decoder level
-# index that diffusers counts from the lowest resolution, the original from the highest.
-_DIFFUSERS_BLOCK_MAP: tuple[tuple[str, str], ...] = (
-    (r"encoder\.down_blocks\.(?P<i>\d+)\.resnets\.(?P<j>\d+)\.", "encoder.down.{i}.block.{j}."),
-    (r"encoder\.down_blocks\.(?P<i>\d+)\.downsamplers\.0\.", "encoder.down.{i}.downsample."),
-    (r"decoder\.up_blocks\.(?P<rev>\d+)\.resnets\.(?P<j>\d+)\.", "decoder.up.{rev}.block.{j}."),
-    (r"decoder\.up_blocks\.(?P<rev>\d+)\.upsamplers\.0\.", "decoder.up.{rev}.upsample."),
-    (r"(?P<part>encoder|decoder)\.mid_block\.resnets\.0\.", "{part}.mid.block_1."),
-    (r"(?P<part>encoder|decoder)\.mid_block\.resnets\.1\.", "{part}.mid.block_2."),
-    (r"(?P<part>encoder|decoder)\.mid_block\.attentions\.0\.", "{part}.mid.attn_1."),
-    (r"(?P<part>encoder|decoder)\.conv_norm_out\.", "{part}.norm_out."),
-)
-# Leaf renames (the old diffusers attention names query/key/value/proj_attn included).
-_DIFFUSERS_LEAF_MAP: dict[str, str] = {
-    "conv_shortcut": "nin_shortcut",
-    "group_norm": "norm",
-    "to_q": "q",
-    "to_k": "k",
-    "to_v": "v",
-    "to_out.0": "proj_out",
-    "query": "q",
-    "key": "k",
-    "value": "v",
-    "proj_attn": "proj_out",
-}
-_ATTN_LINEAR_LEAVES = ("q", "k", "v", "proj_out")
-
-
-def is_diffusers_vae(keys: Iterable[str]) -> bool:
-    """True when the keys use diffusers naming (down_blocks / up_blocks / mid_block)."""
-    return any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.", "encoder.mid_block.")) for k in keys)
-
-
-def convert_diffusers_vae(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Diffusers-named VAE state dict -> original naming (attention Linear weights become 1x1 convs)."""
-    up_levels = {int(m.group(1)) for k in sd if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))}
-    n_up = max(up_levels) + 1 if up_levels else 0
-    out: dict[str, Tensor] = {}
-    for key, value in sd.items():
-        new = key
-        for pattern, template in _DIFFUSERS_BLOCK_MAP:
-            m = re.match(pattern, key)
-            if m:
-                groups = m.groupdict()
-                if "rev" in groups:
-                    groups["rev"] = str(n_up - 1 - int(groups["rev"]))
-                new = template.format(**groups) + key[m.end() :]
-                break
-        stem, _, leaf_param = new.rpartition(".")
-        for old, repl in _DIFFUSERS_LEAF_MAP.items():
-            if stem.endswith("." + old):
-                stem = stem[: -len(old)] + repl
-                break
-        new = f"{stem}.{leaf_param}"
-        if ".mid.attn_1." in new and stem.rpartition(".")[2] in _ATTN_LINEAR_LEAVES and value.ndim == 2:
-            value = value[:, :, None, None]  # Linear [out, in] -> 1x1 conv [out, in, 1, 1]
-        if new in out:
-            raise ValueError(f"diffusers VAE keys {key!r} and another key both map to {new!r}")
-        out[new] = value
-    return out

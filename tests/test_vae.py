@@ -7,13 +7,12 @@ import os
 import pytest
 import torch
 
+from models.diffusers_layout import convert_diffusers_vae, is_diffusers_vae
 from models.vae import (
     PRESETS,
     AutoencoderKL,
     VAEConfig,
     config_from_shapes,
-    convert_diffusers_vae,
-    is_diffusers_vae,
 )
 
 KEYS_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "keys")
