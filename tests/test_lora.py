@@ -311,3 +311,47 @@ def test_merge_lora_tool_adds_scaled_products_and_reloads(tmp_path):
         net3 = lora.create_network(other, _cfg().network, unet=True, text=False)
         lora.save_lora(str(tmp_path / "sd3.safetensors"), net3.kohya_state_dict(), {}, "fp32")
         merge_lora.main([str(base_path), str(tmp_path / "sd3.safetensors"), "--out", str(tmp_path / "x.safetensors")])
+
+
+def test_dropout_masks_follow_the_run_and_are_replayed_by_gradient_checkpointing():
+    """train.py's LoRA runs draw dropout masks inside `_own_dropout_rng`'s forked, seeded generators: the same
+    gradients with and without gradient checkpointing (the recomputed forward draws the same masks), another
+    position in the run gives other masks, and module dropout skips the same adapters for the same position."""
+    from types import SimpleNamespace
+    from torch.utils.checkpoint import checkpoint
+    lin = nn.Linear(8, 8)
+    adapters = {f"a{i}": lora.LoRAModule(8, 8, 4, 4.0, dropout=0.5, rank_dropout=0.5, module_dropout=0.5)
+                for i in range(8)}
+    with torch.no_grad():
+        for a in adapters.values():
+            a.lora_up.weight.normal_()
+    net = lora.LoRANetwork({"a0": adapters["a0"]}, {"a0": lora.Target("unet", lin)}).apply_to().train()
+    net.adapters["a0"].module_dropout = 0.0  # the adapter under test always runs
+
+    class Trainee(nn.Module):
+        ckpt = False
+
+        def forward(self, x):
+            return checkpoint(lin, x, use_reentrant=False) if self.ckpt else lin(x)
+    trainee = Trainee()
+    run = SimpleNamespace(cfg=SimpleNamespace(seed=0), forwards=0, network=net)
+    lora._own_dropout_rng(trainee, run, 0, torch.device("cpu"))
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+
+    def grad(at: int, ckpt: bool) -> torch.Tensor:
+        trainee.ckpt, run.forwards = ckpt, at
+        trainee(x).square().sum().backward()
+        g = net.adapters["a0"].lora_up.weight.grad.clone()
+        net.zero_grad()
+        return g
+    assert torch.equal(grad(0, False), grad(0, True))
+    assert not torch.equal(grad(0, False), grad(1, False))  # the masks are on and move with the run
+    state = torch.get_rng_state()
+    grad(3, False)
+    assert torch.equal(torch.get_rng_state(), state)  # the global stream is left as it was
+    many = lora.LoRANetwork(adapters, {n: lora.Target("unet", lin) for n in adapters})
+    picks = []
+    for _ in range(2):
+        many.drop_modules(torch.Generator().manual_seed(7))
+        picks.append([a.skipped for a in adapters.values()])
+    assert picks[0] == picks[1] and 0 < sum(picks[0]) < len(adapters)
