@@ -115,4 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # A CPU flag (no effect on GPUs): subnormal floats in the activations made a 3-step generate of the demo model
+    # take 18.4 s instead of 5.3 s on the 2-core box; values under 1.2e-38 flushed to zero change no pixel.
+    torch.set_flush_denormal(True)
     sys.exit(main())
