@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
 
 from PIL import Image, ImageDraw
 
@@ -11,26 +12,42 @@ COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60), 
 SHAPES = ("circle", "square", "triangle")
 
 
-def make_demo_dataset(out_dir: str, n: int = 32, size: tuple[int, int] = (64, 128), seed: int = 0) -> list[str]:
-    """Write n PNG images (sides in [size[0], size[1]], varied aspect) + same-stem .txt captions; returns the paths."""
+def draw_shape(rng: random.Random, w: int, h: int, colour: str, shape: str, background: tuple[int, int, int]) -> Image.Image:
+    """One w x h image: one filled shape, a third of the short side in radius, at a random place on `background`."""
+    im = Image.new("RGB", (w, h), background)
+    d = ImageDraw.Draw(im)
+    r = min(w, h) // 3
+    cx, cy = rng.randint(r, w - r), rng.randint(r, h - r)
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "circle":
+        d.ellipse(box, fill=COLOURS[colour])
+    elif shape == "square":
+        d.rectangle(box, fill=COLOURS[colour])
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[colour])
+    return im
+
+
+def random_background(rng: random.Random) -> tuple[int, int, int]:
+    """A light background colour (each channel in [200, 255])."""
+    return tuple(rng.randint(200, 255) for _ in range(3))
+
+
+def demo_images(n: int, size: tuple[int, int] = (64, 128), seed: int = 0) -> Iterator[tuple[Image.Image, str, str]]:
+    """n (image, colour, shape) of the demo's distribution: sides in [size[0], size[1]] (varied aspect), colours and
+    backgrounds at random, shapes in turn. The same seed gives the same images (make_demo_dataset writes these)."""
     rng = random.Random(seed)
-    os.makedirs(out_dir, exist_ok=True)
-    paths = []
     for i in range(n):
         w, h = rng.randint(*size), rng.randint(*size)
         colour, shape = rng.choice(list(COLOURS)), SHAPES[i % len(SHAPES)]
-        bg = tuple(rng.randint(200, 255) for _ in range(3))
-        im = Image.new("RGB", (w, h), bg)
-        d = ImageDraw.Draw(im)
-        r = min(w, h) // 3
-        cx, cy = rng.randint(r, w - r), rng.randint(r, h - r)
-        box = (cx - r, cy - r, cx + r, cy + r)
-        if shape == "circle":
-            d.ellipse(box, fill=COLOURS[colour])
-        elif shape == "square":
-            d.rectangle(box, fill=COLOURS[colour])
-        else:
-            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLOURS[colour])
+        yield draw_shape(rng, w, h, colour, shape, random_background(rng)), colour, shape
+
+
+def make_demo_dataset(out_dir: str, n: int = 32, size: tuple[int, int] = (64, 128), seed: int = 0) -> list[str]:
+    """Write n PNG images (sides in [size[0], size[1]], varied aspect) + same-stem .txt captions; returns the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for i, (im, colour, shape) in enumerate(demo_images(n, size, seed)):
         stem = os.path.join(out_dir, f"{i:04d}_{colour}_{shape}")
         im.save(stem + ".png")
         with open(stem + ".txt", "w", encoding="utf-8") as f:
