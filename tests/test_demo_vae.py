@@ -34,7 +34,7 @@ def test_vae_asset_reconstructs_held_out_demo_images(tmp_path, family, channels)
     path = ASSET.format(family)
     assert os.path.getsize(path) <= MAX_BYTES
     comp = models.load(None, family, vae=path, parts=("vae",))  # as [model] vae = path loads it
-    vae = comp.vae.eval()
+    vae = comp.vae.float().eval()  # fp16 file; float32 compute (fp16 convolutions are slow on CPU)
     assert vae.cfg.z_channels == channels and vae.cfg.downsample_factor == 8
     psnrs, latents = [], []
     with torch.no_grad():
