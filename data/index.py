@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import json.encoder
 import logging
 import os
 import struct
@@ -24,7 +23,7 @@ import numpy as np
 from core.fsio import commit_file, remove_quietly, temp_path, with_path
 
 from .buckets import BucketSettings, assign_buckets
-from .captions import description_of
+from .columns import PackedRows, StrColumn, json_encoder
 from .hooks import count_metadata, euge_metadata, load_repeats_hook
 from .images import SkipReport, read_sizes
 from .sources import SubsetSpec, collect, inputs_fingerprint, list_images, resolve_subsets
@@ -33,38 +32,6 @@ log = logging.getLogger(__name__)
 
 INDEX_FILE = "dataset_index.npz"
 INDEX_VERSION = 2  # 2: descriptions column
-
-
-class StrColumn:
-    """An immutable column of strings stored as one UTF-8 blob plus offsets (no per-string Python objects)."""
-
-    def __init__(self, blob: np.ndarray, offsets: np.ndarray):
-        self.blob, self.offsets = blob, offsets
-
-    @classmethod
-    def from_list(cls, items: Sequence[str]) -> "StrColumn":
-        items = items if isinstance(items, list) else list(items)
-        blob = "".join(items).encode("utf-8")
-        lens = np.fromiter(map(len, items), dtype=np.int64, count=len(items))
-        if len(blob) != int(lens.sum()):  # non-ASCII text: byte lengths differ from character lengths
-            lens = np.fromiter((len(s.encode("utf-8")) for s in items), dtype=np.int64, count=len(items))
-        offsets = np.zeros(len(items) + 1, dtype=np.int64)
-        np.cumsum(lens, out=offsets[1:])
-        return cls(np.frombuffer(blob, dtype=np.uint8).copy(), offsets)
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i: int) -> str:
-        return self.blob[self.offsets[i] : self.offsets[i + 1]].tobytes().decode("utf-8")
-
-    def tolist(self) -> list[str]:
-        o = self.offsets.tolist()
-        if not len(self.blob) or int(self.blob.max()) < 0x80:  # ASCII: one decode, then str slices
-            text = self.blob.tobytes().decode("ascii")
-            return [text[a:b] for a, b in zip(o, o[1:])]
-        data = self.blob.tobytes()
-        return [data[a:b].decode("utf-8") for a, b in zip(o, o[1:])]
 
 
 @dataclass
@@ -205,16 +172,6 @@ def _gc_paused():
             gc.enable()
 
 
-def _json_encoder() -> Callable[[Any], str]:
-    """Compact JSON of one value (default=str), through one C encoder object when available."""
-    if json.encoder.c_make_encoder is None:
-        return json.JSONEncoder(ensure_ascii=False, default=str, separators=(",", ":")).encode
-    # Same arguments JSONEncoder.iterencode passes (no circular check: parsed metadata has no cycles); building
-    # the encoder once instead of per json.dumps call is what makes a million entries cheap.
-    enc = json.encoder.c_make_encoder(None, str, json.encoder.encode_basestring, None, ":", ",", False, False, True)
-    return lambda o: "".join(enc(o, 0))
-
-
 def _settings_key(data) -> str:
     return json.dumps({"num_repeats_getter": data.num_repeats_getter, "recursive": bool(data.recursive),
                        "max_image_pixels": data.max_image_pixels, "v": INDEX_VERSION}, sort_keys=True)
@@ -258,21 +215,27 @@ def store_signature(store_root: str) -> str:
     return stat_sig(os.path.join(store_root, INDEX_FILE))
 
 
-def _add_cached_rows(cols, subsets, store_root: str) -> bool:
+def _add_cached_rows(cols: PackedRows, subsets, store_root: str) -> bool:
     """Rows of entries whose images (or source entries) are gone, from the store's records; whether any came."""
     from .npz_import import cached_rows
+    from .readers import Rows
 
-    add = list(cached_rows(store_root, cols.keys, subsets))
+    add = list(cached_rows(store_root, cols.keys.tolist(), subsets))
     if not add:
         return False
     log.warning("%d dataset entries are no longer in their sources (images moved or deleted); their records in the "
                 "latent store %s are used instead (cache-only training)", len(add), store_root)
+    more = Rows()
     for si, key, x in add:
-        cols.keys.append(key); cols.paths.append(x.get("p", "")); cols.captions.append(x.get("c", ""))
-        cols.metadata.append(json.loads(x["m"]) if x.get("m") else {})
-        cols.widths.append(int(x["wh"][0])); cols.heights.append(int(x["wh"][1]))
-        cols.subset.append(si); cols.origin.append(f"latent store {store_root}")
+        more.keys.append(key); more.paths.append(x.get("p", "")); more.captions.append(x.get("c", ""))
+        more.metadata.append(json.loads(x["m"]) if x.get("m") else {})
+        more.widths.append(int(x["wh"][0])); more.heights.append(int(x["wh"][1]))
+        more.subset.append(si); more.origin.append(f"latent store {store_root}")
+    cols.append(more)
     return True
+
+
+SIZE_CHUNK = 65536  # image headers read per call while building (paths listed per chunk, not all at once)
 
 
 def _build_index(data, skipped: SkipReport | None, threads: int,
@@ -281,18 +244,20 @@ def _build_index(data, skipped: SkipReport | None, threads: int,
     subsets = resolve_subsets(data)
     bs = BucketSettings.from_data_cfg(data)
     fp = inputs_fingerprint(subsets, bool(data.recursive), _settings_key(data) + bs.key())
-    cols = collect(subsets, bool(data.recursive), threads, bool(data.allow_empty_captions))
+    hooked = bool(data.num_repeats_getter or data.caption_processor or data.description_processor)
+    cols = collect(subsets, bool(data.recursive), threads, bool(data.allow_empty_captions), keep_dicts=hooked)
     from_store = bool(store_root) and _add_cached_rows(cols, subsets, store_root)
     if store_root and known_sizes is None:
         known_sizes = _store_sizes(store_root)
-    n = len(cols.keys)
-    sizes = np.stack([np.asarray(cols.widths, np.int32), np.asarray(cols.heights, np.int32)], 1).reshape(n, 2)
+    n = len(cols)
+    sizes = np.stack([cols.widths, cols.heights], 1).astype(np.int32).reshape(n, 2)
     need = np.nonzero((sizes <= 0).any(1))[0]
-    if len(need):
-        got, errors = read_sizes([cols.paths[i] for i in need], threads, data.max_image_pixels)
-        sizes[need] = got
+    for a in range(0, len(need), SIZE_CHUNK):  # image headers, a chunk of paths at a time
+        part = need[a : a + SIZE_CHUNK]
+        got, errors = read_sizes(cols.paths.tolist_at(part), threads, data.max_image_pixels)
+        sizes[part] = got
         for j, reason in errors.items():
-            i = int(need[j])
+            i = int(part[j])
             ks = known_sizes(cols.keys[i]) if known_sizes else None
             if ks:
                 sizes[i] = ks
@@ -300,37 +265,34 @@ def _build_index(data, skipped: SkipReport | None, threads: int,
                 skipped.add(cols.paths[i] or cols.keys[i], reason)
     keep = np.nonzero((sizes > 0).all(1))[0]
     if len(keep) < n:
-        sel = keep.tolist()
-        for name in ("keys", "paths", "captions", "metadata", "subset"):  # the columns used below
-            lst = getattr(cols, name)
-            setattr(cols, name, [lst[i] for i in sel])
+        cols.take(keep)
         sizes = sizes[keep]
     if len(sizes) == 0:
         raise ValueError(no_images_message(subsets, bool(data.recursive), n, len(skipped), threads))
-    subset_arr = np.asarray(cols.subset, dtype=np.int16)
+    subset_arr = cols.subset
     repeats = np.asarray([s.num_repeats for s in subsets], dtype=np.int32)[subset_arr]
-    descs = [description_of(m) for m in cols.metadata]
-    hooked = bool(data.num_repeats_getter or data.caption_processor or data.description_processor)
     mds: list[dict[str, Any]] = []
     if hooked:  # euge-trainer's img_md per entry, counted its way (folder captions parsed, folders counted)
-        mds = [euge_metadata(m, p, c, d) for m, p, c, d in zip(cols.metadata, cols.paths, cols.captions, descs)]
+        paths, caps, descs = cols.paths.tolist(), cols.captions.tolist(), cols.descriptions.tolist()
+        mds = [euge_metadata(m, p, c, d) for m, p, c, d in zip(cols.dicts, paths, caps, descs)]
         w0 = [m["num_repeats"] if isinstance(m.get("num_repeats"), int) else 1 for m in mds]
-        counter = count_metadata(mds, w0, cols.paths)
-    else:
-        counter = count_metadata(m for m in cols.metadata if m and not COUNTED_FIELDS.isdisjoint(m))
+        counter = count_metadata(mds, w0, paths)
+    else:  # only entries with a counted field are decoded again (count_metadata's order: row order)
+        counter = count_metadata(cols.metadata_dicts(np.flatnonzero(cols.counted).tolist()))
     getter = load_repeats_hook(data.num_repeats_getter)
     if getter is not None:
+        keys = cols.keys.tolist()
         for i in range(len(repeats)):
-            repeats[i] = getter(key=cols.keys[i], metadata=cols.metadata[i], counter=counter,
+            repeats[i] = getter(key=keys[i], metadata=cols.dicts[i], counter=counter,
                                 num_repeats=int(repeats[i]), img_md=lambda: mds[i])
     balance_reg(repeats, np.asarray([s.is_reg for s in subsets], bool)[subset_arr])
     if hooked:  # what the caption hooks see: counts weighted by repeats (euge-trainer counts dropped ones once)
-        counter = count_metadata(mds, np.where(repeats > 0, repeats, 1).tolist(), cols.paths)
-    enc = _json_encoder()
-    md_json = [enc(m) if m else "" for m in cols.metadata]
-    return DatasetIndex(keys=StrColumn.from_list(cols.keys), paths=StrColumn.from_list(cols.paths),
-                        captions=StrColumn.from_list(cols.captions), metadata=StrColumn.from_list(md_json),
-                        descriptions=StrColumn.from_list(descs),
+        counter = count_metadata(mds, np.where(repeats > 0, repeats, 1).tolist(), paths)
+    if getter is not None:  # the metadata as the hook left it (as saved before packing)
+        enc = json_encoder()
+        cols.cols["metadata"] = StrColumn.from_list([enc(m) if m else "" for m in cols.dicts])
+    return DatasetIndex(keys=cols.keys, paths=cols.paths, captions=cols.captions, metadata=cols.metadata,
+                        descriptions=cols.descriptions,
                         sizes=sizes.astype(np.int32), buckets=assign_buckets(sizes, bs), subset=subset_arr,
                         repeats=repeats, subsets=subsets, bucket_settings=bs, fingerprint=fp, counter=counter,
                         skipped=dict(skipped.items), store_sig=store_signature(store_root) if from_store else "")

@@ -16,6 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+
+from .columns import PackedRows
 from .images import IMAGE_EXTENSIONS
 from .readers import Rows, reader_for, sources_of, stat_sig
 from .readers.tar import expand_shards
@@ -23,7 +26,7 @@ from .readers.metadata import METADATA_EXTENSIONS, PATH_FIELD, read_metadata_fil
 
 log = logging.getLogger(__name__)
 
-Columns = Rows  # the column lists every reader produces
+Columns = Rows  # the column lists every reader produces (packed by collect into PackedRows)
 EMPTY_CAPTION_WARN = 0.05  # warn when more than this share of a subset's captions is empty
 
 
@@ -223,7 +226,10 @@ def _listing(d: str) -> frozenset[str] | set[str] | None:
         return None
 
 
-def _exists_by_listing(paths: list[str], threads: int) -> list[bool | None]:
+LISTINGS_KEPT = 4096  # folder listings a cache passed to _exists_by_listing holds (cleared when full)
+
+
+def _exists_by_listing(paths: list[str], threads: int, listings: dict | None = None) -> list[bool | None]:
     """Per path: True / False where the parent folder's listing settles it, None where only the OS can tell.
 
     None: a name absent from an existing folder (a case-insensitive filesystem may still have it), odd names
@@ -233,19 +239,27 @@ def _exists_by_listing(paths: list[str], threads: int) -> list[bool | None]:
     # "/x.png" -> head "" but its folder is the root; "x.png" (no separator) -> the current folder.
     folder = [head or (os.sep if sep else os.curdir) for head, sep, _ in parts]
     uniq = list(set(folder))
-    listed = dict(zip(uniq, map_chunked(_listing, uniq, threads, 8)))
+    if listings is None:
+        listed = dict(zip(uniq, map_chunked(_listing, uniq, threads, 8)))
+    else:  # kept between calls (the chunks of one source): each folder listed once
+        new = [d for d in uniq if d not in listings]
+        if len(listings) + len(new) > LISTINGS_KEPT:
+            listings.clear()
+            new = uniq
+        listings.update(zip(new, map_chunked(_listing, new, threads, 8)))
+        listed = listings
     return [False if names is _NO_FOLDER else
             (True if names is not None and name in names and name not in (".", "..") else None)
             for (_, _, name), names in zip(parts, map(listed.__getitem__, folder))]
 
 
-def exists_many(paths: list[str], threads: int = 16) -> list[bool]:
+def exists_many(paths: list[str], threads: int = 16, listings: dict | None = None) -> list[bool]:
     """os.path.exists for every path, from one listing per distinct parent folder (parallel over folders).
 
     A million paths in a few thousand folders cost a few thousand scandir calls instead of a million stats;
     only the paths the listings cannot settle are asked of the OS.
     """
-    out = _exists_by_listing(paths, threads)
+    out = _exists_by_listing(paths, threads, listings)
     ask = [i for i, ok in enumerate(out) if ok is None]
     for i, ok in zip(ask, map_chunked(os.path.exists, [paths[i] for i in ask], threads)):
         out[i] = ok
@@ -258,16 +272,25 @@ def _image_names(dirs: list[str], threads: int) -> dict[str, str]:
     return dict(zip(map(os.path.basename, reversed(files)), reversed(files)))  # later (smaller) paths win
 
 
-def collect(subsets: list[SubsetSpec], recursive: bool, threads: int = 16, allow_empty: bool = False) -> Rows:
-    """Read every subset's sources into columns (each through its format's reader); raise on duplicate keys."""
-    cols = Rows()
+def collect(subsets: list[SubsetSpec], recursive: bool, threads: int = 16, allow_empty: bool = False,
+            keep_dicts: bool = False) -> PackedRows:
+    """Read every subset's sources (each through its format's reader) into packed columns, chunk by chunk (see
+    data/columns.py); raise on duplicate keys. `keep_dicts`: also keep the parsed metadata dicts (hooks)."""
+    from .captions import description_of
+    from .index import COUNTED_FIELDS
+
+    cols = PackedRows(COUNTED_FIELDS, description_of, keep_dicts)
     for si, s in enumerate(subsets):
-        n0 = len(cols)
         for src in sources_of(s, recursive):
             for chunk in reader_for(src).read(src, si, threads):
-                cols.extend(chunk)
-        warn_empty_captions(cols.captions[n0:], s, si, allow_empty)
+                cols.add(chunk)
+    cols.finish()
     check_duplicates(cols)
+    sub = cols.subset.astype(np.int64)
+    total = np.bincount(sub, minlength=len(subsets))
+    empty = np.bincount(sub[cols.captions.lengths() == 0], minlength=len(subsets))
+    for si, s in enumerate(subsets):
+        warn_empty_captions(int(total[si]), int(empty[si]), s, si, allow_empty)
     return cols
 
 
@@ -276,18 +299,17 @@ def subset_where(s: SubsetSpec) -> str:
     return (s.image_dirs or s.metadata_files or s.tar_shards or [s.dataset_name_or_path])[0]
 
 
-def warn_empty_captions(captions: list[str], s: SubsetSpec, si: int, allow_empty: bool = False) -> None:
-    """One warning when more than a few percent of a subset's captions are empty (class tokens do not count); with
+def warn_empty_captions(n: int, empty: int, s: SubsetSpec, si: int, allow_empty: bool = False) -> None:
+    """One warning when more than a few percent of a subset's n captions are empty (class tokens do not count); with
     data.allow_empty_captions (empty captions are intended) it is an info line."""
-    if not captions or s.class_tokens:
+    if not n or s.class_tokens:
         return
-    empty = captions.count("")
-    if empty > EMPTY_CAPTION_WARN * len(captions):
+    if empty > EMPTY_CAPTION_WARN * n:
         look = "the shards' .txt / .caption / .json members" if s.tar_shards else "caption_extension / the caption column"
         log.log(logging.INFO if allow_empty else logging.WARNING,
                 "subset %d (%s): %d of %d captions are empty (%.0f%%); they train as unconditional samples. Check %s, "
                 "set class_tokens to give them a caption, or set data.allow_empty_captions = true if that is intended",
-                si, subset_where(s), empty, len(captions), 100.0 * empty / len(captions), look)
+                si, subset_where(s), empty, n, 100.0 * empty / n, look)
 
 
 def require_store_for_containers(data, use_store: bool) -> None:
@@ -302,21 +324,49 @@ def require_store_for_containers(data, use_store: bool) -> None:
 
 
 
-def check_duplicates(cols: Columns, limit: int = 20) -> None:
-    """Raise ValueError listing keys that occur more than once (with where each came from)."""
-    if len(set(cols.keys)) == len(cols.keys):  # the common case, at C speed
+def _object_json(origin: str) -> bool:
+    """Whether an origin is a JSON object file ({key: ...}: a repeated key is json.loads' last-one-wins)."""
+    from .readers.metadata import _peek_json
+
+    return origin.lower().endswith(".json") and os.path.isfile(origin) and _peek_json(origin)[0] == "object"
+
+
+def check_duplicates(cols: PackedRows, limit: int = 20) -> None:
+    """Raise ValueError listing keys that occur more than once (with where each came from); found from 64-bit key
+    hashes (sorted), the strings compared only where hashes meet. A key repeated inside one JSON object file (its
+    chunks are parsed apart) is resolved as json.loads does: the last value, at the first one's place."""
+    h = cols.hash
+    if len(np.unique(h)) == len(h):  # the common case
         return
-    seen: dict[str, int] = {}
+    order = np.argsort(h, kind="stable")
+    hs = h[order]
+    hit = np.flatnonzero(hs[1:] == hs[:-1])
+    cand = np.unique(np.concatenate([order[hit], order[hit + 1]]))
+    rows_of: dict[str, list[int]] = {}
+    keys = cols.keys
+    for i in cand.tolist():
+        rows_of.setdefault(keys[i], []).append(i)
+    groups = sorted((rows for rows in rows_of.values() if len(rows) > 1), key=lambda r: r[1])
+    if not groups:
+        return
     dups: dict[str, list[str]] = {}
-    for i, k in enumerate(cols.keys):
-        j = seen.setdefault(k, i)
-        if j != i:
-            dups.setdefault(k, [cols.origin[j]]).append(cols.origin[i])
+    sel = np.arange(len(cols), dtype=np.int64)
+    drop: list[int] = []
+    for rows in groups:
+        origins = [cols.origin_of(i) for i in rows]
+        if len(set(origins)) == 1 and _object_json(origins[0]):
+            sel[rows[0]] = rows[-1]
+            drop += rows[1:]
+        else:
+            dups[keys[rows[0]]] = origins
     if dups:
         lines = [f"  {k!r}: {', '.join(v)}" for k, v in list(dups.items())[:limit]]
         more = f"\n  ... and {len(dups) - limit} more" if len(dups) > limit else ""
         raise ValueError(f"{len(dups)} duplicate dataset key(s) (keys are image file stems or metadata keys and "
                          f"must be unique; rename the files or give metadata keys):\n" + "\n".join(lines) + more)
+    keep = np.ones(len(cols), bool)
+    keep[drop] = False
+    cols.take(sel[keep])
 
 
 def load_hook(spec: str) -> Callable | None:

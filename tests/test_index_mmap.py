@@ -54,3 +54,79 @@ def test_mapped_index_columns_cost_no_private_memory_when_read(tmp_path):
         read = z["col"]
         read_cost = _rss_anon_mb() - base
     assert mapped_cost < 4 and read_cost > 28, (mapped_cost, read_cost)
+
+
+def test_streamed_json_object_parse_equals_json_loads(tmp_path):
+    """data/readers/metadata.iter_json_object reads a {key: value} file in chunks (cut after an entry, parsed at C
+    speed; a cut inside a value falls back to entry-wise reading); with tiny chunks every cut lands somewhere odd:
+    nested objects, strings holding `}, "k": {`, escapes, non-ASCII, whitespace. Errors give json's message and
+    position in the whole file."""
+    import random
+
+    from data.readers.metadata import iter_json_object
+
+    rng = random.Random(0)
+    tricky = ["x}, \"k\": {", "é\"},\"", "a\\\"}\n,\"b", "\u2028", 3, -2.5, None, True]
+
+    def value(depth=0):
+        r = rng.random()
+        if depth > 2 or r < 0.3:
+            return rng.choice(tricky)
+        if r < 0.6:
+            return [value(depth + 1) for _ in range(rng.randint(0, 3))]
+        return {rng.choice(["a", "}", '","']): value(depth + 1) for _ in range(rng.randint(0, 3))}
+
+    p = tmp_path / "m.json"
+    for trial in range(60):
+        obj = {f"k{i}" + rng.choice(["", "}", '","']): value() for i in range(rng.randint(0, 30))}
+        p.write_text(json.dumps(obj, indent=rng.choice([None, 1]), ensure_ascii=trial % 2 == 0), encoding="utf-8")
+        for chunk in (5, 64, 1 << 20):
+            got: dict = {}
+            for part in iter_json_object(str(p), chunk, rng.choice(["{", '"'])):
+                got.update(part)
+            assert got == obj
+    for bad in ['{"a": 1,}', '{"a" 1}', '{"a": 1} x', '{"a": [1, 2}', '{"a":{"b":1},\n"c":2 "d":3}']:
+        p.write_text(bad)
+        with pytest.raises(json.JSONDecodeError) as want:
+            json.loads(bad)
+        for chunk in (3, 1 << 20):
+            with pytest.raises(ValueError) as got:
+                list(iter_json_object(str(p), chunk))
+            assert str(got.value).endswith(str(want.value)), (bad, chunk)
+
+
+def test_batch_json_encode_equals_one_encode_each():
+    from data.columns import encode_many, json_encoder
+
+    enc = json_encoder()
+    for values in ([{"image_size": [i, 7]} for i in range(300)], [{}, {"a": "é\u2028"}, None, {"b": [1, {"c": "\x00sdtrain"}]}],
+                   [{"x": "\x00sdtrain"}, {"y": 2}], [{}], [{"a": 1}], [], [{"t": "\\u0000sdtrain"}, {"u": 1}]):
+        blob, lens = encode_many(values, enc)
+        want = [enc(v) if v else "" for v in values]
+        assert blob == "".join(want).encode() and lens.tolist() == [len(w.encode()) for w in want]
+
+
+def test_index_from_chunks_equals_whole_parse(tmp_path, monkeypatch):
+    """A metadata JSON object parsed in many chunks builds the index json.loads would give: a key repeated in
+    another chunk keeps its first place with its last value (json's rule), descriptions / counted fields / sizes
+    as parsed whole; a repeated key in a JSON list stays an error."""
+    import data.readers.metadata as md
+    from core.config import DataConfig
+
+    recs = {f"k{i}": {"image_path": f"/nowhere/{i}.png", "caption": f"c{i}", "image_size": [512, 512 + 64 * (i % 5)],
+                      **({"description": f"d{i}", "artist": "Bob"} if i % 3 == 0 else {})} for i in range(400)}
+    text = json.dumps(recs)[:-1] + ', "k7": {"image_path": "/nowhere/late.png", "caption": "late", "image_size": [640, 512]}}'
+    (tmp_path / "m.json").write_text(text)
+    cfg = DataConfig(metadata_files=[str(tmp_path / "m.json")], resolution=512, bucket_reso_step=64,
+                     min_bucket_reso=256, max_bucket_reso=1024)
+    monkeypatch.setattr(md, "STREAM_CHARS", 512)
+    ix = build_index(cfg, threads=1)
+    want = json.loads(text)
+    assert ix.keys.tolist() == list(want) and ix.captions.tolist() == [r["caption"] for r in want.values()]
+    assert ix.paths[7] == "/nowhere/late.png" and ix.sizes[7].tolist() == [640, 512]
+    assert ix.descriptions.tolist() == [r.get("description", "") for r in want.values()]
+    assert ix.counter["artist"] == {"bob": 134} and ix.meta(3) == {"image_size": [512, 704], "description": "d3",
+                                                                   "artist": "Bob"}
+    (tmp_path / "l.json").write_text(json.dumps([{"key": "a", "image_path": "/n/a.png", "image_size": [512, 512]}] * 2))
+    with pytest.raises(ValueError, match="duplicate dataset key"):
+        build_index(DataConfig(metadata_files=[str(tmp_path / "l.json")], resolution=512), threads=1)

@@ -17,10 +17,12 @@ A path that does not exist is looked up by file name in the subset's `image_dirs
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import json.scanner
 import os
+import re
 import sqlite3
 from itertools import repeat
 from typing import Any, Callable, Iterator
@@ -28,7 +30,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ..images import IMAGE_EXTENSIONS
-from . import Reader, Rows, Source, chunked_rows, register
+from . import CHUNK, Reader, Rows, Source, chunked_rows, register
 
 METADATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".sqlite", ".sqlite3", ".db")
 PATH_FIELD = "image_path"
@@ -61,6 +63,15 @@ def _keyed(recs: list, where: Callable[[int], str]) -> tuple[list[str], list[dic
 
 def read_jsonl(path: str) -> tuple[list[dict[str, Any]], list[int]]:
     """(records, line numbers) of a JSONL file."""
+    recs, lines = [], []
+    for r, ln in iter_jsonl(path):
+        recs += r
+        lines += ln
+    return recs, lines
+
+
+def iter_jsonl(path: str, chunk: int = CHUNK) -> Iterator[tuple[list[Any], list[int]]]:
+    """(records, line numbers) of a JSONL file, at most `chunk` records at a time."""
     # The C scanner on each line skips json.loads' per-call checks and regex matches; errors go through
     # json.loads so their messages are the standard ones.
     scan = json.scanner.make_scanner(json.JSONDecoder())
@@ -82,7 +93,153 @@ def read_jsonl(path: str) -> tuple[list[dict[str, Any]], list[int]]:
                     raise ValueError(f"metadata {path!r} line {i + 1} is not valid JSON: {e}") from None
             recs.append(obj)
             lines.append(i + 1)
-    return recs, lines
+            if len(recs) >= chunk:
+                yield recs, lines
+                recs, lines = [], []
+    if recs:
+        yield recs, lines
+
+
+STREAM_CHARS = 1 << 22  # characters of a JSON object file parsed per chunk (~35k metadata entries)
+LONGEST_ENTRY = 1 << 20  # an entry still unparsable with this much text after its start is an error, not a cut
+_WS = re.compile(r"[ \t\n\r]*")
+# Where one entry may end and the next begin: a value's end, a comma, a key, a colon and the next value's start
+# (an object or a string, as the file's entries are).
+_CUTS = {c: re.compile(r'%s[ \t\n\r]*,[ \t\n\r]*"(?:[^"\\]|\\.)*"[ \t\n\r]*:[ \t\n\r]*%s' % (e, c))
+         for c, e in (("{", "}"), ('"', '"'))}
+
+
+def _json_error(path: str, msg: str, text: str, pos: int, base_chars: int, base_lines: int, line_start: int) -> ValueError:
+    """`metadata ... is not valid JSON` with the position in the whole file (chunks are parsed separately)."""
+    nl = text.count("\n", 0, pos)
+    col = pos - (text.rfind("\n", 0, pos) + 1) if nl else pos + line_start
+    return ValueError(f"metadata {path!r} is not valid JSON: {msg}: line {base_lines + nl + 1} column {col + 1} "
+                      f"(char {base_chars + pos})")
+
+
+def iter_json_object(path: str, chunk_chars: int | None = None, values: str = "{") -> Iterator[dict[str, Any]]:
+    """The entries of a JSON object file `{key: value, ...}` as dicts of at most ~chunk_chars of text each, in file
+    order, without reading the file whole. Each chunk is cut after an entry and parsed by json.loads at C speed as
+    an object of its own; a cut inside a value cannot parse (the value would be left open), and such a chunk is
+    read entry by entry instead (`values`: how the entries' values start, "{" or '"', where cuts are sought). A key repeated across chunks comes once per chunk (one json.loads keeps the last:
+    PackedRows / check_duplicates resolve it the same way). Other encodings than UTF-8 are read whole."""
+    chunk_chars = chunk_chars or STREAM_CHARS
+    with open(path, "rb") as f:
+        head = f.read(4)
+        enc = json.detect_encoding(head) if head else "utf-8"
+        if enc not in ("utf-8", "utf-8-sig"):
+            f.seek(0)
+            obj = _load_json(path)
+            if not isinstance(obj, dict):
+                raise ValueError(f"metadata {path!r}: top level must be an object {{key: {{...}}}}")
+            yield obj
+            return
+        f.seek(3 if head[:3] == b"\xef\xbb\xbf" else 0)
+        dec = codecs.getincrementaldecoder("utf-8")("surrogatepass")
+        scan = json.scanner.make_scanner(json.JSONDecoder())
+        cut_re = _CUTS[values]
+
+        def more() -> str:
+            try:
+                return dec.decode(f.read(chunk_chars), final=False)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"metadata {path!r} is not valid JSON: {e}") from None
+
+        buf, eof = more(), False
+        base_chars = base_lines = line_start = 0  # position of buf[0] in the file (chars, newlines, column)
+        p = _WS.match(buf).end()
+        if p >= len(buf) or buf[p] != "{":
+            raise ValueError(f"metadata {path!r}: top level must be an object {{key: {{...}}}}")
+        p = _WS.match(buf, p + 1).end()
+        if buf[p : p + 1] == "}":  # an empty object
+            if buf[p + 1 :].strip():
+                raise _json_error(path, "Extra data", buf, p + 1, 0, 0, 0)
+            return
+        pos = p
+        while True:
+            while not eof and len(buf) - pos < chunk_chars:
+                got = more()
+                eof = not got
+                nl = buf.count("\n", 0, pos)  # keep the file position of buf[0] for error messages
+                line_start = pos - (buf.rfind("\n", 0, pos) + 1) if nl else line_start + pos
+                base_lines, base_chars = base_lines + nl, base_chars + pos
+                buf, pos = buf[pos:] + got, 0
+            if eof:  # the rest: entries (at least one: pos is after "{" or ",") then the closing brace
+                try:
+                    at = _WS.match(buf, pos).end()
+                    if buf[at : at + 1] != '"':
+                        raise json.JSONDecodeError("", "", 0)
+                    obj = json.loads("{" + buf[pos:])
+                    if obj:
+                        yield obj
+                    return
+                except json.JSONDecodeError:
+                    yield from _entries(buf, pos, True, scan, path, base_chars, base_lines, line_start)[0]
+                    return
+            end = min(len(buf), pos + chunk_chars)
+            cuts = list(cut_re.finditer(buf, max(pos, end - (1 << 16)), end))[-3:]
+            for cut in reversed(cuts):  # the last cut first; an earlier one when it is inside a value
+                try:
+                    obj = json.loads("{" + buf[pos : cut.start() + 1] + "}")
+                except json.JSONDecodeError:
+                    continue
+                yield obj
+                pos = cut.start() + 1 + buf[cut.start() + 1 : cut.end()].index(",") + 1
+                break
+            else:  # no cut that parses (long entries, or a real error: found by the entry-wise read)
+                got, pos, done = _entries(buf, pos, False, scan, path, base_chars, base_lines, line_start)
+                yield from got
+                if done:
+                    return
+                if not got:  # one entry longer than the buffer: read on
+                    chunk_chars *= 2
+
+
+def _entries(buf: str, pos: int, final: bool, scan, path: str, base_chars: int, base_lines: int,
+             line_start: int) -> tuple[list[dict[str, Any]], int, bool]:
+    """Entries of buf from pos (which is at a key) one at a time, as json.loads reads them: ([one dict], the
+    position after the last complete entry, whether the closing brace was reached). Not final: an entry cut by the
+    end of buf ends the list; final: it is an error with its position in the file."""
+    out: dict[str, Any] = {}
+    n = len(buf)
+    ws = _WS.match
+
+    def fail(msg: str, at: int) -> ValueError:
+        return _json_error(path, msg, buf, at, base_chars, base_lines, line_start)
+
+    while True:
+        start = p = pos
+        try:
+            p = ws(buf, pos).end()
+            if p >= n:
+                raise IndexError
+            if buf[p] != '"':
+                raise json.JSONDecodeError("Expecting property name enclosed in double quotes", buf, p)
+            key, p = scan(buf, p)
+            p = ws(buf, p).end()
+            if buf[p] != ":":
+                raise json.JSONDecodeError("Expecting ':' delimiter", buf, p)
+            p = ws(buf, p + 1).end()
+            val, p = scan(buf, p)
+            p = ws(buf, p).end()
+            c = buf[p]
+            if c not in ",}":
+                raise json.JSONDecodeError("Expecting ',' delimiter", buf, p)
+        except (IndexError, StopIteration, json.JSONDecodeError) as e:
+            if not final and n - start < LONGEST_ENTRY:  # an entry cut by the end of buf (or an error: read on)
+                return [out] if out else [], start, False
+            if isinstance(e, json.JSONDecodeError):
+                raise fail(e.msg, e.pos) from None
+            raise fail("Expecting value" if isinstance(e, StopIteration) else "Unexpected end of data",
+                       min(p, n)) from None
+        out[key] = val
+        if c == ",":
+            pos = p + 1
+        else:
+            rest = ws(buf, p + 1).end()
+            if rest < n:
+                raise fail("Extra data", rest)
+            return [out], n, True
 
 
 def _load_json(path: str) -> Any:
@@ -137,6 +294,27 @@ def read_metadata_file(path: str) -> tuple[list[str], list[dict[str, Any]]]:
         raise ValueError(f"metadata {path!r} is not a readable SQLite database: {e}") from None
     finally:
         con.close()
+
+
+def iter_metadata_file(path: str) -> Iterator[tuple[list[str], list[dict[str, Any]]]]:
+    """`read_metadata_file` in chunks: JSON objects and JSONL are streamed (never parsed whole), the other forms
+    are read whole and handed out in chunks."""
+    low = path.lower()
+    if low.endswith(".json") and _peek_json(path)[0] == "object":
+        for obj in iter_json_object(path):
+            recs = list(obj.values())
+            if not all(map(isinstance, recs, repeat(dict))):
+                k = list(obj)[_first_bad(recs, lambda r: isinstance(r, dict))]
+                raise ValueError(f"metadata {path!r}: entry {k!r} must be an object, got {type(obj[k]).__name__}")
+            yield list(obj), recs
+        return
+    if low.endswith(".jsonl"):
+        for recs, lines in iter_jsonl(path):
+            yield _keyed(recs, lambda j: f"metadata {path!r} line {lines[j]}")
+        return
+    keys, recs = read_metadata_file(path)
+    for a in range(0, len(keys), CHUNK):
+        yield keys[a : a + CHUNK], recs[a : a + CHUNK]
 
 
 def _size_from_md(md: dict[str, Any], names: tuple[str, ...] = ("image_size", "original_size")) -> tuple[int, int]:
@@ -229,14 +407,18 @@ def image_table(dirs: list[str], recursive: bool, threads: int) -> dict[str, str
     return out
 
 
-def _fallback_by_name(paths: list[str], dirs: list[str], threads: int) -> None:
-    """Replace paths that do not exist by the image of the same file name found in dirs (recursive)."""
+def _fallback_by_name(paths: list[str], dirs: list[str], threads: int, cache: dict | None = None) -> None:
+    """Replace paths that do not exist by the image of the same file name found in dirs (recursive); `cache` keeps
+    folder listings and the name table between calls (the chunks of one source)."""
     from ..sources import _exists_by_listing, _image_names
 
-    exists = _exists_by_listing(paths, threads)
+    cache = {} if cache is None else cache
+    exists = _exists_by_listing(paths, threads, cache.setdefault("listings", {}))
     if all(exists):
         return
-    by_name = _image_names(dirs, threads)
+    if "by_name" not in cache:
+        cache["by_name"] = _image_names(dirs, threads)
+    by_name = cache["by_name"]
     miss = [j for j, ok in enumerate(exists) if not ok]
     hits = [(j, f) for j, f in zip(miss, map(by_name.get, [os.path.basename(paths[j]) for j in miss])) if f]
     for j, found in hits:
@@ -251,21 +433,24 @@ def _rows(keys: list[str], paths: list[str], caps: list[str], recs: list[dict[st
 
 
 def _record_rows(keys: list[str], paths: list[str], caps: list[str], recs: list[dict[str, Any]], src: Source,
-                 si: int, threads: int) -> Iterator[Rows]:
+                 si: int, threads: int, cache: dict | None = None) -> Iterator[Rows]:
     """Rows of records that name their images: sizes from the records, missing paths looked up by file name in
-    the subset's image_dirs."""
+    the subset's image_dirs (`cache`: folder listings kept between the chunks of one source)."""
     wh = sizes_from_records(recs)
     if src.spec.image_dirs:
-        _fallback_by_name(paths, src.spec.image_dirs, threads)
+        _fallback_by_name(paths, src.spec.image_dirs, threads, {} if cache is None else cache)
     return _rows(keys, paths, caps, recs, wh, si, src.path)
 
 
-def _by_stem(keys: list[str], spec, recursive: bool, threads: int, what: str, path: str) -> list[str]:
-    """Image path of each key: the key itself when it is an existing path, else `<image_dir>/<key>.<ext>`."""
+def _by_stem(keys: list[str], spec, recursive: bool, threads: int, what: str, path: str,
+             cache: dict | None = None) -> list[str]:
+    """Image path of each key: the key itself when it is an existing path, else `<image_dir>/<key>.<ext>`
+    (`cache`: listings and the image table kept between the chunks of one source)."""
     from ..sources import exists_many
 
+    cache = {} if cache is None else cache
     as_path = [k if os.path.isabs(k) else "" for k in keys]
-    ok = exists_many([p for p in as_path if p], threads) if any(as_path) else []
+    ok = exists_many([p for p in as_path if p], threads, cache.setdefault("listings", {})) if any(as_path) else []
     it = iter(ok)
     paths = [p if p and next(it) else "" for p in as_path]
     need = [i for i, p in enumerate(paths) if not p]
@@ -273,7 +458,9 @@ def _by_stem(keys: list[str], spec, recursive: bool, threads: int, what: str, pa
         if not spec.image_dirs:
             raise ValueError(f"{what} {path!r}: its keys are image names, so the subset needs image_dirs "
                              f"(the folder with the images)")
-        table = image_table(spec.image_dirs, recursive, threads)
+        if "table" not in cache:
+            cache["table"] = image_table(spec.image_dirs, recursive, threads)
+        table = cache["table"]
         for i in need:
             k = keys[i]
             stem = os.path.splitext(k)[0] if k.lower().endswith(IMAGE_EXTENSIONS) else k
@@ -296,20 +483,16 @@ class KohyaMetadataReader(Reader):
         return kind == "object" and isinstance(first, dict) and not _has_path(first)
 
     def read(self, src: Source, si: int, threads: int) -> Iterator[Rows]:
-        obj = _load_json(src.path)
-        keys = list(obj)
-        recs = list(obj.values())
-        if not all(map(isinstance, recs, repeat(dict))):
-            k = keys[_first_bad(recs, lambda r: isinstance(r, dict))]
-            raise ValueError(f"metadata {src.path!r}: entry {k!r} must be an object, got {type(obj[k]).__name__}")
         sep = src.spec.caption.get("caption_separator", ",")
-        caps = [kohya_caption(r.pop("caption", None), r.pop("tags", None), sep) for r in recs]
-        wh = sizes_from_records(recs, "train_resolution")
-        miss = (wh <= 0).any(1)
-        if miss.any():  # newer kohya writes image_size when it knows it
-            wh[miss] = sizes_from_records([recs[i] for i in np.flatnonzero(miss).tolist()])
-        paths = _by_stem(keys, src.spec, src.recursive, threads, "kohya metadata", src.path)
-        yield from _rows(keys, paths, caps, recs, wh, si, src.path)
+        cache: dict = {}
+        for keys, recs in iter_metadata_file(src.path):  # streamed: chunks of the object's entries
+            caps = [kohya_caption(r.pop("caption", None), r.pop("tags", None), sep) for r in recs]
+            wh = sizes_from_records(recs, "train_resolution")
+            miss = (wh <= 0).any(1)
+            if miss.any():  # newer kohya writes image_size when it knows it
+                wh[miss] = sizes_from_records([recs[i] for i in np.flatnonzero(miss).tolist()])
+            paths = _by_stem(keys, src.spec, src.recursive, threads, "kohya metadata", src.path, cache)
+            yield from _rows(keys, paths, caps, recs, wh, si, src.path)
 
 
 def kohya_caption(caption: Any, tags: Any, sep: str) -> str:
@@ -333,19 +516,20 @@ class HcpCaptionReader(Reader):
         return kind == "object" and isinstance(first, str)
 
     def read(self, src: Source, si: int, threads: int) -> Iterator[Rows]:
-        obj = _load_json(src.path)
-        names = list(obj)
-        caps = list(obj.values())
-        if not all(map(isinstance, caps, repeat(str))):
-            k = names[_first_bad(caps, lambda c: isinstance(c, str))]
-            raise ValueError(f"caption JSON {src.path!r}: the caption of {k!r} must be a string, got "
-                             f"{type(obj[k]).__name__}")
-        # HCP strips an image extension from the names (BaseCaptionLoader.clean_ext).
-        keys = [os.path.splitext(n)[0] if n.lower().endswith(IMAGE_EXTENSIONS) else n for n in names]
-        paths = _by_stem(keys, src.spec, src.recursive, threads, "caption JSON", src.path)
-        n = len(keys)
-        yield from _rows(keys, paths, [c.strip() for c in caps], [{} for _ in range(n)],
-                         np.full((n, 2), -1, np.int64), si, src.path)
+        cache: dict = {}
+        for obj in iter_json_object(src.path, values='"'):  # streamed: chunks of the object's entries
+            names = list(obj)
+            caps = list(obj.values())
+            if not all(map(isinstance, caps, repeat(str))):
+                k = names[_first_bad(caps, lambda c: isinstance(c, str))]
+                raise ValueError(f"caption JSON {src.path!r}: the caption of {k!r} must be a string, got "
+                                 f"{type(obj[k]).__name__}")
+            # HCP strips an image extension from the names (BaseCaptionLoader.clean_ext).
+            keys = [os.path.splitext(n)[0] if n.lower().endswith(IMAGE_EXTENSIONS) else n for n in names]
+            paths = _by_stem(keys, src.spec, src.recursive, threads, "caption JSON", src.path, cache)
+            n = len(keys)
+            yield from _rows(keys, paths, [c.strip() for c in caps], [{} for _ in range(n)],
+                             np.full((n, 2), -1, np.int64), si, src.path)
 
 
 def hf_caption_column(spec, fields: list[str], where: str) -> str | None:
@@ -414,20 +598,21 @@ class MetadataReader(Reader):
 
     def read(self, src: Source, si: int, threads: int) -> Iterator[Rows]:
         m = src.path
-        keys, recs = read_metadata_file(m)
-        # The records are ours (freshly parsed): pop path and caption so the rest is the entry's metadata as is.
-        ps = [r.pop(PATH_FIELD, None) or "" for r in recs]
-        if not all(map(isinstance, ps, repeat(str))):
-            i = _first_bad(ps, lambda p: isinstance(p, str))
-            raise ValueError(f"metadata {m!r}: entry {keys[i]!r} has a non-text {PATH_FIELD} {ps[i]!r}")
         base = os.path.dirname(m)
-        for i in [i for i, p in enumerate(ps) if p and not p.startswith(os.sep)]:
-            if not os.path.isabs(ps[i]):  # relative to the metadata file
-                ps[i] = os.path.join(base, ps[i])
-        caps = [r.pop("caption", None) for r in recs]
-        for i in [i for i, c in enumerate(caps) if not c]:  # euge-trainer: caption or tags
-            caps[i] = recs[i].get("tags") or ""
-        yield from _record_rows(keys, ps, list(map(str, caps)), recs, src, si, threads)
+        cache: dict = {}
+        for keys, recs in iter_metadata_file(m):  # JSON objects and JSONL streamed in chunks
+            # The records are ours (freshly parsed): pop path and caption so the rest is the entry's metadata as is.
+            ps = [r.pop(PATH_FIELD, None) or "" for r in recs]
+            if not all(map(isinstance, ps, repeat(str))):
+                i = _first_bad(ps, lambda p: isinstance(p, str))
+                raise ValueError(f"metadata {m!r}: entry {keys[i]!r} has a non-text {PATH_FIELD} {ps[i]!r}")
+            for i in [i for i, p in enumerate(ps) if p and not p.startswith(os.sep)]:
+                if not os.path.isabs(ps[i]):  # relative to the metadata file
+                    ps[i] = os.path.join(base, ps[i])
+            caps = [r.pop("caption", None) for r in recs]
+            for i in [i for i, c in enumerate(caps) if not c]:  # euge-trainer: caption or tags
+                caps[i] = recs[i].get("tags") or ""
+            yield from _record_rows(keys, ps, list(map(str, caps)), recs, src, si, threads, cache)
 
 
 @register
