@@ -42,3 +42,23 @@ def write_webdataset_shard(path, samples):
                 ti = tarfile.TarInfo(f"{key}.{ext}")
                 ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = len(data), time.time(), 0o444, "bigdata", "bigdata"
                 tf.addfile(ti, io.BytesIO(data))
+
+
+def main_ok(entry, argv, log_dir=None, expect=0, name="train"):
+    """Run `entry.main(argv)` (train / cache) in this process: no interpreter start, no torch import, which a
+    subprocess pays for in seconds. Asserts it returns `expect`; returns what the run appended to
+    log_dir/<name>.log (the run folder's logs), or "" without a log_dir."""
+    import importlib
+    log_file = os.path.join(str(log_dir), f"{name}.log") if log_dir is not None else None
+    start = os.path.getsize(log_file) if log_file and os.path.exists(log_file) else 0
+    try:
+        code = importlib.import_module(entry).main([str(a) for a in argv])
+    finally:
+        from core import dist
+        dist.shutdown()
+    assert code == expect, f"{entry}.main exited {code}, expected {expect}"
+    if log_file is None:
+        return ""
+    with open(log_file) as f:
+        f.seek(start)
+        return f.read()

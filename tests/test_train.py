@@ -1,7 +1,12 @@
-"""train.py end to end: 2-process demo run, exact resume after a signal, kill -9 during a state write.
+"""train.py end to end: 2-process demo run, exact resume after a signal, kill -9 during a state write, resume
+under another world size.
 
-These run the real launchers (torchrun with gloo on CPU, and plain `python train.py`) on the
-tiny SDXL preset and a small generated dataset.
+These run the real launchers where the launch is what is tested (torchrun with gloo on CPU for the 2-process
+cache and training, plain `python train.py` for the runs that are signalled or killed) on the tiny SDXL preset
+and a small generated dataset. The runs that only provide a reference or continue a state run in this process
+(train.main), and the expensive ones are shared by the tests through module fixtures: the data is cached once (by
+2 ranks), one straight 8-step run is the reference of both resume tests, and the 2-process run's mid-run state is
+what the world-size test resumes.
 """
 import json
 import os
@@ -13,9 +18,10 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from helpers import ENV, TORCHRUN, run_ok
+from helpers import ENV, TORCHRUN, main_ok, run_ok
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 8  # the reference run's length
 
 
 def _run(cmd, env=None, timeout=600):
@@ -24,9 +30,11 @@ def _run(cmd, env=None, timeout=600):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
+    """16 demo images, cached by 2 ranks (torchrun cache.py) into root/cache, which every test trains from."""
     from data.demo import make_demo_dataset
     root = tmp_path_factory.mktemp("demo")
     make_demo_dataset(str(root / "data"), n=16, size=(64, 96))
+    _run(TORCHRUN + ["cache.py", *overrides(root, root / "x", 1)[:3]])
     return root
 
 
@@ -42,20 +50,35 @@ def metrics(out):
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.slow
-def test_two_process_cache_train_export_samples(dataset, tmp_path):
-    out = tmp_path / "run"
-    _run(TORCHRUN + ["cache.py", *overrides(dataset, out, 4)[:3]])
-    prompts = tmp_path / "p.txt"
+@pytest.fixture(scope="module")
+def two_process_run(dataset, tmp_path_factory):
+    """torchrun train.py, 2 processes, 4 steps, a state every 2 steps, previews at step 4: (folder, stderr)."""
+    tmp = tmp_path_factory.mktemp("two")
+    out = tmp / "run"
+    prompts = tmp / "p.txt"
     prompts.write_text("a red circle --d 5 --s 3\n# comment\na blue square --d 6 --s 3 --w 64 --h 96\n")
     res = _run(TORCHRUN + ["train.py", *overrides(dataset, out, 4, "save.save_every_n_steps=2",
                                                   f"sample.sample_prompts={prompts}", "sample.sample_every_n_steps=4",
                                                   "sample.sample_params={width=64, height=64}")])
+    return out, res.stderr
+
+
+@pytest.fixture(scope="module")
+def straight(dataset, tmp_path_factory):
+    """The reference: STEPS steps in one go (in process), a state every 2 steps (kept: 2, 4, 6, 8)."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    main_ok("train", overrides(dataset, out, STEPS, "save.save_every_n_steps=2", "save.save_last_n_states=5"))
+    return out
+
+
+@pytest.mark.slow
+def test_two_process_cache_train_export_samples(two_process_run):
+    out, stderr = two_process_run
     # the start and end summaries, once (rank 0)
-    assert res.stderr.count("run summary") == 1 and "2 per process x 1 accumulation x 2 process(es)" in res.stderr
-    assert "16 images trained" in res.stderr and "= 4 images per optimizer step" in res.stderr
-    assert res.stderr.count("run finished") == 1 and f"model      {out / 'models' / 'demo.safetensors'}" in res.stderr
-    assert "steps 0 -> 4 of 4, " in res.stderr and "last grid 000004_grid.png" in res.stderr
+    assert stderr.count("run summary") == 1 and "2 per process x 1 accumulation x 2 process(es)" in stderr
+    assert "16 images trained" in stderr and "= 4 images per optimizer step" in stderr
+    assert stderr.count("run finished") == 1 and f"model      {out / 'models' / 'demo.safetensors'}" in stderr
+    assert "steps 0 -> 4 of 4, " in stderr and "last grid 000004_grid.png" in stderr
     import models
     comp = models.load(str(out / "models" / "demo.safetensors"))
     assert comp.family == "sdxl" and comp.unet is not None
@@ -76,8 +99,11 @@ def test_two_process_cache_train_export_samples(dataset, tmp_path):
     assert {"rng-rank0.pt", "rng-rank1.pt", "COMPLETE"} <= set(os.listdir(out / "state" / "step-00000004"))
 
 
-def _final_weights(out):
-    state = sorted(p for p in os.listdir(os.path.join(out, "state")) if p.startswith("step-") and ".tmp" not in p)[-1]
+def _weights_at(out, step=None):
+    """The trained weights of the state at `step` (default: the newest)."""
+    names = sorted(p for p in os.listdir(os.path.join(out, "state")) if p.startswith("step-") and ".tmp" not in p)
+    state = names[-1] if step is None else f"step-{step:08d}"
+    assert state in names, (state, names)
     return load_file(os.path.join(out, "state", state, "trained.safetensors"))
 
 
@@ -86,14 +112,10 @@ def _losses(out):
 
 
 @pytest.mark.slow
-def test_exact_resume_after_sigterm(dataset, tmp_path):
-    """N steps straight == interrupted by SIGTERM mid-run + resume=auto: same losses, bit-exact weights."""
-    _run([sys.executable, "cache.py", *overrides(dataset, tmp_path / "x", 1)[:3]])
-    steps = 8
-    straight = tmp_path / "straight"
-    _run([sys.executable, "train.py", *overrides(dataset, straight, steps)])
+def test_exact_resume_after_sigterm(dataset, straight, tmp_path):
+    """STEPS steps straight == interrupted by SIGTERM mid-run + resume=auto: same losses, bit-exact weights."""
     resumed = tmp_path / "resumed"
-    proc = subprocess.Popen([sys.executable, "train.py", *overrides(dataset, resumed, steps)], cwd=ROOT, env=ENV,
+    proc = subprocess.Popen([sys.executable, "train.py", *overrides(dataset, resumed, STEPS)], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -105,19 +127,19 @@ def test_exact_resume_after_sigterm(dataset, tmp_path):
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, log
     stopped_at = max(_losses(resumed))
-    assert stopped_at < steps, "the run finished before the signal arrived"
+    assert stopped_at < STEPS, "the run finished before the signal arrived"
     assert "stop requested" in log
-    _run([sys.executable, "train.py", *overrides(dataset, resumed, steps, "train.resume=auto")])
+    log = main_ok("train", overrides(dataset, resumed, STEPS, "train.resume=auto"), resumed / "logs")
+    assert f"resumed from {resumed / 'state' / f'step-{stopped_at:08d}'}" in log
     a, b = _losses(straight), _losses(resumed)
-    assert a.keys() == b.keys() == set(range(1, steps + 1))
+    assert a.keys() == b.keys() == set(range(1, STEPS + 1))
     assert all(a[k] == b[k] for k in a), (a, b)
-    wa, wb = _final_weights(straight), _final_weights(resumed)
+    wa, wb = _weights_at(straight, STEPS), _weights_at(resumed)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 @pytest.mark.slow
-def test_kill9_during_state_write_resumes_from_previous_state(dataset, tmp_path):
-    _run([sys.executable, "cache.py", *overrides(dataset, tmp_path / "x", 1)[:3]])
+def test_kill9_during_state_write_resumes_from_previous_state(dataset, straight, tmp_path):
     out = tmp_path / "run"
     args = overrides(dataset, out, 6, "save.save_every_n_steps=2", "save.save_last_n_states=5")
     env = {**ENV, "SDTRAIN_TEST_KILL_DURING_STATE_WRITE": "2"}  # SIGKILL inside the 2nd state write (step 4)
@@ -126,12 +148,11 @@ def test_kill9_during_state_write_resumes_from_previous_state(dataset, tmp_path)
     names = os.listdir(out / "state")
     assert "step-00000002" in names and "step-00000004" not in names
     assert any(n.startswith("step-00000004.tmp") for n in names)  # the half-written one
-    res = _run([sys.executable, "train.py", *args, "train.resume=auto"])
-    assert "resumed from" in res.stderr and "step-00000002" in res.stderr
-    straight = tmp_path / "straight"
-    _run([sys.executable, "train.py", *overrides(dataset, straight, 6)])
-    wa, wb = _final_weights(straight), _final_weights(out)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    log = main_ok("train", [*args, "train.resume=auto"], out / "logs")
+    assert "resumed from" in log and "step-00000002" in log
+    # the straight run's weights after the same 6 steps (a constant LR: its first 6 steps are a 6-step run's)
+    wa, wb = _weights_at(straight, 6), _weights_at(out)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not any(".tmp" in n for n in os.listdir(out / "state"))
 
 
@@ -156,21 +177,25 @@ def test_damaged_state_is_skipped(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_with_another_world_size_continues_the_epoch(dataset, tmp_path):
-    """State saved by 2 processes after 2 steps (4 global batches); resumed by 1 process: the epoch goes on at global
+def test_resume_with_another_world_size_continues_the_epoch(dataset, two_process_run, tmp_path):
+    """The 2-process run's state after 2 steps (4 global batches), resumed by 1 process: the epoch goes on at global
     batch 4 and ends after exactly the remaining batches, then epoch 1 starts."""
+    import shutil
     from core.config import load_config
     from data.index import DatasetIndex
     from data.loader import global_batches, usable_rows
     from data.store import LatentStore
-    _run(TORCHRUN + ["cache.py", *overrides(dataset, tmp_path / "x", 1)[:3]])
+    state = two_process_run[0] / "state" / "step-00000002"
+    assert json.load(open(state / "progress.json"))["world_size"] == 2
     out = tmp_path / "run"
-    _run(TORCHRUN + ["train.py", *overrides(dataset, out, 2)])
+    os.makedirs(out / "state")
+    shutil.copytree(state, out / "state" / state.name)
     cfg = load_config(os.path.join(ROOT, "configs/demo.toml"), overrides(dataset, out, 2)[1:])
     index = DatasetIndex.load(str(dataset / "cache" / "dataset_index.npz"))
     n = len(global_batches(index, cfg.data.batch_size, cfg.seed, 0, usable_rows(index, LatentStore(str(dataset / "cache")))))
     steps = 2 + (n - 4) + 2  # the rest of epoch 0 on one process, then two steps of epoch 1
-    res = _run([sys.executable, "train.py", *overrides(dataset, out, steps, "train.resume=auto")])
-    assert "resuming with 1 processes (state saved with 2)" in res.stderr
+    log = main_ok("train", overrides(dataset, out, steps, f"train.resume={out / 'state' / state.name}"), out / "logs")
+    assert "resuming with 1 processes (state saved with 2)" in log
     epochs = {r["step"]: r["epoch"] for r in metrics(out)}
+    assert sorted(epochs) == list(range(3, steps + 1))
     assert [epochs[s] for s in range(3, steps + 1)] == [0] * (n - 4) + [1, 1]
