@@ -1,8 +1,10 @@
 """train.py features: gradient accumulation, non-finite losses, training without a cache, text-encoder training
 (1 and 2 processes), bf16 / full_bf16, EMA export, regex LR groups, start-up config errors.
 
-Run on the tiny SDXL preset (random weights) with a small generated dataset; the end-to-end cases use the real
-launchers (`python train.py`, torchrun with gloo). References are analytic: one batch of 4 vs 4 accumulated
+Run on the tiny SDXL preset (random weights) with a small generated dataset; the end-to-end cases call
+train.main / cache.main in this process (an interpreter start and torch import cost seconds each), and the real
+launchers (torchrun with gloo, and plain `python train.py` for the start-up errors' output) where two processes
+or the printed output are what is tested. References are analytic: one batch of 4 vs 4 accumulated
 micro-batches of 1 with the same noise (gradients are sums, so the two updates must agree), weights compared with
 the state saved before, and the optimizer's own learning rates.
 """
@@ -14,7 +16,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from helpers import TORCHRUN, run_ok
+from helpers import ENV, TORCHRUN, main_ok, run_ok
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,7 +30,7 @@ def dataset(tmp_path_factory):
     from data.demo import make_demo_dataset
     root = tmp_path_factory.mktemp("feat")
     make_demo_dataset(str(root / "data"), n=8, size=(64, 64))
-    _run([sys.executable, "cache.py", "configs/demo.toml", f"data.image_dirs=['{root / 'data'}']",
+    main_ok("cache", ["configs/demo.toml", f"data.image_dirs=['{root / 'data'}']",
           f"cache.cache_dir={root / 'cache'}", "data.resolution=64", "data.max_bucket_reso=128"])
     return root
 
@@ -40,8 +42,9 @@ def args(root, out, steps, *extra):
             "data.batch_size=2", "data.resolution=64", "data.max_bucket_reso=128", *extra]
 
 
-def _train(*a, expect=0, launcher=(sys.executable,)):
-    return _run([*launcher, "train.py", *a], expect=expect)
+def _train(*a, expect=0):
+    """train.main in this process; returns what it logged (the run folder's logs/train.log)."""
+    return main_ok("train", a, log_dir=a[3].split("=", 1)[1] + "/logs", expect=expect)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -119,10 +122,10 @@ def test_nonfinite_loss_skips_steps_then_saves_and_stops(dataset, tmp_path):
     """learning_rate = 1e30: step 1 is applied and blows the weights up; the next losses are NaN/Inf. They must
     be skipped (weights = those exported at step 1) and after max_bad_steps the run saves a state and exits 3."""
     out = tmp_path / "run"
-    res = _train(*args(dataset, out, 20, "optimizer.learning_rate=1e30", "optimizer.max_grad_norm=0",
+    log = _train(*args(dataset, out, 20, "optimizer.learning_rate=1e30", "optimizer.max_grad_norm=0",
                        "train.max_bad_steps=3", "save.save_every_n_steps=1", "save.save_precision=fp32"), expect=3)
-    assert "3 consecutive steps with a non-finite loss or gradient" in res.stderr
-    assert res.stderr.count("step skipped") == 3
+    assert "3 consecutive steps with a non-finite loss or gradient" in log
+    assert log.count("step skipped") == 3
     st = out / "state" / "step-00000001"
     with open(st / "progress.json") as f:
         progress = json.load(f)
@@ -145,12 +148,12 @@ def test_no_cache_bf16_full_bf16_ema_and_param_groups(dataset, tmp_path):
     """Images encoded on the fly (cache_dir = ""), full_bf16 under bf16 autocast (stochastic rounding) with the fused
     backward pass, EMA export, regex LR groups."""
     out = tmp_path / "run"
-    res = _train(*args(dataset, out, 3, "cache.cache_dir=", "train.mixed_precision=bf16", "train.full_bf16=true",
+    log = _train(*args(dataset, out, 3, "cache.cache_dir=", "train.mixed_precision=bf16", "train.full_bf16=true",
                        "train.fused_backward_pass=true",
                        "train.use_ema=true", "train.ema_decay=0.5", "save.save_precision=fp32",
                        "optimizer.param_groups=[{pattern='^input_blocks\\.', lr=1e-5}, {pattern='^out\\.', lr=2e-4}]"))
-    assert "optimizer group network:^input_blocks\\.: " in res.stderr and "lr 1e-05" in res.stderr
-    assert "optimizer group network:^out\\.: " in res.stderr and "lr 0.0002" in res.stderr
+    assert "optimizer group network:^input_blocks\\.: " in log and "lr 1e-05" in log
+    assert "optimizer group network:^out\\.: " in log and "lr 0.0002" in log
     import models
     comp = models.load(str(out / "models" / "demo.safetensors"))
     ema = models.load(str(out / "models" / "demo-ema.safetensors"))
@@ -185,8 +188,9 @@ def test_train_text_encoder_two_processes(dataset, tmp_path):
     """2-process DDP (gloo) with the text encoders trained at their own LRs: they change, and the export holds them."""
     import models
     out = tmp_path / "run"
-    res = _train(*args(dataset, out, 2, "train.train_text_encoder=true", "optimizer.learning_rate_te1=1e-3",
-                       "optimizer.learning_rate_te2=2e-3", "save.save_precision=fp32"), launcher=TORCHRUN)
+    res = _run([*TORCHRUN, "train.py", *args(dataset, out, 2, "train.train_text_encoder=true",
+                                             "optimizer.learning_rate_te1=1e-3", "optimizer.learning_rate_te2=2e-3",
+                                             "save.save_precision=fp32")])
     assert "optimizer group te1: " in res.stderr and "lr 0.001" in res.stderr
     assert "optimizer group te2: " in res.stderr and "lr 0.002" in res.stderr
     start = models.build("sdxl", "tiny", seed=0).export_state_dict()
@@ -223,10 +227,12 @@ def test_impossible_settings_fail_before_loading(tmp_path, capsys, extra, messag
 
 @pytest.mark.slow
 def test_param_group_matching_nothing_is_a_clear_error(dataset, tmp_path):
-    res = _train(*args(dataset, tmp_path / "run", 1, "optimizer.param_groups=[{pattern='^no_such_block', lr=1e-5}]"),
-                 expect=1)
-    assert "config error" in res.stderr and "no_such_block" in res.stderr and "match no trainable parameter" in res.stderr
-    assert "Traceback" not in res.stderr
+    import train
+    with pytest.raises(SystemExit) as e:  # a string code: Python prints that one line, no traceback
+        train.main(args(dataset, tmp_path / "run", 1, "optimizer.param_groups=[{pattern='^no_such_block', lr=1e-5}]"))
+    msg = e.value.code
+    assert isinstance(msg, str) and "\n" not in msg, msg
+    assert "config error" in msg and "no_such_block" in msg and "match no trainable parameter" in msg
 
 
 def test_prune_exports_keeps_newest_by_time(tmp_path):
@@ -247,21 +253,28 @@ def test_prune_exports_keeps_newest_by_time(tmp_path):
 def test_missing_inputs_fail_with_one_clear_line_on_every_rank(tmp_path):
     """A missing image folder or checkpoint ends the run with a one-line message (no traceback), and with 2 processes
     neither rank is left waiting at a barrier."""
-    base = [sys.executable, "train.py", "configs/demo.toml", "cache.cache_dir=", f"output_dir={tmp_path / 'run'}"]
-    r = subprocess.run(base + [f"data.image_dirs=['{tmp_path / 'nope'}']"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode != 0 and "data error:" in r.stderr and "is not a directory" in r.stderr
-    assert "Traceback" not in r.stderr
+    import cache
+    import train
+
+    def one_line(entry, argv):  # in process: a SystemExit with a string, which Python prints alone (no traceback)
+        with pytest.raises(SystemExit) as e:
+            entry.main(argv)
+        msg = e.value.code
+        assert isinstance(msg, str) and "\n" not in msg, msg
+        return msg
+
+    base = ["configs/demo.toml", "cache.cache_dir=", f"output_dir={tmp_path / 'run'}"]
+    msg = one_line(train, base + [f"data.image_dirs=['{tmp_path / 'nope'}']"])
+    assert "data error:" in msg and "is not a directory" in msg
     from data.demo import make_demo_dataset
     make_demo_dataset(str(tmp_path / "data"), n=4, size=(64, 64))  # valid data, so the checkpoint is what fails
-    r = subprocess.run(base + ["model.pretrained_model_name_or_path=/no/such.safetensors",
-                               f"data.image_dirs=['{tmp_path / 'data'}']"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "model error: checkpoint file not found: /no/such.safetensors" in r.stderr
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    r = subprocess.run(torchrun + base[1:] + [f"data.image_dirs=['{tmp_path / 'nope'}']"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    msg = one_line(train, base + ["model.pretrained_model_name_or_path=/no/such.safetensors",
+                                  f"data.image_dirs=['{tmp_path / 'data'}']"])
+    assert "model error: checkpoint file not found: /no/such.safetensors" in msg
+    msg = one_line(cache, ["configs/demo.toml", f"cache.cache_dir={tmp_path / 'c'}",
+                           f"data.image_dirs=['{tmp_path / 'nope'}']"])
+    assert "cache.py: data error:" in msg
+    # 2 processes (torchrun): each rank prints its line, and both end (none waits at a barrier)
+    r = subprocess.run(TORCHRUN + ["train.py", *base, f"data.image_dirs=['{tmp_path / 'nope'}']"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode != 0 and r.stderr.count("data error:") == 2
-    r = subprocess.run([sys.executable, "cache.py", "configs/demo.toml", f"cache.cache_dir={tmp_path / 'c'}",
-                        f"data.image_dirs=['{tmp_path / 'nope'}']"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode != 0 and "cache.py: data error:" in r.stderr and "Traceback" not in r.stderr
