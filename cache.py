@@ -42,7 +42,8 @@ from core.fsio import clean_stale_temps
 from data.buckets import flipped_crop, load_resized
 from data.captions import CaptionOptions, full_caption
 from data.images import BadImage, SkipReport
-from data.index import DatasetIndex, load_or_build_index
+from data.index import DatasetIndex, load_or_build_index, scan_tar_shards
+from data.readers.tar import SCAN_DIR
 from data.hooks import load_text_hook
 from data.npz_import import row_extra
 from data.readers import LOCATOR_SEP, container_reader, member_bytes, split_locator
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     root = cc.cache_dir
     os.makedirs(root, exist_ok=True)
     if main_rank:  # what a killed or failed run left (never a live writer's: see core/fsio.py)
-        clean_stale_temps([root, os.path.join(root, SHARD_DIR)], log=log.info)
+        clean_stale_temps([root, os.path.join(root, SHARD_DIR), os.path.join(root, SCAN_DIR)], log=log.info)
 
     if args.verify:
         bad = []
@@ -241,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     skipped = SkipReport()
     workers = dist.default_workers(cc.num_workers)
     threads = max(4, workers * 4)
+    scan_tar_shards(cfg.data, root, rank, world, threads)  # tar shards: each rank scans its own, rank 0 merges
+    dist.barrier()
     try:  # rank 0 builds (or reuses) the index; a failure there stops every rank with its message
         dist.main_first(lambda: load_or_build_index(cfg.data, root, is_main=True, skipped=skipped, threads=threads))
         index = load_or_build_index(cfg.data, root, is_main=False)

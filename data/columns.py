@@ -217,7 +217,7 @@ class PackedRows:
 
     def finish(self) -> "PackedRows":
         """Turn the parts into columns (self.cols: StrColumns and arrays); returns self."""
-        for name in self.STRS:
+        for name in self.STRS:  # one column's parts and blob at a time
             self.cols[name] = self._b.pop(name).finish()
         for name, parts in self._nums.items():
             self.cols[name] = (np.concatenate(parts) if parts else

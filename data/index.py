@@ -26,6 +26,7 @@ from .buckets import BucketSettings, assign_buckets
 from .columns import PackedRows, StrColumn, json_encoder
 from .hooks import count_metadata, euge_metadata, load_repeats_hook
 from .images import SkipReport, read_sizes
+from .readers.tar import SCAN_DIR, scan_own_shards, scan_parts
 from .sources import SubsetSpec, collect, inputs_fingerprint, list_images, resolve_subsets
 
 log = logging.getLogger(__name__)
@@ -250,7 +251,8 @@ def _build_index(data, skipped: SkipReport | None, threads: int,
     if store_root and known_sizes is None:
         known_sizes = _store_sizes(store_root)
     n = len(cols)
-    sizes = np.stack([cols.widths, cols.heights], 1).astype(np.int32).reshape(n, 2)
+    sizes = np.stack([cols.cols.pop("widths"), cols.cols.pop("heights")], 1).astype(np.int32, copy=False).reshape(n, 2)
+    cols.cols.pop("hash", None)  # duplicates were checked
     need = np.nonzero((sizes <= 0).any(1))[0]
     for a in range(0, len(need), SIZE_CHUNK):  # image headers, a chunk of paths at a time
         part = need[a : a + SIZE_CHUNK]
@@ -291,9 +293,11 @@ def _build_index(data, skipped: SkipReport | None, threads: int,
     if getter is not None:  # the metadata as the hook left it (as saved before packing)
         enc = json_encoder()
         cols.cols["metadata"] = StrColumn.from_list([enc(m) if m else "" for m in cols.dicts])
+    buckets = np.concatenate([assign_buckets(sizes[a : a + SIZE_CHUNK * 16], bs)  # row by row: in chunks
+                              for a in range(0, len(sizes), SIZE_CHUNK * 16)])
     return DatasetIndex(keys=cols.keys, paths=cols.paths, captions=cols.captions, metadata=cols.metadata,
                         descriptions=cols.descriptions,
-                        sizes=sizes.astype(np.int32), buckets=assign_buckets(sizes, bs), subset=subset_arr,
+                        sizes=sizes, buckets=buckets, subset=subset_arr,
                         repeats=repeats, subsets=subsets, bucket_settings=bs, fingerprint=fp, counter=counter,
                         skipped=dict(skipped.items), store_sig=store_signature(store_root) if from_store else "")
 
@@ -383,7 +387,8 @@ def load_or_build_index(data, index_dir: str, *, is_main: bool = True, barrier: 
             except (ValueError, OSError, KeyError) as e:
                 log.warning("cannot reuse %s (%s); rebuilding", path, e)
         if index is None:
-            index = build_index(data, skipped, threads, known_sizes, store_root)
+            with scan_parts(os.path.join(index_dir, SCAN_DIR)):  # tar shards: the ranks' scans (scan_tar_shards)
+                index = build_index(data, skipped, threads, known_sizes, store_root)
             check_captions(index, allow_empty)  # before saving: a refused index is not reused
             index.save(path)
             log.info("dataset index built: %d entries -> %s", len(index), path)
@@ -394,3 +399,23 @@ def load_or_build_index(data, index_dir: str, *, is_main: bool = True, barrier: 
     if not is_main:
         index = DatasetIndex.load(path)
     return index
+
+
+def scan_tar_shards(data, index_dir: str, rank: int, world: int, threads: int = 4) -> int:
+    """Every rank (before rank 0 builds the index, then a barrier): scan this rank's share of the tar shards into
+    part files the build reads (data/readers/tar.py), unless the saved index is current. Returns the shards this
+    rank scanned. Any problem (a bad config, a damaged shard) is left to rank 0's build, which reports it."""
+    try:
+        subsets = resolve_subsets(data)
+        if not any(s.tar_shards for s in subsets):
+            return 0
+        path = os.path.join(index_dir, INDEX_FILE)
+        if os.path.exists(path):
+            bs = BucketSettings.from_data_cfg(data)
+            fp = inputs_fingerprint(subsets, bool(data.recursive), _settings_key(data) + bs.key())
+            if DatasetIndex.load(path).fingerprint == fp:
+                return 0
+        return scan_own_shards(subsets, os.path.join(index_dir, SCAN_DIR), rank, world, threads)
+    except (ValueError, OSError, KeyError) as e:
+        log.debug("rank %d: tar shards not pre-scanned (%s); the index build scans them", rank, e)
+        return 0

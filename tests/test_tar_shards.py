@@ -175,3 +175,55 @@ def test_train_refuses_uncached_tar_shards():
     require_store_for_containers(data, use_store=True)
     with pytest.raises(ValueError, match="run `torchrun --nproc_per_node=N cache.py"):
         require_store_for_containers(data, use_store=False)
+
+
+def test_two_ranks_scan_their_own_shards_and_rank0_merges(tmp_path, monkeypatch):
+    """cache.py's index scan of tar shards: each of 2 ranks scans its own whole shards (largest first to the least
+    loaded rank) into part files; rank 0's build then reads the parts and scans nothing; the index equals a
+    single-process scan (order, captions, sizes, skipped members). A changed shard is the only one scanned again."""
+    import os
+    import time
+
+    import data.readers.tar as tar
+    from core.config import load_config
+    from data.images import SkipReport
+    from data.index import build_index, load_or_build_index, scan_tar_shards
+
+    sizes = [3, 7, 2, 5]  # samples per shard: shards differ in size, so the deal is not round robin
+    for s, n in enumerate(sizes):
+        samples = [(f"s{s}k{i}", {"png": _img((32 + 16 * (i % 3), 32)), "txt": f"c{s} {i}"}) for i in range(n)]
+        if s == 1:
+            samples.append((f"s{s}bad", {"png": b"not a png", "txt": "x"}))
+        write_webdataset_shard(tmp_path / f"{s:06d}.tar", samples)
+    (tmp_path / "cfg.toml").write_text(f'[model]\nmodel_family = "sdxl"\nmodel_preset = "tiny"\n[data]\n'
+                                       f'resolution = 64\nmin_bucket_reso = 32\nmax_bucket_reso = 128\n'
+                                       f'bucket_reso_step = 32\n[[data.subsets]]\n'
+                                       f'tar_shards = ["{tmp_path}/{{000000..000003}}.tar"]\n')
+    c = load_config(str(tmp_path / "cfg.toml"), [])
+    want_skip = SkipReport()
+    want = build_index(c.data, want_skip, threads=1)  # no parts: one process scans everything
+
+    scanned: list[str] = []
+    real = tar._scan_shard
+    monkeypatch.setattr(tar, "_scan_shard", lambda shard, ext: scanned.append(os.path.basename(shard)) or real(shard, ext))
+    root = str(tmp_path / "store")
+    mine = [scan_tar_shards(c.data, root, r, 2, threads=1) for r in (0, 1)]
+    deal = tar.deal_shards([str(tmp_path / f"{s:06d}.tar") for s in range(4)], 2)
+    assert mine == [2, 2] and sorted(map(os.path.basename, deal[0] + deal[1])) == sorted(scanned)
+    assert {os.path.basename(p) for p in deal[0]} == {"000001.tar", "000002.tar"}  # by bytes: 8+2 vs 5+3 samples
+    scanned.clear()
+    sk = SkipReport()
+    ix = load_or_build_index(c.data, root, skipped=sk, threads=1)
+    assert scanned == []  # rank 0 merged the parts
+    for name in ("keys", "paths", "captions", "metadata"):
+        assert getattr(ix, name).tolist() == getattr(want, name).tolist()
+    assert ix.sizes.tolist() == want.sizes.tolist() and dict(sk.items) == dict(want_skip.items)
+    assert list(sk.items) == [f"{tmp_path}/000001.tar::s1bad.png"]
+
+    time.sleep(0.01)
+    write_webdataset_shard(tmp_path / "000002.tar", [("s2new", {"png": _img((32, 32)), "txt": "new"})])
+    assert [scan_tar_shards(c.data, root, r, 2, threads=1) for r in (0, 1)] in ([1, 0], [0, 1])
+    assert scanned == ["000002.tar"]
+    ix = load_or_build_index(c.data, root, threads=1)
+    assert "s2new" in ix.keys.tolist() and "s2k0" not in ix.keys.tolist() and scanned == ["000002.tar"]
+    assert len(os.listdir(os.path.join(root, tar.SCAN_DIR))) == 4  # the old part of 000002 removed

@@ -13,16 +13,23 @@ is the `<caption_extension>` member (default `.txt`), else `.txt` / `.caption`, 
 (`description`, `tags`, ... as elsewhere). Its `width` / `height` are used for bucketing when present (as for
 metadata records); otherwise the size comes from the image header, read while the shard is scanned.
 
-Index rows point at `<shard>::<image member>`. The index scan (rank 0, shards in parallel threads) reads member
-headers, the caption / JSON members and the first bytes of each image, moving forward only; cache.py then gives
+Index rows point at `<shard>::<image member>`. The index scan reads member headers, the caption / JSON members
+and the first bytes of each image, moving forward only. Under cache.py every rank scans its own whole shards
+(`scan_own_shards`: largest first to the least loaded rank, as cache.py deals shards for encoding) and writes each
+shard's scan as one part file (`<index dir>/tar_scan/<digest>.json`, atomic; the digest covers the shard's path,
+size, mtime and caption extension), then rank 0 builds the index from the parts, scanning only shards without one
+(in threads). Parts are reused by later builds: a changed shard is the only one scanned again. cache.py then gives
 each rank whole shards and streams them once from start to end (`stream_members`); nothing seeks back into a tar.
 A corrupt image or a sample without one is left out with its reason (skipped.txt), like a bad image file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import hashlib
 import json
+import logging
 import os
 import re
 import threading
@@ -30,8 +37,12 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
+from core.fsio import atomic_write, is_temp, remove_quietly
+
 from ..images import IMAGE_EXTENSIONS, BadImage, read_size
 from . import LOCATOR_SEP, Reader, Rows, Source, chunked_rows, member_bytes, register, split_locator, stat_sig
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = tuple(e[1:] for e in IMAGE_EXTENSIONS)  # webdataset extensions: "jpg", "png", ...
 CAPTION_SUFFIXES = ("txt", "caption")
@@ -40,6 +51,8 @@ KEEP_OPEN = 4         # shards whose member table is kept per process for the od
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset base_plus_ext: key = up to the first dot of the base name
 _META = re.compile(r"__[^/]*__($|/)")               # webdataset's skipped metadata members
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)(?:\.\.(-?\d+))?$")
+SCAN_DIR = "tar_scan"  # per-shard scan parts, in the index's folder
+SCAN_VERSION = 1
 
 
 # ---- shard lists -----------------------------------------------------------------------------------------------
@@ -281,6 +294,102 @@ def _header_size(f, m: Member, loc: str, bad: dict[str, str]) -> tuple[int, int]
             return -1, -1
 
 
+# ---- scan parts: one file per scanned shard, written by the rank that scanned it ---------------------------------
+
+_parts = threading.local()  # .dir: the folder of scan parts the index build reads / writes ("" = none)
+
+
+@contextlib.contextmanager
+def scan_parts(directory: str):
+    """Within the block, TarShardReader.read takes shards' scans from part files in `directory` and writes the
+    scans it makes there."""
+    old = getattr(_parts, "dir", "")
+    _parts.dir = directory
+    try:
+        yield
+    finally:
+        _parts.dir = old
+
+
+def part_path(directory: str, shard: str, caption_ext: str) -> str:
+    """The part file of a shard's scan: named by a digest of what the scan depends on (a changed shard: a new name)."""
+    h = hashlib.sha256(f"{SCAN_VERSION}\0{shard}\0{stat_sig(shard)}\0{caption_ext}".encode()).hexdigest()[:32]
+    return os.path.join(directory, f"{h}.json")
+
+
+def _write_part(path: str, shard: str, samples: list, bad: dict[str, str]) -> None:
+    cut = len(shard) + len(LOCATOR_SEP)
+    body = {"shard": shard, "samples": [[k, loc[cut:], c, m, w, h] for k, loc, c, m, w, h in samples],
+            "bad": {loc[cut:]: why for loc, why in bad.items()}}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write(path, lambda f: f.write(json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()))
+
+
+def _read_part(path: str, shard: str) -> tuple[list, dict[str, str]] | None:
+    """A shard's scan from its part file; None when there is none (or it is unreadable: scanned again)."""
+    try:
+        with open(path, "rb") as f:
+            body = json.loads(f.read())
+        if body.get("shard") != shard:
+            return None
+        pre = shard + LOCATOR_SEP
+        samples = [(k, pre + m, c, md, w, h) for k, m, c, md, w, h in body["samples"]]
+        return samples, {pre + m: why for m, why in body["bad"].items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def deal_shards(shards: list[str], world: int) -> list[list[str]]:
+    """Whole shards to ranks, largest (in bytes) first to the least loaded rank, in the same way on every rank
+    (cache.py deals shards for encoding by the same rule, by rows)."""
+    size = {}
+    for p in shards:
+        try:
+            size[p] = os.path.getsize(p)
+        except OSError:
+            size[p] = 0
+    out: list[list[str]] = [[] for _ in range(world)]
+    load = [0] * world
+    for p in sorted(shards, key=lambda p: (-size[p], p)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        out[r].append(p)
+        load[r] += size[p]
+    return out
+
+
+def scan_own_shards(specs: list, directory: str, rank: int, world: int, threads: int = 4) -> int:
+    """This rank's share of every subset's tar shards scanned into part files (those without a current one);
+    returns how many it scanned. A shard that cannot be scanned is left to the index build (rank 0), which reports
+    it the usual way. Rank 0 also removes parts no current shard uses."""
+    jobs = sorted({(shard, s.caption_extension) for s in specs for shard in (s.tar_shards or [])})
+    if not jobs:
+        return 0
+    mine = set(deal_shards(sorted({j[0] for j in jobs}), world)[rank])
+    todo = [(sh, ext, part_path(directory, sh, ext)) for sh, ext in jobs if sh in mine]
+    todo = [j for j in todo if not os.path.exists(j[2])]
+    if rank == 0 and os.path.isdir(directory):
+        keep = {os.path.basename(part_path(directory, sh, ext)) for sh, ext in jobs}
+        for name in os.listdir(directory):
+            if name.endswith(".json") and name not in keep and not is_temp(name):
+                remove_quietly(os.path.join(directory, name))
+
+    def one(job) -> bool:
+        shard, ext, path = job
+        try:
+            samples, bad = _scan_shard(shard, ext)
+        except ValueError:  # damaged / unreadable: rank 0's build meets it again and says so
+            return False
+        _write_part(path, shard, samples, bad)
+        return True
+
+    with ThreadPoolExecutor(max(1, min(threads, len(todo) or 1))) as ex:
+        done = sum(ex.map(one, todo))
+    if done:
+        log.info("rank %d: scanned %d of its %d tar shards (%d others already had a current scan)", rank, done,
+                 len(mine), len(mine) - len(todo))
+    return done
+
+
 @register
 class TarShardReader(Reader):
     """webdataset tar shards of a subset: read forward only, shards in parallel threads."""
@@ -302,9 +411,21 @@ class TarShardReader(Reader):
             h.update(f"{self.name}:{shard}:{stat_sig(shard)}".encode())
 
     def read(self, src: Source, si: int, threads: int) -> Iterator[Rows]:
-        shards = src.spec.tar_shards
+        shards, ext = src.spec.tar_shards, src.spec.caption_extension
+        directory = getattr(_parts, "dir", "")
+
+        def scan(shard: str) -> tuple[list, dict[str, str]]:
+            if not directory:
+                return _scan_shard(shard, ext)
+            path = part_path(directory, shard, ext)
+            got = _read_part(path, shard) if os.path.exists(path) else None
+            if got is None:  # no rank scanned it yet (or its part is unreadable)
+                got = _scan_shard(shard, ext)
+                _write_part(path, shard, *got)
+            return got
+
         with ThreadPoolExecutor(max(1, min(threads, len(shards)))) as ex:  # they overlap the reads
-            scans = ex.map(_scan_shard, shards, [src.spec.caption_extension] * len(shards))
+            scans = ex.map(scan, shards)
             for shard, (samples, bad) in zip(shards, scans):
                 self._bad.update(bad)
                 if samples:
