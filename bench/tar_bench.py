@@ -1,7 +1,9 @@
-"""Tar-shard sources: index scan rate (rank 0 reading member headers, captions and image headers) and the rate at
-which one rank streams its shards (members read front to back, no decode), on synthetic webdataset shards.
+"""Tar-shard sources: index scan rate (member headers, captions and image headers read), with one process scanning
+every shard and with --ranks processes each scanning its own shards into part files (data/readers/tar.py
+scan_own_shards, what cache.py's ranks do) and rank 0 merging the parts into the index rows; and the rate at which
+one rank streams its shards (members read front to back, no decode), on synthetic webdataset shards.
 
-    python bench/tar_bench.py [--shards 8] [--per-shard 1000] [--side 512] [--json 0.5] [--dir /tmp/tar_bench]
+    python bench/tar_bench.py [--shards 8] [--per-shard 1000] [--side 512] [--json 0.5] [--ranks 2] [--dir /tmp/tar_bench]
 
 Each sample is `<key>.jpg` (a --side x --side JPEG of noise, ~incompressible like photos) + `<key>.txt`, and for a
 --json share of samples also `<key>.json` with img2dataset's `width` / `height` (so their image header is not read).
@@ -16,6 +18,7 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from types import SimpleNamespace
@@ -27,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 from data.readers import Source  # noqa: E402
-from data.readers.tar import TarShardReader  # noqa: E402
+from data.readers.tar import TarShardReader, scan_own_shards, scan_parts  # noqa: E402
 from helpers import write_webdataset_shard  # noqa: E402
 
 
@@ -38,6 +41,7 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=512)
     ap.add_argument("--json", type=float, default=0.5, help="share of samples with a .json width / height")
     ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--ranks", type=int, default=2, help="processes scanning their own shards")
     ap.add_argument("--dir", default="/tmp/tar_bench")
     ap.add_argument("--drop", action="store_true")
     a = ap.parse_args()
@@ -68,10 +72,29 @@ def main() -> None:
     r = TarShardReader()
     spec = SimpleNamespace(tar_shards=shards, caption_extension=".txt")
     drop()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     rows = sum(len(c) for c in r.read(Source("tar", "", spec), 0, a.threads))
-    dt = time.perf_counter() - t
-    print(f"index scan ({a.threads} threads): {rows} rows in {dt:.2f} s = {rows / dt:,.0f} samples/s")
+    dt, cpu = time.perf_counter() - t, time.process_time() - c
+    print(f"index scan, 1 process ({a.threads} threads): {rows} rows in {dt:.2f} s = {rows / dt:,.0f} samples/s "
+          f"(CPU {cpu:.2f} s)")
+    parts = os.path.join(a.dir, "parts")
+    drop()
+    t = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, __file__, "_rank", parts, str(k), str(a.ranks), str(a.threads)] + shards,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, text=True)
+             for k in range(a.ranks)]
+    own = [json.loads(p.communicate()[0]) for p in procs]
+    if any(p.returncode for p in procs):
+        raise SystemExit("a scanning process failed")
+    t1 = time.perf_counter()
+    with scan_parts(parts):  # rank 0's index build: every shard from its part
+        rows = sum(len(c) for c in TarShardReader().read(Source("tar", "", spec), 0, a.threads))
+    t2 = time.perf_counter()
+    print(f"index scan, {a.ranks} processes (each its own shards -> parts, then rank 0 merges): {rows} rows, scan "
+          f"{t1 - t:.2f} s (with process start-up; the slowest rank's own scan {max(o['s'] for o in own):.2f} s, CPU "
+          f"{'/'.join(format(o['cpu'], '.2f') for o in own)} s, "
+          f"{'/'.join(str(o['shards']) for o in own)} shards) + merge {t2 - t1:.2f} s = {rows / (t2 - t):,.0f} "
+          f"samples/s ({rows / (max(o['s'] for o in own) + t2 - t1):,.0f} without start-up)")
     drop()
     t = time.perf_counter()
     got = 0
@@ -85,4 +108,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["_rank"]:  # one scanning rank: parts dir, rank, world, threads, shards
+        d, rank, world, threads = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+        t, c = time.perf_counter(), time.process_time()
+        n = scan_own_shards([SimpleNamespace(tar_shards=sys.argv[6:], caption_extension=".txt")], d, rank, world, threads)
+        print(json.dumps({"s": time.perf_counter() - t, "cpu": time.process_time() - c, "shards": n}))
+    else:
+        main()

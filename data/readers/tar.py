@@ -189,8 +189,8 @@ def iter_members(f, shard: str) -> Iterator[Member]:
         h = f.read(512)
         if len(h) < 512 or h == bytes(512):
             return  # end of archive (a zero block), or a file cut at a member boundary
-        want = _octal(h[148:156])
-        if want != sum(h[:148]) + 256 + sum(h[156:]):  # the checksum counts its own field as 8 spaces
+        field = h[148:156]
+        if _octal(field) != sum(h) - sum(field) + 256:  # the checksum counts its own field as 8 spaces
             raise ValueError(f"tar shard {shard!r}: damaged member header at byte {pos}")
         size = _octal(h[124:136])
         kind = h[156:157]
