@@ -108,17 +108,17 @@ def _rank_worker(path: str, rank: int, world: int, mmap: bool, barrier_dir: str)
     sampler = EpochBatches(ix, 4, rows, seed=0, epoch=0, rank=rank, world_size=world)  # the loader's per-rank batches
     _barrier(barrier_dir, "ready", world)
     after = _mem()
-    print(json.dumps({"rank": rank, "mmap": mmap, "batches": len(sampler),
+    print(json.dumps({"rank": rank, "mmap": mmap, "batches": len(sampler), "peak_rss": round(_peak_rss_mb()),
                       "index_private": round(index_only["private"] - before["private"], 1),
                       **{k: round(after[k] - before[k], 1) for k in after}}), flush=True)
     _barrier(barrier_dir, "done", world)
 
 
-def bench_ranks(root: str, entries: int, world: int = 2) -> None:
+def bench_ranks(root: str, entries: int, world: int = 2, mmap_only: bool = False) -> None:
     path = os.path.join(root, f"index_{entries}.npz")
     if not os.path.exists(path):
         bench_index(root, entries)
-    for mmap in (True, False):
+    for mmap in (True,) if mmap_only else (True, False):
         with tempfile.TemporaryDirectory(dir=root) as bar:
             procs = [subprocess.Popen([sys.executable, __file__, "_rank", path, str(r), str(world), str(int(mmap)), bar],
                                       stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -127,7 +127,8 @@ def bench_ranks(root: str, entries: int, world: int = 2) -> None:
         for o in outs:
             print(f"{entries} entries, index {'memory-mapped' if mmap else 'read into memory'}: rank {o['rank']} added "
                   f"RSS {o['rss']:.0f} MB, PSS {o['pss']:.0f} MB, private {o['private']:.0f} MB, of which the index "
-                  f"{o['index_private']:.0f} MB and its epoch batches ({o['batches']}, data.loader.EpochBatches) the rest")
+                  f"{o['index_private']:.0f} MB and its epoch batches ({o['batches']}, data.loader.EpochBatches) the rest; "
+                  f"peak RSS of the process {o['peak_rss']} MB")
 
 
 def _state_worker(rank: int, world: int, store: str) -> None:
@@ -178,8 +179,9 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("index", "ranks", "state"))
     ap.add_argument("--entries", type=int, default=1_000_000)
+    ap.add_argument("--mmap-only", action="store_true", help="ranks: skip the index-read-into-memory comparison")
     ap.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "scale_bench"))
     a = ap.parse_args()
     os.makedirs(a.dir, exist_ok=True)
-    {"index": lambda: bench_index(a.dir, a.entries), "ranks": lambda: bench_ranks(a.dir, a.entries),
+    {"index": lambda: bench_index(a.dir, a.entries), "ranks": lambda: bench_ranks(a.dir, a.entries, mmap_only=a.mmap_only),
      "state": lambda: bench_state(a.dir)}[a.what]()

@@ -124,10 +124,12 @@ class _Epoch:
         """Global batches `ids` (in that order): (pairs [n, 2] int32 (row, position), offsets [len(ids) + 1] int32);
         batch j = pairs[offsets[j]:offsets[j+1]]. Only these batches' pairs are made: each group's positions are
         found once (ascending), and the wanted runs of them gathered."""
-        k = self.perm[ids].astype(np.int64)                                 # unshuffled batch of each
-        g = np.searchsorted(self.first, k, side="right") - 1
-        start = (k - self.first[g]) * self.batch_size
-        n = np.minimum(start + self.batch_size, self.count[g]) - start
+        idt = np.int32 if len(self.samples) < 1 << 31 else np.int64          # 4 bytes a batch where it fits
+        k = self.perm[ids]                                                  # unshuffled batch of each
+        g = (np.searchsorted(self.first, k, side="right") - 1).astype(idt)
+        start = ((k - self.first[g]) * self.batch_size).astype(idt)
+        n = (np.minimum(start + self.batch_size, self.count[g]) - start).astype(idt)
+        del k
         offsets = np.zeros(len(ids) + 1, np.int64)
         np.cumsum(n, out=offsets[1:])
         if offsets[-1] < 1 << 31:
