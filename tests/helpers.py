@@ -62,3 +62,43 @@ def main_ok(entry, argv, log_dir=None, expect=0, name="train"):
     with open(log_file) as f:
         f.seek(start)
         return f.read()
+
+
+class _Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_workers(cmd, world=2, env=None, timeout=600, expect=0):
+    """`world` worker processes of `cmd` (a script and its arguments) started as torchrun / srun start them: RANK,
+    LOCAL_RANK, WORLD_SIZE, MASTER_ADDR / MASTER_PORT (rank 0 hosts the store), gloo on CPU. The same process group
+    as under torchrun, without torchrun's agent process: one torch import (seconds) less per launch. Use TORCHRUN
+    where the launcher itself is tested. Fails the test unless every worker exits with `expect`; returns the
+    workers' output, rank by rank, in .stderr / .stdout."""
+    import socket
+    import tempfile
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs, logs = [], []
+    try:
+        for rank in range(world):
+            logs.append((tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")))
+            wenv = {**(env or ENV), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                    "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            procs.append(subprocess.Popen([sys.executable, *map(str, cmd)], cwd=ROOT, env=wenv, stdout=logs[-1][0],
+                                          stderr=logs[-1][1], text=True))
+        codes = [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    outs = []
+    for o, e in logs:
+        o.seek(0), e.seek(0)
+        outs.append((o.read(), e.read()))
+        o.close(), e.close()
+    res = _Result(codes, "".join(o for o, _ in outs), "".join(e for _, e in outs))
+    assert codes == [expect] * world, (f"{' '.join(map(str, cmd))}: workers exited {codes}, expected {expect}:\n"
+                                       f"{res.stdout[-3000:]}\n{res.stderr[-5000:]}")
+    return res

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import models
-from helpers import TORCHRUN, run_ok
+from helpers import run_workers
 from networks import lora
 
 # every dropout on, with gradient checkpointing (a recomputed block must draw the masks of its forward)
@@ -50,7 +50,7 @@ DIST = ["optimizer.optimizer_type=SGD", "optimizer.learning_rate=0.5", "optimize
 @pytest.fixture(scope="module")
 def ddp_run(data):
     out = data / "ddp"
-    run_ok(TORCHRUN + ["train.py", *_args(data, out, 4, "save.save_every_n_steps=2", *DIST)])
+    run_workers(["train.py", *_args(data, out, 4, "save.save_every_n_steps=2", *DIST)])
     return out
 
 
@@ -65,7 +65,7 @@ def test_lora_two_process_ddp_resumes_exactly_base_untouched(data, ddp_run, tmp_
     res = tmp_path / "resumed"
     (res / "state").mkdir(parents=True)
     shutil.copytree(state, res / "state" / state.name)
-    run_ok(TORCHRUN + ["train.py", *_args(data, res, 4, f"train.resume={res / 'state' / state.name}", *DIST)])
+    run_workers(["train.py", *_args(data, res, 4, f"train.resume={res / 'state' / state.name}", *DIST)])
     f = _equal_files(ddp_run / "models" / "demo.safetensors", res / "models" / "demo.safetensors")
     assert any(k.startswith("lora_te1_") for k in f) and any(k.startswith("lora_te2_") for k in f)
     assert any("in_layers_2" in k for k in f) and f["lora_unet_input_blocks_4_1_proj_in.alpha"].item() == 1.0
@@ -78,7 +78,7 @@ def test_lora_two_process_ddp_resumes_exactly_base_untouched(data, ddp_run, tmp_
 def test_lora_fsdp_matches_ddp_and_writes_the_same_file(data, ddp_run, tmp_path):
     pytest.importorskip("torch.distributed.fsdp").fully_shard  # FSDP2 API
     out = tmp_path / "fsdp"
-    run_ok(TORCHRUN + ["train.py", *_args(data, out, 4, "train.fsdp=true", *DIST)])
+    run_workers(["train.py", *_args(data, out, 4, "train.fsdp=true", *DIST)])
     path = out / "models" / "demo.safetensors"
     ddp, fsdp = load_file(str(ddp_run / "models" / "demo.safetensors")), load_file(str(path))
     assert ddp.keys() == fsdp.keys()

@@ -1,12 +1,12 @@
 """SD3 training with cached text-encoder outputs: the T5 attention mask, the compact text cache, end to end runs.
 
-The end-to-end tests run the real launchers (torchrun with gloo on CPU, and plain `python cache.py / train.py`)
-on `configs/demo_sd3.toml` (tiny SD3 preset, random weights) and small generated datasets.
+The end-to-end tests run cache.py / train.py on `configs/demo_sd3.toml` (tiny SD3 preset, random weights) and
+small generated datasets: as 2 worker processes with torchrun's environment (gloo on CPU; tests/helpers.py
+run_workers), and in this process (cache.main / train.main) for the one-process runs.
 """
 import json
 import os
 import random
-import sys
 
 import numpy as np
 import pytest
@@ -15,15 +15,11 @@ from PIL import Image, ImageDraw
 
 import models
 from core.config import load_config
-from helpers import TORCHRUN, run_ok
+from helpers import main_ok, run_workers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENIZER_JSON = os.path.join(os.path.dirname(__file__), "fixtures", "t5", "tokenizer.json")
 CONFIG = "configs/demo_sd3.toml"
-
-
-def _run(cmd, timeout=300):
-    return run_ok(cmd, timeout=timeout)
 
 
 def _data_overrides(data, cache):
@@ -144,17 +140,17 @@ def shapes(tmp_path_factory):
 
 @pytest.mark.slow
 def test_two_process_cached_text_train_export_samples(shapes, tmp_path):
-    """2 processes (torchrun, gloo): cache.py with text-encoder outputs, then train.py on the demo SD3 config.
+    """2 processes (torchrun's environment, gloo): cache.py with text-encoder outputs, then train.py on the demo SD3 config.
     References: the files on disk (safetensors reload through models.load, PNG previews, metrics rows) and
     SD3.encode_text as the oracle for what the loader hands train.py from the cache."""
     cache, out = tmp_path / "cache", tmp_path / "run"
-    _run(TORCHRUN + ["cache.py", CONFIG, *_data_overrides(shapes / "data", cache)])
+    run_workers(["cache.py", CONFIG, *_data_overrides(shapes / "data", cache)])
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle --d 5 --s 3\na blue square --d 6 --s 3 --w 64 --h 96\n")
-    _run(TORCHRUN + ["train.py", CONFIG, *_data_overrides(shapes / "data", cache),
-                     *_train_overrides(out, 4, "data.batch_size=2", "save.save_every_n_steps=2",
-                                       f"sample.sample_prompts={prompts}", "sample.sample_every_n_steps=4",
-                                       "sample.sample_params={width=64, height=64}")])
+    run_workers(["train.py", CONFIG, *_data_overrides(shapes / "data", cache),
+                 *_train_overrides(out, 4, "data.batch_size=2", "save.save_every_n_steps=2",
+                                   f"sample.sample_prompts={prompts}", "sample.sample_every_n_steps=4",
+                                   "sample.sample_params={width=64, height=64}")])
     comp = models.load(str(out / "models" / "demo_sd3.safetensors"))
     assert comp.family == "sd3" and comp.mmdit is not None and comp.t5 is not None and comp.vae is not None
     assert os.path.isfile(out / "models" / "demo_sd3-step00000002.safetensors")
@@ -202,7 +198,7 @@ def test_masked_cache_variants_exact_and_rotated_by_epoch(shapes, tmp_path):
     cache = tmp_path / "cache"
     ov = [*_data_overrides(shapes / "data", cache), "model.apply_t5_attn_mask=true", "model.t5_max_token_length=96",
           "cache.text_variants=3", "data.shuffle_caption=true", "data.batch_size=1"]
-    _run([sys.executable, "cache.py", CONFIG, *ov])
+    main_ok("cache", [CONFIG, *ov])
     cfg = load_config(os.path.join(ROOT, CONFIG), ov)
     store = LatentStore(str(cache))
     index = load_or_build_index(cfg.data, str(cache), is_main=True, barrier=lambda: None)
@@ -266,10 +262,10 @@ def test_sd3_learns_two_classes_from_cached_text(tmp_path):
     cache, out = tmp_path / "cache", tmp_path / "run"
     ov = [*_data_overrides(tmp_path / "data", cache), "data.resolution=64", "data.min_bucket_reso=32",
           "data.max_bucket_reso=128"]
-    _run([sys.executable, "cache.py", CONFIG, *ov])
-    res = _run([sys.executable, "train.py", CONFIG, *ov, *_train_overrides(out, 300, "save.save_state=false",
-                                                                           "log.log_every_n_steps=1")])
-    assert "trained text encoders: none" in res.stderr
+    main_ok("cache", [CONFIG, *ov])
+    log = main_ok("train", [CONFIG, *ov, *_train_overrides(out, 300, "save.save_state=false", "log.log_every_n_steps=1")],
+                  out / "logs")
+    assert "trained text encoders: none" in log
     losses = [r["loss"] for r in _metrics(out)]
     assert len(losses) == 300 and np.mean(losses[-60:]) < 0.6 * np.mean(losses[:60]), (losses[:5], losses[-5:])
 
