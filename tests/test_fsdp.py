@@ -24,7 +24,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from helpers import ENV, ROOT, TORCHRUN, run_ok
+from helpers import ENV, ROOT, TORCHRUN, run_ok, run_workers
 
 STEPS = 4
 NAMES = ("demo.safetensors", "demo-ema.safetensors")
@@ -155,7 +155,7 @@ def test_fsdp_ema_matches_ddp_crash_export_and_one_process_resume(ref, tmp_path)
     assert os.path.isfile(tmp / "fsdp" / "samples" / f"{STEPS:06d}_grid.png")  # previews under FSDP
     import models
     assert models.load(str(tmp / "fsdp" / "models" / "demo-crashed.safetensors"), parts=("unet",)).unet is not None
-    run_ok(TORCHRUN + ["train.py", *common, f"output_dir={tmp_path / 'ddp'}"])
+    run_workers(["train.py", *common, f"output_dir={tmp_path / 'ddp'}"])  # 2 processes, no agent needed
     ddp, fs = _models(tmp_path / "ddp"), _reference(tmp)
     for name in NAMES:  # same data and noise: equal up to the order of floating-point reductions
         assert ddp[name].keys() == fs[name].keys()

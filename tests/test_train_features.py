@@ -16,13 +16,9 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from helpers import ENV, TORCHRUN, main_ok, run_ok
+from helpers import ENV, TORCHRUN, main_ok, run_workers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _run(cmd, expect=0):
-    return run_ok(cmd, expect=expect)
 
 
 @pytest.fixture(scope="module")
@@ -185,12 +181,12 @@ def _te_keys(sd):
 
 @pytest.mark.slow
 def test_train_text_encoder_two_processes(dataset, tmp_path):
-    """2-process DDP (gloo) with the text encoders trained at their own LRs: they change, and the export holds them."""
+    """2-process DDP (gloo; the workers started with torchrun's environment) with the text encoders trained at their own LRs: they change, and the export holds them."""
     import models
     out = tmp_path / "run"
-    res = _run([*TORCHRUN, "train.py", *args(dataset, out, 2, "train.train_text_encoder=true",
-                                             "optimizer.learning_rate_te1=1e-3", "optimizer.learning_rate_te2=2e-3",
-                                             "save.save_precision=fp32")])
+    res = run_workers(["train.py", *args(dataset, out, 2, "train.train_text_encoder=true",
+                                         "optimizer.learning_rate_te1=1e-3", "optimizer.learning_rate_te2=2e-3",
+                                         "save.save_precision=fp32")])
     assert "optimizer group te1: " in res.stderr and "lr 0.001" in res.stderr
     assert "optimizer group te2: " in res.stderr and "lr 0.002" in res.stderr
     start = models.build("sdxl", "tiny", seed=0).export_state_dict()
