@@ -112,6 +112,27 @@ def _losses(out):
 
 
 @pytest.mark.slow
+def test_kill9_during_state_write_resumes_from_previous_state(dataset, request, tmp_path):
+    out = tmp_path / "run"
+    args = overrides(dataset, out, 6, "save.save_every_n_steps=2", "save.save_last_n_states=5")
+    env = {**ENV, "SDTRAIN_TEST_KILL_DURING_STATE_WRITE": "2"}  # SIGKILL inside the 2nd state write (step 4)
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    straight = request.getfixturevalue("straight")  # (first use: trained here while the killed run starts up)
+    err = proc.communicate(timeout=600)[1]
+    assert proc.returncode == -signal.SIGKILL, err[-3000:]
+    names = os.listdir(out / "state")
+    assert "step-00000002" in names and "step-00000004" not in names
+    assert any(n.startswith("step-00000004.tmp") for n in names)  # the half-written one
+    log = main_ok("train", [*args, "train.resume=auto"], out / "logs")
+    assert "resumed from" in log and "step-00000002" in log
+    # the straight run's weights after the same 6 steps (a constant LR: its first 6 steps are a 6-step run's)
+    wa, wb = _weights_at(straight, 6), _weights_at(out)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not any(".tmp" in n for n in os.listdir(out / "state"))
+
+
+@pytest.mark.slow
 def test_exact_resume_after_sigterm(dataset, straight, tmp_path):
     """STEPS steps straight == interrupted by SIGTERM mid-run + resume=auto: same losses, bit-exact weights."""
     resumed = tmp_path / "resumed"
@@ -136,24 +157,6 @@ def test_exact_resume_after_sigterm(dataset, straight, tmp_path):
     assert all(a[k] == b[k] for k in a), (a, b)
     wa, wb = _weights_at(straight, STEPS), _weights_at(resumed)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-
-
-@pytest.mark.slow
-def test_kill9_during_state_write_resumes_from_previous_state(dataset, straight, tmp_path):
-    out = tmp_path / "run"
-    args = overrides(dataset, out, 6, "save.save_every_n_steps=2", "save.save_last_n_states=5")
-    env = {**ENV, "SDTRAIN_TEST_KILL_DURING_STATE_WRITE": "2"}  # SIGKILL inside the 2nd state write (step 4)
-    proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    names = os.listdir(out / "state")
-    assert "step-00000002" in names and "step-00000004" not in names
-    assert any(n.startswith("step-00000004.tmp") for n in names)  # the half-written one
-    log = main_ok("train", [*args, "train.resume=auto"], out / "logs")
-    assert "resumed from" in log and "step-00000002" in log
-    # the straight run's weights after the same 6 steps (a constant LR: its first 6 steps are a 6-step run's)
-    wa, wb = _weights_at(straight, 6), _weights_at(out)
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert not any(".tmp" in n for n in os.listdir(out / "state"))
 
 
 def test_damaged_state_is_skipped(tmp_path):
