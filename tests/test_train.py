@@ -2,7 +2,8 @@
 under another world size.
 
 These run the real launchers where the launch is what is tested (torchrun with gloo on CPU for the 2-process
-cache and training, plain `python train.py` for the runs that are signalled or killed) on the tiny SDXL preset
+training, plain `python train.py` for the runs that are signalled or killed; the 2-rank cache runs as 2 workers
+with torchrun's environment) on the tiny SDXL preset
 and a small generated dataset. The runs that only provide a reference or continue a state run in this process
 (train.main), and the expensive ones are shared by the tests through module fixtures: the data is cached once (by
 2 ranks), one straight 8-step run is the reference of both resume tests, and the 2-process run's mid-run state is
@@ -18,7 +19,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
-from helpers import ENV, TORCHRUN, main_ok, run_ok
+from helpers import ENV, TORCHRUN, main_ok, run_ok, run_workers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8  # the reference run's length
@@ -30,11 +31,11 @@ def _run(cmd, env=None, timeout=600):
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    """16 demo images, cached by 2 ranks (torchrun cache.py) into root/cache, which every test trains from."""
+    """16 demo images, cached by 2 ranks (2 cache.py workers) into root/cache, which every test trains from."""
     from data.demo import make_demo_dataset
     root = tmp_path_factory.mktemp("demo")
     make_demo_dataset(str(root / "data"), n=16, size=(64, 96))
-    _run(TORCHRUN + ["cache.py", *overrides(root, root / "x", 1)[:3]])
+    run_workers(["cache.py", *overrides(root, root / "x", 1)[:3]])
     return root
 
 
