@@ -194,11 +194,13 @@ def test_resume_with_another_world_size_continues_the_epoch(dataset, two_process
     out = tmp_path / "run"
     os.makedirs(out / "state")
     shutil.copytree(state, out / "state" / state.name)
+    shutil.copy(two_process_run[0] / "run.json", out / "run.json")  # that run's id: resume = auto takes its state
     cfg = load_config(os.path.join(ROOT, "configs/demo.toml"), overrides(dataset, out, 2)[1:])
     index = DatasetIndex.load(str(dataset / "cache" / "dataset_index.npz"))
     n = len(global_batches(index, cfg.data.batch_size, cfg.seed, 0, usable_rows(index, LatentStore(str(dataset / "cache")))))
     steps = 2 + (n - 4) + 2  # the rest of epoch 0 on one process, then two steps of epoch 1
-    log = main_ok("train", overrides(dataset, out, steps, f"train.resume={out / 'state' / state.name}"), out / "logs")
+    log = main_ok("train", overrides(dataset, out, steps, "train.resume=auto"), out / "logs")
+    assert f"resumed from {out / 'state' / state.name}" in log
     assert "resuming with 1 processes (state saved with 2)" in log
     epochs = {r["step"]: r["epoch"] for r in metrics(out)}
     assert sorted(epochs) == list(range(3, steps + 1))
