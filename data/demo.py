@@ -28,6 +28,11 @@ def draw_shape(rng: random.Random, w: int, h: int, colour: str, shape: str, back
     return im
 
 
+def caption_for(colour: str, shape: str) -> str:
+    """The demo caption of one image (also the prompts the demo samples with)."""
+    return f"a {colour} {shape}, simple background, {colour}, {shape}"
+
+
 def random_background(rng: random.Random) -> tuple[int, int, int]:
     """A light background colour (each channel in [200, 255])."""
     return tuple(rng.randint(200, 255) for _ in range(3))
@@ -51,9 +56,34 @@ def make_demo_dataset(out_dir: str, n: int = 32, size: tuple[int, int] = (64, 12
         stem = os.path.join(out_dir, f"{i:04d}_{colour}_{shape}")
         im.save(stem + ".png")
         with open(stem + ".txt", "w", encoding="utf-8") as f:
-            f.write(f"a {colour} {shape}, simple background, {colour}, {shape}")
+            f.write(caption_for(colour, shape))
         paths.append(stem + ".png")
     return paths
+
+
+def classify_colour(img: Image.Image) -> str | None:
+    """A fixed colour classifier for demo pictures: the demo colour whose hue is nearest the saturation-weighted mean
+    hue of the shape region, or None without a shape. The region is the pixels farther than 0.25 (max over RGB, in
+    [0, 1]) from the median border colour; it must cover 3-70 % of the image with mean saturation >= 0.3."""
+    import colorsys
+
+    import numpy as np
+
+    a = np.asarray(img.convert("RGB"), dtype=np.float64) / 255
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    region = np.abs(a - np.median(border, axis=0)).max(axis=-1) > 0.25
+    if not 0.03 <= region.mean() <= 0.7:
+        return None
+    hsv = np.asarray(img.convert("RGB").convert("HSV"), dtype=np.float64)[region] / 255
+    if hsv[:, 1].mean() < 0.3:
+        return None
+    angle = 2 * np.pi * hsv[:, 0]
+    mean = np.arctan2((np.sin(angle) * hsv[:, 1]).sum(), (np.cos(angle) * hsv[:, 1]).sum()) / (2 * np.pi) % 1
+
+    def dist(rgb: tuple[int, int, int]) -> float:
+        h = colorsys.rgb_to_hsv(*(c / 255 for c in rgb))[0]
+        return min(abs(mean - h), 1 - abs(mean - h))
+    return min(COLOURS, key=lambda name: dist(COLOURS[name]))
 
 
 def synthetic_photo(w: int, h: int, seed: int = 0) -> Image.Image:
