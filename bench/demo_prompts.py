@@ -39,7 +39,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", choices=("sd3", "sdxl"), default="sd3")
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--every", type=int, default=100, help="export (and classify) every N steps")
+    ap.add_argument("--every", type=int, default=100, help="export (and classify) every N steps; 0 = the final model only")
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0, help="run seed (also the random text encoders' weights)")
