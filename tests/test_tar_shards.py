@@ -15,6 +15,16 @@ from data.readers.tar import expand_braces, expand_shards, group_samples
 from helpers import write_webdataset_shard
 
 
+def _tar_config(tmp_path, last: str):
+    """A tiny SDXL config over the shards tmp_path/000000.tar .. {last}.tar (brace range)."""
+    from core.config import load_config
+    (tmp_path / "cfg.toml").write_text(f'[model]\nmodel_family = "sdxl"\nmodel_preset = "tiny"\n[data]\n'
+                                       f'resolution = 64\nmin_bucket_reso = 32\nmax_bucket_reso = 128\n'
+                                       f'bucket_reso_step = 32\n[[data.subsets]]\n'
+                                       f'tar_shards = ["{tmp_path}/{{000000..{last}}}.tar"]\n')
+    return load_config(str(tmp_path / "cfg.toml"), [])
+
+
 @pytest.mark.parametrize("pattern", ["s{000000..000003}.tar", "{a,b}{1..2}", "x{9..7}y", "{1..10..3}", "a{b,c{d,e}}f",
                                      "{08..11}", "{0..10}", "{-01..1}", "{x}", "p{000..2}q", "no_braces.tar"])
 def test_brace_expansion_matches_bash(pattern):
@@ -134,7 +144,6 @@ def test_index_of_a_shard(tmp_path):
     """Captions: caption_extension member, else .txt / .caption, else the JSON's caption, else its tags; the JSON's
     other fields are metadata (description used); JSON width / height are trusted as for metadata records; a
     corrupt image, a sample without image and a broken JSON are skipped with their reasons."""
-    from core.config import load_config
     from data.images import SkipReport
     from data.index import build_index
 
@@ -148,11 +157,7 @@ def test_index_of_a_shard(tmp_path):
         ("noimg", {"json": "{}", "txt": "y"}),
         ("badjson", {"png": _img((32, 32)), "json": "{oops"}),
     ])
-    (tmp_path / "cfg.toml").write_text(f'[model]\nmodel_family = "sdxl"\nmodel_preset = "tiny"\n[data]\n'
-                                       f'resolution = 64\nmin_bucket_reso = 32\nmax_bucket_reso = 128\n'
-                                       f'bucket_reso_step = 32\n[[data.subsets]]\n'
-                                       f'tar_shards = ["{tmp_path}/{{000000..000000}}.tar"]\n')
-    c = load_config(str(tmp_path / "cfg.toml"), [])
+    c = _tar_config(tmp_path, "000000")
     sk = SkipReport()
     ix = build_index(c.data, sk)
     shard = str(tmp_path / "000000.tar")
@@ -185,7 +190,6 @@ def test_two_ranks_scan_their_own_shards_and_rank0_merges(tmp_path, monkeypatch)
     import time
 
     import data.readers.tar as tar
-    from core.config import load_config
     from data.images import SkipReport
     from data.index import build_index, load_or_build_index, scan_tar_shards
 
@@ -195,11 +199,7 @@ def test_two_ranks_scan_their_own_shards_and_rank0_merges(tmp_path, monkeypatch)
         if s == 1:
             samples.append((f"s{s}bad", {"png": b"not a png", "txt": "x"}))
         write_webdataset_shard(tmp_path / f"{s:06d}.tar", samples)
-    (tmp_path / "cfg.toml").write_text(f'[model]\nmodel_family = "sdxl"\nmodel_preset = "tiny"\n[data]\n'
-                                       f'resolution = 64\nmin_bucket_reso = 32\nmax_bucket_reso = 128\n'
-                                       f'bucket_reso_step = 32\n[[data.subsets]]\n'
-                                       f'tar_shards = ["{tmp_path}/{{000000..000003}}.tar"]\n')
-    c = load_config(str(tmp_path / "cfg.toml"), [])
+    c = _tar_config(tmp_path, "000003")
     want_skip = SkipReport()
     want = build_index(c.data, want_skip, threads=1)  # no parts: one process scans everything
 
