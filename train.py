@@ -98,6 +98,19 @@ class StopFlags:
         print("\nCtrl-C: saving a resumable state at the end of this step (press again to abort)", file=sys.stderr)
 
 
+def check_training_data(cfg: Any, store: Any, index: Any, rows: Any, per_rank_batches: int) -> None:
+    """One line, on every rank, for data train.py cannot train from: none at all, or a latent store without the
+    text-encoder outputs that cache.cache_text_encoder_outputs says to train from (cache.py run without the option)."""
+    if per_rank_batches == 0:
+        raise SystemExit("no training data: the dataset (or the latent store) is empty; see the log and skipped.txt")
+    if cfg.cache.cache_text_encoder_outputs and store is not None:
+        key = index.keys[int(rows[0])]
+        if not any(name.startswith("te") for name in store.record_info(key)["t"]):
+            raise SystemExit(f"data error: cache.cache_text_encoder_outputs = true, but the latent store "
+                             f"{cfg.cache.cache_dir} holds no text-encoder outputs (record {key!r}); run cache.py "
+                             "with the same option first")
+
+
 @cli.one_line_errors("train.py")
 def main(argv: list[str] | None = None) -> int:
     cfg, _ = cli.parse(argv, "train.py", __doc__ or "")
@@ -160,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(cli.error_line("data error", e)) from None
     rows = usable_rows(index, store)  # one pass over the store's keys, shared by the two calls below
     per_rank_batches = batches_per_epoch(index, cfg.data, info.world_size, rows=rows)
-    if per_rank_batches == 0:
-        raise SystemExit("no training data: the dataset (or the latent store) is empty; see the log and skipped.txt")
+    check_training_data(cfg, store, index, rows, per_rank_batches)
     accum = cfg.train.gradient_accumulation_steps
     steps_per_epoch = math.ceil(per_rank_batches / accum)
     total_steps = cfg.train.max_train_steps or steps_per_epoch * cfg.train.max_train_epochs

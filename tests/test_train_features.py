@@ -266,6 +266,12 @@ def test_missing_inputs_fail_with_one_clear_line_on_every_rank(tmp_path):
     msg = one_line(cache, ["configs/demo.toml", f"cache.cache_dir={tmp_path / 'c'}",
                            f"data.image_dirs=['{tmp_path / 'nope'}']"])
     assert "cache.py: data error:" in msg
+    # a store cached without text-encoder outputs, trained with the option that says to use them
+    data = [f"data.image_dirs=['{tmp_path / 'data'}']", f"cache.cache_dir={tmp_path / 'c2'}"]
+    assert cache.main(["configs/demo.toml", *data]) == 0
+    msg = one_line(train, ["configs/demo.toml", *data, f"output_dir={tmp_path / 'run2'}",
+                           "cache.cache_text_encoder_outputs=true"])
+    assert "holds no text-encoder outputs" in msg and "run cache.py with the same option" in msg
     # 2 processes: each rank prints its line and ends by itself (none waits at a barrier; no launcher agent here
     # to kill a waiting rank, so a hang is a timeout)
     r = run_workers(["train.py", *base, f"data.image_dirs=['{tmp_path / 'nope'}']"], timeout=300, expect=1)
