@@ -46,7 +46,7 @@ from data.index import DatasetIndex, load_or_build_index, scan_tar_shards
 from data.readers.tar import SCAN_DIR
 from data.hooks import load_text_hook
 from data.npz_import import row_extra
-from data.readers import LOCATOR_SEP, container_reader, member_bytes, split_locator
+from data.readers import LOCATOR_SEP, container_reader, deal_largest_first, member_bytes, split_locator
 from data.sources import map_chunked
 from data.store import (BackgroundWriter, LatentStore, LATENT_DTYPES, Record, SHARD_DIR, ShardWriter,
                         source_fingerprint, store_cfg_fingerprint)
@@ -120,14 +120,9 @@ def _sequential_rows(index: DatasetIndex, rows: np.ndarray) -> tuple[np.ndarray,
 
 
 def _deal_containers(streamed: dict[str, list[int]], world: int) -> list[dict[str, list[int]]]:
-    """Whole containers to ranks, largest first to the least loaded rank (the same on every rank)."""
-    out: list[dict[str, list[int]]] = [{} for _ in range(world)]
-    load = [0] * world
-    for c in sorted(streamed, key=lambda c: (-len(streamed[c]), c)):
-        r = min(range(world), key=lambda r: (load[r], r))
-        out[r][c] = streamed[c]
-        load[r] += len(streamed[c])
-    return out
+    """Whole containers to ranks, largest (in rows) first to the least loaded rank (the same on every rank)."""
+    deal = deal_largest_first({c: len(rows) for c, rows in streamed.items()}, world)
+    return [{c: streamed[c] for c in mine} for mine in deal]
 
 
 def _stream_batch_count(index: DatasetIndex, containers: dict[str, list[int]], batch_size: int) -> int:

@@ -92,6 +92,18 @@ class Reader:
 READERS: list[Reader] = []
 
 
+def deal_largest_first(weight: dict[str, int], world: int) -> list[list[str]]:
+    """Whole items (shards, containers) to ranks: largest weight first to the least loaded rank, ties by name and by
+    rank, so every rank computes the same deal."""
+    out: list[list[str]] = [[] for _ in range(world)]
+    load = [0] * world
+    for item in sorted(weight, key=lambda c: (-weight[c], c)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        out[r].append(item)
+        load[r] += weight[item]
+    return out
+
+
 def register(cls: type[Reader]) -> type[Reader]:
     """Class decorator: add a reader (readers registered earlier are asked first)."""
     READERS.append(cls())

@@ -40,7 +40,8 @@ from typing import Any, Iterator
 from core.fsio import atomic_write, is_temp, remove_quietly
 
 from ..images import IMAGE_EXTENSIONS, BadImage, read_size
-from . import LOCATOR_SEP, Reader, Rows, Source, chunked_rows, member_bytes, register, split_locator, stat_sig
+from . import (LOCATOR_SEP, Reader, Rows, Source, chunked_rows, deal_largest_first, member_bytes, register,
+               split_locator, stat_sig)
 
 log = logging.getLogger(__name__)
 
@@ -348,13 +349,7 @@ def deal_shards(shards: list[str], world: int) -> list[list[str]]:
             size[p] = os.path.getsize(p)
         except OSError:
             size[p] = 0
-    out: list[list[str]] = [[] for _ in range(world)]
-    load = [0] * world
-    for p in sorted(shards, key=lambda p: (-size[p], p)):
-        r = min(range(world), key=lambda r: (load[r], r))
-        out[r].append(p)
-        load[r] += size[p]
-    return out
+    return deal_largest_first(size, world)
 
 
 def scan_own_shards(specs: list, directory: str, rank: int, world: int, threads: int = 4) -> int:
