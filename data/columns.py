@@ -199,7 +199,7 @@ class PackedRows:
         self._b["paths"].add(rows.paths)
         self._b["captions"].add(rows.captions)
         self._b["metadata"].add_encoded(*encode_many(mds, enc))
-        self._b["descriptions"].add([describe(m) if m and ("description" in m or "nl_caption" in m) else ""
+        self._b["descriptions"].add([describe(m) if m and any(f in m for f in DESCRIPTION_FIELDS) else ""
                                      for m in mds])
         self._nums["counted"].append(np.fromiter((bool(m) and not counted.isdisjoint(m) for m in mds), bool, n))
         self._nums["hash"].append(np.fromiter(map(hash, rows.keys), np.int64, n))

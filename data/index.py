@@ -173,6 +173,12 @@ def _gc_paused():
             gc.enable()
 
 
+def _fingerprint(data, subsets) -> str:
+    """The saved index's input fingerprint: the subsets' sources plus every setting the build depends on."""
+    bs = BucketSettings.from_data_cfg(data)
+    return inputs_fingerprint(subsets, bool(data.recursive), _settings_key(data) + bs.key())
+
+
 def _settings_key(data) -> str:
     return json.dumps({"num_repeats_getter": data.num_repeats_getter, "recursive": bool(data.recursive),
                        "max_image_pixels": data.max_image_pixels, "v": INDEX_VERSION}, sort_keys=True)
@@ -244,7 +250,7 @@ def _build_index(data, skipped: SkipReport | None, threads: int,
     skipped = skipped if skipped is not None else SkipReport()
     subsets = resolve_subsets(data)
     bs = BucketSettings.from_data_cfg(data)
-    fp = inputs_fingerprint(subsets, bool(data.recursive), _settings_key(data) + bs.key())
+    fp = _fingerprint(data, subsets)
     hooked = bool(data.num_repeats_getter or data.caption_processor or data.description_processor)
     cols = collect(subsets, bool(data.recursive), threads, bool(data.allow_empty_captions), keep_dicts=hooked)
     from_store = bool(store_root) and _add_cached_rows(cols, subsets, store_root)
@@ -377,8 +383,7 @@ def load_or_build_index(data, index_dir: str, *, is_main: bool = True, barrier: 
             try:
                 old = DatasetIndex.load(path)
                 subsets = resolve_subsets(data)
-                bs = BucketSettings.from_data_cfg(data)
-                if old.fingerprint == inputs_fingerprint(subsets, bool(data.recursive), _settings_key(data) + bs.key()) \
+                if old.fingerprint == _fingerprint(data, subsets) \
                         and (not old.store_sig or old.store_sig == store_signature(index_dir)):
                     index = old
                     if skipped is not None:
@@ -411,9 +416,7 @@ def scan_tar_shards(data, index_dir: str, rank: int, world: int, threads: int = 
             return 0
         path = os.path.join(index_dir, INDEX_FILE)
         if os.path.exists(path):
-            bs = BucketSettings.from_data_cfg(data)
-            fp = inputs_fingerprint(subsets, bool(data.recursive), _settings_key(data) + bs.key())
-            if DatasetIndex.load(path).fingerprint == fp:
+            if DatasetIndex.load(path).fingerprint == _fingerprint(data, subsets):
                 return 0
         return scan_own_shards(subsets, os.path.join(index_dir, SCAN_DIR), rank, world, threads)
     except (ValueError, OSError, KeyError) as e:
