@@ -60,6 +60,12 @@ def usable_rows(index: DatasetIndex, store=None, chunk: int = 1 << 20) -> np.nda
     return rows
 
 
+def _bucket_ids(index: DatasetIndex, rows: np.ndarray) -> np.ndarray:
+    """One int64 id per row's bucket (width * 100003 + height): equal ids = the same bucket."""
+    b = np.asarray(index.buckets)
+    return b[rows, 0].astype(np.int64) * 100_003 + b[rows, 1]
+
+
 def _permutation(rng: np.random.Generator, n: int) -> np.ndarray:
     """rng.permutation(n) as int32 (the same draws and result: permutation shuffles an arange), half the bytes."""
     if n >= 1 << 31:
@@ -103,8 +109,7 @@ class _Epoch:
         expanded = np.repeat(rows.astype(np.int32, copy=False), reps)        # every sample x repeats exactly once
         self.samples = expanded[_permutation(rng, len(expanded))]         # position i = the sample's identity
         del expanded
-        b = np.asarray(index.buckets)
-        ids = b[rows, 0].astype(np.int64) * 100_003 + b[rows, 1]            # the bucket of each usable row
+        ids = _bucket_ids(index, rows)                                     # the bucket of each usable row
         uniq = np.unique(ids)                                              # groups in bucket-id order
         gdt = np.int16 if len(uniq) < 1 << 15 else np.int32
         group_of_row = np.zeros(len(index.repeats), gdt)
@@ -139,9 +144,10 @@ class _Epoch:
         cut = np.flatnonzero(np.diff(g[by_group])) + 1
         sort_all = len(self.count) > 64  # many groups: one sort of every position beats a scan per group
         order = np.argsort(self.group, kind="stable") if sort_all else None
+        gstart = np.concatenate([[0], np.cumsum(self.count)]) if sort_all else None  # each group's first in `order`
         for sel in np.split(by_group, cut) if len(by_group) else []:
             gi = int(g[sel[0]])
-            pos = (order[self.first_pos(gi) : self.first_pos(gi) + int(self.count[gi])] if sort_all
+            pos = (order[int(gstart[gi]) : int(gstart[gi + 1])] if sort_all
                    else np.flatnonzero(self.group == gi))                 # the group's positions, ascending
             lens = n[sel]
             total = int(lens.sum())
@@ -151,10 +157,6 @@ class _Epoch:
             pairs[dst, 0] = self.samples[p]
             pairs[dst, 1] = p
         return pairs, offsets
-
-    def first_pos(self, gi: int) -> int:
-        """Index of group gi's first position in the positions sorted by group."""
-        return int(self.count[:gi].sum())
 
 
 @dataclass
@@ -195,8 +197,7 @@ def global_batch_count(index: DatasetIndex, batch_size: int, rows: np.ndarray) -
     if batch_size < 1:
         raise ValueError(f"batch_size = {batch_size} must be >= 1")
     rows = np.asarray(rows)
-    b = np.asarray(index.buckets)
-    ids = b[rows, 0].astype(np.int64) * 100_003 + b[rows, 1]
+    ids = _bucket_ids(index, rows)
     uniq, inv = np.unique(ids, return_inverse=True)
     count = np.bincount(inv.ravel(), weights=np.asarray(index.repeats)[rows], minlength=len(uniq)).astype(np.int64)
     return int(((count + batch_size - 1) // batch_size).sum())
