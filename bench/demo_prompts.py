@@ -18,14 +18,13 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-COLOURS = ("red", "blue", "green", "yellow")
 SEEDS = (1, 2)
 
 
 def colour_matches(comp, scale: float, size: int, steps: int = 20) -> tuple[int, dict]:
     from core.preview import generate
     from core.prompts import SamplePrompt
-    from data.demo import caption_for, classify_colour
+    from data.demo import COLOURS, caption_for, classify_colour
     got = {}
     for colour in COLOURS:
         for seed in SEEDS:

@@ -34,19 +34,14 @@ def rows(grids: list[str], out: str, tiles: int = 4) -> None:
     from PIL import Image
 
     from core.fsio import atomic_write
-    strips = []
+    from core.preview import grid
+    cells = []
     for path in grids:
         with Image.open(path) as g:
             g = g.convert("RGB")
         w, h = g.width // 2, g.height // 2
-        cells = [g.crop((x * w, y * h, (x + 1) * w, (y + 1) * h)) for y in range(2) for x in range(2)][:tiles]
-        strip = Image.new("RGB", (w * len(cells), h), "white")
-        for i, c in enumerate(cells):
-            strip.paste(c, (i * w, 0))
-        strips.append(strip)
-    canvas = Image.new("RGB", (max(s.width for s in strips), sum(s.height for s in strips)), "white")
-    for i, strip in enumerate(strips):
-        canvas.paste(strip, (0, i * strips[0].height))
+        cells += [g.crop((x * w, y * h, (x + 1) * w, (y + 1) * h)) for y in range(2) for x in range(2)][:tiles]
+    canvas = grid(cells, cols=tiles)
     canvas = canvas.resize((canvas.width * 2, canvas.height * 2), Image.NEAREST)
     atomic_write(out, lambda f: canvas.save(f, format="PNG"), suffix=".png")
 
