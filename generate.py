@@ -21,9 +21,9 @@ import torch
 import models
 from core.cli import one_line_errors
 from core.hashes import short_hash
-from core.preview import generate, size_multiple
-from core.prompts import SamplePrompt, a1111_parameters, load_prompts, save_png
-from core.sampling import canonical_sampler_name
+from diffusion.preview import generate, size_multiple
+from diffusion.prompts import SamplePrompt, a1111_parameters, load_prompts, save_png
+from diffusion.sampling import canonical_sampler_name
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -23,18 +23,19 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from core import cli, dist, fastpath, summary
+from core import cli, dist
+from training import speed, summary
 from core.dist import mix_seed
 from core.config import format_output_dir, make_run_dirs, run_dirs, to_dict, to_toml
-from core.ema import EMA
-from core.trainable import TrainableSet
-from core.fused import check_fused_settings, fp32_state, make_stepper, per_parameter_step
+from training.ema import EMA
+from training.trainable import TrainableSet
+from training.steppers import check_fused_settings, fp32_state, make_stepper, per_parameter_step
 from core.fsio import atomic_write, clean_stale_temps, describe_os_error, is_temp, remove_quietly
 from core.metrics import MetricsWriter, check_tensorboard, group_lrs, peak_memory, setup_logging
-from core.objectives import build_objective
-from core.optim import LossRecorder, build_optimizer, build_param_groups_for_models, build_scheduler
-from core.steplog import StepLog, mean_loss
-from core import emergency, run_metadata, state as rstate
+from diffusion.objectives import build_objective
+from training.optim import LossRecorder, build_optimizer, build_param_groups_for_models, build_scheduler
+from training.steplog import StepLog, mean_loss
+from training import crash, run_metadata, resume as rstate
 import models
 from data.index import load_or_build_index
 from data.loader import batches_per_epoch, make_loader, usable_rows
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"train.py: {e}") from None
     resume_path, run_id = dist.broadcast_object(started)
     if master:
-        emergency.clear_markers(paths["state"])
+        crash.clear_markers(paths["state"])
     metrics = MetricsWriter(paths["logs"], master, cfg.log.tensorboard)
     log.info(f"run folder {out_dir}; {info.world_size} process(es) on {device.type}, process group "
              f"{dist.backend() or 'none'}")
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- wrapping, then the EMA (of the unwrapped trained modules: each rank's shards under FSDP) and the
     # optimizer over the wrapped parameters
     blocks = [b for name in FSDP_BLOCKS[family] for b in getattr(net, name)]
-    fastpath.apply(cfg.train, comp, blocks, device, amp_dtype, log.info)  # channels_last, SDPA backend, compile
+    speed.apply(cfg.train, comp, blocks, device, amp_dtype, log.info)  # channels_last, SDPA backend, compile
     # FSDP2 replaces parameters with sharded ones: the optimizer must be built after wrapping
     model = dist.wrap_fsdp(trainee, blocks + [net], amp_dtype) if cfg.train.fsdp else \
         dist.wrap_ddp(trainee, find_unused_parameters=trainable.find_unused)
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         """Preview images of the sample prompts (with the EMA weights when kept), written by rank 0."""
         if not prompts:
             return
-        from core.preview import sample_round
+        from diffusion.preview import sample_round
         with ema.swapped_into(trainable.ema_module) if ema is not None else contextlib.nullcontext(), \
                 trainable.previewing(model):
             written = sample_round(comp, prompts, paths["samples"], at_step, device, amp_dtype, cfg.save.output_name,
@@ -296,11 +297,11 @@ def main(argv: list[str] | None = None) -> int:
             save_state()
 
     def crash_save() -> None:
-        """Model file + state from this rank alone (core/emergency.py: the other ranks may be blocked)."""
-        path = os.path.join(paths["models"], cfg.save.output_name + emergency.CRASHED + export_suffix(cfg))
+        """Model file + state from this rank alone (training/crash.py: the other ranks may be blocked)."""
+        path = os.path.join(paths["models"], cfg.save.output_name + crash.CRASHED + export_suffix(cfg))
         trainable.export(path, run_metadata.export_metadata(train_meta, step=step, epoch=epoch), ema, alone=True)
         log.warning(f"exported {path}")
-        final = emergency.write_state_alone(paths["state"], step, info.rank, trained=trainable.state_dict(),
+        final = crash.write_state_alone(paths["state"], step, info.rank, trained=trainable.state_dict(),
                                             optimizer=optimizer.state_dict(), progress=progress_now(),
                                             ema=ema.state_dict() if ema is not None else None)
         log.warning(f"saved resumable state {final}")
@@ -314,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         if not dist.any_true(stop.requested is not None):
             return False
         log.warning(f"stop requested ({stop.requested or 'another rank'}): exporting the model and a resumable state")
-        export(emergency.INTERRUPTED, with_state=True)
+        export(crash.INTERRUPTED, with_state=True)
         return True
 
     if master:
@@ -416,10 +417,10 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.save.save_on_exception and describe_os_error(e) is None:  # not a full disk
             log.exception(f"training failed on rank {info.rank}: saving the model and a resumable state before exiting")
             if cfg.train.fsdp:  # the export gathers and every rank writes its shards: all of them, or nothing
-                emergency.all_crashed(paths["state"], run_token, info.rank, info.world_size, log,
-                                      lambda: export(emergency.CRASHED, with_state=True))
+                crash.all_crashed(paths["state"], run_token, info.rank, info.world_size, log,
+                                      lambda: export(crash.CRASHED, with_state=True))
             else:
-                emergency.on_crash(paths["state"], run_token, info.rank, log, crash_save)
+                crash.on_crash(paths["state"], run_token, info.rank, log, crash_save)
         raise
     finally:
         bar.close()
@@ -469,14 +470,14 @@ def load_sample_prompts(cfg: Any) -> list[Any]:
     smp = cfg.sample
     if not smp.sample_prompts or not previews_scheduled(smp):
         return []
-    from core.prompts import load_prompts
+    from diffusion.prompts import load_prompts
     return load_prompts(smp.sample_prompts, {"sampler": smp.sample_sampler, "sigmas": smp.sample_sigmas, **smp.sample_params})
 
 
 class FullFineTune(TrainableSet):
     """The trainable set of a full fine-tune: the whole network, plus the CLIP text encoders with
     train.train_text_encoder. The same interface as networks.lora.LoRATraining: the module DDP / FSDP wraps
-    (`trainee`), optimizer groups, the weights of a resume state (core/trainable.py: sharded under FSDP), the
+    (`trainee`), optimizer groups, the weights of a resume state (training/trainable.py: sharded under FSDP), the
     export, what the EMA follows."""
 
     def __init__(self, cfg: Any, comp: Any, warn: Callable[[str], None]):
@@ -673,7 +674,7 @@ def optimizer_step(cfg: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
     """Unscale, clip, step. Returns the gradient norm before clipping (a tensor, not read) and whether a step was
     taken: a non-finite loss (`loss_finite`, the same on every rank) or gradient norm skips it (with fp16 the scaler
     skips such steps itself and lowers its scale: part of its normal work). That decision is the step's one host
-    read. A fused backward pass has stepped already (core/fused.py; parameters with a non-finite gradient were left
+    read. A fused backward pass has stepped already (training/steppers.py; parameters with a non-finite gradient were left
     alone); stochastic rounding steps one parameter at a time."""
     if hasattr(stepper, "finish"):
         norm, ok = stepper.finish()
@@ -703,7 +704,7 @@ def prune_exports(model_dir: str, name: str, keep: int) -> None:
     """Keep the newest `keep` periodic exports (step/epoch files); 0 keeps all."""
     if keep <= 0:
         return
-    keep_always = (emergency.INTERRUPTED, emergency.CRASHED)
+    keep_always = (crash.INTERRUPTED, crash.CRASHED)
 
     def export_like(f: str) -> bool:  # a file, or a diffusers folder (not a temporary)
         return f.endswith(".safetensors") or (os.path.isdir(os.path.join(model_dir, f)) and not is_temp(f))

@@ -22,8 +22,8 @@ SEEDS = (1, 2)
 
 
 def colour_matches(comp, scale: float, size: int, steps: int = 20) -> tuple[int, dict]:
-    from core.preview import generate
-    from core.prompts import SamplePrompt
+    from diffusion.preview import generate
+    from diffusion.prompts import SamplePrompt
     from data.demo import COLOURS, caption_for, classify_colour
     got = {}
     for colour in COLOURS:

@@ -16,7 +16,7 @@ short still leaves what it measured. Sections, in this order (each row OOM-safe:
   train   training steps as bench/train_throughput.py times them (its train_step / time_steps: bf16 autocast, fp32
           weights, MSE, backward, fused AdamW, zero_grad; CUDA events, median) at 1024², batch 1 / 4 / 8, gradient
           checkpointing off / on, ours and diffusers with the same weights and optimizer; then --compiled-batch with
-          regional torch.compile (ours: core/fastpath.compile_blocks on the UNet input/output blocks or the MMDiT
+          regional torch.compile (ours: core/speed.compile_blocks on the UNet input/output blocks or the MMDiT
           joint blocks; diffusers: each of down_blocks / mid_block / up_blocks or transformer_blocks).
   vae     VAE encode images/s at 1024² (bf16, batch 4), ours vs diffusers.
   memory  peak torch.cuda.max_memory_allocated of 3 full fine-tune steps (1 on CPU, no peak there) of our SDXL UNet at batch 1 with
@@ -47,9 +47,9 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import train_memory  # noqa: E402
 import train_throughput as tt  # noqa: E402
-from core import fastpath  # noqa: E402
-from core.fused import FusedBackward  # noqa: E402
-from core.optim import Adafactor  # noqa: E402
+from training import speed  # noqa: E402
+from training.steppers import FusedBackward  # noqa: E402
+from training.optim import Adafactor  # noqa: E402
 from models import mmdit, text_encoders, unet_sdxl, vae as vae_mod  # noqa: E402
 
 SIZE_EMB_DIM = 256  # sgm: 6 size / crop numbers, each a 256-d sinusoid
@@ -278,7 +278,7 @@ def train_rows(s: Suite, family: str, ours: nn.Module, ref: nn.Module, inputs: C
                 if comp and not compiled:
                     t0 = time.perf_counter()
                     if impl == "ours":
-                        fastpath.compile_blocks(model, our_blocks(model), lambda m: None)
+                        speed.compile_blocks(model, our_blocks(model), lambda m: None)
                     else:
                         for blk in model.blocks():
                             blk.compile()

@@ -138,8 +138,9 @@ def _state_worker(rank: int, world: int, store: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     import models
-    from core import dist, state as rstate
-    from core.ema import EMA
+    from core import dist
+    from training import resume as rstate
+    from training.ema import EMA
 
     dist.init("cpu")
     net = models.build("sdxl", "tiny", parts=["unet"]).unet

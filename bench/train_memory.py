@@ -12,7 +12,7 @@ Everything comes from the real shapes, with no weights in memory: the networks a
                only one parameter's gradient is alive at a time: the largest parameter.
   optimizer  = AdamW: exp_avg + exp_avg_sq per element (in the weight dtype; fp32 when stepped in fp32, which
                full_bf16 + stochastic_rounding does); AdamW8bit: 2 x 1 byte + one fp32 absmax per 2048-element
-               block x 2 (bitsandbytes' blockwise quantisation); Adafactor (core/optim.py, beta1 = None): fp32 row
+               block x 2 (bitsandbytes' blockwise quantisation); Adafactor (training/optim.py, beta1 = None): fp32 row
                and column second moments for >= 2-D tensors (shape[:-1] + shape[:-2] + shape[-1:]), a full fp32
                second moment for 1-D ones: computed per tensor.
   activations = bytes of the tensors autograd saves for backward, counted by a saved_tensors_hooks pack hook during

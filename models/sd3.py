@@ -178,7 +178,7 @@ class SD3(FamilyBase):
 
     # -- latents -------------------------------------------------------------------------------
     def sample_schedule(self):
-        from core.sampling import FlowSchedule
+        from diffusion.sampling import FlowSchedule
         return FlowSchedule(shift=self.shift)
 
     # -- file layout ---------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The SDXL family: its components, how captions and sizes become conditioning, and the file layout.
 
-The network, objective and sampler are separate (see core/objectives.py, core/sampling.py); this
+The network, objective and sampler are separate (see diffusion/objectives.py, diffusion/sampling.py); this
 module only knows what SDXL's parts are, how they are named in the single-file checkpoint, and
 how the conditioner turns captions + (original_size, crop_top_left, target_size) into
 `context` [B, 77k, 2048] and `y` [B, 2816] exactly as sgm does (CONVENTIONS.md).
@@ -116,7 +116,7 @@ class SDXL(FamilyBase):
 
     # -- latents -------------------------------------------------------------------------------
     def sample_schedule(self):
-        from core.sampling import DiscreteSchedule
+        from diffusion.sampling import DiscreteSchedule
         return DiscreteSchedule(prediction="v" if self.v_parameterization else "eps", zero_terminal_snr=self.zero_terminal_snr)
 
     # -- file layout ---------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.trainable import TrainableSet
+from training.trainable import TrainableSet
 
 # Kohya's prefixes by family part.
 PREFIXES = {"sdxl": {"unet": "lora_unet", "te1": "lora_te1", "te2": "lora_te2"},
@@ -463,7 +463,7 @@ def tag_frequency(captions: Iterable[str], separator: str = ",") -> dict[str, in
 
 
 def ss_metadata(cfg: Any, family: str, network: LoRANetwork, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The run's kohya metadata (`base`: core/run_metadata.py's ss_* keys) with what a LoRA file adds: network
+    """The run's kohya metadata (`base`: training/run_metadata.py's ss_* keys) with what a LoRA file adds: network
     module / dim / alpha / args / dropout, the adapters' learning rates and the LoRA modelspec architecture."""
     n, o = cfg.network, cfg.optimizer
     args = {"conv_dim": str(n.conv_dim or n.network_dim),
@@ -506,7 +506,7 @@ def save_lora(path: str, sd: Mapping[str, Tensor], metadata: Mapping[str, str], 
 
 class LoRATraining(TrainableSet):
     """Adapters on the frozen model: `trainee` (what DDP / FSDP wraps) runs the patched model and holds the
-    adapters as `trainee.lora`; resume states (core/trainable.py; sharded under FSDP) hold the adapters, their
+    adapters as `trainee.lora`; resume states (training/trainable.py; sharded under FSDP) hold the adapters, their
     optimizer state and EMA only; exports are kohya's file layout."""
 
     def __init__(self, cfg: Any, comp: Any, trainee: nn.Module, device: torch.device, warn: Callable[[str], None]):
@@ -540,7 +540,7 @@ class LoRATraining(TrainableSet):
 
     def param_groups(self, opt_cfg: Any) -> list[dict]:
         """unet_lr / text_encoder_lr (default learning_rate), block_args lrs, then [optimizer] param_groups."""
-        from core.optim import build_param_groups_for_models
+        from training.optim import build_param_groups_for_models
         n = self.cfg.network
         base = {"unet": n.unet_lr if n.unet_lr is not None else opt_cfg.learning_rate,
                 "text_encoder": n.text_encoder_lr if n.text_encoder_lr is not None else opt_cfg.learning_rate}

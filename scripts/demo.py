@@ -34,7 +34,7 @@ def rows(grids: list[str], out: str, tiles: int = 4) -> None:
     from PIL import Image
 
     from core.fsio import atomic_write
-    from core.preview import grid
+    from diffusion.preview import grid
     cells = []
     for path in grids:
         with Image.open(path) as g:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from core import state as rstate
+from training import resume as rstate
 from helpers import unmount
 
 DEMO = "configs/demo.toml"

@@ -228,7 +228,7 @@ def test_sd3_cached_text_under_fp16_autocast():
     torch.cat ("Unexpected floating ScalarType in at::autocast::prioritize": CPU autocast sees the CPU tensors;
     found by scripts/gpu_smoke.py --device cpu). micro_step_loss now assembles the text outside autocast."""
     from core.config import load_config
-    from core.objectives import build_objective
+    from diffusion.objectives import build_objective
     cfg = load_config(os.path.join(ROOT, "configs", "demo_sd3.toml"))
     comp = models.from_config(cfg.model, parts=["mmdit"], seed=0)
     width, n = comp.context_dim, 2

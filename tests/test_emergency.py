@@ -69,7 +69,7 @@ def _metric_steps(out):
 
 def _check_outputs(out, suffix):
     import models
-    from core import state as rstate
+    from training import resume as rstate
     comp = models.load(str(out / "models" / f"demo{suffix}.safetensors"), parts=("unet",))
     assert comp.unet is not None
     found = rstate.find_resume("auto", str(out / "state"), run_id=rstate.read_run_id(str(out)))

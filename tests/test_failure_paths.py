@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from core import fsio
-from core import state as rstate
+from training import resume as rstate
 from helpers import unmount
 
 

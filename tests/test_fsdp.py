@@ -164,7 +164,7 @@ def test_fsdp_ema_matches_ddp_crash_export_and_one_process_resume(ref, tmp_path)
 
     # the crash state: sharded, intact; resumed by one process without FSDP (it ends at once, writes a full state)
     state = tmp / "fsdp" / "state" / f"step-{STEPS:08d}"
-    from core import state as rstate
+    from training import resume as rstate
     assert rstate.verify_state(str(state)) is None and (state / "dcp" / "__1_0.distcp").is_file()
     import train
     from core import dist
@@ -190,16 +190,16 @@ def test_fsdp_ema_matches_ddp_crash_export_and_one_process_resume(ref, tmp_path)
 
 
 def test_crash_save_under_fsdp_waits_for_every_rank_bounded(tmp_path, caplog):
-    from core import emergency
+    from training import crash
     log = logging.getLogger("test_fsdp")
     wrote = []
     t0 = time.monotonic()
     with caplog.at_level(logging.ERROR, "test_fsdp"):  # rank 1 never arrives: nothing written, one line, bounded
-        assert not emergency.all_crashed(str(tmp_path), "tok", 0, 2, log, lambda: wrote.append(0), wait_s=0.3)
+        assert not crash.all_crashed(str(tmp_path), "tok", 0, 2, log, lambda: wrote.append(0), wait_s=0.3)
     assert time.monotonic() - t0 < 5 and not wrote
     assert len(caplog.records) == 1 and "rank(s) [1] did not reach the crash save" in caplog.text
     open(tmp_path / ".crash-tok.rank1", "w").close()  # rank 1 crashed too: both write together
-    assert emergency.all_crashed(str(tmp_path), "tok", 0, 2, log, lambda: wrote.append(1), wait_s=0.3)
+    assert crash.all_crashed(str(tmp_path), "tok", 0, 2, log, lambda: wrote.append(1), wait_s=0.3)
     assert wrote == [1]
 
 

@@ -1,6 +1,6 @@
 """bench/gpu_suite.py at tiny size on the CPU (the CI run): the parity, train and VAE sections run, every row is ok,
 the outputs are written, and the fp32 parity rows show ours == diffusers / transformers with the shared weights.
-The memory section's parts (fused backward, Adafactor, stochastic rounding on the tiny UNet) are tests/test_fused.py's;
+The memory section's parts (fused backward, Adafactor, stochastic rounding on the tiny UNet) are tests/test_steppers.py's;
 here one row of it runs."""
 
 from __future__ import annotations

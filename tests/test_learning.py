@@ -136,7 +136,7 @@ def _train(classes, out, steps, *extra):
 
 def _samples(comp, means):
     """Each caption, 4 samples from the same 4 noises (12 Euler steps, CFG 4 against zeroed text)."""
-    from core.sampling import sample
+    from diffusion.sampling import sample
     assert comp.v_parameterization
     comp.network.eval()
     n, xs = 4, {}

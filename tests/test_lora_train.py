@@ -58,7 +58,7 @@ def ddp_run(data):
 def test_lora_two_process_ddp_resumes_exactly_base_untouched(data, ddp_run, tmp_path):
     before = load_file(str(data / "base.safetensors"))
     state = ddp_run / "state" / "step-00000002"
-    from core import state as rstate
+    from training import resume as rstate
     trained = rstate.read_state(str(state), 0)["trained"]
     assert int(trained.pop(lora.FORWARDS_KEY)) == 2  # one forward per step (no accumulation)
     assert trained and all(k.startswith("adapters.lora_") for k in trained)  # adapters only, no base weights

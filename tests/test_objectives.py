@@ -1,4 +1,4 @@
-"""Tests for core/objectives.py: schedules, noising, targets, noise options and loss weightings.
+"""Tests for diffusion/objectives.py: schedules, noising, targets, noise options and loss weightings.
 
 References: diffusers (DDPMScheduler, FlowMatchEulerDiscreteScheduler, training_utils) as oracles on identical inputs,
 and closed-form / statistical answers computed here independently of the product code.
@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from core.objectives import (
+from diffusion.objectives import (
     DDPMObjective,
     FlowObjective,
     NoisedBatch,

@@ -1,4 +1,4 @@
-"""Tests for core/optim.py (param groups, optimizers, LR schedules, LossRecorder) and core/ema.py.
+"""Tests for training/optim.py (param groups, optimizers, LR schedules, LossRecorder) and training/ema.py.
 
 References: diffusers.optimization.get_scheduler and diffusers.training_utils.EMAModel, transformers'
 Adafactor, and closed-form answers computed here.
@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from core.ema import EMA
-from core.optim import (
+from training.ema import EMA
+from training.optim import (
     Adafactor,
     LossRecorder,
     build_optimizer,
@@ -288,7 +288,7 @@ def test_ema_warmup_matches_diffusers_emamodel():
 
 def test_ema_constant_decay_update_every_and_dtype(monkeypatch):
     """Constant decay recurrence computed here; update_every skips steps; fp32 shadow for a bf16 model."""
-    monkeypatch.setattr("core.ema.UPDATE_CHUNK_NUMEL", 10)  # several chunks even for this tiny model
+    monkeypatch.setattr("training.ema.UPDATE_CHUNK_NUMEL", 10)  # several chunks even for this tiny model
     m = Tiny().to(torch.bfloat16)
     ema = EMA(m, decay=0.9, update_every=2)
     expected = {n: p.float().clone() for n, p in m.named_parameters()}

@@ -166,7 +166,7 @@ def test_every_output_has_the_umask_mode(vpred_run):
 
 def test_file_mode_follows_the_umask(tmp_path):
     from core import fsio
-    from core.prompts import save_png
+    from diffusion.prompts import save_png
     from PIL import Image
     mask = os.umask(0o022)
     os.umask(mask)
@@ -249,7 +249,7 @@ def test_training_metadata_uses_kohya_names_and_no_paths(vpred_run):
 
 def test_metadata_paths_true_keeps_paths(tmp_path):
     from core.config import load_config
-    from core.run_metadata import config_for_metadata
+    from training.run_metadata import config_for_metadata
     cfg = load_config("configs/demo.toml", [f"data.image_dirs=['{tmp_path}/imgs']", "data.caption_processor=/x/y/h.py:f"])
     assert config_for_metadata(cfg, True)["data"]["image_dirs"] == [f"{tmp_path}/imgs"]
     stripped = config_for_metadata(cfg, False)

@@ -1,6 +1,6 @@
-"""Pipeline-level parity: `core.sampling.sample` (schedule + sampler + CFG + network) against a sampling loop
+"""Pipeline-level parity: `diffusion.sampling.sample` (schedule + sampler + CFG + network) against a sampling loop
 built from diffusers' schedulers and models on the same tiny random weights, and determinism of
-`core.preview.generate`. fp32 on CPU."""
+`diffusion.preview.generate`. fp32 on CPU."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import models
-from core.preview import generate
-from core.prompts import SamplePrompt
-from core.sampling import sample
+from diffusion.preview import generate
+from diffusion.prompts import SamplePrompt
+from diffusion.sampling import sample
 from tests.test_mmdit import _diffusers_model
 from tests.test_mmdit import _randomize as _randomize_mmdit
 from tests.test_unet_sdxl import PREFIX as UNET_PREFIX

@@ -1,4 +1,4 @@
-"""Prompt files, A1111 parameters text and PNG saving of core/prompts.py (analytic expectations, PIL as reader)."""
+"""Prompt files, A1111 parameters text and PNG saving of diffusion/prompts.py (analytic expectations, PIL as reader)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from core.prompts import SamplePrompt, a1111_parameters, load_prompts, save_png
+from diffusion.prompts import SamplePrompt, a1111_parameters, load_prompts, save_png
 
 
 def _write(tmp_path, name: str, text: str) -> str:

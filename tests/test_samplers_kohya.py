@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.sampling import SAMPLERS, VE, DiscreteSchedule, canonical_sampler_name
+from diffusion.sampling import SAMPLERS, VE, DiscreteSchedule, canonical_sampler_name
 
 KOHYA_NAMES = ("ddim", "pndm", "heun", "dpmsolver", "dpmsolver++", "dpmsingle", "k_lms", "k_euler", "k_euler_a",
                "k_dpm_2", "k_dpm_2_a")
@@ -121,9 +121,9 @@ def test_pndm_matches_diffusers_plms(steps, prediction, spacing):
 
 def test_karras_sigmas_reach_prompts_and_previews(tmp_path, monkeypatch):
     """--sigmas in prompt lines, sigmas / use_karras_sigmas in TOML, [sample] sample_sigmas as the default; previews
-    sample with it (the sigma kind handed to core.sampling.sample)."""
-    from core import preview
-    from core.prompts import load_prompts
+    sample with it (the sigma kind handed to diffusion.sampling.sample)."""
+    from diffusion import preview
+    from diffusion.prompts import load_prompts
     (tmp_path / "p.txt").write_text("a cat --sigmas karras\na dog\n")
     assert [p.sigmas for p in load_prompts(str(tmp_path / "p.txt"), {})] == ["karras", "normal"]
     assert [p.sigmas for p in load_prompts(str(tmp_path / "p.txt"), {"sigmas": "karras"})] == ["karras", "karras"]

@@ -1,4 +1,4 @@
-"""Samplers, schedules and guidance of core/sampling.py against analytic answers and diffusers schedulers."""
+"""Samplers, schedules and guidance of diffusion/sampling.py against analytic answers and diffusers schedulers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from core.sampling import (
+from diffusion.sampling import (
     FLOW,
     SAMPLERS,
     VE,

@@ -256,7 +256,7 @@ def test_sd3_learns_two_classes_from_cached_text(tmp_path):
     sampler with the SD3 flow schedule on the reloaded export, CFG 4 against the empty prompt (SD3 reference).
     Unlike the SDXL test, the random tiny16 VAE needs no rescaling: with SD3's factors its latents of these images
     already have std ~0.5 (the class means lie ~13 apart)."""
-    from core.sampling import sample
+    from diffusion.sampling import sample
     from data.store import LatentStore
     _two_class_dataset(tmp_path / "data")
     cache, out = tmp_path / "cache", tmp_path / "run"

@@ -1,4 +1,4 @@
-"""No host syncs in the training step: loss and gradient norm stay tensors until the log interval (core/steplog.py)."""
+"""No host syncs in the training step: loss and gradient norm stay tensors until the log interval (training/steplog.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from core.optim import LossRecorder
-from core.steplog import StepLog, mean_loss
+from training.optim import LossRecorder
+from training.steplog import StepLog, mean_loss
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 READS = ("item", "__float__", "__bool__", "__int__", "__index__", "tolist")  # tensor -> host conversions
@@ -80,7 +80,7 @@ def test_train_step_reads_the_host_once_per_step_and_logs_the_same_losses(tmp_pa
     assert rc == 0
     assert len(sites) == steps + 1, sites
     assert sum(s.startswith("__bool__ train.py") for s in sites) == steps  # optimizer_step's skip decision
-    assert sum(s.startswith("tolist core/steplog.py") for s in sites) == 1  # the log interval's one read
+    assert sum(s.startswith("tolist training/steplog.py") for s in sites) == 1  # the log interval's one read
     # the losses the run logged, from the micro-batch losses as the old per-step float code computed them
     assert len(micro_losses) == steps * accum
     rec, loss = LossRecorder(stride=2, gamma=0.9), math.nan

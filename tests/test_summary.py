@@ -1,4 +1,4 @@
-"""What a run prints about itself (core/summary.py) and the labels of preview grids (core/preview.py).
+"""What a run prints about itself (training/summary.py) and the labels of preview grids (diffusion/preview.py).
 
 Reference: the inputs themselves - a dataset built here with known counts (two subsets, one of them regularisation
 images with 2 repeats, one corrupt file), a run folder with known files, images with known pixels."""
@@ -21,7 +21,7 @@ def test_start_block_counts_data_model_batch_and_caches(tmp_path):
     import models
     import train
     from core.config import load_config
-    from core.summary import start_block
+    from training.summary import start_block
     from data.index import build_index
     from data.loader import usable_rows
     _dataset(tmp_path)
@@ -54,7 +54,7 @@ def test_start_block_counts_data_model_batch_and_caches(tmp_path):
 
 def test_end_block_names_what_exists(tmp_path):
     from core.config import make_run_dirs, run_dirs
-    from core.summary import end_block
+    from training.summary import end_block
     make_run_dirs(str(tmp_path))
     paths = run_dirs(str(tmp_path))
     (tmp_path / "samples" / "000004_grid.png").write_bytes(b"")
@@ -72,7 +72,7 @@ def test_end_block_names_what_exists(tmp_path):
 
 def test_progress_without_terminal_logs_eta(monkeypatch):
     import sys
-    from core.summary import Progress
+    from training.summary import Progress
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
     lines = []
     bar = Progress(40, 0, enabled=True, log=lines.append)
@@ -93,7 +93,7 @@ def test_progress_without_terminal_logs_eta(monkeypatch):
 ])
 def test_grid_tiles_carry_prompt_and_step(prompt, shown):
     from PIL import ImageDraw, ImageFont
-    from core.preview import labelled
+    from diffusion.preview import labelled
     tile = Image.new("RGB", (96, 64), (30, 60, 220))
     out = labelled(tile.copy(), prompt, step=120)
     assert out.width == 96 and out.height > 64 + 8

@@ -161,7 +161,7 @@ def test_exact_resume_after_sigterm(dataset, straight, tmp_path):
 
 
 def test_damaged_state_is_skipped(tmp_path):
-    from core import state as rstate
+    from training import resume as rstate
     root = tmp_path / "state"
     for step in (2, 4):
         tmp = rstate.tmp_dir_for(str(root), step)

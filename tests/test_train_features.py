@@ -50,7 +50,7 @@ class _FixedNoise:
         self.inner, self.noise_bank, self.t_bank, self.pos = inner, noise, t, 0
 
     def noise(self, x0, generator=None):
-        from core.objectives import NoisedBatch
+        from diffusion.objectives import NoisedBatch
         n = x0.shape[0]
         eps, t = self.noise_bank[self.pos:self.pos + n], self.t_bank[self.pos:self.pos + n]
         self.pos += n
@@ -69,8 +69,8 @@ def test_gradient_accumulation_equals_one_big_batch():
     import models
     import train
     from core.config import Config, OptimizerConfig, LossConfig
-    from core.objectives import build_objective
-    from core.optim import build_optimizer
+    from diffusion.objectives import build_objective
+    from training.optim import build_optimizer
 
     torch.manual_seed(0)
     comp = models.build("sdxl", "tiny", parts=["unet", "te1", "te2"], seed=0)

@@ -1,4 +1,4 @@
-"""Fast-path switches (core/fastpath.py) keep the numbers: channels_last against the default layout on the tiny
+"""Fast-path switches (training/speed.py) keep the numbers: channels_last against the default layout on the tiny
 SDXL UNet and VAE, the SDPA choice off CUDA, the regional-compile bookkeeping, and the [train] defaults."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import types
 
 import torch
 
-from core import fastpath
+from training import speed
 
 
 def test_channels_last_same_numbers():
@@ -23,7 +23,7 @@ def test_channels_last_same_numbers():
     cl = copy.deepcopy(comp)
     cfg = types.SimpleNamespace(channels_last=True, compile=False, sdpa_backend="auto")
     logs: list[str] = []
-    fastpath.apply(cfg, types.SimpleNamespace(network=cl.unet, vae=cl.vae), [], torch.device("cpu"), None, logs.append)
+    speed.apply(cfg, types.SimpleNamespace(network=cl.unet, vae=cl.vae), [], torch.device("cpu"), None, logs.append)
     conv = cl.unet.input_blocks[0][0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     out = cl.unet(x, t, ctx, y)
@@ -36,8 +36,8 @@ def test_channels_last_same_numbers():
 
 def test_switch_defaults_and_sdpa_off_cuda():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert fastpath.resolve(None, cuda) and not fastpath.resolve(None, cpu) and fastpath.resolve(True, cpu)
-    assert fastpath.choose_sdpa_backend("flash", cpu, torch.bfloat16, 64, lambda m: None) == "default"
+    assert speed.resolve(None, cuda) and not speed.resolve(None, cpu) and speed.resolve(True, cpu)
+    assert speed.choose_sdpa_backend("flash", cpu, torch.bfloat16, 64, lambda m: None) == "default"
     from core.config import TrainConfig
     t = TrainConfig()
     assert t.compile is None and t.channels_last is None and t.sdpa_backend == "auto"
@@ -53,7 +53,7 @@ def test_compile_blocks_bookkeeping(monkeypatch):
     blocks = [nn.Linear(4, 4) for _ in range(10)]
     net = nn.Sequential(*blocks)
     logs: list[str] = []
-    fastpath.compile_blocks(net, blocks, logs.append)
+    speed.compile_blocks(net, blocks, logs.append)
     assert compiled == blocks and _dynamo.config.recompile_limit >= 2 * len(blocks)
     net(torch.randn(1, 4))
     net(torch.randn(1, 4))
@@ -66,15 +66,15 @@ def test_sdpa_choice_on_cuda_enables_one_backend(monkeypatch):
     import pytest
 
     runs = {"efficient", "math"}
-    monkeypatch.setattr(fastpath, "_probe", lambda b, device, dtype, head_dim: b in runs)
+    monkeypatch.setattr(speed, "_probe", lambda b, device, dtype, head_dim: b in runs)
     enabled: dict[str, bool] = {}
-    for b, fn in fastpath._ENABLE.items():
+    for b, fn in speed._ENABLE.items():
         monkeypatch.setattr(torch.backends.cuda, fn, lambda on, b=b: enabled.__setitem__(b, on))
     logs: list[str] = []
     cuda = torch.device("cuda")
-    assert fastpath.choose_sdpa_backend("auto", cuda, torch.bfloat16, 64, logs.append) == "efficient"
+    assert speed.choose_sdpa_backend("auto", cuda, torch.bfloat16, 64, logs.append) == "efficient"
     assert enabled == {"flash": False, "cudnn": False, "efficient": True, "math": False}
     assert logs == ["attention: SDPA backend efficient (torch.bfloat16, head_dim 64; the only one enabled)"]
-    assert fastpath.choose_sdpa_backend("math", cuda, torch.float32, 64, logs.append) == "math" and enabled["math"]
+    assert speed.choose_sdpa_backend("math", cuda, torch.float32, 64, logs.append) == "math" and enabled["math"]
     with pytest.raises(ValueError, match="'flash' does not run"):
-        fastpath.choose_sdpa_backend("flash", cuda, torch.float32, 64, logs.append)
+        speed.choose_sdpa_backend("flash", cuda, torch.float32, 64, logs.append)

@@ -3,7 +3,7 @@
 A trainable set says what is trained: `trainee` (the module DDP / FSDP wraps), `state_dict()` (the trained weights
 as full tensors), `export()`. A resume state holds the trained weights, the optimizer and the EMA:
 - one process or DDP: full tensors, written by rank 0 (trained.safetensors, optimizer.pt, ema.safetensors);
-- FSDP: one torch.distributed.checkpoint folder (core/state.py) that every rank writes its own shards into, in
+- FSDP: one torch.distributed.checkpoint folder (training/resume.py) that every rank writes its own shards into, in
   parallel, holding the trained parameters only (a LoRA's frozen base stays out: adapters + optimizer + EMA).
   DCP reshards on load, so it resumes under any world size, with FSDP or without.
 """
@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from core import dist, state as rstate
+from core import dist
+from training import resume as rstate
 
 
 class TrainableSet:
@@ -29,7 +30,7 @@ class TrainableSet:
     def write_state(self, tmp: str, optimizer: torch.optim.Optimizer, ema: Any) -> dict[str, Any]:
         """Every rank (collective), into the state's temporary folder `tmp`. FSDP: each rank writes its shards
         into tmp/dcp/; else rank 0 holds the full tensors. Every rank hashes the files it wrote. Returns
-        core.state.write_state's keyword arguments for rank 0: trained / optimizer / ema (full states) and `hashed`."""
+        training.resume.write_state's keyword arguments for rank 0: trained / optimizer / ema (full states) and `hashed`."""
         full: dict[str, Any] = {}
         if self.cfg.train.fsdp:
             rstate.write_sharded(tmp, rstate.sharded_state_dict(self.trainee, optimizer, ema))

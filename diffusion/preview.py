@@ -10,8 +10,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from core import dist
-from core.prompts import SamplePrompt, a1111_parameters, save_png
-from core.sampling import sample
+from diffusion.prompts import SamplePrompt, a1111_parameters, save_png
+from diffusion.sampling import sample
 
 LABEL_PAD = 2  # pixels around grid labels
 

@@ -1,4 +1,4 @@
-"""Fused backward pass, stochastic rounding and the optional optimizer packages (core/fused.py, core/optim.py).
+"""Fused backward pass, stochastic rounding and the optional optimizer packages (training/steppers.py, training/optim.py).
 
 References: the ordinary `loss.backward(); optimizer.step()` on an identical copy of the model (bit-exact for SGD
 and AdamW), live gradient bytes counted by hooks during backward, and the analytic mean of stochastic rounding.
@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.fused import (FusedBackward, ParamStepper, check_fused_settings, make_stepper, per_parameter_step,
+from training.steppers import (FusedBackward, ParamStepper, check_fused_settings, make_stepper, per_parameter_step,
                         stochastic_round_to_bf16)
 
 
@@ -175,8 +175,8 @@ def test_train_helpers_fused_equal_ordinary_on_tiny_sdxl():
     import models
     import train
     from core.config import Config, LossConfig, OptimizerConfig, TrainConfig
-    from core.objectives import build_objective
-    from core.optim import build_optimizer
+    from diffusion.objectives import build_objective
+    from training.optim import build_optimizer
 
     comp = models.build("sdxl", "tiny", parts=["unet", "te1", "te2"], seed=0)
     start = {k: v.clone() for k, v in comp.unet.state_dict().items()}
@@ -216,7 +216,7 @@ def test_optional_optimizer_packages(name, module):
     """build_optimizer by name gives the package's class; 20 steps lower a regression loss; per-parameter
     optimizers give the same weights stepped inside backward (fused) as stepped after it."""
     pkg = pytest.importorskip(module)
-    from core.optim import build_optimizer
+    from training.optim import build_optimizer
 
     lr = {"Prodigy": 1.0, "AdamW8bit": 1e-2}.get(name, 1e-3)
     cfg = types.SimpleNamespace(optimizer_type=name, optimizer_kwargs={}, learning_rate=lr)

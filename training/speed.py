@@ -1,7 +1,7 @@
 """The training fast path, applied from outside the models: channels_last, regional compile, the SDPA backend.
 
 Each switch is a [train] option whose unset value means "on when training on CUDA". The numerics of each are tested
-on CPU (tests/test_fastpath.py); the speed is measured by bench/gpu_suite.py.
+on CPU (tests/test_speed.py); the speed is measured by bench/gpu_suite.py.
 """
 
 from __future__ import annotations

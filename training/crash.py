@@ -85,7 +85,7 @@ def write_state_alone(state_root: str, step: int, rank: int, *, trained: dict, o
                       ema: dict | None) -> str | None:
     """A resumable state written by one rank without any collective (its own RNG only). An intact state of the
     same step (e.g. the export just before the crash) is kept as it is. Returns the state's path."""
-    from core import state as rstate
+    from training import resume as rstate
     final = os.path.join(state_root, f"step-{step:08d}")
     if os.path.isdir(final) and rstate.verify_state(final) is None:
         return final

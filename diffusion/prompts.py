@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
 from core.fsio import atomic_write
-from core.sampling import A1111_NAMES, SIGMA_KINDS, canonical_sampler_name
+from diffusion.sampling import A1111_NAMES, SIGMA_KINDS, canonical_sampler_name
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -37,7 +37,7 @@ class SamplePrompt:
     seed: int | None = None  # None: the caller picks one
     scale: float = 7.0  # classifier-free guidance scale
     steps: int = 28
-    sampler: str = "euler"  # canonical core.sampling name
+    sampler: str = "euler"  # canonical diffusion.sampling name
     rescale: float = 0.0  # guidance rescale phi (Lin et al. 2023)
     index: int = 0  # position in the prompt file
     sigmas: str = "normal"  # sigma spacing: "normal" (the schedule's own) or "karras" (Karras et al. 2022)

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from core.optim import LossRecorder
+from training.optim import LossRecorder
 
 
 def mean_loss(losses: list[torch.Tensor]) -> torch.Tensor:

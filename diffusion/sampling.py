@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import trange
 
-from core import objectives
-from core.objectives import NUM_TRAIN_TIMESTEPS
+from diffusion import objectives
+from diffusion.objectives import NUM_TRAIN_TIMESTEPS
 
 Denoiser = Callable[..., Tensor]  # model(x, sigma[B], **extra) -> x0
 Network = Callable[..., Tensor]  # network(x_in, t[B], **cond) -> eps | v | velocity
@@ -32,7 +32,7 @@ VE = "ve"
 FLOW = "flow"
 FORMS = (VE, FLOW)
 
-# The SDXL noise schedule (DDPM "scaled linear", 1000 steps) is the training objective's: core.objectives.
+# The SDXL noise schedule (DDPM "scaled linear", 1000 steps) is the training objective's: diffusion.objectives.
 # Karras et al. 2022 (EDM), eq. 5: rho = 7.
 KARRAS_RHO = 7.0
 # With a zero-terminal-SNR schedule the last alpha_bar is 0 (sigma = inf); diffusers replaces it by the

@@ -1,0 +1,1 @@
+"""Diffusion: objectives (eps / v / flow), samplers, sample prompts and previews."""
