@@ -1,0 +1,311 @@
+"""One process at a time per directory: the lock a run holds on its output_dir (train.py) or its store (cache.py).
+
+    lock = DirLock(out_dir, "train.py")
+    note = lock.acquire()          # LockBusy (one line naming the holder) when another live process holds it
+    ...
+    lock.release()
+
+The lock is the file `<dir>/sdtrain.lock`, never deleted (deleting a locked file lets two processes lock two
+different files of the same name). It holds JSON naming the holder (command, host, pid, start time), which a refused
+process quotes.
+
+Two mechanisms, chosen by what the filesystem supports:
+- `flock` on the file (local disks; NFS v3 with lockd and v4, where Linux turns it into a lock the server
+  arbitrates; CephFS; GPFS; Lustre mounted with `-o flock`; BeeGFS with global file locks). The kernel (or the NFS
+  server) drops the lock when its process ends however it ends, so a dead holder never blocks anyone: the next run
+  simply gets it (and says whose lock it took over). A crashed *node*'s lock is released by the NFS server when the
+  node's lease runs out (NFS v4: 90 s by default).
+- Where `flock` fails as unsupported (ENOLCK / ENOSYS / EOPNOTSUPP: Lustre without `-o flock`, NFS without lockd),
+  the exclusive creation of `<dir>/sdtrain.lock.excl` (O_EXCL, atomic on local disks and NFS v3+), holding the
+  holder's JSON, its mtime refreshed every HEARTBEAT_S by a thread. A lock is stale when its holder is on this host
+  and its process is gone (pid absent, or reused: another start time or boot), or when it is on another host and its
+  heartbeat is older than STALE_AFTER_S (so clocks must agree to within minutes, as NTP gives). A stale lock is
+  broken by whoever first creates `sdtrain.lock.break-<its token>` (O_EXCL: one winner), who re-reads the lock
+  under that guard and removes it only if it is still the stale one; then every contender races to create it anew
+  (one winner). So two processes never hold the lock at once, and a dead holder is replaced without a person.
+
+Not guaranteed: mutual exclusion where the filesystem's locks are node-local while the files are shared (Lustre
+`-o localflock`, NFS mounted `-o nolock`): there each node sees only its own processes' locks.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Callable
+
+LOCK_NAME = "sdtrain.lock"
+EXCL_NAME = LOCK_NAME + ".excl"
+HEARTBEAT_S = 30.0        # the O_EXCL fallback's holder refreshes its file's mtime this often
+STALE_AFTER_S = 600.0     # ... and a lock of another host is stale when not refreshed for this long
+WAIT_POLL_S = 2.0         # a waiting process retries this often
+_UNSUPPORTED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
+
+
+class LockBusy(RuntimeError):
+    """The directory is locked by another live process; str() is one line naming it."""
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _start_ticks(pid: int) -> int | None:
+    """A process's start time in clock ticks since boot (/proc/<pid>/stat field 22): tells a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    try:  # the command name (field 2) may hold spaces and parentheses: split after its closing one
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def holder_info(what: str) -> dict[str, Any]:
+    """What a lock file says about this process."""
+    return {"what": what, "host": socket.gethostname() or "localhost", "pid": os.getpid(),
+            "start": _start_ticks(os.getpid()), "boot": _boot_id(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "token": uuid.uuid4().hex}
+
+
+def same_host_dead(info: dict[str, Any]) -> bool:
+    """Whether a holder on this host is certainly gone: another boot, no such pid, or the pid reused."""
+    if info.get("host") != (socket.gethostname() or "localhost"):
+        return False
+    if info.get("boot") and _boot_id() and info["boot"] != _boot_id():
+        return True
+    pid = info.get("pid")
+    if not isinstance(pid, int) or not _alive(pid):
+        return True
+    start = info.get("start")
+    return start is not None and _start_ticks(pid) not in (None, start)
+
+
+def describe(info: dict[str, Any] | None) -> str:
+    """'train.py (pid 123 on host a, since 2025-01-01 12:00:00)' from a lock file's JSON."""
+    if not info:
+        return "another process (its lock file is being written)"
+    return (f"{info.get('what', 'another process')} (pid {info.get('pid', '?')} on host {info.get('host', '?')}, "
+            f"since {info.get('since', '?')})")
+
+
+def _read_json(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        out = json.loads(data) if data.strip() else None
+        return out if isinstance(out, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+class DirLock:
+    """An exclusive lock on a directory for the life of a run (see the module docstring for what it guarantees)."""
+
+    def __init__(self, directory: str, what: str):
+        self.dir, self.what = directory, what
+        self.path = os.path.join(directory, LOCK_NAME)
+        self.info: dict[str, Any] = {}
+        self._fd: int | None = None
+        self._excl = False
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, wait: bool = False, on_wait: Callable[[str], None] | None = None,
+                poll_s: float = WAIT_POLL_S, timeout_s: float | None = None) -> str:
+        """Take the lock. Busy: raise LockBusy, or with `wait` tell `on_wait` once who holds it and retry every
+        `poll_s` (LockBusy after `timeout_s`). Returns a note when a dead holder's lock was taken over, else ''."""
+        if self.held:
+            raise RuntimeError(f"{self.path}: already held by this DirLock")
+        os.makedirs(self.dir, exist_ok=True)
+        told, deadline = False, None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            got = self._try()
+            if isinstance(got, str):
+                return got
+            msg = f"{self.dir} is in use by {describe(got)}"
+            if not wait or (deadline is not None and time.monotonic() >= deadline):
+                raise LockBusy(msg + ("" if not wait else f"; gave up after {timeout_s:.0f} s"))
+            if not told and on_wait is not None:
+                on_wait(f"{msg}; waiting for it to finish")
+                told = True
+            time.sleep(poll_s)
+
+    def _try(self) -> str | dict[str, Any] | None:
+        """One attempt: the takeover note ('' or a line) when taken, else the holder's JSON (None: unreadable)."""
+        if not self._excl:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return _read_json(self.path)
+            except OSError as e:
+                os.close(fd)
+                if e.errno not in _UNSUPPORTED:
+                    raise
+                self._excl = True  # this filesystem has no working flock: exclusive creation from now on
+            else:
+                prev = _read_fd_json(fd)
+                self.info = holder_info(self.what) | {"mech": "flock"}
+                _rewrite(fd, self.info)
+                self._fd = fd
+                return self._took_over(prev)
+        return self._try_excl()
+
+    # -- the O_EXCL fallback ---------------------------------------------------------------------------------
+    def _try_excl(self) -> str | dict[str, Any] | None:
+        path = os.path.join(self.dir, EXCL_NAME)
+        note, cur = "", None
+        for _ in range(3):  # after breaking a stale lock, race for it at once
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                cur = _read_json(path)
+                if cur is None:  # being written right now, or left empty by a writer killed right after creating it
+                    try:
+                        st = os.stat(path)
+                    except FileNotFoundError:
+                        continue
+                    if time.time() - st.st_mtime < STALE_AFTER_S:
+                        return None
+                    cur = {"token": _empty_token(st)}
+                if not self._stale(path, cur):
+                    return cur
+                if self._break(path, cur):
+                    note = self._took_over(cur)
+                continue
+            self.info, self._fd = holder_info(self.what) | {"mech": "excl"}, fd
+            _rewrite(fd, self.info)
+            self._stop.clear()
+            self._beat = threading.Thread(target=self._heartbeat, name="dir-lock-heartbeat", daemon=True)
+            self._beat.start()
+            for name in os.listdir(self.dir):  # guards of breaks that are over
+                if name.startswith(EXCL_NAME + ".break-"):
+                    _unlink(os.path.join(self.dir, name))
+            return note
+        return cur
+
+    @staticmethod
+    def _stale(path: str, cur: dict[str, Any]) -> bool:
+        """Whether the holder of an O_EXCL lock is gone (see the module docstring)."""
+        if str(cur.get("token")).startswith("empty-") or same_host_dead(cur):
+            return True
+        if cur.get("host") == (socket.gethostname() or "localhost"):
+            return False  # its process is alive
+        try:
+            return time.time() - os.stat(path).st_mtime > STALE_AFTER_S
+        except FileNotFoundError:
+            return True
+
+    @staticmethod
+    def _break(path: str, stale: dict[str, Any]) -> bool:
+        """Remove a stale lock file only if it still is the one judged stale; one breaker per stale lock (the one
+        that creates its guard), so a lock taken meanwhile by someone else is never removed."""
+        guard = f"{path}.break-{stale.get('token', 'none')}"
+        try:
+            os.close(os.open(guard, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            return False  # another process breaks it
+        try:
+            now = _read_json(path) or {"token": _empty_token(os.stat(path))}
+        except FileNotFoundError:
+            return False
+        if now.get("token") != stale.get("token"):
+            return False
+        _unlink(path)
+        return True
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            fd = self._fd
+            if fd is None:
+                return
+            try:
+                os.utime(fd)  # the file's own inode, even if someone broke the lock meanwhile
+            except OSError:
+                pass
+
+    # -- both ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _took_over(prev: dict[str, Any] | None) -> str:
+        if not prev or prev.get("released") or str(prev.get("token")).startswith("empty-"):
+            return ""
+        return f"took over the lock of {describe(prev)}, which ended without releasing it"
+
+    def release(self) -> None:
+        """Give the lock back (the file stays; it says released)."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        self._stop.set()
+        try:
+            if self._excl:
+                _unlink(os.path.join(self.dir, EXCL_NAME))
+            else:
+                _rewrite(fd, self.info | {"released": time.strftime("%Y-%m-%d %H:%M:%S")})
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        except OSError:
+            pass  # closing the descriptor below releases a flock anyway
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> "DirLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _read_fd_json(fd: int) -> dict[str, Any] | None:
+    try:
+        data = os.pread(fd, 1 << 16, 0)
+        out = json.loads(data) if data.strip() else None
+        return out if isinstance(out, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _rewrite(fd: int, info: dict[str, Any]) -> None:
+    data = json.dumps(info).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+    os.fsync(fd)
+
+
+def _empty_token(st: os.stat_result) -> str:
+    """The identity of an empty lock file (no token inside): inode and mtime, which a new file would not repeat."""
+    return f"empty-{st.st_ino}-{st.st_mtime_ns}"
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
