@@ -249,7 +249,7 @@ class NetworkConfig:
     module_dropout: float = opt(0.0, "probability of skipping a whole adapter for a step while training", min=0, max=1, max_exclusive=True)
     network_train_unet_only: bool = opt(False, "adapters on the diffusion network only (required with cached text-encoder outputs)")
     network_train_text_encoder_only: bool = opt(False, "adapters on the CLIP text encoders only")
-    target_modules: list[str] = opt([], "regexes (full match) over kohya LoRA names (lora_unet_..., lora_te1_..., lora_te2_...) of linear layers to adapt; empty = kohya's defaults of the family (README: LoRA)")
+    target_modules: list[str] = opt([], "regexes (full match) over kohya LoRA names (lora_unet_..., lora_te1_..., lora_te2_...) of linear layers to adapt; empty = kohya's defaults of the family (docs/lora.md)")
     conv_target_modules: list[str] = opt([], "locon: regexes over LoRA names of convolutions to adapt; empty = kohya's defaults (SDXL ResNet / down / up-sampling convolutions)")
     exclude_modules: list[str] = opt([], "regexes over LoRA names never adapted (applied after the targets)")
     block_args: list[dict] = opt([], "block-wise settings: [{pattern = 'regex over LoRA names', dim = 8, alpha = 4.0, lr = 1e-4}], first match wins; dim 0 leaves the matched layers out")
@@ -709,7 +709,7 @@ def to_dict(cfg: Any) -> dict:
 
 
 def reference_markdown() -> str:
-    """The config reference, generated from the dataclass docs (so the README cannot drift)."""
+    """The config reference, generated from the dataclass docs (docs/config-reference.md, so it cannot drift)."""
     out = []
 
     def table(cls: type, title: str) -> None:
