@@ -11,6 +11,7 @@ import unicodedata
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README_MAX_LINES = 200  # issue #22: the README says what it is and where to read next; the rest lives in docs/
 
 # Top-level folders whose files the pages name in backticks (`core/config.py`, `configs/sdxl_lora.toml`).
 _REPO_DIRS = ("bench", "configs", "core", "data", "diffusion", "docs", "models", "networks", "scripts", "tests",
@@ -114,6 +115,12 @@ def test_named_repository_files_exist(page):
     missing = sorted({p for p in _CODE_PATH.findall(_prose(_read(page)))
                       if "*" not in p and "{" not in p and not os.path.exists(os.path.join(ROOT, p))})
     assert not missing, f"{page} names files that do not exist: {', '.join(missing)}"
+
+
+def test_readme_is_short():
+    """The README stays an entry page: what it is, the two commands, quick starts, features, where to read next."""
+    n = len(_read("README.md").splitlines())
+    assert n <= README_MAX_LINES, f"README.md has {n} lines (at most {README_MAX_LINES}): move detail into docs/"
 
 
 def test_slug_rule():
