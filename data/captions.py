@@ -10,39 +10,18 @@ goes through description_processor. Hooks may be written in euge-trainer's style
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
-from .hooks import count_metadata  # noqa: F401  (euge-trainer's counter; re-exported)
+from core.config import DataConfig, SubsetConfig
 
-
-@dataclass(frozen=True)
-class CaptionOptions:
-    """Per-subset caption settings (subset values with [data] fallbacks resolved)."""
-
-    shuffle_caption: bool = False
-    keep_tokens: int = 0
-    keep_tokens_separator: str = ""
-    caption_separator: str = ","
-    caption_dropout_rate: float = 0.0
-    caption_tag_dropout_rate: float = 0.0
-    caption_prefix: str = ""
-    caption_suffix: str = ""
-    class_tokens: str = ""
-    description_probability: float = 0.5
-    description_with_tags_probability: float = 0.0
-
-    @property
-    def augmented(self) -> bool:
-        """Whether the caption can differ between epochs."""
-        return self.shuffle_caption or self.caption_dropout_rate > 0 or self.caption_tag_dropout_rate > 0
+from .spec import CaptionOptions  # noqa: F401  (the options these functions take; its home is data/spec.py)
 
 
 def _pick(sub_value, data_value):
     return data_value if sub_value is None else sub_value
 
 
-def options_for_subset(sub, data) -> CaptionOptions:
+def options_for_subset(sub: SubsetConfig, data: DataConfig) -> CaptionOptions:
     """Resolve a SubsetConfig's caption settings against the DataConfig defaults."""
     o = CaptionOptions(
         shuffle_caption=bool(_pick(sub.shuffle_caption, data.shuffle_caption)),
@@ -54,8 +33,8 @@ def options_for_subset(sub, data) -> CaptionOptions:
         caption_prefix=_pick(sub.caption_prefix, data.caption_prefix) or "",
         caption_suffix=_pick(sub.caption_suffix, data.caption_suffix) or "",
         class_tokens=sub.class_tokens or "",
-        description_probability=float(getattr(data, "description_probability", 0.5)),
-        description_with_tags_probability=float(getattr(data, "description_with_tags_probability", 0.0)),
+        description_probability=float(data.description_probability),
+        description_with_tags_probability=float(data.description_with_tags_probability),
     )
     for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
         if not 0.0 <= getattr(o, name) <= 1.0:

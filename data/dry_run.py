@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .buckets import resize_and_crop
-from .captions import CaptionOptions, full_caption
+from .captions import full_caption
 from .hooks import load_text_hook
 from .images import BadImage, load_image
 from .sources import subset_where
@@ -35,7 +35,7 @@ def _examples(index, data_cfg, rows: list[int], seed: int) -> list[tuple[str, st
     desc = load_text_hook(data_cfg.description_processor, "description_processor")
     out = []
     for row in rows:
-        opts = CaptionOptions(**index.subsets[int(index.subset[row])].caption)
+        opts = index.subsets[int(index.subset[row])].caption_options
         md = index.meta(row)
         text = full_caption(index.captions[row], opts, random.Random(seed + row), key=index.keys[row], metadata=md,
                             counter=index.counter, flipped=False, caption_hook=cap, description_hook=desc,

@@ -22,10 +22,16 @@ import inspect
 import os
 from typing import Any, Callable, Iterable
 
+import numpy as np
+
+from core.config import resolve_hook
+
 # euge-trainer's empty_metadata(): the fields every img_md has (None when unknown).
 EUGE_FIELDS = ("image_path", "caption", "description", "artist", "characters", "styles", "quality", "original_size",
                "safe_rating", "safe_level", "perceptual_hash", "aesthetic_score")
 COUNTER_KEYS = ("category", "artist", "character", "style", "quality")
+# The metadata fields count_metadata reads; entries with none of them cannot change the counts.
+COUNTED_FIELDS = frozenset({"artist", "characters", "styles", "quality"})
 WIKI_ALIASES = {"characters": "character", "styles": "style"}
 _OURS_ONLY = {"flipped", "rng", "metadata", "num_repeats"}
 _EUGE_FIRST = {"img_info", "img_key", "image_info", "info"}   # the wiki's first parameter names
@@ -175,13 +181,8 @@ class RepeatsHook:
             r = self.fn(key, img_md(), counter=hook_counter(counter))
         else:
             r = self.fn(key=key, metadata=metadata, counter=counter, num_repeats=num_repeats)
-        try:
-            import numpy as np
-
-            if isinstance(r, np.integer):
-                r = int(r)
-        except ImportError:  # pragma: no cover
-            pass
+        if isinstance(r, np.integer):
+            r = int(r)
         return _check(r, int, "num_repeats_getter", key, "an int >= 0")
 
 
@@ -205,15 +206,18 @@ class TextHook:
         return _check(out, str, self.name, key, "str")
 
 
-def load_text_hook(spec: str, name: str) -> TextHook | None:
-    from .sources import load_hook
+def load_hook(spec: str) -> Callable | None:
+    """Resolve a user hook spec through core.config.resolve_hook ("" = no hook)."""
+    return resolve_hook(spec) if spec else None
 
+
+def load_text_hook(spec: str, name: str) -> TextHook | None:
+    """caption_processor / description_processor of a [data] spec, wrapped (None: no hook)."""
     fn = load_hook(spec)
     return TextHook(fn, name) if fn is not None else None
 
 
 def load_repeats_hook(spec: str) -> RepeatsHook | None:
-    from .sources import load_hook
-
+    """num_repeats_getter of a [data] spec, wrapped (None: no hook)."""
     fn = load_hook(spec)
     return RepeatsHook(fn) if fn is not None else None

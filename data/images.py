@@ -15,6 +15,8 @@ from PIL import Image, ImageOps
 
 from core.fsio import atomic_write
 
+from .locators import is_locator, open_bytes
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp") + tuple(
@@ -51,11 +53,8 @@ def _open_checked(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
     A locator (`<container>::<member>`, data/readers) is opened from the bytes its reader returns."""
     src: Any = path
     try:
-        if "::" in path:
-            from .readers import is_locator, open_bytes
-
-            if is_locator(path):
-                src = io.BytesIO(open_bytes(path))
+        if is_locator(path):
+            src = io.BytesIO(open_bytes(path))
         if (src.getbuffer().nbytes if isinstance(src, io.BytesIO) else os.path.getsize(path)) == 0:
             raise BadImage("zero-byte file")
     except (OSError, ValueError) as e:

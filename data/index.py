@@ -16,18 +16,27 @@ import os
 import struct
 import zipfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
 from core.fsio import commit_file, remove_quietly, temp_path, with_path
 
+from core.config import DataConfig
+
 from .buckets import BucketSettings, assign_buckets
 from .columns import PackedRows, StrColumn, json_encoder
-from .hooks import count_metadata, euge_metadata, load_repeats_hook
+from .hooks import ImageInfo, count_metadata, euge_metadata, load_repeats_hook
 from .images import SkipReport, read_sizes
+from .listing import list_images
+from .locators import stat_sig
+from .readers import Rows
 from .readers.tar import SCAN_DIR, scan_own_shards, scan_parts
-from .sources import SubsetSpec, collect, inputs_fingerprint, list_images, resolve_subsets
+from .record_rows import cached_rows, record_size, subset_signature
+from .sources import collect, inputs_fingerprint, resolve_subsets
+from .spec import SubsetSpec
+from .store import INDEX_FILE as STORE_INDEX_FILE
+from .store import SHARD_DIR, LatentStore
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +83,8 @@ class DatasetIndex:
         s = self.metadata[i]
         return json.loads(s) if s else {}
 
-    def image_info(self, row: int, caption: str | None = None, description: str | None = None):
+    def image_info(self, row: int, caption: str | None = None, description: str | None = None) -> ImageInfo:
         """euge-trainer's ImageInfo of a row (for hooks written in its style)."""
-        from .hooks import ImageInfo, euge_metadata
-
         md = self.meta(row)
         w, h = (int(v) for v in self.sizes[row])
         bw, bh = (int(v) for v in self.buckets[row])
@@ -94,7 +101,7 @@ class DatasetIndex:
     def save(self, path: str) -> None:
         """Write atomically (temp file + rename)."""
         info = {"version": INDEX_VERSION, "fingerprint": self.fingerprint, "bucket_settings": self.bucket_settings.__dict__,
-                "subsets": [s.__dict__ for s in self.subsets], "counter": self.counter, "skipped": self.skipped,
+                "subsets": [s.to_dict() for s in self.subsets], "counter": self.counter, "skipped": self.skipped,
                 "store_sig": self.store_sig}
         arrays = {"sizes": self.sizes, "buckets": self.buckets, "subset": self.subset, "repeats": self.repeats,
                   "info": np.frombuffer(json.dumps(info).encode(), dtype=np.uint8)}
@@ -119,7 +126,7 @@ class DatasetIndex:
             raise ValueError(f"{path}: index version {info.get('version')} != {INDEX_VERSION}; delete it to rebuild")
         cols = {n: StrColumn(z[f"{n}_blob"], z[f"{n}_off"]) for n in STR_COLUMNS}
         return cls(sizes=z["sizes"], buckets=z["buckets"], subset=z["subset"], repeats=z["repeats"],
-                   subsets=[SubsetSpec(**s) for s in info["subsets"]],
+                   subsets=[SubsetSpec.from_dict(s) for s in info["subsets"]],
                    bucket_settings=BucketSettings(**info["bucket_settings"]),
                    fingerprint=info["fingerprint"], counter=info["counter"],
                    skipped=info.get("skipped", {}), store_sig=info.get("store_sig", ""), **cols)
@@ -156,8 +163,6 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
                 out[name] = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape,
                                       order="F" if fortran else "C")
     return out
-# The metadata fields count_metadata (data/captions.py) reads; entries with none of them cannot change the counts.
-COUNTED_FIELDS = frozenset({"artist", "characters", "styles", "quality"})
 
 
 @contextlib.contextmanager
@@ -173,71 +178,56 @@ def _gc_paused():
             gc.enable()
 
 
-def _fingerprint(data, subsets) -> str:
+def _fingerprint(data: DataConfig, subsets: list[SubsetSpec]) -> str:
     """The saved index's input fingerprint: the subsets' sources plus every setting the build depends on."""
     bs = BucketSettings.from_data_cfg(data)
     return inputs_fingerprint(subsets, bool(data.recursive), _settings_key(data) + bs.key())
 
 
-def _settings_key(data) -> str:
+def _settings_key(data: DataConfig) -> str:
     return json.dumps({"num_repeats_getter": data.num_repeats_getter, "recursive": bool(data.recursive),
                        "max_image_pixels": data.max_image_pixels, "v": INDEX_VERSION}, sort_keys=True)
 
 
-def build_index(data, skipped: SkipReport | None = None, threads: int = 16,
+def build_index(data: DataConfig, skipped: SkipReport | None = None, threads: int = 16,
                 known_sizes: Callable[[str], tuple[int, int] | None] | None = None,
-                store_root: str = "") -> DatasetIndex:
+                store: LatentStore | None = None) -> DatasetIndex:
     """Scan sources, read missing sizes from image headers in parallel, assign buckets and repeats.
 
     Entries whose size is unknown and whose image cannot be read are left out and reported in `skipped`.
-    `known_sizes(key)` may supply sizes for images that no longer exist. With `store_root` (a latent store),
-    entries whose images are gone come back from the store's records (cache-only training; logged).
+    `known_sizes(key)` may supply sizes for images that no longer exist. With `store` (the opened latent store of
+    this index), entries whose images are gone come back from the store's records (cache-only training; logged).
     """
     with _gc_paused():
-        return _build_index(data, skipped, threads, known_sizes, store_root)
-
-
-def _store_sizes(store_root: str) -> Callable[[str], tuple[int, int] | None]:
-    """known_sizes from the records of a latent store (their copy of the index row)."""
-    from .store import LatentStore
-
-    opened: list = []  # opened on first use: most builds never ask
-
-    def size(key: str) -> tuple[int, int] | None:
-        if not opened:
-            opened.append(LatentStore(store_root, check_validity=False))
-        store = opened[0]
-        if key not in store:
-            return None
-        wh = (store.record_info(key).get("x") or {}).get("wh")
-        return (int(wh[0]), int(wh[1])) if wh else None
-
-    return size
+        return _build_index(data, skipped, threads, known_sizes, store)
 
 
 def store_signature(store_root: str) -> str:
-    from .readers import stat_sig
-    from .store import INDEX_FILE
-
-    return stat_sig(os.path.join(store_root, INDEX_FILE))
+    """The latent store's index stat (an index whose rows came from the store is rebuilt when it changes)."""
+    return stat_sig(os.path.join(store_root, STORE_INDEX_FILE))
 
 
-def _add_cached_rows(cols: PackedRows, subsets, store_root: str) -> bool:
+def row_extra(index: DatasetIndex, row: int) -> dict[str, Any]:
+    """The record's copy of its index row (enough to rebuild the row without the image; data/record_rows.py)."""
+    w, h = (int(v) for v in index.sizes[row])
+    spec = index.subsets[int(index.subset[row])]
+    return {"x": {"p": index.paths[row], "c": index.captions[row], "d": index.descriptions[row],
+                  "m": index.metadata[row], "wh": [w, h], "s": subset_signature(spec)}}
+
+
+def _add_cached_rows(cols: PackedRows, subsets: list[SubsetSpec], store: LatentStore) -> bool:
     """Rows of entries whose images (or source entries) are gone, from the store's records; whether any came."""
-    from .npz_import import cached_rows
-    from .readers import Rows
-
-    add = list(cached_rows(store_root, cols.keys.tolist(), subsets))
+    add = list(cached_rows(store, cols.keys.tolist(), subsets))
     if not add:
         return False
     log.warning("%d dataset entries are no longer in their sources (images moved or deleted); their records in the "
-                "latent store %s are used instead (cache-only training)", len(add), store_root)
+                "latent store %s are used instead (cache-only training)", len(add), store.root)
     more = Rows()
     for si, key, x in add:
         more.keys.append(key); more.paths.append(x.get("p", "")); more.captions.append(x.get("c", ""))
         more.metadata.append(json.loads(x["m"]) if x.get("m") else {})
         more.widths.append(int(x["wh"][0])); more.heights.append(int(x["wh"][1]))
-        more.subset.append(si); more.origin.append(f"latent store {store_root}")
+        more.subset.append(si); more.origin.append(f"latent store {store.root}")
     cols.append(more)
     return True
 
@@ -245,17 +235,18 @@ def _add_cached_rows(cols: PackedRows, subsets, store_root: str) -> bool:
 SIZE_CHUNK = 65536  # image headers read per call while building (paths listed per chunk, not all at once)
 
 
-def _build_index(data, skipped: SkipReport | None, threads: int,
-                 known_sizes: Callable[[str], tuple[int, int] | None] | None, store_root: str = "") -> DatasetIndex:
+def _build_index(data: DataConfig, skipped: SkipReport | None, threads: int,
+                 known_sizes: Callable[[str], tuple[int, int] | None] | None,
+                 store: LatentStore | None) -> DatasetIndex:
     skipped = skipped if skipped is not None else SkipReport()
     subsets = resolve_subsets(data)
     bs = BucketSettings.from_data_cfg(data)
     fp = _fingerprint(data, subsets)
     hooked = bool(data.num_repeats_getter or data.caption_processor or data.description_processor)
     cols = collect(subsets, bool(data.recursive), threads, bool(data.allow_empty_captions), keep_dicts=hooked)
-    from_store = bool(store_root) and _add_cached_rows(cols, subsets, store_root)
-    if store_root and known_sizes is None:
-        known_sizes = _store_sizes(store_root)
+    from_store = store is not None and _add_cached_rows(cols, subsets, store)
+    if store is not None and known_sizes is None:
+        known_sizes = lambda key: record_size(store, key)  # noqa: E731
     n = len(cols)
     sizes = np.stack([cols.cols.pop("widths"), cols.cols.pop("heights")], 1).astype(np.int32, copy=False).reshape(n, 2)
     cols.cols.pop("hash", None)  # duplicates were checked
@@ -305,7 +296,7 @@ def _build_index(data, skipped: SkipReport | None, threads: int,
                         descriptions=cols.descriptions,
                         sizes=sizes, buckets=buckets, subset=subset_arr,
                         repeats=repeats, subsets=subsets, bucket_settings=bs, fingerprint=fp, counter=counter,
-                        skipped=dict(skipped.items), store_sig=store_signature(store_root) if from_store else "")
+                        skipped=dict(skipped.items), store_sig=store_signature(store.root) if from_store else "")
 
 
 def balance_reg(repeats: np.ndarray, is_reg: np.ndarray) -> None:
@@ -369,12 +360,12 @@ def check_captions(index: DatasetIndex, allow_empty: bool) -> None:
                      f"without captions")
 
 
-def load_or_build_index(data, index_dir: str, *, is_main: bool = True, barrier: Callable[[], None] | None = None,
+def load_or_build_index(data: DataConfig, index_dir: str, *, is_main: bool = True, barrier: Callable[[], None] | None = None,
                         skipped: SkipReport | None = None, threads: int = 16,
                         known_sizes: Callable[[str], tuple[int, int] | None] | None = None) -> DatasetIndex:
     """Rank 0 reuses the saved index when its input fingerprint matches, else rebuilds and saves it; others load."""
     path = os.path.join(index_dir, INDEX_FILE)
-    store_root = index_dir if os.path.isdir(os.path.join(index_dir, "shards")) else ""
+    store_root = index_dir if os.path.isdir(os.path.join(index_dir, SHARD_DIR)) else ""
     # caption hooks may build a caption from the metadata: empty stored captions are then not a mistake
     allow_empty = data.allow_empty_captions or bool(data.caption_processor or data.description_processor)
     if is_main:
@@ -392,8 +383,13 @@ def load_or_build_index(data, index_dir: str, *, is_main: bool = True, barrier: 
             except (ValueError, OSError, KeyError) as e:
                 log.warning("cannot reuse %s (%s); rebuilding", path, e)
         if index is None:
-            with scan_parts(os.path.join(index_dir, SCAN_DIR)):  # tar shards: the ranks' scans (scan_tar_shards)
-                index = build_index(data, skipped, threads, known_sizes, store_root)
+            store = LatentStore(store_root, check_validity=False) if store_root else None
+            try:
+                with scan_parts(os.path.join(index_dir, SCAN_DIR)):  # tar shards: the ranks' scans (scan_tar_shards)
+                    index = build_index(data, skipped, threads, known_sizes, store)
+            finally:
+                if store is not None:
+                    store.close()
             check_captions(index, allow_empty)  # before saving: a refused index is not reused
             index.save(path)
             log.info("dataset index built: %d entries -> %s", len(index), path)
@@ -406,7 +402,7 @@ def load_or_build_index(data, index_dir: str, *, is_main: bool = True, barrier: 
     return index
 
 
-def scan_tar_shards(data, index_dir: str, rank: int, world: int, threads: int = 4) -> int:
+def scan_tar_shards(data: DataConfig, index_dir: str, rank: int, world: int, threads: int = 4) -> int:
     """Every rank (before rank 0 builds the index, then a barrier): scan this rank's share of the tar shards into
     part files the build reads (data/readers/tar.py), unless the saved index is current. Returns the shards this
     rank scanned. Any problem (a bad config, a damaged shard) is left to rank 0's build, which reports it."""

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .buckets import flipped_crop, load_resized
-from .captions import CaptionOptions, full_caption
+from .captions import full_caption
 from .images import BadImage
 from .index import DatasetIndex
 from .hooks import load_text_hook
@@ -234,7 +234,7 @@ class _Items(Dataset):
     def __init__(self, index: DatasetIndex, data_cfg, store, seed: int, epoch: int):
         self.index, self.store, self.seed, self.epoch = index, store, seed, epoch
         self.max_pixels = data_cfg.max_image_pixels
-        self.opts = [CaptionOptions(**s.caption) for s in index.subsets]
+        self.opts = [s.caption_options for s in index.subsets]
         self.caption_hook = load_text_hook(data_cfg.caption_processor, "caption_processor")
         self.description_hook = load_text_hook(data_cfg.description_processor, "description_processor")
         self.jpeg_draft = bool(data_cfg.jpeg_draft)

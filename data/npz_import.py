@@ -10,71 +10,28 @@ modules/sdxl_dataset_utils.py), each beside its image or under the imported fold
 The arrays are the VAE's raw samples (`latent_dist.sample()`), so they are scaled into the diffusion model's latent
 space like our own encodes ((z - shift) * scale of the configured VAE). A latent whose size is not the bucket's
 (after our bucketing) is not imported, with the reason. Which VAE made them is the user's word: the records get
-the configured VAE's fingerprint and say in `imp` which file they came from.
-
-Cache-only training: every record cache.py writes (and every imported one) carries its index row in `x` (image
-path, caption, description, metadata, size, subset signature); `cached_rows` turns the records of entries whose
-images are gone back into index rows.
+the configured VAE's fingerprint and say in `imp` which file they came from. Like every record cache.py writes,
+an imported one carries its index row (`row_extra`, data/record_rows.py: cache-only training).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import re
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from .buckets import crop_params, flipped_crop
+from .index import DatasetIndex, row_extra
+from .store import Record, source_fingerprint
 
 log = logging.getLogger(__name__)
 
 STRATEGY_RE = re.compile(r"^(?P<base>.+)_(?P<w>\d+)x(?P<h>\d+)_(?P<arch>sdxl|sd|sd3|flux|lumina|hunyuan_image)\.npz$")
 SKIP_SUFFIXES = ("_te_outputs.npz", "_te.npz")  # text-encoder caches: not latents
-
-
-def subset_signature(spec) -> str:
-    """What identifies a subset across runs (its sources), for records of the cache-only rebuild."""
-    tars = getattr(spec, "tar_shards", None)
-    src = json.dumps([spec.image_dirs, spec.metadata_files, getattr(spec, "dataset_name_or_path", ""),
-                      getattr(spec, "layout", "")] + ([sorted({os.path.dirname(t) for t in tars})] if tars else []))
-    return hashlib.sha1(src.encode()).hexdigest()[:12]
-
-
-def row_extra(index, row: int) -> dict[str, Any]:
-    """The record's copy of its index row (enough to rebuild the row without the image)."""
-    w, h = (int(v) for v in index.sizes[row])
-    spec = index.subsets[int(index.subset[row])]
-    return {"x": {"p": index.paths[row], "c": index.captions[row], "d": index.descriptions[row],
-                  "m": index.metadata[row], "wh": [w, h], "s": subset_signature(spec)}}
-
-
-def cached_rows(store_root: str, have_keys: list[str], subsets) -> "Iterator[tuple[int, str, dict]]":
-    """(subset index, key, x) of store records whose entry the sources no longer list (their image is gone)."""
-    from .store import INDEX_FILE, SHARD_DIR, LatentStore
-
-    if not os.path.isdir(os.path.join(store_root, SHARD_DIR)) and not os.path.exists(
-            os.path.join(store_root, INDEX_FILE)):
-        return
-    store = LatentStore(store_root, check_validity=False)
-    if len(store) == 0:
-        return
-    present = store.contains_many(have_keys)
-    if int(present.sum()) == len(store):  # every stored key is listed: nothing to add (no header read)
-        return
-    sig = {subset_signature(s): i for i, s in enumerate(subsets)}
-    listed = set(have_keys)
-    for key in store.keys():
-        if key in listed:
-            continue
-        x = store.record_info(key).get("x")
-        if x and x.get("s") in sig:
-            yield sig[x["s"]], key, x
-    store.close()
 
 
 # ---- the import ------------------------------------------------------------------------------------------------
@@ -160,11 +117,11 @@ def read_npz(files: dict[str, str], bucket_wh: tuple[int, int], size_wh: tuple[i
     return arrays, original, crop, (crop_flip if "flip.latent" in arrays else None)
 
 
-def import_npz(index, root: str, writer, vae_cfg, dtype: torch.dtype, content_hash: bool = False) -> dict[str, Any]:
+def import_npz(index: DatasetIndex, root: str, writer, vae_cfg, dtype: torch.dtype,
+               content_hash: bool = False) -> dict[str, Any]:
     """Write a record per index entry that has a usable npz under root (matched by image path without extension,
-    else by key or file stem); returns counts and the reasons for the files left out."""
-    from .store import Record, source_fingerprint
-
+    else by key or file stem) through `writer` (a store writer's `put`); returns counts and the reasons for the
+    files left out."""
     found = find_npz(os.path.abspath(root))
     by_base: dict[str, int] = {}
     paths, keys = index.paths.tolist(), index.keys.tolist()

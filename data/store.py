@@ -38,7 +38,8 @@ import torch
 
 from core.fsio import atomic_write, commit_file, remove_quietly, temp_path, with_path
 
-from .index import StrColumn
+from .columns import StrColumn
+from .locators import is_locator, split_locator
 
 log = logging.getLogger(__name__)
 
@@ -623,11 +624,8 @@ def source_fingerprint(path: str, content_hash: bool = False) -> str:
     """Identity of a source image: size + mtime (cheap) or a content hash ('' when the file is missing). A locator
     (`<container>::<member>`, a row of a dataset table) is its container's size + mtime and the member."""
     member = ""
-    if "::" in path:
-        from .readers import is_locator, split_locator
-
-        if is_locator(path):
-            path, member = split_locator(path)
+    if is_locator(path):
+        path, member = split_locator(path)
     try:
         st = os.stat(path)
     except OSError:

@@ -9,36 +9,31 @@ import json
 import os
 import random
 import sqlite3
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from core.config import DataConfig, SubsetConfig
 from data.buckets import BucketSettings, assign_buckets, crop_params, make_buckets, resize_and_crop
-from data.captions import CaptionOptions, count_metadata, full_caption, process_caption
+from data.captions import full_caption, process_caption
+from data.hooks import count_metadata
+from data.spec import CaptionOptions
 from data.images import BadImage, SkipReport, load_image, read_size
 from data.index import build_index, load_or_build_index
 
 
-def data_cfg(**kw):
-    d = dict(image_dirs=[], metadata_files=[], recursive=False, caption_extension=".txt", resolution=64,
-             enable_bucket=True, bucket_reso_step=16, min_bucket_reso=32, max_bucket_reso=128, bucket_no_upscale=False,
-             random_crop=False, flip_aug=False, batch_size=2, max_dataloader_n_workers=0,
-             persistent_data_loader_workers=False, shuffle_caption=False, keep_tokens=0, keep_tokens_separator="",
-             caption_separator=",", caption_dropout_rate=0.0, caption_tag_dropout_rate=0.0, caption_prefix="",
-             caption_suffix="", num_repeats=1, caption_processor="", description_processor="", num_repeats_getter="",
-             max_image_pixels=178_956_970, allow_empty_captions=False, subsets=[])
+def data_cfg(**kw) -> DataConfig:
+    """A typed [data] table at tiny sizes (the shared fixture of the data tests)."""
+    d = dict(resolution=64, bucket_reso_step=16, min_bucket_reso=32, max_bucket_reso=128, batch_size=2,
+             max_dataloader_n_workers=0, persistent_data_loader_workers=False)
     d.update(kw)
-    return SimpleNamespace(**d)
+    return DataConfig(**d)
 
 
-def subset(**kw):
-    d = dict(image_dirs=[], metadata_files=[], caption_extension=None, num_repeats=1, is_reg=False, class_tokens="",
-             shuffle_caption=None, keep_tokens=None, caption_dropout_rate=None, caption_tag_dropout_rate=None,
-             caption_prefix=None, caption_suffix=None, flip_aug=None, random_crop=None, loss_weight=1.0)
-    d.update(kw)
-    return SimpleNamespace(**d)
+def subset(**kw) -> SubsetConfig:
+    """A typed [[data.subsets]] entry."""
+    return SubsetConfig(**kw)
 
 
 def img(path, size=(40, 24), colour=(10, 20, 30)):
@@ -250,7 +245,7 @@ def test_image_modes_converted(tmp_path):
 
 def test_exists_many_matches_os_path_exists(tmp_path, monkeypatch):
     """Listing-based existence == os.path.exists (the reference) on files, folders, symlinks and odd paths."""
-    from data.sources import exists_many
+    from data.listing import exists_many
 
     img(tmp_path / "d" / "a.png"); (tmp_path / "d" / "sub").mkdir()
     (tmp_path / "d" / "link.png").symlink_to(tmp_path / "d" / "a.png")

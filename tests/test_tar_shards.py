@@ -172,11 +172,10 @@ def test_index_of_a_shard(tmp_path):
 
 
 def test_train_refuses_uncached_tar_shards():
-    from types import SimpleNamespace
-
+    from core.config import DataConfig, SubsetConfig
     from data.sources import require_store_for_containers
 
-    data = SimpleNamespace(tar_shards=[], subsets=[SimpleNamespace(tar_shards=["/x/{0..3}.tar"])])
+    data = DataConfig(subsets=[SubsetConfig(tar_shards=["/x/{0..3}.tar"])])
     require_store_for_containers(data, use_store=True)
     with pytest.raises(ValueError, match="run `torchrun --nproc_per_node=N cache.py"):
         require_store_for_containers(data, use_store=False)

@@ -1,201 +1,31 @@
 """Dataset readers: one per on-disk format, all behind one interface, all producing the same index rows.
 
-A subset's *sources* are its metadata files (one source each), its Hugging Face dataset folder, its tar shards
-(one source for all of them), or else its image folders (one source for all of them). Each source is read by the first registered reader whose `claims(source)`
-is true; the reader streams `Rows` chunks (column lists, never one object per entry) and hashes what its rows
-depend on for the index fingerprint. Nothing outside this package knows about formats.
+A subset's *sources* are its metadata files (one source each), its Hugging Face dataset folder, its tar shards (one
+source for all of them), or else its image folders (one source for all of them). Each source is read by the first
+registered reader whose `claims(source)` is true; the reader streams `Rows` chunks (column lists, never one object
+per entry) and hashes what its rows depend on for the index fingerprint. Nothing outside this package knows about
+formats.
 
-Adding a format = one module with a `Reader` subclass, decorated with `@register`, imported at the bottom of this
-file. A container format whose images are members of a bigger file (parquet / arrow tables, tar shards) gives its
-rows locators `"<container path>::<member>"` as paths and implements `read_member`; `open_bytes` routes every
-locator to the reader that made it, so cache.py and the loader decode those images like files. A `sequential`
-container (a tar shard) is not read member by member: cache.py hands each rank whole containers and streams them
-with `stream_members`, serving the bytes to the decoder through `member_bytes`.
+Adding a format = one module with a `Reader` subclass (data/readers/base.py), decorated with `@register`, imported
+below. A container format whose images are members of a bigger file (parquet / arrow tables, tar shards) gives its
+rows locators `"<container path>::<member>"` as paths and implements `read_member`; `open_bytes` (data/locators.py)
+routes every locator to the reader that made it, so cache.py and the loader decode those images like files. A
+`sequential` container (a tar shard) is not read member by member: cache.py hands each rank whole containers and
+streams them with `stream_members`, serving the bytes to the decoder through `member_bytes`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import threading
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+from ..locators import LOCATOR_SEP, is_locator, member_bytes, open_bytes, split_locator, stat_sig
+from .base import (CHUNK, READERS, Reader, Rows, Source, chunked_rows, container_reader, deal_largest_first,
+                   reader_for, register, sources_of)
 
-LOCATOR_SEP = "::"  # "<container file>::<member>" (a member of a parquet / arrow table, a tar shard, ...)
-CHUNK = 65536       # rows per streamed chunk
+# The formats, in the order they are asked (more specific first); importing a module registers its readers.
+from . import metadata  # noqa: F401  (kohya / HCP / HF imagefolder / own metadata)
+from . import folder  # noqa: F401  (DreamBooth folders, HF imagefolder dirs, plain folders)
+from . import hf  # noqa: F401  (local Hugging Face datasets: parquet / arrow, pyarrow optional)
+from . import tar  # noqa: F401  (webdataset tar shards)
 
-
-@dataclass
-class Source:
-    """One thing to read: a metadata file, a dataset folder, or a subset's image folders."""
-
-    kind: str                      # "metadata" | "dataset" | "tar" | "folders"
-    path: str                      # the file / folder ("" for "folders")
-    spec: Any                      # the SubsetSpec (image_dirs, caption_extension, options ...)
-    recursive: bool = False
-
-
-@dataclass
-class Rows:
-    """Raw dataset entries, column-wise (lists; turned into numpy columns by the index)."""
-
-    keys: list[str] = field(default_factory=list)
-    paths: list[str] = field(default_factory=list)
-    captions: list[str] = field(default_factory=list)
-    metadata: list[dict[str, Any]] = field(default_factory=list)
-    widths: list[int] = field(default_factory=list)    # -1 = read from the image header
-    heights: list[int] = field(default_factory=list)
-    subset: list[int] = field(default_factory=list)
-    origin: list[str] = field(default_factory=list)    # where the entry came from, for error messages
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def extend(self, other: "Rows") -> None:
-        for name in self.__dataclass_fields__:
-            getattr(self, name).extend(getattr(other, name))
-
-    def take(self, sel: list[int]) -> "Rows":
-        """The rows at positions sel (a new object)."""
-        return Rows(**{n: [getattr(self, n)[i] for i in sel] for n in self.__dataclass_fields__})
-
-
-class Reader:
-    """One dataset format. Subclasses set `name` and implement `claims`, `read` (and `fingerprint` when the
-    default, the source file's size + mtime, is not what its rows depend on)."""
-
-    name = "?"
-    container_exts: tuple[str, ...] = ()  # locator containers this reader opens in `read_member`
-    sequential = False  # containers read front to back only (tar): cache.py streams them whole, `stream_members`
-
-    def claims(self, src: Source) -> bool:
-        raise NotImplementedError
-
-    def read(self, src: Source, subset_index: int, threads: int) -> Iterator[Rows]:
-        """Stream the source's rows in chunks; every row's `subset` is subset_index."""
-        raise NotImplementedError
-
-    def fingerprint(self, src: Source, h: "hashlib._Hash") -> None:
-        """Feed what the rows depend on into h (cheap: stats and listings, never file contents of images)."""
-        h.update(f"{self.name}:{src.path}:{stat_sig(src.path)}".encode())
-
-    def read_member(self, locator: str) -> bytes:
-        """The bytes of one member of a container file (only readers with container_exts)."""
-        raise NotImplementedError(f"reader {self.name} has no container members")
-
-    def stream_members(self, container: str, wanted: set[str]) -> Iterator[tuple[str, "bytes | None", str]]:
-        """(member, bytes, '') of the wanted members in container order, then (member, None, why) for each one
-        that could not be read (only sequential readers)."""
-        raise NotImplementedError(f"reader {self.name} does not stream containers")
-
-
-READERS: list[Reader] = []
-
-
-def deal_largest_first(weight: dict[str, int], world: int) -> list[list[str]]:
-    """Whole items (shards, containers) to ranks: largest weight first to the least loaded rank, ties by name and by
-    rank, so every rank computes the same deal."""
-    out: list[list[str]] = [[] for _ in range(world)]
-    load = [0] * world
-    for item in sorted(weight, key=lambda c: (-weight[c], c)):
-        r = min(range(world), key=lambda r: (load[r], r))
-        out[r].append(item)
-        load[r] += weight[item]
-    return out
-
-
-def register(cls: type[Reader]) -> type[Reader]:
-    """Class decorator: add a reader (readers registered earlier are asked first)."""
-    READERS.append(cls())
-    return cls
-
-
-def reader_for(src: Source) -> Reader:
-    """The reader of a source; a clear error when no format matches."""
-    for r in READERS:
-        if r.claims(src):
-            return r
-    raise ValueError(f"{src.kind} {src.path!r}: no reader recognises this format "
-                     f"(readers: {', '.join(r.name for r in READERS)})")
-
-
-def sources_of(spec: Any, recursive: bool) -> list[Source]:
-    """A subset's sources: each metadata file, else its dataset folder, else its tar shards, else its image folders."""
-    if spec.metadata_files:
-        return [Source("metadata", m, spec, recursive) for m in spec.metadata_files]
-    if getattr(spec, "dataset_name_or_path", ""):
-        return [Source("dataset", spec.dataset_name_or_path, spec, recursive)]
-    if getattr(spec, "tar_shards", None):
-        return [Source("tar", "", spec, recursive)]
-    return [Source("folders", "", spec, recursive)]
-
-
-def is_locator(path: str) -> bool:
-    return LOCATOR_SEP in path
-
-
-def split_locator(path: str) -> tuple[str, str]:
-    container, _, member = path.rpartition(LOCATOR_SEP)
-    return container, member
-
-
-def chunked_rows(keys: list[str], paths: list[str], captions: list[str], metadata: list[dict[str, Any]],
-                 widths: list[int], heights: list[int], subset_index: int, origin: str) -> Iterator[Rows]:
-    """Column lists of one source as `Rows` chunks of at most CHUNK entries (every row from `origin`)."""
-    for a in range(0, len(keys), CHUNK):
-        b = min(len(keys), a + CHUNK)
-        yield Rows(keys=keys[a:b], paths=paths[a:b], captions=captions[a:b], metadata=metadata[a:b],
-                   widths=widths[a:b], heights=heights[a:b], subset=[subset_index] * (b - a),
-                   origin=[origin] * (b - a))
-
-
-def container_reader(container: str) -> Reader | None:
-    """The reader that owns a locator container's extension (None: no reader does)."""
-    low = container.lower()
-    return next((r for r in READERS if r.container_exts and low.endswith(r.container_exts)), None)
-
-
-_served = threading.local()  # locator -> bytes already read by a streaming reader, per thread
-
-
-@contextlib.contextmanager
-def member_bytes(locator: str, data: bytes):
-    """Within the block, `open_bytes(locator)` (and so every image function given the locator) returns `data`."""
-    d = _served.__dict__.setdefault("m", {})
-    d[locator] = data
-    try:
-        yield
-    finally:
-        d.pop(locator, None)
-
-
-def open_bytes(locator: str) -> bytes:
-    """The bytes behind a locator: served by `member_bytes`, else from the reader that owns its container."""
-    served = getattr(_served, "m", None)
-    if served and locator in served:
-        return served[locator]
-    container, _ = split_locator(locator)
-    r = container_reader(container)
-    if r is None:
-        raise FileNotFoundError(f"{locator!r}: no reader opens {container!r}")
-    return r.read_member(locator)
-
-
-def stat_sig(path: str) -> str:
-    """size:mtime_ns of a path ('-' when missing); locators use their container's."""
-    import os
-
-    if is_locator(path):
-        path = split_locator(path)[0]
-    try:
-        st = os.stat(path)
-        return f"{st.st_size}:{st.st_mtime_ns}"
-    except OSError:
-        return "-"
-
-
-# The formats, in the order they are asked (more specific first).
-from . import metadata as _metadata  # noqa: E402,F401  (registers kohya / HCP / HF imagefolder / own metadata)
-from . import folder as _folder  # noqa: E402,F401  (registers DreamBooth folders, HF imagefolder dirs, plain folders)
-from . import hf as _hf  # noqa: E402,F401  (registers local Hugging Face datasets: parquet / arrow, pyarrow optional)
-from . import tar as _tar  # noqa: E402,F401  (registers webdataset tar shards)
+__all__ = ["CHUNK", "LOCATOR_SEP", "READERS", "Reader", "Rows", "Source", "chunked_rows", "container_reader",
+           "deal_largest_first", "is_locator", "member_bytes", "open_bytes", "reader_for", "register", "sources_of",
+           "split_locator", "stat_sig"]

@@ -14,7 +14,9 @@ import os
 from typing import Iterator
 
 from ..images import IMAGE_EXTENSIONS
-from . import CHUNK, Reader, Rows, Source, register
+from ..listing import list_images, map_chunked
+from ..locators import stat_sig
+from .base import CHUNK, Reader, Rows, Source, register
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +68,12 @@ class DreamBoothReader(Reader):
     name = "kohya-dreambooth"
 
     def claims(self, src: Source) -> bool:
-        return src.kind == "folders" and getattr(src.spec, "layout", "") == "dreambooth"
+        return src.kind == "folders" and src.spec.layout == "dreambooth"
 
     def fingerprint(self, src: Source, h) -> None:
         _folder_fingerprint(src, h)
 
     def read(self, src: Source, subset_index: int, threads: int) -> Iterator[Rows]:
-        from ..sources import list_images, map_chunked
-
         s = src.spec
         files = [p for p, _, _ in list_images(s.image_dirs, False, threads)]
         missing: list[str] = []
@@ -109,8 +109,6 @@ class FolderReader(Reader):
         _folder_fingerprint(src, h)
 
     def read(self, src: Source, subset_index: int, threads: int) -> Iterator[Rows]:
-        from ..sources import list_images, map_chunked
-
         s = src.spec
         files = [p for p, _, _ in list_images(s.image_dirs, src.recursive, threads)]
         caps = [os.path.splitext(p)[0] + s.caption_extension for p in files]
@@ -131,12 +129,8 @@ def _file_rows(files: list[str], texts: list[str | None], prefix: str, si: int) 
 
 
 def _folder_fingerprint(src: Source, h) -> None:
-    from ..sources import list_images
-
-    from . import stat_sig
-
     s = src.spec
-    recursive = src.recursive and getattr(s, "layout", "") != "dreambooth"
+    recursive = src.recursive and s.layout != "dreambooth"
     for p, size, mt in list_images(s.image_dirs, recursive):
         h.update(f"{p}:{size}:{mt}:{stat_sig(os.path.splitext(p)[0] + s.caption_extension)}".encode())
 

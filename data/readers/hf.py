@@ -18,7 +18,8 @@ import threading
 from collections import OrderedDict
 from typing import Any, Iterator
 
-from . import CHUNK, LOCATOR_SEP, Reader, Rows, Source, register, split_locator, stat_sig
+from ..locators import LOCATOR_SEP, split_locator, stat_sig
+from .base import CHUNK, Reader, Rows, Source, register
 
 CAPTION_COLUMNS = ("caption", "text")
 KEY_COLUMNS = ("key", "id", "__key__")

@@ -30,7 +30,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ..images import IMAGE_EXTENSIONS
-from . import CHUNK, Reader, Rows, Source, chunked_rows, register
+from ..listing import exists_by_listing, exists_many, image_names, image_table
+from ..locators import stat_sig
+from ..spec import SubsetSpec
+from .base import CHUNK, Reader, Rows, Source, chunked_rows, register
 
 METADATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".sqlite", ".sqlite3", ".db")
 PATH_FIELD = "image_path"
@@ -300,7 +303,7 @@ def iter_metadata_file(path: str) -> Iterator[tuple[list[str], list[dict[str, An
     """`read_metadata_file` in chunks: JSON objects and JSONL are streamed (never parsed whole), the other forms
     are read whole and handed out in chunks."""
     low = path.lower()
-    if low.endswith(".json") and _peek_json(path)[0] == "object":
+    if low.endswith(".json") and peek_json(path)[0] == "object":
         for obj in iter_json_object(path):
             recs = list(obj.values())
             if not all(map(isinstance, recs, repeat(dict))):
@@ -317,7 +320,7 @@ def iter_metadata_file(path: str) -> Iterator[tuple[list[str], list[dict[str, An
         yield keys[a : a + CHUNK], recs[a : a + CHUNK]
 
 
-def _size_from_md(md: dict[str, Any], names: tuple[str, ...] = ("image_size", "original_size")) -> tuple[int, int]:
+def size_from_md(md: dict[str, Any], names: tuple[str, ...] = ("image_size", "original_size")) -> tuple[int, int]:
     """(w, h) from `image_size` / `original_size` ([w, h]) or `width`/`height`; (-1, -1) when absent."""
     for k in names:
         v = md.get(k)
@@ -337,7 +340,7 @@ def _size_from_md(md: dict[str, Any], names: tuple[str, ...] = ("image_size", "o
 
 
 def sizes_from_records(recs: list[dict[str, Any]], field: str = "image_size") -> np.ndarray:
-    """[N, 2] int64 (w, h) per record as `_size_from_md` reads it; (-1, -1) when absent."""
+    """[N, 2] int64 (w, h) per record as `size_from_md` reads it; (-1, -1) when absent."""
     n = len(recs)
     if n == 0:
         return np.zeros((0, 2), np.int64)
@@ -349,10 +352,10 @@ def sizes_from_records(recs: list[dict[str, Any]], field: str = "image_size") ->
     if a is not None and a.shape == (n, 2) and a.dtype.kind in "iu":
         return a.astype(np.int64)
     names = (field,) if field != "image_size" else ("image_size", "original_size")
-    return np.array([_size_from_md(r, names) for r in recs], np.int64).reshape(n, 2)
+    return np.array([size_from_md(r, names) for r in recs], np.int64).reshape(n, 2)
 
 
-def _peek_json(path: str) -> tuple[str, Any]:
+def peek_json(path: str) -> tuple[str, Any]:
     """('object' | 'list' | '?', the first value) of a JSON file, from its first bytes (no full parse)."""
     with open(path, "rb") as f:
         head = f.read(PEEK_BYTES).decode("utf-8", "ignore").lstrip("\ufeff \t\r\n")
@@ -393,31 +396,15 @@ def _has_path(first: Any) -> bool:
 
 # ---- image lookup ----------------------------------------------------------------------------------------------
 
-def image_table(dirs: list[str], recursive: bool, threads: int) -> dict[str, str]:
-    """Relative path without extension (= the stem for files at the top) -> image path, from one listing per folder
-    (no stat); the smallest path wins when a name exists with several extensions."""
-    from ..sources import _walk
-
-    out: dict[str, str] = {}
-    for d in dirs:
-        files = [p for p, _, _ in _walk([d], recursive, threads, stat=False)]
-        cut = len(d.rstrip(os.sep)) + 1
-        for p in reversed(files):  # sorted ascending: reversed, so the smallest path is written last
-            out[os.path.splitext(p[cut:])[0]] = p
-    return out
-
-
 def _fallback_by_name(paths: list[str], dirs: list[str], threads: int, cache: dict | None = None) -> None:
     """Replace paths that do not exist by the image of the same file name found in dirs (recursive); `cache` keeps
     folder listings and the name table between calls (the chunks of one source)."""
-    from ..sources import _exists_by_listing, _image_names
-
     cache = {} if cache is None else cache
-    exists = _exists_by_listing(paths, threads, cache.setdefault("listings", {}))
+    exists = exists_by_listing(paths, threads, cache.setdefault("listings", {}))
     if all(exists):
         return
     if "by_name" not in cache:
-        cache["by_name"] = _image_names(dirs, threads)
+        cache["by_name"] = image_names(dirs, threads)
     by_name = cache["by_name"]
     miss = [j for j, ok in enumerate(exists) if not ok]
     hits = [(j, f) for j, f in zip(miss, map(by_name.get, [os.path.basename(paths[j]) for j in miss])) if f]
@@ -442,12 +429,10 @@ def _record_rows(keys: list[str], paths: list[str], caps: list[str], recs: list[
     return _rows(keys, paths, caps, recs, wh, si, src.path)
 
 
-def _by_stem(keys: list[str], spec, recursive: bool, threads: int, what: str, path: str,
+def _by_stem(keys: list[str], spec: SubsetSpec, recursive: bool, threads: int, what: str, path: str,
              cache: dict | None = None) -> list[str]:
     """Image path of each key: the key itself when it is an existing path, else `<image_dir>/<key>.<ext>`
     (`cache`: listings and the image table kept between the chunks of one source)."""
-    from ..sources import exists_many
-
     cache = {} if cache is None else cache
     as_path = [k if os.path.isabs(k) else "" for k in keys]
     ok = exists_many([p for p in as_path if p], threads, cache.setdefault("listings", {})) if any(as_path) else []
@@ -479,7 +464,7 @@ class KohyaMetadataReader(Reader):
     def claims(self, src: Source) -> bool:
         if src.kind != "metadata" or not src.path.lower().endswith(".json"):
             return False
-        kind, first = _peek_json(src.path)
+        kind, first = peek_json(src.path)
         return kind == "object" and isinstance(first, dict) and not _has_path(first)
 
     def read(self, src: Source, si: int, threads: int) -> Iterator[Rows]:
@@ -512,7 +497,7 @@ class HcpCaptionReader(Reader):
     def claims(self, src: Source) -> bool:
         if src.kind != "metadata" or not src.path.lower().endswith(".json"):
             return False
-        kind, first = _peek_json(src.path)
+        kind, first = peek_json(src.path)
         return kind == "object" and isinstance(first, str)
 
     def read(self, src: Source, si: int, threads: int) -> Iterator[Rows]:
@@ -532,9 +517,9 @@ class HcpCaptionReader(Reader):
                              np.full((n, 2), -1, np.int64), si, src.path)
 
 
-def hf_caption_column(spec, fields: list[str], where: str) -> str | None:
+def hf_caption_column(spec: SubsetSpec, fields: list[str], where: str) -> str | None:
     """The caption column: dataset_caption_column when set (must exist), else `text`, else `caption`."""
-    want = getattr(spec, "dataset_caption_column", "")
+    want = spec.dataset_caption_column
     if want:
         if want not in fields:
             raise ValueError(f"{where}: dataset_caption_column {want!r} is not a column (columns: {fields})")
@@ -623,7 +608,7 @@ class HfImagefolderDirReader(Reader):
 
     @staticmethod
     def _file(src: Source) -> str | None:
-        if src.kind != "folders" or len(src.spec.image_dirs) != 1 or getattr(src.spec, "layout", ""):
+        if src.kind != "folders" or len(src.spec.image_dirs) != 1 or src.spec.layout:
             return None
         for name in ("metadata.jsonl", "metadata.csv"):
             p = os.path.join(src.spec.image_dirs[0], name)
@@ -637,8 +622,6 @@ class HfImagefolderDirReader(Reader):
 
     def fingerprint(self, src: Source, h) -> None:
         p = self._file(src)
-        from . import stat_sig
-
         h.update(f"{self.name}:{p}:{stat_sig(p)}".encode())
 
     def read(self, src: Source, si: int, threads: int) -> Iterator[Rows]:

@@ -40,8 +40,10 @@ from typing import Any, Iterator
 from core.fsio import atomic_write, is_temp, remove_quietly
 
 from ..images import IMAGE_EXTENSIONS, BadImage, read_size
-from . import (LOCATOR_SEP, Reader, Rows, Source, chunked_rows, deal_largest_first, member_bytes, register,
-               split_locator, stat_sig)
+from ..locators import LOCATOR_SEP, member_bytes, split_locator, stat_sig
+from ..spec import SubsetSpec
+from .base import Reader, Rows, Source, chunked_rows, deal_largest_first, register
+from .metadata import size_from_md
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +242,6 @@ def _open_raw(shard: str):
 
 def _scan_shard(shard: str, caption_ext: str) -> tuple[list, dict[str, str]]:
     """One shard's samples as (key, locator, caption, metadata, w, h) and {locator: why it is unusable}."""
-    from .metadata import _size_from_md
-
     order = [caption_ext.lstrip(".").lower()] + [e for e in CAPTION_SUFFIXES if e != caption_ext.lstrip(".").lower()]
     out, bad = [], {}
     try:
@@ -271,7 +271,7 @@ def _scan_shard(shard: str, caption_ext: str) -> tuple[list, dict[str, str]]:
                     c = md.pop("caption", None)
                     if cap is None:
                         cap = str(c or md.get("tags") or "").strip()  # our records' rule: caption, else tags
-                w, h = _size_from_md(md)
+                w, h = size_from_md(md)
                 if w <= 0 or h <= 0:
                     w, h = _header_size(tf, sample[img], loc, bad)
                 out.append((key, loc, cap or "", md, w, h))
@@ -352,7 +352,7 @@ def deal_shards(shards: list[str], world: int) -> list[list[str]]:
     return deal_largest_first(size, world)
 
 
-def scan_own_shards(specs: list, directory: str, rank: int, world: int, threads: int = 4) -> int:
+def scan_own_shards(specs: list[SubsetSpec], directory: str, rank: int, world: int, threads: int = 4) -> int:
     """This rank's share of every subset's tar shards scanned into part files (those without a current one);
     returns how many it scanned. A shard that cannot be scanned is left to the index build (rank 0), which reports
     it the usual way. Rank 0 also removes parts no current shard uses."""
