@@ -223,7 +223,7 @@ def load(path: str | None, family: str | None = None, *, vae: str | None = None,
     if main is not None and family == "sdxl":
         for k in (sdxl.CLIP_L_POSITION_IDS, sdxl.BIGG_LOGIT_SCALE):
             if k in main:
-                comp.extras[k] = main.get(k)
+                comp.extras[k] = main.get(k).clone()  # a view would keep the whole file mapped
     return comp
 
 

@@ -77,7 +77,7 @@ class SafeTensorFile:
         }
 
     def get(self, key: str) -> Tensor:
-        """Read one tensor (CPU, stored dtype)."""
+        """Read one tensor (CPU, stored dtype): a view of the file's memory map, so copy what is kept."""
         self._check_key(key)
         try:
             return self._file.get_tensor(key)
@@ -176,7 +176,8 @@ def load_module(
       Shapes come from `shapes` (full keys) if given, else from the header when `get` is
       `SafeTensorFile.get`, else from `get` itself (fine for in-memory dicts).
     - Floating-point tensors are cast to `dtype` (None keeps the stored dtype), all moved to `device`,
-      one at a time, then assigned with `load_state_dict(assign=True)`, so weights never exist twice.
+      one at a time, then assigned with `load_state_dict(assign=True)`, so weights never exist twice. A tensor
+      neither cast nor moved is copied: no weight stays a view of the file (which would keep it mapped).
     - Non-persistent buffers (absent from checkpoints) are rebuilt after a meta build: every submodule
       defining `init_buffers(device: torch.device) -> None` has it called after the assignment; a buffer
       still on the meta device afterwards is an error. Real (non-meta) ones are moved to `device`.
@@ -215,10 +216,14 @@ def load_module(
 
     state: dict[str, Tensor] = {}
     for k in expected:
-        t = get(found[k])
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype=dtype)
-        state[k] = t.to(device)
+        src = get(found[k])
+        t = src.to(dtype=dtype) if dtype is not None and src.is_floating_point() else src
+        t = t.to(device)
+        if t.numel() and t.data_ptr() == src.data_ptr():
+            # Nothing converted or moved: still a view of the file's memory map, which one kept view holds for
+            # the whole run (page cache counted as the process's memory). Own the memory instead.
+            t = t.clone()
+        state[k] = t
     module.load_state_dict(state, strict=True, assign=True)
     del state
 
