@@ -340,6 +340,32 @@ class LoRANetwork(nn.Module):
         return {k[len("adapters."):]: v for k, v in self.state_dict().items()}
 
 
+PROBE_CAPTION = "a photo"  # any caption: which layers reach the text encoders' outputs does not depend on it
+
+
+def reaching_loss(comp: Any, network: LoRANetwork, device: torch.device | str) -> set[str]:
+    """Names of the adapters whose output can reach the loss: every network adapter, and the text-encoder adapters
+    that reach what the text encoders hand to the network (`comp.encode_text`: SDXL's context from both CLIPs'
+    penultimate layers and bigG's pooled output from its last layer, so CLIP-L's last layer reaches nothing).
+    Found from the autograd graph of one encoding (no dropout drawn, no .grad written), so it holds for any family
+    and any hidden layer the model conditions on."""
+    text = {n: a for n, a in network.adapters.items() if n.startswith(TEXT_PREFIXES)}
+    reached = set(network.adapters) - set(text)
+    if not text:
+        return reached
+    params = [(n, p) for n, a in text.items() for p in a.parameters()]
+    was_training = network.training
+    network.eval()  # the adapters run whole: no dropout masks drawn from the global generators
+    try:
+        with torch.enable_grad():
+            out = comp.encode_text([PROBE_CAPTION], device=device)
+            total = sum(v.float().sum() for v in out.values())
+            grads = torch.autograd.grad(total, [p for _, p in params], allow_unused=True)
+    finally:
+        network.train(was_training)
+    return reached | {n for (n, _), g in zip(params, grads) if g is not None}
+
+
 def _first_match(patterns: Iterable[str], name: str) -> bool:
     return any(re.fullmatch(p, name) for p in patterns)
 
@@ -519,6 +545,15 @@ class LoRATraining(TrainableSet):
         if n.network_weights:
             self.network.load_kohya(read_lora(n.network_weights, comp), n.network_weights)
         self.network.apply_to().requires_grad_(True).train()
+        # Adapters on text-encoder layers past the hidden state the model conditions on (SDXL's CLIP-L: the last
+        # layer) are kept in the file, as kohya creates them, but frozen at their initial (or loaded) values: no
+        # gradient ever reaches them, so DDP must not wait for one and the optimizer must not move them.
+        self.frozen = sorted(set(self.network.adapters) - reaching_loss(comp, self.network, device))
+        for name in self.frozen:
+            self.network.adapters[name].requires_grad_(False)
+        if len(self.frozen) == len(self.network.adapters):
+            raise ValueError("[network]: no adapter's output reaches the loss (text-encoder layers past the hidden "
+                             "state the model uses only); add network targets")
         trainee.add_module("lora", self.network)
         self.ema_module: nn.Module = self.network
         self.forwards = 0  # training forwards run (with the seed and rank: the dropout masks; kept in resume states)
@@ -526,17 +561,19 @@ class LoRATraining(TrainableSet):
             from core import dist
             _own_dropout_rng(trainee, self, dist.rank(), device)
         # module dropout leaves adapters out of some steps: DDP must not wait for their gradients
-        self.find_unused = n.module_dropout > 0 or not any(k.startswith("lora_unet_") for k in self.network.adapters)
+        self.find_unused = n.module_dropout > 0
         self._tags: dict[str, dict[str, int]] | None = None  # ss_tag_frequency, counted at the first export
         if cfg.optimizer.learning_rate_te1 or cfg.optimizer.learning_rate_te2:
             warn("optimizer.learning_rate_te1 / _te2 are for full fine-tunes; LoRA uses network.text_encoder_lr")
 
     def describe(self) -> str:
         n = len(self.network.adapters)
-        size = sum(p.numel() for p in self.network.parameters())
+        size = sum(p.numel() for p in self.network.parameters() if p.requires_grad)
         te = sum(k.startswith(TEXT_PREFIXES) for k in self.network.adapters)
-        return (f"{self.cfg.network.network_module} adapters on {n - te} network / {te} text-encoder layers, "
-                f"{size / 1e6:.2f}M parameters (fp32), base frozen")
+        frozen = (f" ({len(self.frozen)} text-encoder adapters kept at their initial values: their layers' output "
+                  f"never reaches the loss, e.g. {self.frozen[0]})") if self.frozen else ""
+        return (f"{self.cfg.network.network_module} adapters on {n - te} network / {te} text-encoder layers{frozen}, "
+                f"{size / 1e6:.2f}M trained parameters (fp32), base frozen")
 
     def param_groups(self, opt_cfg: Any) -> list[dict]:
         """unet_lr / text_encoder_lr (default learning_rate), block_args lrs, then [optimizer] param_groups."""
@@ -551,7 +588,9 @@ class LoRATraining(TrainableSet):
             block_lr = self.network.lrs.get(name)
             key = kind if block_lr is None else f"{kind}@{block_lr:g}"
             lrs[key] = base[kind] if block_lr is None else float(block_lr)
-            named.setdefault(key, []).extend((f"{name}.{k}", p) for k, p in adapter.named_parameters())
+            named.setdefault(key, []).extend((f"{name}.{k}", p) for k, p in adapter.named_parameters()
+                                             if p.requires_grad)  # frozen adapters (self.frozen): no group
+        named = {k: v for k, v in named.items() if v}
         return build_param_groups_for_models(named, opt_cfg, lrs)
 
     def state_dict(self) -> dict[str, Tensor]:

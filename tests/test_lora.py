@@ -355,3 +355,42 @@ def test_dropout_masks_follow_the_run_and_are_replayed_by_gradient_checkpointing
         many.drop_modules(torch.Generator().manual_seed(7))
         picks.append([a.skipped for a in adapters.values()])
     assert picks[0] == picks[1] and 0 < sum(picks[0]) < len(adapters)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_adapters_whose_output_never_reaches_the_loss_are_frozen(family):
+    """Issue #23 item 3. SDXL conditions on CLIP-L's penultimate layer and bigG's penultimate layer + pooled output
+    (sgm `FrozenCLIPEmbedder(layer="hidden", layer_idx=11)` / `FrozenOpenCLIPEmbedder2(layer="penultimate")`, whose
+    pooled output comes from the last layer): the adapters of CLIP-L's last layer get no gradient. SD3 uses both CLIPs'
+    pooled outputs (sd3.5 `sd3_impls.SD3Inferencer.get_cond`), so nothing is dead. One real training forward of
+    train.py's Trainee: the parameters without a gradient are exactly the frozen ones (so DDP, which reduces only
+    parameters that require a gradient, waits for none), and the optimizer groups leave them out."""
+    import train
+    from core.config import config_from_dict
+    cfg = config_from_dict({"model": {"model_family": family, "model_preset": "tiny"},
+                            "network": {"network_module": "lora", "network_dim": 2}})
+    comp = models.build(family, "tiny", seed=0, parts=[models.NETWORK_PART[family], *models.TEXT_PARTS[family]])
+    run = train.make_trainable(cfg, comp, torch.device("cpu"), print)
+    net = run.network
+    if family == "sdxl":
+        last = comp.te1.cfg.num_layers - 1
+        assert run.frozen == sorted(n for n in net.adapters if n.startswith(f"lora_te1_text_model_encoder_layers_{last}_"))
+        assert len(run.frozen) == 6 and not run.find_unused
+    else:
+        assert run.frozen == []
+    frozen = {id(p) for n in run.frozen for p in net.adapters[n].parameters()}
+    assert all(p.requires_grad == (id(p) not in frozen) for p in net.parameters())
+    grouped = {id(p) for g in run.param_groups(cfg.optimizer) for p in g["params"]}
+    assert grouped == {id(p) for p in net.parameters() if p.requires_grad}
+
+    with torch.no_grad():  # lora_up off zero so every path carries a gradient to lora_down too
+        for a in net.adapters.values():
+            a.lora_up.weight.normal_(std=0.1)
+    c = comp.network.cfg
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, c.in_channels, 32, 32, generator=g)
+    t = torch.tensor([500.0, 20.0]) if family == "sdxl" else torch.tensor([0.3, 0.9])
+    sizes = tuple(torch.tensor([[32.0, 32.0]] * 2) for _ in range(3))
+    run.trainee(x, t, None, ["a red circle", "a blue square, simple background"], sizes).square().mean().backward()
+    no_grad = {id(p) for p in net.parameters() if p.grad is None}
+    assert no_grad == frozen
