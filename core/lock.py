@@ -40,6 +40,7 @@ import uuid
 from typing import Any, Callable
 
 LOCK_NAME = "sdtrain.lock"
+READERS_NAME = "sdtrain.readers.lock"  # shared by the runs reading a directory (train.py on a latent store)
 EXCL_NAME = LOCK_NAME + ".excl"
 HEARTBEAT_S = 30.0        # the O_EXCL fallback's holder refreshes its file's mtime this often
 STALE_AFTER_S = 600.0     # ... and a lock of another host is stale when not refreshed for this long
@@ -309,3 +310,45 @@ def _unlink(path: str) -> None:
         os.remove(path)
     except FileNotFoundError:
         pass
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Readers: processes that read a directory (train.py reading a store) hold a shared flock; a writer about to remove
+# files (cache.py removing superseded shards) asks whether any reader is there and keeps the files if so.
+
+
+def hold_readers_lock(directory: str) -> int | None:
+    """A shared flock on <directory>/sdtrain.readers.lock, held while the returned descriptor stays open; None
+    where it cannot be taken (a read-only directory without the file, no flock): then nobody is told."""
+    path = os.path.join(directory, READERS_NAME)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:
+        try:
+            fd = os.open(path, os.O_RDONLY)  # a read-only store: a shared lock needs only read access
+        except OSError:
+            return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # shared locks never wait for each other; a writer's probe lasts microseconds
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def readers_present(directory: str) -> bool:
+    """Whether some process holds the readers lock of `directory` (False where flock does not work: unknown)."""
+    path = os.path.join(directory, READERS_NAME)
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # also drops the probe's lock
+    return False

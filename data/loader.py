@@ -29,6 +29,7 @@ from .buckets import flipped_crop, load_resized
 from .captions import full_caption
 from .images import BadImage
 from .index import DatasetIndex
+from .store import StoreError
 from .hooks import load_text_hook
 
 log = logging.getLogger(__name__)
@@ -254,7 +255,11 @@ class _Items(Dataset):
         bw, bh = (int(v) for v in ix.buckets[row])
         caption = None
         if self.store is not None:
-            info = self.store.record_info(key)
+            try:
+                info = self.store.record_info(key)
+            except StoreError as e:  # a damaged shard header: written down for cache.py to re-encode
+                log.warning("skipped %s at load time: %s", key, e)
+                return None
             names = info["t"]  # the record's tensors; only the chosen ones are read (or decompressed)
             flip = flip and ("flip.latent" in names or "flip.mean" in names)
             pre = "flip." if flip else ""
@@ -262,7 +267,11 @@ class _Items(Dataset):
             variants = sorted({n.split(".", 1)[0] for n in names if n.startswith("te")})
             v = variants[rng.randrange(len(variants))] if variants else None
             want += [n for n in names if v is not None and n.startswith(v + ".")]
-            rec = self.store.get(key, want)
+            try:
+                rec = self.store.get(key, want)
+            except StoreError as e:  # damaged bytes (checksum; written down for cache.py) or a shard removed since
+                log.warning("skipped %s at load time: %s", key, e)
+                return None
             if pre + "latent" in rec:
                 lat = rec[pre + "latent"].float()
             else:

@@ -36,15 +36,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.fsio import atomic_write, commit_file, remove_quietly, temp_path, with_path
+from core.fsio import HOST, atomic_write, commit_file, is_temp, remove_quietly, temp_path, with_path
+from core.lock import hold_readers_lock, readers_present
 
 from .columns import StrColumn
 from .locators import is_locator, split_locator
 
 log = logging.getLogger(__name__)
 
-SHARD_DIR, INDEX_FILE, SHARD_EXT = "shards", "store_index.npz", ".safetensors"
-FORMAT = "lean-latent-shard-v1"
+SHARD_DIR, INDEX_FILE, SHARD_EXT, DAMAGE_DIR = "shards", "store_index.npz", ".safetensors", "damaged"
+SHARD_REPORT = -1  # a damage report's position for a whole shard (its header)
+COMPACT_DEAD_SHARE = 0.25  # a shard is rewritten once more than this share of its records is dead
+FORMAT = "lean-latent-shard-v2"      # + a CRC32 per tensor (in each record) and of the header itself
+FORMAT_V1 = "lean-latent-shard-v1"   # whole-data CRC only: verified whole, once per process, before a first read
+_HCRC_FIELD, _HCRC_ZERO = b'"hcrc": "', "00000000"
 MAX_OPEN_SHARDS = 64  # mmaps kept open (each holds a file descriptor)
 ZSTD_LEVEL = 3  # latents barely compress; a fast level is the right trade
 _DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.uint8: "U8",
@@ -77,17 +82,14 @@ class Record:
 
 def write_shard(path: str, records: list[Record], cfg: str, compress: bool = False, origin: str = "") -> int:
     """Serialise records into one safetensors file, atomically (temp, fsync, rename); returns its size."""
-    header: dict[str, Any] = {}
-    chunks: list[bytes] = []
-    recs_meta = []
-    pos = 0
     cctx = None
     if compress:
         import zstandard
 
         cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    items = []
     for r in records:
-        table = {}
+        table, parts = {}, []
         for name, t in r.tensors.items():
             t = t.detach().contiguous().cpu()
             if t.dtype not in _DTYPES:
@@ -95,13 +97,10 @@ def write_shard(path: str, records: list[Record], cfg: str, compress: bool = Fal
             raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
             if cctx is not None:
                 raw = cctx.compress(raw)
-                header[f"{r.key}/{name}.zst"] = {"dtype": "U8", "shape": [len(raw)], "data_offsets": [pos, pos + len(raw)]}
+                parts.append((name, f"{r.key}/{name}.zst", "U8", [len(raw)], raw))
             else:
-                header[f"{r.key}/{name}"] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
-                                             "data_offsets": [pos, pos + len(raw)]}
+                parts.append((name, f"{r.key}/{name}", _DTYPES[t.dtype], list(t.shape), raw))
             table[name] = [_DTYPES[t.dtype], list(t.shape)]
-            chunks.append(raw)
-            pos += len(raw)
         meta = {"k": r.key, "src": r.src, "b": list(r.bucket), "o": list(r.original_size),
                 "c": list(r.crop_top_left),
                 "cf": list(r.crop_top_left_flip) if r.crop_top_left_flip is not None else None, "t": table}
@@ -109,21 +108,65 @@ def write_shard(path: str, records: list[Record], cfg: str, compress: bool = Fal
             meta["cap"] = list(r.captions)
         if r.extra:
             meta.update(r.extra)
-        recs_meta.append(meta)
+        items.append((meta, parts))
+    return _write_items(path, items, cfg, compress, origin)
+
+
+def _write_items(path: str, items: list[tuple[dict[str, Any], list[tuple[str, str, str, list[int], bytes]]]],
+                 cfg: str, compressed: bool, origin: str) -> int:
+    """Write a shard from records as bytes: [(record meta, [(name, header name, dtype, shape, bytes)])]. Each
+    record's meta gets the CRC32 of each of its tensors' bytes ("crc"), the header its own CRC32 ("hcrc")."""
+    header: dict[str, Any] = {}
+    chunks: list[bytes] = []
+    recs_meta = []
+    pos = 0
+    for meta, parts in items:
+        crcs = {}
+        for name, hname, dtype, shape, raw in parts:
+            header[hname] = {"dtype": dtype, "shape": shape, "data_offsets": [pos, pos + len(raw)]}
+            crcs[name] = zlib.crc32(raw)
+            chunks.append(raw)
+            pos += len(raw)
+        recs_meta.append({**meta, "crc": crcs})
     data = b"".join(chunks)
-    header["__metadata__"] = {"format": FORMAT, "cfg": cfg, "records": json.dumps(recs_meta, ensure_ascii=False),
-                              "crc32": f"{zlib.crc32(data):08x}", "data_len": str(len(data)),
-                              "compressed": "zstd" if compress else ""}
+    md = {"format": FORMAT, "cfg": cfg, "records": json.dumps(recs_meta, ensure_ascii=False),
+          "crc32": f"{zlib.crc32(data):08x}", "data_len": str(len(data)), "compressed": "zstd" if compressed else ""}
     if origin:  # e.g. "import-npz:<folder>": these latents were not encoded here
-        header["__metadata__"]["origin"] = origin
+        md["origin"] = origin
+    header["__metadata__"] = md | {"hcrc": _HCRC_ZERO}  # last: found from the end of the header bytes
     hb = json.dumps(header, ensure_ascii=False).encode("utf-8")
     hb += b" " * (-len(hb) % 8)  # safetensors pads the header to 8 bytes
+    at = hb.rindex(_HCRC_FIELD) + len(_HCRC_FIELD)
+    hb = hb[:at] + f"{zlib.crc32(hb):08x}".encode() + hb[at + 8 :]
     atomic_write(path, lambda f: (f.write(struct.pack("<Q", len(hb))), f.write(hb), f.write(data)))
     return 8 + len(hb) + len(data)
 
 
+def _header_crc_error(hb: bytes, md: dict[str, Any]) -> str:
+    """Why the header bytes are not the ones written ('' when they are): its CRC32 with the hcrc value zeroed."""
+    if md.get("format") == FORMAT_V1:
+        return ""  # written before header checksums
+    if "hcrc" not in md:
+        return "no header checksum (damaged header)"
+    at = hb.rfind(_HCRC_FIELD)
+    if at < 0:
+        return "header checksum field damaged"
+    at += len(_HCRC_FIELD)
+    crc = f"{zlib.crc32(hb[:at] + _HCRC_ZERO.encode() + hb[at + 8 :]):08x}"
+    return "" if crc == md["hcrc"] else f"header checksum {crc} != {md['hcrc']} (damaged header)"
+
+
+class ShardGone(StoreError):
+    """A shard listed when the store was opened is no longer there (removed by a later cache.py run)."""
+
+
+class DamagedRecord(StoreError):
+    """A record whose bytes are not the ones written."""
+
+
 def read_header(path: str) -> tuple[int, dict[str, Any]]:
-    """(data start offset, header dict) of a shard, checking the size implied by the header; raises StoreError."""
+    """(data start offset, header dict) of a shard, checking the header's checksum and the size it implies; raises
+    StoreError (ShardGone when the file is not there)."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -133,13 +176,22 @@ def read_header(path: str) -> tuple[int, dict[str, Any]]:
             (hlen,) = struct.unpack("<Q", head)
             if hlen > size - 8:
                 raise StoreError(f"header length {hlen} exceeds the file size {size}")
-            header = json.loads(f.read(hlen))
+            hb = f.read(hlen)
+            header = json.loads(hb)
+    except FileNotFoundError:
+        raise ShardGone(f"{os.path.basename(path)} is gone (removed by a cache.py run since the store was opened)") from None
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise StoreError(f"unreadable header ({type(e).__name__}: {e})") from None
-    md = header.get("__metadata__") or {}
-    if md.get("format") != FORMAT:
-        raise StoreError(f"not a {FORMAT} shard (format {md.get('format')!r})")
-    expect = 8 + hlen + int(md["data_len"])
+    md = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(md, dict) or md.get("format") not in (FORMAT, FORMAT_V1):
+        raise StoreError(f"not a {FORMAT} shard (format {md.get('format') if isinstance(md, dict) else None!r})")
+    why = _header_crc_error(hb, md)
+    if why:
+        raise StoreError(why)
+    try:
+        expect = 8 + hlen + int(md["data_len"])
+    except (KeyError, ValueError):
+        raise StoreError("header without a valid data_len") from None
     if size != expect:
         raise StoreError(f"size {size} != {expect} from its header (truncated or appended)")
     return 8 + hlen, header
@@ -169,9 +221,17 @@ class _Shard:
     mtime_ns: int
     crc: str
     cfg: str
+    n: int = -1                  # records in its header (live or not); -1: not known yet (an index written before)
     start: int = -1
     header: dict[str, Any] | None = None
     records: list[dict[str, Any]] | None = None
+    checked: bool = False        # a v1 shard's whole-data CRC already verified in this process
+    bad: str = ""                # why it cannot be read in this process (damaged header, gone)
+
+    def info(self) -> dict[str, Any]:
+        """Its row in store_index.npz."""
+        return {"name": self.name, "size": self.size, "mtime_ns": self.mtime_ns, "crc": self.crc, "cfg": self.cfg,
+                "n": self.n}
 
 
 def _shard_names(root: str) -> list[str]:
@@ -264,21 +324,32 @@ class KeyTable:
 
 
 class LatentStore:
-    """Read side of the store: O(1) lookup by key, tensors are zero-copy views of memory-mapped shards."""
+    """Read side of the store: O(1) lookup by key, tensors are zero-copy views of memory-mapped shards.
 
-    def __init__(self, root: str, check_validity: bool = True, use_mmap: bool = True):
+    Every tensor read is checked against the CRC32 its record holds (a v1 shard: the whole shard once per process);
+    a damaged record raises DamagedRecord, a damaged header or a shard removed meanwhile StoreError, and the damage
+    is written down in <root>/damaged/ so that the next open leaves those records out and the next cache.py run
+    re-encodes them (see docs/store.md).
+    """
+
+    def __init__(self, root: str, check_validity: bool = True, use_mmap: bool = True,
+                 verify_reads: bool | None = None, read_lock: bool = False):
         self.root = root
         # mmap: zero-copy views. use_mmap=False reads each tensor with one pread instead, for filesystems where
         # page faults are expensive (network / sandboxed); bench/store_bench.py measures both.
         self.use_mmap = use_mmap
+        self.verify_reads = check_validity if verify_reads is None else verify_reads
         self._fds: OrderedDict[int, int] = OrderedDict()
         self.check_validity = check_validity
         self.shards: list[_Shard] = []
-        self.damaged: list[tuple[str, str]] = []
+        self.damaged: list[tuple[str, str]] = []           # shards with damage found: (name, why)
+        self._set_aside: list[str] = []                    # ... of those, the ones left out whole
+        self.damaged_records: dict[str, str] = {}          # key -> why, records left out or found damaged
         self._table = KeyTable([], [], np.zeros(0, np.int32), np.zeros(0, np.int32))  # key -> shard, record
         self._maps: OrderedDict[int, mmap.mmap] = OrderedDict()
         self._lock = threading.Lock()
         self._dctx = None
+        self._reader_fd = hold_readers_lock(root) if read_lock else None  # cache.py keeps shards this run may read
         self._open()
 
     # -- opening ---------------------------------------------------------------------------------------------
@@ -309,7 +380,10 @@ class LatentStore:
 
     def _open(self) -> None:
         merged = self._load_merged()
+        reports = read_damage_reports(self.root)
         self._indexed, self._from_index = len(merged), 0  # shards in store_index.npz / taken from it unchanged
+        self._left_out = 0  # records in the index left out for reported damage
+        self._to_compact: set[str] = set()  # shards holding such records: rewritten by write_index
         all_keys: list[str] = []
         all_srcs: list[str] = []
         shard_of: list[np.ndarray] = []
@@ -318,6 +392,10 @@ class LatentStore:
             path = os.path.join(self.root, SHARD_DIR, name)
             st = os.stat(path)
             m = merged.get(name)
+            bad = reports.get(name, {})
+            if SHARD_REPORT in bad:
+                self._report_damaged(name, bad[SHARD_REPORT][1])
+                continue
             if m is not None and m[0].size == st.st_size and m[0].mtime_ns == st.st_mtime_ns:
                 shard, keys, srcs, positions = m
                 self._from_index += 1
@@ -331,9 +409,18 @@ class LatentStore:
                 except (StoreError, KeyError, ValueError) as e:
                     self._report_damaged(name, str(e))
                     continue
-                shard = _Shard(name, st.st_size, st.st_mtime_ns, md["crc32"], md["cfg"], start, header, recs)
+                shard = _Shard(name, st.st_size, st.st_mtime_ns, md["crc32"], md["cfg"], len(recs), start, header,
+                               recs, checked=self.check_validity)
                 keys, srcs = [r["k"] for r in recs], [r["src"] for r in recs]
                 positions = list(range(len(recs)))
+            if bad:  # records found damaged when read: left out (cache.py re-encodes them, then rewrites the shard)
+                self._to_compact.add(name)
+                keep = [i for i, p in enumerate(positions) if p not in bad]
+                for i, p in enumerate(positions):
+                    if p in bad:
+                        self.damaged_records[keys[i]] = f"{name}: {bad[p][1]}"
+                self._left_out += len(positions) - len(keep)
+                keys, srcs, positions = [keys[i] for i in keep], [srcs[i] for i in keep], [positions[i] for i in keep]
             shard_of.append(np.full(len(keys), len(self.shards), dtype=np.int32))
             pos_of.append(np.asarray(positions, dtype=np.int32))
             all_keys += keys
@@ -342,9 +429,13 @@ class LatentStore:
         # Shards are sorted by creation time and the table keeps a key's last row: the newest record wins.
         if all_keys:
             self._table = KeyTable(all_keys, all_srcs, np.concatenate(shard_of), np.concatenate(pos_of))
+        if self.damaged_records:
+            log.warning("latent store: %d record(s) found damaged earlier are left out until cache.py re-encodes "
+                        "them (%s)", len(self.damaged_records), os.path.join(self.root, DAMAGE_DIR))
 
     def _report_damaged(self, name: str, reason: str) -> None:
         self.damaged.append((name, reason))
+        self._set_aside.append(name)
         log.warning("latent store: shard %s is damaged (%s); its records will be re-encoded", name, reason)
 
     # -- lookup ----------------------------------------------------------------------------------------------
@@ -390,20 +481,32 @@ class LatentStore:
         return ok
 
     def _ensure_header(self, si: int) -> _Shard:
+        """The shard with its header read (and checked); StoreError when it cannot be (damage is reported)."""
         sh = self.shards[si]
         if sh.records is None:
             with self._lock:
+                if sh.bad:
+                    raise StoreError(f"latent store shard {sh.name}: {sh.bad}")
                 if sh.records is None:
-                    start, header = read_header(os.path.join(self.root, SHARD_DIR, sh.name))
-                    sh.start, sh.header = start, header
-                    sh.records = json.loads(header["__metadata__"]["records"])
+                    try:
+                        start, header = read_header(os.path.join(self.root, SHARD_DIR, sh.name))
+                        records = json.loads(header["__metadata__"]["records"])
+                    except (StoreError, KeyError, ValueError) as e:
+                        sh.bad = str(e)
+                        if not isinstance(e, ShardGone):
+                            self._write_report(sh.name, SHARD_REPORT, "", sh.bad)
+                        raise StoreError(f"latent store shard {sh.name}: {sh.bad}") from None
+                    sh.start, sh.header, sh.records = start, header, records
         return sh
+
+    def _path(self, si: int) -> str:
+        return os.path.join(self.root, SHARD_DIR, self.shards[si].name)
 
     def _map(self, si: int) -> mmap.mmap:
         with self._lock:
             mm = self._maps.get(si)
             if mm is None:
-                with open(os.path.join(self.root, SHARD_DIR, self.shards[si].name), "rb") as f:
+                with _opened(self._path(si)) as f:
                     # ACCESS_COPY: a private mapping is writable for torch.frombuffer yet never copies on read.
                     mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
                 self._maps[si] = mm
@@ -417,7 +520,11 @@ class LatentStore:
         with self._lock:
             fd = self._fds.get(si)
             if fd is None:
-                fd = os.open(os.path.join(self.root, SHARD_DIR, self.shards[si].name), os.O_RDONLY)
+                try:
+                    fd = os.open(self._path(si), os.O_RDONLY)
+                except FileNotFoundError:
+                    raise ShardGone(f"latent store shard {self.shards[si].name} is gone (removed by a cache.py run "
+                                    "since the store was opened)") from None
                 self._fds[si] = fd
                 if len(self._fds) > MAX_OPEN_SHARDS:
                     os.close(self._fds.popitem(last=False)[1])
@@ -433,15 +540,33 @@ class LatentStore:
         return buf
 
     def record_info(self, key: str) -> dict[str, Any]:
-        """The record's header entry (bucket, sizes, crops, tensor table)."""
+        """The record's header entry (bucket, sizes, crops, tensor table); StoreError when its shard is damaged."""
         si, j = self._loc(key)
         return self._ensure_header(si).records[j]
 
+    def _check_v1(self, si: int, sh: _Shard) -> None:
+        """A shard written before per-tensor checksums: its whole-data CRC, once per process."""
+        if not sh.checked:
+            try:
+                _check_crc(self._path(si), sh.start, sh.header["__metadata__"]["crc32"])
+            except StoreError as e:
+                sh.bad = str(e)
+                self._write_report(sh.name, SHARD_REPORT, "", sh.bad)
+                raise StoreError(f"latent store shard {sh.name}: {sh.bad}") from None
+            except FileNotFoundError:
+                raise ShardGone(f"latent store shard {sh.name} is gone (removed by a cache.py run since the store "
+                                "was opened)") from None
+            sh.checked = True
+
     def get(self, key: str, names: list[str] | None = None) -> dict[str, Any]:
-        """Tensors of a record (all, or `names`) plus bucket (w, h), original_size (h, w), crops."""
+        """Tensors of a record (all, or `names`) plus bucket (w, h), original_size (h, w), crops. Each tensor's
+        bytes are checked against the record's CRC32 (unless verify_reads is off): DamagedRecord when they differ."""
         si, j = self._loc(key)
         sh = self._ensure_header(si)
         rec = sh.records[j]
+        crcs = rec.get("crc")
+        if self.verify_reads and crcs is None:
+            self._check_v1(si, sh)
         mm = self._map(si) if self.use_mmap else None
         compressed = bool(sh.header["__metadata__"].get("compressed"))
         out: dict[str, Any] = {"bucket": tuple(rec["b"]), "original_size": tuple(rec["o"]),
@@ -450,80 +575,209 @@ class LatentStore:
         for name in names if names is not None else rec["t"]:
             dtype_s, shape = rec["t"][name]
             dtype = _TORCH[dtype_s]
+            a, b = sh.header[f"{key}/{name}.zst" if compressed else f"{key}/{name}"]["data_offsets"]
+            if mm is not None:
+                if b > a and self.verify_reads and crcs is not None:
+                    with memoryview(mm) as view:  # no copy: the CRC reads the mapped pages the tensor will use
+                        got = zlib.crc32(view[sh.start + a : sh.start + b])
+                    self._check_tensor(sh, j, key, name, got, crcs)
+                raw = mm[sh.start + a : sh.start + b] if compressed else None
+            else:
+                raw = self._read(si, sh.start + a, b - a) if b > a else bytearray()
+                if b > a and self.verify_reads and crcs is not None:
+                    self._check_tensor(sh, j, key, name, zlib.crc32(raw), crcs)
             if compressed:
-                a, b = sh.header[f"{key}/{name}.zst"]["data_offsets"]
                 if self._dctx is None:
                     import zstandard
 
                     self._dctx = zstandard.ZstdDecompressor()
-                comp = mm[sh.start + a : sh.start + b] if mm is not None else self._read(si, sh.start + a, b - a)
-                raw = bytearray(self._dctx.decompress(comp))
-                t = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+                data = bytearray(self._dctx.decompress(raw)) if b > a else bytearray()
+                t = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
             else:
-                a, b = sh.header[f"{key}/{name}"]["data_offsets"]
                 n = int(np.prod(shape)) if shape else 1
                 if b == a:
                     t = torch.empty(0, dtype=dtype)
                 elif mm is not None:
                     t = torch.frombuffer(mm, dtype=dtype, count=n, offset=sh.start + a)
                 else:
-                    t = torch.frombuffer(self._read(si, sh.start + a, b - a), dtype=dtype)
+                    t = torch.frombuffer(raw, dtype=dtype)
             out[name] = t.reshape(shape)
         return out
 
+    def _check_tensor(self, sh: _Shard, j: int, key: str, name: str, got: int, crcs: dict[str, int]) -> None:
+        want = crcs.get(name)
+        if want is not None and got == want:
+            return
+        why = (f"tensor {name!r}: no checksum in its record" if want is None else
+               f"tensor {name!r}: checksum {got:08x} != {want:08x}")
+        self.damaged_records[key] = f"{sh.name}: {why}"
+        self._write_report(sh.name, j, key, why)
+        raise DamagedRecord(f"latent store record {key!r} in shard {sh.name} is damaged ({why}); it is left out "
+                            "until the next cache.py run re-encodes it")
+
+    def _write_report(self, shard: str, pos: int, key: str, why: str) -> None:
+        """Write damage down for the next open and the next cache.py run (the raised error says it here)."""
+        write_damage_report(self.root, shard, pos, key, why)
+
     # -- maintenance -----------------------------------------------------------------------------------------
     def verify(self) -> list[tuple[str, str]]:
-        """Re-check the CRC of every shard; returns [(shard, reason)] of the damaged ones (also added to .damaged)."""
+        """Re-check every record (per-tensor CRCs; a v1 shard's whole CRC): [(shard, reason)] of the shards with
+        damage (also added to .damaged), each written down (damaged/) so the next cache.py run re-encodes exactly
+        what is damaged."""
         bad = []
-        for sh in self.shards:
-            path = os.path.join(self.root, SHARD_DIR, sh.name)
+        for si, sh in enumerate(self.shards):
+            path = self._path(si)
             try:
                 start, header = read_header(path)
-                _check_crc(path, start, header["__metadata__"]["crc32"])
-            except StoreError as e:
+                recs = json.loads(header["__metadata__"]["records"])
+                if not recs or recs[0].get("crc") is None:
+                    _check_crc(path, start, header["__metadata__"]["crc32"])
+                    continue
+            except (StoreError, KeyError, ValueError) as e:
                 bad.append((sh.name, str(e)))
                 self._report_damaged(sh.name, str(e))
+                write_damage_report(self.root, sh.name, SHARD_REPORT, "", str(e))
+                continue
+            compressed = bool(header["__metadata__"].get("compressed"))
+            damaged = []
+            with open(path, "rb") as f:
+                for j, rec in enumerate(recs):
+                    for name in rec["t"]:
+                        a, b = header[f"{rec['k']}/{name}.zst" if compressed else f"{rec['k']}/{name}"]["data_offsets"]
+                        f.seek(start + a)
+                        got, want = zlib.crc32(f.read(b - a)), rec["crc"].get(name)
+                        if got != want:
+                            why = f"tensor {name!r}: checksum {got:08x} != {want if want is None else f'{want:08x}'}"
+                            damaged.append(f"{rec['k']!r} ({why})")
+                            self.damaged_records[rec["k"]] = f"{sh.name}: {why}"
+                            write_damage_report(self.root, sh.name, j, rec["k"], why)
+                            break
+            if damaged:
+                bad.append((sh.name, f"{len(damaged)} damaged record(s): {', '.join(damaged[:3])}"
+                            + (" ..." if len(damaged) > 3 else "")))
+                self.damaged.append(bad[-1])  # listed, not set aside: its intact records stay
         return bad
 
-    def write_index(self) -> str:
-        """Write store_index.npz (newest record per key only), delete shards with no live record, quarantine damaged."""
+    def _live_rows(self) -> list[list[int]]:
+        """Per shard, the table rows of its live records in record order."""
         t = self._table
         order = np.lexsort((t.pos, t.shard))  # live rows by (shard, position)
         bounds = np.searchsorted(t.shard[order], np.arange(len(self.shards) + 1))
-        keys_all, srcs_all = t.keys.tolist(), t.srcs.tolist()
-        shards_info, keys, srcs, counts, positions = [], [], [], [], []
+        return [order[bounds[si] : bounds[si + 1]].tolist() for si in range(len(self.shards))]
+
+    def _records_in(self, si: int) -> int:
+        """How many records a shard holds, live or dead (its header, read when the index did not say)."""
+        sh = self.shards[si]
+        if sh.n < 0:
+            sh.n = len(self._ensure_header(si).records)
+        return sh.n
+
+    def write_index(self, compact_dead_share: float = COMPACT_DEAD_SHARE) -> str:
+        """Write store_index.npz (the newest record per key only); rewrite the shards whose dead records (superseded
+        or damaged) pass `compact_dead_share` of their records; remove shards with no live record and set damaged
+        ones aside as <name>.damaged. Order, so a kill at any point loses nothing: new shards written, then the
+        index, then old shards removed (kept while a train.py reads this store: the next run removes them)."""
+        live = self._live_rows()
+        keys_all, srcs_all = self._table.keys.tolist(), self._table.srcs.tolist()
+        entries: list[tuple[_Shard, list[str], list[str], list[int]]] = []
+        retire: list[str] = []
         for si, sh in enumerate(self.shards):
-            rows = order[bounds[si] : bounds[si + 1]].tolist()
+            rows = live[si]
             if not rows:
-                os.remove(os.path.join(self.root, SHARD_DIR, sh.name))  # fully superseded
+                retire.append(sh.name)  # fully superseded
                 continue
-            shards_info.append({"name": sh.name, "size": sh.size, "mtime_ns": sh.mtime_ns, "crc": sh.crc, "cfg": sh.cfg})
+            try:
+                dead = self._records_in(si) - len(rows)
+            except StoreError as e:  # its header turned out damaged: set aside, its records re-encoded next run
+                self._report_damaged(sh.name, str(e))
+                continue
+            rk, rs, rp = [keys_all[r] for r in rows], [srcs_all[r] for r in rows], self._table.pos[rows].tolist()
+            if dead > 0 and (dead > compact_dead_share * sh.n or sh.name in self._to_compact):
+                new = self._compact(si, rp)
+                if new is not None:
+                    retire.append(sh.name)
+                    got = {p: i for i, p in enumerate(rp)}
+                    kept = [got[p] for p in new[1]]
+                    entries.append((new[0], [rk[i] for i in kept], [rs[i] for i in kept], list(range(len(kept)))))
+                    continue
             # Only records that are live here go in; superseded ones would otherwise shadow newer shards.
-            keys += [keys_all[r] for r in rows]
-            srcs += [srcs_all[r] for r in rows]
-            counts.append(len(rows))
-            positions.append(t.pos[rows])  # the record's position in its shard header (superseded ones left out)
-        for name, _ in self.damaged:
-            p = os.path.join(self.root, SHARD_DIR, name)
-            if os.path.exists(p):
-                os.replace(p, p + ".damaged")
+            entries.append((sh, rk, rs, rp))
+        entries.sort(key=lambda e: e[0].name)  # compacted shards are the newest: their records stay the winners
         path = os.path.join(self.root, INDEX_FILE)
         tmp = temp_path(path, ".npz")
-        kc, sc = StrColumn.from_list(keys), StrColumn.from_list(srcs)
+        kc = StrColumn.from_list([k for e in entries for k in e[1]])
+        sc = StrColumn.from_list([s for e in entries for s in e[2]])
+        positions = [np.asarray(e[3], dtype=np.int64) for e in entries]
         try:
-            np.savez(tmp, info=np.frombuffer(json.dumps({"shards": shards_info}).encode(), dtype=np.uint8),
+            np.savez(tmp, info=np.frombuffer(json.dumps({"shards": [e[0].info() for e in entries]}).encode(),
+                                             dtype=np.uint8),
                      keys=kc.blob, key_off=kc.offsets, srcs=sc.blob, src_off=sc.offsets,
-                     counts=np.asarray(counts, dtype=np.int64),
-                     positions=np.concatenate(positions).astype(np.int64) if positions else np.zeros(0, np.int64))
+                     counts=np.asarray([len(e[1]) for e in entries], dtype=np.int64),
+                     positions=np.concatenate(positions) if positions else np.zeros(0, np.int64))
             commit_file(tmp, path)
         except OSError as e:
             remove_quietly(tmp)
             raise with_path(e, path)
+        if retire and readers_present(self.root):
+            log.info("latent store: %d superseded shard(s) kept while a training run reads this store; the next "
+                     "cache.py run removes them", len(retire))
+        else:
+            for name in retire:
+                remove_quietly(os.path.join(self.root, SHARD_DIR, name))
+        for name in self._set_aside:
+            p = os.path.join(self.root, SHARD_DIR, name)
+            if os.path.exists(p):
+                os.replace(p, p + ".damaged")
+        clear_damage_reports(self.root)
         return path
+
+    def _compact(self, si: int, positions: list[int]) -> tuple[_Shard, list[int]] | None:
+        """Rewrite shard si with only the records at `positions` (each checked; a damaged one is left out and
+        reported): (the new shard, the positions it kept), or None when the shard cannot be read."""
+        sh = self._ensure_header(si)
+        md = sh.header["__metadata__"]
+        compressed = bool(md.get("compressed"))
+        path = self._path(si)
+        items, kept = [], []
+        try:
+            if sh.records and sh.records[0].get("crc") is None:
+                _check_crc(path, sh.start, md["crc32"])
+            with open(path, "rb") as f:
+                for p in positions:
+                    rec = sh.records[p]
+                    parts, ok = [], True
+                    for name, (dtype, shape) in rec["t"].items():
+                        hname = f"{rec['k']}/{name}.zst" if compressed else f"{rec['k']}/{name}"
+                        a, b = sh.header[hname]["data_offsets"]
+                        f.seek(sh.start + a)
+                        raw = f.read(b - a)
+                        want = (rec.get("crc") or {}).get(name, zlib.crc32(raw))
+                        if zlib.crc32(raw) != want:
+                            self.damaged_records[rec["k"]] = f"{sh.name}: tensor {name!r} checksum"
+                            log.warning("latent store: record %r of %s is damaged; left out (re-encoded by the "
+                                        "next cache.py run)", rec["k"], sh.name)
+                            ok = False
+                            break
+                        parts.append((name, hname, "U8" if compressed else dtype,
+                                      [len(raw)] if compressed else shape, raw))
+                    if ok:
+                        meta = {k: v for k, v in rec.items() if k != "crc"}
+                        items.append((meta, parts))
+                        kept.append(p)
+        except (OSError, StoreError) as e:
+            log.warning("latent store: shard %s not compacted (%s)", sh.name, e)
+            return None
+        name = f"{time.time_ns():020d}-c{si:08d}{SHARD_EXT}"  # the newest name: its records stay the winners
+        new_path = os.path.join(self.root, SHARD_DIR, name)
+        _write_items(new_path, items, md["cfg"], compressed, md.get("origin", ""))
+        st = os.stat(new_path)
+        start, header = read_header(new_path)
+        log.info("latent store: compacted %s (%d of %d records live) into %s", sh.name, len(kept), sh.n, name)
+        return _Shard(name, st.st_size, st.st_mtime_ns, header["__metadata__"]["crc32"], md["cfg"], len(kept)), kept
 
     def index_is_current(self) -> bool:
         """Whether store_index.npz already says what write_index would write (so a read-only store can be used)."""
-        return (not self.damaged and os.path.exists(os.path.join(self.root, INDEX_FILE))
+        return (not self.damaged and not self._left_out and os.path.exists(os.path.join(self.root, INDEX_FILE))
                 and self._from_index == len(self.shards) == self._indexed)
 
     def close(self) -> None:
@@ -531,16 +785,85 @@ class LatentStore:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        if self._reader_fd is not None:
+            os.close(self._reader_fd)
+            self._reader_fd = None
 
     def __getstate__(self) -> dict[str, Any]:
-        # DataLoader workers get their own mmaps and lock.
+        # DataLoader workers get their own mmaps and lock (the readers lock stays with the process that took it).
         st = self.__dict__.copy()
-        st["_maps"], st["_fds"], st["_lock"], st["_dctx"] = OrderedDict(), OrderedDict(), None, None
+        st["_maps"], st["_fds"], st["_lock"], st["_dctx"], st["_reader_fd"] = OrderedDict(), OrderedDict(), None, None, None
         return st
 
     def __setstate__(self, st: dict[str, Any]) -> None:
         self.__dict__.update(st)
         self._lock = threading.Lock()
+
+
+class _opened:
+    """open(path, 'rb') whose missing file is ShardGone (a later cache.py run removed it), not a crash."""
+
+    def __init__(self, path: str):
+        try:
+            self.f = open(path, "rb")
+        except FileNotFoundError:
+            raise ShardGone(f"latent store shard {os.path.basename(path)} is gone (removed by a cache.py run since "
+                            "the store was opened)") from None
+
+    def __enter__(self):
+        return self.f
+
+    def __exit__(self, *exc: Any) -> None:
+        self.f.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Damage found when reading: written down, one file per damaged record (or shard), read back on every open
+
+
+def _report_path(root: str, shard: str, pos: int) -> str:
+    return os.path.join(root, DAMAGE_DIR, f"{shard}.{'shard' if pos == SHARD_REPORT else pos}.json")
+
+
+def write_damage_report(root: str, shard: str, pos: int, key: str, why: str) -> None:
+    """Note that record `pos` (SHARD_REPORT: the whole shard) of `shard` is damaged; best effort (read-only store:
+    only the log says it). One file per record, so concurrent readers never write the same file twice over."""
+    try:
+        os.makedirs(os.path.join(root, DAMAGE_DIR), exist_ok=True)
+        body = json.dumps({"shard": shard, "pos": pos, "key": key, "why": why, "host": HOST, "pid": os.getpid(),
+                           "time": time.strftime("%Y-%m-%d %H:%M:%S")}).encode()
+        atomic_write(_report_path(root, shard, pos), lambda f: f.write(body))
+    except OSError as e:
+        log.warning("latent store: cannot record the damage in %s (%s)", os.path.join(root, DAMAGE_DIR), e)
+
+
+def read_damage_reports(root: str) -> dict[str, dict[int, tuple[str, str]]]:
+    """shard -> {record position (SHARD_REPORT: whole shard): (key, why)} from <root>/damaged/."""
+    d = os.path.join(root, DAMAGE_DIR)
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return {}
+    out: dict[str, dict[int, tuple[str, str]]] = {}
+    for n in names:
+        if not n.endswith(".json") or is_temp(n):
+            continue
+        try:
+            with open(os.path.join(d, n), "rb") as f:
+                r = json.loads(f.read())
+            out.setdefault(str(r["shard"]), {})[int(r["pos"])] = (str(r.get("key", "")), str(r.get("why", "")))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a report that cannot be read is no evidence of anything
+    return out
+
+
+def clear_damage_reports(root: str) -> None:
+    """Remove the reports whose shard is no longer in shards/ (rewritten without the record, or set aside)."""
+    present = set(_shard_names(root))
+    for shard in read_damage_reports(root).keys() - present:
+        for n in os.listdir(os.path.join(root, DAMAGE_DIR)):
+            if n.startswith(shard + "."):
+                remove_quietly(os.path.join(root, DAMAGE_DIR, n))
 
 
 class ShardWriter:
