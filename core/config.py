@@ -112,7 +112,7 @@ class DataConfig:
     dataset_caption_column: str = opt("", "dataset / imagefolder caption column; empty = `caption` (datasets) or `text`, then `caption` (imagefolder)")
     tar_shards: list[str] = opt([], "webdataset tar shards, e.g. [\"/data/shards/{000000..000999}.tar\"] (brace ranges, globs): samples key.jpg / .png / .webp + key.txt / .caption / .json (caption, tags, description); cached by cache.py (each rank streams whole shards), trained from the store", path=True)
     recursive: bool = opt(False, "search image_dirs recursively")
-    caption_extension: str = opt(".txt", "caption file extension")
+    caption_extension: str = opt("", "caption file extension; empty = the source tool's: .caption in kohya DreamBooth folders (train_data_dir / reg_data_dir, as kohya), .txt elsewhere")
     resolution: int | list[int] = opt(1024, "training resolution: N (bucket area <= N*N) or kohya's [width, height] (area <= width*height; without buckets images are cropped to it)", min=64)
     enable_bucket: bool = opt(True, "aspect-ratio buckets (false: every image cropped to resolution x resolution)")
     bucket_reso_step: int = opt(64, "bucket side step in pixels", min=8)

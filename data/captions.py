@@ -49,30 +49,40 @@ def _split(text: str, sep: str) -> list[str]:
 
 
 def process_caption(caption: str, opts: CaptionOptions, rng: random.Random) -> str:
-    """kohya's order: class tokens for an empty caption, prefix/suffix, whole-caption dropout, keep/shuffle/tag-dropout."""
+    """kohya's order (library/train_util.py BaseDataset.process_caption, wildcards off): class tokens for an empty
+    caption, prefix / suffix glued on (so they shuffle with the first / last tag), whole-caption dropout, then
+    keep_tokens / keep_tokens_separator (a second separator fixes trailing tags), shuffle and tag dropout, joined with
+    ", ". Without shuffle or tag dropout the keep_tokens_separator becomes the caption separator (kohya leaves it in
+    the text: docs/data-differences.md)."""
     if not caption.strip():
         caption = opts.class_tokens
+    if opts.caption_prefix:
+        caption = f"{opts.caption_prefix} {caption}"
+    if opts.caption_suffix:
+        caption = f"{caption} {opts.caption_suffix}"
     if opts.caption_dropout_rate > 0 and rng.random() < opts.caption_dropout_rate:
         return ""
-    sep = opts.caption_separator
+    sep, ks = opts.caption_separator, opts.keep_tokens_separator
     if opts.shuffle_caption or opts.caption_tag_dropout_rate > 0:
-        if opts.keep_tokens_separator and opts.keep_tokens_separator in caption:
-            fixed_text, _, flex_text = caption.partition(opts.keep_tokens_separator)
+        fixed: list[str] = []
+        fixed_end: list[str] = []
+        if ks and ks in caption:
+            fixed_text, flex_text = caption.split(ks, 1)
+            if ks in flex_text:
+                flex_text, end_text = flex_text.split(ks, 1)
+                fixed_end = _split(end_text, sep)
             fixed, flex = _split(fixed_text, sep), _split(flex_text, sep)
         else:
-            tokens = _split(caption, sep)
-            fixed, flex = tokens[: opts.keep_tokens], tokens[opts.keep_tokens :]
+            flex = [t.strip() for t in caption.strip().split(sep)]  # kohya keeps empty tags here
+            if opts.keep_tokens > 0:
+                fixed, flex = flex[: opts.keep_tokens], flex[opts.keep_tokens :]
         if opts.shuffle_caption:
             rng.shuffle(flex)
         if opts.caption_tag_dropout_rate > 0:
             flex = [t for t in flex if rng.random() >= opts.caption_tag_dropout_rate]
-        caption = ", ".join(fixed + flex)
-    elif opts.keep_tokens_separator:
-        caption = caption.replace(opts.keep_tokens_separator, sep)
-    if opts.caption_prefix:
-        caption = f"{opts.caption_prefix} {caption}" if caption else opts.caption_prefix
-    if opts.caption_suffix:
-        caption = f"{caption} {opts.caption_suffix}" if caption else opts.caption_suffix
+        caption = ", ".join(fixed + flex + fixed_end)
+    elif ks:
+        caption = caption.replace(ks, sep)
     return caption.strip()
 
 

@@ -31,6 +31,7 @@ from .images import SkipReport, read_sizes
 from .listing import list_images
 from .locators import stat_sig
 from .readers import Rows
+from .readers.metadata import wh_value
 from .readers.tar import SCAN_DIR, scan_own_shards, scan_parts
 from .record_rows import cached_rows, record_size, subset_signature
 from .sources import collect, inputs_fingerprint, resolve_subsets
@@ -41,7 +42,7 @@ from .store import SHARD_DIR, LatentStore
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "dataset_index.npz"
-INDEX_VERSION = 2  # 2: descriptions column
+INDEX_VERSION = 3  # 2: descriptions column; 3: kohya caption rules (#25: DreamBooth class tokens, first lines)
 
 
 @dataclass
@@ -82,6 +83,16 @@ class DatasetIndex:
         """The metadata dict of row i."""
         s = self.metadata[i]
         return json.loads(s) if s else {}
+
+    def original_size(self, row: int) -> tuple[int, int] | None:
+        """(h, w) the model is told for a row when its metadata gives `original_size` [w, h] (euge-trainer
+        sdxl_dataset_utils.Dataset.__getitem__: `img_info.original_size or img_info.image_size`); None = the size of
+        the decoded image."""
+        s = self.metadata[row]
+        if '"original_size"' not in s:  # most rows: no JSON parse
+            return None
+        wh = wh_value(json.loads(s).get("original_size"))
+        return (wh[1], wh[0]) if wh is not None and min(wh) > 0 else None
 
     def image_info(self, row: int, caption: str | None = None, description: str | None = None) -> ImageInfo:
         """euge-trainer's ImageInfo of a row (for hooks written in its style)."""

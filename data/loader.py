@@ -279,7 +279,7 @@ class _Items(Dataset):
                 g = torch.Generator().manual_seed(_seed(self.seed, epoch, pos, 1) % (1 << 62))
                 lat = mean + std * torch.randn(mean.shape, generator=g)
             out["latents"] = lat
-            out["original_size"] = rec["original_size"]
+            out["original_size"] = ix.original_size(row) or rec["original_size"]
             out["crop_top_left"] = (rec["crop_top_left_flip"] if flip and rec["crop_top_left_flip"] else
                                     rec["crop_top_left"])
             if v is not None:
@@ -297,7 +297,7 @@ class _Items(Dataset):
             if flip:
                 x = torch.flip(x, dims=[2])
                 crop = flipped_crop((orig[1], orig[0]), (bw, bh), crop)
-            out.update(images=x, original_size=orig, crop_top_left=crop)
+            out.update(images=x, original_size=ix.original_size(row) or orig, crop_top_left=crop)
         if caption is None:
             md = ix.meta(row) if self.caption_hook or self.description_hook else {}  # only the hooks read it
             caption = full_caption(ix.captions[row], self.opts[int(ix.subset[row])], rng, key=key, metadata=md,

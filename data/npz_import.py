@@ -1,4 +1,4 @@
-"""Existing kohya / euge-trainer `.npz` latent caches into the shard store, and the index rows a store can give back.
+"""Existing kohya / euge-trainer `.npz` latent caches into the shard store.
 
 The file layouts read (kohya library/train_util.py, strategy_base.py / strategy_sd.py; euge-trainer
 modules/sdxl_dataset_utils.py), each beside its image or under the imported folder:
@@ -6,11 +6,14 @@ modules/sdxl_dataset_utils.py), each beside its image or under the imported fold
                                       optional `latents_flipped` (kohya before its caching strategies; euge-trainer)
     <stem>.npz + <stem>_flip.npz      `arr_0` each (kohya's first fine-tune format, prepare_buckets_latents.py)
     <stem>_<WWWW>x<HHHH>_sdxl.npz     the strategy format (W x H = the image size); keys as the first line, or with
-                                      a `_<h>x<w>` suffix per latent size (multi-resolution caches)
+                                      a `_<h>x<w>` suffix per latent size (multi-resolution caches); `alpha_mask`
+                                      [H, W] 0..1 when cached with --alpha_mask
 The arrays are the VAE's raw samples (`latent_dist.sample()`), so they are scaled into the diffusion model's latent
 space like our own encodes ((z - shift) * scale of the configured VAE). A latent whose size is not the bucket's
 (after our bucketing) is not imported, with the reason. Which VAE made them is the user's word: the records get
-the configured VAE's fingerprint and say in `imp` which file they came from. Like every record cache.py writes,
+the configured VAE's fingerprint and say in `imp` which file they came from. An `alpha_mask` is kept with the
+record as the tensor `alpha_mask`, reduced to the latent grid as kohya's masked loss reduces it (nothing trains
+with it yet: the masked loss is its own feature). Like every record cache.py writes,
 an imported one carries its index row (`row_extra`, data/record_rows.py: cache-only training).
 """
 
@@ -68,10 +71,21 @@ def _pick(z, name: str, latent_hw: tuple[int, int]) -> np.ndarray | None:
     return None
 
 
+MASK = "alpha_mask"  # the record's tensor: kohya's alpha mask at latent size (float32, 0..1), never scaled
+
+
+def alpha_mask_at_latent_size(mask: np.ndarray, latent_hw: tuple[int, int]) -> np.ndarray:
+    """kohya's alpha mask ([H, W] at the bucket's pixel size, 0..1) reduced to the latent grid as kohya reduces it
+    when it weights the loss (library/custom_train_functions.py apply_masked_loss: interpolate(mode="area") to the
+    loss's size), so the record keeps exactly what kohya's masked loss multiplies by, 64x smaller."""
+    t = torch.from_numpy(np.ascontiguousarray(mask))[None, None]
+    return torch.nn.functional.interpolate(t, size=latent_hw, mode="area")[0, 0].numpy()
+
+
 def read_npz(files: dict[str, str], bucket_wh: tuple[int, int], size_wh: tuple[int, int], channels: int
              ) -> tuple[dict[str, np.ndarray], tuple[int, int], tuple[int, int], tuple[int, int] | None] | str:
-    """(raw arrays {latent, flip.latent}, original_size (h, w), crop (top, left), flipped crop) of one entry's
-    files, or the reason it cannot be imported."""
+    """(raw arrays {latent, flip.latent, alpha_mask}, original_size (h, w), crop (top, left), flipped crop) of one
+    entry's files, or the reason it cannot be imported."""
     bw, bh = bucket_wh
     lhw = (bh // 8, bw // 8)
     main = files.get("strategy") or files.get("main")
@@ -87,13 +101,14 @@ def read_npz(files: dict[str, str], bucket_wh: tuple[int, int], size_wh: tuple[i
             flip = _pick(z, "latents_flipped", lhw)
             orig = _pick(z, "original_size", lhw)
             ltrb = _pick(z, "crop_ltrb", lhw)
+            mask = _pick(z, "alpha_mask", lhw)
         if flip is None and "flip" in files:
             with np.load(files["flip"]) as zf:
                 flip = zf["latents"] if "latents" in zf.files else zf["arr_0"]
     except (OSError, ValueError, KeyError, EOFError) as e:  # np.load raises these for damaged files
         return f"unreadable npz ({type(e).__name__}: {e})"
     arrays = {"latent": lat} if flip is None else {"latent": lat, "flip.latent": flip}
-    for name, a in arrays.items():
+    for name, a in list(arrays.items()):
         a = np.asarray(a)
         if a.ndim == 4 and a.shape[0] == 1:
             a = a[0]
@@ -103,14 +118,21 @@ def read_npz(files: dict[str, str], bucket_wh: tuple[int, int], size_wh: tuple[i
         if not np.isfinite(a).all():
             return f"{name} has NaN / Inf values"
         arrays[name] = a
+    if mask is not None:
+        mask = np.asarray(mask, np.float32)
+        if mask.shape != (bh, bw):
+            return f"alpha_mask shape {tuple(mask.shape)} does not match the bucket {bw}x{bh} (expected {(bh, bw)})"
+        arrays[MASK] = alpha_mask_at_latent_size(mask, lhw)
     if orig is not None and np.asarray(orig).size == 2:
         w, h = (int(v) for v in np.asarray(orig).tolist())
         original = (h, w)
     else:
         original = (size_wh[1], size_wh[0])
     if ltrb is not None and np.asarray(ltrb).size == 4:
-        left, top, right, _ = (int(v) for v in np.asarray(ltrb).tolist())
-        crop, crop_flip = (top, left), (top, bw - right)  # kohya / euge: flipped left = width - crop right
+        # kohya (train_util.BaseDataset.__getitem__): crop (int(top), int(left)); flipped left =
+        # int(target_w - crop_ltrb[2]) on the stored values, which are floats (BucketManager.get_crop_ltrb)
+        left, top, right, _ = np.asarray(ltrb, np.float64).tolist()
+        crop, crop_flip = (int(top), int(left)), (int(top), int(bw - right))
     else:  # the oldest format records no crop: our center crop of the image size
         _, crop = crop_params(size_wh, bucket_wh, False)
         crop_flip = flipped_crop(size_wh, bucket_wh, crop)
@@ -154,7 +176,10 @@ def import_npz(index: DatasetIndex, root: str, writer, vae_cfg, dtype: torch.dty
         if sub.flip_aug and "flip.latent" not in arrays:
             out["no_flip"] += 1
         tensors = {k: ((torch.from_numpy(np.ascontiguousarray(a)).float() - shift) * scale).to(dtype)
-                   for k, a in arrays.items()}
+                   for k, a in arrays.items() if k != MASK}
+        if MASK in arrays:  # kept with the record for a masked loss (not used by training yet)
+            tensors[MASK] = torch.from_numpy(arrays[MASK])
+            out["alpha_masks"] = out.get("alpha_masks", 0) + 1
         src = source_fingerprint(paths[row], content_hash) if paths[row] else ""
         extra = {**row_extra(index, row), "imp": os.path.abspath(files.get("strategy") or files["main"])}
         writer.put(Record(keys[row], src, bucket, original, crop, tensors, crop_flip, None, extra))

@@ -99,6 +99,10 @@ def resolve_subsets(data: DataConfig) -> list[SubsetSpec]:
 def _spec(s: SubsetConfig, data: DataConfig, layout: str, repeats: int, ds: str, tars: list[str]) -> SubsetSpec:
     """The SubsetSpec of a validated subset: its own values, else [data]'s."""
     ext = s.caption_extension if s.caption_extension is not None else data.caption_extension
+    ext = ext or (".caption" if layout == "dreambooth" else ".txt")  # kohya's default in its own layout
+    opts = options_for_subset(s, data)
+    if layout == "dreambooth":  # the reader gives an image without a caption file its class tokens, as kohya
+        opts = dataclasses.replace(opts, class_tokens="")
     # kohya: regularisation images are weighted by prior_loss_weight (through the per-sample weight)
     weight = float(s.loss_weight) * (float(data.prior_loss_weight) if s.is_reg else 1.0)
     return SubsetSpec(
@@ -108,7 +112,7 @@ def _spec(s: SubsetConfig, data: DataConfig, layout: str, repeats: int, ds: str,
         num_repeats=int(repeats), is_reg=bool(s.is_reg), class_tokens=s.class_tokens,
         flip_aug=bool(data.flip_aug if s.flip_aug is None else s.flip_aug),
         random_crop=bool(data.random_crop if s.random_crop is None else s.random_crop),
-        loss_weight=weight, caption=dataclasses.asdict(options_for_subset(s, data)),
+        loss_weight=weight, caption=dataclasses.asdict(opts),
         layout=layout, dataset_name_or_path=os.path.abspath(ds) if ds else "",
         dataset_image_column=s.dataset_image_column or data.dataset_image_column,
         dataset_caption_column=s.dataset_caption_column or data.dataset_caption_column,

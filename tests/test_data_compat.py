@@ -198,7 +198,7 @@ def test_dreambooth_folders_repeats_captions_and_reg_balance(tmp_path, caplog):
     r = rows(ix)
     assert len(ix) == 85 and "10_sks dog/000" in r and "reg/1_dog/079" in r
     assert ix.captions[r["10_sks dog/000"]] == "sks dog on grass"          # kohya read_caption: first line
-    assert ix.captions[r["10_sks dog/001"]] == ""                          # class tokens come at load time
+    assert ix.captions[r["10_sks dog/001"]] == "sks dog"                   # no caption file: the class tokens
     assert [s.class_tokens for s in ix.subsets] == ["sks dog", "dog"]
     assert {int(ix.repeats[r[f"10_sks dog/{i:03d}"]]) for i in range(5)} == {10}
     reg_rep = [int(ix.repeats[r[f"reg/1_dog/{i:03d}"]]) for i in range(80)]
@@ -614,7 +614,7 @@ cache_dir = "{tmp_path / 'store'}"
     assert "1_dog: 20 images, 15 samples/epoch, num_repeats 1, reg, class tokens 'dog', 5 with 0 repeats" in out
     assert "buckets (2): bucket  images  samples  share" in out
     assert "     80x48         24       27   90.0%" in out and "     96x32          1        3   10.0%" in out
-    assert "captions: 24 empty (96.0%)" in out and "CLIP tokens over 25 sampled" in out
+    assert "captions: 0 empty (0.0%)" in out and "CLIP tokens over 25 sampled" in out  # class tokens stand in
     ex = out.split("processed captions (as the loader makes them):\n")[1].splitlines()[:8]
     assert len(ex) == 8 and all(e.split(": ", 1)[1].startswith("photo, ") for e in ex)
     assert any(e.endswith("photo, sks dog") or e.endswith("photo, dog") for e in ex)

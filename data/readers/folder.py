@@ -3,8 +3,9 @@
 Plain folders: key = file stem, caption = the whole caption file, stripped (euge-trainer reads it so).
 DreamBooth (kohya `train_data_dir` / `reg_data_dir`, expanded into one subset per `<repeats>_<class tokens>`
 folder by `dreambooth_subsets`): key = `<folder>/<stem>` (train and reg folders often share stems), caption = the
-first line of `<stem><ext>` (or of the face-crop base name's file, as kohya's `read_caption` tries), and an image
-without one gets the folder's class tokens (data/captions.py).
+first line of `<stem><ext>` (or of the face-crop base name's file, as kohya's `read_caption` tries; `ext` defaults to
+kohya's `.caption`), and an image without one gets the folder's class tokens; a file whose first line is empty
+gives '' (kohya DreamBoothDataset: class tokens only when there is no file).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 from typing import Iterator
 
 from ..images import IMAGE_EXTENSIONS
-from ..listing import list_images, map_chunked
+from ..listing import list_images, map_chunked, walk_images
 from ..locators import stat_sig
 from .base import CHUNK, Reader, Rows, Source, register
 
@@ -91,6 +92,8 @@ class DreamBoothReader(Reader):
             log.info("%s: %d of %d images have no %s caption; the class tokens %r are used for them",
                      s.image_dirs[0], len(missing), len(files), s.caption_extension, s.class_tokens)
             warn_other_extension(missing, len(files), s.caption_extension, s.image_dirs[0])
+            # kohya (DreamBoothDataset): no caption file -> the class tokens; a file whose first line is empty -> ''
+            texts = [s.class_tokens if t is None else t for t in texts]
         folder = os.path.basename(s.image_dirs[0])
         prefix = ("reg/" if s.is_reg else "") + folder + "/"
         yield from _file_rows(files, texts, prefix, subset_index)
@@ -111,11 +114,31 @@ class FolderReader(Reader):
     def read(self, src: Source, subset_index: int, threads: int) -> Iterator[Rows]:
         s = src.spec
         files = [p for p, _, _ in list_images(s.image_dirs, src.recursive, threads)]
+        if not src.recursive:
+            warn_subfolders(s.image_dirs, len(files), threads)
         caps = [os.path.splitext(p)[0] + s.caption_extension for p in files]
         texts = map_chunked(read_text, caps, threads, 256)
         warn_other_extension([p for p, t in zip(files, texts) if t is None], len(files), s.caption_extension,
                              ", ".join(s.image_dirs))
         yield from _file_rows(files, texts, "", subset_index)
+
+
+def _has_subfolder(d: str) -> bool:
+    with os.scandir(d) as it:
+        return any(e.is_dir(follow_symlinks=True) for e in it)
+
+
+def warn_subfolders(dirs: list[str], top: int, threads: int) -> int:
+    """Without data.recursive only the folders' own images are read; euge-trainer lists image_dirs recursively
+    (sdxl_dataset_utils.Dataset: listdir(..., recur=True)). One warning with the count of images left in subfolders
+    and the option that reads them; returns that count."""
+    if not any(map(_has_subfolder, dirs)):
+        return 0
+    deeper = len(walk_images(dirs, True, threads, stat=False)) - top
+    if deeper:
+        log.warning("%s: %d images in subfolders are not used (%d are); set data.recursive = true to train on them "
+                    "(euge-trainer reads image_dirs recursively)", ", ".join(dirs), deeper, top)
+    return deeper
 
 
 def _file_rows(files: list[str], texts: list[str | None], prefix: str, si: int) -> Iterator[Rows]:

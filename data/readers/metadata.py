@@ -320,20 +320,28 @@ def iter_metadata_file(path: str) -> Iterator[tuple[list[str], list[dict[str, An
         yield keys[a : a + CHUNK], recs[a : a + CHUNK]
 
 
-def size_from_md(md: dict[str, Any], names: tuple[str, ...] = ("image_size", "original_size")) -> tuple[int, int]:
-    """(w, h) from `image_size` / `original_size` ([w, h]) or `width`/`height`; (-1, -1) when absent."""
+def wh_value(v: Any) -> tuple[int, int] | None:
+    """(w, h) of a size field: [w, h], or its text ("[w, h]", "w,h", "wxh"); None when it is not one."""
+    if isinstance(v, str) and v.strip():
+        try:
+            v = json.loads(v)
+        except ValueError:
+            v = [p for p in v.replace("x", ",").split(",")]
+    if isinstance(v, (list, tuple)) and len(v) == 2:
+        try:
+            return int(v[0]), int(v[1])
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def size_from_md(md: dict[str, Any], names: tuple[str, ...] = ("image_size",)) -> tuple[int, int]:
+    """(w, h) of the image from `image_size` ([w, h]) or `width`/`height`; (-1, -1) when absent. Not from
+    `original_size`: that is the size the model is told (euge-trainer), the bucket comes from the image itself."""
     for k in names:
-        v = md.get(k)
-        if isinstance(v, str) and v.strip():
-            try:
-                v = json.loads(v)
-            except ValueError:
-                v = [p for p in v.replace("x", ",").split(",")]
-        if isinstance(v, (list, tuple)) and len(v) == 2:
-            try:
-                return int(v[0]), int(v[1])
-            except (TypeError, ValueError):
-                pass
+        wh = wh_value(md.get(k))
+        if wh is not None:
+            return wh
     if md.get("width") not in (None, "") and md.get("height") not in (None, ""):
         return int(md["width"]), int(md["height"])
     return -1, -1
@@ -351,8 +359,7 @@ def sizes_from_records(recs: list[dict[str, Any]], field: str = "image_size") ->
         a = None
     if a is not None and a.shape == (n, 2) and a.dtype.kind in "iu":
         return a.astype(np.int64)
-    names = (field,) if field != "image_size" else ("image_size", "original_size")
-    return np.array([size_from_md(r, names) for r in recs], np.int64).reshape(n, 2)
+    return np.array([size_from_md(r, (field,)) for r in recs], np.int64).reshape(n, 2)
 
 
 def peek_json(path: str) -> tuple[str, Any]:
@@ -468,7 +475,7 @@ class KohyaMetadataReader(Reader):
         return kind == "object" and isinstance(first, dict) and not _has_path(first)
 
     def read(self, src: Source, si: int, threads: int) -> Iterator[Rows]:
-        sep = src.spec.caption.get("caption_separator", ",")
+        sep = src.spec.caption_options.caption_separator
         cache: dict = {}
         for keys, recs in iter_metadata_file(src.path):  # streamed: chunks of the object's entries
             caps = [kohya_caption(r.pop("caption", None), r.pop("tags", None), sep) for r in recs]
@@ -481,11 +488,13 @@ class KohyaMetadataReader(Reader):
 
 
 def kohya_caption(caption: Any, tags: Any, sep: str) -> str:
-    """kohya's caption of a fine-tune metadata entry: caption, plus `sep + tags` when tags are non-empty."""
+    """The caption kohya trains on for a fine-tune metadata entry (JSON or JSONL): `caption`, plus `sep + tags`
+    when tags are non-empty (library/train_util.py FineTuningDataset.__init__), then only its first line
+    (BaseDataset.process_caption without wildcards: `caption.split("\\n")[0]`)."""
     caption = "" if caption is None else str(caption)
     if tags is not None and len(str(tags)) > 0:
         caption = (caption + sep if caption else "") + str(tags)
-    return caption
+    return caption.split("\n")[0]
 
 
 @register
@@ -574,7 +583,9 @@ class HfImagefolderReader(Reader):
 
 @register
 class MetadataReader(Reader):
-    """Our / euge-trainer's records: JSON {key: {image_path, caption, ...}} or a list, JSONL, CSV, SQLite."""
+    """Our / euge-trainer's records: JSON {key: {image_path, caption, ...}} or a list, CSV, SQLite (caption, else
+    tags: euge-trainer's `caption or tags`); JSONL records `{"image_path", "caption", "tags", "image_size"}` are
+    kohya's format (train_util.FineTuningDataset, PR #2186) and take kohya's caption (`kohya_caption`)."""
 
     name = "metadata"
 
@@ -585,6 +596,7 @@ class MetadataReader(Reader):
         m = src.path
         base = os.path.dirname(m)
         cache: dict = {}
+        kohya, sep = m.lower().endswith(".jsonl"), src.spec.caption_options.caption_separator
         for keys, recs in iter_metadata_file(m):  # JSON objects and JSONL streamed in chunks
             # The records are ours (freshly parsed): pop path and caption so the rest is the entry's metadata as is.
             ps = [r.pop(PATH_FIELD, None) or "" for r in recs]
@@ -594,9 +606,12 @@ class MetadataReader(Reader):
             for i in [i for i, p in enumerate(ps) if p and not p.startswith(os.sep)]:
                 if not os.path.isabs(ps[i]):  # relative to the metadata file
                     ps[i] = os.path.join(base, ps[i])
-            caps = [r.pop("caption", None) for r in recs]
-            for i in [i for i, c in enumerate(caps) if not c]:  # euge-trainer: caption or tags
-                caps[i] = recs[i].get("tags") or ""
+            if kohya:
+                caps = [kohya_caption(r.pop("caption", None), r.pop("tags", None), sep) for r in recs]
+            else:
+                caps = [r.pop("caption", None) for r in recs]
+                for i in [i for i, c in enumerate(caps) if not c]:  # euge-trainer: caption or tags
+                    caps[i] = recs[i].get("tags") or ""
             yield from _record_rows(keys, ps, list(map(str, caps)), recs, src, si, threads, cache)
 
 
