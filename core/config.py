@@ -300,6 +300,12 @@ class LogConfig:
     loss_recorder_stride: int = opt(100, "window of the loss recorder's mean", min=1)
     loss_recorder_gamma: float = opt(0.9, "factor of the loss recorder's moving average", min=0, max=1)
     tensorboard: bool = opt(False, "write TensorBoard events (scalars, every param group's lr, preview images) to logs/tensorboard; needs the tensorboard package (requirements-optional.txt)")
+    wandb: bool = opt(False, "log the same rows (and preview / validation images) to Weights & Biases; needs the wandb package (requirements-optional.txt); files under logs/wandb")
+    wandb_project: str = opt("sdtrain", "wandb project (kohya: log_tracker_name)")
+    wandb_run_name: str = opt("", "wandb run name (kohya: wandb_run_name); empty = the run folder's name")
+    wandb_tags: list[str] = opt([], "wandb run tags")
+    wandb_entity: str = opt("", "wandb entity (team or user); empty = your default")
+    wandb_mode: str = opt("online", "online, or offline (written locally; upload later with `wandb sync logs/wandb/offline-run-*`)", choices=("online", "offline"))
 
 
 @dataclass

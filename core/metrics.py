@@ -1,4 +1,9 @@
-"""Run logging on rank 0: a log file in logs/, metrics as JSON lines, TensorBoard when installed."""
+"""Run logging on rank 0: a log file in logs/, metrics as JSON lines, TensorBoard and Weights & Biases when asked.
+
+Every sink gets the same rows: MetricsWriter.write(step, row) goes to metrics.jsonl, TensorBoard scalars and
+wandb.log; images (previews) go to TensorBoard and wandb. wandb's run id is the run's own id (training/resume.py),
+so a resumed run continues the same wandb run.
+"""
 from __future__ import annotations
 
 import json
@@ -6,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,46 +51,95 @@ def check_tensorboard() -> None:
                          "(requirements-optional.txt), or set log.tensorboard = false") from None
 
 
+def check_wandb() -> None:
+    """log.wandb needs the wandb package (requirements-optional.txt): a clear error when it is missing."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ValueError("log.wandb = true needs the wandb package: pip install wandb (requirements-optional.txt), "
+                         "or set log.wandb = false") from None
+
+
+@dataclass
+class WandbRun:
+    """What wandb.init is given: [log] wandb_* options, the run id (the same across resumes) and the resolved config."""
+
+    project: str
+    name: str
+    run_id: str
+    tags: list[str] = field(default_factory=list)
+    entity: str = ""
+    mode: str = "online"  # "offline": written under logs/wandb, `wandb sync` uploads it later
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def wandb_run(log_cfg: Any, out_dir: str, run_id: str, config: dict[str, Any]) -> WandbRun | None:
+    """The WandbRun of [log] (run name: log.wandb_run_name, else the run folder's name), or None with wandb off."""
+    if not log_cfg.wandb:
+        return None
+    name = log_cfg.wandb_run_name or os.path.basename(os.path.normpath(out_dir))
+    return WandbRun(project=log_cfg.wandb_project, name=name, run_id=run_id, tags=list(log_cfg.wandb_tags),
+                    entity=log_cfg.wandb_entity, mode=log_cfg.wandb_mode, config=config)
+
+
+def _wandb_id(run_id: str) -> str:
+    """wandb run ids allow letters, digits, '-' and '_' only (and 64 characters at most)."""
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in run_id)[:64] or "run"
+
+
 def group_lrs(optimizer: Any) -> dict[str, float]:
     """The learning rate of every optimizer parameter group, as lr/<group name> (index when unnamed)."""
     return {f"lr/{g.get('name') or i}": float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
 
 
 class MetricsWriter:
-    """metrics.jsonl (step, loss, lr, grad norm, images/s, GPU memory, ...) and TensorBoard events."""
+    """metrics.jsonl (step, loss, lr, grad norm, images/s, GPU memory, ...), TensorBoard events and a wandb run."""
 
-    def __init__(self, log_dir: str, enabled: bool, tensorboard: bool = True):
+    def __init__(self, log_dir: str, enabled: bool, tensorboard: bool = True, wandb: WandbRun | None = None):
         self.enabled = enabled
         self.path = os.path.join(log_dir, "metrics.jsonl")
         self._f = open(self.path, "a", buffering=1) if enabled else None
         self._tb = None
+        self._wandb: Any = None
         if enabled and tensorboard:
             check_tensorboard()
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(log_dir=os.path.join(log_dir, "tensorboard"))
+        if enabled and wandb is not None:
+            self._wandb = _start_wandb(wandb, log_dir)
 
     def write(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled or self._f is None:
             return
         row = {"step": step, "time": round(time.time(), 3), **values}
         self._f.write(json.dumps(row) + "\n")
+        scalars = {k: v for k, v in values.items() if isinstance(v, (int, float))}
         if self._tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, step)
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
 
-    def write_images(self, step: int, paths: list[str]) -> None:
-        """Preview PNGs as TensorBoard images, tag samples/<file index within the round> (HWC uint8)."""
-        if self._tb is None:
+    def write_images(self, step: int, paths: list[str], group: str = "samples") -> None:
+        """PNGs (previews) as TensorBoard / wandb images, tag <group>/<file index within the round> (or /grid)."""
+        if self._tb is None and self._wandb is None:
             return
         import numpy as np
         from PIL import Image
+        logged = {}
         for path in paths:
             name = os.path.basename(path)
-            tag = "samples/grid" if name.endswith("_grid.png") else f"samples/{name.split('_')[1]}"
+            tag = f"{group}/grid" if name.endswith("_grid.png") else f"{group}/{name.split('_')[1]}"
             with Image.open(path) as im:
-                self._tb.add_image(tag, np.asarray(im.convert("RGB")), step, dataformats="HWC")
-        self._tb.flush()
+                pixels = np.asarray(im.convert("RGB"))
+            if self._tb is not None:
+                self._tb.add_image(tag, pixels, step, dataformats="HWC")
+            if self._wandb is not None:
+                logged[tag] = self._wandb.Image(pixels, caption=name)
+        if self._tb is not None:
+            self._tb.flush()
+        if logged:
+            self._wandb.log(logged, step=step)
 
     def close(self) -> None:
         if self._f is not None:
@@ -93,3 +148,15 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _start_wandb(run: WandbRun, log_dir: str) -> Any:
+    """wandb.init for the run (files under logs/wandb; resumed when the id exists); returns the wandb module."""
+    check_wandb()
+    import wandb
+    wandb.init(project=run.project, name=run.name, id=_wandb_id(run.run_id), resume="allow", tags=run.tags or None,
+               entity=run.entity or None, mode=run.mode, config=run.config, dir=log_dir)
+    return wandb
