@@ -221,7 +221,7 @@ class LossConfig:
 @dataclass
 class OptimizerConfig:
     """[optimizer]: optimizer, learning rates and schedule."""
-    optimizer_type: str = opt("AdamW", "AdamW | AdamW8bit | Lion | Lion8bit | Prodigy | CAME | Adafactor | SGD | 'module.Class'")
+    optimizer_type: str = opt("AdamW", "AdamW | AdamW8bit | Lion | Lion8bit | Prodigy | CAME | Adafactor | SGD | AdamWScheduleFree | SGDScheduleFree | RAdamScheduleFree | ProdigyPlusScheduleFree | 'module.Class' (schedule-free: lr_scheduler constant or constant_with_warmup; exports hold the eval-mode weights)")
     learning_rate: float = opt(1e-5, "learning rate of the diffusion network", min=0)
     learning_rate_te1: float | None = opt(None, "learning rate of text encoder 1 (CLIP-L); default learning_rate", min=0)
     learning_rate_te2: float | None = opt(None, "learning rate of text encoder 2 (bigG / CLIP-G); default learning_rate", min=0)

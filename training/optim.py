@@ -7,12 +7,13 @@ warmup_init=False), numerically equal to `transformers.optimization.Adafactor` i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import math
 import re
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -25,8 +26,15 @@ _EXTERNAL: dict[str, tuple[str, str, str]] = {
     "lion": ("lion_pytorch", "Lion", "lion-pytorch"),
     "prodigy": ("prodigyopt", "Prodigy", "prodigyopt"),
     "came": ("came_pytorch", "CAME", "came-pytorch"),
+    # schedule-free (Defazio et al. 2024; kohya's names): no LR schedule, weights to evaluate differ from the trained
+    # ones, so the loop switches them with OptimizerMode (optimizer.train() / .eval())
+    "adamwschedulefree": ("schedulefree", "AdamWScheduleFree", "schedulefree"),
+    "sgdschedulefree": ("schedulefree", "SGDScheduleFree", "schedulefree"),
+    "radamschedulefree": ("schedulefree", "RAdamScheduleFree", "schedulefree"),
+    "prodigyplusschedulefree": ("prodigyplus", "ProdigyPlusScheduleFree", "prodigy-plus-schedule-free"),
 }
-BUILTIN_OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "Prodigy", "CAME", "Adafactor", "SGD")
+BUILTIN_OPTIMIZERS = ("AdamW", "AdamW8bit", "Lion", "Lion8bit", "Prodigy", "CAME", "Adafactor", "SGD",
+                      "AdamWScheduleFree", "SGDScheduleFree", "RAdamScheduleFree", "ProdigyPlusScheduleFree")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 # diffusers get_polynomial_decay_schedule_with_warmup default end LR.
 POLYNOMIAL_LR_END = 1e-7
@@ -254,6 +262,52 @@ def build_optimizer(param_groups: list[dict], cfg: Any) -> torch.optim.Optimizer
         f"[optimizer] unknown optimizer_type {name!r}; built-ins: {', '.join(BUILTIN_OPTIMIZERS)}, "
         "or a full class path such as 'torch.optim.RAdam'"
     )
+
+
+def is_schedule_free(optimizer_type: str) -> bool:
+    """Whether optimizer_type names a schedule-free optimizer (kohya: the name ends in "ScheduleFree")."""
+    return optimizer_type.lower().rpartition(".")[2].endswith("schedulefree")
+
+
+def check_schedule_free(cfg: Any) -> None:
+    """A schedule-free optimizer replaces the LR decay (its averaging is the schedule): a decaying lr_scheduler is a
+    mistake, said before anything loads. Warm-up is allowed (constant_with_warmup, or optimizer_kwargs warmup_steps)."""
+    if is_schedule_free(cfg.optimizer_type) and cfg.lr_scheduler not in ("constant", "constant_with_warmup"):
+        raise ValueError(f"optimizer_type {cfg.optimizer_type!r} is schedule-free: use lr_scheduler = \"constant\" or "
+                         f"\"constant_with_warmup\" (got {cfg.lr_scheduler!r})")
+
+
+class OptimizerMode:
+    """The train / eval mode of optimizers that have one (schedule-free: training steps at y, the weights it means
+    are x). `training()` before the loop's steps; `evaluating()` around validation, previews and saving, so those
+    see, and exports hold, the eval-mode weights. Re-entrant (an export inside a validation block); a no-op for
+    optimizers without the methods."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.enabled = callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None))
+        self._depth = 0
+
+    def training(self) -> None:
+        """The trained weights in place (schedule-free optimizers refuse to step in eval mode)."""
+        if self.enabled and self._depth == 0:
+            self.optimizer.train()  # type: ignore[attr-defined]
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """The eval-mode weights in place for the block, the training weights back after it."""
+        if not self.enabled:
+            yield
+            return
+        if self._depth == 0:
+            self.optimizer.eval()  # type: ignore[attr-defined]
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                self.optimizer.train()  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
