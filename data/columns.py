@@ -59,6 +59,17 @@ class StrColumn:
         """Byte length of every string."""
         return np.diff(self.offsets)
 
+    def endswith_ascii(self, suffix: str) -> np.ndarray:
+        """Bool per string: ends with the ASCII `suffix`, case-insensitively (vectorised: no string objects)."""
+        n, end = len(suffix), self.offsets[1:]
+        out = self.lengths() >= n
+        blob = np.asarray(self.blob)
+        for k, ch in enumerate(suffix.encode("ascii")):
+            at = np.where(out, end - n + k, 0)
+            c = blob[at] if len(blob) else np.zeros(len(at), np.uint8)
+            out &= (c == ord(chr(ch).lower())) | (c == ord(chr(ch).upper()))
+        return out
+
     def take(self, rows: np.ndarray) -> "StrColumn":
         """The strings of `rows` (any order, repeats allowed), as a new column; the blob is gathered in slices of
         rows, never one index per byte of the whole column."""

@@ -15,6 +15,7 @@ from PIL import Image, ImageOps
 
 from core.fsio import atomic_write
 
+from .latent_files import is_latent_file, latent_hw
 from .locators import is_locator, open_bytes
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,13 @@ def _open_checked(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
 
 
 def read_size(path: str, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
-    """(width, height) as displayed (EXIF orientation applied), from the header only."""
+    """(width, height) as displayed (EXIF orientation applied), from the header only. A latent cache (`.npz`) in
+    place of an image: its latents' size x 8 (euge-trainer: `image_size = latents_size * 8`)."""
+    if is_latent_file(path):
+        hw = latent_hw(path)
+        if isinstance(hw, str):
+            raise BadImage(f"latent cache: {hw}")
+        return hw[1] * 8, hw[0] * 8
     im = _open_checked(path, max_pixels)
     try:
         w, h = im.size

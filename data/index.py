@@ -28,6 +28,7 @@ from .buckets import BucketSettings, assign_buckets
 from .columns import PackedRows, StrColumn, json_encoder
 from .hooks import ImageInfo, count_metadata, euge_metadata, load_repeats_hook
 from .images import SkipReport, read_sizes
+from .latent_files import LATENT_EXT
 from .listing import list_images
 from .locators import stat_sig
 from .readers import Rows
@@ -273,10 +274,16 @@ def _build_index(data: DataConfig, skipped: SkipReport | None, threads: int,
                 sizes[i] = ks
             else:
                 skipped.add(cols.paths[i] or cols.keys[i], reason)
+    latent = cols.paths.endswith_ascii(LATENT_EXT)  # .npz caches in place of images: their bucket is their size
+    for i in np.flatnonzero(latent & (sizes > 0).all(1) & (sizes % bs.step != 0).any(1)).tolist():
+        w, h = (int(v) for v in sizes[i])
+        skipped.add(cols.paths[i], f"latent cache of {w}x{h} px is not a multiple of bucket_reso_step {bs.step} "
+                                   f"(euge-trainer refuses it too)")
+        sizes[i] = -1
     keep = np.nonzero((sizes > 0).all(1))[0]
     if len(keep) < n:
         cols.take(keep)
-        sizes = sizes[keep]
+        sizes, latent = sizes[keep], latent[keep]
     if len(sizes) == 0:
         raise ValueError(no_images_message(subsets, bool(data.recursive), n, len(skipped), threads))
     subset_arr = cols.subset
@@ -303,6 +310,7 @@ def _build_index(data: DataConfig, skipped: SkipReport | None, threads: int,
         cols.cols["metadata"] = StrColumn.from_list([enc(m) if m else "" for m in cols.dicts])
     buckets = np.concatenate([assign_buckets(sizes[a : a + SIZE_CHUNK * 16], bs)  # row by row: in chunks
                               for a in range(0, len(sizes), SIZE_CHUNK * 16)])
+    buckets[latent] = sizes[latent]  # euge-trainer: "directly use latents_size as bucket_reso"
     return DatasetIndex(keys=cols.keys, paths=cols.paths, captions=cols.captions, metadata=cols.metadata,
                         descriptions=cols.descriptions,
                         sizes=sizes, buckets=buckets, subset=subset_arr,

@@ -15,9 +15,11 @@ from .images import IMAGE_EXTENSIONS
 LISTINGS_KEPT = 4096  # folder listings a cache passed to exists_by_listing holds (cleared when full)
 
 
-def walk_images(dirs: list[str], recursive: bool, threads: int, stat: bool) -> list[tuple[str, int, int]]:
-    """(path, size, mtime_ns) of image files under dirs (size, mtime -1 unless stat), sorted by path, one folder
-    level at a time. Folders of a level are scanned in parallel threads (scandir and stat release the GIL)."""
+def walk_images(dirs: list[str], recursive: bool, threads: int, stat: bool,
+                exts: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of files under dirs whose lower-case name ends with one of `exts` (image files by
+    default; size, mtime -1 unless stat), sorted by path, one folder level at a time. Folders of a level are scanned
+    in parallel threads (scandir and stat release the GIL)."""
     out: list[tuple[str, int, int]] = []
 
     def scan(d: str) -> tuple[list[str], list[tuple[str, int, int]]]:
@@ -27,7 +29,7 @@ def walk_images(dirs: list[str], recursive: bool, threads: int, stat: bool) -> l
                 if e.is_dir(follow_symlinks=True):
                     if recursive:
                         subdirs.append(e.path)
-                elif e.name.lower().endswith(IMAGE_EXTENSIONS):
+                elif e.name.lower().endswith(exts):
                     if stat:
                         try:
                             st = e.stat()
@@ -51,9 +53,11 @@ def walk_images(dirs: list[str], recursive: bool, threads: int, stat: bool) -> l
     return out
 
 
-def list_images(dirs: list[str], recursive: bool, threads: int = 16) -> list[tuple[str, int, int]]:
-    """(path, size, mtime_ns) of every image file under dirs, sorted by path (one stat per file via scandir)."""
-    return walk_images(dirs, recursive, threads, stat=True)
+def list_images(dirs: list[str], recursive: bool, threads: int = 16,
+                exts: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of every image file (or file with `exts`) under dirs, sorted by path (one stat per
+    file via scandir)."""
+    return walk_images(dirs, recursive, threads, stat=True, exts=exts)
 
 
 def map_chunked(fn: Callable[[Any], Any], items: list, threads: int, chunk: int = 2048) -> list:

@@ -29,6 +29,7 @@ from .buckets import flipped_crop, load_resized
 from .captions import full_caption
 from .images import BadImage
 from .index import DatasetIndex
+from .latent_files import LATENT_EXT
 from .store import StoreError
 from .hooks import load_text_hook
 
@@ -45,9 +46,17 @@ def _seed(*parts: int) -> int:
 
 
 def usable_rows(index: DatasetIndex, store=None, chunk: int = 1 << 20) -> np.ndarray:
-    """Rows with repeats > 0 that can be read (present in the store when one is given), int32 (4 bytes a row; rows
-    are < 2**31). The store is asked a chunk of keys at a time (never a list of every key)."""
+    """Rows with repeats > 0 that can be read (present in the store when one is given; without one, images only:
+    `.npz` latent caches train from the store cache.py imports them into), int32 (4 bytes a row; rows are < 2**31).
+    The store is asked a chunk of keys at a time (never a list of every key)."""
     rows = np.flatnonzero(np.asarray(index.repeats) > 0).astype(np.int32)
+    if store is None:
+        latent = np.asarray(index.paths.endswith_ascii(LATENT_EXT))[rows]
+        if latent.any():
+            log.warning("%d of %d training entries are .npz latent caches (in place of images); they train from the "
+                        "latent store: set cache.cache_dir and run cache.py first, which imports them. Left out.",
+                        int(latent.sum()), len(rows))
+            rows = rows[~latent]
     if store is not None:
         have = np.ones(len(rows), dtype=bool)
         for a in range(0, len(rows), chunk):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from typing import Any
 
 import numpy as np
@@ -29,35 +28,20 @@ import torch
 
 from .buckets import crop_params, flipped_crop
 from .index import DatasetIndex, row_extra
+from .latent_files import classify_npz, is_latent_file, latent_files
 from .store import Record, source_fingerprint
 
 log = logging.getLogger(__name__)
 
-STRATEGY_RE = re.compile(r"^(?P<base>.+)_(?P<w>\d+)x(?P<h>\d+)_(?P<arch>sdxl|sd|sd3|flux|lumina|hunyuan_image)\.npz$")
-SKIP_SUFFIXES = ("_te_outputs.npz", "_te.npz")  # text-encoder caches: not latents
-
 
 # ---- the import ------------------------------------------------------------------------------------------------
-
-def _classify(name: str) -> tuple[str, str] | None:
-    """(base name, kind) of an npz file name: kind 'main' | 'flip' | 'strategy'; None when not a latent cache."""
-    low = name.lower()
-    if not low.endswith(".npz") or low.endswith(SKIP_SUFFIXES):
-        return None
-    m = STRATEGY_RE.match(name)
-    if m:
-        return m.group("base"), "strategy"
-    if low.endswith("_flip.npz"):
-        return name[: -len("_flip.npz")], "flip"
-    return name[: -len(".npz")], "main"
-
 
 def find_npz(root: str) -> dict[str, dict[str, str]]:
     """base path (folder + base name) -> {kind: npz path} for every latent cache under root (one walk)."""
     out: dict[str, dict[str, str]] = {}
     for d, _, files in os.walk(root):
         for f in files:
-            c = _classify(f)
+            c = classify_npz(f)
             if c is not None:
                 out.setdefault(os.path.join(d, c[0]), {})[c[1]] = os.path.join(d, f)
     return out
@@ -155,8 +139,7 @@ def import_npz(index: DatasetIndex, root: str, writer, vae_cfg, dtype: torch.dty
     for i, k in enumerate(keys):
         by_stem.setdefault(os.path.basename(k), i)
     used: set[int] = set()
-    out: dict[str, Any] = {"imported": 0, "no_flip": 0, "unmatched": 0, "rejected": {}}
-    scale, shift, channels = float(vae_cfg.scaling_factor), float(vae_cfg.shift_factor), int(vae_cfg.z_channels)
+    out = _counts()
     for base, files in sorted(found.items()):
         rel = os.path.relpath(base, os.path.abspath(root))
         row = by_base.get(base)
@@ -165,24 +148,49 @@ def import_npz(index: DatasetIndex, root: str, writer, vae_cfg, dtype: torch.dty
         if row is None or row in used:
             out["unmatched"] += 1
             continue
-        bucket = (int(index.buckets[row][0]), int(index.buckets[row][1]))
-        size = (int(index.sizes[row][0]), int(index.sizes[row][1]))
-        got = read_npz(files, bucket, size, channels)
-        if isinstance(got, str):
-            out["rejected"][next(iter(files.values()))] = got
-            continue
-        arrays, original, crop, crop_flip = got
-        sub = index.subsets[int(index.subset[row])]
-        if sub.flip_aug and "flip.latent" not in arrays:
-            out["no_flip"] += 1
-        tensors = {k: ((torch.from_numpy(np.ascontiguousarray(a)).float() - shift) * scale).to(dtype)
-                   for k, a in arrays.items() if k != MASK}
-        if MASK in arrays:  # kept with the record for a masked loss (not used by training yet)
-            tensors[MASK] = torch.from_numpy(arrays[MASK])
-            out["alpha_masks"] = out.get("alpha_masks", 0) + 1
-        src = source_fingerprint(paths[row], content_hash) if paths[row] else ""
-        extra = {**row_extra(index, row), "imp": os.path.abspath(files.get("strategy") or files["main"])}
-        writer.put(Record(keys[row], src, bucket, original, crop, tensors, crop_flip, None, extra))
-        used.add(row)
-        out["imported"] += 1
+        if _import_row(index, row, files, writer, vae_cfg, dtype, content_hash, out):
+            used.add(row)
     return out
+
+
+def import_latent_rows(index: DatasetIndex, rows: list[int], writer, vae_cfg, dtype: torch.dtype,
+                       content_hash: bool = False) -> dict[str, Any]:
+    """Write the record of each index row whose path is a latent cache (euge-trainer's layouts b / d: `.npz` files
+    in place of images; data/latent_files.py) from that file, as `import_npz` does; returns the same counts."""
+    out = _counts()
+    for row in rows:
+        path = index.paths[row]
+        if is_latent_file(path):
+            _import_row(index, row, latent_files(path), writer, vae_cfg, dtype, content_hash, out)
+    return out
+
+
+def _counts() -> dict[str, Any]:
+    return {"imported": 0, "no_flip": 0, "unmatched": 0, "alpha_masks": 0, "rejected": {}}
+
+
+def _import_row(index: DatasetIndex, row: int, files: dict[str, str], writer, vae_cfg, dtype: torch.dtype,
+                content_hash: bool, out: dict[str, Any]) -> bool:
+    """One row's record from its npz files through `writer.put` (counts and rejections into `out`); whether it was
+    written. Latents are scaled into the model's latent space ((z - shift) * scale), the alpha mask is not."""
+    bucket = (int(index.buckets[row][0]), int(index.buckets[row][1]))
+    size = (int(index.sizes[row][0]), int(index.sizes[row][1]))
+    got = read_npz(files, bucket, size, int(vae_cfg.z_channels))
+    if isinstance(got, str):
+        out["rejected"][next(iter(files.values()))] = got
+        return False
+    arrays, original, crop, crop_flip = got
+    if index.subsets[int(index.subset[row])].flip_aug and "flip.latent" not in arrays:
+        out["no_flip"] += 1
+    scale, shift = float(vae_cfg.scaling_factor), float(vae_cfg.shift_factor)
+    tensors = {k: ((torch.from_numpy(np.ascontiguousarray(a)).float() - shift) * scale).to(dtype)
+               for k, a in arrays.items() if k != MASK}
+    if MASK in arrays:  # kept with the record for a masked loss (not used by training yet)
+        tensors[MASK] = torch.from_numpy(arrays[MASK])
+        out["alpha_masks"] += 1
+    path = index.paths[row]
+    src = source_fingerprint(path, content_hash) if path else ""
+    extra = {**row_extra(index, row), "imp": os.path.abspath(files.get("strategy") or files["main"])}
+    writer.put(Record(index.keys[row], src, bucket, original, crop, tensors, crop_flip, None, extra))
+    out["imported"] += 1
+    return True

@@ -82,6 +82,8 @@ def resolve_subsets(data: DataConfig) -> list[SubsetSpec]:
                 if not os.path.isdir(p):
                     raise FileNotFoundError(f"[data] subset {i}: image_dirs entry {p!r} is not a directory")
             for p in s.metadata_files:
+                if os.path.isdir(p):  # HCP-Diffusion's caption_file may be a folder of caption files
+                    continue
                 if not os.path.isfile(p):
                     raise FileNotFoundError(f"[data] subset {i}: metadata file {p!r} does not exist")
                 if not p.lower().endswith(METADATA_EXTENSIONS):

@@ -483,8 +483,11 @@ def test_import_npz_then_train_without_images(tmp_path, capsys, caplog):
                for s in st.shards}
     assert any(o.startswith("import-npz:") for o in origins) and "" in origins  # imported + encoded shards
     st.close()
-    for p in paths:
+    for p in paths:  # the images and their caches (a folder of caches alone is a dataset of its own: euge layout b)
         os.remove(p)
+    for f in os.listdir(tmp_path / "imgs"):
+        if f.endswith(".npz"):
+            os.remove(tmp_path / "imgs" / f)
     with caplog.at_level("WARNING"):
         assert train.main([*common, f"output_dir={tmp_path / 'run'}", "train.max_train_steps=2",
                            "optimizer.lr_warmup_steps=0", "optimizer.lr_scheduler=constant",

@@ -96,9 +96,9 @@ def test_duplicates_reported(tmp_path):
 
 def test_bad_config_messages(tmp_path):
     """Unknown metadata extension and missing folders give clear errors."""
-    (tmp_path / "m.yaml").write_text("x")
+    (tmp_path / "m.xml").write_text("x")
     with pytest.raises(ValueError, match="unknown extension"):
-        build_index(data_cfg(metadata_files=[str(tmp_path / "m.yaml")]))
+        build_index(data_cfg(metadata_files=[str(tmp_path / "m.xml")]))
     with pytest.raises(FileNotFoundError, match="not a directory"):
         build_index(data_cfg(image_dirs=[str(tmp_path / "nope")]))
 

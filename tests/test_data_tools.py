@@ -303,3 +303,152 @@ def test_npz_alpha_mask_is_imported_with_the_record(tmp_path):
     assert torch.equal(rec["a"].tensors["alpha_mask"], want) and rec["a"].tensors["alpha_mask"].dtype == torch.float32
     assert torch.allclose(rec["a"].tensors["latent"], (torch.from_numpy(lat) - vae.shift_factor) * vae.scaling_factor)
     assert "alpha_mask" not in rec["b"].tensors
+
+
+# ---- 7. HCP-Diffusion captions -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("form", ["json", "yaml", "txt_folder", "json_in_folder"])
+def test_hcp_captions_every_image_trains(tmp_path, form):
+    """HCP-Diffusion (hcpdiff/data/caption_loader.py auto_caption_loader, source/text2img.py Text2ImageSource): the
+    images are img_root's; captions come from a JSON or YAML {name: caption} file, or a caption folder (its first
+    .json, else .yaml, else one .txt per image named by the file name up to its first dot), possibly outside
+    img_root. An image the captions do not name trains on '' (the template's {caption} filled with ''). YAML and
+    caption folders were refused, and images missing from the captions dropped."""
+    import yaml
+
+    d = tmp_path / "img_root"
+    for n in ("1.png", "2.jpg", "3.png", "4.webp"):
+        img(d / n)
+    caps = {"1": "caption one", "2.jpg": "caption two", "3": "caption three", "gone": "no such image"}
+    cap_dir = tmp_path / "captions"  # outside img_root, as HCP allows
+    cap_dir.mkdir()
+    if form == "json":
+        src = tmp_path / "image_captions.json"
+        src.write_text(json.dumps(caps))
+    elif form == "yaml":
+        src = tmp_path / "image_captions.yaml"
+        src.write_text(yaml.safe_dump(caps))
+    elif form == "json_in_folder":
+        src = cap_dir
+        (cap_dir / "captions.json").write_text(json.dumps(caps))
+    else:
+        src = cap_dir
+        for k, v in caps.items():
+            (cap_dir / (k.split(".")[0] + ".txt")).write_text(v + "\n")
+    ix = build_index(data_cfg(metadata_files=[str(src)], image_dirs=[str(d)], allow_empty_captions=True))
+    got = {ix.keys[i]: ix.captions[i] for i in range(len(ix))}
+    assert got == {"1": "caption one", "2": "caption two", "3": "caption three", "4": ""}
+    assert ix.paths[rows(ix)["4"]] == str(d / "4.webp")
+
+
+# ---- 8. euge-trainer layouts b and d: .npz latents in place of images ---------------------------------------------
+
+def euge_save_latents(path, latents, original_size, crop_ltrb=(0, 0, 0, 0), flipped=None):
+    """euge-trainer sdxl_dataset_utils.save_latents_to_disk: latents, original_size (w, h), crop_ltrb
+    (+ latents_flipped), np.savez, <image stem>.npz."""
+    kw = dict(latents=latents, original_size=np.array(original_size), crop_ltrb=np.array(crop_ltrb))
+    if flipped is not None:
+        kw["latents_flipped"] = flipped
+    np.savez(path, **kw)
+
+
+def euge_latent_dir(root, n=3, caption_files=True):
+    """euge-trainer README layout b: latent_dir/imageN.npz (+ imageN.txt), no images. Latents of 2 sizes."""
+    rng = np.random.default_rng(1)
+    lat = {}
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        h, w = (6, 8) if i % 2 else (8, 8)
+        lat[f"image{i}"] = rng.standard_normal((4, h, w)).astype(np.float32)
+        euge_save_latents(root / f"image{i}.npz", lat[f"image{i}"], (w * 8 * 4, h * 8 * 4),
+                          flipped=-lat[f"image{i}"])
+        if caption_files:
+            (root / f"image{i}.txt").write_text(f"caption {i}")
+    return lat
+
+
+@pytest.mark.parametrize("layout", ["b_txt", "d_metadata"])
+def test_euge_npz_layouts_index_as_latents(tmp_path, layout):
+    """euge-trainer's README layouts b (latents + same-name .txt) and d (latents + a metadata.json whose image_path
+    no longer exists): Dataset.search_data takes `<stem>.npz` from image_dirs (stem2files, recursive), and
+    load_data sizes the entry from the latents (`image_size = latents_size * 8`, `bucket_reso = image_size`). They
+    stopped with "no usable images". Rows point at the .npz, captions come from the .txt / the metadata, the bucket
+    is the latents' size, and the records import from them."""
+    import torch
+
+    from data.npz_import import import_latent_rows
+    from models.vae import PRESETS
+
+    d = tmp_path / "latent_dir"
+    lat = euge_latent_dir(d, caption_files=layout == "b_txt")
+    if layout == "b_txt":
+        cfg = data_cfg(image_dirs=[str(d)])
+    else:
+        meta = {k: {"image_path": f"/gone/{k}.jpg", "caption": f"meta {k}"} for k in lat}
+        (tmp_path / "metadata.json").write_text(json.dumps(meta))
+        cfg = data_cfg(metadata_files=[str(tmp_path / "metadata.json")], image_dirs=[str(d)])
+    ix = build_index(cfg)
+    r = rows(ix)
+    assert set(r) == set(lat)
+    for k, a in lat.items():
+        i = r[k]
+        assert ix.paths[i] == str(d / f"{k}.npz")
+        assert ix.captions[i] == (f"caption {k[-1]}" if layout == "b_txt" else f"meta {k}")
+        assert ix.sizes[i].tolist() == [a.shape[2] * 8, a.shape[1] * 8] == ix.buckets[i].tolist()
+    got = []
+
+    class Writer:
+        put = got.append
+
+    vae = PRESETS["tiny"]
+    res = import_latent_rows(ix, list(range(len(ix))), Writer(), vae, torch.float32)
+    assert res["imported"] == 3 and not res["rejected"]
+    for rec in got:
+        want = (torch.from_numpy(lat[rec.key]) - vae.shift_factor) * vae.scaling_factor
+        assert torch.allclose(rec.tensors["latent"], want) and torch.allclose(rec.tensors["flip.latent"], -want)
+        assert rec.original_size == (lat[rec.key].shape[1] * 32, lat[rec.key].shape[2] * 32)  # (h, w) from the npz
+
+
+def test_npz_beside_images_stays_a_cache_and_training_without_a_store_says_what_to_do(tmp_path, caplog):
+    """A kohya cache beside its image is not an entry of its own (the image is: --import-npz brings the cache);
+    a latents-only entry without a latent store is left out with the line that says how to train it."""
+    from data.loader import usable_rows
+
+    d = tmp_path / "mixed"
+    img(d / "photo.png", (64, 64))
+    np.savez(d / "photo.npz", latents=np.zeros((4, 8, 8), np.float32))
+    euge_latent_dir(d, n=1)
+    ix = build_index(data_cfg(image_dirs=[str(d)]))
+    assert sorted(ix.keys.tolist()) == ["image0", "photo"] and ix.paths[rows(ix)["photo"]] == str(d / "photo.png")
+    with caplog.at_level("WARNING"):
+        kept = usable_rows(ix, None)
+    assert [ix.keys[int(i)] for i in kept] == ["photo"]
+    assert any("1 of 2 training entries are .npz latent caches" in m and "run cache.py" in m for m in caplog.messages)
+
+
+def test_euge_latent_folder_trains_through_cache_and_train(tmp_path, capsys):
+    """Layout b as a user runs it: `cache.py cfg --import-npz <latent_dir>` brings the latents into the store (the
+    index rows are the caches; the import is their record), then `train.py cfg` trains from it. No image exists."""
+    import cache
+    import train
+    from data.store import LatentStore
+
+    d = tmp_path / "latent_dir"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):  # the demo VAE: 4 channels; 64x64 and 96x64 buckets (multiples of bucket_reso_step 32)
+        h, w = (8, 12) if i % 2 else (8, 8)
+        euge_save_latents(d / f"image{i}.npz", rng.standard_normal((4, h, w)).astype(np.float32), (w * 8, h * 8))
+        (d / f"image{i}.txt").write_text(f"a red shape {i}")
+    common = ["configs/demo.toml", f"data.image_dirs=['{d}']", f"cache.cache_dir={tmp_path / 'store'}",
+              "data.resolution=64", "data.min_bucket_reso=32", "data.max_bucket_reso=128", "data.batch_size=2"]
+    assert cache.main([*common, "--import-npz", str(d)]) == 0
+    out = capsys.readouterr().out
+    assert "import-npz: 4 imported" in out and "already valid 4" in out
+    st = LatentStore(str(tmp_path / "store"))
+    assert sorted(st.keys()) == [f"image{i}" for i in range(4)] and st.get("image1")["latent"].shape == (4, 8, 12)
+    st.close()
+    assert train.main([*common, f"output_dir={tmp_path / 'run'}", "train.max_train_steps=2",
+                       "optimizer.lr_warmup_steps=0", "optimizer.lr_scheduler=constant", "sample.sample_every_n_steps=0",
+                       "save.save_every_n_steps=0", "save.save_state=false"]) == 0
+    assert os.listdir(tmp_path / "run" / "models")

@@ -15,6 +15,7 @@ import os
 from typing import Iterator
 
 from ..images import IMAGE_EXTENSIONS
+from ..latent_files import LATENT_EXT, classify_npz, is_latent_file
 from ..listing import list_images, map_chunked, walk_images
 from ..locators import stat_sig
 from .base import CHUNK, Reader, Rows, Source, register
@@ -113,10 +114,11 @@ class FolderReader(Reader):
 
     def read(self, src: Source, subset_index: int, threads: int) -> Iterator[Rows]:
         s = src.spec
-        files = [p for p, _, _ in list_images(s.image_dirs, src.recursive, threads)]
+        listed = walk_images(s.image_dirs, src.recursive, threads, stat=False, exts=IMAGE_EXTENSIONS + (LATENT_EXT,))
+        files = latents_in_place([p for p, _, _ in listed])
         if not src.recursive:
             warn_subfolders(s.image_dirs, len(files), threads)
-        caps = [os.path.splitext(p)[0] + s.caption_extension for p in files]
+        caps = [_base(p) + s.caption_extension for p in files]
         texts = map_chunked(read_text, caps, threads, 256)
         warn_other_extension([p for p, t in zip(files, texts) if t is None], len(files), s.caption_extension,
                              ", ".join(s.image_dirs))
@@ -141,12 +143,37 @@ def warn_subfolders(dirs: list[str], top: int, threads: int) -> int:
     return deeper
 
 
+def latents_in_place(paths: list[str]) -> list[str]:
+    """Images, and the `.npz` latent caches that stand in place of an image (euge-trainer's layout b: "use the npz
+    cache files in place of the images"): a cache whose base name has no image beside it (a `_flip.npz` only goes
+    with its main file; of a `<base>.npz` and a `<base>_<W>x<H>_<arch>.npz` the latter, as data/npz_import reads it).
+    Sorted by path."""
+    images = [p for p in paths if not is_latent_file(p)]
+    have = {os.path.splitext(p)[0] for p in images}
+    best: dict[str, str] = {}
+    for p in paths:
+        c = classify_npz(os.path.basename(p)) if is_latent_file(p) else None
+        if c is None or c[1] == "flip":
+            continue
+        base = os.path.join(os.path.dirname(p), c[0])
+        if base not in have and (base not in best or c[1] == "strategy"):
+            best[base] = p
+    return sorted(images + list(best.values()))
+
+
+def _base(path: str) -> str:
+    """An image path without its extension; a latent cache's without its cache suffix (its caption's stem)."""
+    c = classify_npz(os.path.basename(path)) if is_latent_file(path) else None
+    return os.path.join(os.path.dirname(path), c[0]) if c is not None else os.path.splitext(path)[0]
+
+
 def _file_rows(files: list[str], texts: list[str | None], prefix: str, si: int) -> Iterator[Rows]:
-    """Rows of image files: key = prefix + stem, caption = the text ('' for none), sizes from the headers later."""
+    """Rows of image (or latent) files: key = prefix + base name, caption = the text ('' for none), sizes from the
+    headers later."""
     for a in range(0, len(files), CHUNK):
         part = files[a : a + CHUNK]
         n = len(part)
-        yield Rows(keys=[prefix + os.path.splitext(os.path.basename(p))[0] for p in part], paths=part,
+        yield Rows(keys=[prefix + os.path.basename(_base(p)) for p in part], paths=part,
                    captions=[t or "" for t in texts[a : a + CHUNK]], metadata=[{} for _ in part],
                    widths=[-1] * n, heights=[-1] * n, subset=[si] * n, origin=part)
 
@@ -154,7 +181,8 @@ def _file_rows(files: list[str], texts: list[str | None], prefix: str, si: int) 
 def _folder_fingerprint(src: Source, h) -> None:
     s = src.spec
     recursive = src.recursive and s.layout != "dreambooth"
-    for p, size, mt in list_images(s.image_dirs, recursive):
+    exts = IMAGE_EXTENSIONS + (LATENT_EXT,) if s.layout != "dreambooth" else IMAGE_EXTENSIONS
+    for p, size, mt in list_images(s.image_dirs, recursive, exts=exts):
         h.update(f"{p}:{size}:{mt}:{stat_sig(os.path.splitext(p)[0] + s.caption_extension)}".encode())
 
 

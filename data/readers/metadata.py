@@ -7,7 +7,8 @@ our own JSON / JSONL / CSV / SQLite records.
   builds it (train_util.FineTuningDataset, no wildcard): `caption`, then `caption_separator + tags` when there are
   tags (tags alone when there is no caption). `train_resolution` (w, h) is the size used for bucketing, as kohya
   uses it, so no image header is read.
-- HCP-Diffusion caption JSON: `{"<image name or stem>": "caption", ...}`; images found by stem in `image_dirs`.
+- HCP-Diffusion captions (its `caption_file`): a JSON or YAML `{"<image name>": "caption", ...}`, or a folder of
+  them / of `.txt` files; every image of `image_dirs` trains, those without a caption on '' (HCP's rule).
 - Hugging Face imagefolder `metadata.jsonl` / `metadata.csv`: `file_name` relative to the file's folder, the
   caption in `dataset_caption_column` (default: `text`, else `caption`), other columns carried as metadata.
 - Ours / euge-trainer's: `{key: {"image_path", "caption", ...}}` or a list / JSONL / CSV / SQLite of records with
@@ -19,8 +20,10 @@ from __future__ import annotations
 
 import codecs
 import csv
+import glob
 import json
 import json.scanner
+import logging
 import os
 import re
 import sqlite3
@@ -30,12 +33,15 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ..images import IMAGE_EXTENSIONS
-from ..listing import exists_by_listing, exists_many, image_names, image_table
+from ..latent_files import LATENT_EXT, classify_npz
+from ..listing import exists_by_listing, exists_many, image_names, image_table, map_chunked, walk_images
 from ..locators import stat_sig
 from ..spec import SubsetSpec
 from .base import CHUNK, Reader, Rows, Source, chunked_rows, register
 
-METADATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".sqlite", ".sqlite3", ".db")
+log = logging.getLogger(__name__)
+
+METADATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".sqlite", ".sqlite3", ".db", ".yaml", ".yml")
 PATH_FIELD = "image_path"
 HF_FILE_FIELD = "file_name"
 HF_CAPTION_FIELDS = ("text", "caption")
@@ -403,22 +409,26 @@ def _has_path(first: Any) -> bool:
 
 # ---- image lookup ----------------------------------------------------------------------------------------------
 
-def _fallback_by_name(paths: list[str], dirs: list[str], threads: int, cache: dict | None = None) -> None:
-    """Replace paths that do not exist by the image of the same file name found in dirs (recursive); `cache` keeps
-    folder listings and the name table between calls (the chunks of one source)."""
+def _fallback_by_name(paths: list[str], dirs: list[str], threads: int, cache: dict | None = None) -> list[int]:
+    """Replace paths that do not exist by the image of the same file name found in dirs (recursive); returns the
+    positions whose image is still missing. `cache` keeps folder listings and the name table between calls (the
+    chunks of one source)."""
     cache = {} if cache is None else cache
     exists = exists_by_listing(paths, threads, cache.setdefault("listings", {}))
-    if all(exists):
-        return
-    if "by_name" not in cache:
-        cache["by_name"] = image_names(dirs, threads)
-    by_name = cache["by_name"]
     miss = [j for j, ok in enumerate(exists) if not ok]
-    hits = [(j, f) for j, f in zip(miss, map(by_name.get, [os.path.basename(paths[j]) for j in miss])) if f]
-    for j, found in hits:
-        # A path the listings could not settle is asked of the OS only when it would be replaced.
-        if exists[j] is False or not os.path.exists(paths[j]):
-            paths[j] = found
+    if not miss:
+        return []
+    if dirs:
+        if "by_name" not in cache:
+            cache["by_name"] = image_names(dirs, threads)
+        by_name = cache["by_name"]
+        hits = [(j, f) for j, f in zip(miss, map(by_name.get, [os.path.basename(paths[j]) for j in miss])) if f]
+        for j, found in hits:
+            # A path the listings could not settle is asked of the OS only when it would be replaced.
+            if exists[j] is False or not os.path.exists(paths[j]):
+                paths[j] = found
+            exists[j] = True
+    return [j for j in miss if exists[j] is False or (exists[j] is None and not os.path.exists(paths[j]))]
 
 
 def _rows(keys: list[str], paths: list[str], caps: list[str], recs: list[dict[str, Any]], wh: np.ndarray,
@@ -431,9 +441,39 @@ def _record_rows(keys: list[str], paths: list[str], caps: list[str], recs: list[
     """Rows of records that name their images: sizes from the records, missing paths looked up by file name in
     the subset's image_dirs (`cache`: folder listings kept between the chunks of one source)."""
     wh = sizes_from_records(recs)
-    if src.spec.image_dirs:
-        _fallback_by_name(paths, src.spec.image_dirs, threads, {} if cache is None else cache)
+    cache = {} if cache is None else cache
+    missing = _fallback_by_name(paths, src.spec.image_dirs, threads, cache)
+    for i in _latents_in_place(keys, paths, missing, src.spec.image_dirs, threads, cache):
+        wh[i] = -1  # the size is the latents' (x 8), read with the other sizes
     return _rows(keys, paths, caps, recs, wh, si, src.path)
+
+
+def _latents_in_place(keys: list[str], paths: list[str], miss: list[int], dirs: list[str], threads: int,
+                      cache: dict) -> list[int]:
+    """euge-trainer's layout d (a metadata file with `.npz` latents and no images; sdxl_dataset_utils.Dataset
+    search_data): a record whose image is missing uses `<image path without extension>.npz`, else the cache named
+    by its key (or its image's name) under image_dirs (recursive). `miss`: the positions whose image is missing.
+    Replaces those paths in place; returns their positions."""
+    if not miss:
+        return []
+    beside = [os.path.splitext(paths[i])[0] + LATENT_EXT if paths[i] else "" for i in miss]
+    found = exists_many(beside, threads, cache["listings"])
+    if "npz_by_name" not in cache:  # base name -> cache file under image_dirs (largest path first: smallest wins)
+        files = [p for p, _, _ in walk_images(dirs, True, threads, stat=False, exts=(LATENT_EXT,))] if dirs else []
+        table: dict[str, str] = {}
+        for p in reversed(files):
+            c = classify_npz(os.path.basename(p))
+            if c is not None and c[1] != "flip":
+                table[c[0]] = p
+        cache["npz_by_name"] = table
+    table = cache["npz_by_name"]
+    out = []
+    for i, b, ok in zip(miss, beside, found):
+        hit = b if ok else table.get(keys[i]) or table.get(os.path.splitext(os.path.basename(paths[i]))[0])
+        if hit:
+            paths[i] = hit
+            out.append(i)
+    return out
 
 
 def _by_stem(keys: list[str], spec: SubsetSpec, recursive: bool, threads: int, what: str, path: str,
@@ -497,33 +537,137 @@ def kohya_caption(caption: Any, tags: Any, sep: str) -> str:
     return caption.split("\n")[0]
 
 
+HCP_YAML = (".yaml", ".yml")
+HCP_IMAGE_TYPES = ("bmp", "gif", "ico", "jpeg", "jpg", "png", "tiff", "webp")  # hcpdiff/utils/img_size_tool.py
+
+
+def hcp_name(filename: str) -> str:
+    """HCP's name of an image or a .txt caption: the file name up to its first dot (DataSource.get_image_name:
+    `img_name.rsplit('.')[0]`; TXTCaptionLoader: `basename(file).split('.')[0]`)."""
+    return os.path.basename(filename).split(".")[0]
+
+
+def hcp_clean_ext(name: str) -> str:
+    """A JSON / YAML caption key without its image extension (BaseCaptionLoader.clean_ext)."""
+    stem, ext = os.path.splitext(name)
+    return stem if ext[1:].lower() in HCP_IMAGE_TYPES else name
+
+
+def hcp_caption_source(path: str) -> tuple[str, str]:
+    """(kind, path) of what HCP's auto_caption_loader reads for a caption_file: a .json / .yaml file, or in a folder
+    its first .json, else its first .yaml / .yml (sorted here: HCP takes glob's order), else its .txt files."""
+    if os.path.isdir(path):
+        for kind, exts in (("json", (".json",)), ("yaml", HCP_YAML)):
+            files = sorted(glob.glob(os.path.join(glob.escape(path), "*")))
+            hit = [f for f in files if f.lower().endswith(exts) and os.path.isfile(f)]
+            if hit:
+                return kind, hit[0]
+        if glob.glob(os.path.join(glob.escape(path), "*.txt")):
+            return "txt", path
+        raise ValueError(f"caption folder {path!r} holds no .json, .yaml or .txt captions (HCP-Diffusion caption_file)")
+    return ("yaml" if path.lower().endswith(HCP_YAML) else "json"), path
+
+
+def _hcp_captions(path: str, threads: int) -> Iterator[dict[str, str]]:
+    """HCP's caption dict of a caption_file, in chunks: {name: caption} (names as HCP matches them)."""
+    kind, f = hcp_caption_source(path)
+    if kind == "txt":
+        files = sorted(glob.glob(os.path.join(glob.escape(f), "*.txt")))
+        for a in range(0, len(files), CHUNK):
+            part = files[a : a + CHUNK]
+            yield dict(zip(map(hcp_name, part), map_chunked(_read_caption_txt, part, threads, 256)))
+        return
+    if kind == "yaml":
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"caption file {f!r}: reading YAML needs PyYAML (pip install pyyaml)") from None
+        try:
+            with open(f, encoding="utf-8") as fh:
+                obj = yaml.safe_load(fh)
+        except yaml.YAMLError as e:
+            raise ValueError(f"caption file {f!r} is not valid YAML: {e}") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"caption file {f!r}: expected a mapping {{name: caption}}, got {type(obj).__name__}")
+        chunks: Iterator[dict] = iter([obj])
+    else:
+        chunks = iter_json_object(f, values='"')  # streamed: chunks of the object's entries
+    for obj in chunks:
+        names, caps = list(obj), list(obj.values())
+        if not all(map(isinstance, caps, repeat(str))):
+            k = names[_first_bad(caps, lambda c: isinstance(c, str))]
+            raise ValueError(f"caption file {f!r}: the caption of {k!r} must be a string, got {type(obj[k]).__name__}")
+        yield dict(zip(map(hcp_clean_ext, map(str, names)), caps))
+
+
+def _read_caption_txt(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"caption file {path!r} is not UTF-8: {e}") from None
+
+
 @register
 class HcpCaptionReader(Reader):
-    """HCP-Diffusion caption JSON: {"<image name or stem>": "caption"}."""
+    """HCP-Diffusion captions (hcpdiff/data/caption_loader.py): a JSON or YAML {"<image name>": "caption"} file, or a
+    caption folder (its first .json / .yaml, else one .txt per image), for the images of the subset's image_dirs
+    (HCP's img_root; Text2ImageSource.get_image_list). Every image trains: one the captions do not name trains on ''
+    (HCP fills the prompt template's {caption} with ''); a caption naming no image is counted in one warning."""
 
     name = "hcp-captions"
 
     def claims(self, src: Source) -> bool:
-        if src.kind != "metadata" or not src.path.lower().endswith(".json"):
+        if src.kind != "metadata":
+            return False
+        low = src.path.lower()
+        if os.path.isdir(src.path) or low.endswith(HCP_YAML):
+            return True
+        if not low.endswith(".json"):
             return False
         kind, first = peek_json(src.path)
         return kind == "object" and isinstance(first, str)
 
+    def fingerprint(self, src: Source, h) -> None:
+        kind, f = hcp_caption_source(src.path)
+        files = sorted(glob.glob(os.path.join(glob.escape(f), "*.txt"))) if kind == "txt" else [f]
+        for p in files:
+            h.update(f"{self.name}:{p}:{stat_sig(p)}".encode())
+
     def read(self, src: Source, si: int, threads: int) -> Iterator[Rows]:
-        cache: dict = {}
-        for obj in iter_json_object(src.path, values='"'):  # streamed: chunks of the object's entries
-            names = list(obj)
-            caps = list(obj.values())
-            if not all(map(isinstance, caps, repeat(str))):
-                k = names[_first_bad(caps, lambda c: isinstance(c, str))]
-                raise ValueError(f"caption JSON {src.path!r}: the caption of {k!r} must be a string, got "
-                                 f"{type(obj[k]).__name__}")
-            # HCP strips an image extension from the names (BaseCaptionLoader.clean_ext).
-            keys = [os.path.splitext(n)[0] if n.lower().endswith(IMAGE_EXTENSIONS) else n for n in names]
-            paths = _by_stem(keys, src.spec, src.recursive, threads, "caption JSON", src.path, cache)
-            n = len(keys)
-            yield from _rows(keys, paths, [c.strip() for c in caps], [{} for _ in range(n)],
-                             np.full((n, 2), -1, np.int64), si, src.path)
+        if not src.spec.image_dirs:
+            raise ValueError(f"HCP captions {src.path!r}: the subset needs image_dirs (HCP's img_root: the folder "
+                             f"whose images the captions name)")
+        images = [p for p, _, _ in walk_images(src.spec.image_dirs, src.recursive, threads, stat=False)]
+        by_name: dict[str, list[str]] = {}
+        for p in images:
+            by_name.setdefault(hcp_name(p), []).append(p)
+        unmatched: list[str] = []
+        for caps in _hcp_captions(src.path, threads):
+            paths, texts = [], []
+            for name, cap in caps.items():
+                hit = by_name.pop(name, None)
+                if hit is None:
+                    unmatched.append(name)
+                for p in hit or ():
+                    paths.append(p)
+                    texts.append(cap.strip())
+            yield from _image_rows(paths, texts, si, src.path)
+        rest = sorted(p for ps in by_name.values() for p in ps)
+        yield from _image_rows(rest, [""] * len(rest), si, src.path)
+        if rest:
+            log.info("%s: %d of %d images have no caption there; they train on '' (as HCP-Diffusion)", src.path,
+                     len(rest), len(images))
+        if unmatched:
+            log.warning("%s: %d captions name no image in %s (e.g. %s); they are not used", src.path, len(unmatched),
+                        ", ".join(src.spec.image_dirs), ", ".join(map(repr, unmatched[:3])))
+
+
+def _image_rows(paths: list[str], captions: list[str], si: int, origin: str) -> Iterator[Rows]:
+    """Rows of image files: key = file stem, sizes from the headers later."""
+    n = len(paths)
+    keys = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    return chunked_rows(keys, paths, captions, [{} for _ in range(n)], [-1] * n, [-1] * n, si, origin)
 
 
 def hf_caption_column(spec: SubsetSpec, fields: list[str], where: str) -> str | None:
