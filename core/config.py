@@ -216,6 +216,9 @@ class LossConfig:
     discrete_flow_shift: float = opt(3.0, "SD3: shift applied to training sigmas", min=0, min_exclusive=True)
     flow_loss_weighting: str = opt("none", "SD3: loss weighting", choices=("none", "sigma_sqrt", "cosmap"))
     flow_precondition_outputs: bool = opt(False, "SD3: precondition outputs (loss on x0 instead of velocity)")
+    masked_loss: bool = opt(False, "weight the loss by each image's mask (kohya --masked_loss): its alpha channel, a <stem>_mask.png / <stem>-masklabel.png beside it, or data.mask_dir; cached with the latents; images without one train unmasked")
+    unmasked_weight: float = opt(0.0, "with masked_loss: the smallest weight of a position (OneTrainer; the mask is clamped to [unmasked_weight, 1]; 0 = kohya)", min=0, max=1)
+    normalize_masked_area_loss: bool = opt(False, "with masked_loss: divide each image's loss by the mean of its (clamped) mask, so small subjects are not trained more weakly (OneTrainer)")
 
 
 @dataclass

@@ -22,6 +22,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from diffusion.masks import masked_elementwise
+
 # SDXL noise schedule (CONVENTIONS.md; sgm `sd_xl_base.yaml`): DDPM, 1000 steps, "scaled linear" betas.
 BETA_START = 0.00085
 BETA_END = 0.012
@@ -55,11 +57,17 @@ class NoisedBatch:
 
 
 class Objective(Protocol):
-    """What train.py uses: noise a clean batch, then score a prediction per sample."""
+    """What train.py uses: noise a clean batch, then score a prediction per sample. Validation
+    (training/validation.py) noises at given timesteps: the sampler's quantiles `timesteps_at(u)`, then `noise_at`."""
 
     def noise(self, x0: Tensor, generator: torch.Generator | None = None) -> NoisedBatch: ...
 
-    def loss(self, pred: Tensor, batch: NoisedBatch, weight: Tensor | None = None) -> Tensor: ...
+    def noise_at(self, x0: Tensor, noise: Tensor, timesteps: Tensor) -> NoisedBatch: ...
+
+    def timesteps_at(self, u: Tensor) -> Tensor: ...
+
+    def loss(self, pred: Tensor, batch: NoisedBatch, weight: Tensor | None = None,
+             mask: Tensor | None = None) -> Tensor: ...
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -255,11 +263,15 @@ class _ObjectiveBase:
             strength = _rand((1,), noise, generator).to(noise.dtype) * c.ip_noise_gamma
         return noise + strength * _randn(tuple(noise.shape), noise, generator)
 
-    def _per_sample(self, pred: Tensor, target: Tensor, huber_c: Tensor | None, weight: Tensor | None) -> Tensor:
-        """Elementwise loss, mean over all but the batch axis, times the per-sample weight. -> [B]"""
+    def _per_sample(self, pred: Tensor, target: Tensor, huber_c: Tensor | None, weight: Tensor | None,
+                    mask: Tensor | None = None) -> Tensor:
+        """Elementwise loss (times the loss mask, [B, 1, h, w] at latent resolution, with loss.masked_loss), mean
+        over all but the batch axis, times the per-sample weight. -> [B]"""
         if pred.shape != target.shape:
             raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
         loss = elementwise_loss(pred.float(), target.float(), self.cfg.loss_type, huber_c)
+        if mask is not None and getattr(self.cfg, "masked_loss", False):
+            loss = masked_elementwise(loss, mask, self.cfg.unmasked_weight, self.cfg.normalize_masked_area_loss)
         loss = loss.mean(dim=tuple(range(1, loss.ndim)))  # [B]
         if weight is not None:
             if weight.shape != loss.shape:
@@ -327,25 +339,39 @@ class DDPMObjective(_ObjectiveBase):
             t = (lo + torch.sigmoid(z) * (hi - lo)).long().clamp(lo, hi - 1)
         return t.to(like.device)
 
+    def timesteps_at(self, u: Tensor) -> Tensor:
+        """The timesteps at quantiles u in (0, 1) of the training sampler (validation's fixed, stratified set)."""
+        c = self.cfg
+        lo, hi = c.min_timestep, c.max_timestep
+        if c.timestep_sampler_type == "logit_normal":
+            u = torch.sigmoid(math.sqrt(2.0) * torch.erfinv(2.0 * u.double() - 1.0) * c.logit_std + c.logit_mean)
+        return (lo + u.double() * (hi - lo)).long().clamp(lo, hi - 1)
+
     def noise(self, x0: Tensor, generator: torch.Generator | None = None) -> NoisedBatch:
         """Sample timesteps and noise and build x_t and the target."""
         b = x0.shape[0]
         noise = self._base_noise(x0, generator)  # (B, C, H, W)
         t = self.sample_timesteps(b, x0, generator)  # (B,)
+        return self.noise_at(x0, noise, t, self._input_perturbation(noise, generator))
+
+    def noise_at(self, x0: Tensor, noise: Tensor, timesteps: Tensor, noise_in: Tensor | None = None) -> NoisedBatch:
+        """x_t and the target at integer `timesteps` [B] for this noise (`noise_in`: the perturbed noise x_t uses)."""
+        t = timesteps.to(x0.device)
         a = _broadcast(self.alphas_cumprod.to(x0.device)[t], x0)  # (B, 1, 1, 1)
         sqrt_a, sqrt_1ma = a.sqrt(), (1.0 - a).sqrt()
-        x_t = sqrt_a * x0 + sqrt_1ma * self._input_perturbation(noise, generator)
+        x_t = sqrt_a * x0 + sqrt_1ma * (noise if noise_in is None else noise_in)
         target = sqrt_a * noise - sqrt_1ma * x0 if self.v_parameterization else noise
         return NoisedBatch(x_t=x_t, t=t.float(), target=target, timesteps=t)
 
-    def loss(self, pred: Tensor, batch: NoisedBatch, weight: Tensor | None = None) -> Tensor:
+    def loss(self, pred: Tensor, batch: NoisedBatch, weight: Tensor | None = None,
+             mask: Tensor | None = None) -> Tensor:
         """Per-sample loss [B] with kohya's order: mean, weight, min-SNR, v-scale, v-like, debiased."""
         c = self.cfg
         t = batch.timesteps.long().cpu()
         huber_c = None
         if c.loss_type != "l2":
             huber_c = scheduled_huber_c(c.huber_schedule, c.huber_c, t, self._noise_to_signal[t]).to(pred.device)
-        loss = self._per_sample(pred, batch.target, huber_c, weight)
+        loss = self._per_sample(pred, batch.target, huber_c, weight, mask)
         snr = self.snr[t].to(loss.device)  # (B,)
         if c.min_snr_gamma > 0:
             # Hang et al. 2023: eps weight min(SNR, g) / SNR, v weight min(SNR, g) / (SNR + 1).
@@ -426,24 +452,49 @@ class FlowObjective(_ObjectiveBase):
                 u = 1.0 - u - c.mode_scale * (torch.cos(math.pi * u / 2.0) ** 2 - 1.0 + u)
             elif kind == "cosmap":  # SD3 paper: t = 1 - 1 / (tan(pi u / 2) + 1), density 2 / (pi (1 - 2t + 2t^2))
                 u = 1.0 - 1.0 / (torch.tan(math.pi * u / 2.0) + 1.0)
+        return self._shift_into_range(u).to(like.device)
+
+    def _shift_into_range(self, u: Tensor) -> Tensor:
+        """Sampler output u in (0, 1] -> sigma: clamp, shift, map linearly into [min_timestep, max_timestep] / 1000."""
+        c = self.cfg
         u = u.double().clamp(FLOW_SIGMA_MIN, 1.0)
         s = shift_sigmas(u, c.discrete_flow_shift)
         lo, hi = c.min_timestep / FLOW_TIMESTEP_SCALE, c.max_timestep / FLOW_TIMESTEP_SCALE
         if (lo, hi) != (0.0, 1.0):
             s = lo + s * (hi - lo)
-        return s.float().to(like.device)
+        return s.float()
+
+    def timesteps_at(self, u: Tensor) -> Tensor:
+        """The sigmas at quantiles u in (0, 1) of the training sampler (validation's fixed, stratified set): the
+        sampler's map applied to u in place of its random draw (logit_normal: the normal quantile of u)."""
+        c = self.cfg
+        u = u.double()
+        kind = c.timestep_sampler_type
+        if kind == "logit_normal":
+            u = torch.sigmoid(math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0) * c.logit_std + c.logit_mean)
+        elif kind == "mode":
+            u = 1.0 - u - c.mode_scale * (torch.cos(math.pi * u / 2.0) ** 2 - 1.0 + u)
+        elif kind == "cosmap":
+            u = 1.0 - 1.0 / (torch.tan(math.pi * u / 2.0) + 1.0)
+        return self._shift_into_range(u)
 
     def noise(self, x0: Tensor, generator: torch.Generator | None = None) -> NoisedBatch:
         """Sample sigmas and noise and build x_t and the target."""
         noise = self._base_noise(x0, generator)  # (B, C, H, W)
         sigmas = self.sample_sigmas(x0.shape[0], x0, generator)  # (B,)
+        return self.noise_at(x0, noise, sigmas, self._input_perturbation(noise, generator))
+
+    def noise_at(self, x0: Tensor, noise: Tensor, timesteps: Tensor, noise_in: Tensor | None = None) -> NoisedBatch:
+        """x_t and the target at `timesteps` = sigmas [B] for this noise (`noise_in`: the perturbed noise x_t uses)."""
+        sigmas = timesteps.to(x0.device)
         s = _broadcast(sigmas, x0)  # (B, 1, 1, 1)
-        x_t = (1.0 - s) * x0 + s * self._input_perturbation(noise, generator)
+        x_t = (1.0 - s) * x0 + s * (noise if noise_in is None else noise_in)
         # precondition_outputs: the loss compares the implied x0 (x_t - s * pred) with x0 instead of velocities
         target = x0 if self.cfg.flow_precondition_outputs else noise - x0
         return NoisedBatch(x_t=x_t, t=sigmas * FLOW_TIMESTEP_SCALE, target=target, timesteps=sigmas)
 
-    def loss(self, pred: Tensor, batch: NoisedBatch, weight: Tensor | None = None) -> Tensor:
+    def loss(self, pred: Tensor, batch: NoisedBatch, weight: Tensor | None = None,
+             mask: Tensor | None = None) -> Tensor:
         """Per-sample loss [B]: (optionally preconditioned) regression, then the flow weighting."""
         c = self.cfg
         sigmas = batch.timesteps.float().to(pred.device)
@@ -454,7 +505,7 @@ class FlowObjective(_ObjectiveBase):
             # kohya's DDPM noise-to-signal ratio sqrt((1 - a) / a) is sigma / (1 - sigma) on the flow path
             nts = sigmas / (1.0 - sigmas).clamp(min=torch.finfo(torch.float32).tiny)
             huber_c = scheduled_huber_c(c.huber_schedule, c.huber_c, sigmas * FLOW_TIMESTEP_SCALE, nts)
-        loss = self._per_sample(pred, batch.target, huber_c, weight)
+        loss = self._per_sample(pred, batch.target, huber_c, weight, mask)
         return loss * flow_loss_weighting(c.flow_loss_weighting, sigmas).to(loss)
 
 

@@ -1,0 +1,102 @@
+"""Masked loss (diffusion/masks.py through the objectives' loss): an all-ones mask is the unmasked loss exactly; a
+half mask changes only the masked half's gradient, as computed by hand; the latent-resolution mask is kohya's area
+downsampling and commutes with the flip.
+
+References: kohya-ss sd-scripts `library/custom_train_functions.py` apply_masked_loss (loss * area-resized mask);
+OneTrainer `modules/util/loss/masked_loss.py` masked_losses (clamp(mask, unmasked_weight, 1), optional division by
+the clamped mask's mean)."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from core.config import LossConfig
+from diffusion.masks import from_stored, latent_mask, masked_elementwise, to_stored
+from diffusion.objectives import DDPMObjective, FlowObjective
+
+B, C, H, W = 3, 4, 6, 8
+
+CASES = {  # every objective, and the per-sample weightings stacked on top of the mask
+    "eps": lambda c: DDPMObjective(c),
+    "eps_min_snr_huber": lambda c: DDPMObjective(dataclasses.replace(c, min_snr_gamma=5.0, loss_type="huber")),
+    "v_debiased": lambda c: DDPMObjective(dataclasses.replace(c, debiased_estimation_loss=True), v_parameterization=True),
+    "flow": lambda c: FlowObjective(c),
+    "flow_sigma_sqrt": lambda c: FlowObjective(dataclasses.replace(c, flow_loss_weighting="sigma_sqrt")),
+    "flow_precondition": lambda c: FlowObjective(dataclasses.replace(c, flow_precondition_outputs=True,
+                                                                     timestep_sampler_type="logit_normal")),
+}
+
+
+def _batch(obj, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(B, C, H, W, generator=g)
+    nb = obj.noise(x0, g)
+    pred = torch.randn(B, C, H, W, generator=g)
+    weight = torch.rand(B, generator=g) + 0.5
+    return nb, pred, weight
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("normalize", [False, True])
+def test_opaque_mask_is_the_unmasked_loss_exactly(case, normalize):
+    plain = CASES[case](LossConfig())
+    masked = CASES[case](LossConfig(masked_loss=True, unmasked_weight=0.3, normalize_masked_area_loss=normalize))
+    for seed in range(3):
+        nb, pred, weight = _batch(plain, seed)
+        ones = torch.ones(B, 1, H, W)
+        assert torch.equal(masked.loss(pred, nb, weight, mask=ones), plain.loss(pred, nb, weight))
+        # the mask is not read without loss.masked_loss
+        assert torch.equal(plain.loss(pred, nb, weight, mask=torch.zeros(B, 1, H, W)), plain.loss(pred, nb, weight))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("unmasked_weight,normalize", [(0.0, False), (0.25, False), (0.25, True)])
+def test_half_mask_changes_only_the_masked_half(case, unmasked_weight, normalize):
+    """d(loss.mean()) / d(pred): the left half (mask 1) as without a mask, the right half (mask 0) times
+    unmasked_weight; with normalisation both divided by the clamped mask's mean (1 + unmasked_weight) / 2."""
+    plain = CASES[case](LossConfig())
+    masked = CASES[case](LossConfig(masked_loss=True, unmasked_weight=unmasked_weight,
+                                    normalize_masked_area_loss=normalize))
+    mask = torch.zeros(B, 1, H, W)
+    mask[..., : W // 2] = 1.0
+    for seed in range(3):
+        nb, pred, weight = _batch(plain, seed)
+        p0 = pred.clone().requires_grad_(True)
+        plain.loss(p0, nb, weight).mean().backward()
+        p1 = pred.clone().requires_grad_(True)
+        masked.loss(p1, nb, weight, mask=mask).mean().backward()
+        scale = 1.0 / ((1.0 + unmasked_weight) / 2.0) if normalize else 1.0
+        left, right = (slice(None), slice(None), slice(None), slice(None, W // 2)), \
+            (slice(None), slice(None), slice(None), slice(W // 2, None))
+        torch.testing.assert_close(p1.grad[left], p0.grad[left] * scale, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(p1.grad[right], p0.grad[right] * unmasked_weight * scale, rtol=1e-5, atol=1e-8)
+        assert p0.grad[right].abs().sum() > 0  # the unmasked gradient there is not zero: the test can fail
+
+
+def test_masked_elementwise_by_hand():
+    loss = torch.arange(2 * 1 * 2 * 2, dtype=torch.float32).view(2, 1, 2, 2) + 1.0
+    mask = torch.tensor([[[1.0, 0.0], [0.5, 0.0]], [[1.0, 1.0], [1.0, 1.0]]])  # [B, h, w]
+    out = masked_elementwise(loss, mask, unmasked_weight=0.1, normalize=True)
+    m0 = torch.tensor([[1.0, 0.1], [0.5, 0.1]])
+    torch.testing.assert_close(out[0, 0], loss[0, 0] * m0 / m0.mean())
+    assert torch.equal(out[1], loss[1])
+    with pytest.raises(ValueError, match="does not match"):
+        masked_elementwise(loss, torch.ones(2, 3, 3))
+
+
+def test_latent_mask_is_area_downsampling_and_commutes_with_flip():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(32, 48), dtype=np.uint8)
+    lat = latent_mask(pixels)
+    ref = torch.nn.functional.interpolate(torch.from_numpy(pixels).float()[None, None] / 255.0, size=(4, 6),
+                                          mode="area")[0, 0]  # kohya apply_masked_loss
+    torch.testing.assert_close(torch.from_numpy(lat), ref)
+    flipped = latent_mask(pixels[:, ::-1].copy())
+    torch.testing.assert_close(from_stored(to_stored(lat), flip=True), from_stored(to_stored(flipped)), rtol=0,
+                               atol=0)
+    assert torch.equal(from_stored(to_stored(np.ones((4, 6)))), torch.ones(4, 6))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        latent_mask(np.zeros((12, 16), np.uint8))
