@@ -1,7 +1,9 @@
-"""Store benchmark: random-access reads of the shard store vs one .npz per latent (kohya), dataset index build /
-reuse time for a million metadata entries, and memory of the store's key table for a million keys.
+"""Store benchmark: random-access reads of the shard store vs one .npz per latent (kohya), the cost of checking
+every record read against its CRC32 (warm and cold page cache), dataset index build / reuse time for a million
+metadata entries, and memory of the store's key table for a million keys.
 
-    python bench/store_bench.py [--n 2000] [--entries 1000000] [--dir /tmp/store_bench] [--only reads|index|lookup]
+    python bench/store_bench.py [--n 2000] [--entries 1000000] [--dir /tmp/store_bench]
+                                [--only reads|verify|index|lookup] [--repeat 3]
 
 Latents are synthetic 4x128x128 (a 1024 px SDXL image) fp16, identical for both layouts; each layout is read
 once before it is timed, so both are timed with a warm page cache (what a training epoch after the first sees). Also prints the zstd ratio of the shards.
@@ -75,6 +77,65 @@ def bench_reads(root: str, n: int) -> None:
         npz_dir, f"img{i:07d}_1024x1024_sdxl.npz"))["latents"]) for i in o])
     zsize = sum(os.path.getsize(os.path.join(root, "store_1", "shards", f)) for f in os.listdir(os.path.join(root, "store_1", "shards")))
     print(f"zstd ratio on random-normal fp16 latents: {raw / zsize:.3f}x")
+
+
+def _evict(paths: list[str]) -> None:
+    """Drop the files' pages from the page cache (POSIX_FADV_DONTNEED: no root needed; clean, unmapped pages)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def bench_verify(root: str, n: int, repeat: int) -> None:
+    """Records/s of LatentStore.get with and without the per-tensor CRC32 check, mmap and pread, warm and cold
+    page cache. Each read is consumed as the loader does (`.float()`), so an mmap read touches its pages either way.
+    Random order over the whole store; `repeat` passes per case, median and spread printed."""
+    import statistics
+    import zlib
+
+    g = torch.Generator().manual_seed(0)
+    d = os.path.join(root, "store_verify")
+    w = ShardWriter(d, "bench", 0, 256)
+    for i in range(n):
+        w.add(Record(f"img{i:07d}", "s", (1024, 1024), (1024, 1024), (0, 0),
+                     {"latent": torch.randn(4, 128, 128, generator=g).to(torch.float16)}))
+    w.close()
+    LatentStore(d).write_index()
+    shards = [os.path.join(d, "shards", f) for f in sorted(os.listdir(os.path.join(d, "shards")))]
+    order = list(range(n))
+    random.Random(0).shuffle(order)
+    buf = os.urandom(128 << 20)
+    t0 = time.perf_counter()
+    zlib.crc32(buf)
+    print(f"zlib.crc32: {len(buf) / (time.perf_counter() - t0) / 2**30:.2f} GiB/s on this CPU; records "
+          f"4x128x128 fp16 (128 KiB), {n} of them in {len(shards)} shard(s), random order")
+    for cold in (False, True):
+        for use_mmap in (True, False):
+            rates = {}
+            for verify in (False, True):
+                runs = []
+                for _ in range(repeat):
+                    st = LatentStore(d, use_mmap=use_mmap, verify_reads=verify)
+                    if cold:
+                        _evict(shards)
+                    else:
+                        [st.get(f"img{i:07d}")["latent"].float() for i in order]  # warm: pages cached
+                    t0 = time.perf_counter()
+                    for i in order:
+                        st.get(f"img{i:07d}")["latent"].float()
+                    runs.append(n / (time.perf_counter() - t0))
+                    st.close()
+                    del st
+                rates[verify] = runs
+            off, on = statistics.median(rates[False]), statistics.median(rates[True])
+            print(f"{'cold' if cold else 'warm'} {'mmap ' if use_mmap else 'pread'}: "
+                  f"unchecked {off:8.0f} rec/s [{min(rates[False]):.0f}-{max(rates[False]):.0f}]  "
+                  f"checked {on:8.0f} rec/s [{min(rates[True]):.0f}-{max(rates[True]):.0f}]  "
+                  f"cost {100 * (off - on) / off:+.1f}%")
 
 
 def _write_meta(path: str, entries: int, image_path) -> None:
@@ -167,13 +228,16 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--entries", type=int, default=1_000_000)
     ap.add_argument("--dir", default="/tmp/store_bench")
-    ap.add_argument("--only", choices=["reads", "index", "lookup"], default=None, help="run one part only")
+    ap.add_argument("--only", choices=["reads", "verify", "index", "lookup"], default=None, help="run one part only")
+    ap.add_argument("--repeat", type=int, default=3, help="passes per case in the verify part")
     a = ap.parse_args()
     shutil.rmtree(a.dir, ignore_errors=True)
     os.makedirs(a.dir)
     try:
         if a.only in (None, "reads"):
             bench_reads(a.dir, a.n)
+        if a.only in (None, "verify"):
+            bench_verify(a.dir, a.n, a.repeat)
         if a.only in (None, "index"):
             bench_index(a.dir, a.entries)
         if a.only in (None, "lookup"):

@@ -175,19 +175,27 @@ def remove_quietly(path: str) -> None:
         pass
 
 
+def final_path(path: str) -> str:
+    """The path a temporary stands for: every `<name>.tmp-sdtrain-<host>-<pid>[.ext]` component back to `<name>`
+    (a file inside a state folder being written names that file in the final folder)."""
+    parts = str(path).split(os.sep)
+    return os.sep.join(_TMP_RE.sub("", p) if _TMP_RE.search(p) else p for p in parts)
+
+
 def with_path(e: OSError, path: str) -> OSError:
-    """`e` naming `path` when it names no file yet (write() errors do not)."""
-    if e.filename is None:
+    """`e` naming `path` when it names no file yet (write() errors do not) or names `path`'s temporary."""
+    if e.filename is None or (isinstance(e.filename, str) and final_path(e.filename) != e.filename):
         e.filename = path
     return e
 
 
 def describe_os_error(e: OSError) -> str | None:
-    """One line for an environment error ("no space left on device: <path>"); None for other errors."""
+    """One line for an environment error ("no space left on device: <path>", the final path of a temporary);
+    None for other errors."""
     what = DISK_ERRNOS.get(e.errno) if isinstance(e, OSError) else None
     if what is None:
         return None
-    return f"{what}: {e.filename}" if e.filename else what
+    return f"{what}: {final_path(e.filename)}" if e.filename else what
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -132,7 +132,10 @@ class DatasetIndex:
     @classmethod
     def load(cls, path: str, mmap: bool = True) -> "DatasetIndex":
         """Read an index written by `save`; `mmap`: columns memory-mapped read-only (see load_npz), else read."""
-        z = load_npz(path) if mmap else dict(np.load(path))
+        try:
+            z = load_npz(path) if mmap else dict(np.load(path))
+        except (zipfile.BadZipFile, EOFError, struct.error) as e:  # truncated / overwritten: callers rebuild it
+            raise ValueError(f"{path} is damaged ({e})") from None
         info = json.loads(z["info"].tobytes().decode())
         if info.get("version") != INDEX_VERSION:
             raise ValueError(f"{path}: index version {info.get('version')} != {INDEX_VERSION}; delete it to rebuild")

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-from core.fsio import commit_file, save_safetensors, temp_path
+from core.fsio import commit_file, save_safetensors, temp_path, with_path
 
 # How many names of each kind an error message lists before it only counts.
 MAX_LISTED = 20
@@ -419,12 +419,15 @@ class StreamedSafetensorsWriter:
         directory = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(directory, exist_ok=True)
         self._tmp = temp_path(self.path)  # recognisable: a stale one is cleaned at the next start
-        self._f = open(self._tmp, "wb")
+        try:
+            self._f = open(self._tmp, "wb")
+        except OSError as e:  # a read-only or forbidden folder: name the file the user asked for
+            raise with_path(e, self.path) from None
         try:
             self._f.write(header)
-        except BaseException:
+        except BaseException as e:
             self.abort()
-            raise
+            raise with_path(e, self.path) if isinstance(e, OSError) else e
 
     def write(self, name: str, tensor: Tensor) -> None:
         """Append `name`'s data; must be the next name of the header, with its dtype and shape."""
@@ -440,7 +443,10 @@ class StreamedSafetensorsWriter:
         t = tensor.detach().to("cpu").contiguous().reshape(-1)
         if t.numel():
             data = t.view(torch.uint8).numpy().data  # no extra copy of the bytes (little-endian hosts)
-            self._f.write(data)
+            try:
+                self._f.write(data)
+            except OSError as e:  # a full disk: write() errors name no file
+                raise with_path(e, self.path) from None
             if self._hash is not None:
                 self._hash.update(data)
         self._next += 1
@@ -457,9 +463,9 @@ class StreamedSafetensorsWriter:
                 self._f.write(f"0x{self._hash.hexdigest()}".encode())
             self._f.close()
             commit_file(self._tmp, self.path)
-        except BaseException:
+        except BaseException as e:
             self.abort()
-            raise
+            raise with_path(e, self.path) if isinstance(e, OSError) else e
 
     def abort(self) -> None:
         """Drop the partial temp file (the file at `path`, if any, stays as it was)."""

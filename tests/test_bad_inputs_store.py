@@ -1,0 +1,97 @@
+"""Bad inputs and environments of the latent store and the files around it (#28.6, store / cache parts), through the
+real entry points in process: a non-zero exit and one line naming the file or the key, no traceback, and for a
+settings error nothing created; a damaged file we can rebuild is rebuilt."""
+import os
+import subprocess
+
+import pytest
+
+from helpers import unmount
+from test_bad_inputs import _fails
+
+DEMO = "configs/demo.toml"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    from data.demo import make_demo_dataset
+    root = tmp_path_factory.mktemp("imgs")
+    make_demo_dataset(str(root), n=2, size=(64, 64))
+    return root
+
+
+def _mount(d, opts):
+    d.mkdir(exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(d)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    return d
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    d = _mount(tmp_path / "disk", "size=6m")  # the tiny preset's export (fp16) is ~14 MB: it cannot fit
+    yield d
+    unmount(d)
+
+
+def test_full_disk_during_export_names_the_file(images, small_disk, capsys):
+    """Was: "train.py: no space left on device" (a write() error names no file)."""
+    out = small_disk / "run"
+    msg, _ = _fails("train", [DEMO, f"data.image_dirs=['{images}']", "cache.cache_dir=", f"output_dir={out}",
+                              "train.max_train_steps=1", "optimizer.lr_warmup_steps=0", "sample.sample_every_n_steps=0",
+                              "save.save_every_n_steps=0"], "no space left on device", capsys)
+    assert msg == f"train.py: no space left on device: {out / 'models' / 'demo.safetensors'}", msg
+    assert not [n for _, _, fs in os.walk(small_disk) for n in fs if ".tmp-sdtrain" in n]
+
+
+def test_read_only_store_names_the_target_not_its_temporary(images, tmp_path, capsys):
+    """cache.py on a read-only store that needs writing: the message names the file it wanted to write (was:
+    `dataset_index.npz.tmp-sdtrain-<host>-<pid>.npz`)."""
+    import cache
+    store, ro = tmp_path / "c", tmp_path / "ro"
+    assert cache.main([DEMO, f"data.image_dirs=['{images}']", f"cache.cache_dir={store}"]) == 0
+    (tmp_path / "more").mkdir()
+    from PIL import Image
+    Image.new("RGB", (64, 96), (200, 30, 0)).save(tmp_path / "more" / "extra.png")  # a changed dataset: the index
+    (tmp_path / "more" / "extra.txt").write_text("a red square")                  # is rewritten
+    ro.mkdir()
+    if subprocess.run(["mount", "--bind", str(store), str(ro)], capture_output=True).returncode:
+        pytest.skip("cannot bind-mount here")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], check=True, capture_output=True)
+        msg, _ = _fails("cache", [DEMO, f"data.image_dirs=['{images}', '{tmp_path / 'more'}']",
+                                  f"cache.cache_dir={ro}"], "read-only file system", capsys)
+    finally:
+        unmount(ro)
+    assert ".tmp-sdtrain" not in msg and msg.endswith(str(ro / "dataset_index.npz")), msg
+
+
+def test_truncated_dataset_index_is_rebuilt(images, tmp_path, caplog):
+    """Was: 'File is not a zip file' (no file named), and no rebuild."""
+    import cache
+    from data.index import DatasetIndex
+    store = tmp_path / "c"
+    argv = [DEMO, f"data.image_dirs=['{images}']", f"cache.cache_dir={store}"]
+    assert cache.main(argv) == 0
+    ix = store / "dataset_index.npz"
+    data = ix.read_bytes()
+    ix.write_bytes(data[: len(data) // 2])
+    assert cache.main(argv) == 0
+    assert any(str(ix) in r.getMessage() and "rebuilding" in r.getMessage() for r in caplog.records)
+    assert len(DatasetIndex.load(str(ix))) == 2
+
+
+def test_temp_names_become_their_targets():
+    """describe_os_error names the file a temporary stands for, also inside a state folder being written."""
+    import errno
+
+    from core.fsio import describe_os_error, final_path, temp_path
+    f = temp_path("/r/models/a.safetensors")
+    assert final_path(f) == "/r/models/a.safetensors"
+    assert final_path(temp_path("/r/i.npz", ".npz")) == "/r/i.npz"
+    inside = os.path.join(temp_path("/r/state/step-00000002"), "model.safetensors")
+    assert final_path(inside) == "/r/state/step-00000002/model.safetensors"
+    e = OSError(errno.EROFS, "Read-only file system", inside)
+    assert describe_os_error(e) == "read-only file system: /r/state/step-00000002/model.safetensors"
+    assert final_path("/plain/file.tmp") == "/plain/file.tmp"
