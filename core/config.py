@@ -3,8 +3,8 @@
 One TOML file describes a run. Each table maps onto a dataclass below; every field has a
 default, a type and a one-line doc (``help``). Unknown keys, wrong types and impossible values
 are errors that name the file, the table and what is allowed, raised before any model or data
-is loaded. A file may name a ``base`` file (relative to itself) whose values it overrides, and
-command-line ``table.key=value`` overrides come last, typed by the field.
+is loaded. A file may name ``base`` files (one or a list, relative to itself; HCP-Diffusion's ``_base_``
+too) whose values it overrides, and command-line ``table.key=value`` overrides come last, typed by the field.
 """
 from __future__ import annotations
 
@@ -234,6 +234,7 @@ class OptimizerConfig:
     lr_warmup_steps: int = opt(0, "linear warm-up steps", min=0)
     lr_scheduler_num_cycles: int = opt(1, "cycles of cosine_with_restarts", min=1)
     lr_scheduler_power: float = opt(1.0, "power of the polynomial schedule", min=0)
+    lr_scheduler_kwargs: dict = opt({}, "more arguments of the schedule's diffusers function (euge-trainer lr_scheduler_kwargs, kohya --lr_scheduler_args): cosine {num_cycles = 0.5}, polynomial {lr_end = 1e-7}")
     max_grad_norm: float = opt(1.0, "gradient clipping norm; 0 = off", min=0)
     param_groups: list[dict] = opt([], "block-wise learning rates: [{pattern = 'regex', lr = 1e-6}], first match wins")
 
@@ -355,28 +356,43 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 # dict-typed fields whose keys are free-form (merged as a whole, not checked against a schema)
-_FREE_DICT_FIELDS = {"optimizer_kwargs", "sample_params"}
+_FREE_DICT_FIELDS = {"optimizer_kwargs", "sample_params", "lr_scheduler_kwargs"}
+
+
+BASE_KEYS = ("base", "_base_")  # ours; HCP-Diffusion's spelling
 
 
 def _load_with_bases(path: str, seen: tuple[str, ...] = ()) -> dict:
+    """A config file with its base files merged under it. `base` (or HCP-Diffusion's `_base_`) names one file or a
+    list, relative to this file; as in HCP (hcpdiff/utils/utils.py load_config: each base merged under what came
+    before) the file's own values win, then its first base's, then the next one's."""
     path = os.path.abspath(path)
     if path in seen:
         raise ConfigError(f"{path}: circular base chain: {' -> '.join(seen + (path,))}")
     raw = _read_toml(path)
     _check_keys(raw, Config, path, table="")
-    base = raw.pop("base", None)
+    given = [k for k in BASE_KEYS if k in raw]
+    if len(given) > 1:
+        raise ConfigError(f"{path}: both `base` and `_base_` are set; give the base files in one of them")
+    key = given[0] if given else "base"
+    base = raw.pop(key, None)
     try:  # type- and range-check this file's own values, so errors name the file they are in
         _build(Config, raw, "")
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     if base is None:
         return raw
-    if not isinstance(base, str):
-        raise ConfigError(f"{path}: `base` must be a file name string, got {type(base).__name__}")
-    base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
-    if not os.path.isfile(base_path):
-        raise ConfigError(f"{path}: base file not found: {base_path} (from `base = \"{base}\"`, relative to this file)")
-    return _merge(_load_with_bases(base_path, seen + (path,)), raw)
+    bases = [base] if isinstance(base, str) else base
+    if not isinstance(bases, list) or not bases or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: `{key}` must be a file name or a list of file names, got {base!r}")
+    merged: dict = {}
+    for b in reversed(bases):  # the last base lowest, the first one over it
+        base_path = b if os.path.isabs(b) else os.path.join(os.path.dirname(path), b)
+        if not os.path.isfile(base_path):
+            raise ConfigError(f"{path}: base file not found: {base_path} (from `{key}`: \"{b}\", relative to this "
+                              f"file)")
+        merged = _merge(merged, _load_with_bases(base_path, seen + (path,)))
+    return _merge(merged, raw)
 
 
 def _field_map(cls: type) -> dict[str, dataclasses.Field]:
@@ -408,7 +424,7 @@ def _check_keys(raw: dict, cls: type, source: str, table: str) -> None:
     """Raise on any key not in the schema, recursively, naming file, table and the closest key."""
     fields = _field_map(cls)
     hints = _hints(cls)
-    valid = list(fields) + (["base"] if cls is Config else [])
+    valid = list(fields) + (list(BASE_KEYS) if cls is Config else [])
     for key, value in raw.items():
         if key not in valid:
             where = f"[{table}]" if table else "the top level"
@@ -417,7 +433,7 @@ def _check_keys(raw: dict, cls: type, source: str, table: str) -> None:
                 raise ConfigError(f"{source}: unknown key `{key}` in {where}: {key} belongs in {home}")
             raise ConfigError(f"{source}: unknown key `{key}` in {where}{_suggest(key, valid)}. "
                               f"Valid keys there: {', '.join(sorted(valid))}")
-        if key == "base":
+        if key in BASE_KEYS:
             continue
         sub = _dataclass_of(hints[key])
         name = f"{table}.{key}" if table else key

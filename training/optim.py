@@ -357,9 +357,32 @@ def _polynomial(step: int, warmup: int, total: int, power: float, lr_init: float
     return ((lr_init - lr_end) * remaining**power + lr_end) / lr_init
 
 
+# lr_scheduler_kwargs each schedule takes: the keyword arguments of its diffusers function (optimization.py
+# get_cosine_schedule_with_warmup(num_cycles), get_polynomial_decay_schedule_with_warmup(lr_end)) that no other
+# option sets (num_cycles of cosine_with_restarts is lr_scheduler_num_cycles, power is lr_scheduler_power).
+SCHEDULER_KWARGS = {"cosine": {"num_cycles": float}, "polynomial": {"lr_end": float}}
+
+
+def scheduler_kwargs(cfg: Any) -> dict[str, float]:
+    """cfg.lr_scheduler_kwargs checked against what the schedule takes (one clear error otherwise)."""
+    kw = dict(getattr(cfg, "lr_scheduler_kwargs", None) or {})
+    allowed = SCHEDULER_KWARGS.get(cfg.lr_scheduler, {})
+    for k, v in kw.items():
+        if k not in allowed:
+            takes = ", ".join(allowed) or "none"
+            raise ValueError(f"[optimizer] lr_scheduler_kwargs: {cfg.lr_scheduler!r} takes no {k!r} (it takes: {takes}; "
+                             f"warm-up steps, cycles of cosine_with_restarts and power have their own options)")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"[optimizer] lr_scheduler_kwargs.{k} must be a finite number >= 0, got {v!r}")
+        kw[k] = allowed[k](v)
+    return kw
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR with the curves of diffusers get_scheduler (cosine = half wave; polynomial ends at 1e-7)."""
+    """LambdaLR with the curves of diffusers get_scheduler (cosine = half wave; polynomial ends at 1e-7), with
+    `lr_scheduler_kwargs` as the diffusers functions take them."""
     name, warmup = cfg.lr_scheduler, cfg.lr_warmup_steps
+    kw = scheduler_kwargs(cfg)
     if total_steps <= 0:
         raise ValueError(f"build_scheduler: total_steps must be > 0, got {total_steps}")
     if warmup < 0 or warmup > total_steps:
@@ -374,7 +397,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_steps: int
     elif name == "linear":
         fn = functools.partial(_linear, warmup=warmup, total=total_steps)
     elif name == "cosine":
-        fn = functools.partial(_cosine, warmup=warmup, total=total_steps, num_cycles=COSINE_HALF_CYCLE)
+        fn = functools.partial(_cosine, warmup=warmup, total=total_steps,
+                               num_cycles=kw.get("num_cycles", COSINE_HALF_CYCLE))
     elif name == "cosine_with_restarts":
         if cfg.lr_scheduler_num_cycles < 1:
             raise ValueError(f"[optimizer] lr_scheduler_num_cycles={cfg.lr_scheduler_num_cycles} must be >= 1")
@@ -382,11 +406,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_steps: int
                                num_cycles=cfg.lr_scheduler_num_cycles)
     elif name == "polynomial":
         # diffusers takes lr_init from optimizer.defaults and applies the same multiplier to every group
-        lr_init = optimizer.defaults["lr"]
-        if not lr_init > POLYNOMIAL_LR_END:
-            raise ValueError(f"polynomial schedule: learning rate {lr_init} must exceed its end LR {POLYNOMIAL_LR_END}")
+        lr_init, lr_end = optimizer.defaults["lr"], kw.get("lr_end", POLYNOMIAL_LR_END)
+        if not lr_init > lr_end:
+            raise ValueError(f"polynomial schedule: learning rate {lr_init} must exceed its end LR {lr_end}")
         fn = functools.partial(_polynomial, warmup=warmup, total=total_steps, power=cfg.lr_scheduler_power,
-                               lr_init=lr_init, lr_end=POLYNOMIAL_LR_END)
+                               lr_init=lr_init, lr_end=lr_end)
     else:
         raise ValueError(f"[optimizer] unknown lr_scheduler {name!r}; allowed: {', '.join(SCHEDULERS)}")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
