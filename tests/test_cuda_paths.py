@@ -19,6 +19,8 @@ import models
 import train
 from core import dist
 from core.metrics import peak_memory
+from training.steppers import make_stepper
+from training.trainable import Trainee
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -104,7 +106,8 @@ def test_cache_sums_reduce_a_device_copy(fresh_dist, monkeypatch):
 
 def _cfg(noise_device="same", mixed_precision="fp16", full_fp16=False, max_grad_norm=0.0):
     return SimpleNamespace(seed=5, train=SimpleNamespace(noise_device=noise_device, mixed_precision=mixed_precision,
-                                                         full_fp16=full_fp16),
+                                                         full_fp16=full_fp16, full_bf16=False,
+                                                         fused_backward_pass=False, stochastic_rounding=True),
                            optimizer=SimpleNamespace(max_grad_norm=max_grad_norm))
 
 
@@ -146,16 +149,17 @@ def _fp16_loss(net, x):
 
 
 def test_fp16_grad_scaler_step_equals_the_unscaled_step():
-    """train.make_scaler / optimizer_step with mixed_precision = fp16 on the CPU (torch.amp.GradScaler("cpu")):
+    """make_stepper's ScaledStepper with mixed_precision = fp16 on the CPU (torch.amp.GradScaler("cpu")):
     scaled backward + unscale + step == the same fp16-autocast step without scaling (the scale is a power of two)."""
     cfg = _cfg(max_grad_norm=1.0)
-    scaler = train.make_scaler(cfg, torch.device("cpu"))
-    assert type(scaler) is torch.amp.GradScaler and scaler.is_enabled()
     net, x = _fp16_setup()
     ref = copy.deepcopy(net)
     opt, ref_opt = torch.optim.SGD(net.parameters(), lr=0.5), torch.optim.SGD(ref.parameters(), lr=0.5)
-    scaler.scale(_fp16_loss(net, x)).backward()
-    norm, applied = train.optimizer_step(cfg, net, opt, scaler)
+    stepper = make_stepper(cfg, opt, torch.device("cpu"))
+    scaler = stepper.scaler
+    assert type(scaler) is torch.amp.GradScaler and scaler.is_enabled()
+    stepper.backward(_fp16_loss(net, x))
+    norm, applied = stepper.step()
     _fp16_loss(ref, x).backward()
     ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
     ref_opt.step()
@@ -171,13 +175,14 @@ def test_fp16_grad_scaler_step_equals_the_unscaled_step():
 
 def test_fp16_grad_scaler_skips_an_overflow_and_backs_off():
     cfg = _cfg()
-    scaler = train.make_scaler(cfg, torch.device("cpu"))
     net, x = _fp16_setup()
     before = [p.detach().clone() for p in net.parameters()]
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
-    scaler.scale(_fp16_loss(net, x)).backward()
+    stepper = make_stepper(cfg, opt, torch.device("cpu"))
+    scaler = stepper.scaler
+    stepper.backward(_fp16_loss(net, x))
     net[0].weight.grad[0, 0] = float("inf")  # an fp16 overflow in the backward pass
-    norm, applied = train.optimizer_step(cfg, net, opt, scaler)
+    norm, applied = stepper.step()
     assert applied and not torch.isfinite(torch.as_tensor(norm))  # the scaler's own skip (counted as its normal work)
     assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
     assert scaler.get_scale() == 2.0**15
@@ -185,18 +190,18 @@ def test_fp16_grad_scaler_skips_an_overflow_and_backs_off():
 
 def test_full_fp16_scaler_unscales_half_gradients():
     cfg = _cfg(full_fp16=True)
-    scaler = train.make_scaler(cfg, torch.device("cpu"))
     net, x = _fp16_setup()
     net.half()
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    stepper = make_stepper(cfg, opt, torch.device("cpu"))
     before = [p.detach().clone() for p in net.parameters()]
     plain = torch.amp.GradScaler("cpu")
     plain.scale(_fp16_loss(net, x.half())).backward()
     with pytest.raises(ValueError, match="FP16 gradients"):  # why train.py has its own subclass
         plain.unscale_(opt)
     opt.zero_grad()
-    scaler.scale(_fp16_loss(net, x.half())).backward()
-    _, applied = train.optimizer_step(cfg, net, opt, scaler)
+    stepper.backward(_fp16_loss(net, x.half()))
+    _, applied = stepper.step()
     assert applied and any(not torch.equal(p, b) for p, b in zip(net.parameters(), before))
     assert all(p.dtype == torch.float16 and torch.isfinite(p).all() for p in net.parameters())
 
@@ -243,6 +248,6 @@ def test_sd3_cached_text_under_fp16_autocast():
              "loss_weight": torch.ones(n)}
     objective = build_objective("sd3", cfg.loss, False)
     with torch.autocast("cpu", dtype=torch.float16):
-        loss = train.micro_step_loss(train.Trainee(comp, False), comp, objective, batch, torch.device("cpu"),
+        loss = train.micro_step_loss(Trainee(comp, False), comp, objective, batch, torch.device("cpu"),
                                      torch.Generator().manual_seed(1))
     assert torch.isfinite(loss)

@@ -80,8 +80,9 @@ def _check_outputs(out, suffix):
 def test_two_process_crash_and_sigterm_leave_model_and_state(data, tmp_path):
     out = tmp_path / "run"
     t0 = time.monotonic()
-    env = {**ENV, "SDTRAIN_TEST_RAISE_AT_STEP": "2:1", "SDTRAIN_CRASH_WAIT_S": "60"}
-    codes, log = _wait(*_launch(_args(data, out), env, tmp_path), timeout=300)
+    env = {**ENV, "SDTRAIN_CRASH_WAIT_S": "60"}
+    faulty = ["tests/fault_entry.py", "raise_at_step=2:1", *_args(data, out)[1:]]  # train.py raising on rank 1
+    codes, log = _wait(*_launch(faulty, env, tmp_path), timeout=300)
     took = time.monotonic() - t0
     assert all(c != 0 for c in codes) and "injected test fault at step 2 on rank 1" in log, log[-4000:]
     state = _check_outputs(out, "-crashed")

@@ -112,8 +112,8 @@ def ref(tmp_path_factory):
     assert "encoded 4" in out
     # the reference: STEPS steps, previews (FSDP: every rank runs every prompt, the sharded EMA swapped in), then an
     # exception on both ranks before step STEPS + 1
-    env = {**ENV, "SDTRAIN_TEST_RAISE_AT_STEP": str(STEPS), "SDTRAIN_CRASH_WAIT_S": "60"}
-    out = run_ok(TORCHRUN + ["train.py", *fsdp, f"output_dir={tmp / 'fsdp'}", f"train.max_train_steps={STEPS + 1}",
+    env = {**ENV, "SDTRAIN_CRASH_WAIT_S": "60"}
+    out = run_ok(TORCHRUN + ["tests/fault_entry.py", f"raise_at_step={STEPS}", *fsdp, f"output_dir={tmp / 'fsdp'}", f"train.max_train_steps={STEPS + 1}",
                              f"sample.sample_every_n_steps={STEPS}", "sample.sample_params={width=64, height=64, steps=1}"],
                  env=env, expect=1)
     assert f"injected test fault at step {STEPS}" in out.stderr

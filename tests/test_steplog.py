@@ -79,7 +79,7 @@ def test_train_step_reads_the_host_once_per_step_and_logs_the_same_losses(tmp_pa
         logging.getLogger("sdtrain").removeHandler(h)
     assert rc == 0
     assert len(sites) == steps + 1, sites
-    assert sum(s.startswith("__bool__ train.py") for s in sites) == steps  # optimizer_step's skip decision
+    assert sum(s.startswith("__bool__ training/steppers.py") for s in sites) == steps  # Stepper.step's skip decision
     assert sum(s.startswith("tolist training/steplog.py") for s in sites) == 1  # the log interval's one read
     # the losses the run logged, from the micro-batch losses as the old per-step float code computed them
     assert len(micro_losses) == steps * accum
@@ -98,11 +98,11 @@ def test_train_step_reads_the_host_once_per_step_and_logs_the_same_losses(tmp_pa
 
 
 @pytest.mark.parametrize("bad", ["loss", "grad"])
-def test_optimizer_step_skips_a_non_finite_loss_or_norm(bad):
+def test_stepper_skips_a_non_finite_loss_or_norm(bad):
     """The decision taken from device tensors still skips: weights untouched, the norm returned as a tensor; the
     same gradients with a finite loss are stepped."""
-    import train
     from core.config import Config, OptimizerConfig
+    from training.steppers import make_stepper
 
     net = torch.nn.Linear(3, 2)
     before = [p.detach().clone() for p in net.parameters()]
@@ -111,10 +111,11 @@ def test_optimizer_step_skips_a_non_finite_loss_or_norm(bad):
     if bad == "grad":
         net.weight.grad[0, 0] = float("nan")
     cfg = Config(optimizer=OptimizerConfig(optimizer_type="SGD", max_grad_norm=0.0))
-    norm, applied = train.optimizer_step(cfg, net, opt, None, torch.tensor(bad == "grad"))
+    stepper = make_stepper(cfg, opt, torch.device("cpu"))
+    norm, applied = stepper.step(torch.tensor(bad == "grad"))
     assert not applied and torch.is_tensor(norm) and math.isfinite(float(norm)) == (bad == "loss")
     assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
     if bad == "loss":
-        norm, applied = train.optimizer_step(cfg, net, opt, None, torch.tensor(True))
+        norm, applied = stepper.step(torch.tensor(True))
         assert applied and float(norm) == pytest.approx(math.sqrt(3 + 3 + 1 + 1))  # |d/dW| = 1 per entry, bias 1
         assert not torch.equal(net.weight, before[0])

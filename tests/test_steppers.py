@@ -170,13 +170,14 @@ def test_bf16_weights_keep_small_updates_with_stochastic_rounding():
 
 
 def test_train_helpers_fused_equal_ordinary_on_tiny_sdxl():
-    """train.py's own accumulate_gradients + optimizer_step on the tiny SDXL UNet: fused backward == ordinary step
+    """train.py's own accumulate_gradients + the run's stepper on the tiny SDXL UNet: fused backward == ordinary step
     (AdamW as built for the run, no clipping)."""
     import models
     import train
     from core.config import Config, LossConfig, OptimizerConfig, TrainConfig
     from diffusion.objectives import build_objective
     from training.optim import build_optimizer
+    from training.trainable import Trainee, trained_param_groups
 
     comp = models.build("sdxl", "tiny", parts=["unet", "te1", "te2"], seed=0)
     start = {k: v.clone() for k, v in comp.unet.state_dict().items()}
@@ -188,18 +189,17 @@ def test_train_helpers_fused_equal_ordinary_on_tiny_sdxl():
         comp.unet.load_state_dict(start)
         cfg = Config(optimizer=OptimizerConfig(optimizer_type="AdamW", learning_rate=1e-3, max_grad_norm=0.0),
                      train=TrainConfig(fused_backward_pass=fused))
-        trainee = train.Trainee(comp, train_text_encoder=False)
-        opt = build_optimizer(train.trained_param_groups(trainee, cfg.optimizer), cfg.optimizer)
-        stepper = make_stepper(cfg, opt)
+        trainee = Trainee(comp, train_text_encoder=False)
+        opt = build_optimizer(trained_param_groups(trainee, cfg.optimizer), cfg.optimizer)
+        stepper = make_stepper(cfg, opt, torch.device("cpu"))
         for _ in range(2):
             gens = [torch.Generator().manual_seed(3)]
             loss = train.accumulate_gradients(trainee, comp, build_objective("sdxl", LossConfig()), [batch],
-                                              torch.device("cpu"), gens, contextlib.nullcontext, None)
-            norm, applied = train.optimizer_step(cfg, trainee, opt, None, torch.isfinite(loss), stepper)
+                                              torch.device("cpu"), gens, contextlib.nullcontext, stepper)
+            norm, applied = stepper.step(torch.isfinite(loss))
             opt.zero_grad(set_to_none=True)
             assert applied and norm > 0
-        if stepper is not None:
-            stepper.remove()
+        stepper.close()
         out.append({k: v.clone() for k, v in comp.unet.state_dict().items()})
     assert any(not torch.equal(out[0][k], start[k]) for k in start)
     assert all(torch.equal(out[0][k], out[1][k]) for k in start)

@@ -19,9 +19,9 @@ def _dataset(root):
 
 def test_start_block_counts_data_model_batch_and_caches(tmp_path):
     import models
-    import train
     from core.config import load_config
     from training.summary import start_block
+    from training.trainable import Trainee
     from data.index import build_index
     from data.loader import usable_rows
     _dataset(tmp_path)
@@ -32,7 +32,7 @@ def test_start_block_counts_data_model_batch_and_caches(tmp_path):
     index = build_index(cfg.data)
     rows = usable_rows(index)
     comp = models.build("sdxl", "tiny", parts=["unet"])
-    trainee = train.Trainee(comp, False)
+    trainee = Trainee(comp, False)
     import torch
     opt = torch.optim.AdamW([{"params": list(comp.unet.parameters()), "name": "network"}], lr=1e-3)
     text = start_block(cfg=cfg, world_size=4, device=torch.device("cpu"), index=index, rows=rows, comp=comp,

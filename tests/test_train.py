@@ -116,9 +116,9 @@ def _losses(out):
 def test_kill9_during_state_write_resumes_from_previous_state(dataset, request, tmp_path):
     out = tmp_path / "run"
     args = overrides(dataset, out, 6, "save.save_every_n_steps=2", "save.save_last_n_states=5")
-    env = {**ENV, "SDTRAIN_TEST_KILL_DURING_STATE_WRITE": "2"}  # SIGKILL inside the 2nd state write (step 4)
-    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    fault = "kill_during_state_write=2"  # SIGKILL inside the 2nd state write (step 4)
+    proc = subprocess.Popen([sys.executable, "tests/fault_entry.py", fault, *args], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     straight = request.getfixturevalue("straight")  # (first use: trained here while the killed run starts up)
     err = proc.communicate(timeout=600)[1]
     assert proc.returncode == -signal.SIGKILL, err[-3000:]

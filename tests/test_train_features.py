@@ -71,6 +71,8 @@ def test_gradient_accumulation_equals_one_big_batch():
     from core.config import Config, OptimizerConfig, LossConfig
     from diffusion.objectives import build_objective
     from training.optim import build_optimizer
+    from training.steppers import make_stepper
+    from training.trainable import Trainee, trained_param_groups
 
     torch.manual_seed(0)
     comp = models.build("sdxl", "tiny", parts=["unet", "te1", "te2"], seed=0)
@@ -86,13 +88,14 @@ def test_gradient_accumulation_equals_one_big_batch():
     for micro in ([batch], singles):
         comp.unet.load_state_dict(start)
         comp.unet.zero_grad(set_to_none=True)
-        trainee = train.Trainee(comp, train_text_encoder=False)
+        trainee = Trainee(comp, train_text_encoder=False)
         objective = _FixedNoise(build_objective("sdxl", LossConfig()), noise, t)
-        opt = build_optimizer(train.trained_param_groups(trainee, cfg.optimizer), cfg.optimizer)
+        opt = build_optimizer(trained_param_groups(trainee, cfg.optimizer), cfg.optimizer)
+        stepper = make_stepper(cfg, opt, torch.device("cpu"))
         gens = [torch.Generator().manual_seed(0) for _ in micro]
         loss = train.accumulate_gradients(trainee, comp, objective, micro, torch.device("cpu"), gens,
-                                          contextlib.nullcontext, None)
-        norm, applied = train.optimizer_step(cfg, trainee, opt, None, torch.isfinite(loss))
+                                          contextlib.nullcontext, stepper)
+        norm, applied = stepper.step(torch.isfinite(loss))
         assert applied and norm > 0
         results.append((float(loss), float(norm), {k: v.clone() for k, v in comp.unet.state_dict().items()}))
     (loss_b, norm_b, w_b), (loss_a, norm_a, w_a) = results
@@ -230,7 +233,7 @@ def test_param_group_matching_nothing_is_a_clear_error(dataset, tmp_path):
 def test_prune_exports_keeps_newest_by_time(tmp_path):
     """Step and epoch exports mixed: the newest files survive, whatever their names sort as."""
     import time
-    import train
+    from training.exports import prune_exports
     names = ["m-step00000002.safetensors", "m-epoch0001.safetensors", "m-step00000004.safetensors",
              "m-epoch0002.safetensors"]
     for i, n in enumerate(names):
@@ -238,7 +241,7 @@ def test_prune_exports_keeps_newest_by_time(tmp_path):
         p.write_bytes(b"x")
         os.utime(p, ns=(time.time_ns(), 1_000_000_000 * (i + 1)))
     (tmp_path / "m.safetensors").write_bytes(b"final")
-    train.prune_exports(str(tmp_path), "m", 2)
+    prune_exports(str(tmp_path), "m", 2)
     assert sorted(os.listdir(tmp_path)) == sorted(["m.safetensors", "m-step00000004.safetensors", "m-epoch0002.safetensors"])
 
 

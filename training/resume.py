@@ -102,8 +102,7 @@ def rank_files(tmp: str, rank: int) -> list[str]:
 
 def write_state(tmp: str, final: str, *, progress: dict[str, Any], trained: dict[str, torch.Tensor] | None = None,
                 optimizer: dict[str, Any] | None = None, ema: dict[str, torch.Tensor] | None = None,
-                hashed: dict[str, dict[str, Any]] | None = None,
-                before_marker: Callable[[], None] | None = None) -> str:
+                hashed: dict[str, dict[str, Any]] | None = None) -> str:
     """Rank 0: write the shared files, the COMPLETE marker last, then rename tmp -> final. `progress` should
     carry the run id ("run_id"); the write time is added. On a failure (a full disk) the temporary folder is
     removed and the error names the file: the states already there are untouched.
@@ -111,7 +110,7 @@ def write_state(tmp: str, final: str, *, progress: dict[str, Any], trained: dict
     rest of a DCP folder included) is hashed here. `trained` / `optimizer` are None for a sharded (DCP) state."""
     try:
         os.makedirs(tmp, exist_ok=True)
-        _write_state_files(tmp, trained, optimizer, progress, ema, hashed or {}, before_marker)
+        _write_state_files(tmp, trained, optimizer, progress, ema, hashed or {})
         if os.path.exists(final):  # the same step of this run written again (a resume from an earlier state)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -126,7 +125,7 @@ def write_state(tmp: str, final: str, *, progress: dict[str, Any], trained: dict
 
 def _write_state_files(tmp: str, trained: dict[str, torch.Tensor] | None, optimizer: dict[str, Any] | None,
                        progress: dict[str, Any], ema: dict[str, torch.Tensor] | None,
-                       hashed: dict[str, dict[str, Any]], before_marker: Callable[[], None] | None) -> None:
+                       hashed: dict[str, dict[str, Any]]) -> None:
     if trained is not None:
         save_safetensors(trained, os.path.join(tmp, "trained.safetensors"))
     if optimizer is not None:
@@ -143,8 +142,6 @@ def _write_state_files(tmp: str, trained: dict[str, torch.Tensor] | None, optimi
             if rel not in hashed:
                 files[rel] = os.path.join(tmp, DCP_DIR, name)
         _fsync_dir(os.path.join(tmp, DCP_DIR))
-    if before_marker is not None:  # test hook: simulate a crash during the write
-        before_marker()
     manifest = {name: {"size": os.path.getsize(path), "sha256": _sha256(path)} for name, path in files.items()}
     manifest.update(hashed)
     _write_json(os.path.join(tmp, MARKER), manifest)

@@ -1,4 +1,8 @@
-"""Per-parameter optimizer steps: fused backward pass and stochastic rounding of bf16 weight updates.
+"""How the optimizer steps: one `Stepper` interface, chosen once by `make_stepper`, for the four ways of stepping:
+plain (the optimizer's own step), fp16 loss-scaled, per-parameter with stochastic rounding, fused backward.
+train.py calls `stepper.backward(loss)` and `stepper.step(loss_finite)` and never asks which one it has.
+
+Per-parameter optimizer steps: fused backward pass and stochastic rounding of bf16 weight updates.
 
 Fused backward (kohya `--fused_backward_pass`, OneTrainer "fused back pass"): each parameter is stepped inside its
 post-accumulate-grad hook, as soon as its gradient is complete, and the gradient is freed right away, so at most
@@ -25,6 +29,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from core import dist
+from core.config import Config
 
 BF16_DROPPED_BITS = 16  # bf16 is the top 16 bits of an fp32
 _NOT_PER_PARAMETER = ("prodigy",)  # optimizers whose step couples parameters (class names, lower case)
@@ -141,7 +148,7 @@ class FusedBackward:
             h.remove()
 
 
-def check_fused_settings(cfg: Any, world_size: int) -> None:
+def check_fused_settings(cfg: Config, world_size: int) -> None:
     """The combinations a fused backward pass cannot honour; raises ValueError with the reason."""
     t = cfg.train
     if not t.fused_backward_pass:
@@ -170,12 +177,137 @@ def per_parameter_step(optimizer: torch.optim.Optimizer, stepper: ParamStepper,
     stepper.step_count += 1
 
 
-def make_stepper(cfg: Any, optimizer: torch.optim.Optimizer) -> ParamStepper | FusedBackward | None:
-    """What train.py steps through: hooks (fused_backward_pass), per-parameter steps (full_bf16 with stochastic
-    rounding), or None (the optimizer's own step over all parameters)."""
-    t = cfg.train
+# ---------------------------------------------------------------------------------------------------------------------
+# The stepper train.py uses: one interface, chosen once by make_stepper
+
+
+class Stepper:
+    """One optimizer step after a step's backward passes: the optimizer's own step over all parameters.
+
+    The interface train.py sees: `backward(loss)` for each micro-batch, then `step(loss_finite)` -> (gradient norm
+    before clipping, whether a step was taken); `state_dict()` / `load_state_dict()` for what a resume keeps (the
+    loss scale); `close()` at the end. A non-finite loss (`loss_finite`, the same on every rank) or gradient norm
+    skips the step, the weights untouched; that decision is the step's one host read."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_grad_norm: float):
+        self.optimizer, self.max_grad_norm = optimizer, max_grad_norm
+
+    def backward(self, loss: Tensor) -> None:
+        """Gradients of one micro-batch's (already divided) loss, added into .grad."""
+        loss.backward()
+
+    def _params(self) -> list[nn.Parameter]:
+        return [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+
+    def _clip(self, params: list[nn.Parameter]) -> Tensor:
+        """The global gradient norm (a tensor, not read), after clipping to max_grad_norm (0: logged only, no
+        scaling pass). No sync: scales on the device; FSDP: on the local shards."""
+        return dist.full_tensor(dist.clip_grad_norm_(params, self.max_grad_norm or None))
+
+    def step(self, loss_finite: Tensor | bool = True) -> tuple[Tensor | float, bool]:
+        """Clip, then step unless the loss or the gradient norm is not finite."""
+        params = self._params()
+        norm = self._clip(params)
+        if not bool(torch.as_tensor(loss_finite, device=norm.device) & torch.isfinite(norm)):  # the host read
+            return norm, False
+        self._apply(params)
+        return norm, True
+
+    def _apply(self, params: list[nn.Parameter]) -> None:
+        self.optimizer.step()
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """What a resume state keeps of the stepper (progress.json "scaler"): the loss scaler's state, or None."""
+        return None
+
+    def load_state_dict(self, sd: dict[str, Any] | None) -> None:
+        """After a resume, once the optimizer's state is loaded: the stepper's own state back."""
+
+    def close(self) -> None:
+        """Undo what the stepper attached to the parameters (the fused pass's hooks)."""
+
+
+class _FP16Scaler(torch.amp.GradScaler):
+    """GradScaler that also unscales fp16 gradients (full_fp16 keeps the weights themselves in fp16)."""
+
+    def _unscale_grads_(self, optimizer, inv_scale, found_inf, allow_fp16):  # type: ignore[override]
+        return super()._unscale_grads_(optimizer, inv_scale, found_inf, True)
+
+
+class ScaledStepper(Stepper):
+    """mixed_precision = "fp16": the loss is scaled before backward and the gradients unscaled before clipping; an
+    overflow makes the scaler skip the step and lower its scale (part of its normal work: still "applied")."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_grad_norm: float, scaler: torch.amp.GradScaler):
+        super().__init__(optimizer, max_grad_norm)
+        self.scaler = scaler
+
+    def backward(self, loss: Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self, loss_finite: Tensor | bool = True) -> tuple[Tensor | float, bool]:
+        if not bool(loss_finite):
+            return math.nan, False
+        self.scaler.unscale_(self.optimizer)
+        norm = self._clip(self._params())
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return norm, True
+
+    def state_dict(self) -> dict[str, Any] | None:
+        return self.scaler.state_dict()
+
+    def load_state_dict(self, sd: dict[str, Any] | None) -> None:
+        if sd:
+            self.scaler.load_state_dict(sd)
+
+
+class PerParameterStepper(Stepper):
+    """full_bf16 with stochastic rounding: the ordinary step, one parameter at a time in fp32 (ParamStepper)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_grad_norm: float, seed: int):
+        super().__init__(optimizer, max_grad_norm)
+        self.params = ParamStepper(optimizer, stochastic_rounding=True, seed=seed)
+
+    def _apply(self, params: list[nn.Parameter]) -> None:
+        per_parameter_step(self.optimizer, self.params, params)
+
+    def load_state_dict(self, sd: dict[str, Any] | None) -> None:
+        fp32_state(self.optimizer)  # the fp32 steps keep fp32 state; torch's loader cast it to bf16
+
+
+class FusedBackwardStepper(Stepper):
+    """train.fused_backward_pass: every parameter was stepped inside backward (FusedBackward's hooks; parameters
+    with a non-finite gradient were left alone); `step` only collects the norm and whether all were finite."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, max_grad_norm: float, stochastic_rounding: bool, seed: int):
+        super().__init__(optimizer, max_grad_norm)
+        self.hooks = FusedBackward(optimizer, max_grad_norm=max_grad_norm, stochastic_rounding=stochastic_rounding,
+                                   seed=seed)
+
+    def step(self, loss_finite: Tensor | bool = True) -> tuple[Tensor | float, bool]:
+        norm, ok = self.hooks.finish()
+        return (norm, ok) if bool(loss_finite) else (math.nan, False)
+
+    def load_state_dict(self, sd: dict[str, Any] | None) -> None:
+        if self.hooks.stepper.sr:
+            fp32_state(self.optimizer)  # as PerParameterStepper
+
+    def close(self) -> None:
+        self.hooks.remove()
+
+
+def make_stepper(cfg: Config, optimizer: torch.optim.Optimizer, device: torch.device) -> Stepper:
+    """The run's stepper, chosen once: fused backward hooks (train.fused_backward_pass), the fp16 loss scaler
+    (mixed_precision = "fp16"; its full_fp16 variant unscales fp16 gradients), per-parameter steps (full_bf16 with
+    stochastic rounding), else the plain step. The config allows at most one of these (check_fused_settings,
+    core/config.py)."""
+    t, clip = cfg.train, cfg.optimizer.max_grad_norm
     sr = t.full_bf16 and t.stochastic_rounding
     if t.fused_backward_pass:
-        return FusedBackward(optimizer, max_grad_norm=cfg.optimizer.max_grad_norm, stochastic_rounding=sr,
-                             seed=cfg.seed)
-    return ParamStepper(optimizer, stochastic_rounding=True, seed=cfg.seed) if sr else None
+        return FusedBackwardStepper(optimizer, clip, stochastic_rounding=sr, seed=cfg.seed)
+    if t.mixed_precision == "fp16":
+        return ScaledStepper(optimizer, clip, (_FP16Scaler if t.full_fp16 else torch.amp.GradScaler)(device.type))
+    if sr:
+        return PerParameterStepper(optimizer, clip, seed=cfg.seed)
+    return Stepper(optimizer, clip)

@@ -1,0 +1,71 @@
+"""Test-only entry point: train.py with one injected fault, for the tests that need a real process (torchrun, kill -9).
+
+    python tests/fault_entry.py FAULT cfg.toml [table.key=value ...]          # instead of train.py
+    torchrun --nproc_per_node=2 tests/fault_entry.py FAULT cfg.toml [...]
+
+FAULT is one of
+    raise_at_step=N[:R]          a RuntimeError at the start of step N + 1 (after N optimizer steps, their saves and
+                                 previews), on rank R only when given
+    kill_during_state_write=N    SIGKILL inside the N-th resumable-state write, just before its COMPLETE marker
+
+The product code has no hooks for this: the faults are monkeypatched in here, then train.main runs as train.py's
+__main__ does.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import train  # noqa: E402
+from core import cli, dist  # noqa: E402
+from training import resume as rstate  # noqa: E402
+from training.checkpointer import Progress  # noqa: E402
+
+
+def raise_at_step(spec: str) -> None:
+    """Raise before the forward of the step after `at` steps (on rank `only` when given)."""
+    at, _, only = spec.partition(":")
+    runs: list[Progress] = []
+
+    def progress(*args, **kwargs) -> Progress:  # train.main's one Progress, kept to read its step
+        runs.append(Progress(*args, **kwargs))
+        return runs[-1]
+
+    accumulate = train.accumulate_gradients
+
+    def accumulate_gradients(*args, **kwargs):
+        step, rank = runs[-1].step, dist.rank()
+        if step == int(at) and (not only or rank == int(only)):
+            raise RuntimeError(f"injected test fault at step {step} on rank {rank}")
+        return accumulate(*args, **kwargs)
+
+    train.Progress = progress
+    train.accumulate_gradients = accumulate_gradients
+
+
+def kill_during_state_write(spec: str) -> None:
+    """SIGKILL this process when it is about to write the N-th state's COMPLETE marker (the files are written)."""
+    write_json, markers = rstate._write_json, [0]
+
+    def _write_json(path: str, obj) -> None:
+        if os.path.basename(path) == rstate.MARKER:
+            markers[0] += 1
+            if markers[0] == int(spec):
+                os.kill(os.getpid(), signal.SIGKILL)
+        write_json(path, obj)
+
+    rstate._write_json = _write_json
+
+
+FAULTS = {"raise_at_step": raise_at_step, "kill_during_state_write": kill_during_state_write}
+
+if __name__ == "__main__":
+    name, _, value = sys.argv[1].partition("=")
+    FAULTS[name](value)
+    code = train.main(sys.argv[2:])
+    dist.shutdown()
+    cli.exit_now(code)
