@@ -140,6 +140,7 @@ class DataConfig:
     description_processor: str = opt("", "user hook for natural-language descriptions (runs user code)", path=True)
     num_repeats_getter: str = opt("", "user hook returning the repeats of each image (runs user code)", path=True)
     max_image_pixels: int = opt(178_956_970, "images with more pixels (width x height, read from the header before decoding) are skipped as decompression bombs; the default is Pillow's error limit", min=1)
+    mask_dir: str = opt("", "folder of loss masks named <image stem>.png (with loss.masked_loss); without it a <stem>_mask.png / <stem>-masklabel.png beside the image, else its alpha channel", path=True)
     allow_empty_captions: bool = opt(False, "train even when every caption is empty (unconditional); otherwise that is an error")
     subsets: list[SubsetConfig] = opt([], "several data sources ([[data.subsets]]); empty = [data] is the only subset")
 
@@ -298,6 +299,21 @@ class SampleConfig:
 
 
 @dataclass
+class ValidationConfig:
+    """[validation]: held-out validation loss with fixed noise and timesteps per image (docs/validation.md)."""
+    validation_split: float = opt(0.0, "fraction of the training images held out for validation (kohya): a seeded choice by key, the same for every world size; those images are not trained on", min=0, max=1, max_exclusive=True)
+    image_dirs: list[str] = opt([], "validation images of their own (folders with captions, as data.image_dirs) instead of a split", path=True)
+    metadata_files: list[str] = opt([], "validation metadata files (as data.metadata_files) instead of a split", path=True)
+    validation_seed: int | None = opt(None, "seed of the split and of the fixed noise / timesteps (kohya); unset = seed", min=0)
+    validate_every_n_steps: int = opt(0, "validation every N optimizer steps (kohya); 0 = off. A validation set is also scored at the end of training", min=0)
+    validate_every_n_epochs: int = opt(0, "validation every N epochs (kohya); 0 = off", min=0)
+    max_validation_steps: int = opt(0, "at most this many validation batches per pass (kohya); 0 = the whole set", min=0)
+    validation_batch_size: int = opt(0, "images per validation forward (each repeated timesteps_per_image times); 0 = data.batch_size", min=0)
+    timesteps_per_image: int = opt(4, "timesteps (sigmas) scored per image, one in each of this many equal-probability bands of the training sampler (kohya scores 4)", min=1, max=16)
+    validate_ema: bool = opt(True, "with train.use_ema, also score the EMA weights (val_ema/*)")
+
+
+@dataclass
 class LogConfig:
     """[log]: console, log files and metrics."""
     log_every_n_steps: int = opt(1, "write metrics every N optimizer steps", min=1)
@@ -326,6 +342,7 @@ class Config:
     network: NetworkConfig = field(default_factory=NetworkConfig, metadata={"help": "network"})
     save: SaveConfig = field(default_factory=SaveConfig, metadata={"help": "save"})
     sample: SampleConfig = field(default_factory=SampleConfig, metadata={"help": "sample"})
+    validation: ValidationConfig = field(default_factory=ValidationConfig, metadata={"help": "validation"})
     log: LogConfig = field(default_factory=LogConfig, metadata={"help": "log"})
 
 

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from .images import IMAGE_EXTENSIONS
+from .masks import is_mask_file
 
 LISTINGS_KEPT = 4096  # folder listings a cache passed to exists_by_listing holds (cleared when full)
 
@@ -25,20 +26,23 @@ def walk_images(dirs: list[str], recursive: bool, threads: int, stat: bool,
     def scan(d: str) -> tuple[list[str], list[tuple[str, int, int]]]:
         subdirs, files = [], []
         with os.scandir(d) as it:
-            for e in it:
-                if e.is_dir(follow_symlinks=True):
-                    if recursive:
-                        subdirs.append(e.path)
-                elif e.name.lower().endswith(exts):
-                    if stat:
-                        try:
-                            st = e.stat()
-                        except OSError:  # a dangling symlink, an entry gone or unreadable: reported as a bad image
-                            files.append((e.path, -1, -1))
-                            continue
-                        files.append((e.path, st.st_size, st.st_mtime_ns))
-                    else:
+            entries = list(it)
+        stems = {os.path.splitext(e.name)[0] for e in entries if e.name.lower().endswith(exts)} \
+            if exts == IMAGE_EXTENSIONS else set()  # image stems: their masks are not images
+        for e in entries:
+            if e.is_dir(follow_symlinks=True):
+                if recursive:
+                    subdirs.append(e.path)
+            elif e.name.lower().endswith(exts) and not (stems and is_mask_file(e.name, stems)):  # data/masks.py
+                if stat:
+                    try:
+                        st = e.stat()
+                    except OSError:  # a dangling symlink, an entry gone or unreadable: reported as a bad image
                         files.append((e.path, -1, -1))
+                        continue
+                    files.append((e.path, st.st_size, st.st_mtime_ns))
+                else:
+                    files.append((e.path, -1, -1))
         return subdirs, files
 
     level = list(dirs)

@@ -472,8 +472,9 @@ class FlowObjective(_ObjectiveBase):
         kind = c.timestep_sampler_type
         if kind == "logit_normal":
             u = torch.sigmoid(math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0) * c.logit_std + c.logit_mean)
-        elif kind == "mode":
-            u = 1.0 - u - c.mode_scale * (torch.cos(math.pi * u / 2.0) ** 2 - 1.0 + u)
+        elif kind == "mode":  # a decreasing map: the quantile u of its output is the map of 1 - u
+            v = 1.0 - u
+            u = 1.0 - v - c.mode_scale * (torch.cos(math.pi * v / 2.0) ** 2 - 1.0 + v)
         elif kind == "cosmap":
             u = 1.0 - 1.0 / (torch.tan(math.pi * u / 2.0) + 1.0)
         return self._shift_into_range(u)

@@ -100,3 +100,43 @@ def test_latent_mask_is_area_downsampling_and_commutes_with_flip():
     assert torch.equal(from_stored(to_stored(np.ones((4, 6)))), torch.ones(4, 6))
     with pytest.raises(ValueError, match="multiple of 8"):
         latent_mask(np.zeros((12, 16), np.uint8))
+
+
+def test_pixel_mask_sources_follow_the_image_geometry(tmp_path):
+    """Alpha channel, <stem>_mask.png beside, mask_dir: resized and cropped as the image (data/buckets.py), so the
+    mask lines up with what is encoded; mask files are not listed as images."""
+    import types
+
+    from PIL import Image
+
+    from data.buckets import load_resized
+    from data.listing import list_images
+    from data.masks import pixel_mask
+
+    w, h = 128, 64  # resized to 128 x 64 for a 64 x 64 bucket, centre crop 32 px in from the left
+    rgba = np.zeros((h, w, 4), np.uint8)
+    rgba[..., :3] = 90
+    rgba[:, 48:, 3] = 255  # opaque from x = 48: in the crop (x 32..96) from column 16
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    Image.fromarray(np.full((h, w, 3), 60, np.uint8)).save(tmp_path / "b.jpg")
+    m = np.zeros((h, w), np.uint8)
+    m[: h // 2] = 255  # the top half
+    Image.fromarray(m).save(tmp_path / "b_mask.png")
+    Image.fromarray(np.full((h, w, 3), 30, np.uint8)).save(tmp_path / "c.png")  # no mask at all
+    cfg = types.SimpleNamespace(mask_dir="", max_image_pixels=10**8)
+
+    _, _, crop = load_resized(str(tmp_path / "a.png"), (64, 64))
+    assert crop == (0, 32)
+    pm = pixel_mask(str(tmp_path / "a.png"), (64, 64), crop, cfg)
+    assert pm.shape == (64, 64) and (pm[:, :16] == 0).all() and (pm[:, 16:] == 255).all()
+    lat = latent_mask(pm)
+    assert (lat[:, :2] == 0).all() and (lat[:, 2:] == 1).all()
+    pb = pixel_mask(str(tmp_path / "b.jpg"), (64, 64), crop, cfg)
+    assert (pb[:32] == 255).all() and (pb[32:] == 0).all()
+    assert pixel_mask(str(tmp_path / "c.png"), (64, 64), crop, cfg) is None
+    other = tmp_path / "masks"
+    other.mkdir()
+    Image.fromarray(255 - m).save(other / "b.png")
+    cfg.mask_dir = str(other)
+    assert (pixel_mask(str(tmp_path / "b.jpg"), (64, 64), crop, cfg)[:32] == 0).all()  # mask_dir wins
+    assert [p.rsplit("/", 1)[1] for p, _, _ in list_images([str(tmp_path)], False)] == ["a.png", "b.jpg", "c.png"]
