@@ -244,7 +244,7 @@ class OptimizerConfig:
 class NetworkConfig:
     """[network]: train LoRA / LoCon adapters instead of the whole network (kohya's option names). Adapters are
     saved in kohya's LoRA format (ComfyUI, A1111 / Forge, diffusers load it); the base model stays frozen."""
-    network_module: str = opt("", "'' = full fine-tune; 'lora' = LoRA on linear layers; 'locon' = LoRA on linear layers and convolutions (conv_dim / conv_alpha)", choices=("", "lora", "locon"))
+    network_module: str = opt("", "'' = full fine-tune; 'lora' = LoRA on linear layers; 'locon' = LoRA on linear layers and convolutions (conv_dim / conv_alpha); 'loha' / 'lokr' = LyCORIS LoHa / LoKr on the same layers as locon (kohya: network_module = 'lycoris.kohya', network_args algo = ...)", choices=("", "lora", "locon", "loha", "lokr"))
     network_dim: int = opt(16, "rank of each linear (and 1x1 convolution) adapter", min=1)
     network_alpha: float = opt(1.0, "scale numerator: the adapter output is multiplied by network_alpha / network_dim (kohya)", min=0, min_exclusive=True)
     conv_dim: int = opt(0, "locon: rank of 3x3 convolution adapters; 0 = network_dim", min=0)
@@ -252,6 +252,10 @@ class NetworkConfig:
     network_dropout: float = opt(0.0, "dropout on the adapter's rank activations while training", min=0, max=1, max_exclusive=True)
     rank_dropout: float = opt(0.0, "probability of dropping each rank (per sample) while training", min=0, max=1, max_exclusive=True)
     module_dropout: float = opt(0.0, "probability of skipping a whole adapter for a step while training", min=0, max=1, max_exclusive=True)
+    dora_wd: bool = opt(False, "DoRA (LyCORIS network_args dora_wd): a trained magnitude per output row times the direction of W + the adapter's update; any network_module")
+    factor: int = opt(-1, "lokr: the Kronecker split of each side (LyCORIS factor); -1 = the most balanced split", min=-1)
+    decompose_both: bool = opt(False, "lokr: also factorise the smaller Kronecker half into two rank-network_dim matrices (LyCORIS decompose_both)")
+    full_matrix: bool = opt(False, "lokr: both Kronecker halves as full matrices, no rank (LyCORIS full_matrix)")
     network_train_unet_only: bool = opt(False, "adapters on the diffusion network only (required with cached text-encoder outputs)")
     network_train_text_encoder_only: bool = opt(False, "adapters on the CLIP text encoders only")
     target_modules: list[str] = opt([], "regexes (full match) over kohya LoRA names (lora_unet_..., lora_te1_..., lora_te2_...) of linear layers to adapt; empty = kohya's defaults of the family (docs/lora.md)")
@@ -649,6 +653,11 @@ def _validate_network(cfg: Config) -> None:
                           "kohya-format LoRA .safetensors files")
     if n.network_train_unet_only and n.network_train_text_encoder_only:
         raise ConfigError("network.network_train_unet_only and network.network_train_text_encoder_only cannot both be true")
+    if (n.network_module in ("loha", "lokr") or n.dora_wd) and (n.network_dropout or n.rank_dropout):
+        raise ConfigError(f"network.network_dropout / rank_dropout act on LoRA's rank activations, which "
+                          f"{'DoRA' if n.dora_wd else n.network_module} does not have; use module_dropout")
+    if n.factor == 0:
+        raise ConfigError("network.factor = 0: give -1 (the most balanced split) or a factor >= 1")
     if cfg.train.train_text_encoder:
         raise ConfigError("train.train_text_encoder is for full fine-tunes; with [network] the text encoders get adapters "
                           "unless network.network_train_unet_only = true")

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from networks.lycoris import ALL_KEYS, LoHaModule, LoKrModule, algo_of, dora_magnitude, group_delta, weight_decompose
 from training.trainable import TrainableSet
 
 # Kohya's prefixes by family part.
@@ -196,8 +197,11 @@ class LoRAModule(nn.Module):
     """One adapter: forward(x) is the *delta* up(down(x)) * multiplier * alpha / dim (or None when module dropout
     skips it). Kohya's init (down: kaiming-uniform, up: zeros) so a fresh adapter changes nothing."""
 
+    algo = "lora"
+
     def __init__(self, out_dim: int, in_dim: int, dim: int, alpha: float, conv: tuple[Any, Any, Any] | None = None,
-                 dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0):
+                 dropout: float = 0.0, rank_dropout: float = 0.0, module_dropout: float = 0.0,
+                 dora: Tensor | None = None):
         super().__init__()
         if conv is not None:  # down: the base conv's kernel / stride / padding; up: 1x1
             kernel, stride, padding = conv
@@ -214,16 +218,25 @@ class LoRAModule(nn.Module):
         self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
         self.skipped = False  # module dropout of this training forward (LoRANetwork.drop_modules)
         self.multiplier = 1.0
+        self.shape = (out_dim, in_dim, *(conv[0] if conv is not None else ()))
+        if dora is not None:  # DoRA (networks/lycoris.py): magnitude per output row, the direction W + up @ down
+            self.dora_scale = nn.Parameter(dora)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.scale = float(self.alpha) / self.dim  # the file's alpha decides the scale
 
-    def forward(self, x: Tensor) -> Tensor | None:
+    def forward(self, x: Tensor, weight: Tensor | None = None) -> Tensor | None:
         # dropouts only while training with gradients: previews (inference_mode) and eval run the adapter whole
         train = self.training and torch.is_grad_enabled()
         if train and self.skipped:
             return None
+        if hasattr(self, "dora_scale"):  # DoRA renormalises the whole weight: op(x, W' - W)
+            assert weight is not None
+            dw = self.weight_delta(weight).to(x.dtype)
+            if self.lora_down.weight.dim() == 2:
+                return F.linear(x, dw)
+            return F.conv2d(x, dw, stride=self.lora_down.stride, padding=self.lora_down.padding)
         h = self.lora_down(x.to(self.lora_down.weight.dtype))  # (B, ..., dim) or (B, dim, H, W)
         scale = self.scale
         if train and self.dropout:
@@ -235,30 +248,43 @@ class LoRAModule(nn.Module):
             scale = scale / (1.0 - self.rank_dropout)
         return self.lora_up(h) * (self.multiplier * scale)
 
-    def weight_delta(self) -> Tensor:
-        """multiplier * scale * up @ down in the base weight's shape (fp32)."""
-        return lora_product(self.lora_up.weight, self.lora_down.weight) * (self.multiplier * self.scale)
+    def delta_weight(self) -> Tensor:
+        """scale * up @ down in the base weight's shape (fp32), no multiplier."""
+        return lora_product(self.lora_up.weight, self.lora_down.weight) * self.scale
+
+    def weight_delta(self, weight: Tensor | None = None) -> Tensor:
+        """The merged change at the current multiplier (fp32): multiplier * scale * up @ down; DoRA: W' - W for the
+        base `weight`."""
+        if hasattr(self, "dora_scale"):
+            assert weight is not None, "DoRA: the base weight is needed"
+            w = weight.detach().float()
+            return weight_decompose(w, w + self.delta_weight(), self.dora_scale, self.multiplier) - w
+        return self.delta_weight() * self.multiplier
 
 
-def _patch_linear(module: nn.Module, adapter: LoRAModule) -> None:
+Adapter = Any  # LoRAModule or networks.lycoris.WeightAdapter: forward(x, base weight) -> output change or None
+
+
+def _patch_linear(module: nn.Module, adapter: Adapter) -> None:
     orig = module.forward
 
     def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         out = orig(x, *args, **kwargs)
-        d = adapter(x)
+        d = adapter(x, module.weight)
         return out if d is None else out + d.to(out.dtype)
 
     module.forward = forward  # type: ignore[method-assign]
 
 
-def _patch_fused_qkv(attn: nn.Module, adapters: list[LoRAModule | None]) -> None:
+def _patch_fused_qkv(attn: nn.Module, adapters: list[Adapter | None]) -> None:
     """bigG (open_clip) attention: q, k, v deltas added to the fused in-projection's output."""
     from models.text_encoders import _causal_attention
 
     def forward(x: Tensor) -> Tensor:
         qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)  # (B, T, 3C)
         c = qkv.shape[-1] // 3
-        deltas = [a(x) if a is not None else None for a in adapters]
+        deltas = [a(x, attn.in_proj_weight[i * c:(i + 1) * c]) if a is not None else None
+                  for i, a in enumerate(adapters)]
         if any(d is not None for d in deltas):
             qkv = qkv + torch.cat([d.to(qkv.dtype) if d is not None else qkv.new_zeros(*qkv.shape[:-1], c)
                                    for d in deltas], dim=-1)
@@ -271,7 +297,7 @@ def _patch_fused_qkv(attn: nn.Module, adapters: list[LoRAModule | None]) -> None
 class LoRANetwork(nn.Module):
     """The adapters of one model (by kohya LoRA name) and where they are applied; state_dict() is the kohya file."""
 
-    def __init__(self, adapters: Mapping[str, LoRAModule], targets: Mapping[str, Target],
+    def __init__(self, adapters: Mapping[str, Adapter], targets: Mapping[str, Target],
                  lrs: Mapping[str, float | None] | None = None):
         super().__init__()
         self.adapters = nn.ModuleDict(dict(adapters))
@@ -282,7 +308,7 @@ class LoRANetwork(nn.Module):
     def apply_to(self) -> "LoRANetwork":
         """Patch the forwards of the adapted layers (once)."""
         assert not self._applied, "already applied"
-        fused: dict[int, tuple[nn.Module, list[LoRAModule | None]]] = {}
+        fused: dict[int, tuple[nn.Module, list[Adapter | None]]] = {}
         for name, adapter in self.adapters.items():
             t = self._targets[name]
             if t.slot is not None:
@@ -315,28 +341,41 @@ class LoRANetwork(nn.Module):
             a.multiplier = value
 
     def load_kohya(self, groups: Mapping[str, Mapping[str, Tensor]], source: str) -> None:
-        """Load a LoRA file's layers (`read_lora`): exactly this network's layers, with the same ranks."""
+        """Load a file's layers (`read_lora`): exactly this network's layers, algorithms and shapes (every tensor of
+        the file used; a file without `alpha` keeps kohya's meaning, alpha = rank)."""
         names = set(self.adapters)
         missing, extra = sorted(names - set(groups)), sorted(set(groups) - names)
         if missing or extra:
             raise ValueError(f"{source}: its layers differ from the configured network: {len(missing)} missing "
                              f"{missing[:3]}, {len(extra)} not configured {extra[:3]}; set [network] target_modules / "
                              f"block_args to match the file")
-        mine = self.state_dict()
         flat = {}
-        for name in names:
-            g = groups[name]
-            for leaf in ("lora_down.weight", "lora_up.weight"):
-                key, v = f"adapters.{name}.{leaf}", g[leaf]
-                if tuple(v.shape) != tuple(mine[key].shape):
-                    raise ValueError(f"{source}: {name}.{leaf} has shape {tuple(v.shape)}, the configured network "
-                                     f"{tuple(mine[key].shape)} (set network_dim / conv_dim / block_args to the file's ranks)")
-                flat[key] = v
-            flat[f"adapters.{name}.alpha"] = g["alpha"].float() if "alpha" in g else torch.tensor(float(g["lora_down.weight"].shape[0]))
+        for name in sorted(names):
+            g, mine = groups[name], self.adapters[name].state_dict()
+            if algo_of(g) != self.adapters[name].algo:
+                raise ValueError(f"{source}: {name} is a {algo_of(g)} layer, the configured network trains "
+                                 f"{self.adapters[name].algo} (set network.network_module)")
+            leaves = set(g) | {"alpha"}
+            if leaves != set(mine):
+                raise ValueError(f"{source}: {name} holds {sorted(g)}, the configured network {sorted(mine)} (set "
+                                 "network_dim / factor / decompose_both / full_matrix / dora_wd to the file's)")
+            for leaf, v in mine.items():
+                if leaf == "alpha":
+                    v = g["alpha"].float() if "alpha" in g else torch.tensor(float(self.adapters[name].dim))
+                elif tuple(g[leaf].shape) != tuple(v.shape):
+                    raise ValueError(f"{source}: {name}.{leaf} has shape {tuple(g[leaf].shape)}, the configured network "
+                                     f"{tuple(v.shape)} (set network_dim / conv_dim / factor / block_args to the file's)")
+                else:
+                    v = g[leaf]
+                flat[f"adapters.{name}.{leaf}"] = v
         self.load_state_dict(flat, strict=True)
+        for a in self.adapters.values():
+            if isinstance(a, LoRAModule):
+                a.scale = float(a.alpha) / a.dim
 
     def kohya_state_dict(self) -> dict[str, Tensor]:
-        """`<lora name>.lora_down.weight` / `.lora_up.weight` / `.alpha` (the file layout)."""
+        """`<lora name>.<tensor>` (the file layout: lora_down.weight / lora_up.weight / alpha, hada_*, lokr_*,
+        dora_scale)."""
         return {k[len("adapters."):]: v for k, v in self.state_dict().items()}
 
 
@@ -370,6 +409,24 @@ def _first_match(patterns: Iterable[str], name: str) -> bool:
     return any(re.fullmatch(p, name) for p in patterns)
 
 
+CONV_ALGOS = ("locon", "loha", "lokr")  # also adapt convolutions (LyCORIS's kohya preset adapts the ResNet blocks)
+
+
+def make_adapter(ncfg: Any, t: Target, dim: int, alpha: float) -> Adapter:
+    """One adapter of the configured algorithm for target `t` (DoRA's magnitude from the base weight's rows)."""
+    out_dim, in_dim = t.shape
+    shape = (out_dim, in_dim, *(t.module.kernel_size if t.conv is not None else ()))
+    w = t.weight if t.slot is None else t.weight[t.slot * in_dim:(t.slot + 1) * in_dim]
+    dora = dora_magnitude(w) if ncfg.dora_wd else None
+    if ncfg.network_module == "loha":
+        return LoHaModule(shape, dim, alpha, t.conv, ncfg.module_dropout, dora)
+    if ncfg.network_module == "lokr":
+        return LoKrModule(shape, dim, alpha, t.conv, ncfg.module_dropout, dora, factor=ncfg.factor,
+                          decompose_both=ncfg.decompose_both, full_matrix=ncfg.full_matrix)
+    return LoRAModule(out_dim, in_dim, dim, alpha, t.conv, ncfg.network_dropout, ncfg.rank_dropout,
+                      ncfg.module_dropout, dora)
+
+
 def create_network(comp: Any, ncfg: Any, *, unet: bool, text: bool) -> LoRANetwork:
     """Adapters on the configured targets of the loaded parts (ranks, alphas, block-wise settings from [network])."""
     family = comp.family
@@ -378,7 +435,8 @@ def create_network(comp: Any, ncfg: Any, *, unet: bool, text: bool) -> LoRANetwo
                                                   if pre + "_" in TEXT_PREFIXES] if text else [])
     targets = lora_targets(comp, parts)
     linear = ncfg.target_modules or DEFAULT_TARGETS[family]
-    conv = (ncfg.conv_target_modules or DEFAULT_CONV_TARGETS[family]) if ncfg.network_module == "locon" else []
+    algo = ncfg.network_module
+    conv = (ncfg.conv_target_modules or DEFAULT_CONV_TARGETS[family]) if algo in CONV_ALGOS else []
     conv_dim = ncfg.conv_dim or ncfg.network_dim
     conv_alpha = ncfg.conv_alpha if ncfg.conv_alpha is not None else ncfg.network_alpha
     adapters, lrs = {}, {}
@@ -395,9 +453,7 @@ def create_network(comp: Any, ncfg: Any, *, unet: bool, text: bool) -> LoRANetwo
         dim, alpha = int(block.get("dim", dim)), float(block.get("alpha", alpha))
         if dim <= 0:
             continue
-        out_dim, in_dim = t.shape
-        adapters[name] = LoRAModule(out_dim, in_dim, dim, alpha, t.conv, ncfg.network_dropout, ncfg.rank_dropout,
-                                    ncfg.module_dropout)
+        adapters[name] = make_adapter(ncfg, t, dim, alpha)
         lrs[name] = block.get("lr")
     if not adapters:
         raise ValueError("[network]: no layer matches the targets (check target_modules / exclude_modules / "
@@ -418,39 +474,43 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
+REQUIRED = {"lora": ("lora_down.weight", "lora_up.weight"), "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
+            "lokr": ()}
+
+
 def read_lora(path: str, comp: Any | None = None) -> dict[str, dict[str, Tensor]]:
-    """A LoRA file as {lora name: {"lora_down.weight", "lora_up.weight", "alpha"?}}. SDXL `lora_unet_` names in
-    diffusers naming are mapped to the sgm paths when `comp` (the SDXL model they are for) is given."""
+    """An adapter file (kohya LoRA / LoCon, LyCORIS LoHa / LoKr, DoRA) as {layer name: {tensor name: tensor}}. SDXL
+    `lora_unet_` names in diffusers naming are mapped to the sgm paths when `comp` (the SDXL model) is given."""
     from models.checkpoint import SafeTensorFile
     f = SafeTensorFile(path)
     groups: dict[str, dict[str, Tensor]] = {}
     for key in f.keys():
         name, _, leaf = key.partition(".")
-        if leaf not in ("lora_down.weight", "lora_up.weight", "alpha"):
-            raise ValueError(f"{path}: {key!r} is not a kohya LoRA tensor (<name>.lora_down.weight / .lora_up.weight / "
-                             f".alpha); LoHa / LoKr / DoRA files are not supported")
+        if leaf not in ALL_KEYS:
+            raise ValueError(f"{path}: {key!r} is not a tensor of a LoRA / LoCon / LoHa / LoKr / DoRA layer (other "
+                             "LyCORIS algorithms, e.g. OFT / BOFT / IA3 / GLoRA / full, are not supported)")
         groups.setdefault(name, {})[leaf] = f.get(key)
     unet = getattr(comp, "unet", None) if comp is not None else None
     if unet is not None:
         cfg = unet.cfg
         groups = {sdxl_diffusers_to_sgm(n, cfg.num_res_blocks, cfg.transformer_depth): g for n, g in groups.items()}
     for name, g in groups.items():
-        if "lora_down.weight" not in g or "lora_up.weight" not in g:
-            raise ValueError(f"{path}: layer {name} lacks its lora_down or lora_up weight")
+        algo = algo_of(g)
+        lacking = [k for k in REQUIRED[algo] if k not in g]
+        if algo == "lokr" and not (("lokr_w1" in g or {"lokr_w1_a", "lokr_w1_b"} <= set(g))
+                                   and ("lokr_w2" in g or {"lokr_w2_a", "lokr_w2_b"} <= set(g))):
+            lacking = ["lokr_w1 / lokr_w1_a + _b and lokr_w2 / lokr_w2_a + _b"]
+        if lacking:
+            raise ValueError(f"{path}: {algo} layer {name} lacks {', '.join(lacking)}")
     return groups
-
-
-def _scale(g: Mapping[str, Tensor]) -> float:
-    dim = g["lora_down.weight"].shape[0]
-    alpha = float(g["alpha"]) if "alpha" in g else float(dim)  # kohya: no alpha = alpha equal to the rank
-    return alpha / dim
 
 
 @torch.no_grad()
 def merge_into(comp: Any, groups: Mapping[str, Mapping[str, Tensor]], weight: float = 1.0,
                source: str = "", warn: Callable[[str], None] = print) -> int:
-    """W += weight * alpha / dim * up @ down for every layer of the LoRA (in W's dtype, computed in fp32).
-    Returns the number of layers merged; layers of parts that are not loaded are skipped with a warning."""
+    """W += the change each layer makes at multiplier `weight` (LoRA: weight * alpha / dim * up @ down; LoHa / LoKr /
+    DoRA: networks/lycoris.py), computed in fp32, stored in W's dtype. Returns the number of layers merged; layers of
+    parts that are not loaded are skipped with a warning."""
     targets = lora_targets(comp)
     unknown = [n for n in groups if n not in targets]
     if len(unknown) == len(groups):
@@ -462,18 +522,15 @@ def merge_into(comp: Any, groups: Mapping[str, Mapping[str, Tensor]], weight: fl
         t = targets.get(name)
         if t is None:
             continue
-        delta = lora_product(g["lora_up.weight"], g["lora_down.weight"]) * (weight * _scale(g))
         w = t.weight
         if t.slot is not None:
             c = w.shape[1]
-            rows = w[t.slot * c:(t.slot + 1) * c]
-            if tuple(delta.shape) != tuple(rows.shape):
-                raise ValueError(f"{source}: {name}: shape {tuple(delta.shape)} does not fit {tuple(rows.shape)}")
-            rows.copy_((rows.float() + delta.to(rows.device)).to(w.dtype))
-            continue
-        if delta.numel() != w.numel():
-            raise ValueError(f"{source}: {name}: LoRA product {tuple(delta.shape)} does not fit weight {tuple(w.shape)}")
-        w.copy_((w.float() + delta.reshape(w.shape).to(w.device)).to(w.dtype))
+            w = w[t.slot * c:(t.slot + 1) * c]  # a view: bigG's q / k / v rows of in_proj_weight
+        try:
+            delta = group_delta({k: v.to(w.device) for k, v in g.items()}, w, weight)
+        except RuntimeError as e:  # shapes that do not fit the weight (reshape / matmul errors)
+            raise ValueError(f"{source}: {name} does not fit weight {tuple(w.shape)}: {e}") from None
+        w.copy_((w.float() + delta).to(w.dtype))
     return len(groups) - len(unknown)
 
 
@@ -492,16 +549,24 @@ def ss_metadata(cfg: Any, family: str, network: LoRANetwork, base: Mapping[str, 
     """The run's kohya metadata (`base`: training/run_metadata.py's ss_* keys) with what a LoRA file adds: network
     module / dim / alpha / args / dropout, the adapters' learning rates and the LoRA modelspec architecture."""
     n, o = cfg.network, cfg.optimizer
-    args = {"conv_dim": str(n.conv_dim or n.network_dim),
-            "conv_alpha": str(n.conv_alpha if n.conv_alpha is not None else n.network_alpha)} \
-        if n.network_module == "locon" else {}
+    lycoris = n.network_module in ("loha", "lokr") or n.dora_wd
+    args = {"algo": n.network_module} if lycoris else {}  # LyCORIS's kohya network_args, as strings
+    if n.network_module in CONV_ALGOS:
+        args.update({"conv_dim": str(n.conv_dim or n.network_dim),
+                     "conv_alpha": str(n.conv_alpha if n.conv_alpha is not None else n.network_alpha)})
+    if n.network_module == "lokr":
+        args.update({"factor": str(n.factor), "decompose_both": str(n.decompose_both),
+                     "full_matrix": str(n.full_matrix)})
+    if n.dora_wd:
+        args["dora_wd"] = "True"
     for k in ("rank_dropout", "module_dropout"):
         if getattr(n, k):
             args[k] = str(getattr(n, k))
     meta = {k: v for k, v in (base or {}).items() if k != "ss_training_type"}
     te_trained = any(k.startswith(TEXT_PREFIXES) for k in network.adapters)
     meta.update({
-        "ss_network_module": NETWORK_MODULE[n.network_module], "ss_network_dim": str(n.network_dim),
+        "ss_network_module": "lycoris.kohya" if lycoris else NETWORK_MODULE[n.network_module],
+        "ss_network_dim": str(n.network_dim),
         "ss_network_alpha": str(n.network_alpha), "ss_network_args": json.dumps(args),
         "ss_network_dropout": str(n.network_dropout), "ss_base_model_version": BASE_MODEL_VERSION[family],
         "ss_unet_lr": str(n.unet_lr if n.unet_lr is not None else o.learning_rate),
