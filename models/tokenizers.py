@@ -8,6 +8,11 @@ bigG conventions in SDXL / SD3 is the padding token (49407 vs 0), see `CLIPToken
 Speed (one CPU core, pure Python, 10-40-tag booru captions, warm BPE cache): about 15k captions/s for
 `__call__` (~1-2 minutes per million captions, ~2.5x open_clip's SimpleTokenizer); about half of the time is
 ftfy.fix_text, BPE itself is mostly word-cache hits.
+
+The vocabulary is bundled (models/assets/bpe_simple_vocab_16e6.txt.gz, byte-identical to the file OpenAI CLIP and
+open_clip ship, MIT licence), so open_clip is not needed at run time. ftfy is: its `fix_text` is the cleaning open_clip
+and the original CLIP tokenizer apply (mojibake repair, ligatures, character widths), and token ids must match theirs;
+it is imported at the first tokenization, so runs that only read cached text-encoder outputs do not need it.
 """
 
 from __future__ import annotations
@@ -15,11 +20,9 @@ from __future__ import annotations
 import functools
 import gzip
 import html
-import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-import ftfy
 import regex
 import torch
 
@@ -32,6 +35,7 @@ CONTEXT_LENGTH = 77  # CLIP's position-embedding length
 CHUNK_TOKENS = CONTEXT_LENGTH - 2  # text tokens per 77-block (SOT and EOT take two)
 MAX_TOKEN_LENGTHS = (75, 150, 225)  # kohya-ss sd-scripts --max_token_length choices (None = 75)
 _VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
+_BUNDLED_VOCAB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", _VOCAB_FILE)
 # Pre-tokenization pattern of open_clip (its special-token strings first, then OpenAI CLIP's rule).
 _PATTERN = regex.compile(
     r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
@@ -43,17 +47,20 @@ _CACHE_MAX = 1 << 20  # words; cleared when full (caption vocabularies repeat he
 
 
 def default_vocab_path() -> str:
-    """Path of the BPE file bundled with open_clip, found without importing open_clip (it imports torchvision)."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"open_clip is not installed, so its bundled {_VOCAB_FILE} cannot be found; "
-            "install open_clip_torch or pass CLIPTokenizer(vocab_path=...)"
-        )
-    path = os.path.join(list(spec.submodule_search_locations)[0], _VOCAB_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist; pass CLIPTokenizer(vocab_path=...)")
-    return path
+    """Path of the bundled CLIP BPE file (the same bytes as open_clip's and OpenAI CLIP's)."""
+    if not os.path.isfile(_BUNDLED_VOCAB):
+        raise FileNotFoundError(f"{_BUNDLED_VOCAB} is missing (part of the repository); pass CLIPTokenizer(vocab_path=...)")
+    return _BUNDLED_VOCAB
+
+
+@functools.cache
+def _fix_text() -> Callable[[str], str]:
+    """ftfy.fix_text, imported once at the first tokenization (a clear error where ftfy is missing)."""
+    try:
+        import ftfy
+    except ImportError:
+        raise ImportError("CLIP tokenization needs ftfy (pip install ftfy), the text cleaning open_clip applies") from None
+    return ftfy.fix_text
 
 
 @functools.cache
@@ -67,12 +74,12 @@ def bytes_to_unicode() -> dict[int, str]:
 
 def clean_text(text: str) -> str:
     """open_clip's "lower" cleaning: ftfy.fix_text, html.unescape twice, whitespace collapse, lower-case."""
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    text = html.unescape(html.unescape(_fix_text()(text))).strip()
     return " ".join(text.split()).lower()
 
 
 class CLIPTokenizer:
-    """CLIP BPE on open_clip's bundled vocabulary (bpe_simple_vocab_16e6.txt.gz), with kohya's long-prompt layout."""
+    """CLIP BPE on the bundled vocabulary (bpe_simple_vocab_16e6.txt.gz), with kohya's long-prompt layout."""
 
     def __init__(self, vocab_path: str | None = None) -> None:
         path = vocab_path or default_vocab_path()
@@ -190,6 +197,6 @@ class CLIPTokenizer:
 
 @functools.cache
 def default_tokenizer() -> CLIPTokenizer:
-    """The tokenizer on open_clip's bundled vocabulary, built once per process: every SDXL / SD3 component
+    """The tokenizer on the bundled vocabulary, built once per process: every SDXL / SD3 component
     set shares it (and its word cache) instead of re-reading the vocabulary file."""
     return CLIPTokenizer()

@@ -72,11 +72,32 @@ def captions() -> list[str]:
 
 
 def test_vocab_file_is_open_clips(tok: CLIPTokenizer) -> None:
-    """Reference: open_clip.tokenizer.default_bpe() (path of the bundled vocabulary) and its special ids."""
+    """Reference: open_clip.tokenizer.default_bpe() (open_clip's copy of OpenAI CLIP's vocabulary): our bundled file
+    holds the same bytes, and the special ids agree."""
     octok = pytest.importorskip("open_clip.tokenizer")
-    assert default_vocab_path() == octok.default_bpe()
+    with open(default_vocab_path(), "rb") as ours, open(octok.default_bpe(), "rb") as theirs:
+        assert ours.read() == theirs.read()
     assert (octok._tokenizer.sot_token_id, octok._tokenizer.eot_token_id) == (SOT, EOT)
     assert tok.encoder == octok._tokenizer.encoder
+
+
+def test_runtime_needs_neither_open_clip_nor_ftfy_until_it_cleans_text(monkeypatch) -> None:
+    """The GPU image has neither (scripts/download_wheels.sh carries ftfy): building the tokenizer needs no package
+    beyond regex; the first cleaning asks for ftfy with one clear line."""
+    import sys
+
+    from models import tokenizers
+
+    monkeypatch.setitem(sys.modules, "ftfy", None)  # `import ftfy` raises ImportError
+    monkeypatch.setitem(sys.modules, "open_clip", None)
+    tokenizers._fix_text.cache_clear()
+    try:
+        t = CLIPTokenizer()
+        assert len(t.encoder) == 49408
+        with pytest.raises(ImportError, match="needs ftfy"):
+            t.encode("a photo")
+    finally:
+        tokenizers._fix_text.cache_clear()
 
 
 def test_matches_open_clip_tokenize(tok: CLIPTokenizer, captions: list[str]) -> None:
