@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """GPU smoke run: the code paths that only run on a GPU, end to end, on one GPU in a few minutes.
 
-    python scripts/gpu_smoke.py [--out DIR] [--only step,step] [--quick]     # CUDA (the default when visible)
+    python scripts/gpu_smoke.py [--out DIR] [--only step,step] [--quick] [--budget-s S]   # CUDA (when visible)
     python scripts/gpu_smoke.py --device cpu [--quick]                       # CPU: CUDA-only steps are SKIP
 
 Tiny presets (random weights, real structure) and generated images, nothing downloaded. Every entry point runs as a
@@ -14,7 +14,8 @@ preset weights equal on CPU and GPU), cache-sdxl / cache-sd3 (VAE latents; SD3 a
 train-{sdxl,sd3}-{bf16,fp16} (autocast, GradScaler, fused AdamW, pinned non-blocking copies, peak-memory metric,
 previews at the last step), train-compile (train.compile = true), train-fsdp (train.fsdp = true), sigterm-resume
 (SIGTERM to the worker mid-run, then train.resume = "auto" to the end; compared with the uninterrupted fp16 run),
-exports (every exported file reloaded, network equal to the trained weights), generate (generate.py on the
+exports (every exported file reloaded, network equal to the trained weights: a full state's trained.safetensors or a
+sharded (FSDP) state's DCP folder), generate (generate.py on the
 SDXL and SD3 exports), cpu-vs-cuda (the same fp32 run on the GPU and on the CPU: losses equal within
 CPU_CUDA_RTOL).
 """
@@ -338,7 +339,6 @@ class Smoke:
 
     def exports(self) -> str:
         import models
-        from safetensors.torch import load_file
         files = sorted(glob.glob(os.path.join(self.out, "runs", "*", "models", "*.safetensors")))
         check(bool(files), "no exports found")
         for path in files:
@@ -347,8 +347,7 @@ class Smoke:
             check(not bad, f"{path}: non-finite tensors {bad[:3]}")
             run = os.path.dirname(os.path.dirname(path))
             if os.path.basename(path) == _export_name(run):  # the final export holds the final trained weights
-                state = _last_state(run)
-                trained = {k[len("network."):]: v for k, v in load_file(os.path.join(state, "trained.safetensors")).items()
+                trained = {k[len("network."):]: v for k, v in _trained_weights(_last_state(run)).items()
                            if k.startswith("network.")}
                 net = comp.network.state_dict()
                 check(trained.keys() == net.keys(), f"{path}: network keys differ from the trained state")
@@ -398,21 +397,21 @@ class Smoke:
     def plan(self) -> list[tuple[str, bool, Callable[[], str]]]:
         """(name, in the --quick subset, step)."""
         t = self.train
-        return [
+        return [  # GPU-only checks early, so a run cut short by --budget-s still has them
             ("nccl", False, self.nccl),
             ("init-parity", True, self.init_parity),
             ("cache-sdxl", True, lambda: self.cache("sdxl")),
-            ("cache-sd3", False, lambda: self.cache("sd3")),
+            ("cpu-vs-cuda", True, self.cpu_vs_cuda),
             ("train-sdxl-bf16", False, lambda: t("sdxl", "bf16", previews=True)),
             ("train-sdxl-fp16", False, lambda: t("sdxl", "fp16")),
-            ("train-sd3-bf16", False, lambda: t("sd3", "bf16", previews=True)),
-            ("train-sd3-fp16", False, lambda: t("sd3", "fp16")),
             ("train-compile", False, self.train_compile),
+            ("cache-sd3", False, lambda: self.cache("sd3")),
+            ("train-sd3-bf16", False, lambda: t("sd3", "bf16", previews=True)),
             ("train-fsdp", False, lambda: t("sd3", "bf16", "train.fsdp=true", name="train-fsdp", previews=True)),
+            ("train-sd3-fp16", False, lambda: t("sd3", "fp16")),
             ("sigterm-resume", True, self.sigterm_resume),
             ("exports", True, self.exports),
             ("generate", True, self.generate),
-            ("cpu-vs-cuda", True, self.cpu_vs_cuda),
         ]
 
     def train_compile(self) -> str:
@@ -461,6 +460,25 @@ def _last_state(out: str) -> str:
     return os.path.join(out, "state", states[-1])
 
 
+def _trained_weights(state: str) -> dict[str, torch.Tensor]:
+    """The trained weights of a resume state (part-prefixed keys): `trained.safetensors` of a full state, or the
+    `model` entry of a sharded (FSDP) state's DCP folder, gathered into one file the way tests/test_fsdp.py reads it
+    (torch's dcp_to_torch_save) in a temporary folder."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(state, "trained.safetensors")
+    if os.path.isfile(path):
+        return load_file(path)
+    folder = os.path.join(state, "dcp")
+    check(os.path.isdir(folder), f"{state}: neither trained.safetensors nor a dcp/ folder")
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(folder, os.path.join(tmp, "full.pt"))
+        full = torch.load(os.path.join(tmp, "full.pt"), weights_only=False)
+    check(isinstance(full.get("model"), dict) and bool(full["model"]), f"{folder}: no trained weights in it")
+    return full["model"]
+
+
 def _progress(out: str) -> dict[str, Any]:
     return json.loads(_read(os.path.join(_last_state(out), "progress.json")))
 
@@ -477,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="", help="work folder (default: a temporary folder, removed unless --keep)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--quick", action="store_true", help="a short subset, run in this process (the CI test)")
+    ap.add_argument("--budget-s", type=float, default=0.0, help="steps that would start later than this many seconds "
+                    "after the start are SKIP (budget), so a run under a timeout ends with its summary (0: no limit)")
     ap.add_argument("--only", default="", help="comma-separated step names (setup always runs; exports, generate and "
                     "the sigterm-resume comparison use the runs of earlier steps)")
     args = ap.parse_args(argv)
@@ -501,6 +521,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, in_quick, fn in plan:
         if (only and name not in only) or (args.quick and not in_quick):
             results.append(Result(name, "SKIP", "not selected" if only else "not in --quick"))
+            print(f"SKIP {name}: {results[-1].detail}", flush=True)
+            continue
+        if args.budget_s and time.perf_counter() - t_all > args.budget_s:
+            results.append(Result(name, "SKIP", f"(budget) past --budget-s {args.budget_s:g}"))
             print(f"SKIP {name}: {results[-1].detail}", flush=True)
             continue
         t0 = time.perf_counter()
