@@ -182,9 +182,9 @@ class TrainConfig:
     max_bad_steps: int = opt(10, "consecutive NaN/Inf-loss steps before the run saves and stops", min=1)
     deterministic: bool = opt(False, "deterministic algorithms (slower; for exact reproducibility)")
     fsdp: bool = opt(False, "shard the trained model with FSDP2 instead of DDP (models that do not fit one GPU)")
-    compile: bool | None = opt(None, "torch.compile each network block (regional compile; the first forward's time is logged); unset = on when training on CUDA")
-    channels_last: bool | None = opt(None, "channels_last memory format for the UNet / VAE convolutions; unset = on when training on CUDA")
-    sdpa_backend: str = opt("auto", "attention kernel on CUDA, the only one enabled (logged); auto = the first of flash, efficient, cudnn, math that runs", choices=("auto", "flash", "efficient", "cudnn", "math"))
+    compile: bool | None = opt(None, "torch.compile each network block and the middle block, static shapes per bucket (one compile per new bucket shape; tail batches padded, no recompile); unset = on when training on CUDA")
+    channels_last: bool | None = opt(None, "channels_last memory format for the UNet / VAE convolutions; unset = off (not measured faster on CUDA yet)")
+    sdpa_backend: str = opt("auto", "attention kernel tried first on CUDA; auto = chosen per call by dtype and mask (flash / cudnn for fp16 and bf16, memory-efficient for masks and fp32); calls the named kernel cannot run use the next", choices=("auto", "flash", "efficient", "cudnn", "math"))
     noise_device: str = opt("same", "generator of the training noise and timesteps: same = the training device's "
                             "(fastest); cpu = the CPU's, the same numbers on any GPU or CPU (a small copy per "
                             "micro-step)", choices=("same", "cpu"))

@@ -16,6 +16,8 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from models.attention import attention as sdpa
+
 # Released configs derive width and heads from depth (mmditx.py: "this defines a head_size of 64").
 HEAD_DIM = 64
 MLP_RATIO = 4.0
@@ -201,7 +203,7 @@ class SelfAttention(nn.Module):
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """SDPA over [B, heads, L, head_dim] -> [B, L, heads * head_dim]."""
-    return rearrange(F.scaled_dot_product_attention(q, k, v), "b h l d -> b l (h d)")
+    return rearrange(sdpa(q, k, v), "b h l d -> b l (h d)")
 
 
 class DismantledBlock(nn.Module):

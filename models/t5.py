@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from models.attention import attention
+
 # T5 v1.1 layer-norm eps (HF T5Config.layer_norm_epsilon).
 LAYER_NORM_EPS = 1e-6
 # SentencePiece ids fixed by the T5 vocabulary (spiece.model / tokenizer.json).
@@ -154,7 +156,7 @@ class T5Attention(nn.Module):
         """x [B, L, D], bias [1 or B, H, L, L] (position bias plus the additive key mask, if any)."""
         h = self.cfg.num_heads
         q, k, v = (rearrange(f(x), "b l (h d) -> b h l d", h=h) for f in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0)  # [B, H, L, d]
+        out = attention(q, k, v, mask=bias.to(q.dtype), scale=1.0)  # [B, H, L, d]
         return self.o(rearrange(out, "b h l d -> b l (h d)"))
 
 

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from models.attention import attention
+
 # LayerNorm epsilon of both OpenAI CLIP / HF CLIPTextConfig (layer_norm_eps) and open_clip's LayerNorm.
 LN_EPS = 1e-5
 # Head width of every released CLIP text tower (768 / 12 heads, 1280 / 20 heads); heads are not
@@ -189,7 +191,7 @@ def _activation(x: Tensor, act: str) -> Tensor:
 def _causal_attention(q: Tensor, k: Tensor, v: Tensor, num_heads: int) -> Tensor:
     """Multi-head causal self-attention on projected q, k, v of shape (B, T, C)."""
     q, k, v = (rearrange(t, "b t (h d) -> b h t d", h=num_heads) for t in (q, k, v))
-    x = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, D); scale D^-0.5 as CLIP
+    x = attention(q, k, v, is_causal=True)  # (B, H, T, D); scale D^-0.5 as CLIP
     return rearrange(x, "b h t d -> b t (h d)")
 
 

@@ -16,6 +16,8 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from models.attention import attention
+
 # sgm `normalization()`: GroupNorm32 with 32 groups; ResBlocks use eps 1e-5, SpatialTransformer 1e-6.
 NORM_GROUPS = 32
 RES_NORM_EPS = 1e-5
@@ -147,7 +149,7 @@ class CrossAttention(nn.Module):
         context = x if context is None else context
         q, k, v = (rearrange(p, "b n (h d) -> b h n d", h=self.heads)
                    for p in (self.to_q(x), self.to_k(context), self.to_v(context)))
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim); scale = head_dim**-0.5
+        out = attention(q, k, v)  # (B, heads, N, head_dim); scale = head_dim**-0.5
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 
 

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from models.attention import attention
+
 # sgm `Normalize`: GroupNorm with 32 groups, eps 1e-6.
 NORM_GROUPS = 32
 NORM_EPS = 1e-6
@@ -165,7 +167,7 @@ class AttnBlock(nn.Module):
         _, _, height, width = x.shape
         h = self.norm(x)
         q, k, v = (rearrange(p(h), "b c h w -> b 1 (h w) c") for p in (self.q, self.k, self.v))  # (B, 1, HW, C)
-        h = F.scaled_dot_product_attention(q, k, v)  # default scale C^-0.5 as the original
+        h = attention(q, k, v)  # default scale C^-0.5 as the original
         h = rearrange(h, "b 1 (h w) c -> b c h w", h=height, w=width)
         return x + self.proj_out(h)
 
