@@ -284,6 +284,7 @@ def _build_index(data: DataConfig, skipped: SkipReport | None, threads: int,
                                    f"(euge-trainer refuses it too)")
         sizes[i] = -1
     keep = np.nonzero((sizes > 0).all(1))[0]
+    report_metadata_counts(cols, keep, {m for s in subsets for m in s.metadata_files})
     if len(keep) < n:
         cols.take(keep)
         sizes, latent = sizes[keep], latent[keep]
@@ -319,6 +320,28 @@ def _build_index(data: DataConfig, skipped: SkipReport | None, threads: int,
                         sizes=sizes, buckets=buckets, subset=subset_arr,
                         repeats=repeats, subsets=subsets, bucket_settings=bs, fingerprint=fp, counter=counter,
                         skipped=dict(skipped.items), store_sig=store_signature(store.root) if from_store else "")
+
+
+def report_metadata_counts(cols: PackedRows, keep: np.ndarray, files: set[str]) -> dict[str, tuple[int, int]]:
+    """One line per metadata file: entries read, used, and left out (their reasons are in skipped.txt); a file
+    whose entries were all left out is a warning. Returns {file: (read, used)}."""
+    if not files or not len(cols):
+        return {}
+    starts = np.asarray([a for a, _ in cols.origins], np.int64)
+    names = [o for _, o in cols.origins]
+    run = np.searchsorted(starts, np.arange(len(cols)), side="right") - 1
+    read = np.bincount(run, minlength=len(names))
+    used = np.bincount(run[keep], minlength=len(names))
+    out: dict[str, tuple[int, int]] = {}
+    for j, name in enumerate(names):
+        if name in files:
+            r, u = out.get(name, (0, 0))
+            out[name] = (r + int(read[j]), u + int(used[j]))
+    for name, (r, u) in out.items():
+        log.log(logging.WARNING if u == 0 or u < r else logging.INFO,
+                "metadata %s: %d entries read, %d used, %d left out%s", name, r, u, r - u,
+                " (reasons in skipped.txt)" if u < r else "")
+    return out
 
 
 def balance_reg(repeats: np.ndarray, is_reg: np.ndarray) -> None:

@@ -24,7 +24,7 @@ from .hooks import COUNTED_FIELDS
 from .listing import map_chunked  # noqa: F401  (cache.py imports it from here)
 from .readers import reader_for, sources_of, stat_sig
 from .readers.folder import dreambooth_subsets
-from .readers.metadata import METADATA_EXTENSIONS, peek_json
+from .readers.metadata import METADATA_EXTENSIONS
 from .readers.tar import expand_shards
 from .spec import SubsetSpec
 
@@ -183,15 +183,10 @@ def require_store_for_containers(data: DataConfig, use_store: bool) -> None:
                              "`torchrun --nproc_per_node=N cache.py <config>` first; train.py then trains from the "
                              "latent store")
 
-def _object_json(origin: str) -> bool:
-    """Whether an origin is a JSON object file ({key: ...}: a repeated key is json.loads' last-one-wins)."""
-    return origin.lower().endswith(".json") and os.path.isfile(origin) and peek_json(origin)[0] == "object"
-
-
 def check_duplicates(cols: PackedRows, limit: int = 20) -> None:
     """Raise ValueError listing keys that occur more than once (with where each came from); found from 64-bit key
-    hashes (sorted), the strings compared only where hashes meet. A key repeated inside one JSON object file (its
-    chunks are parsed apart) is resolved as json.loads does: the last value, at the first one's place."""
+    hashes (sorted), the strings compared only where hashes meet. A key repeated inside one JSON object file is one
+    too (json.loads would keep the last entry and lose the others: data/readers/metadata.duplicate_key_error)."""
     h = cols.hash
     if len(np.unique(h)) == len(h):  # the common case
         return
@@ -203,24 +198,10 @@ def check_duplicates(cols: PackedRows, limit: int = 20) -> None:
     keys = cols.keys
     for i in cand.tolist():
         rows_of.setdefault(keys[i], []).append(i)
-    groups = sorted((rows for rows in rows_of.values() if len(rows) > 1), key=lambda r: r[1])
-    if not groups:
-        return
-    dups: dict[str, list[str]] = {}
-    sel = np.arange(len(cols), dtype=np.int64)
-    drop: list[int] = []
-    for rows in groups:
-        origins = [cols.origin_of(i) for i in rows]
-        if len(set(origins)) == 1 and _object_json(origins[0]):
-            sel[rows[0]] = rows[-1]
-            drop += rows[1:]
-        else:
-            dups[keys[rows[0]]] = origins
+    dups = {keys[rows[0]]: [cols.origin_of(i) for i in rows]
+            for rows in sorted((r for r in rows_of.values() if len(r) > 1), key=lambda r: r[1])}
     if dups:
         lines = [f"  {k!r}: {', '.join(v)}" for k, v in list(dups.items())[:limit]]
         more = f"\n  ... and {len(dups) - limit} more" if len(dups) > limit else ""
         raise ValueError(f"{len(dups)} duplicate dataset key(s) (keys are image file stems or metadata keys and "
                          f"must be unique; rename the files or give metadata keys):\n" + "\n".join(lines) + more)
-    keep = np.ones(len(cols), bool)
-    keep[drop] = False
-    cols.take(sel[keep])

@@ -107,15 +107,16 @@ def test_batch_json_encode_equals_one_encode_each():
 
 
 def test_index_from_chunks_equals_whole_parse(tmp_path, monkeypatch):
-    """A metadata JSON object parsed in many chunks builds the index json.loads would give: a key repeated in
-    another chunk keeps its first place with its last value (json's rule), descriptions / counted fields / sizes
-    as parsed whole; a repeated key in a JSON list stays an error."""
+    """A metadata JSON object parsed in many chunks builds the index json.loads would give (order, captions,
+    descriptions / counted fields / sizes as parsed whole). A key repeated in the object, in the same chunk or in
+    another one, is an error naming it (json.loads would keep the last entry and lose the first, #28.2); a
+    repeated key in a JSON list stays an error."""
     import data.readers.metadata as md
     from core.config import DataConfig
 
     recs = {f"k{i}": {"image_path": f"/nowhere/{i}.png", "caption": f"c{i}", "image_size": [512, 512 + 64 * (i % 5)],
                       **({"description": f"d{i}", "artist": "Bob"} if i % 3 == 0 else {})} for i in range(400)}
-    text = json.dumps(recs)[:-1] + ', "k7": {"image_path": "/nowhere/late.png", "caption": "late", "image_size": [640, 512]}}'
+    text = json.dumps(recs)
     (tmp_path / "m.json").write_text(text)
     cfg = DataConfig(metadata_files=[str(tmp_path / "m.json")], resolution=512, bucket_reso_step=64,
                      min_bucket_reso=256, max_bucket_reso=1024)
@@ -123,10 +124,16 @@ def test_index_from_chunks_equals_whole_parse(tmp_path, monkeypatch):
     ix = build_index(cfg, threads=1)
     want = json.loads(text)
     assert ix.keys.tolist() == list(want) and ix.captions.tolist() == [r["caption"] for r in want.values()]
-    assert ix.paths[7] == "/nowhere/late.png" and ix.sizes[7].tolist() == [640, 512]
     assert ix.descriptions.tolist() == [r.get("description", "") for r in want.values()]
     assert ix.counter["artist"] == {"bob": 134} and ix.meta(3) == {"image_size": [512, 704], "description": "d3",
                                                                    "artist": "Bob"}
+    late = ', "k7": {"image_path": "/nowhere/late.png", "caption": "late", "image_size": [640, 512]}}'
+    for chars in (512, 1 << 22):  # the repeat in another chunk / in the same chunk
+        monkeypatch.setattr(md, "STREAM_CHARS", chars)
+        (tmp_path / "m.json").write_text(text[:-1] + late)
+        with pytest.raises(ValueError, match=r"key 'k7' is given 2 times \(images '/nowhere/7.png', "
+                                             r"'/nowhere/late.png'\)|duplicate dataset key"):
+            build_index(cfg, threads=1)
     (tmp_path / "l.json").write_text(json.dumps([{"key": "a", "image_path": "/n/a.png", "image_size": [512, 512]}] * 2))
     with pytest.raises(ValueError, match="duplicate dataset key"):
         build_index(DataConfig(metadata_files=[str(tmp_path / "l.json")], resolution=512), threads=1)

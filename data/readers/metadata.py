@@ -178,7 +178,8 @@ def iter_json_object(path: str, chunk_chars: int | None = None, values: str = "{
                     at = _WS.match(buf, pos).end()
                     if buf[at : at + 1] != '"':
                         raise json.JSONDecodeError("", "", 0)
-                    obj = json.loads("{" + buf[pos:])
+                    text = "{" + buf[pos:]
+                    obj = _unique_keys(json.loads(text), text, path)
                     if obj:
                         yield obj
                     return
@@ -188,11 +189,12 @@ def iter_json_object(path: str, chunk_chars: int | None = None, values: str = "{
             end = min(len(buf), pos + chunk_chars)
             cuts = list(cut_re.finditer(buf, max(pos, end - (1 << 16)), end))[-3:]
             for cut in reversed(cuts):  # the last cut first; an earlier one when it is inside a value
+                text = "{" + buf[pos : cut.start() + 1] + "}"
                 try:
-                    obj = json.loads("{" + buf[pos : cut.start() + 1] + "}")
+                    obj = json.loads(text)
                 except json.JSONDecodeError:
                     continue
-                yield obj
+                yield _unique_keys(obj, text, path)
                 pos = cut.start() + 1 + buf[cut.start() + 1 : cut.end()].index(",") + 1
                 break
             else:  # no cut that parses (long entries, or a real error: found by the entry-wise read)
@@ -241,6 +243,8 @@ def _entries(buf: str, pos: int, final: bool, scan, path: str, base_chars: int, 
                 raise fail(e.msg, e.pos) from None
             raise fail("Expecting value" if isinstance(e, StopIteration) else "Unexpected end of data",
                        min(p, n)) from None
+        if key in out:
+            raise duplicate_key_error(path, key, [out[key], val])
         out[key] = val
         if c == ",":
             pos = p + 1
@@ -252,11 +256,101 @@ def _entries(buf: str, pos: int, final: bool, scan, path: str, base_chars: int, 
 
 
 def _load_json(path: str) -> Any:
+    """A whole JSON file (lists, other encodings than UTF-8); a key given twice in one object is an error."""
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        d = dict(items)
+        if len(d) != len(items):
+            seen: dict[str, list[Any]] = {}
+            for k, v in items:
+                seen.setdefault(k, []).append(v)
+            k, vals = next((k, v) for k, v in seen.items() if len(v) > 1)
+            raise duplicate_key_error(path, k, vals)
+        return d
+
     with open(path, "rb") as f:
         try:
-            return json.loads(f.read())
+            return json.loads(f.read(), object_pairs_hook=pairs)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"metadata {path!r} is not valid JSON: {e}") from None
+
+
+def duplicate_key_error(path: str, key: str, values: list[Any]) -> ValueError:
+    """A key given more than once in a JSON object: json.loads (and so kohya / euge-trainer) keeps the last value and
+    drops the others without a word; we stop and say which."""
+    lost = [v.get(PATH_FIELD) for v in values if isinstance(v, dict) and v.get(PATH_FIELD)]
+    what = f" (images {', '.join(map(repr, lost))})" if lost else ""
+    return ValueError(f"metadata {path!r}: key {key!r} is given {len(values)} times{what}; JSON keeps only the last, "
+                      f"so the other entries would be lost: give each entry its own key")
+
+
+def top_level_entries(text: str) -> int:
+    """How many entries the JSON object text `{...}` holds (commas at depth 1 outside strings, + 1), from a
+    vectorised scan of its bytes; json.loads keeps one per key, so a smaller dict means a key is repeated."""
+    b = np.frombuffer(text.encode("utf-8", "surrogatepass"), np.uint8)
+    n = len(b)
+    q = np.flatnonzero(b == 0x22)  # '"'
+    if len(q):  # a quote preceded by an odd run of backslashes is escaped
+        idx = np.arange(n, dtype=np.int64)
+        last_plain = np.maximum.accumulate(np.where(b == 0x5C, -1, idx))
+        prev = np.maximum(q - 1, 0)
+        run = np.where(q > 0, prev - last_plain[prev], 0)
+        q = q[run % 2 == 0]
+    inside = np.zeros(n + 1, np.int32)  # +1 from an opening quote to its closing quote
+    np.add.at(inside, q[0::2], 1)
+    np.add.at(inside, q[1::2] + 1, -1)
+    out = np.cumsum(inside[:n]) == 0
+    step = ((b == 0x7B) | (b == 0x5B)).astype(np.int32) - ((b == 0x7D) | (b == 0x5D))  # { [  and  } ]
+    depth = np.cumsum(np.where(out, step, 0))
+    commas = int(np.count_nonzero(out & (b == 0x2C) & (depth == 1)))
+    body = text.strip()[1:-1].strip()
+    return commas + 1 if body else 0
+
+
+def _unique_keys(obj: dict[str, Any], text: str, path: str) -> dict[str, Any]:
+    """obj (json.loads of the object text) when no key was given twice in text, else the error naming it."""
+    if len(obj) == top_level_entries(text):
+        return obj
+    _load_json_text(text, path)  # raises with the key
+    return obj
+
+
+def _load_json_text(text: str, path: str) -> None:
+    """Parse an object text keeping every pair, to name the repeated key (the rare path)."""
+    seen: dict[str, list[Any]] = {}
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        return dict(items)
+
+    for k, v in json.JSONDecoder(object_pairs_hook=lambda items: items).decode(text):
+        seen.setdefault(k, []).append(pairs(v) if isinstance(v, list) and v and isinstance(v[0], tuple) else v)
+    for k, vals in seen.items():
+        if len(vals) > 1:
+            raise duplicate_key_error(path, k, vals)
+
+
+def read_csv(path: str) -> tuple[list[str], list[dict[str, Any]], list[int]]:
+    """(header, records, the line each record starts on) of a CSV file, strictly: a quote opened and never closed
+    would otherwise take every row after it into one field (csv's default), losing those rows without a word; it is
+    one error naming the line where the bad row starts. A row with more fields than the header is one too."""
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, strict=True)
+        try:
+            header = next(reader, [])
+            recs, lines, start = [], [], reader.line_num + 1
+            for row in reader:
+                if len(row) > len(header):
+                    raise ValueError(f"metadata {path!r} line {start}: {len(row)} fields but the header has "
+                                     f"{len(header)} (a comma inside a value needs quotes)")
+                if row:
+                    recs.append(dict(zip(header, row)))
+                    lines.append(start)
+                start = reader.line_num + 1
+        except csv.Error as e:
+            raise ValueError(f"metadata {path!r}: the row starting at line {start} is not valid CSV ({e}); a quote "
+                             f"that is never closed takes every row after it") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"metadata {path!r} is not UTF-8: {e}") from None
+    return header, recs, lines
 
 
 def read_metadata_file(path: str) -> tuple[list[str], list[dict[str, Any]]]:
@@ -277,12 +371,11 @@ def read_metadata_file(path: str) -> tuple[list[str], list[dict[str, Any]]]:
         recs, lines = read_jsonl(path)
         return _keyed(recs, lambda j: f"metadata {path!r} line {lines[j]}")
     if low.endswith(".csv"):
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or PATH_FIELD not in reader.fieldnames:
-                raise ValueError(f"metadata {path!r}: the CSV header must contain '{PATH_FIELD}' "
-                                 f"(or '{HF_FILE_FIELD}' for a Hugging Face imagefolder; found {reader.fieldnames})")
-            return _keyed(list(reader), lambda i: f"metadata {path!r} row {i + 2}")
+        fields, recs, lines = read_csv(path)
+        if PATH_FIELD not in fields:
+            raise ValueError(f"metadata {path!r}: the CSV header must contain '{PATH_FIELD}' "
+                             f"(or '{HF_FILE_FIELD}' for a Hugging Face imagefolder; found {fields})")
+        return _keyed(recs, lambda i: f"metadata {path!r} line {lines[i]}")
     # SQLite: the one table that has image_path (and caption) columns.
     con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
@@ -518,7 +611,8 @@ class KohyaMetadataReader(Reader):
         sep = src.spec.caption_options.caption_separator
         cache: dict = {}
         for keys, recs in iter_metadata_file(src.path):  # streamed: chunks of the object's entries
-            caps = [kohya_caption(r.pop("caption", None), r.pop("tags", None), sep) for r in recs]
+            caps = [kohya_caption(r.pop("caption", None), r.pop("tags", None), sep,
+                                  f"metadata {src.path!r} entry {k!r}") for k, r in zip(keys, recs)]
             wh = sizes_from_records(recs, "train_resolution")
             miss = (wh <= 0).any(1)
             if miss.any():  # newer kohya writes image_size when it knows it
@@ -527,14 +621,29 @@ class KohyaMetadataReader(Reader):
             yield from _rows(keys, paths, caps, recs, wh, si, src.path)
 
 
-def kohya_caption(caption: Any, tags: Any, sep: str) -> str:
+def kohya_caption(caption: Any, tags: Any, sep: str, where: str = "") -> str:
     """The caption kohya trains on for a fine-tune metadata entry (JSON or JSONL): `caption`, plus `sep + tags`
     when tags are non-empty (library/train_util.py FineTuningDataset.__init__), then only its first line
     (BaseDataset.process_caption without wildcards: `caption.split("\\n")[0]`)."""
-    caption = "" if caption is None else str(caption)
-    if tags is not None and len(str(tags)) > 0:
-        caption = (caption + sep if caption else "") + str(tags)
+    caption, tags = caption_text(caption, sep, where), caption_text(tags, sep, where)
+    if tags:
+        caption = (caption + sep if caption else "") + tags
     return caption.split("\n")[0]
+
+
+def caption_text(value: Any, sep: str, where: str) -> str:
+    """A caption / tags field as text: a string as it is; a list of tags (a JSON array) joined with the caption
+    separator (kohya would fail on it, euge-trainer train on the list's repr); a number as its text; None as ''.
+    Anything else (an object, true / false) is one error naming the entry."""
+    if type(value) is str:
+        return value
+    if value is None:
+        return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, (list, tuple)) and all(type(t) in (str, int, float) for t in value):
+        return (sep if sep.endswith(" ") else sep + " ").join(str(t).strip() for t in value)
+    raise ValueError(f"{where}: a caption must be text or a list of tags, got {type(value).__name__} {value!r:.80}")
 
 
 HCP_YAML = (".yaml", ".yml")
@@ -706,9 +815,8 @@ class HfImagefolderReader(Reader):
 
     def read(self, src: Source, si: int, threads: int) -> Iterator[Rows]:
         if src.path.lower().endswith(".csv"):
-            with open(src.path, encoding="utf-8", newline="") as f:
-                recs = list(csv.DictReader(f))
-            where = lambda i: f"metadata {src.path!r} row {i + 2}"  # noqa: E731
+            _, recs, lines = read_csv(src.path)
+            where = lambda i: f"metadata {src.path!r} line {lines[i]}"  # noqa: E731
         else:
             recs, lines = read_jsonl(src.path)
             where = lambda i: f"metadata {src.path!r} line {lines[i]}"  # noqa: E731
@@ -721,7 +829,8 @@ class HfImagefolderReader(Reader):
                 raise ValueError(f"{where(i)}: '{HF_FILE_FIELD}' must be a file name, got {f!r}")
         paths = [os.path.join(base, f) for f in files]
         keys = [os.path.splitext(f)[0] for f in files]  # relative to the folder: unique within it
-        caps = [str(r.pop(col, "") or "").strip() if col else "" for r in recs]
+        sep = src.spec.caption_options.caption_separator
+        caps = [caption_text(r.pop(col, None), sep, where(i)).strip() if col else "" for i, r in enumerate(recs)]
         yield from _record_rows(keys, paths, caps, recs, src, si, threads)
 
 
@@ -750,13 +859,14 @@ class MetadataReader(Reader):
             for i in [i for i, p in enumerate(ps) if p and not p.startswith(os.sep)]:
                 if not os.path.isabs(ps[i]):  # relative to the metadata file
                     ps[i] = os.path.join(base, ps[i])
+            where = [f"metadata {m!r} entry {k!r}" for k in keys]
             if kohya:
-                caps = [kohya_caption(r.pop("caption", None), r.pop("tags", None), sep) for r in recs]
-            else:
-                caps = [r.pop("caption", None) for r in recs]
-                for i in [i for i, c in enumerate(caps) if not c]:  # euge-trainer: caption or tags
-                    caps[i] = recs[i].get("tags") or ""
-            yield from _record_rows(keys, ps, list(map(str, caps)), recs, src, si, threads, cache)
+                caps = [kohya_caption(r.pop("caption", None), r.pop("tags", None), sep, w) for r, w in zip(recs, where)]
+            else:  # euge-trainer: caption or tags
+                caps = [caption_text(r.pop("caption", None), sep, w) for r, w in zip(recs, where)]
+                for i in [i for i, c in enumerate(caps) if not c]:
+                    caps[i] = caption_text(recs[i].get("tags"), sep, where[i])
+            yield from _record_rows(keys, ps, caps, recs, src, si, threads, cache)
 
 
 @register

@@ -43,7 +43,7 @@ from ..images import IMAGE_EXTENSIONS, BadImage, read_size
 from ..locators import LOCATOR_SEP, member_bytes, split_locator, stat_sig
 from ..spec import SubsetSpec
 from .base import Reader, Rows, Source, chunked_rows, deal_largest_first, register
-from .metadata import size_from_md
+from .metadata import caption_text, size_from_md
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,8 @@ def _scan_shard(shard: str, caption_ext: str) -> tuple[list, dict[str, str]]:
                         continue
                     c = md.pop("caption", None)
                     if cap is None:
-                        cap = str(c or md.get("tags") or "").strip()  # our records' rule: caption, else tags
+                        where = f"{shard}{LOCATOR_SEP}{sample['json'].name}"  # our records' rule: caption, else tags
+                        cap = (caption_text(c, ",", where) or caption_text(md.get("tags"), ",", where)).strip()
                 w, h = size_from_md(md)
                 if w <= 0 or h <= 0:
                     w, h = _header_size(tf, sample[img], loc, bad)
