@@ -225,6 +225,15 @@ class T5Stack(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_token_ids(input_ids: Tensor, vocab_size: int) -> None:
+    """A clear error for ids outside the vocabulary, where checking is free: host ids. On a GPU reading the ids back
+    would stall every step (there an id out of range fails in the embedding lookup instead)."""
+    if input_ids.device.type == "cpu" and input_ids.numel() and \
+            (input_ids.min() < 0 or input_ids.max() >= vocab_size):
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        raise ValueError(f"token ids must be in [0, {vocab_size}), got [{lo}, {hi}]")
+
+
 class T5Encoder(nn.Module):
     """T5 v1.1 encoder returning the last hidden state after the final layer norm."""
 
@@ -253,10 +262,7 @@ class T5Encoder(nn.Module):
             raise ValueError(
                 f"input_ids must be an integer tensor [B, T], got {input_ids.dtype} {list(input_ids.shape)}"
             )
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.cfg.vocab_size):
-            raise ValueError(
-                f"token ids must be in [0, {self.cfg.vocab_size}), got [{int(input_ids.min())}, {int(input_ids.max())}]"
-            )
+        _check_token_ids(input_ids, self.cfg.vocab_size)
         x = self.encoder.embed_tokens(input_ids)  # [B, T, D]
         bias = self.encoder.block[0].layer[0].SelfAttention.compute_bias(input_ids.shape[1], input_ids.device)
         if attention_mask is not None:

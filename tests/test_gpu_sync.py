@@ -1,0 +1,40 @@
+"""bench/sync_count.py's counter: what it counts as a host sync in the project's code (reads of device values,
+device copies of host tensors that CUDA performs synchronously) and what it does not (host reads, pinned
+non-blocking copies, reads inside torch)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+
+import sync_count  # noqa: E402
+
+
+def test_counter_counts_what_would_wait_for_a_gpu():
+    host = torch.arange(4.0)
+    pinned = torch.arange(4.0)
+    sync_count._set_tag(host, sync_count.HOST)
+    sync_count._set_tag(pinned, sync_count.PINNED)
+    counter = sync_count.SyncCounter()
+    counter.on, counter.step = True, 1
+    with counter:
+        dev = host.to("cpu")                        # blocking copy of a pageable host tensor: 1
+        host.to(torch.float64)                      # a dtype cast on the host: 0
+        (host * 2).sum().item()                     # a host value read: 0 (derived from a host tensor)
+        pinned.to("cpu", non_blocking=True)         # pinned, non-blocking: 0
+        host.to("cpu", non_blocking=True)           # pageable non-blocking: still synchronous on CUDA: 1
+        float(dev.sum())                            # a device value read: 1
+        bool(dev.max() > 0)                         # 1
+        dev.tolist()                                # 1
+        torch.zeros(4).copy_(host)                  # host -> device copy_: 1
+        torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1).step()  # inside torch: not counted
+    sites = counter.sites[1]
+    assert sum(sites.values()) == 6, sites
+    kinds = {k.split(" tests/")[0] for k in sites}
+    assert kinds == {"copy .to (blocking)", "copy .to (pageable)", "read .__float__", "read .__bool__",
+                     "read .tolist", "copy .copy_"}, kinds
+    assert all("tests/test_gpu_sync.py:" in k for k in sites)
