@@ -457,7 +457,10 @@ def attention_rows(s: Suite, p: dict) -> None:
                 def step():
                     with sdpa_kernel([attn_mod.BACKENDS[name]]):
                         F.scaled_dot_product_attention(q, k, v).sum().backward()
-                times = tt.time_steps(step, s.device, 2, 10)
+                try:
+                    times = tt.time_steps(step, s.device, 2, 10)
+                except RuntimeError as e:  # this kernel does not take this call: a finding, not a failure
+                    return {"status": f"unsupported: {str(e).splitlines()[0][:120]}"}
                 return {"ms": round(statistics.median(times) * 1e3, 3)}
             s.run("attention", f"{label}: {name}", fn, "attention")
         del q, k, v
@@ -470,13 +473,13 @@ def layout_rows(s: Suite, p: dict) -> None:
     with torch.device(s.device):
         net = seeded_(unet_sdxl.UNet(unet_sdxl.PRESETS[p["unet"]])).train()
     net.gradient_checkpointing = True
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-5, fused=s.cuda)
     a = sdxl_inputs(net.cfg, b, side, s.device)[0]
     flops = fwd_flops(s, "SDXL", net, sdxl_inputs, side)
     for on in (False, True):
         def fn(on=on):
             fmt = torch.channels_last if on else torch.contiguous_format
             net.to(memory_format=fmt)
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-5, fused=s.cuda)  # its state in the weights' layout
             return train_fields(s, net, opt, (a[0].contiguous(memory_format=fmt), *a[1:]), b, flops, s.args.warmup)
         s.run("layout", f"SDXL ours b{b} ckpt=on channels_last={'on' if on else 'off'}", fn, "layout")
 
