@@ -262,7 +262,7 @@ class NetworkConfig:
     conv_target_modules: list[str] = opt([], "locon: regexes over LoRA names of convolutions to adapt; empty = kohya's defaults (SDXL ResNet / down / up-sampling convolutions)")
     exclude_modules: list[str] = opt([], "regexes over LoRA names never adapted (applied after the targets)")
     block_args: list[dict] = opt([], "block-wise settings: [{pattern = 'regex over LoRA names', dim = 8, alpha = 4.0, lr = 1e-4}], first match wins; dim 0 leaves the matched layers out")
-    network_weights: str = opt("", "LoRA file (ours or kohya's) to start from; its ranks must equal the configured ones")
+    network_weights: str = opt("", "adapter file to continue (ours, kohya's, LyCORIS's: LoRA / LoCon / LoHa / LoKr / DoRA): the network takes its layers, algorithms, ranks and alphas; dropouts and block_args lr still apply")
     unet_lr: float | None = opt(None, "learning rate of the diffusion network's adapters; default optimizer.learning_rate", min=0)
     text_encoder_lr: float | None = opt(None, "learning rate of the text encoders' adapters; default optimizer.learning_rate", min=0)
 

@@ -52,7 +52,7 @@ DEFAULT_TARGETS = {
     "sdxl": [rf"lora_unet_{_SDXL_BLOCK}_1_(proj_in|proj_out|transformer_blocks_\d+_(attn[12]_(to_q|to_k|to_v|to_out_0)"
              r"|ff_net_0_proj|ff_net_2))",
              r"lora_te[12]_text_model_encoder_layers_\d+_(self_attn_(q|k|v|out)_proj|mlp_fc[12])"],
-    "sd3": [r"lora_unet_joint_blocks_\d+_(context_block|x_block)_(attn2?_(qkv|proj)|mlp_fc[12])",
+    "sd3": [r"lora_unet_joint_blocks_\d+_(context_block|x_block)_(attn2?_(qkv|proj)|mlp_fc[12]|adaLN_modulation_1)",
             r"lora_te[12]_text_model_encoder_layers_\d+_(self_attn_(q|k|v|out)_proj|mlp_fc[12])"],
 }
 DEFAULT_CONV_TARGETS = {
@@ -62,6 +62,17 @@ DEFAULT_CONV_TARGETS = {
     "sd3": [],  # the MMDiT has no convolutions but the patch embedding, which kohya does not adapt
 }
 BASE_MODEL_VERSION = {"sdxl": "sdxl_base_v1-0", "sd3": "sd3"}
+# kohya's ss_base_model_version of SD3 LoRAs: the MMDiT's model_type (library/sd3_utils.py analyze_state_dict_state,
+# returned as the model version by sd3_train_network.load_target_model), by our architecture id
+SD3_MODEL_VERSION = {"stable-diffusion-v3-medium": "medium", "stable-diffusion-v3.5-medium": "5-medium",
+                     "stable-diffusion-v3.5-large": "5-large"}
+
+
+def base_model_version(comp: Any) -> str:
+    """ss_base_model_version as kohya writes it for this model (SD3: its variant)."""
+    if comp.family == "sd3":
+        return SD3_MODEL_VERSION.get(comp.modelspec()["architecture"], "sd3")
+    return BASE_MODEL_VERSION[comp.family]
 NETWORK_MODULE = {"lora": "networks.lora", "locon": "networks.lora"}  # kohya's module name for LoRA and LoCon alike
 
 
@@ -461,6 +472,56 @@ def create_network(comp: Any, ncfg: Any, *, unet: bool, text: bool) -> LoRANetwo
     return LoRANetwork(adapters, targets, lrs)
 
 
+def network_from_file(comp: Any, ncfg: Any, groups: Mapping[str, Mapping[str, Tensor]], *, unet: bool, text: bool,
+                      source: str, warn: Callable[[str], None] = print) -> LoRANetwork:
+    """The network a file continues: its layers, each with the file's algorithm, rank, alpha, LoKr split and DoRA
+    magnitude (as kohya's / LyCORIS's create_network_from_weights build it), whatever [network] says about targets
+    and ranks; [network] dropouts and block_args learning rates still apply. Layers of parts not trained here
+    (network_train_unet_only / _text_encoder_only) are left out with a warning."""
+    targets = lora_targets(comp)
+    unknown = sorted(n for n in groups if n not in targets)
+    if unknown:
+        raise ValueError(f"{source}: {len(unknown)} layer(s) are not in this {comp.family} model (e.g. {unknown[:3]})")
+    adapters, lrs, skipped = {}, {}, []
+    for name, g in sorted(groups.items()):
+        is_text = name.startswith(TEXT_PREFIXES)
+        if (is_text and not text) or (not is_text and not unet) or name.startswith("lora_te3_"):
+            skipped.append(name)
+            continue
+        t = targets[name]
+        if any(k in g for k in ("lora_mid.weight", "hada_t1", "lokr_t2")):
+            raise ValueError(f"{source}: {name} is a Tucker layer: it can be merged (generate.py, tools.merge_lora) but "
+                             "not trained here")
+        out_dim, in_dim = t.shape
+        shape = (out_dim, in_dim, *(t.module.kernel_size if t.conv is not None else ()))
+        dora = g.get("dora_scale")
+        if dora is not None and tuple(dora.shape[:1]) != (out_dim,) or (dora is not None and dora.dim() > 1
+                                                                          and dora.shape[1] != 1):
+            raise ValueError(f"{source}: {name}: an input-axis dora_scale (older LyCORIS) can be merged but not "
+                             "trained here (we train DoRA on the output axis)")
+        dora = dora.float().clone() if dora is not None else None
+        algo = algo_of(g)
+        alpha = float(g["alpha"]) if "alpha" in g else None
+        if algo == "lora":
+            dim = g["lora_down.weight"].shape[0]
+            adapters[name] = LoRAModule(out_dim, in_dim, dim, alpha if alpha is not None else dim, t.conv,
+                                        ncfg.network_dropout, ncfg.rank_dropout, ncfg.module_dropout, dora)
+        elif algo == "loha":
+            dim = g["hada_w1_b"].shape[0]
+            adapters[name] = LoHaModule(shape, dim, alpha or dim, t.conv, ncfg.module_dropout, dora)
+        else:
+            adapters[name] = LoKrModule.from_file(shape, g, t.conv, ncfg.module_dropout, dora)
+        block = next((b for b in ncfg.block_args if re.fullmatch(b["pattern"], name)), {})
+        lrs[name] = block.get("lr")
+    if skipped:
+        warn(f"{source}: {len(skipped)} layer(s) of parts not trained in this run are left out of it and of its "
+             f"exports (e.g. {skipped[:2]})")
+    if not adapters:
+        raise ValueError(f"{source}: none of its layers is trained in this run (network_train_unet_only / "
+                         "network_train_text_encoder_only)")
+    return LoRANetwork(adapters, targets, lrs)
+
+
 # ----------------------------------------------------------------------------------------------
 # Files: reading (ours, kohya's, diffusers-named lora_unet_), merging, metadata
 # ----------------------------------------------------------------------------------------------
@@ -545,9 +606,14 @@ def tag_frequency(captions: Iterable[str], separator: str = ",") -> dict[str, in
     return freq
 
 
-def ss_metadata(cfg: Any, family: str, network: LoRANetwork, base: Mapping[str, str] | None = None) -> dict[str, str]:
+def ss_metadata(cfg: Any, comp: Any, network: LoRANetwork, base: Mapping[str, str] | None = None,
+                tensors: Mapping[str, Tensor] | None = None, path: str = "") -> dict[str, str]:
     """The run's kohya metadata (`base`: training/run_metadata.py's ss_* keys) with what a LoRA file adds: network
-    module / dim / alpha / args / dropout, the adapters' learning rates and the LoRA modelspec architecture."""
+    module / dim / alpha / args / dropout, the adapters' learning rates, and ModelSpec as kohya's
+    build_metadata(lora=True) writes it (library/sai_model_spec.py): the base model's architecture + "/lora",
+    implementation, title ([save] metadata_title, else the file name), date, resolution, prediction type,
+    hash_sha256 of `tensors` (as written), and the [save] metadata_author / description / license / tags."""
+    from models.checkpoint import modelspec_hash, modelspec_metadata
     n, o = cfg.network, cfg.optimizer
     lycoris = n.network_module in ("loha", "lokr") or n.dora_wd
     args = {"algo": n.network_module} if lycoris else {}  # LyCORIS's kohya network_args, as strings
@@ -568,26 +634,36 @@ def ss_metadata(cfg: Any, family: str, network: LoRANetwork, base: Mapping[str, 
         "ss_network_module": "lycoris.kohya" if lycoris else NETWORK_MODULE[n.network_module],
         "ss_network_dim": str(n.network_dim),
         "ss_network_alpha": str(n.network_alpha), "ss_network_args": json.dumps(args),
-        "ss_network_dropout": str(n.network_dropout), "ss_base_model_version": BASE_MODEL_VERSION[family],
+        "ss_network_dropout": str(n.network_dropout), "ss_base_model_version": base_model_version(comp),
         "ss_unet_lr": str(n.unet_lr if n.unet_lr is not None else o.learning_rate),
         "ss_text_encoder_lr": str(n.text_encoder_lr if n.text_encoder_lr is not None else o.learning_rate),
         "ss_network_train_unet_only": str(not te_trained),
-        "modelspec.architecture": {"sdxl": "stable-diffusion-xl-v1-base", "sd3": "stable-diffusion-v3-medium"}[family]
-        + "/lora",
-        "modelspec.sai_model_spec": "1.0.0", "modelspec.title": cfg.save.output_name,
     })
+    spec, sv = comp.modelspec(), cfg.save
+    res = cfg.data.resolution
+    title = sv.metadata_title or (path.rsplit("/", 1)[-1].removesuffix(".safetensors") if path else sv.output_name)
+    meta.update(modelspec_metadata(
+        spec["architecture"] + "/lora", title, f"{res}x{res}" if isinstance(res, int) else f"{res[0]}x{res[1]}",
+        spec.get("prediction_type"), implementation=spec.get("implementation", ""),
+        info={"author": sv.metadata_author, "description": sv.metadata_description, "license": sv.metadata_license,
+              "tags": sv.metadata_tags},
+        hash_sha256=modelspec_hash(tensors) if tensors is not None else ""))
     if not te_trained:
         meta.pop("ss_text_encoder_lr")
     return meta
 
 
-def save_lora(path: str, sd: Mapping[str, Tensor], metadata: Mapping[str, str], precision: str = "fp16") -> None:
-    """Write a kohya LoRA file atomically, every tensor (alpha too, as kohya does) in `precision`."""
+def as_written(sd: Mapping[str, Tensor], precision: str) -> dict[str, Tensor]:
+    """The tensors as `save_lora` writes them: every tensor (alpha too, as kohya does) in `precision`, on the CPU."""
     from models import DTYPES
-    from models.checkpoint import save_safetensors_atomic
     dt = DTYPES[precision]
-    out = {k: v.detach().to("cpu", dt).contiguous() for k, v in sd.items()}
-    save_safetensors_atomic(out, path, dict(metadata))
+    return {k: v.detach().to("cpu", dt).contiguous() for k, v in sd.items()}
+
+
+def save_lora(path: str, sd: Mapping[str, Tensor], metadata: Mapping[str, str], precision: str = "fp16") -> None:
+    """Write a kohya LoRA file atomically, every tensor in `precision`."""
+    from models.checkpoint import save_safetensors_atomic
+    save_safetensors_atomic(as_written(sd, precision), path, dict(metadata))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -603,12 +679,16 @@ class LoRATraining(TrainableSet):
     def __init__(self, cfg: Any, comp: Any, trainee: nn.Module, device: torch.device, warn: Callable[[str], None]):
         n = cfg.network
         self.cfg, self.comp, self.trainee = cfg, comp, trainee
-        with torch.random.fork_rng(devices=[]):  # the same init on every rank (FSDP shards what each rank holds)
-            torch.default_generator.manual_seed(cfg.seed)
-            self.network = create_network(comp, n, unet=not n.network_train_text_encoder_only,
-                                          text=not n.network_train_unet_only).to(device)  # fp32 adapters
-        if n.network_weights:
-            self.network.load_kohya(read_lora(n.network_weights, comp), n.network_weights)
+        unet, text = not n.network_train_text_encoder_only, not n.network_train_unet_only
+        if n.network_weights:  # continue: the file's layers, algorithms, ranks and alphas (any kohya / LyCORIS file)
+            groups = read_lora(n.network_weights, comp)
+            self.network = network_from_file(comp, n, groups, unet=unet, text=text, source=n.network_weights,
+                                             warn=warn).to(device)
+            self.network.load_kohya({k: groups[k] for k in self.network.adapters}, n.network_weights)
+        else:
+            with torch.random.fork_rng(devices=[]):  # the same init on every rank (FSDP shards what each rank holds)
+                torch.default_generator.manual_seed(cfg.seed)
+                self.network = create_network(comp, n, unet=unet, text=text).to(device)  # fp32 adapters
         self.network.apply_to().requires_grad_(True).train()
         # Adapters on text-encoder layers past the hidden state the model conditions on (SDXL's CLIP-L: the last
         # layer) are kept in the file, as kohya creates them, but frozen at their initial (or loaded) values: no
@@ -699,11 +779,14 @@ class LoRATraining(TrainableSet):
             return
         if self._tags is None:
             self._tags = _dataset_tag_frequency(self.cfg)
-        info = ss_metadata(self.cfg, self.comp.family, self.network, {**meta, "ss_tag_frequency": json.dumps(self._tags)})
+        meta = {**meta, "ss_tag_frequency": json.dumps(self._tags)}
+        info = ss_metadata(self.cfg, self.comp, self.network, meta, as_written(sd, self.cfg.save.save_precision), path)
         save_lora(path, sd, info, self.cfg.save.save_precision)
         if ema_sd is not None:
-            save_lora(path.replace(".safetensors", "-ema.safetensors"), ema_sd,
-                      {**info, "sdtrain.ema_decay": str(ema.decay)}, self.cfg.save.save_precision)
+            ema_path = path.replace(".safetensors", "-ema.safetensors")
+            ema_info = ss_metadata(self.cfg, self.comp, self.network, meta,
+                                   as_written(ema_sd, self.cfg.save.save_precision), ema_path)
+            save_lora(ema_path, ema_sd, {**ema_info, "sdtrain.ema_decay": str(ema.decay)}, self.cfg.save.save_precision)
 
 
 FORWARDS_KEY = "dropout_forwards"  # in resume states beside the adapters: where the dropout masks continue

@@ -252,6 +252,21 @@ class LoKrModule(WeightAdapter):
             setattr(self, name, p)
         self.split = ((out_l, out_k), (in_m, in_n))
 
+    @classmethod
+    def from_file(cls, shape: tuple[int, ...], g: Mapping[str, Tensor], conv: tuple[Any, Any, Any] | None = None,
+                  module_dropout: float = 0.0, dora: Tensor | None = None) -> "LoKrModule":
+        """A module shaped as the file's layer `g` (any factor / decompose_both / full_matrix), values not loaded."""
+        w1 = g["lokr_w1"].shape if "lokr_w1" in g else (g["lokr_w1_a"].shape[0], g["lokr_w1_b"].shape[1])
+        dim = next((g[k].shape[0] for k in ("lokr_w2_b", "lokr_w1_b") if k in g), 1)
+        alpha = float(g["alpha"]) if "alpha" in g else float(dim)
+        m = cls.__new__(cls)
+        WeightAdapter.__init__(m, shape, dim, alpha, conv, module_dropout, dora)
+        for name in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"):
+            if name in g:
+                setattr(m, name, nn.Parameter(torch.zeros(g[name].shape)))
+        m.split = ((w1[0], shape[0] // w1[0]), (w1[1], shape[1] // w1[1]))
+        return m
+
     @property
     def scale(self) -> float:
         return 1.0 if hasattr(self, "lokr_w1") and hasattr(self, "lokr_w2") else float(self.alpha) / self.dim

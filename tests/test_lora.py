@@ -8,6 +8,7 @@ built with diffusers' own single-file conversions; ComfyUI's `model_lora_keys_un
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -167,9 +168,14 @@ def test_sd3_names_follow_comfyui_rule_and_merge_equals_applied():
     expected = {f"lora_unet_joint_blocks_0_{s}_{m}" for s in ("context_block", "x_block")
                 for m in ("attn_qkv", "attn_proj", "mlp_fc1", "mlp_fc2")}
     assert expected <= set(net.adapters)
-    last = f"lora_unet_joint_blocks_{depth - 1}_context_block_"  # pre_only: qkv only
-    assert {n[len(last):] for n in net.adapters if n.startswith(last)} == {"attn_qkv"}
-    assert not any("adaLN" in n or "embedder" in n or "final_layer" in n for n in net.adapters)
+    last = f"lora_unet_joint_blocks_{depth - 1}_context_block_"  # pre_only: qkv and its modulation only
+    assert {n[len(last):] for n in net.adapters if n.startswith(last)} == {"attn_qkv", "adaLN_modulation_1"}
+    # kohya's SD3 default (networks/lora_sd3.py: every Linear inside a SingleDiTBlock, i.e. a joint block's
+    # context_block / x_block, adaLN_modulation included; the embedders and final layer only with emb_dims)
+    kohya = {"lora_unet_" + p.replace(".", "_") for p, m in comp.mmdit.named_modules()
+             if isinstance(m, nn.Linear) and re.match(r"joint_blocks\.\d+\.(context_block|x_block)\.", p)}
+    assert {n for n in net.adapters if n.startswith("lora_unet_")} == kohya
+    assert not any("embedder" in n or "final_layer" in n for n in net.adapters)
     assert any(n.startswith("lora_te1_") for n in net.adapters) and any(n.startswith("lora_te2_") for n in net.adapters)
 
     # merging the file into the weights gives the model with the LoRA applied
@@ -394,3 +400,54 @@ def test_adapters_whose_output_never_reaches_the_loss_are_frozen(family):
     run.trainee(x, t, None, ["a red circle", "a blue square, simple background"], sizes).square().mean().backward()
     no_grad = {id(p) for p in net.parameters() if p.grad is None}
     assert no_grad == frozen
+
+
+# ModelSpec 1.0.0 (Stability-AI/ModelSpec README): MUST keys, and the SHOULD keys a trainer fills
+MODELSPEC_MUST = ("sai_model_spec", "architecture", "implementation", "title")
+MODELSPEC_SHOULD = ("description", "author", "date", "hash_sha256", "resolution")
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_lora_files_carry_full_modelspec(family, tmp_path):
+    """Issue #25 items 11-12: kohya's build_metadata(lora=True) (library/sai_model_spec.py) writes every ModelSpec
+    key of the base model with "/lora" appended to the architecture; [save] metadata_* fill the descriptive keys;
+    hash_sha256 covers the tensors as written (kohya's precalculate_safetensors_hashes); SD3 LoRAs name the base's
+    own architecture (SD3.5 too) and kohya's ss_base_model_version (the MMDiT's model_type)."""
+    import datetime
+    import hashlib
+    from types import SimpleNamespace
+
+    from core.config import config_from_dict
+    from safetensors import safe_open
+    cfg = config_from_dict({"model": {"model_preset": "tiny"}, "data": {"resolution": [96, 64]},
+                            "network": {"network_module": "lora", "network_dim": 2},
+                            "save": {"metadata_title": "My LoRA", "metadata_author": "someone",
+                                     "metadata_description": "a test", "metadata_license": "CC-BY-4.0",
+                                     "metadata_tags": "a,b"}})
+    parts = ["unet"] if family == "sdxl" else ["mmdit"]
+    comp = models.build(family, "tiny", seed=0, parts=parts)
+    net = lora.create_network(comp, cfg.network, unet=True, text=False)
+    path = tmp_path / "x.safetensors"
+    written = lora.as_written(net.kohya_state_dict(), "fp16")
+    lora.save_lora(str(path), net.kohya_state_dict(), lora.ss_metadata(cfg, comp, net, {}, written, str(path)), "fp16")
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        h = hashlib.sha256()
+        for k in written:  # kohya: sha256 over each tensor's bytes in state-dict order
+            h.update(f.get_tensor(k).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    for k in MODELSPEC_MUST + MODELSPEC_SHOULD:
+        assert meta.get(f"modelspec.{k}"), k
+    spec = comp.modelspec()
+    assert meta["modelspec.architecture"] == spec["architecture"] + "/lora"
+    assert meta["modelspec.implementation"] == spec["implementation"]
+    assert meta["modelspec.prediction_type"] == spec["prediction_type"]
+    assert (meta["modelspec.title"], meta["modelspec.author"], meta["modelspec.license"], meta["modelspec.tags"]) == \
+        ("My LoRA", "someone", "CC-BY-4.0", "a,b")
+    assert meta["modelspec.resolution"] == "96x64" and meta["modelspec.hash_sha256"] == "0x" + h.hexdigest()
+    datetime.datetime.fromisoformat(meta["modelspec.date"])
+    assert meta["ss_base_model_version"] == {"sdxl": "sdxl_base_v1-0", "sd3": "medium"}[family]
+    # SD3.5: the base's architecture (as our full exports name it) and kohya's model_type
+    for arch, version in (("stable-diffusion-v3.5-large", "5-large"), ("stable-diffusion-v3.5-medium", "5-medium")):
+        other = SimpleNamespace(family="sd3", modelspec=lambda arch=arch: {**spec, "architecture": arch})
+        m = lora.ss_metadata(cfg, other, net, {})
+        assert (m["modelspec.architecture"], m["ss_base_model_version"]) == (arch + "/lora", version)

@@ -246,3 +246,60 @@ def test_our_files_load_in_the_package_with_every_key_used(name, tmp_path, lycor
             m.apply_to()
             _same_output(m, ours.adapters[m.lora_name].weight_delta(targets[m.lora_name].weight))
     assert used == len(sd)
+
+
+def test_any_kohya_or_lycoris_file_continues(tmp_path):
+    """Issue #25 item 13: `network_weights` takes the file's own layers, algorithms, ranks, alphas, LoKr split and
+    DoRA magnitude, whatever [network] says (kohya's / LyCORIS's create_network_from_weights build the network from
+    the file the same way): a file with a subset of layers, mixed ranks (kohya's type_dims), a LoKr layer with another
+    factor, a LoHa layer and a DoRA layer continues with every tensor used, and exporting at once gives the file back."""
+    import train
+    from core.config import config_from_dict
+    from lycoris.modules.loha import LohaModule
+    from lycoris.modules.lokr import LokrModule
+    comp = models.build("sdxl", "tiny", seed=0, parts=["unet", "te1", "te2"])
+    targets = lora.lora_targets(comp)
+    g = torch.Generator().manual_seed(4)
+    names = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": ("lora", 4),
+             "lora_unet_input_blocks_4_1_transformer_blocks_0_ff_net_2": ("lora", 2),
+             "lora_unet_output_blocks_2_0_in_layers_2": ("lora", 3),  # a 3x3 LoCon conv
+             "lora_unet_middle_block_1_proj_in": ("lokr", 4),
+             "lora_unet_middle_block_1_proj_out": ("loha", 2),
+             "lora_te1_text_model_encoder_layers_0_mlp_fc1": ("dora", 2),
+             "lora_te2_text_model_encoder_layers_0_self_attn_v_proj": ("lora", 2)}
+    sd = {}
+    for name, (algo, dim) in names.items():
+        t = targets[name]
+        w = t.weight if t.slot is None else t.weight[t.slot * t.shape[1]:(t.slot + 1) * t.shape[1]]
+        if algo == "lokr":
+            m = LokrModule(name, torch.nn.Linear(t.shape[1], t.shape[0]), 1.0, dim, 3.0, factor=2)
+            layer = {k: v for k, v in m.state_dict().items() if k in ly.ALL_KEYS}
+        elif algo == "loha":
+            m = LohaModule(name, torch.nn.Linear(t.shape[1], t.shape[0]), 1.0, dim, 3.0)
+            layer = {k: v for k, v in m.state_dict().items() if k in ly.ALL_KEYS}
+        else:
+            conv = t.conv
+            down_shape = (dim, t.shape[1], *(t.module.kernel_size if conv else ()))
+            up_shape = (t.shape[0], dim, *((1, 1) if conv else ()))
+            layer = {"lora_down.weight": torch.randn(down_shape, generator=g), "lora_up.weight": torch.randn(up_shape, generator=g),
+                     "alpha": torch.tensor(float(dim) / 2)}
+            if algo == "dora":
+                layer["dora_scale"] = ly.dora_magnitude(w) * 1.1
+        for k, v in layer.items():
+            sd[f"{name}.{k}"] = (v + 0.01 * torch.randn(v.shape, generator=g)) if v.dim() else v
+    path = tmp_path / "kohya.safetensors"
+    lora.save_lora(str(path), sd, {}, "fp32")
+    cfg = config_from_dict({"model": {"model_preset": "tiny"},
+                            "network": {"network_module": "lora", "network_dim": 16, "network_weights": str(path)}})
+    warnings = []
+    run = train.make_trainable(cfg, comp, torch.device("cpu"), warnings.append)
+    assert set(run.network.adapters) == set(names)
+    assert {n: a.algo for n, a in run.network.adapters.items()} == {n: {"dora": "lora"}.get(a, a) for n, (a, _) in names.items()}
+    out = run.network.kohya_state_dict()
+    assert out.keys() == sd.keys() and all(torch.equal(out[k].float(), sd[k].float()) for k in sd)
+    with torch.no_grad():  # and the continued network applies exactly what merging the file does
+        for name, a in run.network.adapters.items():
+            t = targets[name]
+            w = t.weight if t.slot is None else t.weight[t.slot * t.shape[1]:(t.slot + 1) * t.shape[1]]
+            layer = {k.split(".", 1)[1]: v for k, v in sd.items() if k.split(".")[0] == name}
+            assert torch.allclose(a.weight_delta(w), ly.group_delta(layer, w), atol=1e-6), name
