@@ -48,7 +48,7 @@ from training import resume as rstate
 from training.checkpointer import Checkpointer, Progress, read_resume_state
 from training.ema import EMA
 from training.exports import Exporter, export_suffix
-from training.optim import LossRecorder, build_optimizer, build_scheduler
+from training.optim import LossRecorder, build_optimizer, build_scheduler, scheduler_kwargs
 from training.steplog import StepLog, mean_loss
 from training.steppers import Stepper, check_fused_settings, make_stepper
 from training.trainable import TRAINABLE_TEXT_LR, TrainableSet, make_trainable
@@ -380,7 +380,7 @@ def make_train_loader(cfg: Config, data: TrainData, progress: Progress, device: 
                        world_size=dist.world_size(), skip=progress.cursor,
                        num_workers=dist.default_workers(cfg.data.max_dataloader_n_workers, cap=8),
                        pin_memory=device.type == "cuda", persistent_workers=cfg.data.persistent_data_loader_workers,
-                       rows=data.rows)
+                       rows=data.rows, cached_text=cfg.cache.cache_text_encoder_outputs)  # what trains decides
 
 
 def micro_batch_groups(loader: Iterable[dict[str, Any]], accum: int) -> Iterator[list[dict[str, Any]]]:
@@ -605,6 +605,7 @@ def check_settings(cfg: Config, family: str) -> None:
                          f"{t.max_train_steps}")
     if o.lr_scheduler == "constant" and o.lr_warmup_steps:
         raise ValueError("optimizer.lr_scheduler = \"constant\" ignores lr_warmup_steps; use \"constant_with_warmup\"")
+    scheduler_kwargs(o)  # lr_scheduler_kwargs the schedule does not take: one line before anything is written
     if cfg.log.tensorboard:
         check_tensorboard()
     if previews_scheduled(smp) and not smp.sample_prompts:

@@ -239,10 +239,11 @@ def rank_batches(batches: list[np.ndarray], rank: int, world_size: int, skip: in
 
 
 class _Items(Dataset):
-    """Map-style dataset over (row, position) pairs: latents from the store or images decoded and bucketed."""
+    """Map-style dataset over (row, position) pairs: latents from the store or images decoded and bucketed; the
+    store's text-encoder outputs only with `cached_text` (the run trains from cached text: no text encoder trains)."""
 
-    def __init__(self, index: DatasetIndex, data_cfg, store, seed: int, epoch: int):
-        self.index, self.store, self.seed, self.epoch = index, store, seed, epoch
+    def __init__(self, index: DatasetIndex, data_cfg, store, seed: int, epoch: int, cached_text: bool = False):
+        self.index, self.store, self.seed, self.epoch, self.cached_text = index, store, seed, epoch, cached_text
         self.max_pixels = data_cfg.max_image_pixels
         self.opts = [s.caption_options for s in index.subsets]
         self.caption_hook = load_text_hook(data_cfg.caption_processor, "caption_processor")
@@ -273,7 +274,7 @@ class _Items(Dataset):
             flip = flip and ("flip.latent" in names or "flip.mean" in names)
             pre = "flip." if flip else ""
             want = [pre + "latent"] if pre + "latent" in names else [pre + "mean", pre + "std"]
-            variants = sorted({n.split(".", 1)[0] for n in names if n.startswith("te")})
+            variants = sorted({n.split(".", 1)[0] for n in names if n.startswith("te")}) if self.cached_text else []
             v = variants[rng.randrange(len(variants))] if variants else None
             want += [n for n in names if v is not None and n.startswith(v + ".")]
             try:
@@ -369,15 +370,19 @@ class EpochBatches:
 
 def make_loader(index: DatasetIndex, data_cfg, store, *, seed: int, epoch: int, rank: int, world_size: int,
                 skip: int = 0, num_workers: int = 0, pin_memory: bool = False,
-                persistent_workers: bool = False, rows: np.ndarray | None = None) -> DataLoader:
+                persistent_workers: bool = False, rows: np.ndarray | None = None,
+                cached_text: bool = False) -> DataLoader:
     """Batches for one rank (dicts, see `collate`) starting at `epoch`, `skip` = global batches already consumed;
     `rows` = usable_rows(index, store) when the caller already has them (one store lookup pass per run).
+    `cached_text`: batches carry the store's text-encoder outputs (`te.*`) and the captions they were encoded from;
+    what is trained decides it (cache.cache_text_encoder_outputs, which no text-encoder training may combine with):
+    without it the store's cached text is never read, so the text encoders run on every caption (#28.10).
     For the next epoch call `loader.batch_sampler.set_epoch(epoch)` and iterate again (workers are kept alive when
     `persistent_workers` and num_workers > 0)."""
     rows = usable_rows(index, store) if rows is None else rows
     sampler = EpochBatches(index, int(data_cfg.batch_size), rows, seed=seed, epoch=epoch, rank=rank,
                            world_size=world_size, skip=skip)
-    return DataLoader(_Items(index, data_cfg, store, seed, epoch), batch_sampler=sampler, collate_fn=collate,
+    return DataLoader(_Items(index, data_cfg, store, seed, epoch, cached_text), batch_sampler=sampler, collate_fn=collate,
                       num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=persistent_workers and num_workers > 0,
                       prefetch_factor=4 if num_workers > 0 else None)

@@ -291,7 +291,7 @@ def test_caption_hook_runs_in_cache_for_cached_text(tmp_path, capsys):
             assert any(not torch.allclose(fresh[n].float(), plain[n].float(), atol=2e-2) for n in fresh)
     seen = set()
     for epoch in range(3):
-        for b in make_loader(ix, c.data, st, seed=0, epoch=epoch, rank=0, world_size=1):
+        for b in make_loader(ix, c.data, st, seed=0, epoch=epoch, rank=0, world_size=1, cached_text=True):
             for j, key in enumerate(b["keys"]):
                 caps = st.record_info(key)["cap"]
                 k = caps.index(b["captions"][j])  # the stored text, not a fresh load-time hook draw

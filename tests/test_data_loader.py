@@ -184,3 +184,53 @@ def test_resume_skip_not_multiple_of_world_size_keeps_ranks_in_step():
     assert len(got[0]) == len(got[1]) == 3
     seen = {int(b[0, 0]) for g in got for b in g}
     assert {3, 4, 5, 6, 7} <= seen
+
+
+def _te_store(tmp_path, ix):
+    """A store whose records hold a latent and one cached text variant (`te0.*`) with its caption."""
+    w = ShardWriter(str(tmp_path), "cfg", 0, 1)
+    for i in range(len(ix)):
+        bw, bh = (int(v) for v in ix.buckets[i])
+        w.add(Record(f"k{i}", "s", (bw, bh), (7, 9), (1, 2),
+                     {"latent": torch.zeros(4, bh // 8, bw // 8), "te0.crossattn": torch.ones(3, 8)},
+                     captions=[f"cached caption {i}"]))
+    w.close()
+    return LatentStore(str(tmp_path))
+
+
+def test_cached_text_is_read_only_when_the_run_trains_from_it(tmp_path):
+    """#28.10: the loader handed the store's cached text to every run whose records had it, so a run that trains
+    the text encoders (cache_text_encoder_outputs = false) never ran them. The store's text is read only with
+    cached_text (the run's cache.cache_text_encoder_outputs); otherwise batches carry captions to encode."""
+    ix = make_index(n=6, repeats=[1] * 6)
+    st = _te_store(tmp_path, ix)
+    off = [b for b in make_loader(ix, Cfg, st, seed=0, epoch=0, rank=0, world_size=1)]
+    on = [b for b in make_loader(ix, Cfg, st, seed=0, epoch=0, rank=0, world_size=1, cached_text=True)]
+    assert off and not any(k.startswith("te.") for b in off for k in b)
+    assert all(c.startswith("k") for b in off for c in b["captions"])  # the index captions, processed
+    assert all("te.crossattn" in b for b in on)
+    assert all(c.startswith("cached caption") for b in on for c in b["captions"])
+
+
+def test_lora_text_encoder_adapters_train_on_a_store_with_cached_text(tmp_path):
+    """The reported run: a store cached with cache_text_encoder_outputs = true, then a LoRA run with text-encoder
+    adapters and cache_text_encoder_outputs = false. Its text-encoder lora_up weights (initialised to 0) must move
+    (they stayed exactly 0: the encoders never ran)."""
+    from safetensors.torch import load_file
+
+    import cache
+    import train
+    from data.demo import make_demo_dataset
+
+    make_demo_dataset(str(tmp_path / "data"), n=4, size=(64, 64))
+    common = ["configs/demo.toml", f"data.image_dirs=['{tmp_path / 'data'}']", f"cache.cache_dir={tmp_path / 'store'}",
+              "data.resolution=64", "data.min_bucket_reso=32", "data.max_bucket_reso=128", "data.batch_size=2"]
+    assert cache.main([*common, "cache.cache_text_encoder_outputs=true"]) == 0
+    assert train.main([*common, f"output_dir={tmp_path / 'run'}", "train.max_train_steps=2", "network.network_module=lora",
+                       "network.network_dim=4", "optimizer.learning_rate=1e-2", "optimizer.lr_warmup_steps=0",
+                       "optimizer.lr_scheduler=constant", "sample.sample_every_n_steps=0", "save.save_every_n_steps=0",
+                       "save.save_state=false", "save.save_precision=fp32"]) == 0
+    lora_file = next((tmp_path / "run" / "models").glob("*.safetensors"))
+    sd = load_file(str(lora_file))
+    te_up = [v for k, v in sd.items() if k.startswith(("lora_te1_", "lora_te2_")) and k.endswith("lora_up.weight")]
+    assert te_up and sum(int(v.count_nonzero()) for v in te_up) > 0

@@ -172,7 +172,7 @@ def test_two_process_cached_text_train_export_samples(shapes, tmp_path):
     index = load_or_build_index(cfg.data, str(cache), is_main=True, barrier=lambda: None)
     comp = _text_comp(cfg)
     n = 0
-    for batch in make_loader(index, cfg.data, store, seed=0, epoch=0, rank=0, world_size=1):
+    for batch in make_loader(index, cfg.data, store, seed=0, epoch=0, rank=0, world_size=1, cached_text=True):
         b = len(batch["captions"])
         items = [{k[3:]: batch[k][i] for k in batch if k.startswith("te.")} for i in range(b)]
         cached = _cached_batch(comp, items)
@@ -223,7 +223,7 @@ def test_masked_cache_variants_exact_and_rotated_by_epoch(shapes, tmp_path):
     # The loader picks one stored variant per sample per epoch; over epochs more than one is used.
     seen: dict[str, set[int]] = {}
     for epoch in range(6):
-        for batch in make_loader(index, cfg.data, store, seed=0, epoch=epoch, rank=0, world_size=1):
+        for batch in make_loader(index, cfg.data, store, seed=0, epoch=epoch, rank=0, world_size=1, cached_text=True):
             key, t5 = batch["keys"][0], batch["te.t5"][0]
             rec = store.get(key)
             match = [k for k in range(3) if rec[f"te{k}.t5"].shape == t5.shape and torch.equal(rec[f"te{k}.t5"], t5)]
