@@ -143,7 +143,7 @@ def test_caption_is_the_cached_variants_text(tmp_path):
     st = LatentStore(str(tmp_path))
     used = set()
     for epoch in range(4):
-        for x in make_loader(ix, Cfg, st, seed=3, epoch=epoch, rank=0, world_size=1):
+        for x in make_loader(ix, Cfg, st, seed=3, epoch=epoch, rank=0, world_size=1, cached_text=True):
             for j, key in enumerate(x["keys"]):
                 k = int(x["te.t5"][j][0, 0].item())
                 assert x["captions"][j] == f"cap {key[1:]} v{k}"
