@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--v_parameterization", action="store_true",
                     help="SDXL v-prediction model (default: read from the file's modelspec.prediction_type)")
     ap.add_argument("--max_token_length", type=int, default=75, choices=(75, 150, 225))
+    ap.add_argument("--clip_skip", type=int, default=None, help="CLIP layer from the end the prompt is read from "
+                    "(1 = last, 2 = penultimate); default: the model's own (2). Use the clip_skip a LoRA was trained with "
+                    "(its ss_clip_skip)")
     ap.add_argument("--lora", nargs="+", default=[], metavar="FILE[:WEIGHT]",
                     help="kohya-format LoRA file(s) merged into the model before sampling (weight default 1)")
     args = ap.parse_args(argv)
@@ -77,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     comp = models.load(args.model, vae=args.vae, clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl,
                        device=args.device, dtype={"network": dt, "text": dt, "vae": torch.float32},
                        v_parameterization=True if args.v_parameterization else None,  # None: from the file's modelspec
-                       max_token_length=args.max_token_length)
+                       max_token_length=args.max_token_length, clip_skip=args.clip_skip)
     if args.lora:
         from networks.lora import merge_files
         try:

@@ -68,6 +68,7 @@ class ModelConfig:
     apply_t5_attn_mask: bool = opt(False, "SD3: mask T5 padding and zero its outputs (kohya option; the reference attends to padding); lets cached T5 outputs be stored without padding")
     v_parameterization: bool | None = opt(None, "SDXL: the model predicts v instead of epsilon; unset = as the checkpoint says (its `v_pred` marker or modelspec.prediction_type), else false")
     max_token_length: int = opt(75, "CLIP tokens per caption (kohya): 75, 150 or 225 (75-token chunks)", choices=(75, 150, 225))
+    clip_skip: int | None = opt(None, "CLIP hidden layer the model is conditioned on, counted from the end (kohya / A1111 clip_skip: 1 = last layer, 2 = penultimate; ComfyUI CLIPSetLastLayer -N); unset = the model's own (SDXL / SD3: 2, as they were trained). kohya ignores it for SDXL / SD3; here it is used (docs/lora.md)", min=1)
     t5_max_token_length: int = opt(256, "SD3: T5 tokens per caption (at least 77, as the reference pads to)", min=77)
     vae_dtype: str = opt("fp32", "VAE compute precision (the original SDXL VAE overflows in fp16)", choices=PRECISIONS)
     text_encoder_dtype: str = opt("fp32", "precision of frozen text encoders", choices=PRECISIONS)

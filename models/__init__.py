@@ -73,8 +73,12 @@ def _part_seed(seed: int, name: str) -> int:
 
 
 def _make(family: str, modules: Mapping[str, nn.Module], opts: Mapping[str, Any]) -> Any:
+    clip_skip = opts.get("clip_skip") or 2
+    clips = [m.cfg.num_layers for k, m in modules.items() if k in ("te1", "te2", "clip_l", "clip_g")]
+    if clips and clip_skip > min(clips):
+        raise CheckpointError(f"model.clip_skip = {clip_skip}: the text encoders have {min(clips)} layers")
     if family == "sdxl":
-        return sdxl.SDXL(unet=modules.get("unet"), vae=modules.get("vae"), te1=modules.get("te1"), te2=modules.get("te2"),
+        return sdxl.SDXL(clip_skip=clip_skip, unet=modules.get("unet"), vae=modules.get("vae"), te1=modules.get("te1"), te2=modules.get("te2"),
                          max_token_length=opts.get("max_token_length", 75),
                          v_parameterization=bool(opts.get("v_parameterization")),
                          zero_terminal_snr=bool(opts.get("zero_terminal_snr")))
@@ -82,7 +86,7 @@ def _make(family: str, modules: Mapping[str, nn.Module], opts: Mapping[str, Any]
     if "t5" in modules or opts.get("t5_tokenizer"):
         from models.t5 import T5Tokenizer
         t5_tok = T5Tokenizer(opts.get("t5_tokenizer") or BUNDLED_T5_SPIECE)
-    return sd3.SD3(mmdit=modules.get("mmdit"), vae=modules.get("vae"), clip_l=modules.get("clip_l"),
+    return sd3.SD3(clip_skip=clip_skip, mmdit=modules.get("mmdit"), vae=modules.get("vae"), clip_l=modules.get("clip_l"),
                    clip_g=modules.get("clip_g"), t5=modules.get("t5"), t5_tokenizer=t5_tok if "t5" in modules else None,
                    t5_max_token_length=opts.get("t5_max_token_length", 256),
                    apply_t5_attn_mask=bool(opts.get("apply_t5_attn_mask", False)), shift=opts.get("shift", sd3.DEFAULT_SHIFT),
@@ -298,7 +302,8 @@ def save(comp: Any, path: str, precision: str = "fp16", title: str = "", extra_m
 def _opts(model_cfg: Any) -> dict[str, Any]:
     return {"max_token_length": model_cfg.max_token_length, "v_parameterization": model_cfg.v_parameterization,
             "t5_max_token_length": model_cfg.t5_max_token_length, "t5_tokenizer": model_cfg.t5_tokenizer,
-            "use_t5": model_cfg.use_t5, "apply_t5_attn_mask": model_cfg.apply_t5_attn_mask}
+            "use_t5": model_cfg.use_t5, "apply_t5_attn_mask": model_cfg.apply_t5_attn_mask,
+            "clip_skip": model_cfg.clip_skip}
 
 
 def family_of(model_cfg: Any) -> str:
@@ -407,5 +412,6 @@ def load_text_encoders(model_cfg: Any, device: str | torch.device = "cpu", dtype
     src = model_cfg.pretrained_model_name_or_path or f"preset:{model_cfg.model_preset}:{seed}"
     ident = "|".join([family, src, model_cfg.clip_l, model_cfg.clip_g, model_cfg.t5xxl, str(model_cfg.max_token_length),
                       str(model_cfg.t5_max_token_length), str(model_cfg.use_t5), str(model_cfg.apply_t5_attn_mask),
-                      TEXT_CACHE_LAYOUT[family]])
+                      TEXT_CACHE_LAYOUT[family]] + ([f"clip_skip={model_cfg.clip_skip}"]  # not for the default (old
+                                                   if model_cfg.clip_skip not in (None, 2) else []))  # caches stay valid)
     return TextEncoderRunner(comp, hashlib.sha1(ident.encode()).hexdigest()[:16], device)

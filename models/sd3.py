@@ -85,6 +85,7 @@ class SD3(FamilyBase):
     t5_tokenizer: t5_mod.T5Tokenizer | None = None
     t5_max_token_length: int = 256
     apply_t5_attn_mask: bool = False  # kohya option: mask T5 padding keys and zero T5 outputs at padding
+    clip_skip: int = 2  # hidden layer of both CLIPs the context comes from, counted from the end (2: penultimate)
     shift: float = DEFAULT_SHIFT
     extras: dict[str, Tensor] = field(default_factory=dict)
     family: str = "sd3"
@@ -114,8 +115,8 @@ class SD3(FamilyBase):
         assert self.clip_l is not None and self.clip_g is not None, "CLIP text encoders are not loaded"
         dev = device if device is not None else next(self.clip_l.parameters()).device
         tok = self.tokenize(captions)
-        hl, pl = self.clip_l(tok["ids_l"].to(dev), layer=-2)             # (B, 77, 768), (B, 768)
-        hg, pg = self.clip_g(tok["ids_g"].to(dev), layer=-2)             # (B, 77, 1280), (B, 1280)
+        hl, pl = self.clip_l(tok["ids_l"].to(dev), layer=-self.clip_skip)  # (B, 77, 768), (B, 768)
+        hg, pg = self.clip_g(tok["ids_g"].to(dev), layer=-self.clip_skip)  # (B, 77, 1280), (B, 1280)
         clip_ctx = torch.cat([hl, hg.to(hl.dtype)], dim=-1)              # (B, 77, 2048)
         pooled = torch.cat([pl, pg.to(pl.dtype)], dim=-1)                # (B, 2048)
         b, length = clip_ctx.shape[0], self.t5_max_token_length

@@ -62,6 +62,7 @@ class SDXL(FamilyBase):
     te1: te_mod.CLIPTextModel | None        # CLIP ViT-L/14, Hugging Face naming
     te2: te_mod.OpenCLIPTextModel | None    # OpenCLIP ViT-bigG/14, open_clip naming
     max_token_length: int = 75
+    clip_skip: int = 2  # hidden layer of both CLIPs the context comes from, counted from the end (2: penultimate)
     v_parameterization: bool = False
     zero_terminal_snr: bool = False  # trained with zero-terminal-SNR betas: previews and exports say so
     extras: dict[str, Tensor] = field(default_factory=dict)  # position_ids / logit_scale kept for saving
@@ -89,8 +90,8 @@ class SDXL(FamilyBase):
         assert self.te1 is not None and self.te2 is not None, "text encoders are not loaded"
         contexts, pooled = [], None
         for i in range(0, ids1.shape[1], 77):
-            h1, _ = self.te1(ids1[:, i:i + 77], layer=-2)           # (B, 77, 768)
-            h2, p2 = self.te2(ids2[:, i:i + 77], layer=-2)          # (B, 77, 1280), (B, 1280)
+            h1, _ = self.te1(ids1[:, i:i + 77], layer=-self.clip_skip)  # (B, 77, 768)
+            h2, p2 = self.te2(ids2[:, i:i + 77], layer=-self.clip_skip)  # (B, 77, 1280), (B, 1280)
             contexts.append(torch.cat([h1, h2.to(h1.dtype)], dim=-1))
             pooled = p2 if pooled is None else pooled
         assert pooled is not None

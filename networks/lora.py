@@ -638,6 +638,7 @@ def ss_metadata(cfg: Any, comp: Any, network: LoRANetwork, base: Mapping[str, st
         "ss_unet_lr": str(n.unet_lr if n.unet_lr is not None else o.learning_rate),
         "ss_text_encoder_lr": str(n.text_encoder_lr if n.text_encoder_lr is not None else o.learning_rate),
         "ss_network_train_unet_only": str(not te_trained),
+        "ss_clip_skip": str(cfg.model.clip_skip),  # kohya writes args.clip_skip: "None" when unset
     })
     spec, sv = comp.modelspec(), cfg.save
     res = cfg.data.resolution
@@ -648,6 +649,8 @@ def ss_metadata(cfg: Any, comp: Any, network: LoRANetwork, base: Mapping[str, st
         info={"author": sv.metadata_author, "description": sv.metadata_description, "license": sv.metadata_license,
               "tags": sv.metadata_tags},
         hash_sha256=modelspec_hash(tensors) if tensors is not None else ""))
+    if cfg.model.clip_skip is not None:  # kohya's build_metadata(clip_skip=...): modelspec.encoder_layer
+        meta["modelspec.encoder_layer"] = str(cfg.model.clip_skip)
     if not te_trained:
         meta.pop("ss_text_encoder_lr")
     return meta

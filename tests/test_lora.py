@@ -451,3 +451,40 @@ def test_lora_files_carry_full_modelspec(family, tmp_path):
         other = SimpleNamespace(family="sd3", modelspec=lambda arch=arch: {**spec, "architecture": arch})
         m = lora.ss_metadata(cfg, other, net, {})
         assert (m["modelspec.architecture"], m["ss_base_model_version"]) == (arch + "/lora", version)
+
+
+def test_clip_skip_picks_the_hidden_layer_and_which_adapters_train(tmp_path):
+    """Issue #25 item 16 with #23 item 3: `model.clip_skip = N` conditions on hidden_states[-N] of both CLIPs (no final
+    LN), as ComfyUI's CLIPSetLastLayer(-N) does for SDXL (`comfy/sd1_clip.py` SDClipModel.clip_layer: layer "hidden",
+    layer_idx -N; SDXL's CLIPs keep layer_norm_hidden_state off), checked against transformers' hidden_states; kohya
+    ignores clip_skip for SDXL / SD3 (library/sdxl_train_util.py: a warning). With clip_skip = 1 every CLIP adapter
+    reaches the loss, so none is frozen; the LoRA file records ss_clip_skip and modelspec.encoder_layer as kohya
+    writes them. A clip_skip beyond the encoders' depth is one clear error."""
+    transformers = pytest.importorskip("transformers")
+    import train
+    from core.config import config_from_dict
+    from test_text_encoders import _hf_config, _load_into_hf
+    cfg = config_from_dict({"model": {"model_preset": "tiny", "clip_skip": 1},
+                            "network": {"network_module": "lora", "network_dim": 2}})
+    comp = models.from_config(cfg.model, parts=["unet", "te1", "te2"])
+    assert comp.clip_skip == 1
+    ids = _ids()
+    hf = transformers.CLIPTextModel(_hf_config(comp.te1.cfg)).eval()
+    _load_into_hf(hf, comp.te1.state_dict())
+    with torch.no_grad():
+        ctx = comp.encode_tokens(ids, ids)["context"]
+        ref = hf(ids, output_hidden_states=True).hidden_states[-1]
+    assert _rel(ctx[..., :ref.shape[-1]], ref) < 1e-5
+    run = train.make_trainable(cfg, comp, torch.device("cpu"), print)
+    assert run.frozen == [] and any(n.startswith("lora_te1_text_model_encoder_layers_1_") for n in run.network.adapters)
+    meta = lora.ss_metadata(cfg, comp, run.network, {})
+    assert (meta["ss_clip_skip"], meta["modelspec.encoder_layer"]) == ("1", "1")
+    default = config_from_dict({"model": {"model_preset": "tiny"}, "network": {"network_module": "lora"}})
+    assert models.from_config(default.model, parts=["te1", "te2"]).clip_skip == 2
+    assert lora.ss_metadata(default, comp, run.network, {})["ss_clip_skip"] == "None"
+    # the cache of text-encoder outputs depends on it (the default keeps existing caches' identity)
+    ident = {n: models.load_text_encoders(config_from_dict({"model": {"model_preset": "tiny", **k}}).model).identity
+             for n, k in (("unset", {}), ("2", {"clip_skip": 2}), ("1", {"clip_skip": 1}))}
+    assert ident["unset"] == ident["2"] != ident["1"]
+    with pytest.raises(models.CheckpointError, match="clip_skip = 3: the text encoders have 2 layers"):
+        models.from_config(config_from_dict({"model": {"model_preset": "tiny", "clip_skip": 3}}).model, parts=["te1"])

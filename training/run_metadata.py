@@ -131,6 +131,7 @@ def training_metadata(cfg: Any, *, family: str, index: Any, batches_per_epoch: i
         "ss_batch_size_per_device": d.batch_size,
         "ss_total_batch_size": d.batch_size * world_size * t.gradient_accumulation_steps,
         "ss_gradient_checkpointing": t.gradient_checkpointing,
+        "ss_clip_skip": cfg.model.clip_skip,  # kohya's key; None when unset (the model's own layer)
         "ss_gradient_accumulation_steps": t.gradient_accumulation_steps,
         "ss_max_train_steps": t.max_train_steps or None,
         "ss_lr_warmup_steps": o.lr_warmup_steps,
