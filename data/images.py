@@ -26,7 +26,7 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp") +
 # Default of [data] max_image_pixels: Pillow's decompression-bomb *error* threshold (2 x Image.MAX_IMAGE_PIXELS,
 # ~179 MP = 0.5 GiB of RGB). Bigger images are skipped, judged from the header before any decoding.
 MAX_PIXELS = 178_956_970
-# The limit is ours (checked in _open_checked, configurable): Pillow's own check, which warns from ~89.5 MP and
+# The limit is ours (checked in open_checked, configurable): Pillow's own check, which warns from ~89.5 MP and
 # raises from ~179 MP whatever the setting, is turned off so a legitimate 144 MP scan is not lost.
 Image.MAX_IMAGE_PIXELS = None
 # EXIF orientation tag; values 5..8 rotate by 90 degrees, so width and height swap.
@@ -49,7 +49,7 @@ class BadImage(Exception):
     """An image that cannot be used; the message says why."""
 
 
-def _open_checked(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def open_checked(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open lazily (header only) and reject empty files, non-images and images over `max_pixels` before decoding.
     A locator (`<container>::<member>`, data/readers) is opened from the bytes its reader returns."""
     src: Any = path
@@ -84,7 +84,7 @@ def read_size(path: str, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
         if isinstance(hw, str):
             raise BadImage(f"latent cache: {hw}")
         return hw[1] * 8, hw[0] * 8
-    im = _open_checked(path, max_pixels)
+    im = open_checked(path, max_pixels)
     try:
         w, h = im.size
         try:
@@ -140,7 +140,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 def load_image(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode fully to RGB with EXIF orientation applied; raises BadImage with the reason."""
-    im = _open_checked(path, max_pixels)
+    im = open_checked(path, max_pixels)
     try:
         im.load()  # truncated files raise here (ImageFile.LOAD_TRUNCATED_IMAGES stays False)
         im = ImageOps.exif_transpose(im)
@@ -189,7 +189,7 @@ def load_image_reduced(path: str, need: Callable[[tuple[int, int]], tuple[int, i
     both sides, or at least DRAFT_SAFE_MARGIN x `need` when that draft is sharp (`_draft_jpeg`); other formats (and
     `draft=False`) decode fully.
     """
-    im = _open_checked(path, max_pixels)
+    im = open_checked(path, max_pixels)
     try:
         w, h = im.size
         try:
@@ -200,7 +200,7 @@ def load_image_reduced(path: str, need: Callable[[tuple[int, int]], tuple[int, i
         full = (h, w) if swap else (w, h)
         tw, th = need(full)
         if draft and im.format == "JPEG":
-            im = _draft_jpeg(im, lambda: _open_checked(path, max_pixels), tw, th, swap)
+            im = _draft_jpeg(im, lambda: open_checked(path, max_pixels), tw, th, swap)
         else:
             im.load()
         im = ImageOps.exif_transpose(im)

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .buckets import crop_params
-from .images import BadImage, _open_checked
+from .images import BadImage, open_checked
 
 MASK_SUFFIXES = ("_mask.png", "-masklabel.png")
 
@@ -47,7 +47,7 @@ def mask_file(image_path: str, mask_dir: str = "") -> str | None:
 
 def _alpha(path: str, max_pixels: int) -> Image.Image | None:
     """The image's alpha channel (EXIF orientation applied), or None without one / when fully opaque."""
-    im = _open_checked(path, max_pixels)
+    im = open_checked(path, max_pixels)
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode not in ("RGBA", "LA", "La", "RGBa", "PA"):
@@ -65,8 +65,8 @@ def pixel_mask(image_path: str, bucket_wh: tuple[int, int], crop_top_left: tuple
     path = mask_file(image_path, getattr(data_cfg, "mask_dir", "") or "")
     try:
         if path is not None:
-            m = ImageOps.exif_transpose(_open_checked(path, limit)).convert("L")
-            size = _open_checked(image_path, limit)
+            m = ImageOps.exif_transpose(open_checked(path, limit)).convert("L")
+            size = open_checked(image_path, limit)
             full = ImageOps.exif_transpose(size).size if size.getexif().get(0x0112, 1) != 1 else size.size
         else:
             m = _alpha(image_path, limit)
