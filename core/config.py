@@ -98,6 +98,13 @@ class SubsetConfig:
     flip_aug: bool | None = opt(None, "random horizontal flips (default: [data])")
     random_crop: bool | None = opt(None, "random instead of center crop (default: [data])")
     loss_weight: float = opt(1.0, "per-sample loss weight of this subset (e.g. < 1 for regularisation images)", min=0)
+    resolution: int | list[int] | None = opt(None, "this subset's training resolution (kohya [[datasets]] resolution: several resolutions in one run); default [data]", min=64)
+    batch_size: int | None = opt(None, "images per GPU per micro-step for this subset's batches (kohya [[datasets]] batch_size; a batch never mixes subsets of different batch sizes); default [data]", min=1)
+    enable_bucket: bool | None = opt(None, "aspect-ratio buckets for this subset (false: every image cropped to its resolution, HCP-Diffusion's FixedBucket); default [data]")
+    bucket_reso_step: int | None = opt(None, "bucket side step of this subset; default [data]", min=8)
+    min_bucket_reso: int | None = opt(None, "smallest bucket side of this subset; default [data]", min=8)
+    max_bucket_reso: int | None = opt(None, "largest bucket side of this subset; default [data]", min=8)
+    bucket_no_upscale: bool | None = opt(None, "never upscale this subset's small images; default [data]")
 
 
 @dataclass

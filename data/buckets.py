@@ -27,6 +27,7 @@ class BucketSettings:
     max_reso: int = 2048
     no_upscale: bool = False
     height: int = 0              # kohya's `resolution = "w,h"`: bucket area <= w * h; 0 = square
+    subsets: str = ""            # the keys of subsets with settings of their own (kohya [[datasets]]), "" = none
 
     @property
     def size(self) -> tuple[int, int]:
@@ -39,25 +40,32 @@ class BucketSettings:
         return w * h
 
     @classmethod
-    def from_data_cfg(cls, d) -> "BucketSettings":
-        """Read the bucket fields of a DataConfig, validating them."""
-        w, h = parse_resolution(d.resolution)
-        s = cls(w, bool(d.enable_bucket), int(d.bucket_reso_step), int(d.min_bucket_reso),
-                int(d.max_bucket_reso), bool(d.bucket_no_upscale), 0 if h == w else h)
+    def from_data_cfg(cls, d, sub=None, where: str = "[data]") -> "BucketSettings":
+        """Read the bucket fields of a DataConfig (a SubsetConfig's own values, where set, over them), validating
+        them."""
+        def pick(name: str):
+            v = getattr(sub, name, None) if sub is not None else None
+            return getattr(d, name) if v is None else v
+
+        res = pick("resolution")
+        w, h = parse_resolution(res)
+        s = cls(w, bool(pick("enable_bucket")), int(pick("bucket_reso_step")), int(pick("min_bucket_reso")),
+                int(pick("max_bucket_reso")), bool(pick("bucket_no_upscale")), 0 if h == w else h)
         if min(w, h) <= 0 or s.step <= 0:
-            raise ValueError(f"[data] resolution ({d.resolution}) and bucket_reso_step ({s.step}) must be > 0")
+            raise ValueError(f"{where} resolution ({res}) and bucket_reso_step ({s.step}) must be > 0")
         if w % s.step or h % s.step:
-            raise ValueError(f"[data] resolution {d.resolution} must be a multiple of bucket_reso_step {s.step}")
+            raise ValueError(f"{where} resolution {res} must be a multiple of bucket_reso_step {s.step}")
         if not (0 < s.min_reso <= min(w, h) and max(w, h) <= s.max_reso):
-            raise ValueError(f"[data] need 0 < min_bucket_reso ({s.min_reso}) <= resolution ({d.resolution}) "
+            raise ValueError(f"{where} need 0 < min_bucket_reso ({s.min_reso}) <= resolution ({res}) "
                              f"<= max_bucket_reso ({s.max_reso})")
         return s
 
     def key(self) -> str:
-        """A stable string for fingerprints."""
+        """A stable string for fingerprints (a latent record is valid for these settings only)."""
         res = f"{self.resolution}x{self.height}" if self.height else str(self.resolution)
+        own = f",subsets=[{self.subsets}]" if self.subsets else ""
         return (f"res={res},bucket={int(self.enable_bucket)},step={self.step},min={self.min_reso},"
-                f"max={self.max_reso},noup={int(self.no_upscale)}")
+                f"max={self.max_reso},noup={int(self.no_upscale)}{own}")
 
 
 def parse_resolution(v) -> tuple[int, int]:

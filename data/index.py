@@ -9,6 +9,7 @@ used, and the ranks of a node share one copy in the page cache instead of holdin
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
@@ -277,11 +278,13 @@ def _build_index(data: DataConfig, skipped: SkipReport | None, threads: int,
                 sizes[i] = ks
             else:
                 skipped.add(cols.paths[i] or cols.keys[i], reason)
+    per = subset_bucket_settings(subsets, bs)
+    step = np.asarray([p.step for p in per], np.int64)[cols.subset]
     latent = cols.paths.endswith_ascii(LATENT_EXT)  # .npz caches in place of images: their bucket is their size
-    for i in np.flatnonzero(latent & (sizes > 0).all(1) & (sizes % bs.step != 0).any(1)).tolist():
+    for i in np.flatnonzero(latent & (sizes > 0).all(1) & (sizes % step[:, None] != 0).any(1)).tolist():
         w, h = (int(v) for v in sizes[i])
-        skipped.add(cols.paths[i], f"latent cache of {w}x{h} px is not a multiple of bucket_reso_step {bs.step} "
-                                   f"(euge-trainer refuses it too)")
+        skipped.add(cols.paths[i], f"latent cache of {w}x{h} px is not a multiple of bucket_reso_step "
+                                   f"{int(step[i])} (euge-trainer refuses it too)")
         sizes[i] = -1
     keep = np.nonzero((sizes > 0).all(1))[0]
     report_metadata_counts(cols, keep, {m for s in subsets for m in s.metadata_files})
@@ -312,14 +315,40 @@ def _build_index(data: DataConfig, skipped: SkipReport | None, threads: int,
     if getter is not None:  # the metadata as the hook left it (as saved before packing)
         enc = json_encoder()
         cols.cols["metadata"] = StrColumn.from_list([enc(m) if m else "" for m in cols.dicts])
-    buckets = np.concatenate([assign_buckets(sizes[a : a + SIZE_CHUNK * 16], bs)  # row by row: in chunks
-                              for a in range(0, len(sizes), SIZE_CHUNK * 16)])
+    buckets = assign_subset_buckets(sizes, subset_arr, per)
     buckets[latent] = sizes[latent]  # euge-trainer: "directly use latents_size as bucket_reso"
     return DatasetIndex(keys=cols.keys, paths=cols.paths, captions=cols.captions, metadata=cols.metadata,
                         descriptions=cols.descriptions,
                         sizes=sizes, buckets=buckets, subset=subset_arr,
-                        repeats=repeats, subsets=subsets, bucket_settings=bs, fingerprint=fp, counter=counter,
+                        repeats=repeats, subsets=subsets, bucket_settings=run_bucket_settings(bs, per), fingerprint=fp,
+                        counter=counter,
                         skipped=dict(skipped.items), store_sig=store_signature(store.root) if from_store else "")
+
+
+def subset_bucket_settings(subsets: list[SubsetSpec], bs: BucketSettings) -> list[BucketSettings]:
+    """Each subset's bucket settings: its own (kohya [[datasets]] resolution, bucket options) or [data]'s."""
+    return [BucketSettings(**s.bucket) if s.bucket else bs for s in subsets]
+
+
+def run_bucket_settings(bs: BucketSettings, per: list[BucketSettings]) -> BucketSettings:
+    """[data]'s settings with the subsets' own ones folded into its key (the latent store's fingerprint: a record
+    is valid for the bucketing it was cut for)."""
+    own = [f"{i}:{p.key()}" for i, p in enumerate(per) if p != bs]
+    return dataclasses.replace(bs, subsets=";".join(own)) if own else bs
+
+
+def assign_subset_buckets(sizes: np.ndarray, subset: np.ndarray, per: list[BucketSettings]) -> np.ndarray:
+    """[N, 2] int32 buckets, each row by its subset's settings (rows of subsets sharing settings at once, in chunks)."""
+    out = np.empty((len(sizes), 2), np.int32)
+    groups: dict[BucketSettings, list[int]] = {}
+    for si, p in enumerate(per):
+        groups.setdefault(p, []).append(si)
+    for p, sis in groups.items():
+        rows = np.arange(len(sizes)) if len(groups) == 1 else np.flatnonzero(np.isin(subset, sis))
+        for a in range(0, len(rows), SIZE_CHUNK * 16):
+            part = rows[a : a + SIZE_CHUNK * 16]
+            out[part] = assign_buckets(sizes[part], p)
+    return out
 
 
 def report_metadata_counts(cols: PackedRows, keep: np.ndarray, files: set[str]) -> dict[str, tuple[int, int]]:

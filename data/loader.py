@@ -1,6 +1,7 @@
 """The training data loader: bucketed batches that depend on (seed, epoch) only, never on the world size.
 
-Each epoch: every row x its repeats goes into exactly one batch; a batch holds one bucket; a bucket's last
+Each epoch: every row x its repeats goes into exactly one batch; a batch holds one bucket and one batch size (a
+subset may have its own, kohya's [[datasets]] batch_size; and its own resolution, data/index.py); a group's last
 partial batch is kept as a smaller batch. The global batch list is shuffled with (seed, epoch); rank r takes
 global batches r, r+W, r+2W, ... When the count is not a multiple of W, the final round is completed by reusing
 batches from the start of the list, so every rank runs the same number of steps (those few samples are seen
@@ -70,10 +71,28 @@ def usable_rows(index: DatasetIndex, store=None, chunk: int = 1 << 20) -> np.nda
     return rows
 
 
-def _bucket_ids(index: DatasetIndex, rows: np.ndarray) -> np.ndarray:
-    """One int64 id per row's bucket (width * 100003 + height): equal ids = the same bucket."""
+def subset_batch_sizes(index: DatasetIndex, data_cfg) -> np.ndarray:
+    """Batch size of each of the index's subsets: its [[data.subsets]] entry's batch_size, else [data]'s."""
+    own = [getattr(data_cfg.subsets[s.source], "batch_size", None) if s.source < len(data_cfg.subsets) else None
+           for s in index.subsets]
+    return np.asarray([int(b or data_cfg.batch_size) for b in own], np.int64)
+
+
+def _per_subset(index: DatasetIndex, batch_size: "int | np.ndarray") -> np.ndarray:
+    """Batch sizes per subset (an int: the same for all), each checked >= 1."""
+    bs = np.full(len(index.subsets), int(batch_size), np.int64) if np.ndim(batch_size) == 0 else \
+        np.asarray(batch_size, np.int64)
+    if len(bs) != len(index.subsets) or (bs < 1).any():
+        raise ValueError(f"batch_size = {batch_size} must be >= 1 (one per subset)")
+    return bs
+
+
+def _bucket_ids(index: DatasetIndex, rows: np.ndarray, bs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(one int64 id per row's batch group: its bucket (w * 100003 + h) and batch size, equal ids = rows that may
+    share a batch; the batch size of each row). With one batch size the ids order like the buckets."""
     b = np.asarray(index.buckets)
-    return b[rows, 0].astype(np.int64) * 100_003 + b[rows, 1]
+    size = bs[np.asarray(index.subset)[rows]]
+    return ((b[rows, 0].astype(np.int64) * 100_003 + b[rows, 1]) << 31) | size, size
 
 
 def _permutation(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -110,16 +129,15 @@ class _Epoch:
     order. Batch k of the unshuffled list is the j-th run of batch_size positions (ascending) of its group; global
     batch i is unshuffled batch `perm[i]`. Peak memory ~10 bytes per sample (int32 / int16 arrays)."""
 
-    def __init__(self, index: DatasetIndex, batch_size: int, seed: int, epoch: int, rows: np.ndarray):
-        if batch_size < 1:
-            raise ValueError(f"batch_size = {batch_size} must be >= 1")
+    def __init__(self, index: DatasetIndex, batch_size: "int | np.ndarray", seed: int, epoch: int, rows: np.ndarray):
+        bs = _per_subset(index, batch_size)
         rows = np.asarray(rows)
         reps = np.asarray(index.repeats)[rows]
         rng = np.random.default_rng(_seed(seed, epoch))
         expanded = np.repeat(rows.astype(np.int32, copy=False), reps)        # every sample x repeats exactly once
         self.samples = expanded[_permutation(rng, len(expanded))]         # position i = the sample's identity
         del expanded
-        ids = _bucket_ids(index, rows)                                     # the bucket of each usable row
+        ids, size = _bucket_ids(index, rows, bs)                            # the batch group of each usable row
         uniq = np.unique(ids)                                              # groups in bucket-id order
         gdt = np.int16 if len(uniq) < 1 << 15 else np.int32
         group_of_row = np.zeros(len(index.repeats), gdt)
@@ -127,9 +145,11 @@ class _Epoch:
         self.group = group_of_row[self.samples]                            # group of each position
         del group_of_row
         self.count = np.bincount(self.group, minlength=len(uniq)).astype(np.int64)
-        self.per = (self.count + batch_size - 1) // batch_size             # batches of each group
+        self.batch = np.zeros(len(uniq), np.int64)                         # the batch size of each group
+        self.batch[np.searchsorted(uniq, ids)] = size
+        del size
+        self.per = (self.count + self.batch - 1) // self.batch             # batches of each group
         self.first = np.concatenate([[0], np.cumsum(self.per)]).astype(np.int64)  # first batch of each group
-        self.batch_size = batch_size
         self.perm = _permutation(rng, int(self.first[-1]))
 
     def __len__(self) -> int:
@@ -142,8 +162,8 @@ class _Epoch:
         idt = np.int32 if len(self.samples) < 1 << 31 else np.int64          # 4 bytes a batch where it fits
         k = self.perm[ids]                                                  # unshuffled batch of each
         g = (np.searchsorted(self.first, k, side="right") - 1).astype(idt)
-        start = ((k - self.first[g]) * self.batch_size).astype(idt)
-        n = (np.minimum(start + self.batch_size, self.count[g]) - start).astype(idt)
+        start = ((k - self.first[g]) * self.batch[g]).astype(idt)
+        n = (np.minimum(start + self.batch[g], self.count[g]) - start).astype(idt)
         del k
         offsets = np.zeros(len(ids) + 1, np.int64)
         np.cumsum(n, out=offsets[1:])
@@ -185,7 +205,7 @@ class EpochPlan:
         return self.pairs[self.starts[i] : self.ends[i]]
 
 
-def epoch_plan(index: DatasetIndex, batch_size: int, seed: int, epoch: int,
+def epoch_plan(index: DatasetIndex, batch_size: "int | np.ndarray", seed: int, epoch: int,
                rows: np.ndarray | None = None) -> EpochPlan:
     """The epoch's whole global batch list (see the module docstring), as flat arrays; a rank needs only its share
     (EpochBatches: `_Epoch.take`)."""
@@ -195,29 +215,29 @@ def epoch_plan(index: DatasetIndex, batch_size: int, seed: int, epoch: int,
     return EpochPlan(pairs, offsets[:-1], offsets[1:])
 
 
-def global_batches(index: DatasetIndex, batch_size: int, seed: int, epoch: int,
+def global_batches(index: DatasetIndex, batch_size: "int | np.ndarray", seed: int, epoch: int,
                    rows: np.ndarray | None = None) -> list[np.ndarray]:
     """The epoch's global batch list; each batch is an array of (row, position) pairs [b, 2]."""
     plan = epoch_plan(index, batch_size, seed, epoch, rows)
     return [plan.batch(i) for i in range(len(plan))]
 
 
-def global_batch_count(index: DatasetIndex, batch_size: int, rows: np.ndarray) -> int:
-    """Batches in every epoch's global list: per bucket ceil(samples / batch_size) (no shuffle needed)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size = {batch_size} must be >= 1")
+def global_batch_count(index: DatasetIndex, batch_size: "int | np.ndarray", rows: np.ndarray) -> int:
+    """Batches in every epoch's global list: per batch group ceil(samples / its batch size) (no shuffle needed)."""
     rows = np.asarray(rows)
-    ids = _bucket_ids(index, rows)
+    ids, size = _bucket_ids(index, rows, _per_subset(index, batch_size))
     uniq, inv = np.unique(ids, return_inverse=True)
     count = np.bincount(inv.ravel(), weights=np.asarray(index.repeats)[rows], minlength=len(uniq)).astype(np.int64)
-    return int(((count + batch_size - 1) // batch_size).sum())
+    group_size = np.zeros(len(uniq), np.int64)
+    group_size[inv.ravel()] = size
+    return int(((count + group_size - 1) // group_size).sum())
 
 
 def batches_per_epoch(index: DatasetIndex, data_cfg, world_size: int, store=None,
                       rows: np.ndarray | None = None) -> int:
     """Steps each rank runs per epoch (ceil of global batches / world size); `rows` = usable_rows(), if known."""
     rows = usable_rows(index, store) if rows is None else rows
-    n = global_batch_count(index, int(data_cfg.batch_size), rows)
+    n = global_batch_count(index, subset_batch_sizes(index, data_cfg), rows)
     return math.ceil(n / max(1, world_size))
 
 
@@ -345,7 +365,7 @@ class EpochBatches:
     """Batch sampler of one rank: the epoch's batches from `skip`; `set_epoch` moves it to another epoch, so one
     DataLoader (and its persistent workers) serves the whole run. Items carry their epoch: (row, position, epoch)."""
 
-    def __init__(self, index: DatasetIndex, batch_size: int, rows: np.ndarray, *, seed: int, epoch: int, rank: int,
+    def __init__(self, index: DatasetIndex, batch_size: "int | np.ndarray", rows: np.ndarray, *, seed: int, epoch: int, rank: int,
                  world_size: int, skip: int = 0):
         self.index, self.batch_size, self.rows = index, batch_size, rows
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -380,7 +400,7 @@ def make_loader(index: DatasetIndex, data_cfg, store, *, seed: int, epoch: int, 
     For the next epoch call `loader.batch_sampler.set_epoch(epoch)` and iterate again (workers are kept alive when
     `persistent_workers` and num_workers > 0)."""
     rows = usable_rows(index, store) if rows is None else rows
-    sampler = EpochBatches(index, int(data_cfg.batch_size), rows, seed=seed, epoch=epoch, rank=rank,
+    sampler = EpochBatches(index, subset_batch_sizes(index, data_cfg), rows, seed=seed, epoch=epoch, rank=rank,
                            world_size=world_size, skip=skip)
     return DataLoader(_Items(index, data_cfg, store, seed, epoch, cached_text), batch_sampler=sampler, collate_fn=collate,
                       num_workers=num_workers, pin_memory=pin_memory,

@@ -18,6 +18,7 @@ import numpy as np
 
 from core.config import DataConfig, SubsetConfig
 
+from .buckets import BucketSettings
 from .captions import description_of, options_for_subset
 from .columns import PackedRows
 from .hooks import COUNTED_FIELDS
@@ -92,14 +93,21 @@ def resolve_subsets(data: DataConfig) -> list[SubsetSpec]:
             if ds and not os.path.exists(ds):
                 raise FileNotFoundError(f"[data] subset {i}: dataset_name_or_path {ds!r} does not exist (only "
                                         f"local datasets are read: a hub snapshot folder or a save_to_disk folder)")
-            out.append(_spec(s, data, layout, repeats, ds, tars))
+            out.append(_spec(s, data, layout, repeats, ds, tars, i))
     if len(out) > 32767:
         raise ValueError(f"[data] {len(out)} subsets; at most 32767 are supported")
     return out
 
 
-def _spec(s: SubsetConfig, data: DataConfig, layout: str, repeats: int, ds: str, tars: list[str]) -> SubsetSpec:
+BUCKET_FIELDS = ("resolution", "enable_bucket", "bucket_reso_step", "min_bucket_reso", "max_bucket_reso",
+                 "bucket_no_upscale")  # a subset's own bucketing (kohya's [[datasets]] options)
+
+
+def _spec(s: SubsetConfig, data: DataConfig, layout: str, repeats: int, ds: str, tars: list[str],
+          source: int) -> SubsetSpec:
     """The SubsetSpec of a validated subset: its own values, else [data]'s."""
+    own = any(getattr(s, f) is not None for f in BUCKET_FIELDS)
+    bucket = dataclasses.asdict(BucketSettings.from_data_cfg(data, s, f"[data] subset {source}")) if own else {}
     ext = s.caption_extension if s.caption_extension is not None else data.caption_extension
     ext = ext or (".caption" if layout == "dreambooth" else ".txt")  # kohya's default in its own layout
     opts = options_for_subset(s, data)
@@ -118,7 +126,7 @@ def _spec(s: SubsetConfig, data: DataConfig, layout: str, repeats: int, ds: str,
         layout=layout, dataset_name_or_path=os.path.abspath(ds) if ds else "",
         dataset_image_column=s.dataset_image_column or data.dataset_image_column,
         dataset_caption_column=s.dataset_caption_column or data.dataset_caption_column,
-        tar_shards=tars)
+        tar_shards=tars, bucket=bucket, source=source)
 
 
 def inputs_fingerprint(subsets: list[SubsetSpec], recursive: bool, extra: str) -> str:

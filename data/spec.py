@@ -51,6 +51,8 @@ class SubsetSpec:
     dataset_image_column: str = ""
     dataset_caption_column: str = ""
     tar_shards: list[str] = field(default_factory=list)    # webdataset tar shards (patterns expanded, absolute)
+    bucket: dict[str, Any] = field(default_factory=dict)   # its own BucketSettings fields ({}: [data]'s)
+    source: int = 0                                        # which [[data.subsets]] entry it comes from
 
     @property
     def caption_options(self) -> CaptionOptions:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from core.config import DataConfig
 from data.buckets import BucketSettings, assign_buckets
 from data.index import DatasetIndex, StrColumn
 from data.loader import batches_per_epoch, global_batches, make_loader, rank_batches
@@ -31,11 +32,7 @@ def make_index(n=23, repeats=None):
                         subsets=[sub], bucket_settings=bs, fingerprint="x")
 
 
-class Cfg:
-    batch_size = 4
-    caption_processor = description_processor = ""
-    jpeg_draft = True
-    max_image_pixels = 178_956_970
+Cfg = DataConfig(batch_size=4)  # the [data] table the loader reads (batch size, hooks, decoding)
 
 
 def test_global_list_covers_every_sample_once():
