@@ -302,6 +302,7 @@ class SaveConfig:
 class SampleConfig:
     """[sample]: preview images during training."""
     sample_prompts: str = opt("", "prompt file (.txt with kohya options, .toml or .json); empty = no previews", path=True)
+    sample_benchmark: str = opt("", "euge-trainer's name for sample_prompts (its JSON list of {prompt, negative_prompt, steps, width, height, scale, seed, sample_name}; sample_name names the image files); set one of the two", path=True)
     sample_every_n_steps: int = opt(0, "previews every N optimizer steps; 0 = off", min=0)
     sample_every_n_epochs: int = opt(0, "previews every N epochs; 0 = off", min=0)
     sample_at_first: bool = opt(False, "previews before training starts")
@@ -618,6 +619,12 @@ def _validate(cfg: Config) -> None:
     """Cross-field checks: impossible combinations, said before anything is loaded."""
     t, l, d = cfg.train, cfg.loss, cfg.data
     format_output_dir(cfg.output_dir)  # an unknown {placeholder} is said now, not after the data is indexed
+    smp = cfg.sample
+    if smp.sample_benchmark:  # euge-trainer's name of the prompt file
+        if smp.sample_prompts and smp.sample_prompts != smp.sample_benchmark:
+            raise ConfigError("sample.sample_prompts and sample.sample_benchmark (euge-trainer's name for it) are both "
+                              "set; set one")
+        smp.sample_prompts = smp.sample_benchmark
     if t.full_bf16 and t.full_fp16:
         raise ConfigError("train.full_bf16 and train.full_fp16 cannot both be true")
     if t.full_bf16 and t.mixed_precision != "bf16":

@@ -101,7 +101,7 @@ def sample_round(comp: Any, prompts: Sequence[SamplePrompt], out_dir: str, step:
                  autocast_dtype: torch.dtype | None = None, model_name: str = "",
                  log: Callable[[str], None] | None = None, split: bool = True, model_hash: str = "") -> list[str]:
     """Prompts split across ranks (split=False: every rank runs every prompt, as sharded FSDP forwards need);
-    rank 0 writes {step:06d}_{index}_{seed}.png and a grid (carrying the first image's parameters, as A1111's
+    rank 0 writes {step:06d}_{index}_{seed}[_{name}].png and a grid (carrying the first image's parameters, as A1111's
     grids do); `model_hash`: of the file these weights were exported to, when there is one. Touches no training RNG: every image draws from
     its own seeded generator, and the global RNG is restored."""
     mine = [p for i, p in enumerate(prompts) if i % dist.world_size() == dist.rank()] if split else list(prompts)
@@ -119,7 +119,7 @@ def sample_round(comp: Any, prompts: Sequence[SamplePrompt], out_dir: str, step:
     if dist.is_main():
         allr = sorted((r for part in gathered for r in part), key=lambda r: r[0])
         for index, p, img in allr:
-            path = os.path.join(out_dir, f"{step:06d}_{index}_{p.seed}.png")
+            path = os.path.join(out_dir, p.file_name(f"{step:06d}"))
             save_png(img, path, a1111_parameters(p, model_name, {"Training step": str(step)}, model_hash))
             written.append(path)
         if allr:

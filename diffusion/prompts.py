@@ -41,12 +41,18 @@ class SamplePrompt:
     rescale: float = 0.0  # guidance rescale phi (Lin et al. 2023)
     index: int = 0  # position in the prompt file
     sigmas: str = "normal"  # sigma spacing: "normal" (the schedule's own) or "karras" (Karras et al. 2022)
+    name: str = ""  # euge-trainer's sample_name: names the image files of this prompt ("" = none)
+
+    def file_name(self, prefix: str) -> str:
+        """`<prefix>_<index>_<seed>[_<name>].png` (the name made safe for any filesystem)."""
+        safe = re.sub(r"[^\w.-]+", "_", self.name).strip("._")[:64]
+        return f"{prefix}_{self.index}_{self.seed}{'_' + safe if safe else ''}.png"
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(SamplePrompt) if f.name != "index")
 # kohya sd-scripts keys of toml/json prompt tables -> our field names.
 KEY_ALIASES = {"cfg_scale": "scale", "sample_steps": "steps", "sample_sampler": "sampler", "guidance_rescale": "rescale",
-               "schedule_type": "sigmas", "use_karras_sigmas": "sigmas"}
+               "schedule_type": "sigmas", "use_karras_sigmas": "sigmas", "sample_name": "name"}
 # kohya inline options of .txt prompt lines ("--w 1024") -> field names.
 TXT_OPTIONS = {"n": "negative_prompt", "w": "width", "h": "height", "d": "seed", "l": "scale", "s": "steps",
                "ss": "sampler", "rescale": "rescale", "sigmas": "sigmas"}
@@ -55,7 +61,7 @@ _OPTION = re.compile(r"(?:^|\s)--([A-Za-z_]+)(?=\s|$)")
 
 def _coerce(field: str, value: Any) -> Any:
     """Check / convert one field value; raises ValueError with the reason."""
-    if field in ("prompt", "negative_prompt"):
+    if field in ("prompt", "negative_prompt", "name"):
         if not isinstance(value, str):
             raise ValueError(f"{field!r} must be a string, got {value!r}")
         return value

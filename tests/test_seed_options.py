@@ -2,6 +2,8 @@
 `_base_` list of files, `lr_scheduler_kwargs`, euge-trainer's `sample_benchmark` with `sample_name`, per-subset
 resolution / batch size (kohya's [[datasets]]) and bucket settings (HCP's fixed bucket / num_bucket)."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -180,3 +182,50 @@ def test_multiresolution_ddp_run_resumes_bit_exactly(two_sets, tmp_path):
     mid = load_file(str(straight / "models" / "demo-step00000002.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], mid[k]) for k in a)  # steps 3-4 trained something
+
+
+# ---- euge-trainer sample_benchmark with sample_name ---------------------------------------------------------------
+
+def test_sample_benchmark_entries_and_sample_name(tmp_path):
+    """euge-trainer's sample_benchmark: a JSON list of {prompt, negative_prompt, steps, width, height, ...} entries
+    (benchmarks/example_benchmark.json) whose `sample_name` names the images (modules/utils/eval_utils.py:
+    `sample_name = param.pop("sample_name", DEFAULT_SAMPLE_NAME)`, `f"{sample_name}-{num_suffix}-{i}-{j}.png"`).
+    The key was unknown in [sample] and in prompt files. Preview files carry the name; the config key is an alias
+    of sample_prompts."""
+    import json
+
+    from diffusion.prompts import load_prompts
+
+    bench = [{"prompt": "1girl, solo", "negative_prompt": "worst quality", "steps": 28, "width": 832, "height": 1216,
+              "sample_name": "portrait"},
+             {"prompt": "a girl surrounded by roses", "steps": 20, "width": 1344, "height": 704, "seed": 3,
+              "sample_name": "roses / wide"},
+             {"prompt": "no name", "steps": 4}]
+    f = tmp_path / "example_benchmark.json"
+    f.write_text(json.dumps(bench))
+    ps = load_prompts(str(f))
+    assert [p.name for p in ps] == ["portrait", "roses / wide", ""]
+    assert (ps[0].width, ps[0].height, ps[0].negative_prompt) == (832, 1216, "worst quality")
+    assert ps[1].file_name("000100") == "000100_1_3_roses_wide.png"
+    assert ps[2].file_name("000100") == "000100_2_None.png"
+    cfg = load_config(_w(tmp_path / "c.toml", f"[sample]\nsample_benchmark = \"{f}\"\nsample_every_n_steps = 5\n"))
+    assert cfg.sample.sample_prompts == str(f)
+    with pytest.raises(ConfigError, match="both set"):
+        load_config(_w(tmp_path / "d.toml", f"[sample]\nsample_benchmark = \"{f}\"\nsample_prompts = \"x.txt\"\n"))
+
+
+def test_preview_files_are_named_by_sample_name(tmp_path):
+    """Through diffusion.preview.sample_round on the tiny SD3 preset: the preview of a named prompt is written as
+    <step>_<index>_<seed>_<name>.png."""
+    import torch
+
+    import models
+    from diffusion.preview import sample_round
+    from diffusion.prompts import SamplePrompt
+
+    comp = models.build("sd3", "tiny", seed=0)
+    prompts = [SamplePrompt("a red circle", width=32, height=32, steps=2, seed=1, name="red"),
+               SamplePrompt("a blue square", width=32, height=32, steps=2, seed=2, index=1)]
+    written = sample_round(comp, prompts, str(tmp_path), 7, torch.device("cpu"))
+    names = sorted(os.path.basename(p) for p in written)
+    assert names == ["000007_0_1_red.png", "000007_1_2.png", "000007_grid.png"]
