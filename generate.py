@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     small = comp.vae.cfg.ch < 128  # tiny test models: default to small images
     size = 128 if small else 1024
     defaults = {"width": args.w or size, "height": args.h or size, "steps": args.steps, "sampler": args.sampler,
-                "scale": args.cfg if args.cfg is not None else (7.0 if comp.family == "sdxl" else 5.0),
+                "scale": args.cfg if args.cfg is not None else models.family(comp.family).cfg_scale,
                 "negative_prompt": args.negative, "rescale": args.rescale, "sigmas": args.sigmas}
     if args.prompt_file:
         prompts = load_prompts(args.prompt_file, defaults)

@@ -51,10 +51,9 @@ from training.exports import Exporter, export_suffix
 from training.optim import LossRecorder, build_optimizer, build_scheduler, scheduler_kwargs
 from training.steplog import StepLog, mean_loss
 from training.steppers import Stepper, check_fused_settings, make_stepper
-from training.trainable import TRAINABLE_TEXT_LR, TrainableSet, make_trainable
+from training.trainable import TrainableSet, make_trainable
 
 DTYPES = {"no": None, **models.DTYPES}  # config precision names -> torch dtypes ("no": no autocast)
-FSDP_BLOCKS = {"sdxl": ("input_blocks", "output_blocks"), "sd3": ("joint_blocks",)}
 EXIT_BAD_LOSS = 3
 BAD_STEPS_STOP = ("{n} consecutive steps with a non-finite loss or gradient: stopping at step {step}. A resumable "
                   "state was saved; lower the learning rate or check the data / precision settings.")
@@ -87,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- model: the network, the frozen (or trained) text encoders, the VAE when needed; what is trained
     comp = load_components(cfg, family, prompts, device, weight_dtype)
     trainable = build_trainable(cfg, comp, device, log)
-    log.info(f"{family}: network {sum(p.numel() for p in comp.network.parameters()) / 1e6:.1f}M parameters "
+    log.info(f"{family.name}: network {sum(p.numel() for p in comp.network.parameters()) / 1e6:.1f}M parameters "
              f"({weight_dtype}), autocast {amp_dtype}, trained: {trainable.describe()}")
     saved = read_resume_state(run.resume_path, trainable)  # a full state's weights go in before wrapping
 
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     ema = make_ema(cfg.train, trainable, device)
     optimizer, scheduler, stepper = build_optimization(cfg, trainable, total_steps, device)
     train_meta = run_metadata.training_metadata(
-        cfg, family=family, index=data.index, batches_per_epoch=data.per_rank_batches, world_size=info.world_size,
+        cfg, family=family.name, index=data.index, batches_per_epoch=data.per_rank_batches, world_size=info.world_size,
         optimizer=optimizer, num_epochs=math.ceil(total_steps / data.steps_per_epoch)) if master else {}
     steplog = StepLog(LossRecorder(cfg.log.loss_recorder_stride, cfg.log.loss_recorder_gamma))  # read when logged
 
@@ -193,16 +192,16 @@ def main(argv: list[str] | None = None) -> int:
 # Set-up, in the order main() runs it
 
 
-def resolve_settings(cfg: Config, world_size: int) -> tuple[Config, str, list[str], Objective, list[Any]]:
-    """The config with the checkpoint's prediction markers applied (config values win), the model family, log
-    notes on which won, the diffusion objective and the preview prompts; settings that only make sense together
-    are checked here, before anything is created or loaded. A bad one ends the run with one line."""
+def resolve_settings(cfg: Config, world_size: int) -> tuple[Config, models.Family, list[str], Objective, list[Any]]:
+    """The config with the checkpoint's prediction markers applied (config values win), the model family's record,
+    log notes on which won, the diffusion objective and the preview prompts; settings that only make sense
+    together are checked here, before anything is created or loaded. A bad one ends the run with one line."""
     try:
-        family = models.family_of(cfg.model)
+        family = models.family(models.family_of(cfg.model))
         cfg, notes = models.resolve_prediction(cfg)
         check_settings(cfg, family)
         check_fused_settings(cfg, world_size)
-        objective = build_objective(family, cfg.loss, cfg.model.v_parameterization)
+        objective = build_objective(family.objective, cfg.loss, cfg.model.v_parameterization)
         prompts = load_sample_prompts(cfg)
     except models.CheckpointError as e:  # a missing / damaged checkpoint (its header is read for the markers)
         raise SystemExit(f"model error: {e}") from None
@@ -309,17 +308,17 @@ def check_training_data(cfg: Config, store: LatentStore | None, index: Any, rows
                              "with the same option first")
 
 
-def load_components(cfg: Config, family: str, prompts: list[Any], device: torch.device,
+def load_components(cfg: Config, family: models.Family, prompts: list[Any], device: torch.device,
                     weight_dtype: torch.dtype) -> Any:
     """The parts training needs: the network (in the trained dtype), the VAE without a latent store or for
     previews, the text encoders unless their outputs are cached (and nothing needs them). One line for a missing /
     damaged / mismatched checkpoint."""
     need_text = not cfg.cache.cache_text_encoder_outputs or bool(prompts) or cfg.train.train_text_encoder
-    parts = [models.NETWORK_PART[family]] + (["vae"] if (not cfg.cache.cache_dir or prompts) else []) \
-        + (list(models.TEXT_PARTS[family]) if need_text else [])
+    parts = [family.network] + (["vae"] if (not cfg.cache.cache_dir or prompts) else []) \
+        + (list(family.text_encoders) if need_text else [])
     dtypes = {"network": weight_dtype, "vae": DTYPES[cfg.model.vae_dtype], "text": DTYPES[cfg.model.text_encoder_dtype]}
     if cfg.train.train_text_encoder:
-        dtypes.update({name: weight_dtype for name in TRAINABLE_TEXT_LR})
+        dtypes.update({name: weight_dtype for name in family.trainable_text_lr})
     try:
         comp = models.from_config(cfg.model, device=device, seed=cfg.seed, parts=parts, dtype=dtypes,
                                   zero_terminal_snr=cfg.loss.zero_terminal_snr)
@@ -338,12 +337,12 @@ def build_trainable(cfg: Config, comp: Any, device: torch.device, log: logging.L
         raise SystemExit(f"config error: {e}") from None
 
 
-def parallelize(t: TrainConfig, comp: Any, family: str, trainable: TrainableSet, device: torch.device,
+def parallelize(t: TrainConfig, comp: Any, family: models.Family, trainable: TrainableSet, device: torch.device,
                 amp_dtype: torch.dtype | None, log: logging.Logger) -> nn.Module:
     """channels_last, the SDPA backend and regional compile (training/speed.py), then the trainee wrapped: FSDP2
     shards each of the family's blocks and then the root (its parameters become sharded ones: the optimizer is
     built afterwards), DDP replicates it."""
-    blocks = [b for name in FSDP_BLOCKS[family] for b in getattr(comp.network, name)]
+    blocks = [b for name in family.blocks for b in getattr(comp.network, name)]
     speed.apply(t, comp, blocks, device, amp_dtype, log.info)
     if t.fsdp:
         return dist.wrap_fsdp(trainable.trainee, blocks + [comp.network], amp_dtype)
@@ -593,13 +592,13 @@ def prepare_run_folder(cfg: Config, out_dir: str) -> list[str]:
     return clean_stale_temps([out_dir, *paths.values()])
 
 
-def check_settings(cfg: Config, family: str) -> None:
+def check_settings(cfg: Config, family: models.Family) -> None:
     """Run-level combinations the config file alone cannot judge; raises ValueError before any model is loaded."""
     t, o, smp = cfg.train, cfg.optimizer, cfg.sample
     if not cfg.model.pretrained_model_name_or_path:
         if not cfg.model.model_preset:
             raise ValueError("set model.pretrained_model_name_or_path (a checkpoint) or model.model_preset")
-        models.FAMILIES[family].preset_configs(cfg.model.model_preset)  # unknown preset: ValueError naming them
+        family.preset_configs(cfg.model.model_preset)  # unknown preset: ValueError naming them
     if t.max_train_steps and o.lr_warmup_steps > t.max_train_steps:
         raise ValueError(f"optimizer.lr_warmup_steps = {o.lr_warmup_steps} exceeds train.max_train_steps = "
                          f"{t.max_train_steps}")

@@ -79,7 +79,7 @@ def check(family: str, preset: str = "tiny", backend: str = "inductor", steps: l
 
     _dynamo.reset()
     counters.clear()
-    part = models.NETWORK_PART[family]
+    part = models.family(family).network
     eager = models.build(family, preset, parts=[part], seed=0).network.train()
     net = copy.deepcopy(eager)
     eager.gradient_checkpointing = net.gradient_checkpointing = checkpointing

@@ -124,7 +124,8 @@ def block_saved_bytes(family: str, comp, res: int, batch: int) -> tuple[int, int
 
 
 def estimate(family: str, preset: str, res: int, batch: int, network: str, dim: int, train_te: bool) -> dict:
-    parts = [models.NETWORK_PART[family]] + (list(models.TEXT_PARTS[family])[:2] if train_te else [])
+    fam = models.family(family)
+    parts = [fam.network] + (list(fam.text_encoders)[:2] if train_te else [])
     comp = models.build(family, preset, device="meta", dtype=torch.bfloat16, parts=parts)
     ncfg = NetworkConfig(network_module=network, network_dim=dim, network_alpha=dim / 2, network_train_unet_only=not train_te)
     with torch.device("meta"):

@@ -43,7 +43,7 @@ HUBER_SCHEDULES = ("constant", "exponential", "snr")
 DDPM_SAMPLERS = ("uniform", "logit_normal")
 FLOW_SAMPLERS = ("uniform", "logit_normal", "mode", "cosmap")
 FLOW_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
-FAMILIES = ("sdxl", "sd3")
+OBJECTIVES = ("ddpm", "flow")  # a model family's record names its objective (models/family.py Family.objective)
 
 
 @dataclass
@@ -510,12 +510,13 @@ class FlowObjective(_ObjectiveBase):
         return loss * flow_loss_weighting(c.flow_loss_weighting, sigmas).to(loss)
 
 
-def build_objective(family: str, loss_cfg: Any, v_parameterization: bool = False) -> Objective:
-    """Objective for a model family: "sdxl" -> DDPMObjective, "sd3" -> FlowObjective."""
-    if family == "sdxl":
+def build_objective(kind: str, loss_cfg: Any, v_parameterization: bool = False) -> Objective:
+    """The objective a model family trains with (its record's `objective`): "ddpm" -> DDPMObjective (SDXL),
+    "flow" -> FlowObjective (SD3)."""
+    if kind == "ddpm":
         return DDPMObjective(loss_cfg, v_parameterization=v_parameterization)
-    if family == "sd3":
+    if kind == "flow":
         if v_parameterization:
             raise ValueError("v_parameterization is an SDXL (DDPM) option; SD3 is trained with rectified flow")
         return FlowObjective(loss_cfg)
-    raise ValueError(f"unknown model family {family!r}; allowed: {', '.join(FAMILIES)}")
+    raise ValueError(f"unknown objective {kind!r}; allowed: {', '.join(OBJECTIVES)}")

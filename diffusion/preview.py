@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import models
 from core import dist
 from diffusion.prompts import SamplePrompt, a1111_parameters, save_png
 from diffusion.sampling import sample
@@ -17,10 +18,8 @@ LABEL_PAD = 2  # pixels around grid labels
 
 
 def size_multiple(comp: Any) -> int:
-    """Pixel multiple a family's network accepts: SDXL UNet 8 * 2**(levels-1), MMDiT 8 * patch."""
-    if comp.family == "sdxl":
-        return 8 * 2 ** (len(comp.unet.cfg.channel_mult) - 1)
-    return 8 * comp.mmdit.cfg.patch_size
+    """Pixel multiple the family's network accepts (SDXL UNet 8 * 2**(levels-1), MMDiT 8 * patch)."""
+    return comp.pixel_multiple()
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -42,8 +41,8 @@ def generate(comp: Any, p: SamplePrompt, device: torch.device | str, autocast_dt
     amp = torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     with amp:
         text = comp.encode_text([p.prompt], device=device)
-        if comp.family == "sdxl" and not p.negative_prompt:
-            neg = comp.uncond_text(text)  # the original SDXL samplers zero the text embeddings
+        if models.family(comp.family).zero_empty_negative and not p.negative_prompt:
+            neg = comp.uncond_text(text)  # as the original SDXL samplers: zeroed text embeddings
         else:
             neg = comp.encode_text([p.negative_prompt], device=device)
         size = torch.tensor([[height, width]], device=device, dtype=torch.float32)

@@ -8,6 +8,9 @@
 `vae`, text encoders), `network`, `encode_text`, `conditioning`, `encode_images`,
 `decode_latents`, `sample_schedule`, `export_state_dict`.
 
+What a family is (its parts, what trains, its objective, defaults, cache layout, export names, LoRA targets) is one
+`Family` record per family (models/family.py; FAMILY in models/sdxl.py and models/sd3.py): `models.family(name)`.
+
 Loading builds every part on the meta device and assigns tensors read lazily from the
 memory-mapped file one at a time, so the weights never exist twice in memory. Every key and
 shape is checked; only the known harmless extras (CONVENTIONS.md) are ignored.
@@ -29,18 +32,24 @@ from models import vae as vae_mod
 from models.checkpoint import (TORCH_SUFFIXES, CheckpointError, SafeTensorFile, TorchFile, load_module, modelspec_hash,
                                modelspec_metadata, save_safetensors_streamed)
 from models.diffusers_layout import DiffusersFolder, convert_diffusers_vae, is_diffusers_folder, is_diffusers_vae
-from models.family import strip_prefix
+from models.family import Family, strip_prefix
 
-FAMILIES = {"sdxl": sdxl, "sd3": sd3}
+FAMILIES: dict[str, Family] = {f.name: f for f in (sdxl.FAMILY, sd3.FAMILY)}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-TEXT_PARTS = {"sdxl": ("te1", "te2"), "sd3": ("clip_l", "clip_g", "t5")}
-NETWORK_PART = {"sdxl": "unet", "sd3": "mmdit"}
-# Version of each family's cached text layout: part of the cache identity, so older caches count as stale.
-TEXT_CACHE_LAYOUT = {"sdxl": "context+pooled", "sd3": "clip+t5+pooled"}
-BUNDLED_T5_SPIECE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "t5_spiece.model")
 
-__all__ = ["build", "load", "open_checkpoint", "save", "export_metadata", "detect_family", "from_config", "resolve_prediction", "file_markers", "load_vae", "vae_identity",
-           "load_text_encoders", "CheckpointError", "FAMILIES"]
+__all__ = ["build", "load", "open_checkpoint", "save", "export_metadata", "detect_family", "from_config",
+           "resolve_prediction", "file_markers", "load_vae", "vae_identity", "load_text_encoders", "CheckpointError",
+           "FAMILIES", "Family", "family"]
+
+
+def family(name: str) -> Family:
+    """The record of a model family by name ("sdxl", "sd3"); an unknown name is a clear error."""
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; available: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+_record = family  # for the functions below, whose `family` argument is the name
 
 
 def open_checkpoint(path: str) -> Any:
@@ -72,47 +81,29 @@ def _part_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
-def _make(family: str, modules: Mapping[str, nn.Module], opts: Mapping[str, Any]) -> Any:
+def _assemble(fam: Family, modules: Mapping[str, nn.Module], opts: Mapping[str, Any]) -> Any:
+    """The family's components from loaded parts, model.clip_skip (default 2) checked against the CLIPs' depth."""
     clip_skip = opts.get("clip_skip") or 2
     clips = [m.cfg.num_layers for k, m in modules.items() if k in ("te1", "te2", "clip_l", "clip_g")]
     if clips and clip_skip > min(clips):
         raise CheckpointError(f"model.clip_skip = {clip_skip}: the text encoders have {min(clips)} layers")
-    if family == "sdxl":
-        return sdxl.SDXL(clip_skip=clip_skip, unet=modules.get("unet"), vae=modules.get("vae"), te1=modules.get("te1"), te2=modules.get("te2"),
-                         max_token_length=opts.get("max_token_length", 75),
-                         v_parameterization=bool(opts.get("v_parameterization")),
-                         zero_terminal_snr=bool(opts.get("zero_terminal_snr")))
-    t5_tok = None
-    if "t5" in modules or opts.get("t5_tokenizer"):
-        from models.t5 import T5Tokenizer
-        t5_tok = T5Tokenizer(opts.get("t5_tokenizer") or BUNDLED_T5_SPIECE)
-    return sd3.SD3(clip_skip=clip_skip, mmdit=modules.get("mmdit"), vae=modules.get("vae"), clip_l=modules.get("clip_l"),
-                   clip_g=modules.get("clip_g"), t5=modules.get("t5"), t5_tokenizer=t5_tok if "t5" in modules else None,
-                   t5_max_token_length=opts.get("t5_max_token_length", 256),
-                   apply_t5_attn_mask=bool(opts.get("apply_t5_attn_mask", False)), shift=opts.get("shift", sd3.DEFAULT_SHIFT),
-                   context_dim=opts.get("context_dim") or sd3.DEFAULT_CONTEXT_DIM)
+    return fam.assemble(modules, {**opts, "clip_skip": clip_skip})
 
 
-def _dtype_for(name: str, family: str, dtype: torch.dtype | Mapping[str, torch.dtype] | None) -> torch.dtype | None:
+def _dtype_for(name: str, fam: Family, dtype: torch.dtype | Mapping[str, torch.dtype] | None) -> torch.dtype | None:
+    """A part's dtype: `dtype` itself, or from a map by part name, else by role ("network", "text")."""
     if isinstance(dtype, Mapping):
         if name in dtype:
             return dtype[name]
-        key = "network" if name == NETWORK_PART[family] else ("text" if name in TEXT_PARTS[family] else name)
+        key = "network" if name == fam.network else ("text" if name in fam.text_encoders else name)
         return dtype.get(key)
     return dtype
-
-
-def _family_module(family: str) -> Any:
-    """The family's module (models/sdxl.py or models/sd3.py); an unknown name is a clear error."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; available: {', '.join(FAMILIES)}")
-    return FAMILIES[family]
 
 
 def build(family: str, preset: str, *, device: str | torch.device = "cpu", dtype: Any = None, seed: int = 0,
           parts: Sequence[str] | None = None, **opts: Any) -> Any:
     """Components with random weights from a preset ('tiny', 'base' / 'sd3_medium', ...)."""
-    fam = _family_module(family)
+    fam = _record(family)
     cfgs = fam.preset_configs(preset)
     if family == "sd3":
         opts.setdefault("context_dim", cfgs["mmdit"].context_in_dim)
@@ -126,8 +117,8 @@ def build(family: str, preset: str, *, device: str | torch.device = "cpu", dtype
             torch.random.default_generator.manual_seed(_part_seed(seed, name))  # CPU only: no other RNG touched
             with torch.device("meta" if torch.device(device).type == "meta" else "cpu"):  # meta: shapes only
                 m = fam.module_for(name, cfg)
-        modules[name] = m.to(device=device, dtype=_dtype_for(name, family, dtype))
-    return _make(family, modules, opts)
+        modules[name] = m.to(device=device, dtype=_dtype_for(name, fam, dtype))
+    return _assemble(fam, modules, opts)
 
 
 def _separate_file(path: str, prefix_in_main: str) -> tuple[SafeTensorFile, str, dict[str, tuple[int, ...]]]:
@@ -172,31 +163,31 @@ def load(path: str | None, family: str | None = None, *, vae: str | None = None,
         family = detect_family(main_shapes)
     if family is None:
         raise ValueError("model family unknown: give a checkpoint or family=")
-    fam = _family_module(family)
+    fam = _record(family)
     if main is not None:
         markers = file_markers(main, family)
-        _check_leftovers(main_shapes, fam.PREFIX.values(), (*fam.IGNORE, *getattr(fam, "MARKERS", ())), main.path)
+        _check_leftovers(main_shapes, fam.prefix.values(), (*fam.ignore, *fam.markers), main.path)
         if family == "sd3" and sd3.CONTEXT_EMBEDDER in main_shapes:
             opts.setdefault("context_dim", main_shapes[sd3.CONTEXT_EMBEDDER][1])
-        for name, prefix in fam.PREFIX.items():
+        for name, prefix in fam.prefix.items():
             sub = strip_prefix(main_shapes, prefix)
             if sub:
                 sources[name] = (main, prefix, sub)
     separate = {"vae": vae, "te1": clip_l, "clip_l": clip_l, "clip_g": clip_g, "t5": t5xxl}
     for name, p in separate.items():
-        if p and name in fam.PREFIX:
-            sources[name] = _separate_file(p, fam.PREFIX[name])
+        if p and name in fam.prefix:
+            sources[name] = _separate_file(p, fam.prefix[name])
     modules = {}
     for name, (f, prefix, sub_shapes) in sources.items():
         if parts is not None and name not in parts:
             continue
         if name == "vae" and prefix == "" and is_diffusers_vae(sub_shapes):
-            modules[name] = _load_diffusers_vae(f, _dtype_for(name, family, dtype), device)
+            modules[name] = _load_diffusers_vae(f, _dtype_for(name, fam, dtype), device)
             continue
         if name == "t5" and not opts.get("use_t5", True):
             continue
         try:
-            cfg = fam.configs_from_shapes({fam.PREFIX[name] + k: s for k, s in sub_shapes.items()})[name]
+            cfg = fam.configs_from_shapes({fam.prefix[name] + k: s for k, s in sub_shapes.items()})[name]
             known = getattr(f, "config_overrides", {}).get(name)  # a diffusers folder's config.json values
             if known:
                 cfg = dataclasses.replace(cfg, **known)
@@ -209,13 +200,13 @@ def load(path: str | None, family: str | None = None, *, vae: str | None = None,
         with torch.device("meta"):
             module = fam.module_for(name, cfg)
         get, part_shapes = f.get, {prefix + k: s for k, s in sub_shapes.items()}
-        aliases = {prefix + a: prefix + b for a, b in getattr(fam, "ALIASES", {}).get(name, {}).items()
+        aliases = {prefix + a: prefix + b for a, b in fam.aliases.get(name, {}).items()
                    if prefix + a not in part_shapes and prefix + b in part_shapes}
         if aliases:  # a tied weight stored once (e.g. T5's embed_tokens = shared)
             part_shapes.update({a: part_shapes[b] for a, b in aliases.items()})
             get = lambda k, _get=f.get, _al=aliases: _get(_al.get(k, k))  # noqa: E731
-        load_module(module, get, list(part_shapes), prefix=prefix, ignore=fam.IGNORE,
-                    dtype=_dtype_for(name, family, dtype), device=device, source=f.path, shapes=part_shapes)
+        load_module(module, get, list(part_shapes), prefix=prefix, ignore=fam.ignore,
+                    dtype=_dtype_for(name, fam, dtype), device=device, source=f.path, shapes=part_shapes)
         modules[name] = module
     missing = [n for n in (parts or ()) if n not in modules and not (n == "t5" and not opts.get("use_t5", True))]
     if missing:
@@ -223,7 +214,7 @@ def load(path: str | None, family: str | None = None, *, vae: str | None = None,
     for name in ("v_parameterization", "zero_terminal_snr"):  # None: as the file's markers say
         if opts.get(name) is None:
             opts[name] = main is not None and markers[name]
-    comp = _make(family, modules, opts)
+    comp = _assemble(fam, modules, opts)
     if main is not None and family == "sdxl":
         for k in (sdxl.CLIP_L_POSITION_IDS, sdxl.BIGG_LOGIT_SCALE):
             if k in main:
@@ -312,10 +303,9 @@ def family_of(model_cfg: Any) -> str:
     if model_cfg.pretrained_model_name_or_path:
         return detect_family(open_checkpoint(model_cfg.pretrained_model_name_or_path).keys())
     preset = model_cfg.model_preset
-    if preset in sd3.PRESETS and preset not in sdxl.PRESETS:
-        return "sd3"
-    if preset in sdxl.PRESETS:
-        return "sdxl"
+    named = [f.name for f in FAMILIES.values() if preset in f.presets]
+    if named:
+        return named[0]  # a name two families share ("tiny"): the first, SDXL
     raise ValueError(f"model.model_family = auto needs a checkpoint or a known preset; got preset {preset!r}")
 
 
@@ -333,8 +323,9 @@ def from_config(model_cfg: Any, *, device: str | torch.device = "cpu", dtype: An
                     parts=parts, **opts)
     if not model_cfg.model_preset:
         raise ValueError("set model.pretrained_model_name_or_path (a checkpoint) or model.model_preset (random weights)")
-    if family == "sd3" and not model_cfg.use_t5:
-        parts = [p for p in (parts or ("mmdit", "vae", "clip_l", "clip_g", "t5")) if p != "t5"]
+    fam = _record(family)
+    if fam.optional_parts and not model_cfg.use_t5:
+        parts = [p for p in (parts or fam.prefix) if p not in fam.optional_parts]
     comp = build(family, model_cfg.model_preset, device=device, dtype=dtype, seed=seed, parts=parts, **opts)
     if model_cfg.vae and (parts is None or "vae" in parts):
         comp.vae = load(None, family, vae=model_cfg.vae, dtype=dtype, device=device, parts=("vae",)).vae
@@ -405,13 +396,14 @@ class TextEncoderRunner:
 def load_text_encoders(model_cfg: Any, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                        seed: int = 0) -> TextEncoderRunner:
     family = family_of(model_cfg)
-    parts = list(TEXT_PARTS[family])
+    fam = _record(family)
+    parts = list(fam.text_encoders)
     comp = from_config(model_cfg, device=device, dtype=dtype, seed=seed, parts=parts)
     for m in comp.text_encoders().values():
         m.eval().requires_grad_(False)
     src = model_cfg.pretrained_model_name_or_path or f"preset:{model_cfg.model_preset}:{seed}"
     ident = "|".join([family, src, model_cfg.clip_l, model_cfg.clip_g, model_cfg.t5xxl, str(model_cfg.max_token_length),
                       str(model_cfg.t5_max_token_length), str(model_cfg.use_t5), str(model_cfg.apply_t5_attn_mask),
-                      TEXT_CACHE_LAYOUT[family]] + ([f"clip_skip={model_cfg.clip_skip}"]  # not for the default (old
-                                                   if model_cfg.clip_skip not in (None, 2) else []))  # caches stay valid)
+                      fam.text_cache_layout] + ([f"clip_skip={model_cfg.clip_skip}"]  # not for the default (old
+                                                if model_cfg.clip_skip not in (None, 2) else []))  # caches stay valid)
     return TextEncoderRunner(comp, hashlib.sha1(ident.encode()).hexdigest()[:16], device)

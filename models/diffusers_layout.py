@@ -644,7 +644,7 @@ class DiffusersFolder:
             raise CheckpointError(f"{self.path}: {MODEL_INDEX} names pipeline {cls!r}, not an SDXL or SD3 pipeline")
         self.family = family
         from models import FAMILIES
-        prefixes = FAMILIES[family].PREFIX
+        prefixes = FAMILIES[family].prefix
         missing, present = [], {}
         for name, spec in PARTS[family].items():
             entry = index.get(spec.folder)

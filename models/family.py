@@ -1,10 +1,51 @@
-"""What every model family shares: the VAE side (images <-> scaled latents) and the prefixed file layout."""
+"""What a model family is (the `Family` record, one per family: models/sdxl.py FAMILY, models/sd3.py FAMILY) and
+what every family's components share: the VAE side (images <-> scaled latents) and the prefixed file layout."""
 from __future__ import annotations
 
-from typing import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Family:
+    """Everything the rest of the code asks about a model family, in one record (as torchtitan's TrainSpec):
+    its parts and file layout, what trains and how, its objective, its preview / generate defaults, its text
+    cache layout, its export names and its LoRA defaults. Code outside models/ asks this record
+    (models.family(name)) instead of testing the family's name."""
+
+    name: str                                   # "sdxl" / "sd3": model.model_family, comp.family
+    # -- parts and file layout
+    prefix: Mapping[str, str]                   # part -> key prefix in the single file, parts in file order
+    network: str                                # the trained diffusion network's part
+    text_encoders: tuple[str, ...]              # the text-encoder parts
+    optional_parts: tuple[str, ...]             # parts model.use_t5 = false leaves out
+    presets: Mapping[str, tuple[str, ...]]      # model.model_preset names -> per-part preset names
+    preset_configs: Callable[[str], dict[str, Any]]                 # preset -> per-part configs
+    configs_from_shapes: Callable[[Mapping[str, tuple[int, ...]]], dict[str, Any]]  # a file's shapes -> configs
+    module_for: Callable[[str, Any], nn.Module]                     # (part, config) -> module
+    assemble: Callable[[Mapping[str, nn.Module], Mapping[str, Any]], Any]  # loaded parts + options -> components
+    ignore: tuple[str, ...] = ()                # harmless extra keys of real files (fnmatch patterns)
+    markers: tuple[str, ...] = ()               # top-level marker keys (read on load, written on export)
+    aliases: Mapping[str, Mapping[str, str]] = field(default_factory=dict)  # tied weights stored under one name
+    # -- training
+    trainable_text_lr: Mapping[str, str] = field(default_factory=dict)  # encoders train_text_encoder trains -> their
+    #                                                                     [optimizer] learning-rate field
+    blocks: tuple[str, ...] = ()                # network attributes whose items FSDP / compile treat as units
+    objective: str = "ddpm"                     # diffusion/objectives.py: "ddpm" (eps / v) or "flow"
+    # -- previews and generate.py
+    cfg_scale: float = 7.0                      # default classifier-free guidance scale
+    zero_empty_negative: bool = False           # an empty negative prompt is zeroed embeddings (else: encoded "")
+    # -- caches and exports
+    text_cache_layout: str = ""                 # version of the cached text layout: part of the cache identity
+    base_model_version: str = ""                # kohya's ss_base_model_version
+    model_versions: Mapping[str, str] = field(default_factory=dict)  # kohya's per-variant one, by modelspec.architecture
+    # -- LoRA (kohya names: prefixes per part; default targets as regexes over LoRA names)
+    lora_prefixes: Mapping[str, str] = field(default_factory=dict)
+    lora_targets: tuple[str, ...] = ()
+    lora_conv_targets: tuple[str, ...] = ()     # LoCon's extra targets
 
 
 def strip_prefix(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> dict[str, tuple[int, ...]]:

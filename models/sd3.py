@@ -29,9 +29,10 @@ the caption as it is. K trades cache size (K x the sizes above) for augmentation
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +42,7 @@ from models import mmdit as mmdit_mod
 from models import t5 as t5_mod
 from models import text_encoders as te_mod
 from models import vae as vae_mod
-from models.family import FamilyBase, strip_prefix
+from models.family import Family, FamilyBase, strip_prefix
 from models.tokenizers import EOT, CLIPTokenizer, default_tokenizer
 
 PREFIX = {
@@ -60,6 +61,7 @@ CLIP_TOKENS = 77
 DEFAULT_CONTEXT_DIM = 4096  # T5-XXL width = MMDiT context_in_dim of the released models
 CONTEXT_EMBEDDER = "model.diffusion_model.context_embedder.weight"
 DEFAULT_SHIFT = 3.0  # inference sigma shift of the released models (CONVENTIONS.md)
+BUNDLED_T5_SPIECE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "t5_spiece.model")
 
 PRESETS = {
     "sd3_medium": ("sd3_medium", "sd3", "clip_l", "bigg", "xxl"),
@@ -189,6 +191,11 @@ class SD3(FamilyBase):
             out[PREFIX["t5"] + T5_TIED] = out[PREFIX["t5"] + "shared.weight"]  # tied copy, as in the released files
         return out
 
+    def pixel_multiple(self) -> int:
+        """Image sides the MMDiT accepts are multiples of this: 8 (VAE) * the patch size."""
+        assert self.mmdit is not None
+        return 8 * self.mmdit.cfg.patch_size
+
     def modelspec(self) -> dict[str, str]:
         preset = "sd3_medium"
         if self.mmdit is not None:
@@ -224,8 +231,48 @@ def module_for(name: str, cfg: object) -> nn.Module:
 
 
 def preset_configs(preset: str) -> dict[str, object]:
+    """Per-part configs of a model preset (PRESETS)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown SD3 preset {preset!r}; available: {', '.join(PRESETS)}")
     m, v, l, g, t = PRESETS[preset]
     return {"mmdit": mmdit_mod.PRESETS[m], "vae": vae_mod.PRESETS[v], "clip_l": te_mod.PRESETS[l],
             "clip_g": te_mod.PRESETS[g], "t5": t5_mod.PRESETS[t]}
+
+
+def assemble(modules: Mapping[str, nn.Module], opts: Mapping[str, Any]) -> SD3:
+    """The components from loaded parts (any may be missing) and the [model] options; T5's tokenizer from
+    model.t5_tokenizer or the bundled SentencePiece model (a given file is read, and so checked, even without T5)."""
+    t5_tok = None
+    if "t5" in modules or opts.get("t5_tokenizer"):
+        t5_tok = t5_mod.T5Tokenizer(opts.get("t5_tokenizer") or BUNDLED_T5_SPIECE)
+    return SD3(clip_skip=opts.get("clip_skip", 2), mmdit=modules.get("mmdit"), vae=modules.get("vae"), clip_l=modules.get("clip_l"),
+               clip_g=modules.get("clip_g"), t5=modules.get("t5"), t5_tokenizer=t5_tok if "t5" in modules else None,
+               t5_max_token_length=opts.get("t5_max_token_length", 256),
+               apply_t5_attn_mask=bool(opts.get("apply_t5_attn_mask", False)), shift=opts.get("shift", DEFAULT_SHIFT),
+               context_dim=opts.get("context_dim") or DEFAULT_CONTEXT_DIM)
+
+
+FAMILY = Family(
+    name="sd3", prefix=PREFIX, network="mmdit", text_encoders=("clip_l", "clip_g", "t5"), optional_parts=("t5",),
+    presets=PRESETS, preset_configs=preset_configs, configs_from_shapes=configs_from_shapes, module_for=module_for,
+    assemble=assemble, ignore=IGNORE, aliases=ALIASES,
+    # SD3's T5 stays frozen: "also train the CLIP text encoders", as kohya's SD3 trainer
+    trainable_text_lr={"clip_l": "learning_rate_te1", "clip_g": "learning_rate_te2"},
+    blocks=("joint_blocks",),  # FSDP / compile units; the rest of the MMDiT is one more FSDP unit
+    objective="flow",
+    cfg_scale=5.0,  # the SD3 / SD3.5 reference's default
+    zero_empty_negative=False,  # the reference encodes the empty negative prompt
+    text_cache_layout="clip+t5+pooled", base_model_version="sd3",
+    # kohya's ss_base_model_version of SD3 LoRAs: the MMDiT's model_type (library/sd3_utils.py
+    # analyze_state_dict_state, returned as the model version by sd3_train_network.load_target_model)
+    model_versions={ARCHITECTURE["sd3_medium"]: "medium", ARCHITECTURE["sd35_medium"]: "5-medium",
+                    ARCHITECTURE["sd35_large"]: "5-large"},
+    lora_prefixes={"mmdit": "lora_unet", "clip_l": "lora_te1", "clip_g": "lora_te2", "t5": "lora_te3"},
+    # kohya's lora_sd3 defaults: every linear of the joint blocks' streams (attention qkv / proj, attn2 in SD3.5's
+    # x-blocks, MLP, adaLN_modulation_1), and the CLIP attention and MLP linears; the MMDiT has no convolutions but
+    # the patch embedding, which kohya does not adapt
+    lora_targets=(r"lora_unet_joint_blocks_\d+_(context_block|x_block)_"
+                  r"(attn2?_(qkv|proj)|mlp_fc[12]|adaLN_modulation_1)",
+                  r"lora_te[12]_text_model_encoder_layers_\d+_(self_attn_(q|k|v|out)_proj|mlp_fc[12])"),
+    lora_conv_targets=(),
+)

@@ -10,14 +10,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from models import text_encoders as te_mod
 from models import unet_sdxl, vae as vae_mod
-from models.family import FamilyBase, strip_prefix
+from models.family import Family, FamilyBase, strip_prefix
 from models.tokenizers import EOT, CLIPTokenizer, default_tokenizer
 
 # File prefixes of each part in the single file (sgm naming).
@@ -138,6 +138,11 @@ class SDXL(FamilyBase):
         return {"architecture": ARCHITECTURE, "implementation": IMPLEMENTATION, "resolution": "1024x1024",
                 "prediction_type": "v" if self.v_parameterization else "epsilon"}
 
+    def pixel_multiple(self) -> int:
+        """Image sides the UNet accepts are multiples of this: 8 (VAE) * 2 ** (levels - 1) (downsamplings)."""
+        assert self.unet is not None
+        return 8 * 2 ** (len(self.unet.cfg.channel_mult) - 1)
+
 
 def configs_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, object]:
     """Per-part configs inferred from a checkpoint's key -> shape (full and tiny files alike)."""
@@ -161,7 +166,41 @@ def module_for(name: str, cfg: object) -> nn.Module:
 
 
 def preset_configs(preset: str) -> dict[str, object]:
+    """Per-part configs of a model preset (PRESETS)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown SDXL preset {preset!r}; available: {', '.join(PRESETS)}")
     u, v, t1, t2 = PRESETS[preset]
     return {"unet": unet_sdxl.PRESETS[u], "vae": vae_mod.PRESETS[v], "te1": te_mod.PRESETS[t1], "te2": te_mod.PRESETS[t2]}
+
+
+def assemble(modules: Mapping[str, nn.Module], opts: Mapping[str, Any]) -> SDXL:
+    """The components from loaded parts (any may be missing) and the [model] options."""
+    return SDXL(clip_skip=opts.get("clip_skip", 2), unet=modules.get("unet"), vae=modules.get("vae"), te1=modules.get("te1"), te2=modules.get("te2"),
+                max_token_length=opts.get("max_token_length", 75),
+                v_parameterization=bool(opts.get("v_parameterization")),
+                zero_terminal_snr=bool(opts.get("zero_terminal_snr")))
+
+
+# Kohya's LoRA default targets, as regexes over LoRA names: every Linear / 1x1 conv inside the Transformer2DModel
+# blocks (proj_in / proj_out, attn1 / attn2 q, k, v, out, GEGLU proj, ff out), and the CLIP attention and MLP
+# linears; LoCon adds the ResnetBlock2D, Downsample2D and Upsample2D layers.
+_LORA_BLOCK = r"(input_blocks_\d+|middle_block|output_blocks_\d+)"
+
+FAMILY = Family(
+    name="sdxl", prefix=PREFIX, network="unet", text_encoders=("te1", "te2"), optional_parts=(), presets=PRESETS,
+    preset_configs=preset_configs, configs_from_shapes=configs_from_shapes, module_for=module_for, assemble=assemble,
+    ignore=IGNORE, markers=MARKERS,
+    trainable_text_lr={"te1": "learning_rate_te1", "te2": "learning_rate_te2"},
+    blocks=("input_blocks", "output_blocks"),  # FSDP / compile units; the rest of the UNet is one more FSDP unit
+    objective="ddpm",
+    cfg_scale=7.0,  # A1111's / the SDXL demos' default
+    zero_empty_negative=True,  # the original SDXL samplers zero the text embeddings for an empty negative prompt
+    text_cache_layout="context+pooled", base_model_version="sdxl_base_v1-0",
+    lora_prefixes={"unet": "lora_unet", "te1": "lora_te1", "te2": "lora_te2"},
+    lora_targets=(rf"lora_unet_{_LORA_BLOCK}_1_(proj_in|proj_out|transformer_blocks_\d+_(attn[12]_(to_q|to_k|to_v|to_out_0)"
+                  r"|ff_net_0_proj|ff_net_2))",
+                  r"lora_te[12]_text_model_encoder_layers_\d+_(self_attn_(q|k|v|out)_proj|mlp_fc[12])"),
+    lora_conv_targets=(r"lora_unet_(input_blocks_\d+_0|middle_block_[02]|output_blocks_\d+_0)_(in_layers_2|emb_layers_1"
+                       r"|out_layers_3|skip_connection)",
+                       r"lora_unet_input_blocks_\d+_0_op", r"lora_unet_output_blocks_\d+_[12]_conv"),
+)

@@ -35,44 +35,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import models
+from models.text_encoders import OpenCLIPTextModel
 from networks.lycoris import ALL_KEYS, LoHaModule, LoKrModule, algo_of, dora_magnitude, group_delta, weight_decompose
 from training.trainable import TrainableSet
 
-# Kohya's prefixes by family part.
-PREFIXES = {"sdxl": {"unet": "lora_unet", "te1": "lora_te1", "te2": "lora_te2"},
-            "sd3": {"mmdit": "lora_unet", "clip_l": "lora_te1", "clip_g": "lora_te2", "t5": "lora_te3"}}
 TEXT_PREFIXES = ("lora_te1_", "lora_te2_")  # trained text encoders (SD3's T5 stays frozen, as in kohya)
 
-# Kohya's default targets, as regexes over LoRA names. SDXL: every Linear / 1x1 conv inside the Transformer2DModel
-# blocks (proj_in / proj_out, attn1 / attn2 q, k, v, out, GEGLU proj, ff out); LoCon adds the ResnetBlock2D,
-# Downsample2D and Upsample2D layers. CLIP: attention and MLP linears. SD3: the joint blocks' attention qkv / proj
-# and MLP of both streams (attn2 in SD3.5's x-blocks included).
-_SDXL_BLOCK = r"(input_blocks_\d+|middle_block|output_blocks_\d+)"
-DEFAULT_TARGETS = {
-    "sdxl": [rf"lora_unet_{_SDXL_BLOCK}_1_(proj_in|proj_out|transformer_blocks_\d+_(attn[12]_(to_q|to_k|to_v|to_out_0)"
-             r"|ff_net_0_proj|ff_net_2))",
-             r"lora_te[12]_text_model_encoder_layers_\d+_(self_attn_(q|k|v|out)_proj|mlp_fc[12])"],
-    "sd3": [r"lora_unet_joint_blocks_\d+_(context_block|x_block)_(attn2?_(qkv|proj)|mlp_fc[12]|adaLN_modulation_1)",
-            r"lora_te[12]_text_model_encoder_layers_\d+_(self_attn_(q|k|v|out)_proj|mlp_fc[12])"],
-}
-DEFAULT_CONV_TARGETS = {
-    "sdxl": [r"lora_unet_(input_blocks_\d+_0|middle_block_[02]|output_blocks_\d+_0)_(in_layers_2|emb_layers_1"
-             r"|out_layers_3|skip_connection)",
-             r"lora_unet_input_blocks_\d+_0_op", r"lora_unet_output_blocks_\d+_[12]_conv"],
-    "sd3": [],  # the MMDiT has no convolutions but the patch embedding, which kohya does not adapt
-}
-BASE_MODEL_VERSION = {"sdxl": "sdxl_base_v1-0", "sd3": "sd3"}
-# kohya's ss_base_model_version of SD3 LoRAs: the MMDiT's model_type (library/sd3_utils.py analyze_state_dict_state,
-# returned as the model version by sd3_train_network.load_target_model), by our architecture id
-SD3_MODEL_VERSION = {"stable-diffusion-v3-medium": "medium", "stable-diffusion-v3.5-medium": "5-medium",
-                     "stable-diffusion-v3.5-large": "5-large"}
+# Kohya's part prefixes, default targets and ss_base_model_version of each family are in its record (models/sdxl.py,
+# models/sd3.py FAMILY: lora_prefixes, lora_targets, lora_conv_targets, base_model_version, model_versions).
 
 
 def base_model_version(comp: Any) -> str:
-    """ss_base_model_version as kohya writes it for this model (SD3: its variant)."""
-    if comp.family == "sd3":
-        return SD3_MODEL_VERSION.get(comp.modelspec()["architecture"], "sd3")
-    return BASE_MODEL_VERSION[comp.family]
+    """ss_base_model_version as kohya writes it for this model (SD3: its variant, by modelspec architecture)."""
+    fam = models.family(comp.family)
+    return fam.model_versions.get(comp.modelspec()["architecture"], fam.base_model_version)
+
+
 NETWORK_MODULE = {"lora": "networks.lora", "locon": "networks.lora"}  # kohya's module name for LoRA and LoCon alike
 
 
@@ -127,11 +106,11 @@ def _open_clip_hf_path(path: str) -> str | None:
 def lora_targets(comp: Any, parts: Iterable[str] | None = None) -> dict[str, Target]:
     """Every adaptable layer of the loaded parts, by kohya LoRA name."""
     out: dict[str, Target] = {}
-    for part, prefix in PREFIXES[comp.family].items():
+    for part, prefix in models.family(comp.family).lora_prefixes.items():
         model = getattr(comp, part, None)
         if model is None or (parts is not None and part not in parts):
             continue
-        open_clip = comp.family == "sdxl" and part == "te2"
+        open_clip = isinstance(model, OpenCLIPTextModel)  # SDXL's bigG: open_clip names, fused q / k / v
         for path, m in model.named_modules():
             if open_clip and hasattr(m, "in_proj_weight"):
                 layer = re.match(r"^transformer\.resblocks\.(\d+)\.attn$", path)
@@ -440,14 +419,13 @@ def make_adapter(ncfg: Any, t: Target, dim: int, alpha: float) -> Adapter:
 
 def create_network(comp: Any, ncfg: Any, *, unet: bool, text: bool) -> LoRANetwork:
     """Adapters on the configured targets of the loaded parts (ranks, alphas, block-wise settings from [network])."""
-    family = comp.family
-    network_part = "unet" if family == "sdxl" else "mmdit"
-    parts = ([network_part] if unet else []) + ([p for p, pre in PREFIXES[family].items()
-                                                  if pre + "_" in TEXT_PREFIXES] if text else [])
+    fam = models.family(comp.family)
+    parts = ([fam.network] if unet else []) + ([p for p, pre in fam.lora_prefixes.items()
+                                                if pre + "_" in TEXT_PREFIXES] if text else [])
     targets = lora_targets(comp, parts)
-    linear = ncfg.target_modules or DEFAULT_TARGETS[family]
+    linear = ncfg.target_modules or list(fam.lora_targets)
     algo = ncfg.network_module
-    conv = (ncfg.conv_target_modules or DEFAULT_CONV_TARGETS[family]) if algo in CONV_ALGOS else []
+    conv = (ncfg.conv_target_modules or list(fam.lora_conv_targets)) if algo in CONV_ALGOS else []
     conv_dim = ncfg.conv_dim or ncfg.network_dim
     conv_alpha = ncfg.conv_alpha if ncfg.conv_alpha is not None else ncfg.network_alpha
     adapters, lrs = {}, {}

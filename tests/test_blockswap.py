@@ -29,7 +29,7 @@ def _train(family, n, kind, steps=3):
     """`steps` steps of a tiny network with n blocks swapped; the trained tensors, the swap and the most swapped
     blocks seen on the device at once."""
     torch.manual_seed(0)  # the adapters' init draws from the global generator
-    comp = models.build(family, "tiny", parts=[models.NETWORK_PART[family]], seed=0)
+    comp = models.build(family, "tiny", parts=[models.family(family).network], seed=0)
     net = comp.network
     net.gradient_checkpointing = True
     net.train()
@@ -71,7 +71,7 @@ def _train(family, n, kind, steps=3):
 @pytest.mark.parametrize("family,kind", [("sd3", "adamw"), ("sdxl", "adafactor"), ("sd3", "lora"), ("sdxl", "lora")])
 def test_swapping_changes_no_bit(family, kind):
     ref, _, _ = _train(family, 0, kind)
-    total = len(blockswap.swappable_blocks(models.build(family, "tiny", parts=[models.NETWORK_PART[family]],
+    total = len(blockswap.swappable_blocks(models.build(family, "tiny", parts=[models.family(family).network],
                                                         device="meta").network))
     for n in (1, total):
         got, swap, most = _train(family, n, kind)

@@ -246,7 +246,7 @@ def test_sd3_cached_text_under_fp16_autocast():
              **{f"te.{k}": [it[k] for it in items] for k in items[0]},
              **{k: torch.tensor([[64, 64]] * n) for k in ("original_size", "crop_top_left", "target_size")},
              "loss_weight": torch.ones(n)}
-    objective = build_objective("sd3", cfg.loss, False)
+    objective = build_objective("flow", cfg.loss, False)
     with torch.autocast("cpu", dtype=torch.float16):
         loss = train.micro_step_loss(Trainee(comp, False), comp, objective, batch, torch.device("cpu"),
                                      torch.Generator().manual_seed(1))

@@ -52,7 +52,7 @@ def test_converted_layers_compute_with_the_upcast_weight():
 
 @pytest.mark.parametrize("family", ["sd3", "sdxl"])
 def test_lora_sees_the_upcast_weight_attached_before_or_after(family):
-    part = models.NETWORK_PART[family]
+    part = models.family(family).network
     ncfg = NetworkConfig(network_module="lora", network_dim=4, network_alpha=2.0)
     outs = []
     for before in (True, False):

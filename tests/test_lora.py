@@ -375,7 +375,7 @@ def test_adapters_whose_output_never_reaches_the_loss_are_frozen(family):
     from core.config import config_from_dict
     cfg = config_from_dict({"model": {"model_family": family, "model_preset": "tiny"},
                             "network": {"network_module": "lora", "network_dim": 2}})
-    comp = models.build(family, "tiny", seed=0, parts=[models.NETWORK_PART[family], *models.TEXT_PARTS[family]])
+    comp = models.build(family, "tiny", seed=0, parts=[models.family(family).network, *models.family(family).text_encoders])
     run = train.make_trainable(cfg, comp, torch.device("cpu"), print)
     net = run.network
     if family == "sdxl":

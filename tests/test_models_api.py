@@ -6,6 +6,7 @@ diffusers-named standalone VAE layout.
 """
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -182,3 +183,34 @@ def test_sdxl_conditioning_layout():
     assert torch.allclose(y[0, 32 + 512 + 256:32 + 1024], timestep_embedding(torch.tensor([16.0]), 256)[0])
     unc = comp.uncond_text(text)
     assert float(unc["context"].abs().sum()) == 0 and float(unc["pooled"].abs().sum()) == 0
+
+
+@pytest.mark.parametrize("name", ["sdxl", "sd3"])
+def test_family_record_matches_the_built_model(name):
+    """models.family(name) describes the components models.build makes: parts in file order, the trained network,
+    the text encoders (trained ones with [optimizer] fields that exist), block lists FSDP / compile wrap, LoRA
+    prefixes of real parts and default targets that each match layers of the model, kohya's per-variant versions of
+    its released architectures."""
+    import dataclasses
+
+    from core.config import OptimizerConfig
+    from diffusion.objectives import OBJECTIVES
+    from networks.lora import lora_targets
+
+    rec = models.family(name)
+    comp = models.build(name, "tiny", device="meta")
+    assert rec.name == comp.family and list(rec.prefix) == list(comp.parts())
+    assert comp.network is getattr(comp, rec.network) and rec.text_encoders == tuple(comp.text_encoders())
+    fields = {f.name for f in dataclasses.fields(OptimizerConfig)}
+    assert set(rec.trainable_text_lr) <= set(rec.text_encoders) and set(rec.trainable_text_lr.values()) <= fields
+    assert set(rec.optional_parts) <= set(rec.text_encoders) and rec.objective in OBJECTIVES
+    assert all(len(getattr(comp.network, b)) > 0 for b in rec.blocks)
+    assert set(rec.lora_prefixes) <= set(rec.prefix)
+    names = list(lora_targets(comp))
+    for pattern in (*rec.lora_targets, *rec.lora_conv_targets):
+        assert any(re.fullmatch(pattern, n) for n in names), pattern
+    released = {models.build(name, p, device="meta", parts=[rec.network]).modelspec()["architecture"]
+                for p in rec.presets if p not in ("tiny", "micro")}
+    assert set(rec.model_versions) <= released and len(released) == (3 if name == "sd3" else 1)
+    with pytest.raises(ValueError, match="unknown model family"):
+        models.family("sd15")

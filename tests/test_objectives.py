@@ -408,38 +408,41 @@ def test_flow_huber_snr_schedule():
 
 
 @pytest.mark.parametrize(
-    "family, kw, match",
+    "kind, kw, match",
     [
-        ("sdxl", dict(min_timestep=500, max_timestep=500), "min_timestep < max_timestep"),
-        ("sd3", dict(min_timestep=10, max_timestep=5), "min_timestep < max_timestep"),
-        ("sdxl", dict(timestep_sampler_type="mode"), "not available for SDXL"),
-        ("sdxl", dict(timestep_sampler_type="cosmap"), "not available for SDXL"),
-        ("sdxl", dict(flow_loss_weighting="cosmap"), "SD3 only"),
-        ("sdxl", dict(flow_precondition_outputs=True), "SD3 only"),
-        ("sd3", dict(min_snr_gamma=5.0), "min_snr_gamma"),
-        ("sd3", dict(zero_terminal_snr=True, debiased_estimation_loss=True), "debiased_estimation_loss"),
-        ("sdxl", dict(zero_terminal_snr=True, debiased_estimation_loss=True), "max_timestep <= 999"),
-        ("sdxl", dict(noise_offset=0.1, multires_noise_iterations=4), "cannot be used together"),
-        ("sdxl", dict(adaptive_noise_scale=0.1), "set noise_offset"),
-        ("sdxl", dict(ip_noise_gamma_random_strength=True), "needs ip_noise_gamma"),
-        ("sdxl", dict(loss_type="l1"), "loss_type"),
-        ("sd3", dict(timestep_sampler_type="beta"), "not supported for SD3"),
-        ("sd3", dict(timestep_sampler_type="mode", mode_scale=3.0), "mode_scale"),
+        ("ddpm", dict(min_timestep=500, max_timestep=500), "min_timestep < max_timestep"),
+        ("flow", dict(min_timestep=10, max_timestep=5), "min_timestep < max_timestep"),
+        ("ddpm", dict(timestep_sampler_type="mode"), "not available for SDXL"),
+        ("ddpm", dict(timestep_sampler_type="cosmap"), "not available for SDXL"),
+        ("ddpm", dict(flow_loss_weighting="cosmap"), "SD3 only"),
+        ("ddpm", dict(flow_precondition_outputs=True), "SD3 only"),
+        ("flow", dict(min_snr_gamma=5.0), "min_snr_gamma"),
+        ("flow", dict(zero_terminal_snr=True, debiased_estimation_loss=True), "debiased_estimation_loss"),
+        ("ddpm", dict(zero_terminal_snr=True, debiased_estimation_loss=True), "max_timestep <= 999"),
+        ("ddpm", dict(noise_offset=0.1, multires_noise_iterations=4), "cannot be used together"),
+        ("ddpm", dict(adaptive_noise_scale=0.1), "set noise_offset"),
+        ("ddpm", dict(ip_noise_gamma_random_strength=True), "needs ip_noise_gamma"),
+        ("ddpm", dict(loss_type="l1"), "loss_type"),
+        ("flow", dict(timestep_sampler_type="beta"), "not supported for SD3"),
+        ("flow", dict(timestep_sampler_type="mode", mode_scale=3.0), "mode_scale"),
     ],
 )
-def test_invalid_settings_raise(family, kw, match):
+def test_invalid_settings_raise(kind, kw, match):
     """Impossible or meaningless combinations give a clear ValueError naming the option."""
     with pytest.raises(ValueError, match=match):
-        build_objective(family, cfg(**kw))
+        build_objective(kind, cfg(**kw))
 
 
 def test_build_objective_dispatch():
-    """build_objective picks the family's objective and rejects unknown families / v-pred on SD3."""
-    assert isinstance(build_objective("sdxl", cfg(), v_parameterization=True), DDPMObjective)
-    assert isinstance(build_objective("sd3", cfg()), FlowObjective)
+    """build_objective picks the objective a family's record names (SDXL "ddpm", SD3 "flow") and rejects unknown
+    objectives / v-pred on SD3's flow."""
+    import models
+    assert (models.family("sdxl").objective, models.family("sd3").objective) == ("ddpm", "flow")
+    assert isinstance(build_objective("ddpm", cfg(), v_parameterization=True), DDPMObjective)
+    assert isinstance(build_objective("flow", cfg()), FlowObjective)
     # v-pred-only weightings on an eps model are allowed
-    build_objective("sdxl", cfg(scale_v_pred_loss_like_noise_pred=True))
-    with pytest.raises(ValueError, match="unknown model family"):
+    build_objective("ddpm", cfg(scale_v_pred_loss_like_noise_pred=True))
+    with pytest.raises(ValueError, match="unknown objective"):
         build_objective("sd15", cfg())
     with pytest.raises(ValueError, match="v_parameterization"):
-        build_objective("sd3", cfg(), v_parameterization=True)
+        build_objective("flow", cfg(), v_parameterization=True)

@@ -38,7 +38,7 @@ def _metrics(out):
 
 def _text_comp(cfg):
     """The text encoders exactly as train.py builds them for previews / uncached training (fp32 on CPU)."""
-    return models.from_config(cfg.model, device="cpu", seed=cfg.seed, parts=list(models.TEXT_PARTS["sd3"]),
+    return models.from_config(cfg.model, device="cpu", seed=cfg.seed, parts=list(models.family("sd3").text_encoders),
                               dtype={"text": torch.float32})
 
 

@@ -194,7 +194,7 @@ def test_train_helpers_fused_equal_ordinary_on_tiny_sdxl():
         stepper = make_stepper(cfg, opt, torch.device("cpu"))
         for _ in range(2):
             gens = [torch.Generator().manual_seed(3)]
-            loss = train.accumulate_gradients(trainee, comp, build_objective("sdxl", LossConfig()), [batch],
+            loss = train.accumulate_gradients(trainee, comp, build_objective("ddpm", LossConfig()), [batch],
                                               torch.device("cpu"), gens, contextlib.nullcontext, stepper)
             norm, applied = stepper.step(torch.isfinite(loss))
             opt.zero_grad(set_to_none=True)

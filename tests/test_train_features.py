@@ -89,7 +89,7 @@ def test_gradient_accumulation_equals_one_big_batch():
         comp.unet.load_state_dict(start)
         comp.unet.zero_grad(set_to_none=True)
         trainee = Trainee(comp, train_text_encoder=False)
-        objective = _FixedNoise(build_objective("sdxl", LossConfig()), noise, t)
+        objective = _FixedNoise(build_objective("ddpm", LossConfig()), noise, t)
         opt = build_optimizer(trained_param_groups(trainee, cfg.optimizer), cfg.optimizer)
         stepper = make_stepper(cfg, opt, torch.device("cpu"))
         gens = [torch.Generator().manual_seed(0) for _ in micro]

@@ -104,9 +104,11 @@ def extract(base: Any, tuned: Any, dim: int, conv_dim: int = 0, clamp_quantile: 
     """kohya-layout LoRA tensors of tuned - base on the layers our defaults adapt (alpha = rank: scale 1)."""
     import re
 
-    from networks.lora import DEFAULT_CONV_TARGETS, DEFAULT_TARGETS, lora_targets
+    import models
+    from networks.lora import lora_targets
     tb, tt = lora_targets(base), lora_targets(tuned)
-    linear, conv = DEFAULT_TARGETS[base.family], DEFAULT_CONV_TARGETS[base.family] if conv_dim else []
+    fam = models.family(base.family)
+    linear, conv = list(fam.lora_targets), list(fam.lora_conv_targets) if conv_dim else []
     out: dict[str, Tensor] = {}
     for name, t in sorted(tb.items()):
         is_linear = any(re.fullmatch(p, name) for p in linear) and not t.is_3x3
@@ -230,11 +232,10 @@ def _run(args: argparse.Namespace) -> int:
     if base.family != tuned.family:
         raise ValueError(f"{args.model_org} is {base.family}, {args.model_tuned} is {tuned.family}")
     sd = extract(base, tuned, args.dim, args.conv_dim, args.clamp_quantile, args.min_diff)
-    from networks.lora import BASE_MODEL_VERSION
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(args.dim), "ss_network_alpha": str(args.dim),
             "ss_network_args": json.dumps({"conv_dim": str(args.conv_dim), "conv_alpha": str(args.conv_dim)}
                                           if args.conv_dim else {}),
-            "ss_base_model_version": BASE_MODEL_VERSION[base.family],
+            "ss_base_model_version": models.family(base.family).base_model_version,
             "ss_training_comment": f"extracted by sdtrain tools.lora from {os.path.basename(args.model_tuned)} - "
                                    f"{os.path.basename(args.model_org)}"}
     save_lora(args.save_to, sd, meta, args.save_precision)

@@ -74,7 +74,7 @@ def write_export(whole: Any, path: str, cfg: Config, meta: dict[str, str], ema: 
                    "tags": s.metadata_tags}}
     models.save(whole, path, s.save_precision, extra_metadata=meta, save_as=s.save_model_as, **kw)
     if ema is not None:  # the EMA's weights (FSDP: its shards) in the network's place
-        prefix = whole.prefix[models.NETWORK_PART[whole.family]]
+        prefix = whole.prefix[models.family(whole.family).network]
         sd = {**whole.export_state_dict(), **{prefix + k: v for k, v in ema.state_dict().items()}}
         models.save(whole, ema_twin(path), s.save_precision, state_dict=sd, save_as=s.save_model_as,
                     extra_metadata={**meta, "sdtrain.ema_decay": str(ema.decay)}, **kw)

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
+import models
 from core.config import path_fields, to_dict
 
 # kohya's ss_base_model_version values (sdxl_train_util / sd3_train_utils)
-BASE_MODEL_VERSION = {"sdxl": "sdxl_base_v1-0", "sd3": "sd3"}
 
 
 def _base(path: str) -> str:
@@ -136,7 +136,7 @@ def training_metadata(cfg: Any, *, family: str, index: Any, batches_per_epoch: i
         "ss_max_train_steps": t.max_train_steps or None,
         "ss_lr_warmup_steps": o.lr_warmup_steps,
         "ss_lr_scheduler": o.lr_scheduler,
-        "ss_base_model_version": BASE_MODEL_VERSION[family],
+        "ss_base_model_version": models.family(family).base_model_version,
         "ss_mixed_precision": t.mixed_precision,
         "ss_full_fp16": t.full_fp16,
         "ss_full_bf16": t.full_bf16,

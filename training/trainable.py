@@ -25,11 +25,6 @@ from training import resume as rstate
 from training.ema import EMA
 from training.optim import build_param_groups_for_models
 
-# Text encoders that train.train_text_encoder trains, with their [optimizer] learning-rate field (SD3's T5 stays
-# frozen: "also train the CLIP text encoders", as kohya's SD3 trainer).
-TRAINABLE_TEXT_LR = {"te1": "learning_rate_te1", "te2": "learning_rate_te2",
-                     "clip_l": "learning_rate_te1", "clip_g": "learning_rate_te2"}
-
 
 class Trainee(nn.Module):
     """One micro-batch forward: (text encoding when trained) + the diffusion network."""
@@ -37,7 +32,8 @@ class Trainee(nn.Module):
     def __init__(self, comp: Any, train_text_encoder: bool):
         super().__init__()
         self.network = comp.network
-        trained = {k: m for k, m in comp.text_encoders().items() if k in TRAINABLE_TEXT_LR} if train_text_encoder else {}
+        trainable = models.family(comp.family).trainable_text_lr  # the encoders this family trains
+        trained = {k: m for k, m in comp.text_encoders().items() if k in trainable} if train_text_encoder else {}
         self.text_encoders = nn.ModuleDict(trained)
         self.__dict__["comp"] = comp  # not a submodule: the frozen parts stay out of DDP
 
@@ -180,9 +176,10 @@ def trained_param_groups(trainee: Trainee, opt_cfg: OptimizerConfig) -> list[dic
     """Optimizer groups: the network at learning_rate, trained text encoders at theirs, regex groups within each."""
     named = {"network": list(trainee.network.named_parameters())}
     lrs = {"network": opt_cfg.learning_rate}
+    lr_fields = models.family(trainee.comp.family).trainable_text_lr
     for name, te in trainee.text_encoders.items():
         named[name] = list(te.named_parameters())
-        te_lr = getattr(opt_cfg, TRAINABLE_TEXT_LR[name])
+        te_lr = getattr(opt_cfg, lr_fields[name])
         lrs[name] = te_lr if te_lr is not None else opt_cfg.learning_rate
     return build_param_groups_for_models(named, opt_cfg, lrs)
 
@@ -190,10 +187,10 @@ def trained_param_groups(trainee: Trainee, opt_cfg: OptimizerConfig) -> list[dic
 def with_all_parts(comp: Any, cfg: Config, loaded: dict[str, Any]) -> Any:
     """comp plus the parts training did not load (VAE, text encoders), on the CPU, so exports are whole checkpoints.
     `loaded` keeps them between exports (they are frozen)."""
-    family = comp.family
-    missing = [p for p in ("vae", *models.TEXT_PARTS[family]) if getattr(comp, p) is None and p not in loaded]
-    if family == "sd3" and not cfg.model.use_t5:
-        missing = [p for p in missing if p != "t5"]
+    family = models.family(comp.family)
+    missing = [p for p in ("vae", *family.text_encoders) if getattr(comp, p) is None and p not in loaded]
+    if not cfg.model.use_t5:
+        missing = [p for p in missing if p not in family.optional_parts]
     if missing:
         extra = models.from_config(cfg.model, device="cpu", seed=cfg.seed, parts=missing,
                                    dtype=models.DTYPES[cfg.save.save_precision])
