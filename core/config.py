@@ -105,6 +105,7 @@ class SubsetConfig:
     min_bucket_reso: int | None = opt(None, "smallest bucket side of this subset; default [data]", min=8)
     max_bucket_reso: int | None = opt(None, "largest bucket side of this subset; default [data]", min=8)
     bucket_no_upscale: bool | None = opt(None, "never upscale this subset's small images; default [data]")
+    num_bucket: int | None = opt(None, "HCP-Diffusion's RatioBucket: this many buckets, clustered from the subset's image ratios (k-means of log2 w/h), each of the resolution's area; unset = kohya's bucket list", min=1)
 
 
 @dataclass

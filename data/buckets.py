@@ -28,6 +28,7 @@ class BucketSettings:
     no_upscale: bool = False
     height: int = 0              # kohya's `resolution = "w,h"`: bucket area <= w * h; 0 = square
     subsets: str = ""            # the keys of subsets with settings of their own (kohya [[datasets]]), "" = none
+    num_bucket: int = 0          # HCP-Diffusion's RatioBucket.from_files: this many buckets from the images' ratios
 
     @property
     def size(self) -> tuple[int, int]:
@@ -50,7 +51,8 @@ class BucketSettings:
         res = pick("resolution")
         w, h = parse_resolution(res)
         s = cls(w, bool(pick("enable_bucket")), int(pick("bucket_reso_step")), int(pick("min_bucket_reso")),
-                int(pick("max_bucket_reso")), bool(pick("bucket_no_upscale")), 0 if h == w else h)
+                int(pick("max_bucket_reso")), bool(pick("bucket_no_upscale")), 0 if h == w else h,
+                num_bucket=int(getattr(sub, "num_bucket", None) or 0))
         if min(w, h) <= 0 or s.step <= 0:
             raise ValueError(f"{where} resolution ({res}) and bucket_reso_step ({s.step}) must be > 0")
         if w % s.step or h % s.step:
@@ -64,8 +66,9 @@ class BucketSettings:
         """A stable string for fingerprints (a latent record is valid for these settings only)."""
         res = f"{self.resolution}x{self.height}" if self.height else str(self.resolution)
         own = f",subsets=[{self.subsets}]" if self.subsets else ""
+        k = f",num_bucket={self.num_bucket}" if self.num_bucket else ""
         return (f"res={res},bucket={int(self.enable_bucket)},step={self.step},min={self.min_reso},"
-                f"max={self.max_reso},noup={int(self.no_upscale)}{own}")
+                f"max={self.max_reso},noup={int(self.no_upscale)}{k}{own}")
 
 
 def parse_resolution(v) -> tuple[int, int]:
@@ -98,11 +101,49 @@ def make_buckets(s: BucketSettings) -> np.ndarray:
     return np.array(sorted(resos), dtype=np.int32)
 
 
+def kmeans_1d(x: np.ndarray, k: int, iters: int = 300) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted centres, label per value) of Lloyd's k-means on 1-D values, started from the values' quantiles
+    (deterministic: the same clusters for the same values in any order). In one dimension each cluster is a run of
+    the sorted values, so an iteration is a searchsorted over the midpoints between centres."""
+    x = np.asarray(x, np.float64)
+    u, counts = np.unique(x, return_counts=True)
+    k = max(1, min(k, len(u)))
+    c = np.quantile(np.repeat(u, counts), (np.arange(k) + 0.5) / k)
+    c = np.unique(c)
+    for _ in range(iters):
+        lab = np.searchsorted((c[1:] + c[:-1]) / 2, u)
+        s = np.bincount(lab, weights=u * counts, minlength=len(c))
+        n = np.bincount(lab, weights=counts, minlength=len(c))
+        new = np.where(n > 0, s / np.maximum(n, 1), c)
+        if np.allclose(new, c, rtol=0, atol=1e-12):
+            c = new
+            break
+        c = np.unique(new)
+    return c, np.searchsorted((c[1:] + c[:-1]) / 2, x)
+
+
+def ratio_buckets(sizes: np.ndarray, s: BucketSettings) -> np.ndarray:
+    """HCP-Diffusion's RatioBucket.from_files (hcpdiff/data/bucket.py build_buckets_from_images): num_bucket
+    clusters of log2(w / h) over the images; each cluster's bucket has the target area at its centre ratio r,
+    h = sqrt(area / r), w = h * r, each rounded to the step. HCP clusters with sklearn's KMeans (k-means++ starts,
+    random_state 3407); ours is `kmeans_1d` (quantile starts): the same buckets for well separated ratios, a
+    boundary image may land in the neighbouring one."""
+    ratio = np.log2(sizes[:, 0] / sizes[:, 1])
+    centres, label = kmeans_1d(ratio, s.num_bucket)
+    r = 2.0 ** centres
+    h_all = np.sqrt(s.max_area / r)
+    w_all = h_all * r
+    wh = np.stack([np.round(w_all / s.step) * s.step, np.round(h_all / s.step) * s.step], 1).astype(np.int32)
+    return np.maximum(wh, s.step)[label]
+
+
 def assign_buckets(sizes: np.ndarray, s: BucketSettings) -> np.ndarray:
     """Bucket (w, h) per image from sizes [N, 2] (w, h), all at once."""
     sizes = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
     if (sizes <= 0).any():
         raise ValueError("assign_buckets: every size must be positive (w, h)")
+    if s.num_bucket and s.enable_bucket and len(sizes):
+        return ratio_buckets(sizes, s)
     if not s.enable_bucket:
         return np.tile(np.array([s.size], np.int32), (len(sizes), 1))
     w, h = sizes[:, 0].astype(np.float64), sizes[:, 1].astype(np.float64)

@@ -345,8 +345,9 @@ def assign_subset_buckets(sizes: np.ndarray, subset: np.ndarray, per: list[Bucke
         groups.setdefault(p, []).append(si)
     for p, sis in groups.items():
         rows = np.arange(len(sizes)) if len(groups) == 1 else np.flatnonzero(np.isin(subset, sis))
-        for a in range(0, len(rows), SIZE_CHUNK * 16):
-            part = rows[a : a + SIZE_CHUNK * 16]
+        chunk = len(rows) if p.num_bucket else SIZE_CHUNK * 16  # num_bucket clusters the whole subset at once
+        for a in range(0, len(rows), max(1, chunk)):
+            part = rows[a : a + chunk]
             out[part] = assign_buckets(sizes[part], p)
     return out
 

@@ -100,7 +100,7 @@ def resolve_subsets(data: DataConfig) -> list[SubsetSpec]:
 
 
 BUCKET_FIELDS = ("resolution", "enable_bucket", "bucket_reso_step", "min_bucket_reso", "max_bucket_reso",
-                 "bucket_no_upscale")  # a subset's own bucketing (kohya's [[datasets]] options)
+                 "bucket_no_upscale", "num_bucket")  # a subset's own bucketing (kohya's [[datasets]], HCP's)
 
 
 def _spec(s: SubsetConfig, data: DataConfig, layout: str, repeats: int, ds: str, tars: list[str],

@@ -229,3 +229,46 @@ def test_preview_files_are_named_by_sample_name(tmp_path):
     written = sample_round(comp, prompts, str(tmp_path), 7, torch.device("cpu"))
     names = sorted(os.path.basename(p) for p in written)
     assert names == ["000007_0_1_red.png", "000007_1_2.png", "000007_grid.png"]
+
+
+# ---- HCP-Diffusion num_bucket ------------------------------------------------------------------------------------
+
+def hcp_bucket_sizes(centres_log2, target_area, step):
+    """hcpdiff/data/bucket.py RatioBucket.build_buckets_from_images, after its KMeans: ratios = 2 ** centres,
+    h = sqrt(area / ratio), w = h * ratio, both np.round(x / step) * step."""
+    ratios = 2 ** np.asarray(centres_log2)
+    h_all = np.sqrt(target_area / ratios)
+    w_all = h_all * ratios
+    return list(zip((np.round(w_all / step) * step).astype(int), (np.round(h_all / step) * step).astype(int)))
+
+
+def test_num_bucket_clusters_ratios_as_hcp(tmp_path):
+    """A subset with num_bucket = 3 over images of three clear aspect groups (plus jitter): three buckets, each at
+    HCP's size for its cluster's mean log2 ratio, and every image in its own group's bucket. The clustering is a
+    k-means fixed point: each image nearest its centre, each centre its images' mean."""
+    from data.buckets import kmeans_1d
+    from test_data_sources import data_cfg, img
+
+    from core.config import SubsetConfig
+    from data.index import build_index
+
+    rng = np.random.default_rng(0)
+    groups = {"wide": (192, 96), "square": (128, 128), "tall": (96, 192)}
+    for name, (w, h) in groups.items():
+        for i in range(5):
+            img(tmp_path / "d" / f"{name}{i}.png", (w + int(rng.integers(-8, 9)), h + int(rng.integers(-8, 9))))
+    cfg = data_cfg(resolution=128, bucket_reso_step=16, min_bucket_reso=32, max_bucket_reso=512, allow_empty_captions=True,
+                   subsets=[SubsetConfig(image_dirs=[str(tmp_path / "d")], num_bucket=3)])
+    ix = build_index(cfg)
+    ratio = np.log2(ix.sizes[:, 0] / ix.sizes[:, 1])
+    centres, label = kmeans_1d(ratio, 3)
+    assert len(centres) == 3
+    for j, c in enumerate(centres):  # a fixed point of Lloyd's iteration
+        assert np.isclose(c, ratio[label == j].mean())
+    assert np.array_equal(label, np.argmin(np.abs(ratio[:, None] - centres[None]), 1))
+    want = hcp_bucket_sizes(centres, 128 * 128, 16)
+    got = {ix.keys[i]: tuple(ix.buckets[i].tolist()) for i in range(len(ix))}
+    for name in groups:
+        assert len({got[f"{name}{i}"] for i in range(5)}) == 1  # a group shares one bucket
+    assert sorted(set(got.values())) == sorted(map(tuple, want))
+    assert got["square0"] == (128, 128) and got["wide0"][0] > got["wide0"][1] and got["tall0"][0] < got["tall0"][1]
