@@ -371,12 +371,12 @@ def test_adapters_whose_output_never_reaches_the_loss_are_frozen(family):
     pooled outputs (sd3.5 `sd3_impls.SD3Inferencer.get_cond`), so nothing is dead. One real training forward of
     train.py's Trainee: the parameters without a gradient are exactly the frozen ones (so DDP, which reduces only
     parameters that require a gradient, waits for none), and the optimizer groups leave them out."""
-    import train
+    from training import trainable
     from core.config import config_from_dict
     cfg = config_from_dict({"model": {"model_family": family, "model_preset": "tiny"},
                             "network": {"network_module": "lora", "network_dim": 2}})
     comp = models.build(family, "tiny", seed=0, parts=[models.family(family).network, *models.family(family).text_encoders])
-    run = train.make_trainable(cfg, comp, torch.device("cpu"), print)
+    run = trainable.make_trainable(cfg, comp, torch.device("cpu"), print)
     net = run.network
     if family == "sdxl":
         last = comp.te1.cfg.num_layers - 1
@@ -461,7 +461,7 @@ def test_clip_skip_picks_the_hidden_layer_and_which_adapters_train(tmp_path):
     reaches the loss, so none is frozen; the LoRA file records ss_clip_skip and modelspec.encoder_layer as kohya
     writes them. A clip_skip beyond the encoders' depth is one clear error."""
     transformers = pytest.importorskip("transformers")
-    import train
+    from training import trainable
     from core.config import config_from_dict
     from test_text_encoders import _hf_config, _load_into_hf
     cfg = config_from_dict({"model": {"model_preset": "tiny", "clip_skip": 1},
@@ -475,7 +475,7 @@ def test_clip_skip_picks_the_hidden_layer_and_which_adapters_train(tmp_path):
         ctx = comp.encode_tokens(ids, ids)["context"]
         ref = hf(ids, output_hidden_states=True).hidden_states[-1]
     assert _rel(ctx[..., :ref.shape[-1]], ref) < 1e-5
-    run = train.make_trainable(cfg, comp, torch.device("cpu"), print)
+    run = trainable.make_trainable(cfg, comp, torch.device("cpu"), print)
     assert run.frozen == [] and any(n.startswith("lora_te1_text_model_encoder_layers_1_") for n in run.network.adapters)
     meta = lora.ss_metadata(cfg, comp, run.network, {})
     assert (meta["ss_clip_skip"], meta["modelspec.encoder_layer"]) == ("1", "1")

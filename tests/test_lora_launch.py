@@ -69,11 +69,11 @@ def test_sdxl_lora_config_with_text_encoders_under_torchrun_ddp_and_fsdp(tmp_pat
             f.result()
 
     # the network as the runs created it (same seed, same config): the initial values of every adapter
-    import train
+    from training import trainable
     from core.config import load_config
     cfg = load_config("configs/sdxl_lora.toml", _overrides(tmp_path, tmp_path / "x")[1:])
     comp = models.load(str(tmp_path / "base.safetensors"))
-    init = train.make_trainable(cfg, comp, torch.device("cpu"), print).network.kohya_state_dict()
+    init = trainable.make_trainable(cfg, comp, torch.device("cpu"), print).network.kohya_state_dict()
     n_layers = comp.te1.cfg.num_layers
     dead = {n for n in _kohya_text_names(comp) if n.startswith(f"lora_te1_text_model_encoder_layers_{n_layers - 1}_")}
     assert len(dead) == 6  # q, k, v, out_proj, fc1, fc2

@@ -253,7 +253,7 @@ def test_any_kohya_or_lycoris_file_continues(tmp_path):
     DoRA magnitude, whatever [network] says (kohya's / LyCORIS's create_network_from_weights build the network from
     the file the same way): a file with a subset of layers, mixed ranks (kohya's type_dims), a LoKr layer with another
     factor, a LoHa layer and a DoRA layer continues with every tensor used, and exporting at once gives the file back."""
-    import train
+    from training import trainable
     from core.config import config_from_dict
     from lycoris.modules.loha import LohaModule
     from lycoris.modules.lokr import LokrModule
@@ -292,7 +292,7 @@ def test_any_kohya_or_lycoris_file_continues(tmp_path):
     cfg = config_from_dict({"model": {"model_preset": "tiny"},
                             "network": {"network_module": "lora", "network_dim": 16, "network_weights": str(path)}})
     warnings = []
-    run = train.make_trainable(cfg, comp, torch.device("cpu"), warnings.append)
+    run = trainable.make_trainable(cfg, comp, torch.device("cpu"), warnings.append)
     assert set(run.network.adapters) == set(names)
     assert {n: a.algo for n, a in run.network.adapters.items()} == {n: {"dora": "lora"}.get(a, a) for n, (a, _) in names.items()}
     out = run.network.kohya_state_dict()
@@ -303,3 +303,41 @@ def test_any_kohya_or_lycoris_file_continues(tmp_path):
             w = t.weight if t.slot is None else t.weight[t.slot * t.shape[1]:(t.slot + 1) * t.shape[1]]
             layer = {k.split(".", 1)[1]: v for k, v in sd.items() if k.split(".")[0] == name}
             assert torch.allclose(a.weight_delta(w), ly.group_delta(layer, w), atol=1e-6), name
+
+
+@pytest.mark.parametrize("name", ["lokr", "loha", "dora"])
+def test_sd3_adapters_apply_as_they_merge_and_train(name):
+    """SD3 (MMDiT + CLIP-L / CLIP-G): the network applied in the forward equals the base with the exported file
+    merged, and one training step reaches every adapter while the base stays bit-identical."""
+    from training import trainable
+    from core.config import config_from_dict
+    cfg = config_from_dict({"model": {"model_family": "sd3", "model_preset": "tiny"},
+                            "network": {"network_dim": 4, "network_alpha": 2.0, **NETWORKS[name]}})
+    comp = models.build("sd3", "tiny", seed=0, parts=["mmdit", "clip_l", "clip_g", "t5"])
+    base = {k: v.clone() for k, v in comp.prefixed_state_dict().items()}
+    run = trainable.make_trainable(cfg, comp, torch.device("cpu"), print)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in run.network.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    c = comp.mmdit.cfg
+    x = torch.randn(2, c.in_channels, 16, 16, generator=g)
+    t = torch.tensor([0.3, 0.8])
+    sizes = (None, None, None)
+    caps = ["a red circle", "a blue square"]
+    out = run.trainee(x, t, None, caps, sizes)
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in run.network.parameters())
+    assert all(torch.equal(base[k], v) for k, v in comp.prefixed_state_dict().items())
+    run.network.eval()
+    with torch.no_grad():
+        applied = run.trainee(x, t, None, caps, sizes)
+        sd = run.network.kohya_state_dict()
+        run.network.remove()
+        groups = {}
+        for k, v in sd.items():
+            n, _, leaf = k.partition(".")
+            groups.setdefault(n, {})[leaf] = v.detach()
+        assert lora.merge_into(comp, groups) == len(groups)
+        merged = run.trainee(x, t, None, caps, sizes)
+    assert _rel(merged, applied) < 1e-4, _rel(merged, applied)

@@ -44,7 +44,7 @@ def _fixed_loss(root, lora_file=None):
     import numpy as np
     from PIL import Image
 
-    import train
+    from training import trainable
     from core.config import config_from_dict
     from diffusion.objectives import build_objective
     from networks import lora
@@ -59,7 +59,7 @@ def _fixed_loss(root, lora_file=None):
     caps = [open(p[:-4] + ".txt").read() for p in paths]
     x0 = comp.encode_images(imgs)
     objective = build_objective("sdxl", config_from_dict({}).loss)
-    trainee = train.Trainee(comp, train_text_encoder=False)
+    trainee = trainable.Trainee(comp, train_text_encoder=False)
     g = torch.Generator().manual_seed(123)
     sizes = tuple(torch.tensor([[64.0, 64.0]] * len(paths)) if i != 1 else torch.zeros(len(paths), 2) for i in range(3))
     losses = []
@@ -115,12 +115,12 @@ def test_lycoris_ddp_run_learns_and_resumes_exactly(data, runs, algo):
 def test_lycoris_training_leaves_the_base_untouched(data, algo, tmp_path):
     """In process: every base tensor of the loaded model bit-identical after 3 training steps (DoRA renormalises W + dW
     on the fly and must never write W)."""
-    import train
+    from training import trainable
     from core.config import load_config
     cfg = load_config("configs/demo.toml", _args(data, tmp_path / "x", *ALGOS[algo])[1:])
     comp = models.load(str(data / "base.safetensors"))
     before = {k: v.clone() for k, v in comp.prefixed_state_dict().items()}
-    run = train.make_trainable(cfg, comp, torch.device("cpu"), print)
+    run = trainable.make_trainable(cfg, comp, torch.device("cpu"), print)
     opt = torch.optim.AdamW([p for g in run.param_groups(cfg.optimizer) for p in g["params"]], lr=1e-2)
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
@@ -132,3 +132,24 @@ def test_lycoris_training_leaves_the_base_untouched(data, algo, tmp_path):
     assert any(a.abs().sum() > 0 for n, a in run.network.kohya_state_dict().items() if "w2" in n or "lora_up" in n)
     after = comp.prefixed_state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_lokr_with_dora_under_fsdp_matches_ddp(data, tmp_path):
+    """FSDP2 (adapters in the root unit, the base sharded per block) gives the DDP run's file up to reduction-order
+    rounding: LoKr with DoRA, whose forward reads the base weight of the layer it adapts (unsharded in its block's
+    forward). SGD, linear in the gradient, so the rounding stays rounding (as tests/test_lora_train.py)."""
+    import concurrent.futures
+    pytest.importorskip("torch.distributed.fsdp").fully_shard
+    common = [*ALGOS["lokr"], "network.dora_wd=true", "train.max_train_steps=2", "save.save_every_n_steps=0",
+              "optimizer.optimizer_type=SGD", "optimizer.learning_rate=0.5"]
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        jobs = [pool.submit(run_workers, ["train.py", *_args(data, tmp_path / name, *common, *extra)])
+                for name, extra in (("ddp", []), ("fsdp", ["train.fsdp=true"]))]
+        for j in jobs:
+            j.result()
+    ddp, fsdp = (load_file(str(tmp_path / n / "models" / "demo.safetensors")) for n in ("ddp", "fsdp"))
+    assert ddp.keys() == fsdp.keys() and any(k.endswith("dora_scale") for k in ddp)
+    for k in ddp:
+        assert torch.allclose(ddp[k], fsdp[k], rtol=1e-4, atol=1e-6), (k, (ddp[k] - fsdp[k]).abs().max())
+    init = {k: v for k, v in ddp.items() if k.endswith("lokr_w2") or k.endswith("lokr_w2_b")}
+    assert any(v.abs().sum() > 0 for v in init.values())  # trained off their zero init
