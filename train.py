@@ -37,7 +37,7 @@ from core.config import (Config, SampleConfig, SaveConfig, TrainConfig, format_o
                          to_dict, to_toml)
 from core.dist import mix_seed
 from core.fsio import atomic_write, clean_stale_temps, describe_os_error
-from core.metrics import MetricsWriter, check_tensorboard, group_lrs, peak_memory, setup_logging
+from core.metrics import MetricsWriter, check_tensorboard, check_wandb, group_lrs, peak_memory, setup_logging, wandb_run
 from data.index import load_or_build_index
 from data.loader import batches_per_epoch, make_loader, usable_rows
 from data.sources import require_store_for_containers
@@ -48,10 +48,12 @@ from training import resume as rstate
 from training.checkpointer import Checkpointer, Progress, read_resume_state
 from training.ema import EMA
 from training.exports import Exporter, export_suffix
-from training.optim import LossRecorder, build_optimizer, build_scheduler, scheduler_kwargs
+from training.optim import (LossRecorder, OptimizerMode, build_optimizer, build_scheduler, check_schedule_free,
+                            scheduler_kwargs)
 from training.steplog import StepLog, mean_loss
 from training.steppers import Stepper, check_fused_settings, make_stepper
 from training.trainable import TrainableSet, make_trainable
+from training.validation import HeldOut, Validator, check_validation_settings, held_out
 
 DTYPES = {"no": None, **models.DTYPES}  # config precision names -> torch dtypes ("no": no autocast)
 EXIT_BAD_LOSS = 3
@@ -72,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     # ---- run folder (the {date}/{time} of rank 0, for every rank), run log, run id and the state to resume
     run = open_run(cfg, notes)
     log, paths = run.log, run.paths
-    metrics = MetricsWriter(paths["logs"], master, cfg.log.tensorboard)
+    metrics = MetricsWriter(paths["logs"], master, cfg.log.tensorboard,
+                            wandb=wandb_run(cfg.log, run.out_dir, run.run_id, to_dict(cfg)))
     seed_run(cfg, info.rank)
 
     # ---- precision
@@ -84,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     total_steps, accum = data.total_steps, cfg.train.gradient_accumulation_steps
 
     # ---- model: the network, the frozen (or trained) text encoders, the VAE when needed; what is trained
-    comp = load_components(cfg, family, prompts, device, weight_dtype)
+    comp = load_components(cfg, family, prompts, device, weight_dtype, data.validation.needs_encoders)
     trainable = build_trainable(cfg, comp, device, log)
     log.info(f"{family.name}: network {sum(p.numel() for p in comp.network.parameters()) / 1e6:.1f}M parameters "
              f"({weight_dtype}), autocast {amp_dtype}, trained: {trainable.describe()}")
@@ -95,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     model = parallelize(cfg.train, comp, family, trainable, device, amp_dtype, log)
     ema = make_ema(cfg.train, trainable, device)
     optimizer, scheduler, stepper = build_optimization(cfg, trainable, total_steps, device)
+    mode = OptimizerMode.of(optimizer)  # schedule-free: validation, previews and exports see its eval-mode weights
     train_meta = run_metadata.training_metadata(
         cfg, family=family.name, index=data.index, batches_per_epoch=data.per_rank_batches, world_size=info.world_size,
         optimizer=optimizer, num_epochs=math.ceil(total_steps / data.steps_per_epoch)) if master else {}
@@ -107,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     ckpt.load(saved)
     exporter = Exporter(cfg, paths["models"], trainable, ema, train_meta, log)
     previews = Previews(cfg, comp, prompts, paths["samples"], device, amp_dtype, trainable, model, ema, exporter,
-                        metrics, log)
+                        metrics, log, mode)
+    validator = Validator(cfg, data.validation, objective, comp, model, ema, trainable.ema_module, mode, device,
+                          autocast, metrics, log)
 
     # ---- loop
     stop = StopFlags(cfg.save, log)
@@ -124,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     meter, start_step = Throughput(info.world_size), progress.step
     try:
         loader = make_train_loader(cfg, data, progress, device)
+        mode.training()
         while progress.step < total_steps:
             for micro in micro_batch_groups(loader, accum):
                 done = progress.cursor // info.world_size  # this rank's micro-batches already run in this epoch
@@ -150,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                         save_outputs(exporter, ckpt, f"-step{progress.step:08d}", cfg.save.save_state)
                     if every(cfg.sample.sample_every_n_steps, progress.step):
                         previews.run(progress.step)
+                    validator.maybe(progress.step)
                 elif count_skipped_step(progress, loss, cfg.train.max_bad_steps, log):  # the weights are untouched
                     ckpt.save()
                     log.error(BAD_STEPS_STOP.format(n=progress.bad_steps, step=progress.step))
@@ -167,10 +175,12 @@ def main(argv: list[str] | None = None) -> int:
                     save_outputs(exporter, ckpt, f"-epoch{progress.epoch:04d}", cfg.save.save_state)
                 if every(cfg.sample.sample_every_n_epochs, progress.epoch):
                     previews.run(progress.step)
+                validator.maybe(progress.step, epoch_end=progress.epoch)
         # ---- end of training
         if cfg.save.save_on_train_end:
             save_outputs(exporter, ckpt, "", cfg.save.save_state)
         previews.run_at_end(progress.step)
+        validator.at_end(progress.step)
         bar.close()
         log.info(summary.end_block(steps=(start_step, progress.step, total_steps), started=(t_start, meter.t_start),
                                    images=meter.images * info.world_size, paths=paths,
@@ -264,7 +274,7 @@ def trained_weight_dtype(t: TrainConfig) -> torch.dtype:
 @dataclass
 class TrainData:
     """What the run trains from: the latent store (None: images encoded every step), the shared index, the rows
-    that train, and the run's length in batches and optimizer steps."""
+    that train, the run's length in batches and optimizer steps, and the validation set."""
 
     store: LatentStore | None
     index: Any
@@ -272,6 +282,7 @@ class TrainData:
     per_rank_batches: int
     steps_per_epoch: int
     total_steps: int
+    validation: HeldOut  # the held-out images (training/validation.py), none without [validation]
 
 
 def load_data(cfg: Config, state_dir: str, world_size: int) -> TrainData:
@@ -287,11 +298,15 @@ def load_data(cfg: Config, state_dir: str, world_size: int) -> TrainData:
     except (dist.MainRankError, OSError, ValueError) as e:
         raise SystemExit(cli.error_line("data error", e)) from None
     rows = usable_rows(index, store)  # one pass over the store's keys, shared by the two calls below
+    try:  # the held-out images ([validation]): a split leaves them out of training
+        rows, held = held_out(cfg, index, rows, store, state_dir)
+    except (dist.MainRankError, OSError, ValueError) as e:
+        raise SystemExit(cli.error_line("validation data error", e)) from None
     per_rank_batches = batches_per_epoch(index, cfg.data, world_size, rows=rows)
     check_training_data(cfg, store, index, rows, per_rank_batches)
     steps_per_epoch = math.ceil(per_rank_batches / cfg.train.gradient_accumulation_steps)
     total_steps = cfg.train.max_train_steps or steps_per_epoch * cfg.train.max_train_epochs
-    return TrainData(store, index, rows, per_rank_batches, steps_per_epoch, total_steps)
+    return TrainData(store, index, rows, per_rank_batches, steps_per_epoch, total_steps, held)
 
 
 def check_training_data(cfg: Config, store: LatentStore | None, index: Any, rows: np.ndarray,
@@ -309,12 +324,14 @@ def check_training_data(cfg: Config, store: LatentStore | None, index: Any, rows
 
 
 def load_components(cfg: Config, family: models.Family, prompts: list[Any], device: torch.device,
-                    weight_dtype: torch.dtype) -> Any:
+                    weight_dtype: torch.dtype, encode_validation: bool = False) -> Any:
     """The parts training needs: the network (in the trained dtype), the VAE without a latent store or for
-    previews, the text encoders unless their outputs are cached (and nothing needs them). One line for a missing /
-    damaged / mismatched checkpoint."""
-    need_text = not cfg.cache.cache_text_encoder_outputs or bool(prompts) or cfg.train.train_text_encoder
-    parts = [family.network] + (["vae"] if (not cfg.cache.cache_dir or prompts) else []) \
+    previews, the text encoders unless their outputs are cached (and nothing needs them); both for validation
+    images the store does not hold (`encode_validation`). One line for a missing / damaged / mismatched
+    checkpoint."""
+    need_text = not cfg.cache.cache_text_encoder_outputs or bool(prompts) or cfg.train.train_text_encoder \
+        or encode_validation
+    parts = [family.network] + (["vae"] if (not cfg.cache.cache_dir or prompts or encode_validation) else []) \
         + (list(family.text_encoders) if need_text else [])
     dtypes = {"network": weight_dtype, "vae": DTYPES[cfg.model.vae_dtype], "text": DTYPES[cfg.model.text_encoder_dtype]}
     if cfg.train.train_text_encoder:
@@ -415,7 +432,9 @@ def micro_step_loss(model: nn.Module, comp: Any, objective: Objective, batch: di
     sizes = tuple(batch[k].to(device) for k in ("original_size", "crop_top_left", "target_size"))
     nb = objective.noise(latents, generator)
     pred = model(nb.x_t, nb.t, text, batch["captions"], sizes)
-    return objective.loss(pred.float(), nb, batch["loss_weight"].to(device)).mean()
+    mask = batch.get("mask")  # loss.masked_loss: [B, 1, h, w] at latent resolution (diffusion/masks.py)
+    return objective.loss(pred.float(), nb, batch["loss_weight"].to(device),
+                          mask=mask.to(device) if mask is not None else None).mean()
 
 
 def accumulate_gradients(model: nn.Module, comp: Any, objective: Objective, micro: list[dict[str, Any]],
@@ -492,17 +511,17 @@ class Previews:
 
     def __init__(self, cfg: Config, comp: Any, prompts: list[Any], samples_dir: str, device: torch.device,
                  amp_dtype: torch.dtype | None, trainable: TrainableSet, model: nn.Module, ema: EMA | None,
-                 exporter: Exporter, metrics: MetricsWriter, log: logging.Logger):
+                 exporter: Exporter, metrics: MetricsWriter, log: logging.Logger, mode: OptimizerMode):
         self.cfg, self.comp, self.prompts, self.samples_dir = cfg, comp, prompts, samples_dir
         self.device, self.amp_dtype, self.trainable, self.model, self.ema = device, amp_dtype, trainable, model, ema
-        self.exporter, self.metrics, self.log = exporter, metrics, log
+        self.exporter, self.metrics, self.log, self.mode = exporter, metrics, log, mode
 
     def run(self, step: int) -> None:
         """One round of previews (nothing without prompts)."""
         if not self.prompts:
             return
         from diffusion.preview import sample_round
-        with self.ema.swapped_into(self.trainable.ema_module) if self.ema is not None else contextlib.nullcontext(), \
+        with self.mode.evaluating(), self.ema.swapped_into(self.trainable.ema_module) if self.ema is not None else contextlib.nullcontext(), \
                 self.trainable.previewing(self.model):
             written = sample_round(self.comp, self.prompts, self.samples_dir, step, self.device, self.amp_dtype,
                                    self.cfg.save.output_name, self.log.info,
@@ -552,10 +571,13 @@ class StopFlags:
 
 
 def save_outputs(exporter: Exporter, ckpt: Checkpointer, tag: str, with_state: bool) -> None:
-    """The model file(s) under `tag` at the current step, then a resumable state when `with_state` (every rank)."""
-    exporter.export(tag, ckpt.progress)
-    if with_state:
-        ckpt.save()
+    """The model file(s) under `tag` at the current step, then a resumable state when `with_state` (every rank);
+    both with the optimizer's eval-mode weights (schedule-free: the x it means; the state holds the optimizer in
+    the same mode, so a resume goes back to training exactly as the straight run does)."""
+    with OptimizerMode.of(ckpt.optimizer).evaluating():
+        exporter.export(tag, ckpt.progress)
+        if with_state:
+            ckpt.save()
 
 
 def save_alone(exporter: Exporter, ckpt: Checkpointer) -> None:
@@ -607,6 +629,10 @@ def check_settings(cfg: Config, family: models.Family) -> None:
     scheduler_kwargs(o)  # lr_scheduler_kwargs the schedule does not take: one line before anything is written
     if cfg.log.tensorboard:
         check_tensorboard()
+    if cfg.log.wandb:
+        check_wandb()
+    check_schedule_free(o)
+    check_validation_settings(cfg)
     if previews_scheduled(smp) and not smp.sample_prompts:
         raise ValueError("[sample] previews are scheduled but sample.sample_prompts is empty")
 

@@ -101,6 +101,7 @@ class MetricsWriter:
         self._f = open(self.path, "a", buffering=1) if enabled else None
         self._tb = None
         self._wandb: Any = None
+        self._pending: tuple[int, dict[str, Any]] | None = None  # wandb: one row per step, committed as a whole
         if enabled and tensorboard:
             check_tensorboard()
             from torch.utils.tensorboard import SummaryWriter
@@ -118,7 +119,7 @@ class MetricsWriter:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
-            self._wandb.log(scalars, step=step)
+            self._to_wandb(step, scalars)
 
     def write_images(self, step: int, paths: list[str], group: str = "samples") -> None:
         """PNGs (previews) as TensorBoard / wandb images, tag <group>/<file index within the round> (or /grid)."""
@@ -139,7 +140,22 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.flush()
         if logged:
-            self._wandb.log(logged, step=step)
+            self._to_wandb(step, logged)
+
+    def _to_wandb(self, step: int, values: dict[str, Any]) -> None:
+        """Gather what a step logs (training row, validation, images) into one wandb row, committed when the next
+        step arrives or at close (wandb drops a row logged at a step it has already committed)."""
+        if self._pending is not None and self._pending[0] != step:
+            self._flush_wandb()
+        if self._pending is None:
+            self._pending = (step, {})
+        self._pending[1].update(values)
+
+    def _flush_wandb(self) -> None:
+        if self._pending is not None:
+            step, row = self._pending
+            self._wandb.log(row, step=step, commit=True)
+            self._pending = None
 
     def close(self) -> None:
         if self._f is not None:
@@ -149,7 +165,9 @@ class MetricsWriter:
             self._tb.close()
             self._tb = None
         if self._wandb is not None:
+            self._flush_wandb()
             self._wandb.finish()
+            self._wandb.teardown()  # the service writes the run's last records before it stops
             self._wandb = None
 
 

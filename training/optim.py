@@ -288,6 +288,15 @@ class OptimizerMode:
         self.enabled = callable(getattr(optimizer, "train", None)) and callable(getattr(optimizer, "eval", None))
         self._depth = 0
 
+    @classmethod
+    def of(cls, optimizer: torch.optim.Optimizer) -> "OptimizerMode":
+        """The one OptimizerMode of an optimizer (kept on it), so every caller shares its nesting depth."""
+        mode = getattr(optimizer, "_sdtrain_mode", None)
+        if mode is None:
+            mode = cls(optimizer)
+            optimizer._sdtrain_mode = mode  # type: ignore[attr-defined]
+        return mode
+
     def training(self) -> None:
         """The trained weights in place (schedule-free optimizers refuse to step in eval mode)."""
         if self.enabled and self._depth == 0:

@@ -305,6 +305,41 @@ def reduce_sums(sums: torch.Tensor, names: list[str]) -> ValidationResult:
 # Set-up and the loop's one call
 
 
+@dataclass
+class HeldOut:
+    """The validation set: rows of `index` (the training index for a split, its own for own sources), the latent
+    store they may be in, and whether some are not (then the VAE and text encoders are loaded to encode them)."""
+
+    index: Any
+    rows: np.ndarray
+    store: Any
+    needs_encoders: bool = False
+
+
+def held_out(cfg: Any, index: Any, rows: np.ndarray, store: Any, state_dir: str) -> tuple[np.ndarray, HeldOut]:
+    """(the training rows, the validation set) of [validation]: a split of `rows`, or its own sources indexed in
+    state_dir/validation (rank 0 builds, every rank reads); no set when [validation] names none."""
+    v = cfg.validation
+    if v.validation_split > 0:
+        seed = cfg.seed if v.validation_seed is None else v.validation_seed
+        train_rows, val_rows = split_rows(index, rows, v.validation_split, seed)
+        return train_rows, HeldOut(index, val_rows, store, needs_encoders=store is None)
+    if v.image_dirs or v.metadata_files:
+        import functools
+        import os
+
+        from data.index import load_or_build_index
+        from data.loader import usable_rows
+        vdata = validation_data_config(cfg.data, v)
+        vdir = os.path.join(state_dir, "validation")
+        dist.main_first(functools.partial(load_or_build_index, vdata, vdir, is_main=True))
+        vindex = load_or_build_index(vdata, vdir, is_main=False)
+        vrows = usable_rows(vindex)
+        have = store.contains_many(vindex.keys.tolist_at(vrows)) if store is not None else [False]
+        return rows, HeldOut(vindex, vrows, store, needs_encoders=not all(bool(h) for h in have))
+    return rows, HeldOut(index, np.asarray(rows)[:0], store)
+
+
 def validation_data_config(data_cfg: Any, vcfg: Any) -> Any:
     """[data] with [validation]'s own sources in place of the training ones (same buckets, captions, limits)."""
     return dataclasses.replace(data_cfg, image_dirs=list(vcfg.image_dirs), metadata_files=list(vcfg.metadata_files),
@@ -331,10 +366,11 @@ class Validator:
     """The held-out loss at a step, logged (log line, metrics.jsonl, TensorBoard, wandb) by rank 0. Every rank
     calls `maybe(step, epoch_end)`; nothing happens without a validation set or off schedule."""
 
-    def __init__(self, cfg: Any, index: Any, rows: np.ndarray, store: Any, objective: Any, comp: Any,
-                 model: nn.Module, ema: Any, ema_module: nn.Module | None, optimizer_mode: Any,
-                 device: torch.device, autocast: Callable[[], Any], metrics: Any, log: logging.Logger):
+    def __init__(self, cfg: Any, held: HeldOut, objective: Any, comp: Any, model: nn.Module, ema: Any,
+                 ema_module: nn.Module | None, optimizer_mode: Any, device: torch.device, autocast: Callable[[], Any],
+                 metrics: Any, log: logging.Logger):
         v = cfg.validation
+        index, rows, store = held.index, held.rows, held.store
         self.cfg, self.v, self.objective, self.model = cfg, v, objective, model
         self.ema, self.ema_module, self.optimizer_mode = ema, ema_module, optimizer_mode
         self.device, self.autocast, self.metrics, self.log = device, autocast, metrics, log
