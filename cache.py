@@ -40,6 +40,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from core import cli
 from core.fsio import clean_stale_temps
 from data.buckets import flipped_crop, load_resized
+from data.masks import pixel_mask
+from diffusion.masks import latent_mask, to_stored
 from data.captions import CaptionOptions, full_caption
 from data.images import BadImage, SkipReport
 from data.index import DatasetIndex, load_or_build_index, scan_tar_shards
@@ -64,8 +66,9 @@ def _key_seed(key: str, salt: int = 0) -> int:
 class _Decode(Dataset):
     """Decode + bucket one row in a worker process; failures come back as {"row", "error"}."""
 
-    def __init__(self, index: DatasetIndex, content_hash: bool, jpeg_draft: bool, max_pixels: int):
+    def __init__(self, index: DatasetIndex, content_hash: bool, jpeg_draft: bool, max_pixels: int, mask_dir: str = ""):
         self.index, self.content_hash, self.jpeg_draft, self.max_pixels = index, content_hash, jpeg_draft, max_pixels
+        self.mask_dir = mask_dir
 
     def __len__(self) -> int:
         return len(self.index)
@@ -79,10 +82,11 @@ class _Decode(Dataset):
             # A random crop is drawn once per key here, so it is reproducible when the record is rebuilt.
             im, orig, crop = load_resized(path, bucket, sub.random_crop, random.Random(_key_seed(ix.keys[row])),
                                           draft=self.jpeg_draft, max_pixels=self.max_pixels)
+            mask = pixel_mask(path, bucket, crop, self.mask_dir, self.max_pixels)  # data/masks.py; None: none
         except BadImage as e:
             return {"row": row, "error": str(e)}
         x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
-        return {"row": row, "x": x, "orig": orig, "crop": crop,
+        return {"row": row, "x": x, "orig": orig, "crop": crop, "mask": mask,
                 "crop_flip": flipped_crop((orig[1], orig[0]), bucket, crop),
                 "src": source_fingerprint(path, self.content_hash)}
 
@@ -304,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(pending):
         vae = models.load_vae(cfg.model, device, LATENT_DTYPES[cfg.model.vae_dtype], seed=cfg.seed).eval().requires_grad_(False)
         vae_dtype = next(vae.parameters()).dtype
-        ds = _Decode(index, cc.content_hash, cfg.data.jpeg_draft, cfg.data.max_image_pixels)
+        ds = _Decode(index, cc.content_hash, cfg.data.jpeg_draft, cfg.data.max_image_pixels, cfg.data.mask_dir)
         loader = DataLoader(ds, batch_sampler=mine, collate_fn=list, num_workers=workers,
                             prefetch_factor=4 if workers > 0 else None)
         loader = itertools.chain(loader, _streamed_batches(ds, shards[rank], bs, workers))
@@ -350,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
                     if f >= 0:
                         tensors.update({f"flip.{k}": v[f].clone() for k, v in enc_f.items()})
                     tensors.update(texts[j])
+                    if it.get("mask") is not None:  # the loss mask at latent resolution; flipped latents mirror it
+                        tensors["mask"] = to_stored(latent_mask(it["mask"]))
                     writer.put(Record(index.keys[row], it["src"], tuple(int(v) for v in index.buckets[row]),
                                       it["orig"], it["crop"], tensors, it["crop_flip"] if f >= 0 else None, caps[j],
                                       row_extra(index, row)))

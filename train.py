@@ -396,7 +396,8 @@ def make_train_loader(cfg: Config, data: TrainData, progress: Progress, device: 
                        world_size=dist.world_size(), skip=progress.cursor,
                        num_workers=dist.default_workers(cfg.data.max_dataloader_n_workers, cap=8),
                        pin_memory=device.type == "cuda", persistent_workers=cfg.data.persistent_data_loader_workers,
-                       rows=data.rows, cached_text=cfg.cache.cache_text_encoder_outputs)  # what trains decides
+                       rows=data.rows, cached_text=cfg.cache.cache_text_encoder_outputs,
+                       with_masks=cfg.loss.masked_loss)  # what trains decides
 
 
 def micro_batch_groups(loader: Iterable[dict[str, Any]], accum: int) -> Iterator[list[dict[str, Any]]]:

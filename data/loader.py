@@ -29,6 +29,8 @@ from torch.utils.data import DataLoader, Dataset
 from .buckets import flipped_crop, load_resized
 from .captions import full_caption
 from .images import BadImage
+from .masks import pixel_mask
+from diffusion.masks import from_stored, latent_mask
 from .index import DatasetIndex
 from .latent_files import LATENT_EXT
 from .store import StoreError
@@ -262,8 +264,10 @@ class _Items(Dataset):
     """Map-style dataset over (row, position) pairs: latents from the store or images decoded and bucketed; the
     store's text-encoder outputs only with `cached_text` (the run trains from cached text: no text encoder trains)."""
 
-    def __init__(self, index: DatasetIndex, data_cfg, store, seed: int, epoch: int, cached_text: bool = False):
+    def __init__(self, index: DatasetIndex, data_cfg, store, seed: int, epoch: int, cached_text: bool = False,
+                 with_masks: bool = False):
         self.index, self.store, self.seed, self.epoch, self.cached_text = index, store, seed, epoch, cached_text
+        self.with_masks, self.mask_dir = with_masks, getattr(data_cfg, "mask_dir", "")  # loss.masked_loss
         self.max_pixels = data_cfg.max_image_pixels
         self.opts = [s.caption_options for s in index.subsets]
         self.caption_hook = load_text_hook(data_cfg.caption_processor, "caption_processor")
@@ -297,6 +301,7 @@ class _Items(Dataset):
             variants = sorted({n.split(".", 1)[0] for n in names if n.startswith("te")}) if self.cached_text else []
             v = variants[rng.randrange(len(variants))] if variants else None
             want += [n for n in names if v is not None and n.startswith(v + ".")]
+            want += ["mask"] if self.with_masks and "mask" in names else []
             try:
                 rec = self.store.get(key, want)
             except StoreError as e:  # damaged bytes (checksum; written down for cache.py) or a shard removed since
@@ -309,6 +314,8 @@ class _Items(Dataset):
                 g = torch.Generator().manual_seed(_seed(self.seed, epoch, pos, 1) % (1 << 62))
                 lat = mean + std * torch.randn(mean.shape, generator=g)
             out["latents"] = lat
+            if "mask" in rec:  # one mask per record: the flipped latent's is its mirror
+                out["mask"] = from_stored(rec["mask"], flip=bool(pre))
             out["original_size"] = ix.original_size(row) or rec["original_size"]
             out["crop_top_left"] = (rec["crop_top_left_flip"] if flip and rec["crop_top_left_flip"] else
                                     rec["crop_top_left"])
@@ -324,6 +331,14 @@ class _Items(Dataset):
                 log.warning("skipped %s at load time: %s", ix.paths[row], e)
                 return None
             x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+            try:
+                pm = pixel_mask(ix.paths[row], (bw, bh), crop, self.mask_dir, self.max_pixels) if self.with_masks \
+                    else None
+            except BadImage as e:
+                log.warning("skipped %s at load time: %s", ix.paths[row], e)
+                return None
+            if pm is not None:
+                out["mask"] = from_stored(torch.from_numpy(latent_mask(pm)), flip=flip)
             if flip:
                 x = torch.flip(x, dims=[2])
                 crop = flipped_crop((orig[1], orig[0]), (bw, bh), crop)
@@ -355,6 +370,9 @@ def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
         "loss_weight": torch.tensor([it["loss_weight"] for it in items], dtype=torch.float32),
         "keys": [it["key"] for it in items],
     }
+    if any("mask" in it for it in items):  # images without a mask train everywhere (weight 1)
+        lat = batch[x].shape[-2:] if x == "latents" else tuple(s // 8 for s in batch[x].shape[-2:])
+        batch["mask"] = torch.stack([it.get("mask", torch.ones(lat)) for it in items])[:, None]  # [B, 1, h, w]
     for name in items[0]:
         if name.startswith("te."):
             batch[name] = [it[name] for it in items]  # per-sample, padding trimmed: lengths may differ
@@ -391,7 +409,7 @@ class EpochBatches:
 def make_loader(index: DatasetIndex, data_cfg, store, *, seed: int, epoch: int, rank: int, world_size: int,
                 skip: int = 0, num_workers: int = 0, pin_memory: bool = False,
                 persistent_workers: bool = False, rows: np.ndarray | None = None,
-                cached_text: bool = False) -> DataLoader:
+                cached_text: bool = False, with_masks: bool = False) -> DataLoader:
     """Batches for one rank (dicts, see `collate`) starting at `epoch`, `skip` = global batches already consumed;
     `rows` = usable_rows(index, store) when the caller already has them (one store lookup pass per run).
     `cached_text`: batches carry the store's text-encoder outputs (`te.*`) and the captions they were encoded from;
@@ -402,7 +420,8 @@ def make_loader(index: DatasetIndex, data_cfg, store, *, seed: int, epoch: int, 
     rows = usable_rows(index, store) if rows is None else rows
     sampler = EpochBatches(index, subset_batch_sizes(index, data_cfg), rows, seed=seed, epoch=epoch, rank=rank,
                            world_size=world_size, skip=skip)
-    return DataLoader(_Items(index, data_cfg, store, seed, epoch, cached_text), batch_sampler=sampler, collate_fn=collate,
+    return DataLoader(_Items(index, data_cfg, store, seed, epoch, cached_text, with_masks), batch_sampler=sampler,
+                      collate_fn=collate,
                       num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=persistent_workers and num_workers > 0,
                       prefetch_factor=4 if num_workers > 0 else None)

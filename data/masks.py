@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .buckets import crop_params
-from .images import BadImage, open_checked
+from .images import EXIF_ORIENTATION, MAX_PIXELS, BadImage, open_checked
 
 MASK_SUFFIXES = ("_mask.png", "-masklabel.png")
 
@@ -57,19 +57,18 @@ def _alpha(path: str, max_pixels: int) -> Image.Image | None:
     return None if a.getextrema()[0] == 255 else a
 
 
-def pixel_mask(image_path: str, bucket_wh: tuple[int, int], crop_top_left: tuple[int, int], data_cfg: object,
-               max_pixels: int | None = None) -> np.ndarray | None:
+def pixel_mask(image_path: str, bucket_wh: tuple[int, int], crop_top_left: tuple[int, int], mask_dir: str = "",
+               max_pixels: int = MAX_PIXELS) -> np.ndarray | None:
     """The image's mask as uint8 [bucket_h, bucket_w], aligned with the image resized and cropped to its bucket
     (crop_top_left from the image's load), or None when it has none."""
-    limit = max_pixels or getattr(data_cfg, "max_image_pixels", 178_956_970)
-    path = mask_file(image_path, getattr(data_cfg, "mask_dir", "") or "")
+    path = mask_file(image_path, mask_dir)
     try:
         if path is not None:
-            m = ImageOps.exif_transpose(open_checked(path, limit)).convert("L")
-            size = open_checked(image_path, limit)
-            full = ImageOps.exif_transpose(size).size if size.getexif().get(0x0112, 1) != 1 else size.size
+            m = ImageOps.exif_transpose(open_checked(path, max_pixels)).convert("L")
+            with open_checked(image_path, max_pixels) as im:
+                full = ImageOps.exif_transpose(im).size if im.getexif().get(EXIF_ORIENTATION, 1) != 1 else im.size
         else:
-            m = _alpha(image_path, limit)
+            m = _alpha(image_path, max_pixels)
             if m is None:
                 return None
             full = m.size

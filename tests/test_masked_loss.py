@@ -105,8 +105,6 @@ def test_latent_mask_is_area_downsampling_and_commutes_with_flip():
 def test_pixel_mask_sources_follow_the_image_geometry(tmp_path):
     """Alpha channel, <stem>_mask.png beside, mask_dir: resized and cropped as the image (data/buckets.py), so the
     mask lines up with what is encoded; mask files are not listed as images."""
-    import types
-
     from PIL import Image
 
     from data.buckets import load_resized
@@ -123,20 +121,74 @@ def test_pixel_mask_sources_follow_the_image_geometry(tmp_path):
     m[: h // 2] = 255  # the top half
     Image.fromarray(m).save(tmp_path / "b_mask.png")
     Image.fromarray(np.full((h, w, 3), 30, np.uint8)).save(tmp_path / "c.png")  # no mask at all
-    cfg = types.SimpleNamespace(mask_dir="", max_image_pixels=10**8)
 
     _, _, crop = load_resized(str(tmp_path / "a.png"), (64, 64))
     assert crop == (0, 32)
-    pm = pixel_mask(str(tmp_path / "a.png"), (64, 64), crop, cfg)
+    pm = pixel_mask(str(tmp_path / "a.png"), (64, 64), crop)
     assert pm.shape == (64, 64) and (pm[:, :16] == 0).all() and (pm[:, 16:] == 255).all()
     lat = latent_mask(pm)
     assert (lat[:, :2] == 0).all() and (lat[:, 2:] == 1).all()
-    pb = pixel_mask(str(tmp_path / "b.jpg"), (64, 64), crop, cfg)
+    pb = pixel_mask(str(tmp_path / "b.jpg"), (64, 64), crop)
     assert (pb[:32] == 255).all() and (pb[32:] == 0).all()
-    assert pixel_mask(str(tmp_path / "c.png"), (64, 64), crop, cfg) is None
+    assert pixel_mask(str(tmp_path / "c.png"), (64, 64), crop) is None
     other = tmp_path / "masks"
     other.mkdir()
     Image.fromarray(255 - m).save(other / "b.png")
-    cfg.mask_dir = str(other)
-    assert (pixel_mask(str(tmp_path / "b.jpg"), (64, 64), crop, cfg)[:32] == 0).all()  # mask_dir wins
+    assert (pixel_mask(str(tmp_path / "b.jpg"), (64, 64), crop, str(other))[:32] == 0).all()  # mask_dir wins
     assert [p.rsplit("/", 1)[1] for p, _, _ in list_images([str(tmp_path)], False)] == ["a.png", "b.jpg", "c.png"]
+
+
+def test_rgba_masks_cached_once_travel_through_the_store_and_the_flip(tmp_path):
+    """cache.py stores an RGBA image's mask with its latents; the training loader hands it out mirrored with the
+    flipped latent, and a 2-step masked run trains from it (train.py, the tiny SDXL preset)."""
+    from PIL import Image
+
+    from core.config import load_config
+    from data.index import load_or_build_index
+    from data.loader import make_loader
+    from data.store import LatentStore
+    from helpers import main_ok
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        px = np.zeros((64, 64, 4), np.uint8)
+        px[..., :3] = rng.integers(0, 255, 3)
+        px[:, : 16 + 8 * i, 3] = 255  # opaque on the left, a different width per image
+        Image.fromarray(px, "RGBA").save(data / f"im{i}.png")
+        (data / f"im{i}.txt").write_text(f"shape {i}")
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(data / "plain.png")  # no mask: trains everywhere
+    (data / "plain.txt").write_text("plain")
+    argv = ["configs/demo.toml", f"data.image_dirs=['{data}']", f"cache.cache_dir={tmp_path / 'cache'}",
+            "data.flip_aug=true", "data.resolution=64", "data.min_bucket_reso=64", "data.max_bucket_reso=64"]
+    main_ok("cache", argv)
+    cfg = load_config(argv[0], argv[1:])
+    store = LatentStore(str(tmp_path / "cache"))
+    index = load_or_build_index(cfg.data, str(tmp_path / "cache"), is_main=False)
+    stored = {k: store.get(k, ["mask"])["mask"] for k in index.keys.tolist() if "mask" in store.record_info(k)["t"]}
+    assert sorted(k.rsplit("/", 1)[-1] for k in stored) == [f"im{i}" for i in range(4)]
+    for k, m in stored.items():
+        i = int(k[-1])
+        assert m.dtype == torch.float16 and m.shape == (8, 8)
+        expect = np.zeros((8, 8), np.float32)
+        expect[:, : (16 + 8 * i) // 8] = 1.0
+        assert torch.equal(m.float(), torch.from_numpy(expect))
+
+    flips = {True: 0, False: 0}
+    for epoch in range(4):
+        loader = make_loader(index, dataclasses.replace(cfg.data, batch_size=1), store, seed=0, epoch=epoch, rank=0,
+                             world_size=1, with_masks=True)
+        for b in loader:
+            key = b["keys"][0]
+            if key not in stored:
+                assert "mask" not in b
+                continue
+            m = b["mask"][0, 0]
+            flipped = not torch.equal(m, stored[key].float())
+            assert torch.equal(m, torch.flip(stored[key].float(), dims=[-1]) if flipped else stored[key].float())
+            flips[flipped] += 1
+    assert flips[True] and flips[False]  # both orientations were drawn
+    main_ok("train", argv + [f"output_dir={tmp_path / 'run'}", "train.max_train_steps=2", "loss.masked_loss=true",
+                             "sample.sample_every_n_steps=0", "save.save_every_n_steps=0", "data.batch_size=2",
+                             "optimizer.lr_warmup_steps=0", "optimizer.lr_scheduler=constant"])

@@ -222,7 +222,7 @@ class BatchReader:
         if self.with_masks:
             from data.masks import pixel_mask
             from diffusion.masks import latent_mask
-            pm = pixel_mask(self.index.paths[row], bucket, crop, self.data_cfg)
+            pm = pixel_mask(self.index.paths[row], bucket, crop, self.data_cfg.mask_dir, self.data_cfg.max_image_pixels)
             mask = torch.from_numpy(latent_mask(pm)) if pm is not None else None
         return z, orig, crop, mask
 
