@@ -137,15 +137,15 @@ def test_compile_network_bookkeeping(monkeypatch):
 
     calls = []
     monkeypatch.setattr(nn.Module, "compile", lambda self, *a, **k: calls.append((self, k)))
-    monkeypatch.setattr(_dynamo.config, "recompile_limit", 8)
-    monkeypatch.setattr(_dynamo.config, "accumulated_recompile_limit", 256)
     net = models.build("sdxl", "micro", parts=["unet"], seed=0).network
     logs: list[str] = []
-    pad = speed.compile_network(net, logs.append)
+    # dynamo's own patcher (monkeypatch's undo deletes the option on torch 2.11's config module)
+    with _dynamo.config.patch(recompile_limit=8, accumulated_recompile_limit=256):
+        pad = speed.compile_network(net, logs.append)
+        assert _dynamo.config.recompile_limit >= speed.RECOMPILE_LIMIT
+        assert _dynamo.config.accumulated_recompile_limit >= speed.RECOMPILE_LIMIT
     regions = speed.compile_regions(net)
     assert [m for m, _ in calls] == regions and all(k == {"backend": "inductor", "dynamic": False} for _, k in calls)
-    assert _dynamo.config.recompile_limit >= speed.RECOMPILE_LIMIT
-    assert _dynamo.config.accumulated_recompile_limit >= speed.RECOMPILE_LIMIT
     x = (torch.randn(1, 4, 8, 8), torch.rand(1), torch.randn(1, 77, net.cfg.context_dim),
          torch.randn(1, net.cfg.adm_in_channels))
     with torch.no_grad():
