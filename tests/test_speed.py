@@ -153,3 +153,22 @@ def test_compile_network_bookkeeping(monkeypatch):
         net(*x)
     assert sum("first forward" in m for m in logs) == 1 and isinstance(pad, speed.StaticBatch)
     pad.remove()
+
+
+def test_eager_runs_compiled_regions_without_compiling():
+    """speed.eager(): a compiled region called inside compiles nothing (previews, validation), the same numbers."""
+    from torch import _dynamo, nn
+    from torch._dynamo.utils import counters
+
+    _dynamo.reset()
+    counters.clear()
+    block = nn.Linear(4, 4)
+    x = torch.randn(3, 4)
+    ref = block(x)
+    block.compile(backend="eager", dynamic=False)
+    with speed.eager():
+        torch.testing.assert_close(block(x), ref)
+    assert counters["stats"]["unique_graphs"] == 0
+    block(x)
+    assert counters["stats"]["unique_graphs"] == 1  # outside it compiles as before
+    _dynamo.reset()

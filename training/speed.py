@@ -126,6 +126,12 @@ def compile_network(net: nn.Module, log: Callable[[str], None], regions: list[nn
     return StaticBatch(net)
 
 
+def eager() -> Any:
+    """Compiled regions run eagerly inside (torch.compiler.set_stance "force_eager"): for previews and validation,
+    whose no-grad, eval-mode calls at other batch sizes would otherwise compile a second set of graphs."""
+    return torch.compiler.set_stance("force_eager")
+
+
 def apply(cfg_train: Any, comp: Any, blocks: list[nn.Module] | None, device: torch.device,
           amp_dtype: torch.dtype | None, log: Callable[[str], None]) -> StaticBatch | None:
     """All fast-path switches of [train] on the loaded parts (before wrapping, before the optimizer). `blocks` is
