@@ -38,7 +38,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from core import cli
-from core.fsio import clean_stale_temps
+from core.fsio import check_dir_setting, clean_stale_temps
+from core.lock import DirLock, LockBusy, acquire_in_step, releases_locks
 from data.buckets import flipped_crop, load_resized
 from data.masks import pixel_mask
 from diffusion.masks import latent_mask, to_stored
@@ -199,6 +200,7 @@ def _sum_over_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 @cli.one_line_errors("cache.py")
+@releases_locks
 def main(argv: list[str] | None = None) -> int:
     cfg, args = cli.parse(argv, "cache.py", __doc__ or "", extra_flags=[
         ("--verify", "re-check the checksum of every shard and exit"),
@@ -221,6 +223,15 @@ def main(argv: list[str] | None = None) -> int:
     if cc.latent_dtype not in LATENT_DTYPES:
         raise SystemExit(f"cache.py: [cache] latent_dtype {cc.latent_dtype!r} not one of {sorted(LATENT_DTYPES)}")
     root = cc.cache_dir
+    try:
+        check_dir_setting("cache.cache_dir", root)
+        # one cache.py per store: a second one waits, then finds the records valid and encodes nothing twice
+        took = acquire_in_step(DirLock(root, "cache.py") if main_rank else None, dist.broadcast_object, wait=True,
+                               on_wait=log.info)
+    except (ValueError, LockBusy) as e:
+        raise SystemExit(f"cache.py: {'config error: ' if isinstance(e, ValueError) else ''}{e}") from None
+    if took:
+        log.warning(took)
     os.makedirs(root, exist_ok=True)
     if main_rank:  # what a killed or failed run left (never a live writer's: see core/fsio.py)
         clean_stale_temps([root, os.path.join(root, SHARD_DIR), os.path.join(root, SCAN_DIR)], log=log.info)
@@ -234,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"verify: {len(store.shards)} shards, {len(store)} records, {len(bad)} damaged")
             for name, why in bad:
                 print(f"  DAMAGED {name}: {why}")
+            if bad:
+                print("  written down in damaged/: the next cache.py run re-encodes these records")
         dist.barrier()
         dist.shutdown()
         return 1 if bad else 0
@@ -259,8 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     flip_any = any(s.flip_aug for s in index.subsets)
     te, hooks, te_ident = None, (None, None), ""
     if cc.cache_text_encoder_outputs:
-        te = models.load_text_encoders(cfg.model, device, torch.float32 if device.type == "cpu" else torch.bfloat16,
-                                       seed=cfg.seed)
+        te = models.load_text_encoders(cfg.model, device, LATENT_DTYPES[cfg.model.text_encoder_dtype], seed=cfg.seed)
         hooks = (load_text_hook(cfg.data.caption_processor, "caption_processor"),
                  load_text_hook(cfg.data.description_processor, "description_processor"))
         te_ident = te.identity
@@ -291,7 +303,14 @@ def main(argv: list[str] | None = None) -> int:
     n_valid = int((status == VALID).sum())
     if main_rank:
         for i in np.flatnonzero(status == MISSING).tolist():
-            skipped.add(index.paths[i] or index.keys[i], "image not found and not in the store")
+            damaged = store.damaged_records.get(index.keys[i])  # found damaged by a reader: left out of the store
+            skipped.add(index.paths[i] or index.keys[i], f"image not found, and its record is damaged ({damaged})"
+                        if damaged else "image not found and not in the store")
+        for key, why in store.damaged_records.items():  # damaged, and no longer in the dataset: nothing to redo
+            try:
+                index.row_of(key)
+            except KeyError:
+                skipped.add(key, f"its record is damaged ({why}) and its image is gone: not re-encoded")
     bs = max(1, cc.vae_batch_size)
     loose, streamed = _sequential_rows(index, pending)
     split = _split_by_bucket(index, loose, bs, world)

@@ -36,7 +36,8 @@ from core import cli, dist
 from core.config import (Config, SampleConfig, SaveConfig, TrainConfig, format_output_dir, make_run_dirs, run_dirs,
                          to_dict, to_toml)
 from core.dist import mix_seed
-from core.fsio import atomic_write, clean_stale_temps, describe_os_error
+from core.fsio import atomic_write, check_dir_setting, clean_stale_temps, describe_os_error
+from core.lock import DirLock, LockBusy, acquire_in_step, releases_locks
 from core.metrics import MetricsWriter, check_tensorboard, check_wandb, group_lrs, peak_memory, setup_logging, wandb_run
 from data.index import load_or_build_index
 from data.loader import batches_per_epoch, make_loader, usable_rows
@@ -62,6 +63,7 @@ BAD_STEPS_STOP = ("{n} consecutive steps with a non-finite loss or gradient: sto
 
 
 @cli.one_line_errors("train.py")
+@releases_locks
 def main(argv: list[str] | None = None) -> int:
     cfg, _ = cli.parse(argv, "train.py", __doc__ or "")
     t_start = time.perf_counter()
@@ -211,6 +213,7 @@ def resolve_settings(cfg: Config, world_size: int) -> tuple[Config, models.Famil
         cfg, notes = models.resolve_prediction(cfg)
         check_settings(cfg, family)
         check_fused_settings(cfg, world_size)
+        check_dir_setting("cache.cache_dir", cfg.cache.cache_dir)
         objective = build_objective(family.objective, cfg.loss, cfg.model.v_parameterization)
         prompts = load_sample_prompts(cfg)
     except models.CheckpointError as e:  # a missing / damaged checkpoint (its header is read for the markers)
@@ -239,14 +242,17 @@ def open_run(cfg: Config, notes: list[str]) -> RunFolder:
     master = dist.is_main()
     out_dir = dist.broadcast_object(format_output_dir(cfg.output_dir) if master else None)
     paths = run_dirs(out_dir)
-    try:
+    try:  # one run per folder: a second train.py on it stops here, before writing anything
+        took = acquire_in_step(DirLock(out_dir, "train.py") if master else None, dist.broadcast_object, wait=False)
         removed = dist.main_first(functools.partial(prepare_run_folder, cfg, out_dir))
         log = setup_logging(paths["logs"], master)
+        if took:
+            log.warning(took)
         if removed:
             log.info(f"removed {len(removed)} temporary file(s) of an ended run: {', '.join(removed[:3])}")
         started = dist.main_first(functools.partial(rstate.start_run, out_dir, paths["state"], cfg.train.resume,
                                                     to_dict(cfg), log.warning))
-    except dist.MainRankError as e:
+    except (dist.MainRankError, LockBusy) as e:
         raise SystemExit(f"train.py: {e}") from None
     resume_path, run_id = dist.broadcast_object(started)
     if master:
@@ -292,7 +298,8 @@ def load_data(cfg: Config, state_dir: str, world_size: int) -> TrainData:
     index_dir = cfg.cache.cache_dir if use_store else state_dir
     try:
         require_store_for_containers(cfg.data, use_store)  # tar shards: cache.py reads them, train.py the store
-        store = LatentStore(cfg.cache.cache_dir, check_validity=cfg.cache.check_cache_validity) if use_store else None
+        store = LatentStore(cfg.cache.cache_dir, check_validity=cfg.cache.check_cache_validity,
+                            read_lock=True) if use_store else None  # read_lock: cache.py keeps shards we read
         dist.main_first(functools.partial(load_or_build_index, cfg.data, index_dir, is_main=True))
         index = load_or_build_index(cfg.data, index_dir, is_main=False)  # rank 0 too: the saved, shared index
     except (dist.MainRankError, OSError, ValueError) as e:
@@ -316,11 +323,11 @@ def check_training_data(cfg: Config, store: LatentStore | None, index: Any, rows
     if per_rank_batches == 0:
         raise SystemExit("no training data: the dataset (or the latent store) is empty; see the log and skipped.txt")
     if cfg.cache.cache_text_encoder_outputs and store is not None:
-        key = index.keys[int(rows[0])]
-        if not any(name.startswith("te") for name in store.record_info(key)["t"]):
+        first = store.first_readable(index.keys[int(r)] for r in rows[:64])  # a damaged shard is skipped later
+        if first is not None and not any(name.startswith("te") for name in first[1]["t"]):
             raise SystemExit(f"data error: cache.cache_text_encoder_outputs = true, but the latent store "
-                             f"{cfg.cache.cache_dir} holds no text-encoder outputs (record {key!r}); run cache.py "
-                             "with the same option first")
+                             f"{cfg.cache.cache_dir} holds no text-encoder outputs (record {first[0]!r}); run "
+                             "cache.py with the same option first")
 
 
 def load_components(cfg: Config, family: models.Family, prompts: list[Any], device: torch.device,

@@ -39,7 +39,8 @@ def parse(argv: Sequence[str] | None, prog: str, description: str,
 
 def one_line_errors(prog: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorate an entry point's main(): a full disk, a read-only or forbidden path ends it with one line
-    ("train.py: no space left on device: <path>", exit code 1) instead of a traceback; other errors pass."""
+    ("train.py: no space left on device: <path>", exit code 1) instead of a traceback; other errors pass. A
+    progress bar still drawn is ended first, so the line does not land on it."""
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def run(*args: Any, **kwargs: Any) -> Any:
@@ -49,9 +50,22 @@ def one_line_errors(prog: str) -> Callable[[Callable[..., Any]], Callable[..., A
                 line = describe_os_error(e)
                 if line is None:
                     raise
+                close_progress_bars()
                 raise SystemExit(f"{prog}: {line}") from None
+            except SystemExit:
+                close_progress_bars()
+                raise
         return run
     return wrap
+
+
+def close_progress_bars() -> None:
+    """Close every live tqdm bar (each ends its line), so a message printed next starts a line of its own."""
+    std = sys.modules.get("tqdm.std")
+    if std is None:
+        return
+    for bar in list(getattr(std.tqdm, "_instances", ())):
+        bar.close()
 
 
 def error_line(kind: str, e: BaseException, prog: str = "") -> str:

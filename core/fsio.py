@@ -164,6 +164,21 @@ def clean_stale_temps(directories: list[str], log: Callable[[str], None] | None 
     return removed
 
 
+def check_dir_setting(key: str, path: str) -> None:
+    """A directory setting (`cache.cache_dir`) that names a file, or a path under one: ValueError naming the key,
+    before anything is created (os.makedirs would say only "[Errno 17] File exists")."""
+    if not path:
+        return
+    p = os.path.abspath(path)
+    while not os.path.exists(p):
+        if os.path.dirname(p) == p:
+            return
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        where = "is a file" if p == os.path.abspath(path) else f"lies under {p}, which is a file"
+        raise ValueError(f"{key} = {path!r} {where}; it must be a directory")
+
+
 def remove_quietly(path: str) -> None:
     """Remove a file or folder if it exists (cleanup after a failed write)."""
     try:

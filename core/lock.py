@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import json
 import os
 import socket
@@ -130,6 +131,7 @@ class DirLock:
         self.info: dict[str, Any] = {}
         self._fd: int | None = None
         self._excl = False
+        self.read_only = False  # the directory cannot be written by this process: not locked (see _try)
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
 
@@ -160,7 +162,15 @@ class DirLock:
     def _try(self) -> str | dict[str, Any] | None:
         """One attempt: the takeover note ('' or a line) when taken, else the holder's JSON (None: unreadable)."""
         if not self._excl:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as e:
+                if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                    raise
+                # A directory this process cannot write: it writes nothing there either (a run that must fails
+                # with one line naming the file), so it needs no lock.
+                self.read_only = True
+                return ""
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -176,6 +186,7 @@ class DirLock:
                 self.info = holder_info(self.what) | {"mech": "flock"}
                 _rewrite(fd, self.info)
                 self._fd = fd
+                _HELD.append(self)
                 return self._took_over(prev)
         return self._try_excl()
 
@@ -202,6 +213,7 @@ class DirLock:
                     note = self._took_over(cur)
                 continue
             self.info, self._fd = holder_info(self.what) | {"mech": "excl"}, fd
+            _HELD.append(self)
             _rewrite(fd, self.info)
             self._stop.clear()
             self._beat = threading.Thread(target=self._heartbeat, name="dir-lock-heartbeat", daemon=True)
@@ -264,6 +276,8 @@ class DirLock:
         fd, self._fd = self._fd, None
         if fd is None:
             return
+        if self in _HELD:
+            _HELD.remove(self)
         self._stop.set()
         try:
             if self._excl:
@@ -282,6 +296,54 @@ class DirLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+_HELD: list[Any] = []  # DirLocks and ReaderLocks this process holds, in the order taken
+
+
+def releases_locks(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate an entry point's main(): every DirLock / ReaderLock it took is released when it returns or raises
+    (also when called in process, as the tests do, so a later call on the same folder is not refused)."""
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        start = len(_HELD)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for lock in reversed(_HELD[start:]):
+                lock.release()
+    return run
+
+
+def acquire_in_step(lock: DirLock | None, broadcast: Callable[[Any], Any], *, wait: bool,
+                    on_wait: Callable[[str], None] | None = None, poll_s: float = WAIT_POLL_S) -> str:
+    """Rank 0 takes `lock` (the other ranks pass None) and every rank follows: one broadcast per try, so no rank
+    waits in a collective longer than `poll_s` while rank 0 waits for the lock. Returns rank 0's takeover note
+    ('' elsewhere); raises LockBusy on every rank when busy and not `wait` (an OSError on rank 0 is re-raised
+    there and is LockBusy with its line on the others)."""
+    from core.fsio import describe_os_error
+
+    told = False
+    while True:
+        res, err = None, None
+        if lock is not None:
+            try:
+                res = ("ok", lock.acquire())
+            except LockBusy as e:
+                res = ("busy", str(e))
+            except OSError as e:
+                err, res = e, ("error", describe_os_error(e) or str(e))
+        res = broadcast(res)
+        if res[0] == "ok":
+            return res[1] if lock is not None else ""
+        if err is not None:
+            raise err
+        if res[0] == "error" or not wait:
+            raise LockBusy(res[1])
+        if not told and on_wait is not None:
+            on_wait(f"{res[1]}; waiting for it to finish")
+            told = True
+        time.sleep(poll_s)
 
 
 def _read_fd_json(fd: int) -> dict[str, Any] | None:
@@ -317,23 +379,40 @@ def _unlink(path: str) -> None:
 # files (cache.py removing superseded shards) asks whether any reader is there and keeps the files if so.
 
 
-def hold_readers_lock(directory: str) -> int | None:
-    """A shared flock on <directory>/sdtrain.readers.lock, held while the returned descriptor stays open; None
-    where it cannot be taken (a read-only directory without the file, no flock): then nobody is told."""
-    path = os.path.join(directory, READERS_NAME)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError:
+class ReaderLock:
+    """A shared flock on <directory>/sdtrain.readers.lock while open: tells writers (cache.py) that a run reads the
+    directory. `held` is False where it cannot be taken (a read-only directory without the file, no flock): then
+    nobody is told."""
+
+    def __init__(self, directory: str):
+        self._fd: int | None = None
+        path = os.path.join(directory, READERS_NAME)
         try:
-            fd = os.open(path, os.O_RDONLY)  # a read-only store: a shared lock needs only read access
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError:
-            return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)  # shared locks never wait for each other; a writer's probe lasts microseconds
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
+            try:
+                fd = os.open(path, os.O_RDONLY)  # a read-only store: a shared lock needs only read access
+            except OSError:
+                return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # shared locks never wait for each other; a writer's probe is brief
+        except OSError:
+            os.close(fd)
+            return
+        self._fd = fd
+        _HELD.append(self)
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Drop the lock (idempotent)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            if self in _HELD:
+                _HELD.remove(self)
+            os.close(fd)
 
 
 def readers_present(directory: str) -> bool:

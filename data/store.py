@@ -31,13 +31,13 @@ from dataclasses import dataclass
 from functools import partial
 from operator import methodcaller
 from queue import Queue
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 
 from core.fsio import HOST, atomic_write, commit_file, is_temp, remove_quietly, temp_path, with_path
-from core.lock import hold_readers_lock, readers_present
+from core.lock import ReaderLock, readers_present
 
 from .columns import StrColumn
 from .locators import is_locator, split_locator
@@ -349,7 +349,7 @@ class LatentStore:
         self._maps: OrderedDict[int, mmap.mmap] = OrderedDict()
         self._lock = threading.Lock()
         self._dctx = None
-        self._reader_fd = hold_readers_lock(root) if read_lock else None  # cache.py keeps shards this run may read
+        self._reader = ReaderLock(root) if read_lock else None  # cache.py keeps the shards this reader may open
         self._open()
 
     # -- opening ---------------------------------------------------------------------------------------------
@@ -543,6 +543,15 @@ class LatentStore:
         """The record's header entry (bucket, sizes, crops, tensor table); StoreError when its shard is damaged."""
         si, j = self._loc(key)
         return self._ensure_header(si).records[j]
+
+    def first_readable(self, keys: Iterable[str]) -> tuple[str, dict[str, Any]] | None:
+        """(key, record_info) of the first of `keys` whose shard header reads (None: none does)."""
+        for key in keys:
+            try:
+                return key, self.record_info(key)
+            except StoreError:
+                continue
+        return None
 
     def _check_v1(self, si: int, sh: _Shard) -> None:
         """A shard written before per-tensor checksums: its whole-data CRC, once per process."""
@@ -785,14 +794,13 @@ class LatentStore:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-        if self._reader_fd is not None:
-            os.close(self._reader_fd)
-            self._reader_fd = None
+        if self._reader is not None:
+            self._reader.release()
 
     def __getstate__(self) -> dict[str, Any]:
         # DataLoader workers get their own mmaps and lock (the readers lock stays with the process that took it).
         st = self.__dict__.copy()
-        st["_maps"], st["_fds"], st["_lock"], st["_dctx"], st["_reader_fd"] = OrderedDict(), OrderedDict(), None, None, None
+        st["_maps"], st["_fds"], st["_lock"], st["_dctx"], st["_reader"] = OrderedDict(), OrderedDict(), None, None, None
         return st
 
     def __setstate__(self, st: dict[str, Any]) -> None:

@@ -95,3 +95,48 @@ def test_temp_names_become_their_targets():
     e = OSError(errno.EROFS, "Read-only file system", inside)
     assert describe_os_error(e) == "read-only file system: /r/state/step-00000002/model.safetensors"
     assert final_path("/plain/file.tmp") == "/plain/file.tmp"
+
+
+def test_cache_dir_naming_a_file(images, tmp_path, capsys):
+    """Was: a FileExistsError traceback in cache.py; train.py said "[Errno 17] File exists" (no key) after creating
+    the run folder."""
+    f = tmp_path / "afile"
+    f.write_text("not a folder")
+    out = tmp_path / "run"
+    for entry, extra in (("cache", []), ("train", [f"output_dir={out}"])):
+        msg, _ = _fails(entry, [DEMO, f"data.image_dirs=['{images}']", f"cache.cache_dir={f}", *extra],
+                        "cache.cache_dir", capsys)
+        assert f"cache.cache_dir = '{f}' is a file" in msg, msg
+    msg, _ = _fails("cache", [DEMO, f"data.image_dirs=['{images}']", f"cache.cache_dir={f / 'store'}"],
+                    "cache.cache_dir", capsys)
+    assert f"lies under {f}, which is a file" in msg, msg
+    assert sorted(os.listdir(tmp_path)) == ["afile"]  # nothing created
+
+
+def test_cache_disk_full_line_not_on_the_progress_bar(tmp_path, capsys):
+    """A full disk while shards are written: the bar is ended before the one line (was: printed onto the bar)."""
+    import cache
+    from PIL import Image
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(16):
+        Image.new("RGB", (128, 128), (10 * i, 90, 200)).save(imgs / f"i{i}.png")
+        (imgs / f"i{i}.txt").write_text("a square")
+    disk = _mount(tmp_path / "disk", "size=1m")
+    try:
+        filler = disk / "filler"
+        with open(filler, "wb", buffering=0) as fh:  # take the disk, then give back room for the index but not the shard
+            try:
+                while True:
+                    fh.write(b"\0" * 4096)
+            except OSError:
+                pass
+        os.truncate(filler, max(0, os.path.getsize(filler) - (32 << 10)))
+        with pytest.raises(SystemExit) as e:  # 16 latents of 4x16x16 fp32: a 64 KiB shard
+            cache.main([DEMO, f"data.image_dirs=['{imgs}']", f"cache.cache_dir={disk / 'c'}", "cache.latent_dtype=fp32"])
+        msg = str(e.value.code)
+        assert msg.startswith("cache.py: no space left on device: ") and "shards" in msg, msg
+        err = capsys.readouterr().err
+        assert "encode" in err and err.endswith("\n"), repr(err[-200:])  # the bar was drawn, and ended
+    finally:
+        unmount(disk)
