@@ -93,10 +93,12 @@ def _evict(paths: list[str]) -> None:
 def bench_verify(root: str, n: int, repeat: int) -> None:
     """Records/s of LatentStore.get with and without the per-tensor CRC32 check, mmap and pread, warm and cold
     page cache. Each read is consumed as the loader does (`.float()`), so an mmap read touches its pages either way.
-    Random order over the whole store; `repeat` passes per case, median and spread printed."""
+    Random order over the whole store; `repeat` passes per case, checked and unchecked interleaved; wall-clock
+    records/s (median [range]) and CPU microseconds per record (median; what a shared machine distorts least)."""
     import statistics
     import zlib
 
+    torch.set_num_threads(1)  # as in a DataLoader worker; more threads only add spin-waits to the CPU time
     g = torch.Generator().manual_seed(0)
     d = os.path.join(root, "store_verify")
     w = ShardWriter(d, "bench", 0, 256)
@@ -115,27 +117,28 @@ def bench_verify(root: str, n: int, repeat: int) -> None:
           f"4x128x128 fp16 (128 KiB), {n} of them in {len(shards)} shard(s), random order")
     for cold in (False, True):
         for use_mmap in (True, False):
-            rates = {}
-            for verify in (False, True):
-                runs = []
-                for _ in range(repeat):
+            wall: dict[bool, list[float]] = {False: [], True: []}
+            cpu: dict[bool, list[float]] = {False: [], True: []}
+            for _ in range(repeat):
+                for verify in (False, True):  # interleaved: both see the same load on a shared machine
                     st = LatentStore(d, use_mmap=use_mmap, verify_reads=verify)
                     if cold:
                         _evict(shards)
                     else:
                         [st.get(f"img{i:07d}")["latent"].float() for i in order]  # warm: pages cached
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     for i in order:
                         st.get(f"img{i:07d}")["latent"].float()
-                    runs.append(n / (time.perf_counter() - t0))
+                    wall[verify].append(n / (time.perf_counter() - t0))
+                    cpu[verify].append((time.process_time() - c0) / n * 1e6)
                     st.close()
                     del st
-                rates[verify] = runs
-            off, on = statistics.median(rates[False]), statistics.median(rates[True])
-            print(f"{'cold' if cold else 'warm'} {'mmap ' if use_mmap else 'pread'}: "
-                  f"unchecked {off:8.0f} rec/s [{min(rates[False]):.0f}-{max(rates[False]):.0f}]  "
-                  f"checked {on:8.0f} rec/s [{min(rates[True]):.0f}-{max(rates[True]):.0f}]  "
-                  f"cost {100 * (off - on) / off:+.1f}%")
+            med = {v: statistics.median(wall[v]) for v in wall}
+            print(f"{'cold' if cold else 'warm'} {'mmap ' if use_mmap else 'pread'}: unchecked {med[False]:7.0f} rec/s "
+                  f"[{min(wall[False]):.0f}-{max(wall[False]):.0f}] {statistics.median(cpu[False]):6.0f} us CPU/rec | "
+                  f"checked {med[True]:7.0f} rec/s [{min(wall[True]):.0f}-{max(wall[True]):.0f}] "
+                  f"{statistics.median(cpu[True]):6.0f} us CPU/rec | CPU cost of the check "
+                  f"{statistics.median(cpu[True]) - statistics.median(cpu[False]):+.0f} us/rec")
 
 
 def _write_meta(path: str, entries: int, image_path) -> None:
