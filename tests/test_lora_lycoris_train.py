@@ -58,7 +58,7 @@ def _fixed_loss(root, lora_file=None):
                         for p in paths]) / 127.5 - 1
     caps = [open(p[:-4] + ".txt").read() for p in paths]
     x0 = comp.encode_images(imgs)
-    objective = build_objective("sdxl", config_from_dict({}).loss)
+    objective = build_objective(models.family("sdxl").objective, config_from_dict({}).loss)
     trainee = trainable.Trainee(comp, train_text_encoder=False)
     g = torch.Generator().manual_seed(123)
     sizes = tuple(torch.tensor([[64.0, 64.0]] * len(paths)) if i != 1 else torch.zeros(len(paths), 2) for i in range(3))
