@@ -27,7 +27,6 @@ import itertools
 import logging
 import os
 import random
-import sys
 import time
 import zlib
 from functools import partial
@@ -35,9 +34,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from core import cli
+import models
+from core import cli, dist
+from core.config import CacheConfig, Config
 from core.fsio import check_dir_setting, clean_stale_temps
 from core.lock import DirLock, LockBusy, acquire_in_step, releases_locks
 from data.buckets import flipped_crop, load_resized
@@ -194,8 +196,6 @@ def _encode(vae, x: torch.Tensor, tile: int, posterior: bool, dtype: torch.dtype
 
 def _sum_over_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Sum of a CPU tensor over ranks as a new CPU tensor (NCCL reduces device tensors only)."""
-    from core import dist
-
     return dist.all_reduce_sum(t.to(device, copy=True)).cpu() if dist.is_dist() else t.clone()
 
 
@@ -210,14 +210,24 @@ def main(argv: list[str] | None = None) -> int:
                           "help": "first bring kohya / euge-trainer .npz latents found under DIR into the store (no "
                                   "re-encode; their VAE must be the configured one), then encode what they did not cover"})])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    dist.init()
+    root = prepare_store_dir(cfg.cache)
+    if args.verify:
+        code = verify(root)
+    else:
+        skipped = SkipReport()
+        threads = max(4, dist.default_workers(cfg.cache.num_workers) * 4)
+        index = build_index(cfg, root, skipped, threads)
+        code = dry_run(cfg, index, root) if args.dry_run else encode(cfg, index, root, skipped, threads, args.import_npz)
+    dist.barrier()
+    dist.shutdown()
+    return code
 
-    import models
-    from core import dist
 
-    info = dist.init()
-    rank, world, device = info.rank, info.world_size, info.device
-    main_rank = dist.is_main()
-    cc = cfg.cache
+def prepare_store_dir(cc: CacheConfig) -> str:
+    """The store folder ([cache] cache_dir, created), after the settings check, with its lock held (one cache.py per
+    store: a second one waits, then finds the records valid and encodes nothing twice) and what a killed or failed
+    run left there removed (rank 0; never a live writer's: see core/fsio.py)."""
     if not cc.cache_dir:
         raise SystemExit("cache.py: [cache] cache_dir is empty; set it to the latent store directory")
     if cc.latent_dtype not in LATENT_DTYPES:
@@ -225,83 +235,70 @@ def main(argv: list[str] | None = None) -> int:
     root = cc.cache_dir
     try:
         check_dir_setting("cache.cache_dir", root)
-        # one cache.py per store: a second one waits, then finds the records valid and encodes nothing twice
-        took = acquire_in_step(DirLock(root, "cache.py") if main_rank else None, dist.broadcast_object, wait=True,
-                               on_wait=log.info)
+        took = acquire_in_step(DirLock(root, "cache.py") if dist.is_main() else None, dist.broadcast_object,
+                               wait=True, on_wait=log.info)
     except (ValueError, LockBusy) as e:
         raise SystemExit(f"cache.py: {'config error: ' if isinstance(e, ValueError) else ''}{e}") from None
     if took:
         log.warning(took)
     os.makedirs(root, exist_ok=True)
-    if main_rank:  # what a killed or failed run left (never a live writer's: see core/fsio.py)
+    if dist.is_main():
         clean_stale_temps([root, os.path.join(root, SHARD_DIR), os.path.join(root, SCAN_DIR)], log=log.info)
+    return root
 
-    if args.verify:
-        bad = []
-        if main_rank:
-            store = LatentStore(root, check_validity=True)
-            store.verify()  # adds what it finds to store.damaged, next to the shards already left out on opening
-            bad = store.damaged
-            print(f"verify: {len(store.shards)} shards, {len(store)} records, {len(bad)} damaged")
-            for name, why in bad:
-                print(f"  DAMAGED {name}: {why}")
-            if bad:
-                print("  written down in damaged/: the next cache.py run re-encodes these records")
-        dist.barrier()
-        dist.shutdown()
-        return 1 if bad else 0
 
-    skipped = SkipReport()
-    workers = dist.default_workers(cc.num_workers)
-    threads = max(4, workers * 4)
-    scan_tar_shards(cfg.data, root, rank, world, threads)  # tar shards: each rank scans its own, rank 0 merges
+def verify(root: str) -> int:
+    """--verify: rank 0 re-checks every shard's checksum and lists the damaged ones; 1 when there are any."""
+    bad = []
+    if dist.is_main():
+        store = LatentStore(root, check_validity=True)
+        store.verify()  # adds what it finds to store.damaged, next to the shards already left out on opening
+        bad = store.damaged
+        print(f"verify: {len(store.shards)} shards, {len(store)} records, {len(bad)} damaged")
+        for name, why in bad:
+            print(f"  DAMAGED {name}: {why}")
+        if bad:
+            print("  written down in damaged/: the next cache.py run re-encodes these records")
+    return 1 if bad else 0
+
+
+def build_index(cfg: Config, root: str, skipped: SkipReport, threads: int) -> DatasetIndex:
+    """The dataset index beside the store: tar shards scanned by every rank (rank 0 merges), then built (or
+    reused) by rank 0 and read by every rank; a failure on rank 0 stops every rank with its message."""
+    scan_tar_shards(cfg.data, root, dist.rank(), dist.world_size(), threads)
     dist.barrier()
-    try:  # rank 0 builds (or reuses) the index; a failure there stops every rank with its message
-        dist.main_first(lambda: load_or_build_index(cfg.data, root, is_main=True, skipped=skipped, threads=threads))
-        index = load_or_build_index(cfg.data, root, is_main=False)
+    try:
+        dist.main_first(partial(load_or_build_index, cfg.data, root, is_main=True, skipped=skipped, threads=threads))
+        return load_or_build_index(cfg.data, root, is_main=False)
     except (dist.MainRankError, OSError, ValueError) as e:
         raise SystemExit(cli.error_line("data error", e, "cache.py")) from None
-    if args.dry_run:
-        if main_rank:
-            from data.dry_run import report
 
-            print(report(index, cfg.data, cfg.model, os.path.join(root, "dataset_preview.png"), cfg.seed))
-        dist.barrier()
-        dist.shutdown()
-        return 0
-    flip_any = any(s.flip_aug for s in index.subsets)
-    te, hooks, te_ident = None, (None, None), ""
-    if cc.cache_text_encoder_outputs:
-        te = models.load_text_encoders(cfg.model, device, LATENT_DTYPES[cfg.model.text_encoder_dtype], seed=cfg.seed)
-        hooks = (load_text_hook(cfg.data.caption_processor, "caption_processor"),
-                 load_text_hook(cfg.data.description_processor, "description_processor"))
-        te_ident = te.identity
-        if any(hooks):  # cached captions depend on the hooks: another hook spec makes the records stale
-            te_ident += f";hooks={cfg.data.caption_processor}|{cfg.data.description_processor}"
+
+def dry_run(cfg: Config, index: DatasetIndex, root: str) -> int:
+    """--dry-run: what would be trained on (data/dry_run.py), printed by rank 0, and a preview picture."""
+    if dist.is_main():
+        from data.dry_run import report
+
+        print(report(index, cfg.data, cfg.model, os.path.join(root, "dataset_preview.png"), cfg.seed))
+    return 0
+
+
+def encode(cfg: Config, index: DatasetIndex, root: str, skipped: SkipReport, threads: int, import_npz: str) -> int:
+    """Encode every entry the store lacks or holds stale (after --import-npz when given), each rank its share of
+    the batches, then merge the skip lists and the store index (rank 0). 1 when nothing usable is left."""
+    cc, device = cfg.cache, dist.info().device
+    te, hooks, te_ident = text_encoders_for(cfg, device)
     variants = max(1, int(cc.text_variants))
-    cfg_fp = store_cfg_fingerprint(models.vae_identity(cfg.model, seed=cfg.seed), index.bucket_settings.key(), cc.latent_dtype,
-                                   cc.store_posterior, flip_any, te_ident, variants if te else 0)
-    if args.import_npz:
-        _import_npz(args.import_npz, cfg, index, root, cfg_fp, world)
+    flip_any = any(s.flip_aug for s in index.subsets)
+    cfg_fp = store_cfg_fingerprint(models.vae_identity(cfg.model, seed=cfg.seed), index.bucket_settings.key(),
+                                   cc.latent_dtype, cc.store_posterior, flip_any, te_ident, variants if te else 0)
+    if import_npz:
+        _import_npz(import_npz, cfg, index, root, cfg_fp, dist.world_size())
     store = LatentStore(root, check_validity=cc.check_cache_validity)
-
-    # Status of every row; each rank checks its stripe (stats in threads, one batched lookup), a sum merges them.
-    n = len(index)
-    keys = index.keys.tolist()[rank::world]
-    srcs = map_chunked(partial(source_fingerprint, content_hash=cc.content_hash), index.paths.tolist()[rank::world],
-                       threads)
-    gone = np.array([not s for s in srcs], dtype=bool)
-    ok = np.zeros(len(keys), dtype=bool)
-    # Image gone: a record in the store is still usable (training from the cache alone).
-    ok[gone] = store.contains_many([keys[j] for j in np.flatnonzero(gone).tolist()])
-    here = np.flatnonzero(~gone).tolist()
-    ok[~gone] = store.is_valid_many([keys[j] for j in here], [srcs[j] for j in here], cfg_fp)
-    status = torch.zeros(n, dtype=torch.int32)
-    status[rank::world] = torch.from_numpy(np.where(ok, VALID, np.where(gone, MISSING, PENDING)).astype(np.int32))
-    status = _sum_over_ranks(status, device).numpy()
+    status = row_status(cfg, index, store, cfg_fp, threads)
     pending = np.flatnonzero(status == PENDING)
     n_valid = int((status == VALID).sum())
-    if main_rank:
+    if dist.is_main():
         for i in np.flatnonzero(status == MISSING).tolist():
             damaged = store.damaged_records.get(index.keys[i])  # found damaged by a reader: left out of the store
             skipped.add(index.paths[i] or index.keys[i], f"image not found, and its record is damaged ({damaged})"
@@ -311,113 +308,179 @@ def main(argv: list[str] | None = None) -> int:
                 index.row_of(key)
             except KeyError:
                 skipped.add(key, f"its record is damaged ({why}) and its image is gone: not re-encoded")
-    bs = max(1, cc.vae_batch_size)
-    loose, streamed = _sequential_rows(index, pending)
-    split = _split_by_bucket(index, loose, bs, world)
-    shards = _deal_containers(streamed, world)  # sequential containers (tar shards): whole ones per rank
-    mine = split[rank]
-    # progress collectives only while every rank still has batches
-    in_step = min(len(split[r]) + _stream_batch_count(index, shards[r], bs) for r in range(world))
-    if main_rank:
-        log.info("%d entries: %d already valid, %d to encode on %d rank(s)", n, n_valid, len(pending), world)
-
+        log.info("%d entries: %d already valid, %d to encode on %d rank(s)", len(index), n_valid, len(pending),
+                 dist.world_size())
     counts = torch.zeros(3, dtype=torch.int64)  # encoded, skipped, failed
-    bar = None
     waited = torch.zeros(2, dtype=torch.float64)  # seconds waiting for decoded images, seconds in the loop (all ranks)
+    bar = _progress_bar(len(pending))
     if len(pending):
-        vae = models.load_vae(cfg.model, device, LATENT_DTYPES[cfg.model.vae_dtype], seed=cfg.seed).eval().requires_grad_(False)
-        vae_dtype = next(vae.parameters()).dtype
-        ds = _Decode(index, cc.content_hash, cfg.data.jpeg_draft, cfg.data.max_image_pixels, cfg.data.mask_dir)
-        loader = DataLoader(ds, batch_sampler=mine, collate_fn=list, num_workers=workers,
-                            prefetch_factor=4 if workers > 0 else None)
-        loader = itertools.chain(loader, _streamed_batches(ds, shards[rank], bs, workers))
-        waits = InputWait()
-        writer = BackgroundWriter(ShardWriter(root, cfg_fp, rank, cc.shard_size_mb, cc.compress))
-        dtype = LATENT_DTYPES[cc.latent_dtype]
-        if main_rank:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(pending), unit="img", desc=f"encode x{world}", dynamic_ncols=True)
-        for step, items in enumerate(waits.timed(loader), 1):
-            good = []
-            for it in items:
-                if "error" in it:
-                    skipped.add(index.paths[it["row"]], it["error"])
-                    counts[1] += 1
-                else:
-                    good.append(it)
-            if good and te is not None:
-                # Outside the per-batch guard below: a failing user hook stops the run instead of skipping images.
-                caps = _variant_captions(index, [it["row"] for it in good], variants, *hooks)
-            else:
-                caps = [None] * len(good)
-            if good:
-                try:
-                    x = torch.stack([it["x"] for it in good]).to(device, vae_dtype) / 127.5 - 1.0
-                    with torch.no_grad():
-                        enc = _encode(vae, x, cc.vae_tile_size, cc.store_posterior, dtype)
-                        flips = [j for j, it in enumerate(good) if index.subsets[int(index.subset[it["row"]])].flip_aug]
-                        enc_f = _encode(vae, torch.flip(x[flips], dims=[3]), cc.vae_tile_size, cc.store_posterior,
-                                        dtype) if flips else {}
-                    texts = _encode_texts(te, caps) if te is not None else [{} for _ in good]
-                except Exception as e:  # one bad batch (e.g. out of memory on a huge bucket) must not end the run
-                    log.error("encoding failed for %d images (%s): %s", len(good), index.paths[good[0]["row"]], e)
-                    for it in good:
-                        skipped.add(index.paths[it["row"]], f"encode failed: {e}")
-                    counts[2] += len(good)
-                    good = []
-                for j, it in enumerate(good):
-                    row = it["row"]
-                    tensors = {k: v[j].clone() for k, v in enc.items()}
-                    f = flips.index(j) if j in flips else -1
-                    if f >= 0:
-                        tensors.update({f"flip.{k}": v[f].clone() for k, v in enc_f.items()})
-                    tensors.update(texts[j])
-                    if it.get("mask") is not None:  # the loss mask at latent resolution; flipped latents mirror it
-                        tensors["mask"] = to_stored(latent_mask(it["mask"]))
-                    writer.put(Record(index.keys[row], it["src"], tuple(int(v) for v in index.buckets[row]),
-                                      it["orig"], it["crop"], tensors, it["crop_flip"] if f >= 0 else None, caps[j],
-                                      row_extra(index, row)))
-                counts[0] += len(good)
-            # counts sums to the items this rank has handled; the bar shows every rank's total.
-            if world == 1 and bar is not None:
-                bar.update(len(items))
-            elif world > 1 and step % PROGRESS_EVERY == 0 and step <= in_step:
-                done = int(_sum_over_ranks(counts, device).sum())
-                if bar is not None:
-                    bar.update(done - bar.n)
-        writer.close()
-        waited = _sum_over_ranks(torch.tensor([waits.waited, waits.total], dtype=torch.float64), device)
-
-    skipped.write(os.path.join(root, f"skipped.r{rank}.txt"))
+        waited = encode_rows(cfg, index, root, pending, cfg_fp, te, hooks, variants, skipped, counts, bar)
+    skipped.write(os.path.join(root, f"skipped.r{dist.rank()}.txt"))
     totals = _sum_over_ranks(counts, device)
     if bar is not None:
         bar.update(int(totals.sum()) - bar.n)
         bar.close()
     dist.barrier()
-    usable = n_valid + int(totals[0])
-    if main_rank:
-        merged = SkipReport()
-        merged.items.update(index.skipped)
-        for p in sorted(glob.glob(os.path.join(root, "skipped.r*.txt"))):
-            merged.items.update(SkipReport.read(p))
-            os.remove(p)
-        merged.write(os.path.join(root, "skipped.txt"))
-        final = LatentStore(root, check_validity=cc.check_cache_validity)
-        if final.index_is_current():
-            log.info("store index unchanged")  # nothing written: a read-only store with nothing to do is fine
-        else:
-            final.write_index()
-        clean_stale_temps([root, os.path.join(root, SHARD_DIR)])
-        print(f"cache: encoded {int(totals[0])}, already valid {n_valid}, skipped {len(merged)}, "
-              f"failed {int(totals[2])}; store has {len(final)} records in {len(final.shards)} shards"
-              + (f"; {len(final.damaged)} damaged shard(s) set aside" if final.damaged else "")
-              + (f"; input-bound {InputWait.share(*waited.tolist()):.0f}% with {workers} decode worker(s) per rank "
-                 "(the encoder waited this share of the time for images: add cache.num_workers if high)"
-                 if len(pending) else ""))
-    dist.barrier()
-    dist.shutdown()
-    return 0 if usable > 0 else 1
+    if dist.is_main():
+        finish_store(cfg, index, root, totals, n_valid, waited if len(pending) else None)
+    return 0 if n_valid + int(totals[0]) > 0 else 1
+
+
+def text_encoders_for(cfg: Config, device: torch.device) -> tuple[Any, tuple[Any, Any], str]:
+    """With [cache] cache_text_encoder_outputs: the frozen text encoders, the caption hooks and the identity of
+    both (part of the store fingerprint: another hook spec makes the records stale); else (None, (None, None), "")."""
+    if not cfg.cache.cache_text_encoder_outputs:
+        return None, (None, None), ""
+    te = models.load_text_encoders(cfg.model, device, LATENT_DTYPES[cfg.model.text_encoder_dtype], seed=cfg.seed)
+    hooks = (load_text_hook(cfg.data.caption_processor, "caption_processor"),
+             load_text_hook(cfg.data.description_processor, "description_processor"))
+    ident = te.identity
+    if any(hooks):  # cached captions depend on the hooks
+        ident += f";hooks={cfg.data.caption_processor}|{cfg.data.description_processor}"
+    return te, hooks, ident
+
+
+def row_status(cfg: Config, index: DatasetIndex, store: LatentStore, cfg_fp: str, threads: int) -> np.ndarray:
+    """VALID / PENDING / MISSING per index row, on every rank: each rank checks its stripe (stats in threads, one
+    batched lookup), a sum over ranks merges them. An image gone with its record in the store is still VALID
+    (training from the cache alone)."""
+    rank, world = dist.rank(), dist.world_size()
+    keys = index.keys.tolist()[rank::world]
+    srcs = map_chunked(partial(source_fingerprint, content_hash=cfg.cache.content_hash),
+                       index.paths.tolist()[rank::world], threads)
+    gone = np.array([not s for s in srcs], dtype=bool)
+    ok = np.zeros(len(keys), dtype=bool)
+    ok[gone] = store.contains_many([keys[j] for j in np.flatnonzero(gone).tolist()])
+    here = np.flatnonzero(~gone).tolist()
+    ok[~gone] = store.is_valid_many([keys[j] for j in here], [srcs[j] for j in here], cfg_fp)
+    status = torch.zeros(len(index), dtype=torch.int32)
+    status[rank::world] = torch.from_numpy(np.where(ok, VALID, np.where(gone, MISSING, PENDING)).astype(np.int32))
+    return _sum_over_ranks(status, dist.info().device).numpy()
+
+
+def _progress_bar(total: int) -> Any:
+    """The all-rank progress bar, on rank 0 when there is something to encode (else None)."""
+    if not (total and dist.is_main()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc=f"encode x{dist.world_size()}", dynamic_ncols=True)
+
+
+def encode_rows(cfg: Config, index: DatasetIndex, root: str, pending: np.ndarray, cfg_fp: str, te: Any,
+                hooks: tuple[Any, Any], variants: int, skipped: SkipReport, counts: torch.Tensor,
+                bar: Any) -> torch.Tensor:
+    """This rank's share of the pending rows: loose files as one-bucket batches dealt round-robin, tar shards
+    whole and streamed once; decoded in workers, encoded in batches of vae_batch_size (BatchEncoder), written by a
+    background writer into this rank's shards. `counts` (encoded, skipped, failed) is added to; the bar shows
+    every rank's total. Returns (seconds waiting for decoded images, seconds in the loop), summed over ranks."""
+    cc, rank, world, device = cfg.cache, dist.rank(), dist.world_size(), dist.info().device
+    bs, workers = max(1, cc.vae_batch_size), dist.default_workers(cc.num_workers)
+    loose, streamed = _sequential_rows(index, pending)
+    split = _split_by_bucket(index, loose, bs, world)
+    shards = _deal_containers(streamed, world)  # sequential containers (tar shards): whole ones per rank
+    # progress collectives only while every rank still has batches
+    in_step = min(len(split[r]) + _stream_batch_count(index, shards[r], bs) for r in range(world))
+    vae = models.load_vae(cfg.model, device, LATENT_DTYPES[cfg.model.vae_dtype], seed=cfg.seed).eval().requires_grad_(False)
+    ds = _Decode(index, cc.content_hash, cfg.data.jpeg_draft, cfg.data.max_image_pixels, cfg.data.mask_dir)
+    loader = DataLoader(ds, batch_sampler=split[rank], collate_fn=list, num_workers=workers,
+                        prefetch_factor=4 if workers > 0 else None)
+    loader = itertools.chain(loader, _streamed_batches(ds, shards[rank], bs, workers))
+    waits = InputWait()
+    writer = BackgroundWriter(ShardWriter(root, cfg_fp, rank, cc.shard_size_mb, cc.compress))
+    encode_batch = BatchEncoder(cc, index, vae, te, hooks, variants, writer, skipped, counts, device)
+    for step, items in enumerate(waits.timed(loader), 1):
+        encode_batch(items)
+        # counts sums to the items this rank has handled; the bar shows every rank's total.
+        if world == 1 and bar is not None:
+            bar.update(len(items))
+        elif world > 1 and step % PROGRESS_EVERY == 0 and step <= in_step:
+            done = int(_sum_over_ranks(counts, device).sum())
+            if bar is not None:
+                bar.update(done - bar.n)
+    writer.close()
+    return _sum_over_ranks(torch.tensor([waits.waited, waits.total], dtype=torch.float64), device)
+
+
+class BatchEncoder:
+    """One decoded batch -> store records: latents (and the flipped image's, for flip_aug subsets), the cached
+    text-encoder outputs of each caption variant, handed to the background writer. Unreadable items are skipped;
+    a batch that fails to encode (e.g. out of memory on a huge bucket) is skipped whole, the run goes on.
+    `counts`: (encoded, skipped, failed), added to."""
+
+    def __init__(self, cc: CacheConfig, index: DatasetIndex, vae: nn.Module, te: Any, hooks: tuple[Any, Any],
+                 variants: int, writer: BackgroundWriter, skipped: SkipReport, counts: torch.Tensor,
+                 device: torch.device):
+        self.cc, self.index, self.vae, self.te, self.hooks, self.variants = cc, index, vae, te, hooks, variants
+        self.writer, self.skipped, self.counts, self.device = writer, skipped, counts, device
+        self.vae_dtype, self.dtype = next(vae.parameters()).dtype, LATENT_DTYPES[cc.latent_dtype]
+
+    def __call__(self, items: list[dict[str, Any]]) -> None:
+        index, cc = self.index, self.cc
+        good = []
+        for it in items:
+            if "error" in it:
+                self.skipped.add(index.paths[it["row"]], it["error"])
+                self.counts[1] += 1
+            else:
+                good.append(it)
+        if not good:
+            return
+        # Outside the per-batch guard below: a failing user hook stops the run instead of skipping images.
+        caps = _variant_captions(index, [it["row"] for it in good], self.variants, *self.hooks) \
+            if self.te is not None else [None] * len(good)
+        try:
+            x = torch.stack([it["x"] for it in good]).to(self.device, self.vae_dtype) / 127.5 - 1.0
+            with torch.no_grad():
+                enc = _encode(self.vae, x, cc.vae_tile_size, cc.store_posterior, self.dtype)
+                flips = [j for j, it in enumerate(good) if index.subsets[int(index.subset[it["row"]])].flip_aug]
+                enc_f = _encode(self.vae, torch.flip(x[flips], dims=[3]), cc.vae_tile_size, cc.store_posterior,
+                                self.dtype) if flips else {}
+            texts = _encode_texts(self.te, caps) if self.te is not None else [{} for _ in good]
+        except Exception as e:  # one bad batch must not end the run
+            log.error("encoding failed for %d images (%s): %s", len(good), index.paths[good[0]["row"]], e)
+            for it in good:
+                self.skipped.add(index.paths[it["row"]], f"encode failed: {e}")
+            self.counts[2] += len(good)
+            return
+        for j, it in enumerate(good):
+            row = it["row"]
+            tensors = {k: v[j].clone() for k, v in enc.items()}
+            f = flips.index(j) if j in flips else -1
+            if f >= 0:
+                tensors.update({f"flip.{k}": v[f].clone() for k, v in enc_f.items()})
+            tensors.update(texts[j])
+            if it.get("mask") is not None:  # the loss mask at latent resolution; flipped latents mirror it
+                tensors["mask"] = to_stored(latent_mask(it["mask"]))
+            self.writer.put(Record(index.keys[row], it["src"], tuple(int(v) for v in index.buckets[row]),
+                                   it["orig"], it["crop"], tensors, it["crop_flip"] if f >= 0 else None, caps[j],
+                                   row_extra(index, row)))
+        self.counts[0] += len(good)
+
+
+def finish_store(cfg: Config, index: DatasetIndex, root: str, totals: torch.Tensor, n_valid: int,
+                 waited: torch.Tensor | None) -> None:
+    """Rank 0, once every rank is done: the ranks' skip lists merged into skipped.txt, the store index written
+    (unless unchanged), the temporaries removed, one summary line (`waited`: the encode loop's input wait)."""
+    merged = SkipReport()
+    merged.items.update(index.skipped)
+    for p in sorted(glob.glob(os.path.join(root, "skipped.r*.txt"))):
+        merged.items.update(SkipReport.read(p))
+        os.remove(p)
+    merged.write(os.path.join(root, "skipped.txt"))
+    final = LatentStore(root, check_validity=cfg.cache.check_cache_validity)
+    if final.index_is_current():
+        log.info("store index unchanged")  # nothing written: a read-only store with nothing to do is fine
+    else:
+        final.write_index()
+    clean_stale_temps([root, os.path.join(root, SHARD_DIR)])
+    workers = dist.default_workers(cfg.cache.num_workers)
+    print(f"cache: encoded {int(totals[0])}, already valid {n_valid}, skipped {len(merged)}, "
+          f"failed {int(totals[2])}; store has {len(final)} records in {len(final.shards)} shards"
+          + (f"; {len(final.damaged)} damaged shard(s) set aside" if final.damaged else "")
+          + (f"; input-bound {InputWait.share(*waited.tolist()):.0f}% with {workers} decode worker(s) per rank "
+             "(the encoder waited this share of the time for images: add cache.num_workers if high)"
+             if waited is not None else ""))
 
 
 class InputWait:
@@ -442,9 +505,8 @@ class InputWait:
         return 100.0 * waited / total if total > 0 else 0.0
 
 
-def _import_npz(folder: str, cfg, index: DatasetIndex, root: str, cfg_fp: str, world: int) -> None:
+def _import_npz(folder: str, cfg: Config, index: DatasetIndex, root: str, cfg_fp: str, world: int) -> None:
     """cache.py --import-npz: kohya / euge-trainer latents under `folder` into the store (data/npz_import.py)."""
-    import models
     from data.npz_import import import_npz
 
     if world > 1:
