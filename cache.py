@@ -30,7 +30,7 @@ import random
 import time
 import zlib
 from functools import partial
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -63,6 +63,7 @@ PROGRESS_EVERY = 8  # batches between all-rank progress sums (a collective: ever
 
 
 def _key_seed(key: str, salt: int = 0) -> int:
+    """A record's seed (random crop, caption variant `salt`): from its key, the same on every run and rank."""
     return zlib.crc32(key.encode("utf-8")) * 1_000_003 + salt
 
 
@@ -164,11 +165,13 @@ class _Stream(IterableDataset):
                 yield item
 
 
-def _as_is(x):
+def _as_is(x: Any) -> Any:
+    """DataLoader collate that keeps the item as it is."""
     return x
 
 
-def _streamed_batches(decode: _Decode, containers: dict[str, list[int]], batch_size: int, workers: int):
+def _streamed_batches(decode: _Decode, containers: dict[str, list[int]], batch_size: int,
+                      workers: int) -> Iterator[list[dict[str, Any]]]:
     """One-bucket batches of the streamed items (as they arrive; each bucket's last partial batch at the end)."""
     if not containers:
         return
@@ -185,7 +188,7 @@ def _streamed_batches(decode: _Decode, containers: dict[str, list[int]], batch_s
     yield from pending.values()
 
 
-def _encode(vae, x: torch.Tensor, tile: int, posterior: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _encode(vae: nn.Module, x: torch.Tensor, tile: int, posterior: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Pixels [B,3,H,W] in [-1, 1] -> latent (or scaled mean + std), on CPU in the store dtype."""
     mean, logvar = vae.encode(x, tile_size=tile or None)
     lat = vae.to_latents(mean)
@@ -202,6 +205,7 @@ def _sum_over_ranks(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 @cli.one_line_errors("cache.py")
 @releases_locks
 def main(argv: list[str] | None = None) -> int:
+    """cache.py's three modes: --verify, --dry-run, or encode (after --import-npz when given)."""
     cfg, args = cli.parse(argv, "cache.py", __doc__ or "", extra_flags=[
         ("--verify", "re-check the checksum of every shard and exit"),
         ("--dry-run", "build the index and report what would be trained on (subsets, buckets, captions, 8 examples, "
@@ -489,7 +493,8 @@ class InputWait:
     def __init__(self) -> None:
         self.waited = self.total = 0.0
 
-    def timed(self, it):
+    def timed(self, it: Iterable[Any]) -> Iterator[Any]:
+        """`it`'s items, timing the waits for each."""
         start = last = time.perf_counter()
         for item in it:
             now = time.perf_counter()
@@ -528,8 +533,8 @@ def _import_npz(folder: str, cfg: Config, index: DatasetIndex, root: str, cfg_fp
         print(f"  rejected {p}: {why}")
 
 
-def _variant_captions(index: DatasetIndex, rows: list[int], variants: int, caption_hook=None,
-                      description_hook=None) -> list[list[str]]:
+def _variant_captions(index: DatasetIndex, rows: list[int], variants: int, caption_hook: Any = None,
+                      description_hook: Any = None) -> list[list[str]]:
     """Each row's caption text per variant k: the loader's `full_caption` with rng from (key, k) and flipped=False.
     Variants k > 0 exist only when the caption can differ between draws (augmented, or a user hook is set)."""
     out: list[list[str]] = []
@@ -552,7 +557,7 @@ def _variant_captions(index: DatasetIndex, rows: list[int], variants: int, capti
     return out
 
 
-def _encode_texts(te, caps: list[list[str]]) -> list[dict[str, torch.Tensor]]:
+def _encode_texts(te: Any, caps: list[list[str]]) -> list[dict[str, torch.Tensor]]:
     """Text-encoder outputs per item, `te<k>.<name>` for each of the item's caption variants k (caps[item][k])."""
     out: list[dict[str, torch.Tensor]] = [{} for _ in caps]
     for k in range(max(map(len, caps), default=0)):

@@ -27,6 +27,7 @@ from diffusion.sampling import canonical_sampler_name
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked (one prompt source, positive sizes and counts, a known sampler)."""
     ap = argparse.ArgumentParser(prog="generate.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="checkpoint (SDXL or SD3): single-file .safetensors, .ckpt / .pt, or a diffusers folder (model_index.json)")
     ap.add_argument("--vae", default=None, help="separate VAE file")
@@ -75,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @one_line_errors("generate.py")
 def main(argv: list[str] | None = None) -> int:
+    """Images for the prompts (module docstring); 0 when done."""
     args = parse_args(argv)
     dt = models.DTYPES[args.precision]
     comp = models.load(args.model, vae=args.vae, clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl,

@@ -65,13 +65,16 @@ BAD_STEPS_STOP = ("{n} consecutive steps with a non-finite loss or gradient: sto
 @cli.one_line_errors("train.py")
 @releases_locks
 def main(argv: list[str] | None = None) -> int:
+    """One training run (module docstring); returns the exit status (0, or EXIT_BAD_LOSS)."""
     cfg, _ = cli.parse(argv, "train.py", __doc__ or "")
     t_start = time.perf_counter()
     info = dist.init()
     device, master = info.device, dist.is_main()
 
-    # ---- settings that only make sense together, checked before anything is created or loaded
+    # ---- settings that only make sense together, checked before anything is created or loaded; precision
     cfg, family, notes, objective, prompts = resolve_settings(cfg, info.world_size)
+    amp_dtype, weight_dtype = DTYPES[cfg.train.mixed_precision], trained_weight_dtype(cfg.train)
+    autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext
 
     # ---- run folder (the {date}/{time} of rank 0, for every rank), run log, run id and the state to resume
     run = open_run(cfg, notes)
@@ -79,10 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     metrics = MetricsWriter(paths["logs"], master, cfg.log.tensorboard,
                             wandb=wandb_run(cfg.log, run.out_dir, run.run_id, to_dict(cfg)))
     seed_run(cfg, info.rank)
-
-    # ---- precision
-    amp_dtype, weight_dtype = DTYPES[cfg.train.mixed_precision], trained_weight_dtype(cfg.train)
-    autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext
 
     # ---- data: index built once on rank 0 and shared (before any model is loaded); latents read lazily
     data = load_data(cfg, paths["state"], info.world_size)
@@ -95,15 +94,12 @@ def main(argv: list[str] | None = None) -> int:
              f"({weight_dtype}), autocast {amp_dtype}, trained: {trainable.describe()}")
     saved = read_resume_state(run.resume_path, trainable)  # a full state's weights go in before wrapping
 
-    # ---- wrapping, then the EMA (of the unwrapped trained modules: each rank's shards under FSDP) and the optimizer
-    # over the wrapped parameters
+    # ---- wrapping, then the EMA (of the trained modules: each rank's shards under FSDP), the optimizer (wrapped)
     model = parallelize(cfg.train, comp, family, trainable, device, amp_dtype, log)
     ema = make_ema(cfg.train, trainable, device)
     optimizer, scheduler, stepper = build_optimization(cfg, trainable, total_steps, device)
     mode = OptimizerMode.of(optimizer)  # schedule-free: validation, previews and exports see its eval-mode weights
-    train_meta = run_metadata.training_metadata(
-        cfg, family=family.name, index=data.index, batches_per_epoch=data.per_rank_batches, world_size=info.world_size,
-        optimizer=optimizer, num_epochs=math.ceil(total_steps / data.steps_per_epoch)) if master else {}
+    train_meta = training_metadata(cfg, family, data, optimizer) if master else {}
     steplog = StepLog(LossRecorder(cfg.log.loss_recorder_stride, cfg.log.loss_recorder_gamma))  # read when logged
 
     # ---- resume: progress, RNG, optimizer, EMA, scheduler, loss scale, loss recorder (one object saves them all)
@@ -371,6 +367,15 @@ def parallelize(t: TrainConfig, comp: Any, family: models.Family, trainable: Tra
     if t.fsdp:
         return dist.wrap_fsdp(trainable.trainee, blocks + [comp.network], amp_dtype)
     return dist.wrap_ddp(trainable.trainee, find_unused_parameters=trainable.find_unused)
+
+
+def training_metadata(cfg: Config, family: models.Family, data: TrainData,
+                      optimizer: torch.optim.Optimizer) -> dict[str, str]:
+    """The run's kohya ss_* / sdtrain metadata, written into every export (training/run_metadata.py)."""
+    return run_metadata.training_metadata(cfg, family=family.name, index=data.index,
+                                          batches_per_epoch=data.per_rank_batches, world_size=dist.world_size(),
+                                          optimizer=optimizer,
+                                          num_epochs=math.ceil(data.total_steps / data.steps_per_epoch))
 
 
 def make_ema(t: TrainConfig, trainable: TrainableSet, device: torch.device) -> EMA | None:

@@ -298,6 +298,7 @@ def _opts(model_cfg: Any) -> dict[str, Any]:
 
 
 def family_of(model_cfg: Any) -> str:
+    """The family's name: model.model_family, or detected from the checkpoint's keys or the preset's name."""
     if model_cfg.model_family != "auto":
         return model_cfg.model_family
     if model_cfg.pretrained_model_name_or_path:
@@ -395,6 +396,8 @@ class TextEncoderRunner:
 
 def load_text_encoders(model_cfg: Any, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                        seed: int = 0) -> TextEncoderRunner:
+    """The frozen text encoders for cache.py, with the identity of what their outputs depend on (part of the cache's
+    fingerprint: the family's text-cache layout included)."""
     family = family_of(model_cfg)
     fam = _record(family)
     parts = list(fam.text_encoders)

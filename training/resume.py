@@ -172,6 +172,7 @@ def verify_state(path: str) -> str | None:
 
 
 def list_states(state_root: str) -> list[tuple[int, str]]:
+    """(step, path) of the state folders directly under state_root, by step."""
     if not os.path.isdir(state_root):
         return []
     out = []
@@ -279,6 +280,7 @@ def find_resume(spec: str, state_root: str, log: Callable[[str], None] = print, 
 
 
 def new_run_id() -> str:
+    """A new run's id: its start time and 8 random hex digits."""
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(4)
 
 
@@ -348,6 +350,7 @@ def read_state(path: str, rank: int) -> dict[str, Any]:
 
 
 def restore_rng(rng: dict[str, torch.Tensor] | None) -> None:
+    """This rank's CPU (and CUDA) RNG states back, as write_rank_rng saved them."""
     if not rng:
         return
     torch.set_rng_state(rng["cpu"])
