@@ -57,8 +57,8 @@ class _FixedNoise:
         a = self.inner.alphas_cumprod[t].view(-1, 1, 1, 1)
         return NoisedBatch(x_t=a.sqrt() * x0 + (1 - a).sqrt() * eps, t=t.float(), target=eps, timesteps=t)
 
-    def loss(self, pred, nb, weight=None):
-        return self.inner.loss(pred, nb, weight)
+    def loss(self, pred, nb, weight=None, mask=None):
+        return self.inner.loss(pred, nb, weight, mask=mask)
 
 
 def test_gradient_accumulation_equals_one_big_batch():
