@@ -384,6 +384,7 @@ class LatentStore:
         self._indexed, self._from_index = len(merged), 0  # shards in store_index.npz / taken from it unchanged
         self._left_out = 0  # records in the index left out for reported damage
         self._to_compact: set[str] = set()  # shards holding such records: rewritten by write_index
+        self._listed: list[int] = []  # records each shard brought to the table (before newer shards superseded any)
         all_keys: list[str] = []
         all_srcs: list[str] = []
         shard_of: list[np.ndarray] = []
@@ -421,6 +422,7 @@ class LatentStore:
                         self.damaged_records[keys[i]] = f"{name}: {bad[p][1]}"
                 self._left_out += len(positions) - len(keep)
                 keys, srcs, positions = [keys[i] for i in keep], [srcs[i] for i in keep], [positions[i] for i in keep]
+            self._listed.append(len(keys))
             shard_of.append(np.full(len(keys), len(self.shards), dtype=np.int32))
             pos_of.append(np.asarray(positions, dtype=np.int32))
             all_keys += keys
@@ -695,8 +697,8 @@ class LatentStore:
             if not rows:
                 retire.append(sh.name)  # fully superseded
                 continue
-            try:
-                dead = self._records_in(si) - len(rows)
+            try:  # an index written before "n" was kept: the header says, read only where a record died since
+                dead = (self._records_in(si) if sh.n >= 0 or len(rows) < self._listed[si] else len(rows)) - len(rows)
             except StoreError as e:  # its header turned out damaged: set aside, its records re-encoded next run
                 self._report_damaged(sh.name, str(e))
                 continue

@@ -263,3 +263,25 @@ def test_training_loader_skips_a_damaged_record(tmp_path):
     assert all(abs(v) != 4.0 for b in batches for v in b["latents"][:, 0, 0, 0].tolist())  # k3's value never used
     again = LatentStore(str(tmp_path))
     assert 3 not in usable_rows(ix, again).tolist() and len(usable_rows(ix, again)) == 9
+
+
+def test_index_without_record_counts_compacts_where_records_died(tmp_path):
+    """An index written before shards' record counts ("n") were kept: headers are read only for shards where a
+    record died since, and those still compact."""
+    import numpy as np
+    a = write(tmp_path, [rec(i) for i in range(4)])[0]
+    b = write(tmp_path, [rec(i) for i in range(4, 8)])[0]
+    LatentStore(str(tmp_path)).write_index()
+    idx = tmp_path / "store_index.npz"
+    with np.load(idx) as z:
+        arrays = dict(z)
+    info = json.loads(arrays["info"].tobytes())
+    for s in info["shards"]:
+        del s["n"]
+    arrays["info"] = np.frombuffer(json.dumps(info).encode(), dtype=np.uint8)
+    np.savez(idx, **arrays)
+    write(tmp_path, [rec(i, "s2", fill=1.0) for i in (0, 1)])  # half of a's records die; none of b's
+    st = LatentStore(str(tmp_path))
+    st.write_index()
+    assert not os.path.exists(a) and os.path.exists(b) and st.shards[1].records is None  # b's header never read
+    assert _shard_records(tmp_path) == 8
