@@ -211,8 +211,16 @@ def test_package_files_load_merge_and_continue_here(name, tmp_path, lycoris_pref
     mine = ours.kohya_state_dict()
     assert set(mine) == set(sd) and all(torch.equal(mine[k].float(), sd[k].float()) for k in sd)
     before = {k: v.clone() for k, v in comp.unet.state_dict().items()}
+    base_path = tmp_path / "base.safetensors"
+    models.save(comp, str(base_path), "fp32")
     assert lora.merge_into(comp, groups) == len(groups)
     assert any(not torch.equal(before[k], v) for k, v in comp.unet.state_dict().items())
+    # the merge tool (and generate.py, through the same merge_files) on the package's file: the same weights
+    from tools import merge_lora
+    merge_lora.main([str(base_path), str(tmp_path / "package.safetensors"), "--out", str(tmp_path / "m.safetensors"),
+                     "--precision", "fp32"])
+    merged = models.load(str(tmp_path / "m.safetensors"))
+    assert all(torch.allclose(v, merged.unet.state_dict()[k], atol=1e-6) for k, v in comp.unet.state_dict().items())
 
 
 @pytest.mark.parametrize("name", list(NETWORKS))
