@@ -20,12 +20,15 @@ Two mechanisms, chosen by what the filesystem supports:
   holder's JSON, its mtime refreshed every HEARTBEAT_S by a thread. A lock is stale when its holder is on this host
   and its process is gone (pid absent, or reused: another start time or boot), or when it is on another host and its
   heartbeat is older than STALE_AFTER_S (so clocks must agree to within minutes, as NTP gives). A stale lock is
-  broken by whoever first creates `sdtrain.lock.break-<its token>` (O_EXCL: one winner), who re-reads the lock
+  broken by whoever first creates `sdtrain.lock.excl.break-<its token>` (O_EXCL: one winner), who re-reads the lock
   under that guard and removes it only if it is still the stale one; then every contender races to create it anew
   (one winner). So two processes never hold the lock at once, and a dead holder is replaced without a person.
 
 Not guaranteed: mutual exclusion where the filesystem's locks are node-local while the files are shared (Lustre
 `-o localflock`, NFS mounted `-o nolock`): there each node sees only its own processes' locks.
+
+Readers (train.py reading a store) hold a shared flock on `<dir>/sdtrain.readers.lock` (ReaderLock); a writer about
+to remove files it may still read (cache.py removing superseded shards) asks `readers_present` first.
 """
 from __future__ import annotations
 
