@@ -1,257 +1,256 @@
 #!/usr/bin/env python
-"""Training memory estimate for the SDXL UNet and the SD3 MMDiT: weights, gradients, optimizer state, activations.
+"""Training memory: the planner's estimate (training/planner.py), and a real run on the CPU to check it.
 
-    python bench/train_memory.py                                  # the standard table (SDXL and SD3-medium, 1024 px)
-    python bench/train_memory.py --model sdxl --batch 1 --optimizer adafactor --weights bf16 --fused --ckpt
+    python bench/train_memory.py                                   # the standard table: planner, 1024 px, CUDA policy
+    python bench/train_memory.py cfg.toml [table.key=value ...]    # one config's plan (as train.py --plan)
+    python bench/train_memory.py cfg.toml [...] --measure          # + the config run on the CPU, random weights
 
-Everything comes from the real shapes, with no weights in memory: the networks are built on the meta device
-(models/unet_sdxl.py `PRESETS["base"]`, models/mmdit.py `PRESETS["sd3_medium"]`) and run forward there.
-
-  weights    = sum of numel x bytes of the weight dtype (fp32 4, bf16 2).
-  gradients  = the same for every trained parameter; with the fused backward pass (train.fused_backward_pass)
-               only one parameter's gradient is alive at a time: the largest parameter.
-  optimizer  = AdamW: exp_avg + exp_avg_sq per element (in the weight dtype; fp32 when stepped in fp32, which
-               full_bf16 + stochastic_rounding does); AdamW8bit: 2 x 1 byte + one fp32 absmax per 2048-element
-               block x 2 (bitsandbytes' blockwise quantisation); Adafactor (training/optim.py, beta1 = None): fp32 row
-               and column second moments for >= 2-D tensors (shape[:-1] + shape[:-2] + shape[-1:]), a full fp32
-               second moment for 1-D ones: computed per tensor.
-  activations = bytes of the tensors autograd saves for backward, counted by a saved_tensors_hooks pack hook during
-               a meta-device forward at the real size (bf16 activations as under bf16 autocast; parameters and
-               views of them excluded; a tensor saved by several ops counted once; attention as flash / cuDNN SDPA
-               keeps it: q, k, v, output, log-sum-exp, no attention matrix). With gradient checkpointing
-               (train.gradient_checkpointing, per block) the checkpointed blocks save only their inputs during the
-               forward, and the backward recomputes one block at a time: saved outside the blocks + the block inputs
-               + the largest single block's own saved tensors.
-  transient  = 2 x the largest saved activation: the gradient flowing back through it and one temporary (an
-               allowance, not a measurement; the allocator's fragmentation and the CUDA context, ~0.5-1 GiB, are
-               not counted).
-
-The estimate is checked against torch.cuda.max_memory_allocated by bench/gpu_suite.py (full fine-tune rows).
+--measure builds the config's parts on the CPU with random weights (model.model_preset: "base" is SDXL's real size,
+"sd35_medium" SD3.5-medium's), attaches what train.py attaches (LoRA adapters, fp8 base weights), builds the
+optimizer and fused-backward / stochastic-rounding stepper of the config, and runs --steps training micro-steps
+(random latents and cached-text tensors unless the config loads the VAE / text encoders) under bf16 CPU autocast.
+It prints, beside the planner's numbers (computed for the CPU's autocast policy, without the CUDA reserve):
+  weights, gradients, optimizer  the sizes of the real tensors (parameters + buffers; .grad after a backward pass
+                                 without stepping; optimizer.state after the steps);
+  step                           the peak resident memory of the last step over the resident memory before it
+                                 (/proc/self/status VmHWM, reset with /proc/self/clear_refs), to compare with the
+                                 planned activations (+ gradients without a fused backward pass);
+  process                        the process's peak resident memory (includes torch's libraries, ~0.4-0.6 GB).
+glibc's allocator is told to return freed blocks of >= 64 KiB at once (mallopt M_MMAP_THRESHOLD / M_TRIM_THRESHOLD,
+as MALLOC_MMAP_THRESHOLD_ does), so the resident size follows the live tensors; --default-malloc leaves glibc's
+defaults, under which freed memory is kept for reuse and the resident size grows step by step.
 """
-
 from __future__ import annotations
 
 import argparse
-import functools
-import math
+import contextlib
+import ctypes
+import gc
 import os
 import sys
-from dataclasses import dataclass
+import time
+from typing import Any
 
 import torch
-from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models import mmdit, unet_sdxl  # noqa: E402
+import models  # noqa: E402
+from core.config import config_from_dict, load_config  # noqa: E402
+from training import fp8, planner  # noqa: E402
 
 GB = 1e9
-GIB = 2**30
-BNB_BLOCK = 2048  # bitsandbytes 8-bit optimizer quantisation block (elements per fp32 absmax)
-VAE_FACTOR = 8
-SDXL_TOKENS = 77
-SD3_TOKENS = 154  # 77 CLIP + 77 T5 tokens (the reference default)
-BYTES = {"fp32": 4, "bf16": 2}
+MMAP_THRESHOLD = 64 * 1024
+STANDARD = [  # (label, config overrides on top of the base), all at 1024 px, batch 1
+    ("SDXL full, AdamW fp32", {"model": {"model_preset": "base"}}),
+    ("SDXL full, AdamW fp32, ckpt", {"model": {"model_preset": "base"}, "train": {"gradient_checkpointing": True}}),
+    ("SDXL full, AdamW8bit bf16, ckpt", {"model": {"model_preset": "base"}, "optimizer": {"optimizer_type": "AdamW8bit"},
+                                         "train": {"gradient_checkpointing": True, "full_bf16": True}}),
+    ("SDXL full, Adafactor bf16 fused SR, ckpt", {"model": {"model_preset": "base"},
+                                                  "optimizer": {"optimizer_type": "Adafactor"},
+                                                  "train": {"gradient_checkpointing": True, "full_bf16": True,
+                                                            "fused_backward_pass": True}}),
+    ("SDXL LoRA 32, ckpt", {"model": {"model_preset": "base"}, "train": {"gradient_checkpointing": True},
+                            "network": {"network_module": "lora", "network_dim": 32, "network_train_unet_only": True}}),
+    ("SD3.5-medium LoRA 32, ckpt", {"model": {"model_family": "sd3", "model_preset": "sd35_medium"},
+                                    "train": {"gradient_checkpointing": True},
+                                    "network": {"network_module": "lora", "network_dim": 32,
+                                                "network_train_unet_only": True}}),
+]
+BASE = {"model": {"model_family": "sdxl"}, "data": {"resolution": 1024, "batch_size": 1},
+        "cache": {"cache_dir": "<cache>", "cache_text_encoder_outputs": True}}
 
 
-@functools.lru_cache(maxsize=None)
-def build_meta(model: str, preset: str = "") -> tuple[nn.Module, list[nn.Module]]:
-    """The network on the meta device and its checkpointed blocks."""
-    with torch.device("meta"):
-        if model == "sdxl":
-            net = unet_sdxl.UNet(unet_sdxl.PRESETS[preset or "base"])
-            blocks = [*net.input_blocks, net.middle_block, *net.output_blocks]
-        else:
-            net = mmdit.MMDiT(mmdit.PRESETS[preset or "sd3_medium"])
-            blocks = list(net.joint_blocks)
-    return net.to(torch.bfloat16), blocks
+# ---------------------------------------------------------------------------------------------------------------------
+# Memory of this process
 
 
-def meta_inputs(net: nn.Module, model: str, batch: int, resolution: int) -> tuple:
-    side = resolution // VAE_FACTOR
-    kw = dict(device="meta", dtype=torch.bfloat16)
-    cfg = net.cfg
-    if model == "sdxl":
-        return (torch.empty(batch, cfg.in_channels, side, side, **kw), torch.empty(batch, device="meta"),
-                torch.empty(batch, SDXL_TOKENS, cfg.context_dim, **kw), torch.empty(batch, cfg.adm_in_channels, **kw))
-    return (torch.empty(batch, cfg.in_channels, side, side, **kw), torch.empty(batch, device="meta"),
-            torch.empty(batch, cfg.adm_in_channels, **kw), torch.empty(batch, SD3_TOKENS, cfg.context_in_dim, **kw))
+def tame_malloc() -> None:
+    """glibc: blocks >= 64 KiB mmapped and returned when freed (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_)."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, MMAP_THRESHOLD)  # M_TRIM_THRESHOLD
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+def rss() -> tuple[int, int]:
+    """(resident, peak resident) bytes of this process."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+    return out["VmRSS"], out["VmHWM"]
 
 
-class _FlashLikeAttention(torch.autograd.Function):
-    """What flash / cuDNN / memory-efficient SDPA keep for backward: q, k, v, the output and a [B, H, N] fp32
-    log-sum-exp; never the N x M attention matrix the math kernel (and the meta device) would save."""
-
-    @staticmethod
-    def forward(ctx, q, k, v):
-        out = q.new_empty(*q.shape[:-1], v.shape[-1])
-        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
-        return out
-
-    @staticmethod
-    def backward(ctx, g):  # pragma: no cover - never run (meta tensors, no backward)
-        raise NotImplementedError
+def reset_peak() -> None:
+    """Peak resident size := the current one (Linux: clear_refs 5)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
-def _flash_like_sdpa(q, k, v, *args, **kwargs):
-    return _FlashLikeAttention.apply(q, k, v)
+def _nbytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
-@functools.lru_cache(maxsize=None)
-def activation_bytes(model: str, batch: int, resolution: int, ckpt: bool, preset: str = "") -> dict[str, int]:
-    """Saved-for-backward bytes of one forward (see the module doc) -> {"activations", "largest"}."""
-    net, blocks = build_meta(model, preset)
-    net.train()
-    params = {id(p) for p in net.parameters()}
-    current: list[int | None] = [None]  # index of the top-level block running now
-    per_block = [0] * len(blocks)
-    outside, largest = [0], [0]
-    seen: set[int] = set()
-    keep: list[torch.Tensor] = []  # meta tensors, no memory: keeps ids unique
+# ---------------------------------------------------------------------------------------------------------------------
+# A real run of a config on the CPU
 
-    def pack(t: torch.Tensor):
-        base = t._base if t._base is not None else t
-        if id(t) in params or id(base) in params or id(base) in seen:
-            return t
-        seen.add(id(base))
-        keep.append(base)
-        n = _nbytes(base)
-        largest[0] = max(largest[0], n)
-        if current[0] is None:
-            outside[0] += n
-        else:
-            per_block[current[0]] += n
-        return t
 
-    block_inputs = [0]
-    inputs_seen: set[int] = set()
-
-    def pre(i):
-        def hook(_m, args):
-            current[0] = i
-            for a in args:
-                if torch.is_tensor(a) and id(a) not in inputs_seen:
-                    inputs_seen.add(id(a))
-                    keep.append(a)
-                    block_inputs[0] += _nbytes(a)
-        return hook
-
-    def post(_m, _a, _o):
-        current[0] = None
-
-    handles = [b.register_forward_pre_hook(pre(i)) for i, b in enumerate(blocks)]
-    handles += [b.register_forward_hook(post) for b in blocks]
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    torch.nn.functional.scaled_dot_product_attention = _flash_like_sdpa
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            net(*meta_inputs(net, model, batch, resolution))
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = sdpa
-    for h in handles:
-        h.remove()
-    if ckpt:
-        act = outside[0] + block_inputs[0] + max(per_block)
+def _inputs(comp: Any, s: planner.Setup, b: int) -> dict[str, Any]:
+    w, h = s.size
+    g = torch.Generator().manual_seed(0)
+    batch: dict[str, Any] = {}
+    if s.latents_cached:
+        batch["latents"] = torch.randn(b, comp.network.cfg.in_channels, h // 8, w // 8, generator=g)
     else:
-        act = outside[0] + sum(per_block)
-    return {"activations": act, "largest": largest[0]}
+        batch["images"] = torch.rand(b, 3, h, w, generator=g) * 2 - 1
+    if not (comp.text_encoders() and not s.text_cached):
+        batch["text"] = {k: torch.randn(v.shape, generator=g) for k, v in planner._cached_text(comp, s, b).items()}
+    return batch
 
 
-def optimizer_bytes(params: list[nn.Parameter], optimizer: str, state_bytes: int) -> int:
-    total = 0
-    for p in params:
-        n = p.numel()
-        if optimizer == "adamw":
-            total += 2 * n * state_bytes
-        elif optimizer == "adamw8bit":
-            total += 2 * (n + 4 * math.ceil(n / BNB_BLOCK))
-        elif optimizer == "adafactor":
-            s = p.shape
-            total += 4 * (math.prod(s[:-1]) + math.prod(s[:-2]) * s[-1]) if p.dim() >= 2 else 4 * n
+def measure(cfg: Any, steps: int = 2, log: Any = print) -> dict[str, int]:
+    """Run `cfg`'s training step on the CPU with random weights; the real sizes and peaks (bytes)."""
+    from diffusion.objectives import build_objective
+    from training.optim import build_optimizer
+    from training.steppers import make_stepper
+    s = planner.setup_of(cfg)
+    torch.manual_seed(0)
+    comp = models.from_config(cfg.model, device="cpu", seed=0, parts=s.parts, dtype=s.dtypes)
+    for m in comp.parts().values():
+        m.requires_grad_(False).eval()
+    net = comp.network
+    net.train()
+    net.gradient_checkpointing = s.ckpt
+    if s.lora:
+        from networks import lora
+        lnet = lora.create_network(comp, cfg.network, unet=not cfg.network.network_train_text_encoder_only,
+                                   text=not cfg.network.network_train_unet_only).apply_to()
+        lnet.requires_grad_(True).train()
+        trained = list(lnet.parameters())
+    else:
+        net.requires_grad_(True)
+        trained = list(net.parameters())
+        if cfg.train.train_text_encoder:
+            for name, te in comp.text_encoders().items():
+                if name != "t5":
+                    te.requires_grad_(True).train()
+                    trained += list(te.parameters())
+    fp8.apply(comp, s.fp8_parts, log)
+    out = {"weights": _nbytes([t for p in s.parts for t in (*getattr(comp, p).parameters(),
+                                                             *getattr(comp, p).buffers())])}
+    opt = build_optimizer([{"params": trained}], cfg.optimizer)
+    stepper = make_stepper(cfg, opt)
+    objective = build_objective(s.family, cfg.loss, bool(cfg.model.v_parameterization))
+    batch = _inputs(comp, s, s.batch)
+    autocast = torch.autocast("cpu", dtype=s.amp) if s.amp is not None else contextlib.nullcontext()
+
+    def step(measure_grads: bool = False) -> None:
+        with autocast:
+            if "latents" in batch:
+                latents = batch["latents"]
+            else:
+                with torch.no_grad(), torch.autocast("cpu", enabled=False):
+                    latents = comp.encode_images(batch["images"]).float()
+            if "text" in batch:
+                text = batch["text"]
+            else:
+                with contextlib.nullcontext() if s.trained_text else torch.no_grad():
+                    text = comp.encode_text(["a photo of a cat"] * s.batch, device="cpu")
+            text = {k: v.float() for k, v in text.items()}
+            sizes = tuple(torch.full((s.batch, 2), float(s.size[0])) for _ in range(3))
+            nb = objective.noise(latents, torch.Generator().manual_seed(1))
+            pred = net(nb.x_t, nb.t, **comp.conditioning(text, *sizes))
+            loss = objective.loss(pred.float(), nb, torch.ones(s.batch)).mean()
+        del pred
+        loss.backward()
+        if measure_grads:
+            out["gradients"] = _nbytes(p.grad for p in trained if p.grad is not None)
+        if hasattr(stepper, "finish"):
+            stepper.finish()
+        elif stepper is not None:
+            from training.steppers import per_parameter_step
+            per_parameter_step(opt, stepper, [p for p in trained if p.grad is not None])
         else:
-            raise ValueError(optimizer)
-    return total
+            opt.step()
+        opt.zero_grad(set_to_none=True)
 
-
-@dataclass
-class Setting:
-    model: str
-    batch: int = 1
-    resolution: int = 1024
-    optimizer: str = "adamw"
-    weights: str = "fp32"
-    fused: bool = False
-    ckpt: bool = False
-    sr: bool = False  # full_bf16 + stochastic rounding: stepped in fp32, fp32 optimizer state
-
-    def label(self) -> str:
-        return (f"{self.model} b{self.batch} {self.resolution}px {self.optimizer} {self.weights} weights"
-                + (" +fused" if self.fused else "") + (" +ckpt" if self.ckpt else "") + (" +SR" if self.sr else ""))
-
-
-def estimate(s: Setting, preset: str = "") -> dict[str, float]:
-    """Bytes of each part for one setting."""
-    net, _ = build_meta(s.model, preset)
-    params = list(net.parameters())
-    wb = BYTES[s.weights]
-    n = sum(p.numel() for p in params)
-    grads = max(p.numel() for p in params) * wb if s.fused else n * wb
-    state_b = 4 if (s.weights == "fp32" or s.sr) else wb
-    opt = optimizer_bytes(params, s.optimizer, state_b)
-    act = activation_bytes(s.model, s.batch, s.resolution, s.ckpt, preset)
-    sr_tmp = max(p.numel() for p in params) * 4 * 2 if s.sr else 0  # one parameter + its gradient in fp32
-    out = {"params": n, "weights": n * wb, "grads": grads, "optimizer": opt, "activations": act["activations"],
-           "transient": 2 * act["largest"] + sr_tmp}
-    out["total"] = sum(out[k] for k in ("weights", "grads", "optimizer", "activations", "transient"))
+    if not s.fused:  # the gradients of one backward pass, before any step frees them
+        t0 = time.perf_counter()
+        step(measure_grads=True)
+        log(f"step 1: {time.perf_counter() - t0:.1f} s")
+    for i in range(steps - (0 if s.fused else 1)):
+        gc.collect()
+        before, _ = rss()
+        reset_peak()
+        t0 = time.perf_counter()
+        step()
+        _, peak = rss()
+        out["step"] = peak - before
+        log(f"step {i + 1 + (0 if s.fused else 1)}: {time.perf_counter() - t0:.1f} s, peak over resident "
+            f"{(peak - before) / GB:.3f} GB")
+    if s.fused:
+        out["gradients"] = max(p.numel() * p.element_size() for p in trained)
+    out["optimizer"] = _nbytes(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+    with open("/proc/self/status") as f:
+        out["process"] = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
     return out
 
 
-STANDARD = [
-    Setting("sdxl", optimizer="adamw", weights="fp32"),
-    Setting("sdxl", optimizer="adamw", weights="fp32", ckpt=True),
-    Setting("sdxl", optimizer="adamw8bit", weights="bf16", ckpt=True),
-    Setting("sdxl", optimizer="adafactor", weights="bf16", ckpt=True),
-    Setting("sdxl", optimizer="adafactor", weights="bf16", fused=True, ckpt=True),
-    Setting("sdxl", optimizer="adafactor", weights="bf16", fused=True, ckpt=True, sr=True),
-    Setting("sdxl", batch=4, optimizer="adafactor", weights="bf16", fused=True, ckpt=True, sr=True),
-    Setting("sd3", optimizer="adamw", weights="fp32"),
-    Setting("sd3", optimizer="adamw", weights="fp32", ckpt=True),
-    Setting("sd3", optimizer="adafactor", weights="bf16", fused=True, ckpt=True, sr=True),
-]
+# ---------------------------------------------------------------------------------------------------------------------
 
 
-def table(settings: list[Setting], preset: str = "") -> list[tuple[Setting, dict[str, float]]]:
-    rows = [(s, estimate(s, preset)) for s in settings]
-    print(f"{'setting':62s} {'weights':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'transnt':>8} {'total GB':>9}"
-          f" {'24 GB?':>6}")
-    for s, r in rows:
-        print(f"{s.label():62s} " + " ".join(f"{r[k] / GB:8.2f}" for k in
-              ("weights", "grads", "optimizer", "activations", "transient"))
-              + f" {r['total'] / GB:9.2f} {'yes' if r['total'] < 24 * GB else 'no':>6}")
-    return rows
+def _cfg(overrides: dict[str, dict[str, Any]]) -> Any:
+    raw: dict[str, dict[str, Any]] = {k: dict(v) for k, v in BASE.items()}
+    for table, fields in overrides.items():
+        raw.setdefault(table, {}).update(fields)
+    return config_from_dict(raw)
 
 
-def main() -> None:
+def standard_table() -> None:
+    print(f"{'setting':44s} {'weights':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'total GB':>9}  (planner, CUDA "
+          "policy, no reserve)")
+    for label, over in STANDARD:
+        p = planner.estimate(_cfg(over), device_type="cuda")
+        w = sum(t.bytes for t in p.terms if t.name.startswith("weights"))
+        row = [w, p.term("gradients"), p.term("optimizer"), p.term("activations")]
+        print(f"{label:44s} " + " ".join(f"{v / GB:8.2f}" for v in row) + f" {sum(row) / GB:9.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=("sdxl", "sd3"))
-    ap.add_argument("--preset", default="", help="model preset (default: base / sd3_medium; tiny for a smoke run)")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--resolution", type=int, default=1024)
-    ap.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit", "adafactor"))
-    ap.add_argument("--weights", default="fp32", choices=tuple(BYTES))
-    ap.add_argument("--fused", action="store_true")
-    ap.add_argument("--ckpt", action="store_true")
-    ap.add_argument("--sr", action="store_true", help="full_bf16 + stochastic rounding (fp32 steps and state)")
-    a = ap.parse_args()
-    if a.model is None:
-        table(STANDARD, a.preset)
-    else:
-        table([Setting(a.model, a.batch, a.resolution, a.optimizer, a.weights, a.fused, a.ckpt, a.sr)], a.preset)
+    ap.add_argument("config", nargs="?", help="TOML config (default: the standard table)")
+    ap.add_argument("overrides", nargs="*", help="table.key=value overrides")
+    ap.add_argument("--measure", action="store_true", help="also run the config on the CPU and measure it")
+    ap.add_argument("--steps", type=int, default=2, help="measured steps (the first allocates the optimizer state)")
+    ap.add_argument("--default-malloc", action="store_true", help="keep glibc's allocator defaults")
+    a = ap.parse_args(argv)
+    if a.config is None:
+        standard_table()
+        return 0
+    if a.measure and not a.default_malloc:
+        tame_malloc()
+    cfg = load_config(a.config, a.overrides)
+    device_type = "cpu" if a.measure else "cuda"
+    t0 = time.perf_counter()
+    plan = planner.estimate(cfg, device_type=device_type)
+    print(planner.report(plan))
+    print(f"(planned in {time.perf_counter() - t0:.1f} s)")
+    if not a.measure:
+        return 0
+    got = measure(cfg, a.steps)
+    planned_step = plan.term("activations") + (0 if plan.setup.fused else plan.term("gradients"))
+    rows = [("weights", sum(t.bytes for t in plan.terms if t.name.startswith("weights")), got["weights"]),
+            ("gradients", plan.term("gradients"), got["gradients"]),
+            ("optimizer", plan.term("optimizer"), got["optimizer"]),
+            ("step (activations" + ("" if plan.setup.fused else " + gradients") + ")", planned_step, got["step"]),
+            ("process peak", plan.total, got["process"])]
+    print(f"{'term':36s} {'planned GB':>11} {'measured GB':>12} {'ratio':>7}")
+    for name, want, have in rows:
+        print(f"{name:36s} {want / GB:11.3f} {have / GB:12.3f} {have / max(want, 1):7.3f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

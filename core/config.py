@@ -72,6 +72,8 @@ class ModelConfig:
     t5_max_token_length: int = opt(256, "SD3: T5 tokens per caption (at least 77, as the reference pads to)", min=77)
     vae_dtype: str = opt("fp32", "VAE compute precision (the original SDXL VAE overflows in fp16)", choices=PRECISIONS)
     text_encoder_dtype: str = opt("fp32", "precision of frozen text encoders", choices=PRECISIONS)
+    fp8_base: bool = opt(False, "LoRA: keep the frozen base (network and text encoders) in fp8 e4m3 with per-channel scales, upcast per layer at use (kohya option; a quarter of fp32, half of bf16; docs/low-vram.md)")
+    fp8_base_unet: bool = opt(False, "LoRA: fp8 base for the diffusion network only (kohya's fp8_base_unet); text encoders stay in text_encoder_dtype")
 
 
 @dataclass
@@ -180,6 +182,7 @@ class TrainConfig:
     full_bf16: bool = opt(False, "keep trained weights in bf16 (memory); requires mixed_precision = bf16")
     full_fp16: bool = opt(False, "keep trained weights in fp16 (memory); requires mixed_precision = fp16")
     gradient_checkpointing: bool = opt(False, "recompute activations per block in the backward pass")
+    blocks_to_swap: int = opt(0, "keep this many of the network's blocks in CPU memory and stream each to the GPU around its forward and backward (kohya option; needs gradient_checkpointing, and fused_backward_pass for a full fine-tune; docs/low-vram.md)", min=0)
     fused_backward_pass: bool = opt(False, "step each parameter inside backward and free its gradient at once (kohya option; one GPU, no accumulation; max_grad_norm then clips each parameter's gradient on its own)")
     stochastic_rounding: bool = opt(True, "with full_bf16: step in fp32 one parameter at a time and round the new bf16 weight stochastically (unbiased; small updates are not lost)")
     gradient_accumulation_steps: int = opt(1, "micro-steps per optimizer step", min=1)
@@ -654,9 +657,27 @@ def _validate(cfg: Config) -> None:
         if set(g) - {"pattern", "lr"} or "pattern" not in g:
             raise ConfigError(f"optimizer.param_groups[{i}]: expected {{pattern = 'regex', lr = number}}, got {g!r}")
     _validate_network(cfg)
+    _validate_low_vram(cfg)
     for spec in (d.caption_processor, d.description_processor, d.num_repeats_getter):
         if spec and ":" not in spec:
             raise ConfigError(f"data: hook `{spec}` must look like 'package.module:function' or 'path/file.py:function'")
+
+
+def _validate_low_vram(cfg: Config) -> None:
+    """Block swap and fp8 base weights: the combinations they need (training/blockswap.py, training/fp8.py)."""
+    t, m = cfg.train, cfg.model
+    if t.blocks_to_swap:
+        if not t.gradient_checkpointing:
+            raise ConfigError("train.blocks_to_swap needs train.gradient_checkpointing = true (without it autograd "
+                              "keeps every block's weights for the backward pass and swapping saves nothing)")
+        if t.fsdp:
+            raise ConfigError("train.blocks_to_swap cannot be combined with train.fsdp (FSDP shards the blocks instead)")
+        if not cfg.network.network_module and not t.fused_backward_pass:
+            raise ConfigError("train.blocks_to_swap in a full fine-tune needs train.fused_backward_pass = true (each "
+                              "parameter is stepped while its block is on the GPU)")
+    if (m.fp8_base or m.fp8_base_unet) and not cfg.network.network_module:
+        raise ConfigError("model.fp8_base / fp8_base_unet are for [network] (LoRA) runs: the frozen base is stored in "
+                          "fp8; trained weights cannot be")
 
 
 def _validate_network(cfg: Config) -> None:
