@@ -4,6 +4,7 @@
     torchrun --nproc_per_node=4 train.py cfg.toml [table.key=value ...]
     python train.py cfg.toml                      # one process
     python train.py cfg.toml --print-config       # resolved config as TOML, then exit
+    python train.py cfg.toml --plan [--gpu-memory 24GiB]   # the memory plan (training/planner.py), then exit
 
 Reads latents from the store written by cache.py ([cache] cache_dir) or encodes images on the fly.
 Writes output_dir/{models,samples,logs,state}. Resume with train.resume = "auto".
@@ -44,7 +45,7 @@ from data.loader import batches_per_epoch, make_loader, usable_rows
 from data.sources import require_store_for_containers
 from data.store import LatentStore
 from diffusion.objectives import Objective, build_objective
-from training import crash, run_metadata, speed, summary
+from training import blockswap, crash, fp8, planner, run_metadata, speed, summary
 from training import resume as rstate
 from training.checkpointer import Checkpointer, Progress, read_resume_state
 from training.ema import EMA
@@ -58,6 +59,10 @@ from training.validation import HeldOut, Validator, check_validation_settings, h
 
 DTYPES = {"no": None, **models.DTYPES}  # config precision names -> torch dtypes ("no": no autocast)
 EXIT_BAD_LOSS = 3
+PLAN_FLAGS = (("--plan", "print the memory plan (weights, gradients, optimizer, activations; built on the meta "
+                         "device, nothing loaded) and exit"),
+              ("--gpu-memory", {"metavar": "SIZE", "help": "memory to plan for, e.g. 24GiB (default: this GPU's); "
+                                "a run warns when its estimate exceeds it"}))
 BAD_STEPS_STOP = ("{n} consecutive steps with a non-finite loss or gradient: stopping at step {step}. A resumable "
                   "state was saved; lower the learning rate or check the data / precision settings.")
 
@@ -66,13 +71,15 @@ BAD_STEPS_STOP = ("{n} consecutive steps with a non-finite loss or gradient: sto
 @releases_locks
 def main(argv: list[str] | None = None) -> int:
     """One training run (module docstring); returns the exit status (0, or EXIT_BAD_LOSS)."""
-    cfg, _ = cli.parse(argv, "train.py", __doc__ or "")
+    cfg, args = cli.parse(argv, "train.py", __doc__ or "", extra_flags=PLAN_FLAGS)
     t_start = time.perf_counter()
     info = dist.init()
     device, master = info.device, dist.is_main()
 
     # ---- settings that only make sense together, checked before anything is created or loaded; precision
     cfg, family, notes, objective, prompts = resolve_settings(cfg, info.world_size)
+    if args.plan:  # before anything is written or loaded: the parts are built on the meta device
+        return planner.plan_command(cfg, info.world_size, device, args.gpu_memory) if master else 0
     amp_dtype, weight_dtype = DTYPES[cfg.train.mixed_precision], trained_weight_dtype(cfg.train)
     autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext
 
@@ -87,9 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     data = load_data(cfg, paths["state"], info.world_size)
     total_steps, accum = data.total_steps, cfg.train.gradient_accumulation_steps
 
-    # ---- model: the network, the frozen (or trained) text encoders, the VAE when needed; what is trained
+    # ---- model: the memory it will need (estimated on the meta device first), the network, the frozen (or
+    # trained) text encoders, the VAE when needed; what is trained; the frozen base in fp8 (model.fp8_base)
+    memory = planner.startup_line(cfg, info.world_size, device, args.gpu_memory, log.warning) if master else ""
     comp = load_components(cfg, family, prompts, device, weight_dtype, data.validation.needs_encoders)
     trainable = build_trainable(cfg, comp, device, log)
+    fp8.apply(comp, fp8.fp8_parts(cfg.model, family), log.info)
     log.info(f"{family.name}: network {sum(p.numel() for p in comp.network.parameters()) / 1e6:.1f}M parameters "
              f"({weight_dtype}), autocast {amp_dtype}, trained: {trainable.describe()}")
     saved = read_resume_state(run.resume_path, trainable)  # a full state's weights go in before wrapping
@@ -99,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     ema = make_ema(cfg.train, trainable, device)
     optimizer, scheduler, stepper = build_optimization(cfg, trainable, total_steps, device)
     mode = OptimizerMode.of(optimizer)  # schedule-free: validation, previews and exports see its eval-mode weights
+    blockswap.start(cfg.train, comp.network, device, optimizer, log.info)  # train.blocks_to_swap
     train_meta = training_metadata(cfg, family, data, optimizer) if master else {}
     steplog = StepLog(LossRecorder(cfg.log.loss_recorder_stride, cfg.log.loss_recorder_gamma))  # read when logged
 
@@ -121,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg=cfg, world_size=info.world_size, device=device, index=data.index, rows=data.rows, comp=comp,
             trained=trainable.trainee, optimizer=optimizer, steps_per_epoch=data.steps_per_epoch,
             total_steps=total_steps, start_step=progress.step, out_dir=run.out_dir, amp_dtype=amp_dtype,
-            weight_dtype=weight_dtype))
+            weight_dtype=weight_dtype, memory=memory))
     if cfg.sample.sample_at_first and progress.step == 0:
         previews.run(0)
     bar = summary.Progress(total_steps, progress.step, enabled=master, log=log.info)
@@ -363,7 +374,7 @@ def parallelize(t: TrainConfig, comp: Any, family: models.Family, trainable: Tra
     shards each of the family's blocks and then the root (its parameters become sharded ones: the optimizer is
     built afterwards), DDP replicates it."""
     blocks = [b for name in family.blocks for b in getattr(comp.network, name)]
-    speed.apply(t, comp, blocks, device, amp_dtype, log.info)
+    speed.apply(t, comp, blockswap.resident(comp.network, t.blocks_to_swap, blocks), device, amp_dtype, log.info)
     if t.fsdp:
         return dist.wrap_fsdp(trainable.trainee, blocks + [comp.network], amp_dtype)
     return dist.wrap_ddp(trainable.trainee, find_unused_parameters=trainable.find_unused)

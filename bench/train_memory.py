@@ -134,14 +134,14 @@ def measure(cfg: Any, steps: int = 2, log: Any = print) -> dict[str, int]:
         trained = list(net.parameters())
         if cfg.train.train_text_encoder:
             for name, te in comp.text_encoders().items():
-                if name != "t5":
+                if name in models.family(s.family).trainable_text_lr:
                     te.requires_grad_(True).train()
                     trained += list(te.parameters())
     fp8.apply(comp, s.fp8_parts, log)
     out = {"weights": _nbytes([t for p in s.parts for t in (*getattr(comp, p).parameters(),
                                                              *getattr(comp, p).buffers())])}
     opt = build_optimizer([{"params": trained}], cfg.optimizer)
-    stepper = make_stepper(cfg, opt)
+    stepper = make_stepper(cfg, opt, torch.device("cpu"))
     objective = build_objective(s.family, cfg.loss, bool(cfg.model.v_parameterization))
     batch = _inputs(comp, s, s.batch)
     autocast = torch.autocast("cpu", dtype=s.amp) if s.amp is not None else contextlib.nullcontext()
@@ -164,16 +164,10 @@ def measure(cfg: Any, steps: int = 2, log: Any = print) -> dict[str, int]:
             pred = net(nb.x_t, nb.t, **comp.conditioning(text, *sizes))
             loss = objective.loss(pred.float(), nb, torch.ones(s.batch)).mean()
         del pred
-        loss.backward()
+        stepper.backward(loss)
         if measure_grads:
             out["gradients"] = _nbytes(p.grad for p in trained if p.grad is not None)
-        if hasattr(stepper, "finish"):
-            stepper.finish()
-        elif stepper is not None:
-            from training.steppers import per_parameter_step
-            per_parameter_step(opt, stepper, [p for p in trained if p.grad is not None])
-        else:
-            opt.step()
+        stepper.step(True)
         opt.zero_grad(set_to_none=True)
 
     if not s.fused:  # the gradients of one backward pass, before any step frees them
@@ -192,7 +186,8 @@ def measure(cfg: Any, steps: int = 2, log: Any = print) -> dict[str, int]:
             f"{(peak - before) / GB:.3f} GB")
     if s.fused:
         out["gradients"] = max(p.numel() * p.element_size() for p in trained)
-    out["optimizer"] = _nbytes(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+    state = {v.untyped_storage().data_ptr(): v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)}
+    out["optimizer"] = _nbytes(state.values())  # shared tensors (bitsandbytes' quantile maps) once
     with open("/proc/self/status") as f:
         out["process"] = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
     return out

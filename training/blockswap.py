@@ -156,8 +156,8 @@ def _tensors(obj: Any) -> list[Tensor]:
 class BlockSwap:
     """N blocks of a network kept in CPU memory and streamed to `device` around their forward and backward.
 
-    Use: `BlockSwap(net, n)` before compiling (`resident(blocks)`: the blocks that may be compiled), then
-    `start(device, optimizer)` once the model is wrapped and the optimizer (and fused-backward stepper) exist.
+    Use: `BlockSwap(net, n)`, then `start(device, optimizer)` once the model is wrapped and the optimizer exists
+    (train.py: `start()` below; `resident()` says which blocks regional compile may compile).
     """
 
     def __init__(self, net: nn.Module, n: int):
@@ -171,11 +171,6 @@ class BlockSwap:
         self._callback_queued = False
         self._unsynced = False  # device-to-host copies issued since the host last waited for them
         self.moved = 0  # bytes copied either way since start (bench: bytes per step)
-
-    def resident(self, blocks: list[nn.Module]) -> list[nn.Module]:
-        """Of `blocks`, those not swapped (e.g. the ones to compile: a swapped block's hooks move its weights)."""
-        swapped = {id(self.blocks[i]) for i in self.chosen}
-        return [b for b in blocks if id(b) not in swapped]
 
     def swapped_bytes(self) -> int:
         return sum(block_bytes(self.blocks[i]) for i in self.chosen)
@@ -370,3 +365,23 @@ class BlockSwap:
         if self._unsynced and self.copier is not None:
             self.copier.sync()
             self._unsynced = False
+
+
+def resident(net: nn.Module, n: int, blocks: list[nn.Module]) -> list[nn.Module]:
+    """Of `blocks`, those train.blocks_to_swap = n leaves on the device (the ones regional compile may compile)."""
+    if not n:
+        return blocks
+    all_blocks = swappable_blocks(net)
+    swapped = {id(all_blocks[i]) for i in choose(all_blocks, n)}
+    return [b for b in blocks if id(b) not in swapped]
+
+
+def start(t: Any, net: nn.Module, device: torch.device, optimizer: torch.optim.Optimizer | None,
+          log: Callable[[str], None]) -> BlockSwap | None:
+    """train.blocks_to_swap's swapping, started once the model is wrapped and the optimizer built (their set-up
+    sees every parameter on the device); None when not asked for."""
+    if not t.blocks_to_swap:
+        return None
+    swap = BlockSwap(net, t.blocks_to_swap).start(device, optimizer)
+    log(swap.describe())
+    return swap

@@ -128,13 +128,13 @@ def convert(model: nn.Module) -> Report:
     return rep
 
 
-def fp8_parts(model_cfg: Any, family_parts: dict[str, tuple[str, ...]], family: str,
-              network_part: str) -> tuple[str, ...]:
-    """The parts model.fp8_base (network + text encoders) / model.fp8_base_unet (network only) store in fp8."""
+def fp8_parts(model_cfg: Any, family: Any) -> tuple[str, ...]:
+    """The parts model.fp8_base (network + text encoders) / model.fp8_base_unet (network only) store in fp8;
+    `family`: the models.Family record."""
     if model_cfg.fp8_base:
-        return (network_part, *family_parts[family])
+        return (family.network, *family.text_encoders)
     if model_cfg.fp8_base_unet:
-        return (network_part,)
+        return (family.network,)
     return ()
 
 

@@ -66,15 +66,13 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 
 class LiveBytes(TorchDispatchMode):
     """Bytes of the storages alive that were created inside this mode (views share their base's storage), and the
-    peak; `mark` is called at each new peak (to read other counters at that moment)."""
+    peak."""
 
     def __init__(self) -> None:
         super().__init__()
         self.storages: dict[int, list[int]] = {}  # storage id -> [live tensors, bytes]
         self.live = 0
         self.peak = 0
-        self.at_peak: dict[str, int] = {}
-        self.extra: dict[str, int] = {}  # other counters (gradients alive), copied into at_peak at each peak
 
     def _track(self, t: Tensor) -> None:
         st = t.untyped_storage()
@@ -83,9 +81,7 @@ class LiveBytes(TorchDispatchMode):
         if entry is None:
             entry = self.storages[key] = [0, st.nbytes()]
             self.live += entry[1]
-            if self.live > self.peak:
-                self.peak = self.live
-                self.at_peak = dict(self.extra)
+            self.peak = max(self.peak, self.live)
         entry[0] += 1
         weakref.finalize(t, self._drop, key)
 
@@ -190,7 +186,7 @@ class Setup:
 
 def setup_of(cfg: Any, world_size: int = 1) -> Setup:
     """The run's Setup (parts loaded as train.py loads them)."""
-    family = models.family_of(cfg.model)
+    fam = models.family(models.family_of(cfg.model))
     t, n = cfg.train, cfg.network
     smp = cfg.sample
     prompts = bool(smp.sample_prompts) and bool(smp.sample_every_n_steps or smp.sample_every_n_epochs or
@@ -199,19 +195,18 @@ def setup_of(cfg: Any, world_size: int = 1) -> Setup:
     lora = bool(n.network_module)
     trained_text = t.train_text_encoder or (lora and not n.network_train_unet_only)
     need_text = not cfg.cache.cache_text_encoder_outputs or prompts or trained_text
-    text_parts = [p for p in models.TEXT_PARTS[family] if not (p == "t5" and not cfg.model.use_t5)]
-    parts = [models.NETWORK_PART[family]] + (["vae"] if (not use_store or prompts) else []) \
+    text_parts = [p for p in fam.text_encoders if not (p in fam.optional_parts and not cfg.model.use_t5)]
+    parts = [fam.network] + (["vae"] if (not use_store or prompts) else []) \
         + (text_parts if need_text else [])
     weight = torch.bfloat16 if t.full_bf16 else torch.float16 if t.full_fp16 else torch.float32
     dt = models.DTYPES
     dtypes = {p: dt[cfg.model.text_encoder_dtype] for p in text_parts}
     if t.train_text_encoder:
-        dtypes.update({p: weight for p in text_parts if p != "t5"})
-    dtypes.update({models.NETWORK_PART[family]: weight, "vae": dt[cfg.model.vae_dtype]})
+        dtypes.update({p: weight for p in text_parts if p in fam.trainable_text_lr})
+    dtypes.update({fam.network: weight, "vae": dt[cfg.model.vae_dtype]})
     res = cfg.data.resolution
     size = (res[0], res[1]) if isinstance(res, list) else (res, res)
-    return Setup(family=family, parts=parts, dtypes=dtypes,
-                 fp8_parts=fp8.fp8_parts(cfg.model, models.TEXT_PARTS, family, models.NETWORK_PART[family]),
+    return Setup(family=fam.name, parts=parts, dtypes=dtypes, fp8_parts=fp8.fp8_parts(cfg.model, fam),
                  lora=lora, trained_text=trained_text, text_cached=not need_text or cfg.cache.cache_text_encoder_outputs,
                  latents_cached=use_store, amp=None if t.mixed_precision == "no" else dt[t.mixed_precision],
                  batch=cfg.data.batch_size, size=size, ckpt=t.gradient_checkpointing, fused=t.fused_backward_pass,
@@ -222,7 +217,7 @@ def setup_of(cfg: Any, world_size: int = 1) -> Setup:
 def meta_components(cfg: Any, s: Setup) -> Any:
     """The loaded parts built on the meta device in their dtypes: from the checkpoint's header (no tensor is read)
     or from the preset."""
-    fam = models.FAMILIES[s.family]
+    fam = models.family(s.family)
     opts = {"max_token_length": cfg.model.max_token_length, "t5_max_token_length": cfg.model.t5_max_token_length,
             "t5_tokenizer": cfg.model.t5_tokenizer, "use_t5": cfg.model.use_t5}
     path = cfg.model.pretrained_model_name_or_path
@@ -234,20 +229,20 @@ def meta_components(cfg: Any, s: Setup) -> Any:
         separate = {"vae": cfg.model.vae, "te1": cfg.model.clip_l, "clip_l": cfg.model.clip_l,
                     "clip_g": cfg.model.clip_g, "t5": cfg.model.t5xxl}
         for name, p in separate.items():
-            if p and name in fam.PREFIX and name in s.parts:
+            if p and name in fam.prefix and name in s.parts:
                 sub = models.open_checkpoint(p).shapes()
-                own = strip_prefix(sub, fam.PREFIX[name])
-                shapes.update({fam.PREFIX[name] + k: v for k, v in (own or sub).items()})
+                own = strip_prefix(sub, fam.prefix[name])
+                shapes.update({fam.prefix[name] + k: v for k, v in (own or sub).items()})
         cfgs = fam.configs_from_shapes(shapes)
         if "vae" in s.parts and "vae" not in cfgs:  # a diffusers-named VAE file: the family's standard VAE
-            cfgs["vae"] = fam.preset_configs(next(iter(fam.PRESETS)))["vae"]
+            cfgs["vae"] = fam.preset_configs(next(iter(fam.presets)))["vae"]
         modules = {}
         for name in s.parts:
             with torch.device("meta"):
                 modules[name] = fam.module_for(name, cfgs[name]).to(s.dtypes.get(name))
-        if s.family == "sd3" and fam.CONTEXT_EMBEDDER in shapes:
-            opts["context_dim"] = shapes[fam.CONTEXT_EMBEDDER][1]
-        comp = models._make(s.family, modules, opts)  # noqa: SLF001 - the meta build of models.load, without reading
+        if models.sd3.CONTEXT_EMBEDDER in shapes:  # as models.load: the MMDiT's context width
+            opts["context_dim"] = shapes[models.sd3.CONTEXT_EMBEDDER][1]
+        comp = models._assemble(fam, modules, opts)  # noqa: SLF001 - models.load's meta build, nothing read
     for name in s.fp8_parts:
         if getattr(comp, name, None) is not None:
             getattr(comp, name).requires_grad_(False)
@@ -309,7 +304,7 @@ def trained_params(cfg: Any, comp: Any, s: Setup) -> tuple[list[nn.Parameter], A
     params = list(comp.network.parameters())
     if cfg.train.train_text_encoder:
         for name, m in comp.text_encoders().items():
-            if name in ("te1", "te2", "clip_l", "clip_g"):
+            if name in models.family(s.family).trainable_text_lr:
                 params += list(m.parameters())
     return params, None
 
@@ -344,15 +339,20 @@ def optimizer_bytes(cfg: Any, params: list[nn.Parameter], s: Setup) -> tuple[int
                     else 4 * p.numel() for p in params) if name == "came" else 0
         return _FORMULA_STATES[name] * full + extra, "formula (its package is not run here)"
     from training.optim import build_optimizer
-    copies = [nn.Parameter(torch.empty(p.shape, dtype=torch.float32 if s.sr else p.dtype, device="meta"))
-              for p in params]
+    # the state of one parameter depends on its shape and dtype only: one meta copy of each kind is stepped
+    kinds: dict[tuple, int] = {}
+    for p in params:
+        k = (tuple(p.shape), torch.float32 if s.sr else p.dtype)
+        kinds[k] = kinds.get(k, 0) + 1
+    copies = [nn.Parameter(torch.empty(shape, dtype=dtype, device="meta")) for shape, dtype in kinds]
     for c in copies:
         c.grad = torch.empty_like(c)
     ocfg = dataclasses.replace(cfg.optimizer, optimizer_kwargs={k: v for k, v in kw.items()
                                                                 if k not in ("fused", "foreach", "capturable")})
     opt = build_optimizer([{"params": copies}], ocfg)
     opt.step()
-    total = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
+    total = sum(n * sum(v.numel() * v.element_size() for v in opt.state[c].values() if torch.is_tensor(v))
+                for c, n in zip(copies, kinds.values()))
     return total, "stepped once on meta tensors"
 
 
@@ -362,18 +362,20 @@ def optimizer_bytes(cfg: Any, params: list[nn.Parameter], s: Setup) -> tuple[int
 
 def _cached_text(comp: Any, s: Setup, batch: int) -> dict[str, Tensor]:
     """What the loader gives for cached text-encoder outputs (train.py casts them to fp32)."""
-    if s.family == "sdxl":
-        t = CLIP_TOKENS * (comp.max_token_length // 75)
-        return {"context": torch.empty(batch, t, comp.network.cfg.context_dim, device="meta"),
-                "pooled": torch.empty(batch, comp.network.cfg.adm_in_channels - 6 * 256, device="meta")}
     c = comp.network.cfg
+    if hasattr(c, "context_dim"):  # the SDXL UNet: CLIP chunks of 77; y = pooled bigG + 6 size embeddings of 256
+        t = CLIP_TOKENS * (comp.max_token_length // 75)
+        return {"context": torch.empty(batch, t, c.context_dim, device="meta"),
+                "pooled": torch.empty(batch, c.adm_in_channels - 6 * 256, device="meta")}
     return {"context": torch.empty(batch, CLIP_TOKENS + comp.t5_max_token_length, c.context_in_dim, device="meta"),
             "pooled": torch.empty(batch, c.adm_in_channels, device="meta")}
 
 
 def simulate_step(comp: Any, s: Setup, trained: list[nn.Parameter], ckpt: bool, device_type: str = "cuda",
                   count_flops: bool = False) -> dict[str, int]:
-    """One micro-step on the meta device (see the module doc) -> {"peak", "grads_at_peak", "activations", "flops"}."""
+    """One micro-step on the meta device (see the module doc) -> {"peak": bytes the step allocates at most,
+    "grads": the trained parameters' gradients alive at its end (0 with a fused backward pass, which frees each at
+    once), "activations": the peak beyond those gradients, "flops"}."""
     net = comp.network
     net.train()
     old_ckpt = net.gradient_checkpointing
@@ -384,7 +386,6 @@ def simulate_step(comp: Any, s: Setup, trained: list[nn.Parameter], ckpt: bool, 
         p.grad = None
     live = LiveBytes()
     grads = {"grads": 0}
-    live.extra = grads
 
     def on_grad(p: Tensor) -> None:
         if s.fused:  # the fused backward pass steps and frees it at once
@@ -413,8 +414,17 @@ def simulate_step(comp: Any, s: Setup, trained: list[nn.Parameter], ckpt: bool, 
                         latents = comp.encode_images(images).float()
                     del images
             if comp.text_encoders() and not s.text_cached:
-                with contextlib.nullcontext() if s.trained_text else torch.no_grad():
-                    text = comp.encode_text(["a photo"] * b, device="meta")
+                # T5 checks its token ids on the host, which meta tensors cannot: zeros in its place (the reference
+                # allows it); its forward is frozen and over before the network runs
+                t5 = getattr(comp, "t5", None)
+                if t5 is not None:
+                    comp.t5 = None
+                try:
+                    with contextlib.nullcontext() if s.trained_text else torch.no_grad():
+                        text = comp.encode_text(["a photo"] * b, device="meta")
+                finally:
+                    if t5 is not None:
+                        comp.t5 = t5
             else:
                 text = _cached_text(comp, s, b)
             text = {k: v.float() for k, v in text.items()}
@@ -435,8 +445,9 @@ def simulate_step(comp: Any, s: Setup, trained: list[nn.Parameter], ckpt: bool, 
         net.gradient_checkpointing = old_ckpt
         for p in trained:
             p.grad = None
-    return {"peak": live.peak, "grads_at_peak": live.at_peak.get("grads", 0),
-            "activations": live.peak - live.at_peak.get("grads", 0),
+    # without a fused pass every gradient is alive at the end, so peak >= grads: the total weights + optimizer +
+    # gradients + activations is the simulated peak exactly
+    return {"peak": live.peak, "grads": grads["grads"], "activations": live.peak - grads["grads"],
             "flops": int(counter.get_total_flops()) if counter is not None else 0}
 
 
@@ -455,14 +466,17 @@ def _no_autocast(auto: AutocastEmulation) -> Iterator[None]:
 
 
 def _gib(n: float) -> str:
-    return f"{n / GIB:.2f} GiB"
+    """Bytes as GiB (MiB below 0.1 GiB: the tiny presets)."""
+    return f"{n / GIB:.2f} GiB" if abs(n) >= 0.1 * GIB else f"{n / 2**20:.1f} MiB"
 
 
 def estimate(cfg: Any, world_size: int = 1, device_type: str = "cuda", both_ckpt: bool = False,
-             cache: dict | None = None) -> Plan:
+             cache: dict | None = None, simulate: bool = True) -> Plan:
     """The memory plan of `cfg` (see the module doc). `both_ckpt`: also simulate the other checkpointing setting
-    (for the report); `cache`: simulation results kept between calls (suggestions re-plan variants)."""
+    (for the report); `cache`: simulation results kept between calls (suggestions re-plan variants); `simulate`:
+    False leaves the activations out (a cheap estimate: weights, gradients, optimizer)."""
     s = setup_of(cfg, world_size)
+    fam = models.family(s.family)
     comp = meta_components(cfg, s)
     plan = Plan(s)
     net = comp.network
@@ -481,14 +495,14 @@ def estimate(cfg: Any, world_size: int = 1, device_type: str = "cuda", both_ckpt
     for part, by_dtype in wb.items():
         total = sum(by_dtype.values())
         note = ", ".join(f"{k} {_gib(v)}" for k, v in by_dtype.items())
-        if part == models.NETWORK_PART[s.family] and swap_keep:
+        if part == fam.network and swap_keep:
             total -= swap_keep
             note += f"; -{_gib(swap_keep)} swapped to CPU"
-        if s.fsdp and (part == models.NETWORK_PART[s.family] or (s.trained_text and part in models.TEXT_PARTS[s.family])):
+        if s.fsdp and (part == fam.network or (s.trained_text and part in fam.text_encoders)):
             total //= max(1, s.world)
             note += f"; sharded over {s.world} ranks (FSDP)"
         plan.terms.append(Term(f"weights: {part}", total, note))
-    not_loaded = [p for p in ("vae", *models.TEXT_PARTS[s.family]) if p not in s.parts]
+    not_loaded = [p for p in ("vae", *fam.text_encoders) if p not in s.parts]
     if not_loaded:
         plan.info.append(f"not loaded: {', '.join(not_loaded)} (cached latents / text-encoder outputs, or unused)")
     if s.fp8_parts:
@@ -519,18 +533,22 @@ def estimate(cfg: Any, world_size: int = 1, device_type: str = "cuda", both_ckpt
     plan.terms.append(Term("optimizer", ob // shard, f"{cfg.optimizer.optimizer_type} ({how})"))
 
     # activations: the simulated step
+    if not simulate:
+        plan.reserve = 0
+        return plan
     key = _sim_key(cfg, s)
     cache = cache if cache is not None else {}
     if key not in cache:
-        cache[key] = simulate_step(comp, s, params, s.ckpt, count_flops=bool(s.swap))
+        cache[key] = simulate_step(comp, s, params, s.ckpt, device_type, count_flops=bool(s.swap))
     sim = cache[key]
     note = f"largest bucket {s.size[0]}x{s.size[1]}, batch {s.batch}, checkpointing {'on' if s.ckpt else 'off'}"
     if both_ckpt:
         other = _sim_key(cfg, s, not s.ckpt)
         if other not in cache:
-            cache[other] = simulate_step(comp, s, params, not s.ckpt)
+            cache[other] = simulate_step(comp, s, params, not s.ckpt, device_type)
         note += f" ({'off' if s.ckpt else 'on'}: {_gib(cache[other]['activations'])})"
-    plan.terms.append(Term("activations", sim["activations"], note + "; simulated step"))
+    plan.terms.append(Term("activations", sim["activations"], note + "; simulated step" +
+                           ("" if s.fused else ", its peak less the gradients")))
     if s.fsdp:
         blocks = blockswap.swappable_blocks(net)
         big = max(blockswap.block_bytes(b) for b in blocks)
@@ -557,7 +575,7 @@ def _state_share(cfg: Any, params: list[nn.Parameter], s: Setup) -> int:
 
 
 def _sim_key(cfg: Any, s: Setup, ckpt: bool | None = None) -> tuple:
-    return (s.batch, s.size, s.ckpt if ckpt is None else ckpt, s.fp8_parts, s.lora, s.trained_text, s.text_cached,
+    return (s.amp, s.batch, s.size, s.ckpt if ckpt is None else ckpt, s.fp8_parts, s.lora, s.trained_text, s.text_cached,
             s.latents_cached, s.fused, str(s.dtypes), cfg.network.network_dim, cfg.network.network_module)
 
 
@@ -583,8 +601,8 @@ def summary_line(plan: Plan, budget: int | None) -> str:
     """One line for the start-up summary."""
     parts = ", ".join(f"{name} {_gib(sum(t.bytes for t in plan.terms if t.name.startswith(name)))}"
                       for name in ("weights", "gradients", "optimizer", "activations"))
-    tail = f" of {_gib(budget)} on this device" if budget else ""
-    return f"{_gib(plan.total)}{tail} ({parts}; train.py --plan for the details)"
+    tail = f" of {_gib(budget)}" if budget else ""
+    return f"{_gib(plan.total)}{tail} estimated ({parts}; train.py --plan for the details)"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -688,10 +706,36 @@ def device_budget(device: torch.device) -> int | None:
     return None
 
 
-def check(plan: Plan, budget: int | None, warn: Callable[[str], None], cfg: Any = None, world_size: int = 1) -> None:
-    """Warn when the plan exceeds the device's memory, naming settings that would fit."""
-    if budget is None or plan.total <= budget:
-        return
-    fix = suggest(cfg, budget, world_size) if cfg is not None else None
-    warn(f"memory: the estimated peak {_gib(plan.total)} exceeds this device's {_gib(budget)}"
-         + (f"; {fix}" if fix else "; no setting tried fits (train.py --plan)"))
+# ---------------------------------------------------------------------------------------------------------------------
+# train.py
+
+
+def plan_command(cfg: Any, world_size: int, device: torch.device, gpu_memory: str | None,
+                 out: Callable[[str], None] = print) -> int:
+    """train.py --plan: the plan (for a CUDA device, both checkpointing settings), the verdict against --gpu-memory
+    (default: this machine's GPU) and, when over, one line naming the cheapest settings that fit."""
+    budget = parse_size(gpu_memory) if gpu_memory else device_budget(device)
+    cache: dict = {}
+    plan = estimate(cfg, world_size, "cuda", both_ckpt=True, cache=cache)
+    out(report(plan, budget))
+    if budget is not None and plan.total > budget:
+        fix = suggest(cfg, budget, world_size, cache=cache)
+        out(f"  {fix}" if fix else "  no setting tried fits: a larger GPU, FSDP over several, or a smaller resolution")
+    return 0
+
+
+def startup_line(cfg: Any, world_size: int, device: torch.device, gpu_memory: str | None,
+                 warn: Callable[[str], None]) -> str:
+    """The start-up summary's memory estimate, made before any weight is loaded, for a GPU run or when --gpu-memory
+    is given (else "": a CPU run's memory is the machine's RAM, and the meta-device build costs seconds); a warning
+    naming settings that fit when it exceeds the device's memory (or --gpu-memory)."""
+    budget = parse_size(gpu_memory) if gpu_memory else device_budget(device)
+    if budget is None:
+        return ""
+    cache: dict = {}
+    plan = estimate(cfg, world_size, "cuda", cache=cache)
+    if plan.total > budget:
+        fix = suggest(cfg, budget, world_size, cache=cache)
+        warn(f"memory: the estimated peak {_gib(plan.total)} exceeds {_gib(budget)}"
+             + (f"; {fix}" if fix else "; no setting tried fits (train.py --plan)"))
+    return summary_line(plan, budget)

@@ -72,8 +72,9 @@ def _dtype(m: nn.Module) -> str:
 
 def start_block(*, cfg: Any, world_size: int, device: torch.device, index: Any, rows: np.ndarray, comp: Any,
                 trained: nn.Module, optimizer: torch.optim.Optimizer, steps_per_epoch: int, total_steps: int,
-                start_step: int, out_dir: str, amp_dtype: torch.dtype | None, weight_dtype: torch.dtype) -> str:
-    """The start-of-run summary (one block of lines, for the log)."""
+                start_step: int, out_dir: str, amp_dtype: torch.dtype | None, weight_dtype: torch.dtype,
+                memory: str = "") -> str:
+    """The start-of-run summary (one block of lines, for the log); `memory`: the planner's estimate."""
     d, t = cfg.data, cfg.train
     accum = t.gradient_accumulation_steps
     effective = d.batch_size * accum * world_size
@@ -101,6 +102,7 @@ def start_block(*, cfg: Any, world_size: int, device: torch.device, index: Any, 
         *(f"optimizer group {g.get('name', '?')}: {len(g['params'])} tensors, lr {g['lr']:g}"
           for g in optimizer.param_groups),
         f"output     {out_dir}",
+        *([f"memory     {memory}"] if memory else []),
     ]
     return "\n".join(["run summary", RULE, *lines, RULE])
 
