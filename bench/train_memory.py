@@ -110,6 +110,29 @@ def _inputs(comp: Any, s: planner.Setup, b: int) -> dict[str, Any]:
     return batch
 
 
+def random_components(cfg: Any, s: planner.Setup) -> Any:
+    """The config's parts with random weights, materialised directly in their dtypes (models.build draws fp32
+    weights first: an SDXL UNet would need its 10 GB fp32 copy on the way to bf16). A checkpoint in the config is
+    read as usual."""
+    if cfg.model.pretrained_model_name_or_path:
+        return models.from_config(cfg.model, device="cpu", seed=0, parts=s.parts, dtype=s.dtypes)
+    comp = models.build(s.family, cfg.model.model_preset, device="meta", parts=s.parts, dtype=s.dtypes,
+                        max_token_length=cfg.model.max_token_length)
+    g = torch.Generator().manual_seed(0)
+    for name in s.parts:
+        m = getattr(comp, name).to_empty(device="cpu")
+        with torch.no_grad():
+            for key, p in m.named_parameters():  # matrices random, 1-D weights (norm scales) 1, biases 0
+                if p.dim() > 1:
+                    p.normal_(0.0, 0.02, generator=g)
+                else:
+                    p.fill_(1.0 if key.endswith("weight") else 0.0)
+            for b in m.buffers():
+                b.zero_()
+        setattr(comp, name, m)
+    return comp
+
+
 def measure(cfg: Any, steps: int = 2, log: Any = print) -> dict[str, int]:
     """Run `cfg`'s training step on the CPU with random weights; the real sizes and peaks (bytes)."""
     from diffusion.objectives import build_objective
@@ -117,7 +140,7 @@ def measure(cfg: Any, steps: int = 2, log: Any = print) -> dict[str, int]:
     from training.steppers import make_stepper
     s = planner.setup_of(cfg)
     torch.manual_seed(0)
-    comp = models.from_config(cfg.model, device="cpu", seed=0, parts=s.parts, dtype=s.dtypes)
+    comp = random_components(cfg, s)
     for m in comp.parts().values():
         m.requires_grad_(False).eval()
     net = comp.network
@@ -220,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--measure", action="store_true", help="also run the config on the CPU and measure it")
     ap.add_argument("--steps", type=int, default=2, help="measured steps (the first allocates the optimizer state)")
     ap.add_argument("--default-malloc", action="store_true", help="keep glibc's allocator defaults")
+    ap.add_argument("--json", action="store_true", help="with --measure: one JSON line {term: [planned, measured]}")
     a = ap.parse_args(argv)
     if a.config is None:
         standard_table()
@@ -230,17 +254,22 @@ def main(argv: list[str] | None = None) -> int:
     device_type = "cpu" if a.measure else "cuda"
     t0 = time.perf_counter()
     plan = planner.estimate(cfg, device_type=device_type)
-    print(planner.report(plan))
-    print(f"(planned in {time.perf_counter() - t0:.1f} s)")
+    if not a.json:
+        print(planner.report(plan))
+        print(f"(planned in {time.perf_counter() - t0:.1f} s)")
     if not a.measure:
         return 0
-    got = measure(cfg, a.steps)
+    got = measure(cfg, a.steps, log=(lambda _m: None) if a.json else print)
     planned_step = plan.term("activations") + (0 if plan.setup.fused else plan.term("gradients"))
     rows = [("weights", sum(t.bytes for t in plan.terms if t.name.startswith("weights")), got["weights"]),
             ("gradients", plan.term("gradients"), got["gradients"]),
             ("optimizer", plan.term("optimizer"), got["optimizer"]),
             ("step (activations" + ("" if plan.setup.fused else " + gradients") + ")", planned_step, got["step"]),
             ("process peak", plan.total, got["process"])]
+    if a.json:
+        import json
+        print(json.dumps({name.split(" ")[0]: [want, have] for name, want, have in rows}))
+        return 0
     print(f"{'term':36s} {'planned GB':>11} {'measured GB':>12} {'ratio':>7}")
     for name, want, have in rows:
         print(f"{name:36s} {want / GB:11.3f} {have / GB:12.3f} {have / max(want, 1):7.3f}")

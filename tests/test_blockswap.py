@@ -68,23 +68,24 @@ def _train(family, n, kind, steps=3):
     return {k: v.clone() for k, v in trained.state_dict().items()}, swap, most[0]
 
 
-@pytest.mark.parametrize("family,kind", [("sd3", "adamw"), ("sdxl", "adafactor"), ("sd3", "lora"), ("sdxl", "lora")])
-def test_swapping_changes_no_bit(family, kind):
+@pytest.mark.parametrize("family,kind,n", [("sd3", "adamw", "all"), ("sdxl", "adafactor", 1), ("sd3", "lora", 1),
+                                           ("sdxl", "lora", "all")])
+def test_swapping_changes_no_bit(family, kind, n):
     ref, _, _ = _train(family, 0, kind)
-    total = len(blockswap.swappable_blocks(models.build(family, "tiny", parts=[models.family(family).network],
+    if n == "all":
+        n = len(blockswap.swappable_blocks(models.build(family, "tiny", parts=[models.family(family).network],
                                                         device="meta").network))
-    for n in (1, total):
-        got, swap, most = _train(family, n, kind)
-        assert len(swap.chosen) == n and swap.moved > 0
-        bad = [k for k in ref if not torch.equal(ref[k], got[k])]
-        assert not bad, (n, bad[:5])
-        assert most <= 2  # the block running and the one arriving
-        for s in swap.slots:  # at rest: every swapped parameter is its CPU copy, nothing left on the "device"
-            assert not s.resident and all(p.data.data_ptr() == h.data_ptr() for p, h in zip(s.params, s.hosts))
-        if kind != "lora":  # the optimizer state of the swapped blocks went back with them
-            states = [v for s in swap.slots for p in s.params for v in swap.optimizer.state[p].values()
-                      if torch.is_tensor(v) and v.numel() >= blockswap.STATE_MIN_NUMEL]
-            assert states
+    got, swap, most = _train(family, n, kind)
+    assert len(swap.chosen) == n and swap.moved > 0
+    bad = [k for k in ref if not torch.equal(ref[k], got[k])]
+    assert not bad, (n, bad[:5])
+    assert most <= 2  # the block running and the one arriving
+    for s in swap.slots:  # at rest: every swapped parameter is its CPU copy, nothing left on the "device"
+        assert not s.resident and all(p.data.data_ptr() == h.data_ptr() for p, h in zip(s.params, s.hosts))
+    if kind != "lora":  # the swapped blocks were stepped: their optimizer state exists (it travels with them)
+        states = [v for s in swap.slots for p in s.params for v in swap.optimizer.state[p].values()
+                  if torch.is_tensor(v) and v.numel() >= blockswap.STATE_MIN_NUMEL]
+        assert states
 
 
 def test_choice_and_bounds():
