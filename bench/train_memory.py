@@ -29,6 +29,7 @@ import gc
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -165,7 +166,7 @@ def measure(cfg: Any, steps: int = 2, log: Any = print) -> dict[str, int]:
                                                              *getattr(comp, p).buffers())])}
     opt = build_optimizer([{"params": trained}], cfg.optimizer)
     stepper = make_stepper(cfg, opt, torch.device("cpu"))
-    objective = build_objective(s.family, cfg.loss, bool(cfg.model.v_parameterization))
+    objective = build_objective(models.family(s.family).objective, cfg.loss, bool(cfg.model.v_parameterization))
     batch = _inputs(comp, s, s.batch)
     autocast = torch.autocast("cpu", dtype=s.amp) if s.amp is not None else contextlib.nullcontext()
 
@@ -224,6 +225,39 @@ def _cfg(overrides: dict[str, dict[str, Any]]) -> Any:
     for table, fields in overrides.items():
         raw.setdefault(table, {}).update(fields)
     return config_from_dict(raw)
+
+
+@dataclass
+class Setting:
+    """One full fine-tune row as bench/gpu_suite.py asks for it (its memory rows compare the estimate with
+    torch.cuda.max_memory_allocated)."""
+    model: str
+    batch: int = 1
+    resolution: int = 1024
+    optimizer: str = "adamw"
+    weights: str = "fp32"
+    fused: bool = False
+    ckpt: bool = False
+    sr: bool = False  # full_bf16 + stochastic rounding
+
+
+def estimate(s: Setting, preset: str = "") -> dict[str, float]:
+    """The planner's terms for a Setting (CUDA policy) and their sum without the CUDA reserve: what
+    torch.cuda.max_memory_allocated sees."""
+    names = {"adamw": "AdamW", "adamw8bit": "AdamW8bit", "adafactor": "Adafactor"}
+    bf16 = s.weights == "bf16"
+    cfg = _cfg({"model": {"model_family": s.model, "model_preset": preset or ("base" if s.model == "sdxl"
+                                                                                else "sd3_medium")},
+                "data": {"resolution": s.resolution, "batch_size": s.batch},
+                "train": {"gradient_checkpointing": s.ckpt, "fused_backward_pass": s.fused, "full_bf16": bf16,
+                          "stochastic_rounding": s.sr, "mixed_precision": "bf16"},
+                "optimizer": {"optimizer_type": names[s.optimizer]}})
+    p = planner.estimate(cfg, device_type="cuda")
+    out = {"weights": float(sum(t.bytes for t in p.terms if t.name.startswith("weights"))),
+           "grads": float(p.term("gradients")), "optimizer": float(p.term("optimizer")),
+           "activations": float(p.term("activations"))}
+    out["total"] = sum(out.values())
+    return out
 
 
 def standard_table() -> None:
