@@ -298,6 +298,7 @@ def encode(cfg: Config, index: DatasetIndex, root: str, skipped: SkipReport, thr
                                    cc.latent_dtype, cc.store_posterior, flip_any, te_ident, variants if te else 0)
     if import_npz:
         _import_npz(import_npz, cfg, index, root, cfg_fp, dist.world_size())
+    import_latent_caches_in_place(cfg, index, root, cfg_fp)
     store = LatentStore(root, check_validity=cc.check_cache_validity)
     status = row_status(cfg, index, store, cfg_fp, threads)
     pending = np.flatnonzero(status == PENDING)
@@ -508,6 +509,26 @@ class InputWait:
     def share(waited: float, total: float) -> float:
         """Percent of the time spent waiting."""
         return 100.0 * waited / total if total > 0 else 0.0
+
+
+def import_latent_caches_in_place(cfg: Config, index: DatasetIndex, root: str, cfg_fp: str) -> None:
+    """Entries that are .npz latent caches with no image (euge-trainer's layouts b / d) are imported, not decoded:
+    each rank its stripe (data/npz_import.import_latent_caches), then a barrier, so the status check sees them."""
+    from data.npz_import import import_latent_caches, latent_rows
+
+    rows = latent_rows(index)
+    if not len(rows):
+        return
+    if cfg.cache.cache_text_encoder_outputs:
+        raise SystemExit(f"cache.py: {len(rows)} entries are .npz latent caches, which bring latents only; run with "
+                         "cache.cache_text_encoder_outputs=false")
+    vae_cfg = models.load_vae(cfg.model, "cpu", torch.float32, seed=cfg.seed).cfg
+    res = import_latent_caches(index, rows, root, cfg_fp, vae_cfg, LATENT_DTYPES[cfg.cache.latent_dtype],
+                               cfg.cache.content_hash, dist.rank(), dist.world_size(), cfg.cache.shard_size_mb,
+                               cfg.cache.compress)
+    log.info("rank %d: %d .npz latent caches imported in place of images (%d rejected)", dist.rank(),
+             res["imported"], len(res["rejected"]))
+    dist.barrier()
 
 
 def _import_npz(folder: str, cfg: Config, index: DatasetIndex, root: str, cfg_fp: str, world: int) -> None:

@@ -28,8 +28,8 @@ import torch
 
 from .buckets import crop_params, flipped_crop
 from .index import DatasetIndex, row_extra
-from .latent_files import classify_npz, is_latent_file, latent_files
-from .store import Record, source_fingerprint
+from .latent_files import LATENT_EXT, classify_npz, is_latent_file, latent_files
+from .store import BackgroundWriter, LatentStore, Record, ShardWriter, source_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -194,3 +194,32 @@ def _import_row(index: DatasetIndex, row: int, files: dict[str, str], writer, va
     writer.put(Record(index.keys[row], src, bucket, original, crop, tensors, crop_flip, None, extra))
     out["imported"] += 1
     return True
+
+
+def latent_rows(index: DatasetIndex) -> np.ndarray:
+    """Rows whose path is a latent cache (euge-trainer's layouts b / d), from the path column (no string objects)."""
+    return np.flatnonzero(index.paths.endswith_ascii(LATENT_EXT))
+
+
+def import_latent_caches(index: DatasetIndex, rows: np.ndarray, root: str, cfg_fp: str, vae_cfg,
+                         dtype: torch.dtype, content_hash: bool, rank: int, world: int, shard_size_mb: int,
+                         compress: bool) -> dict[str, Any]:
+    """cache.py, every rank before the status check: this rank's stripe of `rows` (latent caches in place of
+    images) imported into its own shards, those whose record is already current skipped. Returns the counts."""
+    mine = np.asarray(rows)[rank::world].tolist()
+    store = LatentStore(root, check_validity=False)
+    keys = [index.keys[r] for r in mine]
+    srcs = [source_fingerprint(index.paths[r], content_hash) for r in mine]
+    current = store.is_valid_many(keys, srcs, cfg_fp) if mine else np.zeros(0, bool)
+    store.close()
+    todo = [r for r, ok in zip(mine, current.tolist()) if not ok]
+    out = _counts()
+    if todo:
+        writer = BackgroundWriter(ShardWriter(root, cfg_fp, rank, shard_size_mb, compress, origin="npz-in-place"))
+        try:
+            out = import_latent_rows(index, todo, writer, vae_cfg, dtype, content_hash)
+        finally:
+            writer.close()
+    for path, why in out["rejected"].items():
+        log.warning("latent cache %s not imported: %s", path, why)
+    return out
