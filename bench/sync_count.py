@@ -21,10 +21,12 @@ has more than --max syncs (default 1).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import tempfile
+import threading
 from collections import Counter, defaultdict
 from typing import Any
 
@@ -122,8 +124,8 @@ class SyncCounter(TorchFunctionMode):
         ins = _tensors(args) + _tensors(kwargs)
         tags = {_tag(t) for t in ins} - {None}
         if self.on and ins:
-            if name in READS and _tag(args[0]) is None:
-                self._count(f"read .{name}")
+            if name in READS:
+                pass  # counted by the patched tensor methods (read_patches): also inside autograd hooks
             elif name in ("to", "cuda") and _tag(args[0]) is not None and \
                     (name == "cuda" or _target_device(args, kwargs)):
                 pinned_async = _tag(args[0]) == PINNED and kwargs.get("non_blocking", False)
@@ -139,6 +141,35 @@ class SyncCounter(TorchFunctionMode):
         elif tags and name in ("to", "cuda") and out is args[0]:
             out = out.clone()  # on the CPU the "device copy" is the tensor itself: a copy stands for the device's
         return out
+
+
+@contextlib.contextmanager
+def read_patches(counter: SyncCounter):
+    """Tensor reads counted by patching the tensor methods themselves: a TorchFunctionMode is thread-local and not
+    active inside autograd hooks (where the fused backward pass steps each parameter), the patched methods are."""
+    originals = {name: getattr(torch.Tensor, name) for name in READS}
+    inside = threading.local()  # float() calls item(): one read, counted at the outermost call
+
+    def make(name, orig):
+        def read(self, *a, **k):
+            if getattr(inside, "depth", 0):
+                return orig(self, *a, **k)
+            if counter.on and _tag(self) is None:
+                counter._count(f"read .{name}")
+            inside.depth = 1
+            try:
+                return orig(self, *a, **k)
+            finally:
+                inside.depth = 0
+        return read
+
+    for name, orig in originals.items():
+        setattr(torch.Tensor, name, make(name, orig))
+    try:
+        yield
+    finally:
+        for name, orig in originals.items():
+            setattr(torch.Tensor, name, orig)
 
 
 def _tag_batches(loader_batches):
@@ -202,7 +233,7 @@ def count(case: str, verbose: bool = False) -> dict[int, Counter]:
                     "sample.sample_every_n_steps=0", "sample.sample_prompts=", "save.save_every_n_steps=0",
                     "save.save_state=false", "save.save_on_train_end=false", "optimizer.lr_warmup_steps=0",
                     "optimizer.max_grad_norm=1.0", "log.tensorboard=false", *overrides]
-            with counter:
+            with counter, read_patches(counter):
                 rc = train.main(args)
             for h in list(logging.getLogger("sdtrain").handlers):  # train.main leaves its run log open
                 h.close()

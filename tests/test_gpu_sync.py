@@ -21,7 +21,7 @@ def test_counter_counts_what_would_wait_for_a_gpu():
     sync_count._set_tag(pinned, sync_count.PINNED)
     counter = sync_count.SyncCounter()
     counter.on, counter.step = True, 1
-    with counter:
+    with counter, sync_count.read_patches(counter):
         dev = host.to("cpu")                        # blocking copy of a pageable host tensor: 1
         host.to(torch.float64)                      # a dtype cast on the host: 0
         (host * 2).sum().item()                     # a host value read: 0 (derived from a host tensor)
@@ -32,8 +32,11 @@ def test_counter_counts_what_would_wait_for_a_gpu():
         dev.tolist()                                # 1
         torch.zeros(4).copy_(host)                  # host -> device copy_: 1
         torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1).step()  # inside torch: not counted
+        w = torch.nn.Parameter(torch.ones(3))
+        w.register_post_accumulate_grad_hook(lambda p: [bool(p.grad.sum() > 0)] and None)  # in an autograd hook: 1
+        (w * 2).sum().backward()
     sites = counter.sites[1]
-    assert sum(sites.values()) == 6, sites
+    assert sum(sites.values()) == 7, sites
     kinds = {k.split(" tests/")[0] for k in sites}
     assert kinds == {"copy .to (blocking)", "copy .to (pageable)", "read .__float__", "read .__bool__",
                      "read .tolist", "copy .copy_"}, kinds
