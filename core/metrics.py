@@ -17,12 +17,32 @@ from typing import Any
 import torch
 
 
+# The project's packages: their modules log with logging.getLogger(__name__) ("data.store", "training.resume", ...).
+PROJECT_LOGGERS = ("core", "data", "diffusion", "models", "networks", "tools", "training")
+
+
+class _ToRunLog(logging.Handler):
+    """Hands a project module's record to the run logger's handlers (console, and train.log on rank 0), so a warning
+    from data.store lands in the run log too, once; the record still propagates to the root logger's handlers
+    (pytest's caplog; none in a plain run, so the terminal shows it once)."""
+
+    def __init__(self, target: logging.Logger):
+        super().__init__()
+        self.target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= self.target.getEffectiveLevel():
+            self.target.handle(record)
+
+
 def setup_logging(log_dir: str | None, is_main: bool, name: str = "train") -> logging.Logger:
-    """Console + file logger on rank 0; warnings only on the other ranks."""
+    """Console + file logger on rank 0; warnings only on the other ranks. The project's module loggers
+    (PROJECT_LOGGERS) write through it, at the same levels."""
     logger = logging.getLogger("sdtrain")
     logger.handlers.clear()
     logger.propagate = False
-    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    level = logging.INFO if is_main else logging.WARNING
+    logger.setLevel(level)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(fmt)
@@ -32,6 +52,12 @@ def setup_logging(log_dir: str | None, is_main: bool, name: str = "train") -> lo
         fh = logging.FileHandler(os.path.join(log_dir, f"{name}.log"))
         fh.setFormatter(fmt)
         logger.addHandler(fh)
+    for pkg in PROJECT_LOGGERS:
+        mod = logging.getLogger(pkg)
+        for h in [h for h in mod.handlers if isinstance(h, _ToRunLog)]:  # a second run in this process
+            mod.removeHandler(h)
+        mod.addHandler(_ToRunLog(logger))
+        mod.setLevel(level)
     return logger
 
 
