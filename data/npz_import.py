@@ -11,9 +11,11 @@ modules/sdxl_dataset_utils.py), each beside its image or under the imported fold
 The arrays are the VAE's raw samples (`latent_dist.sample()`), so they are scaled into the diffusion model's latent
 space like our own encodes ((z - shift) * scale of the configured VAE). A latent whose size is not the bucket's
 (after our bucketing) is not imported, with the reason. Which VAE made them is the user's word: the records get
-the configured VAE's fingerprint and say in `imp` which file they came from. An `alpha_mask` is kept with the
-record as the tensor `alpha_mask`, reduced to the latent grid as kohya's masked loss reduces it (nothing trains
-with it yet: the masked loss is its own feature). Like every record cache.py writes,
+the configured VAE's fingerprint and say in `imp` which file they came from. An `alpha_mask` becomes the record's
+loss mask `mask`, the tensor cache.py stores for an image's alpha channel or mask file (diffusion/masks.py
+`to_stored`: float16 at latent size), reduced to the latent grid as kohya's masked loss reduces it, so
+loss.masked_loss trains with it (a flipped latent uses its mirror); an all-ones mask (kohya writes one for an image
+without alpha) is not stored, as cache.py stores none for an opaque image. Like every record cache.py writes,
 an imported one carries its index row (`row_extra`, data/record_rows.py: cache-only training).
 """
 
@@ -25,6 +27,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from diffusion.masks import to_stored
 
 from .buckets import crop_params, flipped_crop
 from .index import DatasetIndex, row_extra
@@ -55,7 +59,7 @@ def _pick(z, name: str, latent_hw: tuple[int, int]) -> np.ndarray | None:
     return None
 
 
-MASK = "alpha_mask"  # the record's tensor: kohya's alpha mask at latent size (float32, 0..1), never scaled
+MASK = "mask"  # the record's loss mask (as cache.py stores it): kohya's alpha mask at latent size, never scaled
 
 
 def alpha_mask_at_latent_size(mask: np.ndarray, latent_hw: tuple[int, int]) -> np.ndarray:
@@ -68,7 +72,7 @@ def alpha_mask_at_latent_size(mask: np.ndarray, latent_hw: tuple[int, int]) -> n
 
 def read_npz(files: dict[str, str], bucket_wh: tuple[int, int], size_wh: tuple[int, int], channels: int
              ) -> tuple[dict[str, np.ndarray], tuple[int, int], tuple[int, int], tuple[int, int] | None] | str:
-    """(raw arrays {latent, flip.latent, alpha_mask}, original_size (h, w), crop (top, left), flipped crop) of one
+    """(raw arrays {latent, flip.latent, mask}, original_size (h, w), crop (top, left), flipped crop) of one
     entry's files, or the reason it cannot be imported."""
     bw, bh = bucket_wh
     lhw = (bh // 8, bw // 8)
@@ -185,8 +189,8 @@ def _import_row(index: DatasetIndex, row: int, files: dict[str, str], writer, va
     scale, shift = float(vae_cfg.scaling_factor), float(vae_cfg.shift_factor)
     tensors = {k: ((torch.from_numpy(np.ascontiguousarray(a)).float() - shift) * scale).to(dtype)
                for k, a in arrays.items() if k != MASK}
-    if MASK in arrays:  # kept with the record for a masked loss (not used by training yet)
-        tensors[MASK] = torch.from_numpy(arrays[MASK])
+    if MASK in arrays and float(arrays[MASK].min()) < 1.0:  # all ones = no mask (cache.py stores none either)
+        tensors[MASK] = to_stored(arrays[MASK])  # the loss mask the loader reads with loss.masked_loss
         out["alpha_masks"] += 1
     path = index.paths[row]
     src = source_fingerprint(path, content_hash) if path else ""

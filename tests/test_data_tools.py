@@ -272,7 +272,7 @@ def test_metadata_original_size_conditions_and_the_image_buckets(tmp_path):
 
 def test_npz_alpha_mask_is_imported_with_the_record(tmp_path):
     """kohya caches `alpha_mask` ([H, W] at the bucket's pixel size, 0..1: train_util.load_images_and_masks_for_caching,
-    saved by strategy_base.save_latents_to_disk) with --alpha_mask. The import keeps it as the record's `alpha_mask`,
+    saved by strategy_base.save_latents_to_disk) with --alpha_mask. The import keeps it as the record's loss `mask`,
     reduced to the latent grid exactly as kohya's masked loss reduces it (custom_train_functions.apply_masked_loss:
     F.interpolate(mode="area")); it was dropped. Latents are scaled, the mask is not."""
     import torch
@@ -300,9 +300,10 @@ def test_npz_alpha_mask_is_imported_with_the_record(tmp_path):
     assert res["imported"] == 2 and res["alpha_masks"] == 1
     rec = {r.key: r for r in got}
     want = torch.nn.functional.interpolate(torch.from_numpy(alpha)[None, None], size=lat.shape[1:], mode="area")[0, 0]
-    assert torch.equal(rec["a"].tensors["alpha_mask"], want) and rec["a"].tensors["alpha_mask"].dtype == torch.float32
+    # the record's loss mask, stored as cache.py stores one (float16: tests/test_masked_loss.py trains with it)
+    assert torch.equal(rec["a"].tensors["mask"], want.half()) and rec["a"].tensors["mask"].dtype == torch.float16
     assert torch.allclose(rec["a"].tensors["latent"], (torch.from_numpy(lat) - vae.shift_factor) * vae.scaling_factor)
-    assert "alpha_mask" not in rec["b"].tensors
+    assert "mask" not in rec["b"].tensors
 
 
 # ---- 7. HCP-Diffusion captions -------------------------------------------------------------------------------------

@@ -192,3 +192,57 @@ def test_rgba_masks_cached_once_travel_through_the_store_and_the_flip(tmp_path):
     main_ok("train", argv + [f"output_dir={tmp_path / 'run'}", "train.max_train_steps=2", "loss.masked_loss=true",
                              "sample.sample_every_n_steps=0", "save.save_every_n_steps=0", "data.batch_size=2",
                              "optimizer.lr_warmup_steps=0", "optimizer.lr_scheduler=constant"])
+
+
+def test_kohya_npz_alpha_mask_is_the_records_loss_mask(tmp_path):
+    """cache.py --import-npz on kohya caches made with --alpha_mask (strategy_base.save_latents_to_disk: `alpha_mask`
+    [H, W] in 0..1 at the bucket's size, beside `latents` / `latents_flipped`): the record's loss mask is the one
+    kohya's apply_masked_loss multiplies by (interpolate(mode="area") to the latent grid), stored as cache.py stores
+    an alpha channel's, and the training loader hands it out with loss.masked_loss, mirrored for the flipped
+    latent. An npz without alpha_mask (or an all-ones one: an image without alpha) trains unmasked."""
+    from PIL import Image
+
+    from core.config import load_config
+    from data.index import load_or_build_index
+    from data.loader import make_loader
+    from data.store import LatentStore
+    from helpers import main_ok
+
+    data, npz = tmp_path / "data", tmp_path / "kohya"
+    data.mkdir()
+    npz.mkdir()
+    rng = np.random.default_rng(0)
+    alphas = {"a": (rng.integers(0, 256, (64, 64)) / 255.0).astype(np.float32), "b": None,
+              "c": np.ones((64, 64), np.float32)}
+    for stem, alpha in alphas.items():
+        Image.fromarray(np.full((64, 64, 3), 100, np.uint8)).save(data / f"{stem}.png")
+        (data / f"{stem}.txt").write_text(stem)
+        arrays = {"latents": rng.standard_normal((4, 8, 8)).astype(np.float32), "original_size": np.array([64, 64]),
+                  "crop_ltrb": np.array([0, 0, 64, 64]),
+                  "latents_flipped": rng.standard_normal((4, 8, 8)).astype(np.float32)}
+        if alpha is not None:
+            arrays["alpha_mask"] = alpha
+        np.savez(npz / f"{stem}.npz", **arrays)
+    argv = ["configs/demo.toml", f"data.image_dirs=['{data}']", f"cache.cache_dir={tmp_path / 'cache'}",
+            "data.flip_aug=true", "data.resolution=64", "data.min_bucket_reso=64", "data.max_bucket_reso=64",
+            "cache.cache_text_encoder_outputs=false"]
+    main_ok("cache", argv + ["--import-npz", str(npz)])
+    cfg = load_config(argv[0], argv[1:])
+    store = LatentStore(str(tmp_path / "cache"))
+    assert all("imp" in store.record_info(k) for k in alphas)  # imported, not encoded
+    want = torch.nn.functional.interpolate(torch.from_numpy(alphas["a"])[None, None], size=(8, 8), mode="area")[0, 0]
+    assert torch.equal(store.get("a", ["mask"])["mask"], want.half())
+    assert "mask" not in store.record_info("b")["t"] and "mask" not in store.record_info("c")["t"]
+    index = load_or_build_index(cfg.data, str(tmp_path / "cache"), is_main=False)
+    seen = set()
+    for epoch in range(6):
+        for b in make_loader(index, dataclasses.replace(cfg.data, batch_size=1), store, seed=0, epoch=epoch, rank=0,
+                             world_size=1, with_masks=True):
+            if b["keys"][0] != "a":
+                assert "mask" not in b
+                continue
+            m = b["mask"][0, 0]
+            flipped = not torch.equal(m, want.half().float())
+            assert torch.equal(m, torch.flip(want.half().float(), dims=[-1]) if flipped else want.half().float())
+            seen.add(flipped)
+    assert seen == {True, False}
