@@ -43,7 +43,7 @@ from core.config import CacheConfig, Config
 from core.fsio import check_dir_setting, clean_stale_temps
 from core.lock import DirLock, LockBusy, acquire_in_step, releases_locks
 from data.buckets import flipped_crop, load_resized
-from data.masks import pixel_mask
+from data.masks import MaskFiles, pixel_mask, record_source
 from diffusion.masks import latent_mask, to_stored
 from data.captions import CaptionOptions, full_caption
 from data.images import BadImage, SkipReport
@@ -54,7 +54,7 @@ from data.npz_import import row_extra
 from data.readers import LOCATOR_SEP, container_reader, deal_largest_first, member_bytes, split_locator
 from data.sources import map_chunked
 from data.store import (BackgroundWriter, LatentStore, LATENT_DTYPES, Record, SHARD_DIR, ShardWriter,
-                        source_fingerprint, store_cfg_fingerprint)
+                        store_cfg_fingerprint)
 
 log = logging.getLogger("cache")
 
@@ -92,7 +92,7 @@ class _Decode(Dataset):
         x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
         return {"row": row, "x": x, "orig": orig, "crop": crop, "mask": mask,
                 "crop_flip": flipped_crop((orig[1], orig[0]), bucket, crop),
-                "src": source_fingerprint(path, self.content_hash)}
+                "src": record_source(path, self.content_hash, self.mask_dir)}  # a mask file is part of it
 
 
 def _split_by_bucket(index: DatasetIndex, rows: np.ndarray, batch_size: int, world: int) -> list[list[list[int]]]:
@@ -347,12 +347,13 @@ def text_encoders_for(cfg: Config, device: torch.device) -> tuple[Any, tuple[Any
 
 def row_status(cfg: Config, index: DatasetIndex, store: LatentStore, cfg_fp: str, threads: int) -> np.ndarray:
     """VALID / PENDING / MISSING per index row, on every rank: each rank checks its stripe (stats in threads, one
-    batched lookup), a sum over ranks merges them. An image gone with its record in the store is still VALID
+    batched lookup), a sum over ranks merges them. A record is stale when its image or its mask file changed (or a
+    mask file came or went: data/masks.py record_source). An image gone with its record in the store is still VALID
     (training from the cache alone)."""
     rank, world = dist.rank(), dist.world_size()
     keys = index.keys.tolist()[rank::world]
-    srcs = map_chunked(partial(source_fingerprint, content_hash=cfg.cache.content_hash),
-                       index.paths.tolist()[rank::world], threads)
+    srcs = map_chunked(partial(record_source, content_hash=cfg.cache.content_hash, masks=MaskFiles(cfg.data.mask_dir)),
+                       index.paths.tolist()[rank::world], threads)  # with each image's mask file (data/masks.py)
     gone = np.array([not s for s in srcs], dtype=bool)
     ok = np.zeros(len(keys), dtype=bool)
     ok[gone] = store.contains_many([keys[j] for j in np.flatnonzero(gone).tolist()])

@@ -27,8 +27,8 @@ def walk_images(dirs: list[str], recursive: bool, threads: int, stat: bool,
         subdirs, files = [], []
         with os.scandir(d) as it:
             entries = list(it)
-        stems = {os.path.splitext(e.name)[0] for e in entries if e.name.lower().endswith(exts)} \
-            if exts == IMAGE_EXTENSIONS else set()  # image stems: their masks are not images
+        stems = {os.path.splitext(e.name)[0] for e in entries if e.name.lower().endswith(IMAGE_EXTENSIONS)} \
+            if set(exts) & set(IMAGE_EXTENSIONS) else set()  # image stems: their masks are not images
         for e in entries:
             if e.is_dir(follow_symlinks=True):
                 if recursive:

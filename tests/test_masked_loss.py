@@ -136,6 +136,12 @@ def test_pixel_mask_sources_follow_the_image_geometry(tmp_path):
     Image.fromarray(255 - m).save(other / "b.png")
     assert (pixel_mask(str(tmp_path / "b.jpg"), (64, 64), crop, str(other))[:32] == 0).all()  # mask_dir wins
     assert [p.rsplit("/", 1)[1] for p, _, _ in list_images([str(tmp_path)], False)] == ["a.png", "b.jpg", "c.png"]
+    # and through the dataset index (the folder reader also lists .npz latent caches: the mask rule must hold there)
+    from data.index import build_index
+    from core.config import DataConfig
+    index = build_index(DataConfig(image_dirs=[str(tmp_path)], resolution=64, min_bucket_reso=64, max_bucket_reso=64,
+                                   allow_empty_captions=True))
+    assert sorted(index.keys.tolist()) == ["a", "b", "c"]
 
 
 def test_rgba_masks_cached_once_travel_through_the_store_and_the_flip(tmp_path):
@@ -246,3 +252,80 @@ def test_kohya_npz_alpha_mask_is_the_records_loss_mask(tmp_path):
             assert torch.equal(m, torch.flip(want.half().float(), dims=[-1]) if flipped else want.half().float())
             seen.add(flipped)
     assert seen == {True, False}
+
+
+def test_a_mask_file_added_changed_or_removed_after_caching_makes_the_record_stale(tmp_path, capsys):
+    """The store keeps each image's mask with its latents, so a mask file is part of the record's source
+    (data/masks.py record_source): cache.py re-encodes exactly the image whose mask came, changed or went, and the
+    record then holds the new mask (was: 'already valid', trained with the old mask or none)."""
+    import os
+    import re
+
+    from PIL import Image
+
+    from data.store import LatentStore
+    from helpers import main_ok
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for stem in ("a", "b", "c"):
+        Image.fromarray(np.full((64, 64, 3), 100, np.uint8)).save(data / f"{stem}.png")
+        (data / f"{stem}.txt").write_text(stem)
+    argv = ["configs/demo.toml", f"data.image_dirs=['{data}']", f"cache.cache_dir={tmp_path / 'cache'}",
+            "data.resolution=64", "data.min_bucket_reso=64", "data.max_bucket_reso=64",
+            "cache.cache_text_encoder_outputs=false"]
+
+    def cache(*extra):
+        capsys.readouterr()
+        main_ok("cache", argv + list(extra))
+        encoded, valid = re.search(r"cache: encoded (\d+), already valid (\d+)", capsys.readouterr().out).groups()
+        store = LatentStore(str(tmp_path / "cache"))
+        masks = {k: store.get(k, ["mask"])["mask"].float() for k in ("a", "b", "c") if "mask" in store.record_info(k)["t"]}
+        return int(encoded), int(valid), masks
+
+    def write_mask(path, top_rows):
+        m = np.zeros((64, 64), np.uint8)
+        m[:top_rows] = 255
+        Image.fromarray(m).save(path)
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a later mtime even on a coarse clock
+
+    def rows_on(top_rows):
+        want = torch.zeros(8, 8)
+        want[: top_rows // 8] = 1.0
+        return want
+
+    assert cache() == (3, 0, {})
+    write_mask(data / "b_mask.png", 16)
+    encoded, valid, masks = cache()
+    assert (encoded, valid) == (1, 2) and masks.keys() == {"b"} and torch.equal(masks["b"], rows_on(16))
+    assert cache()[:2] == (0, 3)  # the fingerprint is stable: nothing twice
+    write_mask(data / "b_mask.png", 40)
+    encoded, valid, masks = cache()
+    assert (encoded, valid) == (1, 2) and torch.equal(masks["b"], rows_on(40))
+    os.remove(data / "b_mask.png")
+    assert cache() == (1, 2, {})
+    other = tmp_path / "masks"
+    other.mkdir()
+    write_mask(other / "c.png", 24)  # data.mask_dir: the same rule
+    encoded, valid, masks = cache(f"data.mask_dir={other}")
+    assert (encoded, valid) == (1, 2) and masks.keys() == {"c"} and torch.equal(masks["c"], rows_on(24))
+
+
+def test_mask_files_from_listings_are_mask_file(tmp_path):
+    """MaskFiles (one listing per folder, for the fingerprints of a whole dataset) finds what mask_file finds."""
+    from data.masks import MaskFiles, mask_file
+
+    (tmp_path / "m").mkdir()
+    names = ["a.png", "a_mask.png", "b.jpg", "b-masklabel.png", "c.webp", "c_mask.png", "c-masklabel.png", "d.png",
+             "e_mask.png.png", "f.png", "F_mask.png"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"x")
+    (tmp_path / "m" / "d.png").write_bytes(b"x")
+    (tmp_path / "m" / "a.png").write_bytes(b"x")
+    images = [str(tmp_path / n) for n in ("a.png", "b.jpg", "c.webp", "d.png", "e.png", "f.png")]
+    images.append(str(tmp_path / "gone" / "g.png"))
+    for mask_dir in ("", str(tmp_path / "m")):
+        found = MaskFiles(mask_dir)
+        assert [found.find(p) for p in images] == [mask_file(p, mask_dir) for p in images]
+    assert [MaskFiles().find(p) is not None for p in images] == [True, True, True, False, False, False, False]
