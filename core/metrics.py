@@ -21,6 +21,20 @@ import torch
 PROJECT_LOGGERS = ("core", "data", "diffusion", "models", "networks", "tools", "training")
 
 
+class _Stderr(logging.StreamHandler):
+    """The console: sys.stderr as it is at each record, not as it was when the run started (a project module's
+    record can come after the run, e.g. cache.main after train.main in one process, when a stream captured
+    then is closed)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 class _ToRunLog(logging.Handler):
     """Hands a project module's record to the run logger's handlers (console, and train.log on rank 0), so a warning
     from data.store lands in the run log too, once; the record still propagates to the root logger's handlers
@@ -44,7 +58,7 @@ def setup_logging(log_dir: str | None, is_main: bool, name: str = "train") -> lo
     level = logging.INFO if is_main else logging.WARNING
     logger.setLevel(level)
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    console = logging.StreamHandler(sys.stderr)
+    console = _Stderr()
     console.setFormatter(fmt)
     logger.addHandler(console)
     if is_main and log_dir:

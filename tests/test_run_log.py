@@ -1,6 +1,8 @@
 """The run log (core/metrics.py setup_logging): what the project's modules log reaches train.log on rank 0, once on
 the terminal."""
+import io
 import logging
+import sys
 
 from core.metrics import setup_logging
 
@@ -12,7 +14,7 @@ def _close(*names):
             logging.getLogger(name).removeHandler(h)
 
 
-def test_module_loggers_reach_the_run_log_once(tmp_path, capsys):
+def test_module_loggers_reach_the_run_log_once(tmp_path, capsys, monkeypatch):
     """Was: data.store / data.loader warnings went to stderr only (the last-resort handler), never to train.log, and
     their INFO lines (index built, regularisation counts) nowhere."""
     try:
@@ -28,6 +30,11 @@ def test_module_loggers_reach_the_run_log_once(tmp_path, capsys):
         for line in ("from the run", "WARNING skipped img1 at load time: damaged", "INFO a state note"):
             assert text.count(line) == 1 and err.count(line) == 1, (line, text, err)
         assert "not at INFO" not in text + err and "not ours" not in text
+        now = io.StringIO()  # the console writes to stderr as it is now (a later cache.main's records: the stream
+        monkeypatch.setattr(sys, "stderr", now)  # captured at the run's start may be closed by then)
+        logging.getLogger("data.store").warning("after the run")
+        assert "after the run" in now.getvalue()
+        monkeypatch.undo()
         setup_logging(None, False)  # another rank: warnings only, on the terminal
         logging.getLogger("data.loader").info("rank 1 info")
         logging.getLogger("data.loader").warning("rank 1 warning")
