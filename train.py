@@ -41,7 +41,7 @@ from core.fsio import atomic_write, check_dir_setting, clean_stale_temps, descri
 from core.lock import DirLock, LockBusy, acquire_in_step, releases_locks
 from core.metrics import MetricsWriter, check_tensorboard, check_wandb, group_lrs, peak_memory, setup_logging, wandb_run
 from data.index import load_or_build_index
-from data.loader import batches_per_epoch, make_loader, usable_rows
+from data.loader import NoReadableData, batches_per_epoch, make_loader, usable_rows
 from data.sources import require_store_for_containers
 from data.store import LatentStore
 from diffusion.objectives import Objective, build_objective
@@ -198,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.warning("aborted by a second Ctrl-C: no state saved")
         raise
+    except NoReadableData as e:  # the data, not the code: one line, once the state is saved as after a crash
+        if cfg.save.save_on_exception:
+            save_after_crash(cfg, run_token, paths["state"], exporter, ckpt, log, traceback=False)
+        raise SystemExit(f"data error: {e.line}") from None
     except Exception as e:
         if cfg.save.save_on_exception and describe_os_error(e) is None:  # not a full disk
             save_after_crash(cfg, run_token, paths["state"], exporter, ckpt, log)
@@ -611,11 +615,12 @@ def save_alone(exporter: Exporter, ckpt: Checkpointer) -> None:
 
 
 def save_after_crash(cfg: Config, token: str, state_dir: str, exporter: Exporter, ckpt: Checkpointer,
-                     log: logging.Logger) -> None:
+                     log: logging.Logger, traceback: bool = True) -> None:
     """Called in the loop's exception handler (training/crash.py): under FSDP every rank that crashed writes
     together once all have (else nothing can be gathered); otherwise the first crashed rank writes alone while the
-    others wait for it, bounded."""
-    log.exception(f"training failed on rank {dist.rank()}: saving the model and a resumable state before exiting")
+    others wait for it, bounded. `traceback`: log the exception's (not for a data error said in one line)."""
+    log.error(f"training failed on rank {dist.rank()}: saving the model and a resumable state before exiting",
+              exc_info=traceback)
     if cfg.train.fsdp:  # the export gathers and every rank writes its shards: all of them, or nothing
         crash.all_crashed(state_dir, token, dist.rank(), dist.world_size(), log,
                           functools.partial(save_outputs, exporter, ckpt, crash.CRASHED, True))

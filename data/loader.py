@@ -7,6 +7,9 @@ global batches r, r+W, r+2W, ... When the count is not a multiple of W, the fina
 batches from the start of the list, so every rank runs the same number of steps (those few samples are seen
 twice that epoch). `skip` counts global batches already consumed, so resume is exact even with another W.
 
+An unreadable sample (bad image, damaged store record) is replaced by a batchmate; a batch with none readable by
+other records of its bucket, drawn from (seed, epoch, position), so a resumed run picks the same ones.
+
 With cached text-encoder outputs a sample's `caption` is the text of the cached variant it uses (stored in the
 record by cache.py), so the caption and the conditioning always agree; records written before captions were
 stored fall back to a fresh draw, which then need not match the cached variant. The caption hooks then ran in
@@ -260,13 +263,32 @@ def rank_batches(batches: list[np.ndarray], rank: int, world_size: int, skip: in
     return [batches[i] for i in rank_batch_ids(len(batches), rank, world_size, skip).tolist()]
 
 
+class NoReadableData(RuntimeError):
+    """No record of a batch, nor any other of its bucket, could be read: the run cannot fill that batch."""
+
+    @property
+    def line(self) -> str:
+        """The message as one line, also when a loader worker raised it (the DataLoader then re-raises it in the
+        main process with the worker's traceback in the message, the original line last)."""
+        text = str(self.args[0]) if self.args else ""
+        last = text.rstrip().splitlines()[-1] if text.strip() else ""
+        return last.partition(f"{type(self).__name__}: ")[2] or last
+
+
+# Records of the bucket tried per item of a batch that could not be read, once at least one stand-in was found.
+STAND_IN_TRIES = 4
+
+
 class _Items(Dataset):
     """Map-style dataset over (row, position) pairs: latents from the store or images decoded and bucketed; the
-    store's text-encoder outputs only with `cached_text` (the run trains from cached text: no text encoder trains)."""
+    store's text-encoder outputs only with `cached_text` (the run trains from cached text: no text encoder trains).
+    `rows`: the usable rows, where stand-ins for a batch of unreadable records are found (`__getitems__`)."""
 
     def __init__(self, index: DatasetIndex, data_cfg, store, seed: int, epoch: int, cached_text: bool = False,
-                 with_masks: bool = False):
+                 with_masks: bool = False, rows: np.ndarray | None = None):
         self.index, self.store, self.seed, self.epoch, self.cached_text = index, store, seed, epoch, cached_text
+        self.rows = np.flatnonzero(np.asarray(index.repeats) > 0) if rows is None else np.asarray(rows)
+        self._mates: dict[tuple[int, int], np.ndarray] = {}  # bucket -> its usable rows (filled on first need)
         self.with_masks, self.mask_dir = with_masks, getattr(data_cfg, "mask_dir", "")  # loss.masked_loss
         self.max_pixels = data_cfg.max_image_pixels
         self.opts = [s.caption_options for s in index.subsets]
@@ -276,6 +298,43 @@ class _Items(Dataset):
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def __getitems__(self, items: list[tuple[int, ...]]) -> list[dict[str, Any] | None]:
+        """A batch's items (the DataLoader's batched fetch). An unreadable one is None (collate puts a batchmate in
+        its place); when none can be read, other records of the bucket stand in (`_stand_ins`)."""
+        out = [self[it] for it in items]
+        return out if any(o is not None for o in out) else self._stand_ins(items)
+
+    def _stand_ins(self, items: list[tuple[int, ...]]) -> list[dict[str, Any]]:
+        """Readable records of the batch's bucket in place of its unreadable ones: the bucket's other usable rows
+        in an order drawn from (seed, epoch, the batch's first position), each read with the position of the slot
+        it fills (flip, caption, latent draw). The same batch always gets the same stand-ins (given the same
+        damage), so a resumed run matches a straight one. Raises NoReadableData when the bucket has none left."""
+        row = int(items[0][0])
+        epoch = int(items[0][2]) if len(items[0]) > 2 else self.epoch
+        bucket = tuple(int(v) for v in self.index.buckets[row])
+        if bucket not in self._mates:
+            b = np.asarray(self.index.buckets)[self.rows]
+            self._mates[bucket] = self.rows[(b[:, 0] == bucket[0]) & (b[:, 1] == bucket[1])]
+        mates = self._mates[bucket]
+        mates = mates[~np.isin(mates, [int(it[0]) for it in items])]
+        order = np.random.default_rng(_seed(self.seed, epoch, int(items[0][1]), 2)).permutation(len(mates))
+        got: list[dict[str, Any]] = []
+        for tried, j in enumerate(order.tolist()):
+            if len(got) == len(items) or (got and tried >= STAND_IN_TRIES * len(items)):
+                break
+            it = self[(int(mates[j]), int(items[len(got)][1]), epoch)]
+            if it is not None:
+                got.append(it)
+        keys = ", ".join(str(self.index.keys[int(it[0])]) for it in items[:3]) + (" ..." if len(items) > 3 else "")
+        if not got:
+            raise NoReadableData(
+                f"no record of bucket {bucket[0]}x{bucket[1]} can be read: the batch's {len(items)} ({keys}) and "
+                f"its {len(mates)} other(s) failed to load (the warnings above say why; cache.py re-encodes "
+                f"damaged records)")
+        log.warning("no record of a batch could be read (%s): trained on %s of the same bucket in its place", keys,
+                    ", ".join(str(it["key"]) for it in got))
+        return got
 
     def __getitem__(self, item: tuple[int, ...]) -> dict[str, Any] | None:
         row, pos = int(item[0]), int(item[1])
@@ -357,8 +416,8 @@ class _Items(Dataset):
 def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
     """Stack a one-bucket batch; an unreadable item is replaced by another of the batch so step counts stay equal."""
     good = [it for it in items if it is not None]
-    if not good:
-        raise RuntimeError("every image of a batch failed to load; see the log for the reasons")
+    if not good:  # _Items.__getitems__ finds stand-ins first
+        raise NoReadableData("every image of a batch failed to load; see the log for the reasons")
     items = [it if it is not None else good[i % len(good)] for i, it in enumerate(items)]
     x = "latents" if "latents" in items[0] else "images"
     batch: dict[str, Any] = {
@@ -420,8 +479,8 @@ def make_loader(index: DatasetIndex, data_cfg, store, *, seed: int, epoch: int, 
     rows = usable_rows(index, store) if rows is None else rows
     sampler = EpochBatches(index, subset_batch_sizes(index, data_cfg), rows, seed=seed, epoch=epoch, rank=rank,
                            world_size=world_size, skip=skip)
-    return DataLoader(_Items(index, data_cfg, store, seed, epoch, cached_text, with_masks), batch_sampler=sampler,
-                      collate_fn=collate,
+    items = _Items(index, data_cfg, store, seed, epoch, cached_text, with_masks, rows)
+    return DataLoader(items, batch_sampler=sampler, collate_fn=collate,
                       num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=persistent_workers and num_workers > 0,
                       prefetch_factor=4 if num_workers > 0 else None)

@@ -6,6 +6,8 @@ import glob
 import json
 import logging
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -95,6 +97,42 @@ def test_bit_rot_skipped_in_training_repaired_by_cache_py(tmp_path, capsys, capl
     assert len(st) == 4 and not st.damaged and st.verify() == []
     assert torch.equal(st.get("img1")["latent"], before["img1"])  # re-encoded: the same latent again
     assert torch.equal(st.get("img0")["latent"], before["img0"])
+
+
+def test_unreadable_batch_trains_on_a_bucket_mate_and_resumes_exactly(tmp_path, capsys):
+    """Was: data.batch_size = 1 on a damaged record ended train.py with a traceback from collate ("every image of a
+    batch failed to load"). Now another record of the bucket stands in (said in train.log), chosen from (seed, epoch,
+    position): a run resumed after epoch 0 trains the straight run's weights; with no readable record left in the
+    bucket, one line (also when a loader worker meets it)."""
+    from safetensors.torch import load_file
+    from data.store import DAMAGE_DIR
+    imgs, store = tmp_path / "imgs", tmp_path / "store"
+    _images(imgs, 3)  # one bucket
+    main_ok("cache", [DEMO, f"data.image_dirs=['{imgs}']", f"cache.cache_dir={store}"])
+    _rot_latent(store, "img1")
+    args = ["data.batch_size=1", "train.max_train_steps=6", "save.save_every_n_steps=3"]
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    log = _train(imgs, store, straight, *args)  # two epochs: img1's batch twice
+    assert "Traceback" not in capsys.readouterr().err
+    assert "skipped img1 at load time" in log and log.count("could be read (img1): trained on img") == 2, log
+    # the straight run wrote the damage down, so a resume would leave img1 out (another batch plan); without the
+    # reports (a store it cannot write) the resumed run meets img1 as the straight run did
+    shutil.rmtree(store / DAMAGE_DIR)
+    state = straight / "state" / "step-00000003"  # the end of epoch 0
+    log = _train(imgs, store, resumed, *args, f"train.resume={state}")
+    assert "resumed from" in log and "in its place" in log, log
+    a, b = (load_file(str(d / "models" / "demo.safetensors")) for d in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for key in ("img0", "img2"):
+        _rot_latent(store, key)
+    import train
+    with pytest.raises(SystemExit) as e:
+        train.main([DEMO, f"data.image_dirs=['{imgs}']", f"cache.cache_dir={store}", f"output_dir={tmp_path / 'c'}",
+                    *FAST, *args, "data.max_dataloader_n_workers=1"])
+    msg = str(e.value.code)
+    assert re.match(r"data error: no record of bucket \d+x\d+ can be read: the batch's 1 \(img\d\) and its \d+ other",
+                    msg) and "\n" not in msg, msg
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_damaged_record_with_image_gone_is_listed(tmp_path, capsys):
