@@ -50,8 +50,8 @@ from training import resume as rstate
 from training.checkpointer import Checkpointer, Progress, read_resume_state
 from training.ema import EMA
 from training.exports import Exporter, export_suffix
-from training.optim import (LossRecorder, OptimizerMode, build_optimizer, build_scheduler, check_schedule_free,
-                            scheduler_kwargs)
+from training.optim import (LossRecorder, OptimizerMode, build_optimizer, build_scheduler, check_fsdp_optimizer,
+                            check_schedule_free, scheduler_kwargs)
 from training.steplog import StepLog, mean_loss
 from training.steppers import Stepper, check_fused_settings, make_stepper
 from training.trainable import TrainableSet, make_trainable
@@ -661,6 +661,7 @@ def check_settings(cfg: Config, family: models.Family) -> None:
     if cfg.log.wandb:
         check_wandb()
     check_schedule_free(o)
+    check_fsdp_optimizer(o, t.fsdp)
     check_validation_settings(cfg)
     if previews_scheduled(smp) and not smp.sample_prompts:
         raise ValueError("[sample] previews are scheduled but sample.sample_prompts is empty")

@@ -329,3 +329,23 @@ def test_ema_swap_restores_and_state_roundtrip():
         other.load_state_dict({"out.weight": torch.zeros(2, 3)})
     with pytest.raises(KeyError, match="unwrapped"):
         ema.update(nn.Sequential(m), 3)  # names gain a "0." prefix
+
+
+def test_bitsandbytes_optimizer_with_fsdp_is_one_line_before_anything_is_written(tmp_path):
+    """Was: configs/sdxl_lora.toml (AdamW8bit) with train.fsdp = true failed at the first step with a traceback
+    (bitsandbytes' kernels cannot step FSDP2's DTensor parameters)."""
+    import train
+    from training.optim import check_fsdp_optimizer
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train.main(["configs/sdxl_lora.toml", "train.fsdp=true", "model.pretrained_model_name_or_path=", "model.vae=",
+                    "model.model_preset=tiny", f"output_dir={out}"])
+    msg = str(e.value.code)
+    assert msg.startswith("config error: optimizer.optimizer_type = 'AdamW8bit' (bitsandbytes) does not work with "
+                          "train.fsdp = true") and 'use optimizer_type = "AdamW"' in msg and "\n" not in msg, msg
+    assert not out.exists()
+    for name in ("Lion8bit", "bitsandbytes.optim.PagedAdamW"):
+        with pytest.raises(ValueError, match="bitsandbytes"):
+            check_fsdp_optimizer(cfg(optimizer_type=name), True)
+    for name, fsdp in (("AdamW8bit", False), ("AdamW", True), ("torch.optim.RAdam", True)):
+        check_fsdp_optimizer(cfg(optimizer_type=name), fsdp)

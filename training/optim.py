@@ -277,6 +277,18 @@ def check_schedule_free(cfg: Any) -> None:
                          f"\"constant_with_warmup\" (got {cfg.lr_scheduler!r})")
 
 
+def check_fsdp_optimizer(cfg: Any, fsdp: bool) -> None:
+    """bitsandbytes optimizers (AdamW8bit, Lion8bit, any bitsandbytes.optim class path) step their own kernels on a
+    parameter's whole local storage and cannot take FSDP2's sharded (DTensor) parameters: the first step failed
+    with a traceback. Said in one line before anything is written, naming what works instead."""
+    name = cfg.optimizer_type
+    module = _EXTERNAL.get(name.lower(), (name.rpartition(".")[0],))[0]
+    if fsdp and module.split(".")[0] == "bitsandbytes":
+        raise ValueError(f"optimizer.optimizer_type = {name!r} (bitsandbytes) does not work with train.fsdp = true: "
+                         f"its kernels cannot step FSDP2's sharded parameters; use optimizer_type = \"AdamW\" with "
+                         f"FSDP, or train.fsdp = false (DDP) to keep {name!r}")
+
+
 class OptimizerMode:
     """The train / eval mode of optimizers that have one (schedule-free: training steps at y, the weights it means
     are x). `training()` before the loop's steps; `evaluating()` around validation, previews and saving, so those
