@@ -45,6 +45,7 @@ from data.loader import NoReadableData, batches_per_epoch, make_loader, usable_r
 from data.sources import require_store_for_containers
 from data.store import LatentStore
 from diffusion.objectives import Objective, build_objective
+from models.family import host_to_device
 from training import blockswap, crash, fp8, planner, run_metadata, speed, summary
 from training import resume as rstate
 from training.checkpointer import Checkpointer, Progress, read_resume_state
@@ -381,7 +382,8 @@ def parallelize(t: TrainConfig, comp: Any, family: models.Family, trainable: Tra
     speed.apply(t, comp, blockswap.resident(comp.network, t.blocks_to_swap, blocks), device, amp_dtype, log.info)
     if t.fsdp:
         return dist.wrap_fsdp(trainable.trainee, blocks + [comp.network], amp_dtype)
-    return dist.wrap_ddp(trainable.trainee, find_unused_parameters=trainable.find_unused)
+    return dist.wrap_ddp(trainable.trainee, find_unused_parameters=trainable.find_unused,
+                         static_graph=t.gradient_accumulation_steps == 1)
 
 
 def training_metadata(cfg: Config, family: models.Family, data: TrainData,
@@ -456,13 +458,14 @@ def micro_step_loss(model: nn.Module, comp: Any, objective: Objective, batch: di
     if cached:
         items = [{k: v[i] for k, v in cached.items()} for i in range(len(batch["captions"]))]
         with torch.autocast(device.type, enabled=False):  # assembling data, not compute: CPU fp16 autocast
-            text = {k: v.to(device) for k, v in comp.collate_cached_text(items).items()}  # rejects a bf16 cat
-    sizes = tuple(batch[k].to(device) for k in ("original_size", "crop_top_left", "target_size"))
+            text = {k: host_to_device(v, device) for k, v in comp.collate_cached_text(items).items()}  # bf16 cat: error
+    # the loader's tensors are pinned on CUDA: non-blocking copies, no stall of the device per micro-batch
+    sizes = tuple(batch[k].to(device, non_blocking=True) for k in ("original_size", "crop_top_left", "target_size"))
     nb = objective.noise(latents, generator)
     pred = model(nb.x_t, nb.t, text, batch["captions"], sizes)
     mask = batch.get("mask")  # loss.masked_loss: [B, 1, h, w] at latent resolution (diffusion/masks.py)
-    return objective.loss(pred.float(), nb, batch["loss_weight"].to(device),
-                          mask=mask.to(device) if mask is not None else None).mean()
+    return objective.loss(pred.float(), nb, batch["loss_weight"].to(device, non_blocking=True),
+                          mask=mask.to(device, non_blocking=True) if mask is not None else None).mean()
 
 
 def accumulate_gradients(model: nn.Module, comp: Any, objective: Objective, micro: list[dict[str, Any]],

@@ -195,6 +195,8 @@ class TrainConfig:
     deterministic: bool = opt(False, "deterministic algorithms (slower; for exact reproducibility)")
     fsdp: bool = opt(False, "shard the trained model with FSDP2 instead of DDP (models that do not fit one GPU)")
     compile: bool | None = opt(None, "torch.compile each network block and the middle block, static shapes per bucket (one compile per new bucket shape; tail batches padded, no recompile); unset = on when training on CUDA")
+    allow_tf32: bool = opt(True, "CUDA: TF32 tensor cores for fp32 matmuls and convolutions (torch's default is off for matmuls); false for strict fp32")
+    cudnn_benchmark: bool = opt(True, "CUDA: cuDNN picks the fastest convolution algorithm per shape (once per bucket shape); off under train.deterministic")
     channels_last: bool | None = opt(None, "channels_last memory format for the UNet / VAE convolutions; unset = off (not measured faster on CUDA yet)")
     sdpa_backend: str = opt("auto", "attention kernel tried first on CUDA; auto = chosen per call by dtype and mask (flash / cudnn for fp16 and bf16, memory-efficient for masks and fp32); calls the named kernel cannot run use the next", choices=("auto", "flash", "efficient", "cudnn", "math"))
     noise_device: str = opt("same", "generator of the training noise and timesteps: same = the training device's "

@@ -326,6 +326,17 @@ class DDPMObjective(_ObjectiveBase):
         self.snr: Tensor = (alphas_cumprod / (1.0 - alphas_cumprod)).float()  # alpha^2 / sigma^2 per timestep
         # kohya's huber "sigmas": noise-to-signal ratio sqrt((1 - a) / a)
         self._noise_to_signal: Tensor = ((1.0 - alphas_cumprod) / alphas_cumprod).sqrt().float()
+        self._on_device: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
+
+    def _table(self, name: str, device: torch.device) -> Tensor:
+        """A schedule table (alphas_cumprod, snr, _noise_to_signal) on `device`, copied there once: indexing the host
+        table with device timesteps (or copying it per micro-batch) would stall the GPU at every step."""
+        src = getattr(self, name)
+        key = (name, str(device))
+        hit = self._on_device.get(key)
+        if hit is None or hit[0] is not src:  # a table replaced since: copy again
+            hit = self._on_device[key] = (src, src.to(device))
+        return hit[1]
 
     def sample_timesteps(self, batch_size: int, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Integer timesteps in [min_timestep, max_timestep): uniform, or logit-normal over the range (t / 1000)."""
@@ -357,7 +368,7 @@ class DDPMObjective(_ObjectiveBase):
     def noise_at(self, x0: Tensor, noise: Tensor, timesteps: Tensor, noise_in: Tensor | None = None) -> NoisedBatch:
         """x_t and the target at integer `timesteps` [B] for this noise (`noise_in`: the perturbed noise x_t uses)."""
         t = timesteps.to(x0.device)
-        a = _broadcast(self.alphas_cumprod.to(x0.device)[t], x0)  # (B, 1, 1, 1)
+        a = _broadcast(self._table("alphas_cumprod", x0.device)[t], x0)  # (B, 1, 1, 1)
         sqrt_a, sqrt_1ma = a.sqrt(), (1.0 - a).sqrt()
         x_t = sqrt_a * x0 + sqrt_1ma * (noise if noise_in is None else noise_in)
         target = sqrt_a * noise - sqrt_1ma * x0 if self.v_parameterization else noise
@@ -367,12 +378,12 @@ class DDPMObjective(_ObjectiveBase):
              mask: Tensor | None = None) -> Tensor:
         """Per-sample loss [B] with kohya's order: mean, weight, min-SNR, v-scale, v-like, debiased."""
         c = self.cfg
-        t = batch.timesteps.long().cpu()
+        t = batch.timesteps.long().to(pred.device)  # the tables are indexed on the device: no read back
         huber_c = None
         if c.loss_type != "l2":
-            huber_c = scheduled_huber_c(c.huber_schedule, c.huber_c, t, self._noise_to_signal[t]).to(pred.device)
+            huber_c = scheduled_huber_c(c.huber_schedule, c.huber_c, t, self._table("_noise_to_signal", t.device)[t])
         loss = self._per_sample(pred, batch.target, huber_c, weight, mask)
-        snr = self.snr[t].to(loss.device)  # (B,)
+        snr = self._table("snr", loss.device)[t]  # (B,)
         if c.min_snr_gamma > 0:
             # Hang et al. 2023: eps weight min(SNR, g) / SNR, v weight min(SNR, g) / (SNR + 1).
             clipped = torch.clamp(snr, max=c.min_snr_gamma)

@@ -48,6 +48,16 @@ class Family:
     lora_conv_targets: tuple[str, ...] = ()     # LoCon's extra targets
 
 
+def host_to_device(t: Tensor, device: torch.device | str) -> Tensor:
+    """A tensor made on the host (token ids, collated cached text) to the training device without stalling it: on
+    CUDA through pinned memory with a non-blocking copy (a copy from pageable memory synchronises the stream, even
+    with non_blocking=True); elsewhere a plain `.to`."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def strip_prefix(shapes: Mapping[str, tuple[int, ...]], prefix: str) -> dict[str, tuple[int, ...]]:
     """The part of a checkpoint's key -> shape map under `prefix`, with the prefix removed."""
     return {k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)}

@@ -42,7 +42,7 @@ from models import mmdit as mmdit_mod
 from models import t5 as t5_mod
 from models import text_encoders as te_mod
 from models import vae as vae_mod
-from models.family import Family, FamilyBase, strip_prefix
+from models.family import Family, FamilyBase, host_to_device, strip_prefix
 from models.tokenizers import EOT, CLIPTokenizer, default_tokenizer
 
 PREFIX = {
@@ -117,13 +117,13 @@ class SD3(FamilyBase):
         assert self.clip_l is not None and self.clip_g is not None, "CLIP text encoders are not loaded"
         dev = device if device is not None else next(self.clip_l.parameters()).device
         tok = self.tokenize(captions)
-        hl, pl = self.clip_l(tok["ids_l"].to(dev), layer=-self.clip_skip)  # (B, 77, 768), (B, 768)
-        hg, pg = self.clip_g(tok["ids_g"].to(dev), layer=-self.clip_skip)  # (B, 77, 1280), (B, 1280)
+        hl, pl = self.clip_l(host_to_device(tok["ids_l"], dev), layer=-self.clip_skip)  # (B, 77, 768), (B, 768)
+        hg, pg = self.clip_g(host_to_device(tok["ids_g"], dev), layer=-self.clip_skip)  # (B, 77, 1280), (B, 1280)
         clip_ctx = torch.cat([hl, hg.to(hl.dtype)], dim=-1)              # (B, 77, 2048)
         pooled = torch.cat([pl, pg.to(pl.dtype)], dim=-1)                # (B, 2048)
         b, length = clip_ctx.shape[0], self.t5_max_token_length
         if self.t5 is not None and self.t5_tokenizer is not None:
-            ids = tok["ids_t5"].to(dev)                                   # (B, L)
+            ids = host_to_device(tok["ids_t5"], dev)                                # (B, L)
             if self.apply_t5_attn_mask:
                 mask = t5_mod.attention_mask_for(ids)                     # (B, L): real tokens incl. EOS
                 t5_out = self.t5(ids, attention_mask=mask).to(clip_ctx.dtype)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from models import text_encoders as te_mod
 from models import unet_sdxl, vae as vae_mod
-from models.family import Family, FamilyBase, strip_prefix
+from models.family import Family, FamilyBase, host_to_device, strip_prefix
 from models.tokenizers import EOT, CLIPTokenizer, default_tokenizer
 
 # File prefixes of each part in the single file (sgm naming).
@@ -101,7 +101,7 @@ class SDXL(FamilyBase):
         assert self.te1 is not None and self.te2 is not None, "text encoders are not loaded"
         tok = self.tokenize(captions)
         dev = device if device is not None else next(self.te1.parameters()).device
-        return self.encode_tokens(tok["ids1"].to(dev), tok["ids2"].to(dev))
+        return self.encode_tokens(host_to_device(tok["ids1"], dev), host_to_device(tok["ids2"], dev))
 
     def conditioning(self, text: dict[str, Tensor], original_size: Tensor, crop_top_left: Tensor,
                      target_size: Tensor) -> dict[str, Tensor]:

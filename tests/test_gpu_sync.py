@@ -41,3 +41,15 @@ def test_counter_counts_what_would_wait_for_a_gpu():
     assert kinds == {"copy .to (blocking)", "copy .to (pageable)", "read .__float__", "read .__bool__",
                      "read .tolist", "copy .copy_"}, kinds
     assert all("tests/test_gpu_sync.py:" in k for k in sites)
+
+
+def test_at_most_one_host_sync_per_optimizer_step():
+    """The real training step (train.main in process, tiny presets, 2 micro-batches per step; 1 for the fused pass):
+    SDXL, SD3, SDXL LoRA and the fused backward pass read the device at most once per optimizer step outside the log
+    interval (the skip decision / the fused pass's norm + finiteness), and copy no host tensor to the device in a way
+    that stalls it. Was 15 / 15 / 15 / 1004 (bench/sync_count.py)."""
+    for case in sync_count.CASES:
+        sites = sync_count.count(case)
+        per_step = [sum(sites.get(s, {}).values()) for s in range(1, sync_count.STEPS + 1)]
+        assert max(per_step[:-1]) <= 1, (case, per_step, sites)
+        assert per_step[-1] <= 2, (case, per_step)  # the last step also logs: one more read

@@ -41,11 +41,22 @@ def test_switch_defaults():
     from core.config import TrainConfig
     t = TrainConfig()
     assert t.compile is None and t.channels_last is None and t.sdpa_backend == "auto"
-    # channels_last stays off when unset, on CUDA too, until bench/gpu_suite.py's on/off rows say otherwise
-    net = torch.nn.Conv2d(4, 4, 3)
-    cfg = types.SimpleNamespace(channels_last=None, compile=False, sdpa_backend="auto")
-    speed.apply(cfg, types.SimpleNamespace(network=net, vae=None), None, cuda, None, lambda m: None)
-    assert net.weight.is_contiguous()
+    assert t.allow_tf32 and t.cudnn_benchmark
+    # channels_last stays off when unset, on CUDA too, until bench/gpu_suite.py's on/off rows say otherwise; TF32 and
+    # cudnn.benchmark follow [train] (benchmark off under deterministic)
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    try:
+        for tf32, bench, det in ((True, True, False), (False, True, True)):
+            net = torch.nn.Conv2d(4, 4, 3)
+            cfg = TrainConfig(compile=False, allow_tf32=tf32, cudnn_benchmark=bench, deterministic=det)
+            logs: list[str] = []
+            speed.apply(cfg, types.SimpleNamespace(network=net, vae=None), None, cuda, None, logs.append)
+            assert net.weight.is_contiguous()
+            assert torch.backends.cuda.matmul.allow_tf32 == torch.backends.cudnn.allow_tf32 == tf32
+            assert torch.backends.cudnn.benchmark == (bench and not det)
+            assert logs[0] == f"cuda: TF32 {'on' if tf32 else 'off'}, cudnn.benchmark {'off' if det else 'on'}"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = flags
 
 
 def test_attention_orders_per_kind_of_call():

@@ -134,9 +134,16 @@ def eager() -> Any:
 
 def apply(cfg_train: Any, comp: Any, blocks: list[nn.Module] | None, device: torch.device,
           amp_dtype: torch.dtype | None, log: Callable[[str], None]) -> StaticBatch | None:
-    """All fast-path switches of [train] on the loaded parts (before wrapping, before the optimizer). `blocks` is
-    unused (the compiled regions are compile_regions(network), which includes the middle block); kept for train.py's
-    call. Returns the tail-batch padding when compiling."""
+    """All fast-path switches of [train] on the loaded parts (before wrapping, before the optimizer). The compiled
+    regions are compile_regions(network) (the middle block included) less the blocks train.blocks_to_swap streams
+    (`blocks`, train.py's resident family blocks, is not needed for that). Returns the tail-batch padding when
+    compiling."""
+    if device.type == "cuda":  # process-wide numerics switches: fp32 matmuls / convolutions on tensor cores (TF32),
+        # cuDNN autotuning per convolution shape (static shapes per bucket: tuned once per bucket)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg_train.allow_tf32)
+        torch.backends.cudnn.benchmark = bool(cfg_train.cudnn_benchmark) and not cfg_train.deterministic
+        log(f"cuda: TF32 {'on' if cfg_train.allow_tf32 else 'off'}, cudnn.benchmark "
+            f"{'on' if torch.backends.cudnn.benchmark else 'off'}")
     if cfg_train.channels_last:  # off unless set: not measured faster yet (CUDA GroupNorm returns NCHW)
         for m in (comp.network, comp.vae):
             if m is not None:
@@ -144,5 +151,9 @@ def apply(cfg_train: Any, comp: Any, blocks: list[nn.Module] | None, device: tor
         log("channels_last: network and VAE convolutions")
     choose_attention(cfg_train.sdpa_backend, device, log)
     if resolve(cfg_train.compile, device):
-        return compile_network(comp.network, log)
+        regions = compile_regions(comp.network)
+        if getattr(cfg_train, "blocks_to_swap", 0):  # a swapped block's weights move each step: left eager
+            from training import blockswap
+            regions = blockswap.resident(comp.network, cfg_train.blocks_to_swap, regions)
+        return compile_network(comp.network, log, regions)
     return None

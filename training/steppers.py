@@ -71,17 +71,31 @@ class ParamStepper:
                 self.where[p] = (gi, len(self.where))
         self.step_count = 0  # optimizer steps done: part of the rounding seed
 
-    def step(self, p: Tensor) -> tuple[float | Tensor, bool]:
-        """Clip (per-parameter rule, when set), step and free p.grad -> (squared grad norm before clipping, finite)."""
+    def step(self, p: Tensor) -> tuple[float | Tensor, bool | Tensor]:
+        """Clip (per-parameter rule, when set), step and free p.grad -> (squared grad norm before clipping, finite),
+        both 0-d tensors on the device. A non-finite gradient is not stepped, decided on the device (no host read per
+        parameter): the parameter and its optimizer state on the device are kept as they were (torch.where over a
+        copy taken before the step; the copy lives for one parameter only)."""
         grad = p.grad
         if grad is None:
             return 0.0, True
         sq = grad.detach().float().pow(2).sum()
-        finite = bool(torch.isfinite(sq))  # one sync per parameter: a bad gradient must not be stepped
-        if finite:
-            if self.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm)
-            self._step_only(p)
+        finite = torch.isfinite(sq)
+        with torch.no_grad():
+            kept = [(p, p.detach().clone())]
+            kept += [(v, v.clone()) for v in self.optimizer.state.get(p, {}).values()
+                     if torch.is_tensor(v) and v.device == p.device and v.dim()]
+        if self.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm)
+        self._step_only(p)
+        with torch.no_grad():
+            for now, before in kept:
+                if now.shape == before.shape and now.dtype == before.dtype:
+                    now.copy_(torch.where(finite, now, before))
+            fresh = [v for v in self.optimizer.state.get(p, {}).values()
+                     if torch.is_tensor(v) and v.device == p.device and v.dim() and all(v is not n for n, _ in kept)]
+            for v in fresh:  # state made by this step (the first): back to zeros, as it starts, if not finite
+                v.copy_(torch.where(finite, v, torch.zeros_like(v)))
         p.grad = None
         return sq, finite
 
@@ -136,12 +150,21 @@ class FusedBackward:
         self._sq.append(sq)
         self._finite &= ok
 
-    def finish(self) -> tuple[float, bool]:
-        total = sum(float(s) for s in self._sq) if self._sq else 0.0
-        ok = self._finite
+    def finish(self, loss_finite: Tensor | bool = True) -> tuple[float, bool]:
+        """(global grad norm before clipping, whether every gradient and the loss were finite), read from the device
+        in one transfer: the step's only host sync."""
+        sq = [s for s in self._sq if torch.is_tensor(s)]
+        if sq or torch.is_tensor(self._finite) or torch.is_tensor(loss_finite):
+            dev = sq[0].device if sq else torch.device("cpu")
+            total = torch.stack(sq).sum() if sq else torch.zeros((), device=dev)
+            ok_t = torch.as_tensor(self._finite, device=dev) & torch.as_tensor(loss_finite, device=dev)
+            total_f, ok_f = torch.stack([total.double(), ok_t.double()]).tolist()
+            ok = bool(ok_f)
+        else:
+            total_f, ok = 0.0, bool(loss_finite)
         self._sq, self._finite = [], True
         self.stepper.step_count += 1
-        return math.sqrt(total) if ok else math.nan, ok
+        return math.sqrt(total_f) if ok else math.nan, ok
 
     def remove(self) -> None:
         for h in self.handles:
@@ -286,8 +309,7 @@ class FusedBackwardStepper(Stepper):
                                    seed=seed)
 
     def step(self, loss_finite: Tensor | bool = True) -> tuple[Tensor | float, bool]:
-        norm, ok = self.hooks.finish()
-        return (norm, ok) if bool(loss_finite) else (math.nan, False)
+        return self.hooks.finish(loss_finite)  # one read for the norm, the gradients' and the loss's finiteness
 
     def load_state_dict(self, sd: dict[str, Any] | None) -> None:
         if self.hooks.stepper.sr:
