@@ -131,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{family} ({preset}):")
         print(f"  {'step':>4} {'shape (b,h,w)':>14} {'kind':>6} {'new graphs':>10} {'graph breaks':>12} {'seconds':>8} "
               f"{'loss':>10} {'eager loss':>10}")
+        seen: set = set()
         for i, r in enumerate(rows):
-            print(f"  {i:>4} {str(r.shape):>14} {r.kind:>6} {r.new_graphs:>10} {r.graph_breaks:>12} {r.seconds:>8.1f} "
+            kind = r.kind if r.kind == "tail" or r.shape not in seen else "repeat"
+            seen.add(r.shape)
+            print(f"  {i:>4} {str(r.shape):>14} {kind:>6} {r.new_graphs:>10} {r.graph_breaks:>12} {r.seconds:>8.1f} "
                   f"{r.loss:>10.6f} {r.eager_loss:>10.6f}")
         bad += problems(rows)
     for line in bad:
