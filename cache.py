@@ -9,7 +9,8 @@ and resizes images in DataLoader workers, encodes in batches of vae_batch_size, 
 background writer so encoding never waits for the disk. Images in tar shards are not read one by one: each rank
 gets whole shards and streams them once from start to end, batching the decoded images by bucket as they come.
 Each rank writes its own shards; rank 0 merges the store index at the end. Unreadable images are skipped with one
-log line and listed in <cache_dir>/skipped.txt.
+log line and listed in <cache_dir>/skipped.txt. [validation]'s own image folders / metadata files are then
+encoded the same way into their own store, <cache_dir>/validation (encode_validation; train.py reads them there).
 Exit status 0 unless nothing usable is left (or, with --verify, a shard is damaged).
 
 Cached text: variant k of an image's caption is built by the same `full_caption` call the loader makes (built-in
@@ -45,6 +46,7 @@ from core.lock import DirLock, LockBusy, acquire_in_step, releases_locks
 from data.buckets import flipped_crop, load_resized
 from data.masks import MaskFiles, pixel_mask, record_source
 from diffusion.masks import latent_mask, to_stored
+from training.validation import validation_cache_config, validation_store_dir
 from data.captions import CaptionOptions, full_caption
 from data.images import BadImage, SkipReport
 from data.index import DatasetIndex, load_or_build_index, scan_tar_shards
@@ -217,12 +219,15 @@ def main(argv: list[str] | None = None) -> int:
     dist.init()
     root = prepare_store_dir(cfg.cache)
     if args.verify:
-        code = verify(root)
+        vroot = validation_store_dir(root)
+        code = max(verify(root), verify(vroot) if os.path.isdir(vroot) else 0)
     else:
         skipped = SkipReport()
         threads = max(4, dist.default_workers(cfg.cache.num_workers) * 4)
         index = build_index(cfg, root, skipped, threads)
         code = dry_run(cfg, index, root) if args.dry_run else encode(cfg, index, root, skipped, threads, args.import_npz)
+        if not args.dry_run:
+            code = max(code, encode_validation(cfg, threads))
     dist.barrier()
     dist.shutdown()
     return code
@@ -287,9 +292,28 @@ def dry_run(cfg: Config, index: DatasetIndex, root: str) -> int:
     return 0
 
 
-def encode(cfg: Config, index: DatasetIndex, root: str, skipped: SkipReport, threads: int, import_npz: str) -> int:
+def encode_validation(cfg: Config, threads: int) -> int:
+    """[validation]'s own image folders / metadata files, encoded as the training images are (same VAE, buckets,
+    text encoders) into their own store beside the training one (training/validation.py validation_store_dir),
+    their index beside it; captions as written, no flips, one text variant. train.py reads them from there. 0
+    without own validation sources; 1 when none of them is usable."""
+    vcfg = validation_cache_config(cfg)
+    if vcfg is None:
+        return 0
+    root = validation_store_dir(cfg.cache.cache_dir)
+    os.makedirs(root, exist_ok=True)
+    if dist.is_main():
+        log.info("[validation] image_dirs / metadata_files -> %s", root)
+        clean_stale_temps([root, os.path.join(root, SHARD_DIR)], log=log.info)
+    skipped = SkipReport()
+    return encode(vcfg, build_index(vcfg, root, skipped, threads), root, skipped, threads, "", label="validation")
+
+
+def encode(cfg: Config, index: DatasetIndex, root: str, skipped: SkipReport, threads: int, import_npz: str,
+           label: str = "") -> int:
     """Encode every entry the store lacks or holds stale (after --import-npz when given), each rank its share of
-    the batches, then merge the skip lists and the store index (rank 0). 1 when nothing usable is left."""
+    the batches, then merge the skip lists and the store index (rank 0; the summary line names `label`). 1 when
+    nothing usable is left."""
     cc, device = cfg.cache, dist.info().device
     te, hooks, te_ident = text_encoders_for(cfg, device)
     variants = max(1, int(cc.text_variants))
@@ -327,7 +351,7 @@ def encode(cfg: Config, index: DatasetIndex, root: str, skipped: SkipReport, thr
         bar.close()
     dist.barrier()
     if dist.is_main():
-        finish_store(cfg, index, root, totals, n_valid, waited if len(pending) else None)
+        finish_store(cfg, index, root, totals, n_valid, waited if len(pending) else None, label)
     return 0 if n_valid + int(totals[0]) > 0 else 1
 
 
@@ -465,7 +489,7 @@ class BatchEncoder:
 
 
 def finish_store(cfg: Config, index: DatasetIndex, root: str, totals: torch.Tensor, n_valid: int,
-                 waited: torch.Tensor | None) -> None:
+                 waited: torch.Tensor | None, label: str = "") -> None:
     """Rank 0, once every rank is done: the ranks' skip lists merged into skipped.txt, the store index written
     (unless unchanged), the temporaries removed, one summary line (`waited`: the encode loop's input wait)."""
     merged = SkipReport()
@@ -481,7 +505,7 @@ def finish_store(cfg: Config, index: DatasetIndex, root: str, totals: torch.Tens
         final.write_index()
     clean_stale_temps([root, os.path.join(root, SHARD_DIR)])
     workers = dist.default_workers(cfg.cache.num_workers)
-    print(f"cache: encoded {int(totals[0])}, already valid {n_valid}, skipped {len(merged)}, "
+    print(f"cache{f' ({label})' if label else ''}: encoded {int(totals[0])}, already valid {n_valid}, skipped {len(merged)}, "
           f"failed {int(totals[2])}; store has {len(final)} records in {len(final.shards)} shards"
           + (f"; {len(final.damaged)} damaged shard(s) set aside" if final.damaged else "")
           + (f"; input-bound {InputWait.share(*waited.tolist()):.0f}% with {workers} decode worker(s) per rank "

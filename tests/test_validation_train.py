@@ -150,3 +150,64 @@ def test_wandb_offline_rows_from_train(dataset, tmp_path, monkeypatch):
             if k not in ("step", "time") and isinstance(v, (int, float)):
                 assert by_step[r["step"]][k] == pytest.approx(v), k
     assert {"loss", "lr", "val/loss", "val/loss_t000-250"} <= set(by_step[2]) and written
+
+
+def test_own_validation_folder_goes_through_the_latent_store(dataset, tmp_path, capsys):
+    """[validation] image_dirs with a latent store: cache.py caches them into their own store beside the training
+    one (<cache_dir>/validation: validation keys are image stems too, and one here equals a training key), and
+    train.py reads them from it: the VAE is not even loaded (no previews), and the run still scores every image
+    after the images are deleted. The number equals the one of a run without a store, which encodes the images at
+    the pass, for the same weights (the final state resumed with nothing left to train; fp32 latents)."""
+    from PIL import Image
+
+    from data.demo import make_demo_dataset
+    from data.store import LatentStore
+    from training.validation import validation_store_dir
+
+    vdata = tmp_path / "vdata"
+    make_demo_dataset(str(vdata), n=6, size=(64, 96), seed=7)
+    twin = sorted(p for p in os.listdir(dataset / "data") if p.endswith(".png"))[0]  # a training image's stem
+    Image.new("RGB", (80, 64), (250, 250, 250)).save(vdata / twin)
+    (vdata / twin.replace(".png", ".txt")).write_text("an empty picture")
+    cache_dir = tmp_path / "cache"
+    own = [f"validation.image_dirs=['{vdata}']", f"cache.cache_dir={cache_dir}", "cache.latent_dtype=fp32",
+           "validation.validate_every_n_steps=0", "validation.validation_split=0"]
+    capsys.readouterr()
+    main_ok("cache", args(dataset, tmp_path / "x", 1, *own)[:3] + own)
+    assert "cache (validation): encoded 7, already valid 0" in capsys.readouterr().out
+    vstore, store = LatentStore(validation_store_dir(str(cache_dir))), LatentStore(str(cache_dir))
+    key = twin[:-4]
+    assert len(vstore) == 7 and key in vstore and key in store
+    assert not torch.equal(vstore.get(key, ["latent"])["latent"], store.get(key, ["latent"])["latent"])
+    main_ok("cache", args(dataset, tmp_path / "x", 1, *own)[:3] + own + ["--verify"])
+    assert capsys.readouterr().out.count(" damaged") == 2  # both stores checked
+
+    out = tmp_path / "stored"
+    log = main_ok("train", args(dataset, out, 2, *own), log_dir=out / "logs")
+    assert "validation: 7 held-out image(s)" in log and "16 images" in log  # nothing held out of training
+    from_store = val_rows(out)[2]
+    # the same weights scored by encoding the images at the pass (no store): the same number
+    fly = tmp_path / "fly"
+    main_ok("train", args(dataset, fly, 2, *own, "cache.cache_dir=", f"train.resume={out / 'state' / 'step-00000002'}"))
+    for k, v in from_store.items():
+        if k.startswith("val/"):
+            assert val_rows(fly)[2][k] == pytest.approx(v, rel=1e-5), k
+    # the images (and captions) gone: the store alone (cache-only rows of the validation index) still gives every image
+    for f in os.listdir(vdata):
+        os.remove(vdata / f)
+    again = tmp_path / "again"
+    log = main_ok("train", args(dataset, again, 2, *own), log_dir=again / "logs")
+    assert "validation: 7 held-out image(s)" in log
+    assert val_rows(again)[2]["val/loss"] == from_store["val/loss"]
+
+
+def test_own_validation_folder_not_cached_is_one_line(dataset, tmp_path):
+    from PIL import Image
+
+    vdata = tmp_path / "vdata"
+    vdata.mkdir()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(vdata / "v.png")
+    (vdata / "v.txt").write_text("red")
+    with pytest.raises(SystemExit, match=r"image_dirs / metadata_files are not cached: run cache.py"):
+        main_ok("train", args(dataset, tmp_path / "run", 2, f"validation.image_dirs=['{vdata}']",
+                              "validation.validation_split=0"))

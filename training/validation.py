@@ -10,8 +10,11 @@ states restored around the pass), so a run with validation on resumes bit for bi
 
 - The set: `validation_split` of the training index (a seeded ranking of key hashes: the same on every rank and
   for every world size, and stable as the dataset grows), left out of training; or its own image folders /
-  metadata files (their own index beside the training one). Latents come from the latent store when it holds them
-  (the same records cache.py writes), else the images are encoded with the VAE.
+  metadata files. With a latent store, latents (and cached text) come from it: a split's rows are training
+  records; own sources are cached by cache.py into their own store beside the training one,
+  <cache_dir>/validation (their keys are image stems as well, so they may equal training keys), with their index
+  there, as the training index lies beside its store. Without a store the images are encoded with the VAE at each
+  pass, as training encodes its images at each step.
 - The pass: global batches of `validation_batch_size` images of one bucket, each repeated K times (one per
   band), dealt round-robin to the ranks; a rank without a batch of its own runs one at weight 0, so every rank runs
   as many forwards as the others (FSDP gathers in each). Per-band sums and counts are all-reduced in float64.
@@ -27,9 +30,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import math
+import os
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -308,7 +313,7 @@ def reduce_sums(sums: torch.Tensor, names: list[str]) -> ValidationResult:
 @dataclass
 class HeldOut:
     """The validation set: rows of `index` (the training index for a split, its own for own sources), the latent
-    store they may be in, and whether some are not (then the VAE and text encoders are loaded to encode them)."""
+    store they are read from (None: encoded at each pass; then the VAE and text encoders are loaded)."""
 
     index: Any
     rows: np.ndarray
@@ -316,35 +321,71 @@ class HeldOut:
     needs_encoders: bool = False
 
 
+VALIDATION_STORE = "validation"  # own sources' store and index: <cache_dir>/validation (cache.py writes it)
+
+
+def validation_store_dir(cache_dir: str) -> str:
+    """Where cache.py caches [validation]'s own image folders / metadata files: their own store beside the
+    training one (keys are image stems in both, so a validation image may share a training image's key)."""
+    return os.path.join(cache_dir, VALIDATION_STORE)
+
+
 def held_out(cfg: Any, index: Any, rows: np.ndarray, store: Any, state_dir: str) -> tuple[np.ndarray, HeldOut]:
-    """(the training rows, the validation set) of [validation]: a split of `rows`, or its own sources indexed in
-    state_dir/validation (rank 0 builds, every rank reads); no set when [validation] names none."""
+    """(the training rows, the validation set) of [validation]: a split of `rows`, or its own sources (rank 0
+    builds their index, every rank reads it): with a latent store, read from the store cache.py wrote for them
+    (`validation_store_dir`; their index beside it); without one, indexed in state_dir/validation and encoded at
+    each pass. No set when [validation] names none. ValueError: own sources with a store that lacks all of them."""
     v = cfg.validation
     if v.validation_split > 0:
         seed = cfg.seed if v.validation_seed is None else v.validation_seed
         train_rows, val_rows = split_rows(index, rows, v.validation_split, seed)
         return train_rows, HeldOut(index, val_rows, store, needs_encoders=store is None)
     if v.image_dirs or v.metadata_files:
-        import functools
-        import os
-
         from data.index import load_or_build_index
         from data.loader import usable_rows
+        from data.store import LatentStore
         vdata = validation_data_config(cfg.data, v)
-        vdir = os.path.join(state_dir, "validation")
+        vdir = validation_store_dir(cfg.cache.cache_dir) if store is not None else os.path.join(state_dir, "validation")
+        vstore = LatentStore(vdir, check_validity=cfg.cache.check_cache_validity, read_lock=True) \
+            if store is not None and os.path.isdir(vdir) else None
+        if store is not None and vstore is None:
+            raise ValueError(f"[validation] image_dirs / metadata_files are not cached: run cache.py with this config "
+                             f"(it caches them into {vdir})")
         dist.main_first(functools.partial(load_or_build_index, vdata, vdir, is_main=True))
         vindex = load_or_build_index(vdata, vdir, is_main=False)
         vrows = usable_rows(vindex)
-        have = store.contains_many(vindex.keys.tolist_at(vrows)) if store is not None else [False]
-        return rows, HeldOut(vindex, vrows, store, needs_encoders=not all(bool(h) for h in have))
+        if vstore is not None:
+            have = np.asarray(vstore.contains_many(vindex.keys.tolist_at(vrows)), dtype=bool)
+            if not have.all():
+                logging.getLogger(__name__).warning(
+                    f"{int((~have).sum())} of {len(vrows)} validation images are not in the latent store {vdir}; "
+                    "they are left out (run cache.py with this config)")
+            if len(vrows) and not have.any():
+                raise ValueError(f"none of the {len(vrows)} [validation] images is in the latent store {vdir}: run "
+                                 "cache.py with this config")
+            vrows = vrows[have]
+        return rows, HeldOut(vindex, vrows, vstore, needs_encoders=vstore is None)
     return rows, HeldOut(index, np.asarray(rows)[:0], store)
 
 
 def validation_data_config(data_cfg: Any, vcfg: Any) -> Any:
-    """[data] with [validation]'s own sources in place of the training ones (same buckets, captions, limits)."""
+    """[data] with [validation]'s own sources in place of the training ones (same buckets, resolution, limits and
+    caption rules) and nothing random: captions as written (no dropout, tag dropout or shuffling), centre crops, no
+    flipped latents, one repeat. cache.py caches with it, train.py indexes with it."""
     return dataclasses.replace(data_cfg, image_dirs=list(vcfg.image_dirs), metadata_files=list(vcfg.metadata_files),
                                train_data_dir="", reg_data_dir="", dataset_name_or_path="", tar_shards=[], subsets=[],
-                               num_repeats=1)
+                               num_repeats=1, caption_dropout_rate=0.0, caption_tag_dropout_rate=0.0,
+                               shuffle_caption=False, random_crop=False, flip_aug=False)
+
+
+def validation_cache_config(cfg: Any) -> Any | None:
+    """The config cache.py encodes [validation]'s own sources with (their data, one cached caption each), or None
+    when [validation] names no own sources (a split's images are cached with the training ones)."""
+    v = cfg.validation
+    if not (v.image_dirs or v.metadata_files):
+        return None
+    return dataclasses.replace(cfg, data=validation_data_config(cfg.data, v),
+                               cache=dataclasses.replace(cfg.cache, text_variants=1))
 
 
 def enabled(vcfg: Any) -> bool:
