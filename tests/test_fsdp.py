@@ -227,3 +227,29 @@ def test_lora_under_fsdp_state_holds_adapters_only_and_resumes_exactly(ref, tmp_
     for name in NAMES:
         fa, fb = load_file(str(a / "models" / name)), load_file(str(b / "models" / name))
         assert any(k.startswith("lora_unet_") for k in fa) and _same(fa, fb), name
+
+
+@pytest.mark.slow
+def test_sharded_state_without_ema_resumed_with_ema_starts_it_from_the_resumed_weights(tmp_path):
+    """Was: a sharded state saved with train.use_ema = false, resumed with it on, started the EMA from the weights
+    before the resume (a full state's EMA starts from the resumed ones). The state is written by one FSDP process,
+    resumed by 2 (run_workers) that stop at once: the EMA export equals the model export."""
+    pytest.importorskip("torch.distributed.fsdp").fully_shard
+    from data.demo import make_demo_dataset
+    import train
+    from core import dist
+    make_demo_dataset(str(tmp_path / "data"), n=2, size=(64, 64))
+    args = ["configs/demo.toml", "model.model_preset=micro", f"data.image_dirs=['{tmp_path / 'data'}']",
+            "cache.cache_dir=", "data.resolution=64", "data.min_bucket_reso=64", "data.max_bucket_reso=64",
+            "data.batch_size=1", "train.max_train_steps=2", "optimizer.lr_warmup_steps=0",
+            "optimizer.lr_scheduler=constant", "sample.sample_every_n_steps=0", "save.save_every_n_steps=0",
+            "save.save_state=true", "train.fsdp=true", f"output_dir={tmp_path / 'run'}"]
+    try:
+        assert train.main(args) == 0
+    finally:
+        dist.shutdown()
+    state = tmp_path / "run" / "state" / "step-00000002"
+    assert (state / "dcp").is_dir() and not (tmp_path / "run" / "models" / "demo-ema.safetensors").exists()
+    run_workers(["train.py", *args, "train.use_ema=true", f"train.resume={state}"])
+    model, ema = _models(tmp_path / "run").values()
+    assert _same(model, ema)

@@ -101,6 +101,12 @@ class EMA:
         if chunk:
             self._lerp(chunk, params, weight)
 
+    @torch.no_grad()
+    def copy_from(self, model: nn.Module) -> None:
+        """shadow <- the model's parameters (each rank its shards): an EMA that starts over from these weights."""
+        for n, p in self._params_of(model).items():
+            self.shadow[n].copy_(_local(p.detach()))
+
     def _lerp(self, names: list[str], params: dict[str, nn.Parameter], weight: float) -> None:
         shadows = [self.shadow[n] for n in names]
         sources = [_local(params[n].detach()).to(device=self.device, dtype=torch.float32) for n in names]

@@ -407,16 +407,17 @@ def write_sharded(tmp: str, sd: dict[str, Any]) -> None:
     dcp.save(sd, storage_writer=dcp.FileSystemWriter(os.path.join(tmp, DCP_DIR), sync_files=True))
 
 
-def load_sharded(folder: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: Any = None) -> None:
+def load_sharded(folder: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: Any = None) -> bool:
     """Every rank: read what it needs of a DCP folder into the (sharded or plain) model, optimizer and EMA;
-    DCP reshards for the current world size (or reads the full tensors without a process group)."""
+    DCP reshards for the current world size (or reads the full tensors without a process group). Returns whether
+    the EMA was restored (False: none given, or the state was saved without one)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     sd = sharded_state_dict(model, optimizer, ema)
     meta = dcp.FileSystemReader(folder).read_metadata()
     if ema is not None and not any(k.startswith("ema.") for k in meta.state_dict_metadata):
-        ema = None  # a state saved without EMA: the EMA starts from the resumed weights (as with full states)
+        ema = None  # a state saved without EMA: the caller starts it from the resumed weights
     if ema is None:
         sd.pop("ema", None)
     # Optimizer state of parameters that had none when saved (no gradient yet, e.g. adapters of a text encoder
@@ -431,6 +432,7 @@ def load_sharded(folder: str, model: torch.nn.Module, optimizer: torch.optim.Opt
                    options=_options(strict=False))
     if ema is not None:
         ema.load_state_dict(sd["ema"])
+    return ema is not None
 
 
 def load_full_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sd: dict[str, Any],

@@ -101,7 +101,10 @@ class TrainableSet:
         """Every rank, once the optimizer exists: a sharded state's weights, optimizer and EMA (this rank's part,
         resharded for this world size), or a full state's optimizer and EMA (its weights went in before wrapping)."""
         if "dcp" in st:
-            rstate.load_sharded(st["dcp"], self.trainee, optimizer, ema)
+            restored = rstate.load_sharded(st["dcp"], self.trainee, optimizer, ema)
+            if ema is not None and not restored:
+                # saved without EMA: it starts from the resumed weights, as with a full state (made after they went in)
+                ema.copy_from(self.ema_module)
             return
         rstate.load_full_optimizer(model, optimizer, st["optimizer"], self.cfg.train.fsdp)
         if ema is not None and "ema" in st:
