@@ -159,6 +159,44 @@ def test_subsets_bucket_at_their_resolution_and_batch_at_their_size(two_sets, tm
     assert batches_per_epoch(ix, cfg.data, 1) == 5 and batches_per_epoch(ix, cfg.data, 2) == 3
 
 
+def test_metadata_and_summary_give_each_datasets_batch_size_and_resolution(two_sets, tmp_path):
+    """Was: ss_batch_size_per_device / ss_total_batch_size, ss_resolution and the summary's batch line gave [data]'s
+    batch_size (2) and resolution when subsets have their own. kohya train_network.py (a --dataset_config run)
+    writes no flat batch / resolution / bucket keys then: ss_datasets lists each dataset's batch_size_per_device,
+    resolution, image counts, bucket_info and subsets."""
+    import json
+
+    import torch
+    from data.index import build_index
+    from training.run_metadata import training_metadata
+    from training.summary import batch_line
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+
+    def meta_of(cfg):
+        ix = build_index(cfg.data)
+        return ix, training_metadata(cfg, family="sdxl", index=ix, batches_per_epoch=5, world_size=2, num_epochs=1,
+                                     optimizer=opt)
+    cfg = load_config(_multires_cfg(two_sets, tmp_path / "x"))
+    ix, meta = meta_of(cfg)
+    assert not {"ss_batch_size_per_device", "ss_total_batch_size", "ss_resolution", "ss_bucket_info"} & set(meta)
+    ds = json.loads(meta["ss_datasets"])
+    assert [(d["batch_size_per_device"], d["resolution"], d["num_train_images"], d["is_dreambooth"]) for d in ds] == \
+        [(2, [64, 64], 6, True), (3, [128, 128], 5, True)]
+    assert [[(s["image_dir"], s["img_count"]) for s in d["subsets"]] for d in ds] == [[("a", 6)], [("b", 5)]]
+    assert [sum(b["count"] for b in d["bucket_info"]["buckets"].values()) for d in ds] == [6, 5]
+    assert batch_line(ix, cfg.data, 1, 2, torch.device("cpu")) == (
+        "2 (subset 0 at 64x64), 3 (subset 1 at 128x128) per process x 1 accumulation x 2 process(es) on cpu = 4-6 "
+        "images per optimizer step (a batch holds one of these)")
+    # one dataset, with its own batch size and resolution: the flat keys, with its values
+    cfg = load_config(_multires_cfg(two_sets, tmp_path / "y"), [
+        f"data.subsets=[{{image_dirs=['{two_sets[0] / 'b'}'], batch_size=3, resolution=128}}]"])
+    ix, meta = meta_of(cfg)
+    assert "ss_datasets" not in meta and (meta["ss_batch_size_per_device"], meta["ss_total_batch_size"],
+                                          meta["ss_resolution"]) == ("3", "6", "(128, 128)")
+    assert batch_line(ix, cfg.data, 2, 2, torch.device("cpu")).startswith("3 per process x 2 accumulation x 2 "
+                                                                           "process(es) on cpu = 12 images")
+
+
 def test_multiresolution_ddp_run_resumes_bit_exactly(two_sets, tmp_path):
     """One 2-process DDP run (gloo) trains both subsets at their own resolutions and batch sizes for 4 steps; a run
     stopped at its step-2 state and resumed there ends with the same weights, bit for bit."""

@@ -20,6 +20,7 @@ import numpy as np
 
 import models
 from core.config import path_fields, to_dict
+from data.buckets import BucketSettings
 
 # kohya's ss_base_model_version values (sdxl_train_util / sd3_train_utils)
 
@@ -71,11 +72,36 @@ def _nested(cls: type, name: str) -> type | None:
     return None
 
 
-def bucket_info(index: Any) -> dict[str, Any]:
+@dataclasses.dataclass
+class DatasetGroup:
+    """Subsets that share a batch size and bucket settings: one of kohya's [[datasets]] (its batch_size,
+    resolution and bucket options), which a batch never mixes with another."""
+
+    batch_size: int
+    bucket: BucketSettings
+    subsets: list[int]  # positions in index.subsets
+
+
+def dataset_groups(index: Any, data_cfg: Any) -> list[DatasetGroup]:
+    """The run's kohya datasets, in subset order: one unless [[data.subsets]] entries set their own batch_size or
+    resolution / bucket options (data.loader.subset_batch_sizes, data.index.subset_bucket_settings)."""
+    from data.index import subset_bucket_settings
+    from data.loader import subset_batch_sizes
+    per = subset_bucket_settings(index.subsets, BucketSettings.from_data_cfg(data_cfg))
+    groups: dict[tuple[int, str], DatasetGroup] = {}
+    for i, (size, bs) in enumerate(zip(subset_batch_sizes(index, data_cfg).tolist(), per)):
+        groups.setdefault((int(size), bs.key()), DatasetGroup(int(size), bs, [])).subsets.append(i)
+    return list(groups.values()) or [DatasetGroup(int(data_cfg.batch_size), BucketSettings.from_data_cfg(data_cfg), [])]
+
+
+def bucket_info(index: Any, subsets: list[int] | None = None) -> dict[str, Any]:
     """kohya's ss_bucket_info: {"buckets": {i: {"resolution": [w, h], "count": n}}, "mean_img_ar_error": e}
-    (counts include repeats, as kohya's bucket manager holds repeated images; vectorised for large indexes)."""
+    (counts include repeats, as kohya's bucket manager holds repeated images; vectorised for large indexes);
+    `subsets`: of these subsets' images only (one kohya dataset's bucket_info)."""
     reps = np.asarray(index.repeats, dtype=np.int64)
     live = reps > 0
+    if subsets is not None and len(reps):
+        live &= np.isin(np.asarray(index.subset), subsets)
     if not live.any():
         return {"buckets": {}, "mean_img_ar_error": 0.0}
     b = np.asarray(index.buckets)[live]
@@ -104,6 +130,47 @@ def dataset_dirs(index: Any, with_paths: bool) -> tuple[dict[str, Any], dict[str
     return train, reg
 
 
+def kohya_datasets(index: Any, groups: list[DatasetGroup], with_paths: bool) -> list[dict[str, Any]]:
+    """kohya's ss_datasets (train_network.py with --dataset_config): per dataset its batch_size_per_device,
+    image counts (with repeats), resolution, bucket options and bucket_info, and its subsets' settings."""
+    reps = np.asarray(index.repeats, dtype=np.int64)
+    subset_of = np.asarray(index.subset, dtype=np.int64)
+    counts = np.bincount(subset_of, minlength=len(index.subsets)) if len(index) else np.zeros(len(index.subsets))
+    out = []
+    for g in groups:
+        subs = [index.subsets[i] for i in g.subsets]
+        train = np.isin(subset_of, [i for i in g.subsets if not index.subsets[i].is_reg])
+        reg = np.isin(subset_of, [i for i in g.subsets if index.subsets[i].is_reg])
+        entries = []
+        for i, sp in zip(g.subsets, subs):
+            cap = sp.caption
+            entry = {"img_count": int(counts[i]), "num_repeats": int(sp.num_repeats), "flip_aug": bool(sp.flip_aug),
+                     "random_crop": bool(sp.random_crop), "shuffle_caption": bool(cap.get("shuffle_caption")),
+                     "keep_tokens": int(cap.get("keep_tokens", 0)),
+                     "keep_tokens_separator": cap.get("keep_tokens_separator", ""),
+                     "caption_prefix": cap.get("caption_prefix", ""), "caption_suffix": cap.get("caption_suffix", "")}
+            if sp.image_dirs:
+                entry["image_dir"] = sp.image_dirs[0] if with_paths else _base(sp.image_dirs[0])
+            if sp.metadata_files:
+                entry["metadata_file"] = sp.metadata_files[0] if with_paths else _base(sp.metadata_files[0])
+            else:
+                entry.update(class_tokens=sp.class_tokens, is_reg=bool(sp.is_reg))
+            entries.append(entry)
+        out.append({"is_dreambooth": not any(sp.metadata_files for sp in subs), "batch_size_per_device": g.batch_size,
+                    "num_train_images": int(reps[train].sum()), "num_reg_images": int(reps[reg].sum()),
+                    "resolution": list(g.bucket.size), "enable_bucket": g.bucket.enable_bucket,
+                    "min_bucket_reso": g.bucket.min_reso, "max_bucket_reso": g.bucket.max_reso,
+                    "bucket_info": bucket_info(index, g.subsets), "subsets": entries})
+    return out
+
+
+# What kohya writes per dataset in ss_datasets instead of once (with --dataset_config): left out of the flat keys
+# when the subsets form several datasets.
+PER_DATASET_KEYS = ("ss_batch_size_per_device", "ss_total_batch_size", "ss_resolution", "ss_enable_bucket",
+                    "ss_min_bucket_reso", "ss_max_bucket_reso", "ss_bucket_no_upscale", "ss_bucket_info",
+                    "ss_flip_aug", "ss_random_crop", "ss_shuffle_caption", "ss_keep_tokens")
+
+
 def training_metadata(cfg: Any, *, family: str, index: Any, batches_per_epoch: int, world_size: int,
                       num_epochs: int, optimizer: Any) -> dict[str, str]:
     """The run's fixed training metadata (computed once, at start-up); `export_metadata` adds step / epoch."""
@@ -116,6 +183,8 @@ def training_metadata(cfg: Any, *, family: str, index: Any, batches_per_epoch: i
     opt_args = ",".join(f"{k}={v}" for k, v in o.optimizer_kwargs.items())
     te_lrs = [x for x in (o.learning_rate_te1, o.learning_rate_te2) if x is not None]
     model_name = m.pretrained_model_name_or_path
+    groups = dataset_groups(index, d)
+    one = groups[0]  # the flat keys: the run's one dataset (several: ss_datasets instead, as kohya)
     meta: dict[str, Any] = {
         "ss_session_id": random.randint(0, 2**32),
         "ss_training_started_at": time.time(),
@@ -128,8 +197,8 @@ def training_metadata(cfg: Any, *, family: str, index: Any, batches_per_epoch: i
         "ss_num_reg_images": int(reps[reg_rows].sum()),
         "ss_num_batches_per_epoch": batches_per_epoch,
         "ss_num_epochs": num_epochs,
-        "ss_batch_size_per_device": d.batch_size,
-        "ss_total_batch_size": d.batch_size * world_size * t.gradient_accumulation_steps,
+        "ss_batch_size_per_device": one.batch_size,
+        "ss_total_batch_size": one.batch_size * world_size * t.gradient_accumulation_steps,
         "ss_gradient_checkpointing": t.gradient_checkpointing,
         "ss_clip_skip": cfg.model.clip_skip,  # kohya's key; None when unset (the model's own layer)
         "ss_gradient_accumulation_steps": t.gradient_accumulation_steps,
@@ -163,11 +232,11 @@ def training_metadata(cfg: Any, *, family: str, index: Any, batches_per_epoch: i
         "ss_max_grad_norm": o.max_grad_norm,
         "ss_caption_dropout_rate": d.caption_dropout_rate,
         "ss_caption_tag_dropout_rate": d.caption_tag_dropout_rate,
-        "ss_resolution": f"({d.resolution}, {d.resolution})",
-        "ss_enable_bucket": d.enable_bucket,
-        "ss_bucket_no_upscale": d.bucket_no_upscale,
-        "ss_min_bucket_reso": d.min_bucket_reso,
-        "ss_max_bucket_reso": d.max_bucket_reso,
+        "ss_resolution": "({}, {})".format(*one.bucket.size),
+        "ss_enable_bucket": one.bucket.enable_bucket,
+        "ss_bucket_no_upscale": one.bucket.no_upscale,
+        "ss_min_bucket_reso": one.bucket.min_reso,
+        "ss_max_bucket_reso": one.bucket.max_reso,
         "ss_flip_aug": d.flip_aug,
         "ss_random_crop": d.random_crop,
         "ss_shuffle_caption": d.shuffle_caption,
@@ -185,6 +254,10 @@ def training_metadata(cfg: Any, *, family: str, index: Any, batches_per_epoch: i
         "sdtrain.use_ema": t.use_ema,
         "sdtrain.config": json.dumps(config_for_metadata(cfg, with_paths), sort_keys=True),
     }
+    if len(groups) > 1:
+        for k in PER_DATASET_KEYS:
+            meta.pop(k)
+        meta["ss_datasets"] = json.dumps(kohya_datasets(index, groups, with_paths))
     if model_name and os.path.isfile(model_name):
         from core.hashes import model_hash_legacy, sha256_file
         meta["ss_sd_model_hash"] = model_hash_legacy(model_name)  # kohya: both of A1111's hashes of the base model

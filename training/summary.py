@@ -52,6 +52,25 @@ def dataset_line(index: Any, rows: np.ndarray) -> str:
             f"{len(buckets)} bucket(s): {shown}{more}")
 
 
+def batch_line(index: Any, data_cfg: Any, accum: int, world_size: int, device: torch.device) -> str:
+    """Images per process, accumulation and processes; subsets with their own batch_size or resolution (kohya's
+    [[datasets]]: a batch holds one of them) each with its [[data.subsets]] entries and resolution."""
+    from training.run_metadata import dataset_groups
+    groups = dataset_groups(index, data_cfg)
+    tail = f" x {accum} accumulation x {world_size} process(es) on {device.type}"
+    if len(groups) == 1:
+        b = groups[0].batch_size
+        return f"{b} per process{tail} = {b * accum * world_size} images per optimizer step"
+    per = []
+    for g in groups:
+        entries = sorted({int(index.subsets[i].source) for i in g.subsets})
+        which = f"subset{'s' if len(entries) > 1 else ''} {', '.join(map(str, entries))}"
+        per.append(f"{g.batch_size} ({which} at {'x'.join(map(str, g.bucket.size))})")
+    lo, hi = (n * accum * world_size for n in (min(g.batch_size for g in groups), max(g.batch_size for g in groups)))
+    return (f"{', '.join(per)} per process{tail} = {lo if lo == hi else f'{lo}-{hi}'} images per optimizer step "
+            f"(a batch holds one of these)")
+
+
 def model_lines(comp: Any, trained: nn.Module) -> list[str]:
     """Family, parameters and dtype of every loaded part, and how many parameters train (train.py's Trainee:
     the network plus the trained text encoders)."""
@@ -77,7 +96,6 @@ def start_block(*, cfg: Any, world_size: int, device: torch.device, index: Any, 
     """The start-of-run summary (one block of lines, for the log); `memory`: the planner's estimate."""
     d, t = cfg.data, cfg.train
     accum = t.gradient_accumulation_steps
-    effective = d.batch_size * accum * world_size
     epochs = total_steps / max(1, steps_per_epoch)
     if cfg.cache.cache_dir:
         cached = f"latents from {cfg.cache.cache_dir}" + (" (posterior mean + std)" if cfg.cache.store_posterior else "")
@@ -91,8 +109,7 @@ def start_block(*, cfg: Any, world_size: int, device: torch.device, index: Any, 
     lines = [
         f"data       {dataset_line(index, rows)}",
         *(f"model      {line}" for line in model_lines(comp, trained)),
-        f"batch      {d.batch_size} per process x {accum} accumulation x {world_size} process(es) on {device.type}"
-        f" = {effective} images per optimizer step",
+        f"batch      {batch_line(index, d, accum, world_size, device)}",
         f"steps      {steps_per_epoch} per epoch, {total_steps} in all (~{epochs:.3g} epochs)"
         + (f", resuming at step {start_step}" if start_step else ""),
         f"precision  {precision}",
