@@ -34,8 +34,8 @@ from torch import nn
 
 import models
 from core import cli, dist
-from core.config import (Config, SampleConfig, SaveConfig, TrainConfig, format_output_dir, make_run_dirs, run_dirs,
-                         to_dict, to_toml)
+from core.config import (Config, ModelConfig, SampleConfig, SaveConfig, TrainConfig, format_output_dir,
+                         make_run_dirs, run_dirs, to_dict, to_toml)
 from core.dist import mix_seed
 from core.fsio import atomic_write, check_dir_setting, clean_stale_temps, describe_os_error
 from core.lock import DirLock, LockBusy, acquire_in_step, releases_locks
@@ -426,7 +426,15 @@ def make_train_loader(cfg: Config, data: TrainData, progress: Progress, device: 
                        num_workers=dist.default_workers(cfg.data.max_dataloader_n_workers, cap=8),
                        pin_memory=device.type == "cuda", persistent_workers=cfg.data.persistent_data_loader_workers,
                        rows=data.rows, cached_text=cfg.cache.cache_text_encoder_outputs,
-                       with_masks=cfg.loss.masked_loss)  # what trains decides
+                       with_masks=cfg.loss.masked_loss,  # what trains decides
+                       text_dropout=text_dropout_rates(cfg.model))
+
+
+def text_dropout_rates(m: ModelConfig) -> tuple[float, ...]:
+    """SD3's per-encoder caption dropout rates (kohya's clip_l / clip_g / t5_dropout_rate), in the order of the
+    family's `text_dropout` record; () when all are 0 (batches then carry no flags)."""
+    rates = (m.clip_l_dropout_rate, m.clip_g_dropout_rate, m.t5_dropout_rate)
+    return rates if any(rates) else ()
 
 
 def micro_batch_groups(loader: Iterable[dict[str, Any]], accum: int) -> Iterator[list[dict[str, Any]]]:
@@ -462,7 +470,9 @@ def micro_step_loss(model: nn.Module, comp: Any, objective: Objective, batch: di
     # the loader's tensors are pinned on CUDA: non-blocking copies, no stall of the device per micro-batch
     sizes = tuple(batch[k].to(device, non_blocking=True) for k in ("original_size", "crop_top_left", "target_size"))
     nb = objective.noise(latents, generator)
-    pred = model(nb.x_t, nb.t, text, batch["captions"], sizes)
+    drop = batch.get("text_drop")  # [B, encoders]: per-encoder caption dropout (SD3)
+    pred = model(nb.x_t, nb.t, text, batch["captions"], sizes,
+                 drop.to(device, non_blocking=True) if drop is not None else None)
     mask = batch.get("mask")  # loss.masked_loss: [B, 1, h, w] at latent resolution (diffusion/masks.py)
     return objective.loss(pred.float(), nb, batch["loss_weight"].to(device, non_blocking=True),
                           mask=mask.to(device, non_blocking=True) if mask is not None else None).mean()
@@ -666,6 +676,9 @@ def check_settings(cfg: Config, family: models.Family) -> None:
     check_schedule_free(o)
     check_fsdp_optimizer(o, t.fsdp)
     check_validation_settings(cfg)
+    if text_dropout_rates(cfg.model) and not family.text_dropout:
+        raise ValueError(f"model.clip_l_dropout_rate / clip_g_dropout_rate / t5_dropout_rate are SD3 options (kohya's "
+                         f"sd3_train.py); {family.name} has data.caption_dropout_rate")
     if previews_scheduled(smp) and not smp.sample_prompts:
         raise ValueError("[sample] previews are scheduled but sample.sample_prompts is empty")
 

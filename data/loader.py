@@ -282,11 +282,14 @@ STAND_IN_TRIES = 4
 class _Items(Dataset):
     """Map-style dataset over (row, position) pairs: latents from the store or images decoded and bucketed; the
     store's text-encoder outputs only with `cached_text` (the run trains from cached text: no text encoder trains).
-    `rows`: the usable rows, where stand-ins for a batch of unreadable records are found (`__getitems__`)."""
+    `rows`: the usable rows, where stand-ins for a batch of unreadable records are found (`__getitems__`).
+    `text_dropout`: per-encoder caption dropout rates (SD3: CLIP-L, CLIP-G, T5); each item then carries its flags,
+    drawn from (seed, epoch, position) like its caption dropout, so a resumed run draws the same."""
 
     def __init__(self, index: DatasetIndex, data_cfg, store, seed: int, epoch: int, cached_text: bool = False,
-                 with_masks: bool = False, rows: np.ndarray | None = None):
+                 with_masks: bool = False, rows: np.ndarray | None = None, text_dropout: tuple[float, ...] = ()):
         self.index, self.store, self.seed, self.epoch, self.cached_text = index, store, seed, epoch, cached_text
+        self.text_dropout = tuple(text_dropout)
         self.rows = np.flatnonzero(np.asarray(index.repeats) > 0) if rows is None else np.asarray(rows)
         self._mates: dict[tuple[int, int], np.ndarray] = {}  # bucket -> its usable rows (filled on first need)
         self.with_masks, self.mask_dir = with_masks, getattr(data_cfg, "mask_dir", "")  # loss.masked_loss
@@ -410,6 +413,9 @@ class _Items(Dataset):
                                    info=lambda: ix.image_info(row))
         out["caption"] = caption
         out["target_size"] = (bh, bw)
+        if self.text_dropout:  # its own stream: one draw per encoder, whatever the rates (kohya: random() < rate)
+            drops = random.Random(_seed(self.seed, epoch, pos, 3))
+            out["text_drop"] = [drops.random() < rate for rate in self.text_dropout]
         return out
 
 
@@ -432,6 +438,8 @@ def collate(items: list[dict[str, Any] | None]) -> dict[str, Any]:
     if any("mask" in it for it in items):  # images without a mask train everywhere (weight 1)
         lat = batch[x].shape[-2:] if x == "latents" else tuple(s // 8 for s in batch[x].shape[-2:])
         batch["mask"] = torch.stack([it.get("mask", torch.ones(lat)) for it in items])[:, None]  # [B, 1, h, w]
+    if "text_drop" in items[0]:  # [B, encoders] bool: the model zeroes those encoders' outputs (models/sd3.py)
+        batch["text_drop"] = torch.tensor([it["text_drop"] for it in items], dtype=torch.bool)
     for name in items[0]:
         if name.startswith("te."):
             batch[name] = [it[name] for it in items]  # per-sample, padding trimmed: lengths may differ
@@ -468,18 +476,20 @@ class EpochBatches:
 def make_loader(index: DatasetIndex, data_cfg, store, *, seed: int, epoch: int, rank: int, world_size: int,
                 skip: int = 0, num_workers: int = 0, pin_memory: bool = False,
                 persistent_workers: bool = False, rows: np.ndarray | None = None,
-                cached_text: bool = False, with_masks: bool = False) -> DataLoader:
+                cached_text: bool = False, with_masks: bool = False,
+                text_dropout: tuple[float, ...] = ()) -> DataLoader:
     """Batches for one rank (dicts, see `collate`) starting at `epoch`, `skip` = global batches already consumed;
     `rows` = usable_rows(index, store) when the caller already has them (one store lookup pass per run).
     `cached_text`: batches carry the store's text-encoder outputs (`te.*`) and the captions they were encoded from;
     what is trained decides it (cache.cache_text_encoder_outputs, which no text-encoder training may combine with):
     without it the store's cached text is never read, so the text encoders run on every caption (#28.10).
+    `text_dropout`: per-encoder caption dropout rates; batches then carry `text_drop` [B, encoders] (bool).
     For the next epoch call `loader.batch_sampler.set_epoch(epoch)` and iterate again (workers are kept alive when
     `persistent_workers` and num_workers > 0)."""
     rows = usable_rows(index, store) if rows is None else rows
     sampler = EpochBatches(index, subset_batch_sizes(index, data_cfg), rows, seed=seed, epoch=epoch, rank=rank,
                            world_size=world_size, skip=skip)
-    items = _Items(index, data_cfg, store, seed, epoch, cached_text, with_masks, rows)
+    items = _Items(index, data_cfg, store, seed, epoch, cached_text, with_masks, rows, text_dropout)
     return DataLoader(items, batch_sampler=sampler, collate_fn=collate,
                       num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=persistent_workers and num_workers > 0,

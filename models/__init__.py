@@ -107,6 +107,7 @@ def build(family: str, preset: str, *, device: str | torch.device = "cpu", dtype
     cfgs = fam.preset_configs(preset)
     if family == "sd3":
         opts.setdefault("context_dim", cfgs["mmdit"].context_in_dim)
+        opts.setdefault("clip_l_width", cfgs["clip_l"].hidden_size)  # per-encoder dropout without CLIP-L loaded
     modules = {}
     for name, cfg in cfgs.items():
         if parts is not None and name not in parts:
@@ -173,6 +174,8 @@ def load(path: str | None, family: str | None = None, *, vae: str | None = None,
             sub = strip_prefix(main_shapes, prefix)
             if sub:
                 sources[name] = (main, prefix, sub)
+        if family == "sd3" and "clip_l" in sources:  # CLIP-L's width also when it is not loaded (cached text)
+            opts.setdefault("clip_l_width", sources["clip_l"][2].get(sd3.CLIP_L_WIDTH_KEY, (sd3.CLIP_L_WIDTH,))[0])
     separate = {"vae": vae, "te1": clip_l, "clip_l": clip_l, "clip_g": clip_g, "t5": t5xxl}
     for name, p in separate.items():
         if p and name in fam.prefix:

@@ -35,6 +35,8 @@ class Family:
     #                                                                     [optimizer] learning-rate field
     blocks: tuple[str, ...] = ()                # network attributes whose items FSDP / compile treat as units
     objective: str = "ddpm"                     # diffusion/objectives.py: "ddpm" (eps / v) or "flow"
+    text_dropout: tuple[str, ...] = ()          # encoders dropped each with its own rate ([model] <name>_dropout_rate),
+    #                                             in the order comp.drop_text takes its per-sample flags
     # -- previews and generate.py
     cfg_scale: float = 7.0                      # default classifier-free guidance scale
     zero_empty_negative: bool = False           # an empty negative prompt is zeroed embeddings (else: encoded "")
@@ -78,6 +80,10 @@ class FamilyBase:
         """Unconditional branch: zeroed text embeddings, as the original SDXL samplers do. (The SD3 reference
         encodes the empty negative prompt instead; there this serves caption dropout of cached embeddings.)"""
         return {k: torch.zeros_like(v) for k, v in text.items()}
+
+    def drop_text(self, text: dict[str, Tensor], drop: Tensor) -> dict[str, Tensor]:
+        """Per-encoder caption dropout (families with a `text_dropout` record override it)."""
+        raise ValueError(f"{getattr(self, 'family', '?')}: no per-encoder caption dropout")
 
     def encode_images(self, images: Tensor, tile_size: int | None = None) -> Tensor:
         """Images in [-1, 1] -> scaled latents (posterior mean); the VAE runs in its own dtype."""

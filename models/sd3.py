@@ -22,6 +22,11 @@ row: L = 256 without the mask is 2.4 MB per image and caption variant (100k imag
 reference's own length) 0.95 MB; with the mask about 0.5 MB for a 25-token caption. For large datasets use
 `t5_max_token_length = 77` or `apply_t5_attn_mask = true`.
 
+Per-encoder caption dropout (kohya's SD3 options clip_l_dropout_rate / clip_g_dropout_rate / t5_dropout_rate,
+library/strategy_sd3.py Sd3TextEncodingStrategy): a dropped encoder's outputs are zeros for that sample: CLIP-L's
+channels of the CLIP features and of pooled, CLIP-G's, or T5's rows (`drop_text`). The same on the encoded and the
+cached layout, since `collate_cached_text` rebuilds what `encode_text` gives.
+
 Caption augmentation with cached embeddings: cache.py stores K = `[cache] text_variants` variants per image
 (`te0.*` ... `te{K-1}.*`), each an independent draw of the caption augmentation (shuffle, dropout ...) with its
 own seed; the loader picks one variant per sample per epoch. K = 1 (or captions without augmentation) stores
@@ -58,6 +63,8 @@ IGNORE = ("*.position_ids", "text_projection.weight", "denoiser.sigmas")
 T5_TIED = "encoder.embed_tokens.weight"
 ALIASES = {"t5": {T5_TIED: "shared.weight"}}  # tied: files may store only one of the two
 CLIP_TOKENS = 77
+CLIP_L_WIDTH = 768  # CLIP-L (ViT-L/14) hidden size in every released SD3: its channels come first in context / pooled
+CLIP_L_WIDTH_KEY = "text_model.final_layer_norm.weight"  # [hidden size]: CLIP-L's width read from a file's shapes
 DEFAULT_CONTEXT_DIM = 4096  # T5-XXL width = MMDiT context_in_dim of the released models
 CONTEXT_EMBEDDER = "model.diffusion_model.context_embedder.weight"
 DEFAULT_SHIFT = 3.0  # inference sigma shift of the released models (CONVENTIONS.md)
@@ -93,6 +100,7 @@ class SD3(FamilyBase):
     family: str = "sd3"
     tokenizer: CLIPTokenizer = field(default_factory=default_tokenizer)
     context_dim: int = DEFAULT_CONTEXT_DIM  # MMDiT context_in_dim (= T5 width); CLIP features are zero-padded to it
+    clip_l_width: int = CLIP_L_WIDTH  # CLIP-L's channels in the CLIP features and pooled (also with CLIP-L unloaded)
     v_parameterization: bool = False  # unused (flow matching); kept for a uniform interface
     zero_terminal_snr: bool = False  # unused (flow matching); kept for a uniform interface
 
@@ -179,6 +187,25 @@ class SD3(FamilyBase):
             rows.append(torch.cat([clip, t5.to(clip.dtype)], dim=0))             # (77 + L, C)
         return {"context": torch.stack(rows), "pooled": torch.stack([it["pooled"] for it in items])}
 
+    def drop_text(self, text: dict[str, Tensor], drop: Tensor) -> dict[str, Tensor]:
+        """Per-encoder caption dropout: `drop` [B, 3] bool (CLIP-L, CLIP-G, T5) zeroes, per sample, that encoder's
+        outputs in context [B, 77 + L, C] and pooled [B, 2048], as kohya zeroes them (strategy_sd3.py
+        encode_tokens / drop_cached_text_encoder_outputs: CLIP-L's first channels of the CLIP rows and of pooled,
+        CLIP-G's after them, T5's rows). A multiply by per-sample 0 / 1 scales: no host sync, exact elsewhere."""
+        ctx, pooled = text["context"], text["pooled"]
+        b, n, c = ctx.shape
+        wl = self.clip_l_width
+        if pooled.shape[-1] <= wl or n < CLIP_TOKENS:
+            raise ValueError(f"per-encoder caption dropout: pooled width {pooled.shape[-1]} / {n} context rows do not "
+                             f"fit CLIP-L's {wl} channels and {CLIP_TOKENS} rows")
+        keep = (~drop.to(device=ctx.device, dtype=torch.bool)).to(ctx.dtype)                 # (B, 3)
+        lg = lambda width: torch.where(torch.arange(width, device=ctx.device) < wl,          # noqa: E731
+                                       keep[:, 0:1], keep[:, 1:2])                           # (B, width)
+        clip_rows = lg(c)[:, None, :].expand(b, CLIP_TOKENS, c)                              # (B, 77, C)
+        t5_rows = keep[:, 2:3, None].expand(b, n - CLIP_TOKENS, c)                           # (B, L, C)
+        return {**text, "context": ctx * torch.cat([clip_rows, t5_rows], dim=1),
+                "pooled": pooled * lg(pooled.shape[-1]).to(pooled.dtype)}
+
     # -- latents -------------------------------------------------------------------------------
     def sample_schedule(self):
         from diffusion.sampling import FlowSchedule
@@ -249,7 +276,9 @@ def assemble(modules: Mapping[str, nn.Module], opts: Mapping[str, Any]) -> SD3:
                clip_g=modules.get("clip_g"), t5=modules.get("t5"), t5_tokenizer=t5_tok if "t5" in modules else None,
                t5_max_token_length=opts.get("t5_max_token_length", 256),
                apply_t5_attn_mask=bool(opts.get("apply_t5_attn_mask", False)), shift=opts.get("shift", DEFAULT_SHIFT),
-               context_dim=opts.get("context_dim") or DEFAULT_CONTEXT_DIM)
+               context_dim=opts.get("context_dim") or DEFAULT_CONTEXT_DIM,
+               clip_l_width=modules["clip_l"].cfg.hidden_size if "clip_l" in modules
+               else opts.get("clip_l_width") or CLIP_L_WIDTH)
 
 
 FAMILY = Family(
@@ -260,6 +289,7 @@ FAMILY = Family(
     trainable_text_lr={"clip_l": "learning_rate_te1", "clip_g": "learning_rate_te2"},
     blocks=("joint_blocks",),  # FSDP / compile units; the rest of the MMDiT is one more FSDP unit
     objective="flow",
+    text_dropout=("clip_l", "clip_g", "t5"),  # kohya's SD3 clip_l / clip_g / t5_dropout_rate (drop_text)
     cfg_scale=5.0,  # the SD3 / SD3.5 reference's default
     zero_empty_negative=False,  # the reference encodes the empty negative prompt
     text_cache_layout="clip+t5+pooled", base_model_version="sd3",

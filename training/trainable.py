@@ -38,14 +38,18 @@ class Trainee(nn.Module):
         self.__dict__["comp"] = comp  # not a submodule: the frozen parts stay out of DDP
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, text: dict[str, torch.Tensor] | None,
-                captions: list[str], sizes: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                captions: list[str], sizes: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                text_drop: torch.Tensor | None = None) -> torch.Tensor:
         """The network's prediction for noised latents `x_t` at `t`; `text`: cached encoder outputs, or None to
-        encode `captions` here (with gradients when the text encoders train)."""
+        encode `captions` here (with gradients when the text encoders train); `text_drop` [B, encoders]: the
+        per-encoder caption dropout of each sample (comp.drop_text zeroes those encoders' outputs)."""
         if text is None:
             with contextlib.nullcontext() if len(self.text_encoders) else torch.no_grad():
                 text = self.comp.encode_text(captions, device=x_t.device)
         # cached (bf16) or frozen fp16 encoder outputs must not meet an fp32 network without autocast
         text = {k: v.float() for k, v in text.items()}
+        if text_drop is not None:
+            text = self.comp.drop_text(text, text_drop)
         cond = self.comp.conditioning(text, *sizes)
         return self.network(x_t, t, **cond)
 
