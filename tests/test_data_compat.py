@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_data_sources import data_cfg, img, subset  # noqa: E402
+from test_data_sources import data_cfg, img  # noqa: E402
 
 from data.index import build_index  # noqa: E402
 

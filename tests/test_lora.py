@@ -7,7 +7,6 @@ built with diffusers' own single-file conversions; ComfyUI's `model_lora_keys_un
 """
 from __future__ import annotations
 
-import copy
 import re
 
 import pytest

@@ -4,7 +4,6 @@ adapters on, a resumed run from the step-10 state writing the same file bit for 
 without, and the base weights untouched by training (an in-process run compares every base tensor before / after).
 """
 import glob
-import os
 import shutil
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import models
-from helpers import main_ok, run_workers
+from helpers import run_workers
 
 pytestmark = pytest.mark.slow
 
