@@ -98,7 +98,8 @@ def is_temp(name: str) -> bool:
     return _TMP_RE.search(name) is not None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host (also one of another user)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -132,7 +133,7 @@ def stale_temps(directory: str, max_age_s: float = STALE_AFTER_S) -> list[str]:
         p = os.path.join(directory, name)
         if m["host"] == HOST:
             pid = int(m["pid"])
-            if pid == os.getpid() or _pid_alive(pid):
+            if pid == os.getpid() or pid_alive(pid):
                 continue
         else:
             try:

@@ -43,6 +43,8 @@ import time
 import uuid
 from typing import Any, Callable
 
+from core.fsio import pid_alive
+
 LOCK_NAME = "sdtrain.lock"
 READERS_NAME = "sdtrain.readers.lock"  # shared by the runs reading a directory (train.py on a latent store)
 EXCL_NAME = LOCK_NAME + ".excl"
@@ -77,16 +79,6 @@ def _start_ticks(pid: int) -> int | None:
         return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
-
-
 def holder_info(what: str) -> dict[str, Any]:
     """What a lock file says about this process."""
     return {"what": what, "host": socket.gethostname() or "localhost", "pid": os.getpid(),
@@ -101,7 +93,7 @@ def same_host_dead(info: dict[str, Any]) -> bool:
     if info.get("boot") and _boot_id() and info["boot"] != _boot_id():
         return True
     pid = info.get("pid")
-    if not isinstance(pid, int) or not _alive(pid):
+    if not isinstance(pid, int) or not pid_alive(pid):
         return True
     start = info.get("start")
     return start is not None and _start_ticks(pid) not in (None, start)
