@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 import models
 from models.text_encoders import OpenCLIPTextModel
-from networks.lycoris import ALL_KEYS, LoHaModule, LoKrModule, algo_of, dora_magnitude, group_delta, weight_decompose
+from networks.lycoris import ALL_KEYS, LoHaModule, LoKrModule, algo_of, dora_magnitude, group_delta, merged_delta
 from training.trainable import TrainableSet
 
 TEXT_PREFIXES = ("lora_te1_", "lora_te2_")  # trained text encoders (SD3's T5 stays frozen, as in kohya)
@@ -245,11 +245,7 @@ class LoRAModule(nn.Module):
     def weight_delta(self, weight: Tensor | None = None) -> Tensor:
         """The merged change at the current multiplier (fp32): multiplier * scale * up @ down; DoRA: W' - W for the
         base `weight`."""
-        if hasattr(self, "dora_scale"):
-            assert weight is not None, "DoRA: the base weight is needed"
-            w = weight.detach().float()
-            return weight_decompose(w, w + self.delta_weight(), self.dora_scale, self.multiplier) - w
-        return self.delta_weight() * self.multiplier
+        return merged_delta(self, weight)
 
 
 Adapter = Any  # LoRAModule or networks.lycoris.WeightAdapter: forward(x, base weight) -> output change or None

@@ -150,6 +150,16 @@ def dora_magnitude(weight: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+def merged_delta(adapter: nn.Module, weight: Tensor | None = None) -> Tensor:
+    """What merging an adapter adds to its base weight at its multiplier (fp32): multiplier * delta_weight();
+    with DoRA (a `dora_scale`) W' - W for the base `weight`. LoRA (networks/lora.py) and the LyCORIS modules alike."""
+    if hasattr(adapter, "dora_scale"):
+        assert weight is not None, "DoRA: the base weight is needed"
+        w = weight.detach().float()
+        return weight_decompose(w, w + adapter.delta_weight(), adapter.dora_scale, adapter.multiplier) - w
+    return adapter.delta_weight() * adapter.multiplier
+
+
 class WeightAdapter(nn.Module):
     """An adapter that builds dW and runs the base layer's op with it: forward(x, weight) is the output change
     op(x, dW * multiplier) (DoRA: op(x, W' - W)), or None when module dropout skips it for this step."""
@@ -179,11 +189,7 @@ class WeightAdapter(nn.Module):
 
     def weight_delta(self, weight: Tensor | None = None) -> Tensor:
         """The merged change at the current multiplier (fp32); DoRA needs the base `weight`."""
-        if hasattr(self, "dora_scale"):
-            assert weight is not None, "DoRA: the base weight is needed"
-            w = weight.detach().float()
-            return weight_decompose(w, w + self.delta_weight(), self.dora_scale, self.multiplier) - w
-        return self.delta_weight() * self.multiplier
+        return merged_delta(self, weight)
 
     def forward(self, x: Tensor, weight: Tensor) -> Tensor | None:
         if self.training and torch.is_grad_enabled() and self.skipped:
