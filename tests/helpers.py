@@ -1,4 +1,5 @@
 """Shared by the end-to-end tests: run the real entry points (plain or under torchrun, gloo on CPU)."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -26,6 +27,31 @@ def unmount(d):
         log.removeHandler(h)
     if subprocess.run(["umount", str(d)], capture_output=True).returncode:
         subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def mount_tmpfs(d, opts):
+    """A tmpfs mounted at `d` (created) with mount options `opts` ("size=6m", "ro,size=1m"; we are root, so chmod
+    alone would not stop a write); skips the test where mounting is not allowed. Unmount with unmount(d)."""
+    import pytest
+    os.makedirs(d, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(d)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs ({opts}) here: {r.stderr.strip()}")
+    return d
+
+
+@contextlib.contextmanager
+def read_only_view(src, dst):
+    """`src` bind-mounted read-only at `dst` (created) for the block; skips the test where mounting is not allowed."""
+    import pytest
+    os.makedirs(dst, exist_ok=True)
+    if subprocess.run(["mount", "--bind", str(src), str(dst)], capture_output=True).returncode:
+        pytest.skip("cannot bind-mount here")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(dst)], check=True, capture_output=True)
+        yield dst
+    finally:
+        unmount(dst)
 
 
 def write_webdataset_shard(path, samples):

@@ -3,14 +3,13 @@ non-zero exit and one line that names the problem, never a traceback. Nothing he
 missing-checkpoint case, so the whole file runs in a few seconds."""
 import importlib
 import os
-import subprocess
 
 import pytest
 import torch
 from PIL import Image
 
 from training import resume as rstate
-from helpers import unmount
+from helpers import mount_tmpfs, unmount
 
 DEMO = "configs/demo.toml"
 
@@ -166,11 +165,7 @@ def test_bad_input_is_one_clear_line(name, data, tmp_path, capsys):
 @pytest.fixture
 def ro_dir(tmp_path):
     """A read-only tmpfs (we are root: chmod alone would not stop us)."""
-    d = tmp_path / "ro"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(d)], capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {r.stderr.strip()}")
+    d = mount_tmpfs(tmp_path / "ro", "ro,size=1m")
     yield d
     unmount(d)
 

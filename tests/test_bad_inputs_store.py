@@ -2,11 +2,10 @@
 real entry points in process: a non-zero exit and one line naming the file or the key, no traceback, and for a
 settings error nothing created; a damaged file we can rebuild is rebuilt."""
 import os
-import subprocess
 
 import pytest
 
-from helpers import unmount
+from helpers import mount_tmpfs, read_only_view, unmount
 from test_bad_inputs import _fails
 
 DEMO = "configs/demo.toml"
@@ -20,17 +19,9 @@ def images(tmp_path_factory):
     return root
 
 
-def _mount(d, opts):
-    d.mkdir(exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(d)], capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    return d
-
-
 @pytest.fixture
 def small_disk(tmp_path):
-    d = _mount(tmp_path / "disk", "size=6m")  # the tiny preset's export (fp16) is ~14 MB: it cannot fit
+    d = mount_tmpfs(tmp_path / "disk", "size=6m")  # the tiny preset's export (fp16) is ~14 MB: it cannot fit
     yield d
     unmount(d)
 
@@ -55,15 +46,9 @@ def test_read_only_store_names_the_target_not_its_temporary(images, tmp_path, ca
     from PIL import Image
     Image.new("RGB", (64, 96), (200, 30, 0)).save(tmp_path / "more" / "extra.png")  # a changed dataset: the index
     (tmp_path / "more" / "extra.txt").write_text("a red square")                  # is rewritten
-    ro.mkdir()
-    if subprocess.run(["mount", "--bind", str(store), str(ro)], capture_output=True).returncode:
-        pytest.skip("cannot bind-mount here")
-    try:
-        subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], check=True, capture_output=True)
+    with read_only_view(store, ro):
         msg, _ = _fails("cache", [DEMO, f"data.image_dirs=['{images}', '{tmp_path / 'more'}']",
                                   f"cache.cache_dir={ro}"], "read-only file system", capsys)
-    finally:
-        unmount(ro)
     assert ".tmp-sdtrain" not in msg and msg.endswith(str(ro / "dataset_index.npz")), msg
 
 
@@ -122,7 +107,7 @@ def test_cache_disk_full_line_not_on_the_progress_bar(tmp_path, capsys):
     for i in range(16):
         Image.new("RGB", (128, 128), (10 * i, 90, 200)).save(imgs / f"i{i}.png")
         (imgs / f"i{i}.txt").write_text("a square")
-    disk = _mount(tmp_path / "disk", "size=1m")
+    disk = mount_tmpfs(tmp_path / "disk", "size=1m")
     try:
         filler = disk / "filler"
         with open(filler, "wb", buffering=0) as fh:  # take the disk, then give back room for the index but not the shard

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from core import fsio
 from training import resume as rstate
-from helpers import unmount
+from helpers import mount_tmpfs, read_only_view, unmount
 
 
 def _state(root, step, run_id, config=None, saved_ns=None):
@@ -332,14 +332,9 @@ def test_no_usable_images_names_folders_and_recursive(tmp_path):
 def small_disk(tmp_path):
     """A tmpfs of `size` (we are root); skipped where mounting is not allowed."""
     d = tmp_path / "disk"
-    d.mkdir()
 
     def mount(size, opts=""):
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}{opts}", "tmpfs", str(d)], capture_output=True,
-                           text=True)
-        if r.returncode:
-            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-        return d
+        return mount_tmpfs(d, f"size={size}{opts}")
     yield mount
     unmount(d)
 
@@ -398,16 +393,10 @@ def test_cache_read_only_store_with_nothing_to_encode_is_fine(tmp_path, capsys):
     store, ro = tmp_path / "c", tmp_path / "ro"
     argv = ["configs/demo.toml", f"data.image_dirs=['{tmp_path / 'data'}']", f"cache.cache_dir={store}"]
     assert cache.main(argv) == 0
-    ro.mkdir()
-    if subprocess.run(["mount", "--bind", str(store), str(ro)], capture_output=True).returncode:
-        pytest.skip("cannot bind-mount here")
-    try:
-        subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], check=True, capture_output=True)
+    with read_only_view(store, ro):
         argv[2] = f"cache.cache_dir={ro}"
         assert cache.main(argv) == 0
         assert "already valid 2" in capsys.readouterr().out
-    finally:
-        unmount(ro)
 
 
 @pytest.mark.slow
