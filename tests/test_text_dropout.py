@@ -9,7 +9,6 @@ train.py run with the rates on resumes bit for bit and trains differently from o
 options in one line."""
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 
