@@ -1,4 +1,5 @@
-"""Test-only entry point: train.py with one injected fault, for the tests that need a real process (torchrun, kill -9).
+"""Test-only entry point: train.py (or cache.py) with one injected fault, for the tests that need a real process
+(torchrun, kill -9, a second process).
 
     python tests/fault_entry.py FAULT cfg.toml [table.key=value ...]          # instead of train.py
     torchrun --nproc_per_node=2 tests/fault_entry.py FAULT cfg.toml [...]
@@ -7,6 +8,8 @@ FAULT is one of
     raise_at_step=N[:R]          a RuntimeError at the start of step N + 1 (after N optimizer steps, their saves and
                                  previews), on rank R only when given
     kill_during_state_write=N    SIGKILL inside the N-th resumable-state write, just before its COMPLETE marker
+    cache_hold_lock_until=PATH   cache.py (instead of train.py) that, once it holds the store's lock, waits until the
+                                 file PATH exists before it goes on (a test's second cache.py is then surely waiting)
 
 The product code has no hooks for this: the faults are monkeypatched in here, then train.main runs as train.py's
 __main__ does.
@@ -61,11 +64,33 @@ def kill_during_state_write(spec: str) -> None:
     rstate._write_json = _write_json
 
 
-FAULTS = {"raise_at_step": raise_at_step, "kill_during_state_write": kill_during_state_write}
+def cache_hold_lock_until(path: str):
+    """cache.py whose store folder, once locked, is only used after `path` exists (at most GATE_WAIT_S)."""
+    import time
+
+    import cache
+    prepare = cache.prepare_store_dir
+
+    def prepare_store_dir(cc):
+        root = prepare(cc)  # returns with the lock held
+        deadline = time.monotonic() + GATE_WAIT_S
+        while not os.path.exists(path):
+            if time.monotonic() > deadline:
+                raise SystemExit(f"fault_entry: {path} did not appear within {GATE_WAIT_S} s")
+            time.sleep(0.05)
+        return root
+
+    cache.prepare_store_dir = prepare_store_dir
+    return cache.main
+
+
+GATE_WAIT_S = 300
+FAULTS = {"raise_at_step": raise_at_step, "kill_during_state_write": kill_during_state_write,
+          "cache_hold_lock_until": cache_hold_lock_until}
 
 if __name__ == "__main__":
     name, _, value = sys.argv[1].partition("=")
-    FAULTS[name](value)
-    code = train.main(sys.argv[2:])
+    entry = FAULTS[name](value) or train.main  # a fault that runs another entry point returns its main
+    code = entry(sys.argv[2:])
     dist.shutdown()
     cli.exit_now(code)

@@ -189,28 +189,45 @@ def test_second_train_on_one_output_dir_refused_and_killed_run_taken_over(tmp_pa
     assert json.load(open(out / "sdtrain.lock")).get("released")
 
 
-def test_second_cache_py_waits_and_encodes_nothing_twice(tmp_path, capsys, caplog):
-    """Was: two cache.py runs on one store both encode everything."""
-    imgs, store = tmp_path / "imgs", tmp_path / "store"
+def test_second_cache_py_waits_and_encodes_nothing_twice(tmp_path, capsys, caplog, monkeypatch):
+    """Was: two cache.py runs on one store both encode everything. The first cache.py (tests/fault_entry.py
+    cache_hold_lock_until) holds the store's lock until the second, in this process, has said it waits: the order
+    is forced, not raced (a first run done before the second reached the lock passed nothing)."""
+    imgs, store, gate = tmp_path / "imgs", tmp_path / "store", tmp_path / "second_waits"
     _images(imgs, 4)
     argv = [DEMO, f"data.image_dirs=['{imgs}']", f"cache.cache_dir={store}"]
-    first = subprocess.Popen([sys.executable, "cache.py", *argv], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:  # until the first holds the store's lock
-        try:
-            if json.load(open(store / "sdtrain.lock")).get("pid") == first.pid:
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.05)
-    else:
-        pytest.fail("the first cache.py never took the lock")
-    import cache
-    caplog.set_level(logging.INFO, logger="cache")
-    assert cache.main(argv) == 0
-    out, err = capsys.readouterr()
-    assert first.wait(120) == 0
+    first = subprocess.Popen([sys.executable, "tests/fault_entry.py", f"cache_hold_lock_until={gate}", *argv],
+                             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # until the first holds the store's lock (it keeps it until the gate opens)
+            try:
+                if json.load(open(store / "sdtrain.lock")).get("pid") == first.pid:
+                    break
+            except (OSError, ValueError):
+                pass
+            if first.poll() is not None:
+                pytest.fail(f"the first cache.py exited {first.returncode}:\n{first.communicate()[1][-3000:]}")
+            time.sleep(0.05)
+        else:
+            pytest.fail("the first cache.py never took the lock")
+        import cache
+        acquire = cache.acquire_in_step
+
+        def acquire_and_open_the_gate(lock, broadcast, *, wait, on_wait, **kw):
+            def told(msg):  # the second is now waiting for the first: let the first go on
+                on_wait(msg)
+                gate.touch()
+            return acquire(lock, broadcast, wait=wait, on_wait=told, **{"poll_s": 0.2, **kw})
+        monkeypatch.setattr(cache, "acquire_in_step", acquire_and_open_the_gate)
+        caplog.set_level(logging.INFO, logger="cache")
+        assert cache.main(argv) == 0
+        out, err = capsys.readouterr()
+        assert gate.exists()  # the second did wait for the first
+        assert first.wait(120) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
     assert "encoded 4, already valid 0" in first.communicate()[0]
     assert "encoded 0, already valid 4" in out, out  # it waited for the first one
     said = [r.getMessage() for r in caplog.records if f"is in use by cache.py (pid {first.pid}" in r.getMessage()]
