@@ -562,8 +562,10 @@ class Previews:
         if not self.prompts:
             return
         from diffusion.preview import sample_round
-        with self.mode.evaluating(), self.ema.swapped_into(self.trainable.ema_module) if self.ema is not None else contextlib.nullcontext(), \
-                self.trainable.previewing(self.model):
+        # speed.eager: compiled regions run eagerly here (no-grad, eval-mode calls at the prompts' sizes would
+        # otherwise compile a second set of graphs)
+        ema = self.ema.swapped_into(self.trainable.ema_module) if self.ema is not None else contextlib.nullcontext()
+        with speed.eager(), self.mode.evaluating(), ema, self.trainable.previewing(self.model):
             written = sample_round(self.comp, self.prompts, self.samples_dir, step, self.device, self.amp_dtype,
                                    self.cfg.save.output_name, self.log.info,
                                    split=not self.cfg.train.fsdp,  # FSDP: every rank runs every forward

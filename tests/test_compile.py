@@ -42,3 +42,66 @@ def test_problems_flags_a_recompile_and_a_break():
     got = compile_check.problems(rows)
     assert any("recompile" in p for p in got) and any("graph breaks" in p for p in got) and \
         any("!= eager" in p for p in got)
+
+
+
+def test_compiled_run_previews_and_validation_compile_no_graphs(tmp_path, monkeypatch):
+    """train.py with train.compile (micro SDXL preset, two regions, aot_eager backend, in process): the previews and
+    the validation pass of step 1 run inside training/speed.eager(), so they compile nothing, while the training
+    steps did compile. The control, step 2's previews and validation with speed.eager replaced by a no-op, shows the
+    count can fail: there the no-grad, eval-mode calls compile graphs of their own."""
+    import contextlib
+
+    from torch import _dynamo
+
+    import train
+    from data.demo import make_demo_dataset
+    from helpers import main_ok
+    from training import speed, validation
+
+    graphs = [0]
+    aot_eager = _dynamo.lookup_backend("aot_eager")
+
+    def counting(gm, example_inputs):  # called once per graph dynamo compiles
+        graphs[0] += 1
+        return aot_eager(gm, example_inputs)
+
+    compile_network, compile_regions = speed.compile_network, speed.compile_regions
+    monkeypatch.setattr(speed, "compile_network", lambda *a, **k: compile_network(*a, **{**k, "backend": counting}))
+    # two regions compiled, not all nine: set_stance covers every compiled region alike, and compiling costs seconds
+    monkeypatch.setattr(speed, "compile_regions", lambda net: compile_regions(net)[:1] + [net.middle_block])
+    during: dict[str, list[int]] = {"previews": [], "validation": []}
+    eager = speed.eager
+
+    def counted(what, run):
+        def wrapper(self, step):
+            before = graphs[0]
+            speed.eager = eager if step == 1 else contextlib.nullcontext  # step 2: the control
+            try:
+                return run(self, step)
+            finally:
+                speed.eager = eager
+                during[what].append(graphs[0] - before)
+        return wrapper
+    monkeypatch.setattr(train.Previews, "run", counted("previews", train.Previews.run))
+    monkeypatch.setattr(validation.Validator, "run", counted("validation", validation.Validator.run))
+    make_demo_dataset(str(tmp_path / "data"), n=8, size=(64, 64))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle --d 5\n")
+    common = ["configs/demo.toml", "model.model_preset=micro", f"data.image_dirs=['{tmp_path / 'data'}']",
+              f"cache.cache_dir={tmp_path / 'cache'}", "data.resolution=64", "data.min_bucket_reso=64",
+              "data.max_bucket_reso=64", "data.batch_size=2"]
+    main_ok("cache", common)
+    _dynamo.reset()
+    try:
+        main_ok("train", [*common, f"output_dir={tmp_path / 'run'}", "train.max_train_steps=2", "train.compile=true",
+                          "optimizer.lr_warmup_steps=0", "save.save_every_n_steps=0", "save.save_state=false",
+                          f"sample.sample_prompts={prompts}", "sample.sample_every_n_steps=1",
+                          "sample.sample_params={width=64, height=64, steps=1}", "validation.validation_split=0.25",
+                          "validation.validate_every_n_steps=1", "validation.timesteps_per_image=1"])
+    finally:
+        _dynamo.reset()
+    assert graphs[0] > 0  # the training steps compiled
+    assert os.path.isfile(tmp_path / "run" / "samples" / "000001_0_5.png")
+    assert during["previews"][0] == 0 and during["validation"][0] == 0, during  # step 1: under speed.eager
+    assert during["previews"][1] > 0 and during["validation"][1] > 0, during  # step 2: the control

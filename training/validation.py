@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from core import dist
+from training import speed
 
 MAX_BANDS = 16
 
@@ -449,7 +450,9 @@ class Validator:
     def run(self, step: int) -> dict[str, float]:
         """Every rank: the pass with the eval-mode weights (and the EMA's when kept); rank 0 logs the row."""
         row: dict[str, float] = {}
-        with self.optimizer_mode.evaluating(), training_rng_untouched(self.device), eval_mode(self.model):
+        # speed.eager: compiled regions run eagerly (no second set of graphs for no-grad batches of another size)
+        with speed.eager(), self.optimizer_mode.evaluating(), training_rng_untouched(self.device), \
+                eval_mode(self.model):
             row.update(self._one("val").row("val"))
             if self.ema is not None and self.v.validate_ema and self.ema_module is not None:
                 with self.ema.swapped_into(self.ema_module):
