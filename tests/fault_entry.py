@@ -10,6 +10,9 @@ FAULT is one of
     kill_during_state_write=N    SIGKILL inside the N-th resumable-state write, just before its COMPLETE marker
     cache_hold_lock_until=PATH   cache.py (instead of train.py) that, once it holds the store's lock, waits until the
                                  file PATH exists before it goes on (a test's second cache.py is then surely waiting)
+    kill_during_prune=N          SIGKILL while the N-th pruned state is deleted, right after its progress.json is gone
+    kill_during_rng_write=N:R    SIGKILL on rank R while it renames its RNG file into the N-th state (the temporary
+                                 is written, the rename not done)
 
 The product code has no hooks for this: the faults are monkeypatched in here, then train.main runs as train.py's
 __main__ does.
@@ -17,6 +20,8 @@ __main__ does.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import sys
 
@@ -25,6 +30,7 @@ sys.path.insert(0, ROOT)
 
 import train  # noqa: E402
 from core import cli, dist  # noqa: E402
+from core.fsio import temp_path  # noqa: E402
 from training import resume as rstate  # noqa: E402
 from training.checkpointer import Progress  # noqa: E402
 
@@ -84,9 +90,44 @@ def cache_hold_lock_until(path: str):
     return cache.main
 
 
+def kill_during_prune(spec: str) -> None:
+    """SIGKILL inside the N-th deletion of a state folder (pruning), once its progress.json is unlinked: every
+    tree deletion goes through shutil.rmtree, whatever the pruning does first."""
+    rmtree, seen = shutil.rmtree, [0]
+
+    def _rmtree(path, *args, **kwargs):
+        progress = os.path.join(str(path), "progress.json")
+        if re.match(r"step-\d{8}", os.path.basename(str(path))) and os.path.isfile(progress):
+            seen[0] += 1
+            if seen[0] == int(spec):
+                os.remove(progress)
+                os.kill(os.getpid(), signal.SIGKILL)
+        return rmtree(path, *args, **kwargs)
+
+    shutil.rmtree = _rmtree
+
+
+def kill_during_rng_write(spec: str) -> None:
+    """On rank R: the N-th RNG file written as far as its temporary, then SIGKILL before the rename."""
+    nth, _, rank = spec.partition(":")
+    save, calls = rstate.torch_save, [0]
+
+    def torch_save(obj, path: str) -> None:
+        if re.fullmatch(r"rng-rank\d+\.pt", os.path.basename(path)) and dist.rank() == int(rank or 0):
+            calls[0] += 1
+            if calls[0] == int(nth):
+                with open(temp_path(path), "wb") as f:  # the temporary atomic_write leaves when killed here
+                    f.write(b"partial")
+                os.kill(os.getpid(), signal.SIGKILL)
+        save(obj, path)
+
+    rstate.torch_save = torch_save
+
+
 GATE_WAIT_S = 300
 FAULTS = {"raise_at_step": raise_at_step, "kill_during_state_write": kill_during_state_write,
-          "cache_hold_lock_until": cache_hold_lock_until}
+          "cache_hold_lock_until": cache_hold_lock_until, "kill_during_prune": kill_during_prune,
+          "kill_during_rng_write": kill_during_rng_write}
 
 if __name__ == "__main__":
     name, _, value = sys.argv[1].partition("=")

@@ -101,6 +101,9 @@ class Checkpointer:
         p = self.progress
         p.step, p.epoch, p.bad_steps, p.cursor = pr["step"], pr["epoch"], pr["bad_steps"], pr["cursor"]
         if pr["world_size"] == dist.world_size():
+            if saved["rng"] is None:  # a state one rank wrote alone after a crash (training/crash.py)
+                self.log.warning(f"the state holds the RNG of rank(s) {pr.get('rng_ranks')} only: rank {dist.rank()}'s "
+                                 "stream is re-derived")
             rstate.restore_rng(saved["rng"])
         else:
             self.log.warning(f"resuming with {dist.world_size()} processes (state saved with {pr['world_size']}): the "

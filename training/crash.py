@@ -85,13 +85,16 @@ def write_state_alone(state_root: str, step: int, rank: int, *, trained: dict, o
                       ema: dict | None) -> str | None:
     """A resumable state written by one rank without any collective (its own RNG only). An intact state of the
     same step (e.g. the export just before the crash) is kept as it is. Returns the state's path."""
+    from core.fsio import remove_quietly
     from training import resume as rstate
     final = os.path.join(state_root, f"step-{step:08d}")
     if os.path.isdir(final) and rstate.verify_state(final) is None:
         return final
     tmp = rstate.tmp_dir_for(state_root, step)  # names carry host and pid: unique per rank
+    remove_quietly(tmp)  # what a collective save of this step left (other ranks' files, a dead rank's temporary)
     rstate.write_rank_rng(tmp, rank)
-    return rstate.write_state(tmp, final, trained=trained, optimizer=optimizer, progress=progress, ema=ema)
+    return rstate.write_state(tmp, final, trained=trained, optimizer=optimizer, progress=progress, ema=ema,
+                              rng_ranks=[rank])
 
 
 def all_crashed(state_dir: str, token: str, rank: int, world_size: int, log: Any, write: Callable[[], None],

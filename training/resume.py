@@ -39,9 +39,8 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file
 
-from core.fsio import (atomic_write, fsync_dir as _fsync_dir, fsync_file as _fsync_file, remove_quietly,
-                       save_safetensors, temp_path,
-                       torch_save)
+from core.fsio import (atomic_write, fsync_dir as _fsync_dir, fsync_file as _fsync_file, is_temp, remove_quietly,
+                       save_safetensors, temp_path, torch_save)
 
 STATE_RE = re.compile(r"^step-(\d{8})$")
 MARKER = "COMPLETE"
@@ -102,17 +101,28 @@ def rank_files(tmp: str, rank: int) -> list[str]:
 
 def write_state(tmp: str, final: str, *, progress: dict[str, Any], trained: dict[str, torch.Tensor] | None = None,
                 optimizer: dict[str, Any] | None = None, ema: dict[str, torch.Tensor] | None = None,
-                hashed: dict[str, dict[str, Any]] | None = None) -> str:
+                hashed: dict[str, dict[str, Any]] | None = None, rng_ranks: list[int] | None = None) -> str:
     """Rank 0: write the shared files, the COMPLETE marker last, then rename tmp -> final. `progress` should
     carry the run id ("run_id"); the write time is added. On a failure (a full disk) the temporary folder is
     removed and the error names the file: the states already there are untouched.
     `hashed`: files the ranks wrote and hashed themselves (rank_files / hash_files); every other file in tmp (the
-    rest of a DCP folder included) is hashed here. `trained` / `optimizer` are None for a sharded (DCP) state."""
+    rest of a DCP folder included) is hashed here. `trained` / `optimizer` are None for a sharded (DCP) state.
+    `rng_ranks`: the ranks whose RNG files the state holds (recorded in progress.json); default every rank of
+    progress["world_size"]. A state is marked COMPLETE only when each of them is there: a rank that died while
+    writing leaves none, and its unfinished temporary is not kept in the state."""
+    ranks = list(range(int(progress.get("world_size", 1)))) if rng_ranks is None else list(rng_ranks)
     try:
         os.makedirs(tmp, exist_ok=True)
-        _write_state_files(tmp, trained, optimizer, progress, ema, hashed or {})
+        missing = [r for r in ranks if not os.path.isfile(os.path.join(tmp, f"rng-rank{r}.pt"))]
+        if missing:
+            raise StateError(f"{final}: rank(s) {missing} did not write their RNG state; the state is not kept")
+        for d in (tmp, os.path.join(tmp, DCP_DIR)):  # writers that did not finish (a killed rank): not part of it
+            for name in os.listdir(d) if os.path.isdir(d) else ():
+                if is_temp(name):
+                    remove_quietly(os.path.join(d, name))
+        _write_state_files(tmp, trained, optimizer, {**progress, "rng_ranks": ranks}, ema, hashed or {})
         if os.path.exists(final):  # the same step of this run written again (a resume from an earlier state)
-            shutil.rmtree(final)
+            remove_state(final)
         os.replace(tmp, final)
     except BaseException as e:
         remove_quietly(tmp)
@@ -152,8 +162,11 @@ def _write_json(path: str, obj: Any) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, sort_keys=True).encode()))
 
 
-def verify_state(path: str) -> str | None:
-    """None when the state is complete and intact; else the reason."""
+def verify_state(path: str, checksums: bool = True) -> str | None:
+    """None when the state is complete and intact; else the reason. `checksums = False`: the marker and every file
+    it lists at its size, nothing hashed (check_state_files)."""
+    if not os.path.isdir(path):
+        return "no such state folder"
     mp = os.path.join(path, MARKER)
     if not os.path.isfile(mp):
         return "incomplete (no COMPLETE marker)"
@@ -166,9 +179,15 @@ def verify_state(path: str) -> str | None:
         p = os.path.join(path, name)
         if not os.path.isfile(p):
             return f"missing {name}"
-        if os.path.getsize(p) != info["size"] or _sha256(p) != info["sha256"]:
-            return f"{name} does not match its checksum"
+        if os.path.getsize(p) != info["size"] or (checksums and _sha256(p) != info["sha256"]):
+            return f"{name} does not match its checksum" if checksums else f"{name} has the wrong size"
     return None
+
+
+def check_state_files(path: str) -> str | None:
+    """A state named by its path, checked before a run writes anything (training/preflight.py): the folder, its
+    marker and every file at its size; the checksums are verified when the state is chosen (find_resume)."""
+    return verify_state(path, checksums=False)
 
 
 def list_states(state_root: str) -> list[tuple[int, str]]:
@@ -300,6 +319,7 @@ def start_run(output_dir: str, state_root: str, resume: str, config: dict[str, A
     resumed state's, else a new one), set other runs' states aside and write output_dir/run.json.
     Returns (state to resume or None, run id)."""
     current = read_run_id(output_dir)
+    remove_half_deleted(state_root, log)
     path = find_resume(resume, state_root, log, run_id=current, config=config)
     if resume == "auto" and path is None:
         log("resume = auto: no complete state found; starting from scratch")
@@ -358,9 +378,35 @@ def restore_rng(rng: dict[str, torch.Tensor] | None) -> None:
         torch.cuda.set_rng_state(rng["cuda"])
 
 
+def remove_state(path: str) -> None:
+    """Remove a state folder: first renamed to its temporary name (one atomic step: from then on it is no state),
+    then deleted. A kill half-way leaves a temporary whose writer is gone, which the next start removes
+    (core.fsio.clean_stale_temps), never a half-deleted state that looks like another run's."""
+    doomed = temp_path(path, ".deleting")  # (not the name of the state folder being written: tmp_dir_for)
+    os.replace(path, doomed)
+    _fsync_dir(os.path.dirname(path))
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def remove_half_deleted(state_root: str, log: Callable[[str], None] = print) -> list[str]:
+    """Rank 0 at start: remove the top-level state folders that lost files to an interrupted delete (no COMPLETE
+    marker, or a file the marker lists is gone: states are renamed into place only once complete, so nothing else
+    leaves one; earlier versions deleted in place). Returns the removed paths."""
+    removed = []
+    for _, path in list_states(state_root):
+        reason = check_state_files(path)
+        if reason is not None and (reason.startswith("incomplete") or reason.startswith("missing ")):
+            remove_state(path)
+            removed.append(path)
+    if removed:
+        log(f"removed {len(removed)} half-deleted state folder(s) (an interrupted clean-up): "
+            f"{', '.join(removed[:3])}{' ...' if len(removed) > 3 else ''}")
+    return removed
+
+
 def prune_states(state_root: str, keep: int, run_id: str | None, just_written: str | None = None) -> list[str]:
     """Keep the newest `keep` states of run `run_id` by write time (and always `just_written`); states of other
-    runs are never touched. Returns the removed paths."""
+    runs are never touched. Returns the removed paths (each removed by remove_state)."""
     mine = []
     for _, path in list_states(state_root):
         progress = read_progress(path)
@@ -371,7 +417,7 @@ def prune_states(state_root: str, keep: int, run_id: str | None, just_written: s
     for _, path in mine[max(keep, 1):]:
         if just_written and os.path.abspath(path) == os.path.abspath(just_written):
             continue
-        shutil.rmtree(path, ignore_errors=True)
+        remove_state(path)
         removed.append(path)
     return removed
 
