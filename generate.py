@@ -22,8 +22,9 @@ import models
 from core.cli import one_line_errors
 from core.hashes import short_hash
 from diffusion.preview import generate, size_multiple
-from diffusion.prompts import SamplePrompt, a1111_parameters, load_prompts, save_png
+from diffusion.prompts import MAX_SIDE, MAX_STEPS, SamplePrompt, a1111_parameters, load_prompts, save_png
 from diffusion.sampling import canonical_sampler_name
+from training.preflight import check_prompt_sizes, network_max_side
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,10 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if bool(args.prompt) == bool(args.prompt_file):
         ap.error("give exactly one of --prompt or --prompt_file")
-    for name in ("n", "steps", "w", "h"):
+    for name, top in (("n", None), ("steps", MAX_STEPS), ("w", MAX_SIDE), ("h", MAX_SIDE)):
         value = getattr(args, name)
         if value is not None and value < 1:
             ap.error(f"--{name} must be >= 1, got {value}")
+        if value is not None and top is not None and value > top:  # the limits of diffusion/prompts.py
+            ap.error(f"--{name} {value} is larger than {top}, the most a generation takes")
     try:  # prompt files canonicalise their sampler names; --prompt gets the same check
         args.sampler = canonical_sampler_name(args.sampler)
     except ValueError as e:
@@ -79,10 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     """Images for the prompts (module docstring); 0 when done."""
     args = parse_args(argv)
     dt = models.DTYPES[args.precision]
-    comp = models.load(args.model, vae=args.vae, clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl,
-                       device=args.device, dtype={"network": dt, "text": dt, "vae": torch.float32},
-                       v_parameterization=True if args.v_parameterization else None,  # None: from the file's modelspec
-                       max_token_length=args.max_token_length, clip_skip=args.clip_skip)
+    defaults = {"steps": args.steps, "sampler": args.sampler, "negative_prompt": args.negative, "rescale": args.rescale,
+                "sigmas": args.sigmas, **({"width": args.w} if args.w else {}), **({"height": args.h} if args.h else {})}
+    if args.prompt_file:  # read once before the model loads (seconds to minutes): a bad file is one line at once
+        read_prompts(args.prompt_file, defaults)
+    try:
+        comp = models.load(args.model, vae=args.vae, clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl,
+                           device=args.device, dtype={"network": dt, "text": dt, "vae": torch.float32},
+                           v_parameterization=True if args.v_parameterization else None,  # None: the file's modelspec
+                           max_token_length=args.max_token_length, clip_skip=args.clip_skip)
+    except (models.CheckpointError, ValueError) as e:  # a missing / damaged / foreign file: one line, no traceback
+        raise SystemExit(f"model error: {' '.join(str(e).split())}") from None
     if args.lora:
         from networks.lora import merge_files
         try:
@@ -92,13 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     comp.network.eval()
     small = comp.vae.cfg.ch < 128  # tiny test models: default to small images
     size = 128 if small else 1024
-    defaults = {"width": args.w or size, "height": args.h or size, "steps": args.steps, "sampler": args.sampler,
-                "scale": args.cfg if args.cfg is not None else models.family(comp.family).cfg_scale,
-                "negative_prompt": args.negative, "rescale": args.rescale, "sigmas": args.sigmas}
+    defaults.update(width=args.w or size, height=args.h or size,
+                    scale=args.cfg if args.cfg is not None else models.family(comp.family).cfg_scale)
     if args.prompt_file:
-        prompts = load_prompts(args.prompt_file, defaults)
+        prompts = read_prompts(args.prompt_file, defaults)
     else:
         prompts = [SamplePrompt(prompt=args.prompt, seed=args.seed, **defaults)]
+    try:
+        check_prompt_sizes(prompts, network_max_side(comp.network.cfg), args.prompt_file or "--w / --h")
+    except ValueError as e:
+        raise SystemExit(f"prompt error: {e}") from None
     os.makedirs(args.out, exist_ok=True)
     name = os.path.splitext(os.path.basename(args.model))[0]
     # A1111's "Model hash" of the file, so A1111 / Civitai link the images to it (a diffusers folder has none)
@@ -117,6 +130,14 @@ def main(argv: list[str] | None = None) -> int:
             print(path)
             count += 1
     return 0
+
+
+def read_prompts(path: str, defaults: dict) -> list[SamplePrompt]:
+    """The prompts of --prompt_file; a missing, unreadable or malformed file is one line naming it."""
+    try:
+        return load_prompts(path, defaults)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"prompt file error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from data.sources import require_store_for_containers
 from data.store import LatentStore
 from diffusion.objectives import Objective, build_objective
 from models.family import host_to_device
-from training import blockswap, crash, fp8, planner, run_metadata, speed, summary
+from training import blockswap, crash, fp8, planner, preflight, run_metadata, speed, summary
 from training import resume as rstate
 from training.checkpointer import Checkpointer, Progress, read_resume_state
 from training.ema import EMA
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     device, master = info.device, dist.is_main()
 
     # ---- settings that only make sense together, checked before anything is created or loaded; precision
-    cfg, family, notes, objective, prompts = resolve_settings(cfg, info.world_size)
+    cfg, family, notes, objective, prompts = resolve_settings(cfg, info.world_size, args.config)
     if args.plan:  # before anything is written or loaded: the parts are built on the meta device
         return planner.plan_command(cfg, info.world_size, device, args.gpu_memory) if master else 0
     amp_dtype, weight_dtype = DTYPES[cfg.train.mixed_precision], trained_weight_dtype(cfg.train)
@@ -216,10 +216,13 @@ def main(argv: list[str] | None = None) -> int:
 # Set-up, in the order main() runs it
 
 
-def resolve_settings(cfg: Config, world_size: int) -> tuple[Config, models.Family, list[str], Objective, list[Any]]:
+def resolve_settings(cfg: Config, world_size: int,
+                     source: str) -> tuple[Config, models.Family, list[tuple[int, str]], Objective, list[Any]]:
     """The config with the checkpoint's prediction markers applied (config values win), the model family's record,
-    log notes on which won, the diffusion objective and the preview prompts; settings that only make sense
-    together are checked here, before anything is created or loaded. A bad one ends the run with one line."""
+    log notes ((level, line): which won, settings allowed but probably not meant), the diffusion objective and the
+    preview prompts. Settings that only make sense together, and every file the run reads later
+    (training/preflight.py), are checked here, before anything is created or loaded: a bad one ends the run with one
+    line (naming the config file `source`)."""
     try:
         family = models.family(models.family_of(cfg.model))
         cfg, notes = models.resolve_prediction(cfg)
@@ -228,10 +231,15 @@ def resolve_settings(cfg: Config, world_size: int) -> tuple[Config, models.Famil
         check_dir_setting("cache.cache_dir", cfg.cache.cache_dir)
         objective = build_objective(family.objective, cfg.loss, cfg.model.v_parameterization)
         prompts = load_sample_prompts(cfg)
+        warnings = preflight.check_run(cfg, family, prompts)
+        dist.main_first(functools.partial(preflight.check_data, cfg))  # lists folders: rank 0 only
     except models.CheckpointError as e:  # a missing / damaged checkpoint (its header is read for the markers)
         raise SystemExit(f"model error: {e}") from None
+    except dist.MainRankError as e:  # rank 0's data check ([data] sources and buckets)
+        raise SystemExit(f"data error: {e}") from None
     except (ValueError, OSError) as e:
-        raise SystemExit(f"config error: {e}") from None
+        raise SystemExit(f"config error: {source}: {e}") from None
+    notes = [(logging.INFO, n) for n in notes] + [(logging.WARNING, w) for w in warnings]
     return cfg, family, notes, objective, prompts
 
 
@@ -247,7 +255,7 @@ class RunFolder:
     run_id: str
 
 
-def open_run(cfg: Config, notes: list[str]) -> RunFolder:
+def open_run(cfg: Config, notes: list[tuple[int, str]]) -> RunFolder:
     """Rank 0 names the run folder ({date}/{time}), prepares it, chooses the state to resume and the run id;
     every rank is told. A folder rank 0 cannot write is one line on every rank. The run log starts with the
     folder, the processes and `notes`."""
@@ -271,8 +279,8 @@ def open_run(cfg: Config, notes: list[str]) -> RunFolder:
         crash.clear_markers(paths["state"])
     log.info(f"run folder {out_dir}; {dist.world_size()} process(es) on {dist.info().device.type}, process group "
              f"{dist.backend() or 'none'}")
-    for note in notes:
-        log.info(note)
+    for level, note in notes:
+        log.log(level, note)
     return RunFolder(out_dir, paths, log, resume_path, run_id)
 
 

@@ -14,6 +14,7 @@ import difflib
 import importlib
 import importlib.util
 import os
+import re
 import sys
 import types
 import typing
@@ -294,6 +295,8 @@ class SaveConfig:
     save_every_n_epochs: int = opt(0, "export every N epochs; 0 = off", min=0)
     save_on_train_end: bool = opt(True, "export when training ends")
     save_last_n: int = opt(0, "keep only the last N exported models; 0 = keep all", min=0)
+    save_clip: bool | None = opt(None, "SD3: CLIP-L and CLIP-G inside each exported file (kohya's --save_clip); unset = as they were loaded: inside when the checkpoint held them, left out when they came as model.clip_l / clip_g files (trained ones are then written beside the export as <name>_clip_l / _clip_g.safetensors, kohya's names). SDXL exports always hold their text encoders")
+    save_t5xxl: bool | None = opt(None, "SD3: T5-XXL inside each exported file (kohya's --save_t5xxl; 9.8 GB in fp16); unset = as it was loaded: inside when the checkpoint held it, left out when it came as a model.t5xxl file")
     save_state: bool = opt(True, "write a resumable state with every export")
     save_last_n_states: int = opt(2, "resumable states kept", min=1)
     save_on_keyboard_interrupt: bool = opt(True, "Ctrl-C saves a resumable state and exits (a second Ctrl-C aborts)")
@@ -659,8 +662,12 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("train.train_text_encoder cannot be combined with cache.cache_text_encoder_outputs "
                           "(cached outputs would not follow the trained encoders)")
     for i, g in enumerate(cfg.optimizer.param_groups):
-        if set(g) - {"pattern", "lr"} or "pattern" not in g:
+        if set(g) - {"pattern", "lr"} or not isinstance(g.get("pattern"), str):
             raise ConfigError(f"optimizer.param_groups[{i}]: expected {{pattern = 'regex', lr = number}}, got {g!r}")
+        try:
+            re.compile(g["pattern"])
+        except re.error as e:
+            raise ConfigError(f"optimizer.param_groups[{i}].pattern {g['pattern']!r} is not a valid regex: {e}") from None
     _validate_network(cfg)
     _validate_low_vram(cfg)
     for spec in (d.caption_processor, d.description_processor, d.num_repeats_getter):
@@ -710,7 +717,6 @@ def _validate_network(cfg: Config) -> None:
         if set(g) - {"pattern", "dim", "alpha", "lr"} or not isinstance(g.get("pattern"), str):
             raise ConfigError(f"network.block_args[{i}]: expected {{pattern = 'regex', dim = int, alpha = number, "
                               f"lr = number}} (all but pattern optional), got {g!r}")
-    import re
     for name in ("target_modules", "conv_target_modules", "exclude_modules"):
         for pat in getattr(n, name):
             try:
@@ -731,7 +737,10 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> Config:
         keys, value = _parse_override(item)
         _apply_override(raw, keys, value, item)
     cfg = _build(Config, raw, "")
-    _validate(cfg)
+    try:
+        _validate(cfg)
+    except ConfigError as e:  # combinations of values (from the file, its bases or the overrides): name the file
+        raise ConfigError(f"{path}: {e}") from None
     return cfg
 
 

@@ -57,6 +57,10 @@ KEY_ALIASES = {"cfg_scale": "scale", "sample_steps": "steps", "sample_sampler": 
 TXT_OPTIONS = {"n": "negative_prompt", "w": "width", "h": "height", "d": "seed", "l": "scale", "s": "steps",
                "ss": "sampler", "rescale": "rescale", "sigmas": "sigmas"}
 _OPTION = re.compile(r"(?:^|\s)--([A-Za-z_]+)(?=\s|$)")
+# Upper limits, as ComfyUI's nodes take them (nodes.py MAX_RESOLUTION = 16384 for EmptyLatentImage's sides; KSampler
+# steps max 10000): a typo such as `--w 99999999` is one line at start, not an allocator error at the first preview.
+MAX_SIDE = 16384
+MAX_STEPS = 10000
 
 
 def _coerce(field: str, value: Any) -> Any:
@@ -87,6 +91,9 @@ def _coerce(field: str, value: Any) -> Any:
             raise ValueError(f"{field!r} must be an integer, got {value!r}")
         if value < (0 if field == "seed" else 1):
             raise ValueError(f"{field!r} must be {'>= 0' if field == 'seed' else 'positive'}, got {value}")
+        top = {"width": MAX_SIDE, "height": MAX_SIDE, "steps": MAX_STEPS}.get(field)
+        if top is not None and value > top:
+            raise ValueError(f"{field!r} {value} is larger than {top}, the most any preview or generation takes")
         return value
     # scale, rescale
     if isinstance(value, str):
@@ -142,15 +149,28 @@ def _parse_line(line: str, where: str) -> dict[str, Any]:
     return fields
 
 
+def read_text(path: str) -> str:
+    """A prompt file's text: UTF-8 with or without a byte-order mark (Windows editors write one), or UTF-16 with
+    its mark (Notepad's "Unicode"); anything else is one line naming the file and the line."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not valid UTF-16 text ({e.reason} at byte {e.start})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8") from None
+
+
 def _tables(path: str) -> list[Mapping[str, Any]]:
     """The prompt tables of a .toml / .json file (our `prompts = [...]` or kohya's `[prompt]` + `[[prompt.subset]]`)."""
+    text = read_text(path)
     try:
-        if path.endswith(".toml"):
-            with open(path, "rb") as f:
-                data: Any = tomllib.load(f)
-        else:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
+        data: Any = tomllib.loads(text) if path.endswith(".toml") else json.loads(text)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not valid {os.path.splitext(path)[1][1:]}: {e}") from None
     if isinstance(data, dict) and set(data) == {"prompts"}:
@@ -181,16 +201,17 @@ def load_prompts(path: str, defaults: Mapping[str, object] | None = None, multip
     base = _normalize(defaults or {}, "sample defaults")
     if "prompt" in base:
         raise ValueError("sample defaults: 'prompt' cannot have a default")
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder; give a prompt file (.txt, .toml or .json)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file not found: {path}")
     entries: list[tuple[str, dict[str, Any]]] = []
     if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as f:
-            for lineno, raw in enumerate(f, 1):
-                line = raw.strip()
-                if line and not line.startswith("#"):
-                    where = f"{path}:{lineno}"
-                    entries.append((where, _parse_line(line, where)))
+        for lineno, raw in enumerate(read_text(path).split("\n"), 1):
+            line = raw.strip()
+            if line and not line.startswith("#"):
+                where = f"{path}:{lineno}"
+                entries.append((where, _parse_line(line, where)))
     elif path.endswith((".toml", ".json")):
         for i, table in enumerate(_tables(path)):
             where = f"{path}: prompt {i + 1}"
@@ -200,6 +221,9 @@ def load_prompts(path: str, defaults: Mapping[str, object] | None = None, multip
             entries.append((where, fields))
     else:
         raise ValueError(f"{path}: unsupported prompt file type; use .txt, .toml or .json")
+    if not entries:
+        raise ValueError(f"{path}: no prompts in the file (every line is empty or a # comment)"
+                         if path.endswith(".txt") else f"{path}: the prompt list is empty")
 
     prompts = []
     for index, (where, fields) in enumerate(entries):

@@ -29,8 +29,8 @@ from torch import Tensor, nn
 
 from models import sd3, sdxl
 from models import vae as vae_mod
-from models.checkpoint import (TORCH_SUFFIXES, CheckpointError, SafeTensorFile, TorchFile, load_module, modelspec_hash,
-                               modelspec_metadata, save_safetensors_streamed)
+from models.checkpoint import (TORCH_SUFFIXES, CheckpointError, SafeTensorFile, TorchFile, check_module_keys, load_module,
+                               modelspec_hash, modelspec_metadata, save_safetensors_streamed)
 from models.diffusers_layout import DiffusersFolder, convert_diffusers_vae, is_diffusers_folder, is_diffusers_vae
 from models.family import Family, strip_prefix
 
@@ -65,15 +65,15 @@ def open_checkpoint(path: str) -> Any:
     return SafeTensorFile(path)
 
 
-def detect_family(keys: Iterable[str]) -> str:
-    """'sdxl' or 'sd3' from a checkpoint's key names."""
+def detect_family(keys: Iterable[str], source: str = "") -> str:
+    """'sdxl' or 'sd3' from a checkpoint's key names (`source`: the file, named in the error)."""
     keys = list(keys)
     if any(k.startswith("model.diffusion_model.joint_blocks.") for k in keys):
         return "sd3"
     if any(k.startswith("model.diffusion_model.input_blocks.") or k.startswith("conditioner.embedders.") for k in keys):
         return "sdxl"
-    raise CheckpointError("cannot tell the model family from the checkpoint's keys: expected SDXL "
-                          "(model.diffusion_model.input_blocks.*) or SD3 (model.diffusion_model.joint_blocks.*)")
+    raise CheckpointError(f"{source + ': ' if source else ''}cannot tell the model family from the checkpoint's keys: "
+                          "expected SDXL (model.diffusion_model.input_blocks.*) or SD3 (model.diffusion_model.joint_blocks.*)")
 
 
 def _part_seed(seed: int, name: str) -> int:
@@ -153,15 +153,17 @@ def _check_leftovers(keys: Iterable[str], prefixes: Iterable[str], ignore: Seque
 
 def load(path: str | None, family: str | None = None, *, vae: str | None = None, clip_l: str | None = None,
          clip_g: str | None = None, t5xxl: str | None = None, dtype: Any = None, device: str | torch.device = "cpu",
-         parts: Sequence[str] | None = None, **opts: Any) -> Any:
+         parts: Sequence[str] | None = None, check_only: bool = False, **opts: Any) -> Any:
     """Load a single-file checkpoint (+ optional separate part files). `parts` limits what is loaded
-    (e.g. ('vae',)); missing text encoders in the main file may come from separate files."""
+    (e.g. ('vae',)); missing text encoders in the main file may come from separate files. `check_only`: read the
+    headers and check every key and shape of `parts` as loading would (parts built on the meta device, no tensor
+    read), then return None: a run checks the files it needs later before it starts."""
     sources: dict[str, tuple[SafeTensorFile, str, dict[str, tuple[int, ...]]]] = {}
     main = open_checkpoint(path) if path else None
     main_shapes = main.shapes() if main is not None else {}
     markers: dict[str, bool] = {}
     if main is not None and family is None:
-        family = detect_family(main_shapes)
+        family = detect_family(main_shapes, main.path)
     if family is None:
         raise ValueError("model family unknown: give a checkpoint or family=")
     fam = _record(family)
@@ -185,7 +187,8 @@ def load(path: str | None, family: str | None = None, *, vae: str | None = None,
         if parts is not None and name not in parts:
             continue
         if name == "vae" and prefix == "" and is_diffusers_vae(sub_shapes):
-            modules[name] = _load_diffusers_vae(f, _dtype_for(name, fam, dtype), device)
+            if not check_only:  # (converted in memory on load; its layout is told by is_diffusers_vae)
+                modules[name] = _load_diffusers_vae(f, _dtype_for(name, fam, dtype), device)
             continue
         if name == "t5" and not opts.get("use_t5", True):
             continue
@@ -208,12 +211,18 @@ def load(path: str | None, family: str | None = None, *, vae: str | None = None,
         if aliases:  # a tied weight stored once (e.g. T5's embed_tokens = shared)
             part_shapes.update({a: part_shapes[b] for a, b in aliases.items()})
             get = lambda k, _get=f.get, _al=aliases: _get(_al.get(k, k))  # noqa: E731
+        if check_only:
+            check_module_keys(module, None, list(part_shapes), prefix=prefix, ignore=fam.ignore, source=f.path,
+                              shapes=part_shapes)
+            continue
         load_module(module, get, list(part_shapes), prefix=prefix, ignore=fam.ignore,
                     dtype=_dtype_for(name, fam, dtype), device=device, source=f.path, shapes=part_shapes)
         modules[name] = module
-    missing = [n for n in (parts or ()) if n not in modules and not (n == "t5" and not opts.get("use_t5", True))]
+    missing = [n for n in (parts or ()) if n not in sources and not (n == "t5" and not opts.get("use_t5", True))]
     if missing:
         raise CheckpointError(f"{path}: no weights for {', '.join(missing)} (give them as separate files?)")
+    if check_only:
+        return None
     for name in ("v_parameterization", "zero_terminal_snr"):  # None: as the file's markers say
         if opts.get(name) is None:
             opts[name] = main is not None and markers[name]
@@ -305,7 +314,8 @@ def family_of(model_cfg: Any) -> str:
     if model_cfg.model_family != "auto":
         return model_cfg.model_family
     if model_cfg.pretrained_model_name_or_path:
-        return detect_family(open_checkpoint(model_cfg.pretrained_model_name_or_path).keys())
+        f = open_checkpoint(model_cfg.pretrained_model_name_or_path)
+        return detect_family(f.keys(), f.path)
     preset = model_cfg.model_preset
     named = [f.name for f in FAMILIES.values() if preset in f.presets]
     if named:
@@ -314,9 +324,11 @@ def family_of(model_cfg: Any) -> str:
 
 
 def from_config(model_cfg: Any, *, device: str | torch.device = "cpu", dtype: Any = None, seed: int = 0,
-                parts: Sequence[str] | None = None, zero_terminal_snr: bool | None = None) -> Any:
+                parts: Sequence[str] | None = None, zero_terminal_snr: bool | None = None,
+                check_only: bool = False) -> Any:
     """Components as the [model] table describes: a checkpoint (+ separate files) or a random preset.
-    `zero_terminal_snr` ([loss]): None = as the checkpoint's markers say."""
+    `zero_terminal_snr` ([loss]): None = as the checkpoint's markers say. `check_only`: the files `parts` would be
+    read from, checked as load(check_only=True) does (a preset's own parts need no file); returns None."""
     family = family_of(model_cfg)
     opts = {**_opts(model_cfg), "zero_terminal_snr": zero_terminal_snr}
     if parts is not None and not model_cfg.use_t5:
@@ -324,7 +336,11 @@ def from_config(model_cfg: Any, *, device: str | torch.device = "cpu", dtype: An
     if model_cfg.pretrained_model_name_or_path:
         return load(model_cfg.pretrained_model_name_or_path, family, vae=model_cfg.vae or None, clip_l=model_cfg.clip_l or None,
                     clip_g=model_cfg.clip_g or None, t5xxl=model_cfg.t5xxl or None, dtype=dtype, device=device,
-                    parts=parts, **opts)
+                    parts=parts, check_only=check_only, **opts)
+    if check_only:
+        if model_cfg.vae and (parts is None or "vae" in parts):
+            load(None, family, vae=model_cfg.vae, parts=("vae",), check_only=True)
+        return None
     if not model_cfg.model_preset:
         raise ValueError("set model.pretrained_model_name_or_path (a checkpoint) or model.model_preset (random weights)")
     fam = _record(family)

@@ -154,6 +154,47 @@ def _listing(title: str, items: Sequence[str]) -> str:
     return f"  {title} ({len(items)}): {shown}{more}"
 
 
+def check_module_keys(module: nn.Module, get: Callable[[str], Tensor] | None, keys: Iterable[str], *,
+                      prefix: str = "", ignore: Sequence[str] = (), source: str = "",
+                      shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, str]:
+    """load_module's check, alone: every key and shape of `module` (built on the meta device is enough) against
+    the file's keys under `prefix`, without reading a tensor. Raises one CheckpointError listing missing /
+    unexpected / mis-shaped keys and `source`; returns {module key: file key}. Shapes from `shapes`, else the
+    header of `get`'s SafeTensorFile, else `get` itself."""
+    where = f" from {source}" if source else ""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict(keep_vars=True).items()}
+    present = [k for k in keys if k.startswith(prefix)]
+    found = {k[len(prefix) :]: k for k in present}
+
+    def ignored(stripped: str) -> bool:
+        return any(fnmatch.fnmatchcase(prefix + stripped, p) or fnmatch.fnmatchcase(stripped, p) for p in ignore)
+
+    if shapes is None:
+        assert get is not None, "check_module_keys needs `shapes` or `get`"
+        owner = getattr(get, "__self__", None)
+        shape_of: Callable[[str], Sequence[int]] = owner.shape if isinstance(owner, SafeTensorFile) else (lambda k: get(k).shape)
+    else:
+        shape_of = lambda k: shapes[k]  # noqa: E731
+
+    missing = sorted(k for k in expected if k not in found)
+    unexpected = sorted(prefix + k for k in found if k not in expected and not ignored(k))
+    misshaped = []
+    for k in sorted(set(expected) & set(found)):
+        got = tuple(int(s) for s in shape_of(found[k]))
+        if got != expected[k]:
+            misshaped.append(f"{prefix}{k} {list(got)} (model {list(expected[k])})")
+    if missing or unexpected or misshaped:
+        lines = [f"checkpoint does not match {type(module).__name__}{where} (prefix {prefix!r}):"]
+        if missing:
+            lines.append(_listing("missing", [prefix + k for k in missing]))
+        if unexpected:
+            lines.append(_listing("unexpected", unexpected))
+        if misshaped:
+            lines.append(_listing("wrong shape", misshaped))
+        raise CheckpointError("\n".join(lines))
+    return found
+
+
 def load_module(
     module: nn.Module,
     get: Callable[[str], Tensor],
@@ -184,35 +225,8 @@ def load_module(
     """
     device = torch.device(device)
     where = f" from {source}" if source else ""
-    expected = {k: tuple(v.shape) for k, v in module.state_dict(keep_vars=True).items()}
-    present = [k for k in keys if k.startswith(prefix)]
-    found = {k[len(prefix) :]: k for k in present}
-
-    def ignored(stripped: str) -> bool:
-        return any(fnmatch.fnmatchcase(prefix + stripped, p) or fnmatch.fnmatchcase(stripped, p) for p in ignore)
-
-    if shapes is None:
-        owner = getattr(get, "__self__", None)
-        shape_of: Callable[[str], Sequence[int]] = owner.shape if isinstance(owner, SafeTensorFile) else (lambda k: get(k).shape)
-    else:
-        shape_of = lambda k: shapes[k]  # noqa: E731
-
-    missing = sorted(k for k in expected if k not in found)
-    unexpected = sorted(prefix + k for k in found if k not in expected and not ignored(k))
-    misshaped = []
-    for k in sorted(set(expected) & set(found)):
-        got = tuple(int(s) for s in shape_of(found[k]))
-        if got != expected[k]:
-            misshaped.append(f"{prefix}{k} {list(got)} (model {list(expected[k])})")
-    if missing or unexpected or misshaped:
-        lines = [f"checkpoint does not match {type(module).__name__}{where} (prefix {prefix!r}):"]
-        if missing:
-            lines.append(_listing("missing", [prefix + k for k in missing]))
-        if unexpected:
-            lines.append(_listing("unexpected", unexpected))
-        if misshaped:
-            lines.append(_listing("wrong shape", misshaped))
-        raise CheckpointError("\n".join(lines))
+    found = check_module_keys(module, get, keys, prefix=prefix, ignore=ignore, source=source, shapes=shapes)
+    expected = module.state_dict(keep_vars=True)
 
     state: dict[str, Tensor] = {}
     for k in expected:

@@ -123,7 +123,8 @@ def test_train_refuses_foreign_state_in_one_line(tmp_path, capsys):
     out = tmp_path / "run"
     _state(out / "state", 20, "A")
     with pytest.raises(SystemExit) as e:
-        train.main(["configs/demo.toml", f"output_dir={out}", "train.resume=auto", "cache.cache_dir="])
+        train.main(["configs/demo.toml", f"output_dir={out}", "train.resume=auto", "cache.cache_dir=",
+                    f"data.image_dirs=['{tmp_path}']"])  # a folder that exists: data sources are checked first
     msg = str(e.value.code)
     assert "another run only" in msg and "step-00000020" in msg and "\n" not in msg
     assert "Traceback" not in capsys.readouterr().err

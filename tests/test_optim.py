@@ -341,7 +341,8 @@ def test_bitsandbytes_optimizer_with_fsdp_is_one_line_before_anything_is_written
         train.main(["configs/sdxl_lora.toml", "train.fsdp=true", "model.pretrained_model_name_or_path=", "model.vae=",
                     "model.model_preset=tiny", f"output_dir={out}"])
     msg = str(e.value.code)
-    assert msg.startswith("config error: optimizer.optimizer_type = 'AdamW8bit' (bitsandbytes) does not work with "
+    assert msg.startswith("config error: configs/sdxl_lora.toml: optimizer.optimizer_type = 'AdamW8bit' (bitsandbytes) "
+                          "does not work with "
                           "train.fsdp = true") and 'use optimizer_type = "AdamW"' in msg and "\n" not in msg, msg
     assert not out.exists()
     for name in ("Lion8bit", "bitsandbytes.optim.PagedAdamW"):

@@ -155,7 +155,7 @@ def test_train_with_per_encoder_dropout_resumes_bit_for_bit(shapes, tmp_path):
 
 
 def test_sdxl_refuses_the_sd3_options(tmp_path):
-    with pytest.raises(SystemExit, match=r"config error: model.clip_l_dropout_rate / clip_g_dropout_rate / "
+    with pytest.raises(SystemExit, match=r"config error: configs/demo.toml: model.clip_l_dropout_rate / clip_g_dropout_rate / "
                                          r"t5_dropout_rate are SD3 options"):
         main_ok("train", ["configs/demo.toml", "model.t5_dropout_rate=0.1", f"output_dir={tmp_path / 'run'}"])
     assert not (tmp_path / "run").exists()  # before anything is written

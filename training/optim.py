@@ -264,6 +264,31 @@ def build_optimizer(param_groups: list[dict], cfg: Any) -> torch.optim.Optimizer
     )
 
 
+def check_optimizer_type(cfg: Any) -> None:
+    """optimizer_type names a built-in, an installed optional optimizer or an importable torch.optim.Optimizer class:
+    one ValueError line (with the nearest built-in name for a typo) before anything is written or loaded."""
+    name = cfg.optimizer_type
+    key = name.lower()
+    try:
+        if key in _EXTERNAL:
+            module, cls, pip_name = _EXTERNAL[key]
+            _import_class(module, cls, pip_name, name)
+        elif "." in name:
+            module, _, cls = name.rpartition(".")
+            opt_cls = _import_class(module, cls, None, name)
+            if not (isinstance(opt_cls, type) and issubclass(opt_cls, torch.optim.Optimizer)):
+                raise ValueError(f"optimizer_type {name!r} is not a torch.optim.Optimizer subclass")
+        elif key not in ("adamw", "sgd", "adafactor"):
+            import difflib
+            close = difflib.get_close_matches(key, [b.lower() for b in BUILTIN_OPTIMIZERS], n=1)
+            hint = f"; did you mean {BUILTIN_OPTIMIZERS[[b.lower() for b in BUILTIN_OPTIMIZERS].index(close[0])]!r}?" \
+                if close else ""
+            raise ValueError(f"optimizer.optimizer_type: unknown optimizer {name!r}{hint} (built-ins: "
+                             f"{', '.join(BUILTIN_OPTIMIZERS)}, or a full class path such as 'torch.optim.RAdam')")
+    except ImportError as e:
+        raise ValueError(str(e)) from None
+
+
 def is_schedule_free(optimizer_type: str) -> bool:
     """Whether optimizer_type names a schedule-free optimizer (kohya: the name ends in "ScheduleFree")."""
     return optimizer_type.lower().rpartition(".")[2].endswith("schedulefree")

@@ -192,12 +192,13 @@ def trained_param_groups(trainee: Trainee, opt_cfg: OptimizerConfig) -> list[dic
 
 
 def with_all_parts(comp: Any, cfg: Config, loaded: dict[str, Any]) -> Any:
-    """comp plus the parts training did not load (VAE, text encoders), on the CPU, so exports are whole checkpoints.
-    `loaded` keeps them between exports (they are frozen)."""
+    """comp plus the parts training did not load that its exports hold (the VAE, text encoders:
+    training.exports.export_layout), on the CPU, so exports are whole checkpoints. `loaded` keeps them between
+    exports (they are frozen)."""
+    from training.exports import export_layout
     family = models.family(comp.family)
-    missing = [p for p in ("vae", *family.text_encoders) if getattr(comp, p) is None and p not in loaded]
-    if not cfg.model.use_t5:
-        missing = [p for p in missing if p not in family.optional_parts]
+    inside, _ = export_layout(cfg, family)
+    missing = [p for p in inside if getattr(comp, p) is None and p not in loaded]
     if missing:
         extra = models.from_config(cfg.model, device="cpu", seed=cfg.seed, parts=missing,
                                    dtype=models.DTYPES[cfg.save.save_precision])

@@ -63,6 +63,8 @@ def _keyed(recs: list, where: Callable[[int], str]) -> tuple[list[str], list[dic
     for i, k in enumerate(keys):
         if not k:  # only records without a key pay for the per-entry work
             p = recs[i].get(PATH_FIELD)
+            if p is not None and not isinstance(p, str):  # e.g. an integer in a SQLite column
+                raise ValueError(f"{where(i)}: '{PATH_FIELD}' must be text, got {type(p).__name__} {p!r}")
             k = os.path.splitext(os.path.basename(p))[0] if p else None
             if not k:
                 raise ValueError(f"{where(i)}: record has neither 'key' nor '{PATH_FIELD}'")
@@ -391,7 +393,7 @@ def read_metadata_file(path: str) -> tuple[list[str], list[dict[str, Any]]]:
         t, cols = cands[0]
         rows = con.execute(f'SELECT * FROM "{t}"').fetchall()
         return _keyed([{c: v for c, v in zip(cols, r) if v is not None} for r in rows],
-                      lambda i: f"metadata {path!r} table {t}")
+                      lambda i: f"metadata {path!r} table {t} row {i + 1}")
     except sqlite3.DatabaseError as e:
         raise ValueError(f"metadata {path!r} is not a readable SQLite database: {e}") from None
     finally:
