@@ -36,17 +36,20 @@ class _Stderr(logging.StreamHandler):
 
 
 class _ToRunLog(logging.Handler):
-    """Hands a project module's record to the run logger's handlers (console, and train.log on rank 0), so a warning
+    """Hands a project module's record to the run log's own handlers (console, and train.log on rank 0), so a warning
     from data.store lands in the run log too, once; the record still propagates to the root logger's handlers
-    (pytest's caplog; none in a plain run, so the terminal shows it once)."""
+    (pytest's caplog; none in a plain run, so the terminal shows it once). The handlers are called directly, not
+    through the run logger: a capture handler attached to that logger (pytest 9 attaches its own to every
+    non-propagating logger) would see the record a second time."""
 
-    def __init__(self, target: logging.Logger):
-        super().__init__()
-        self.target = target
+    def __init__(self, level: int, handlers: list[logging.Handler]):
+        super().__init__(level)
+        self.targets = handlers
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.levelno >= self.target.getEffectiveLevel():
-            self.target.handle(record)
+        for h in self.targets:
+            if record.levelno >= h.level:
+                h.handle(record)
 
 
 def setup_logging(log_dir: str | None, is_main: bool, name: str = "train") -> logging.Logger:
@@ -66,11 +69,12 @@ def setup_logging(log_dir: str | None, is_main: bool, name: str = "train") -> lo
         fh = logging.FileHandler(os.path.join(log_dir, f"{name}.log"))
         fh.setFormatter(fmt)
         logger.addHandler(fh)
+    ours = list(logger.handlers)
     for pkg in PROJECT_LOGGERS:
         mod = logging.getLogger(pkg)
         for h in [h for h in mod.handlers if isinstance(h, _ToRunLog)]:  # a second run in this process
             mod.removeHandler(h)
-        mod.addHandler(_ToRunLog(logger))
+        mod.addHandler(_ToRunLog(level, ours))
         mod.setLevel(level)
     return logger
 
