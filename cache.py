@@ -615,4 +615,4 @@ def _encode_texts(te: Any, caps: list[list[str]]) -> list[dict[str, torch.Tensor
 
 
 if __name__ == "__main__":
-    cli.exit_now(main())  # flushed, then no interpreter teardown
+    cli.run_entry(main, dist.shutdown)  # flushed, then no interpreter teardown

@@ -709,6 +709,4 @@ def load_sample_prompts(cfg: Config) -> list[Any]:
 
 
 if __name__ == "__main__":
-    code = main()
-    dist.shutdown()
-    cli.exit_now(code)
+    cli.run_entry(main, dist.shutdown)

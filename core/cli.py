@@ -77,6 +77,24 @@ def error_line(kind: str, e: BaseException, prog: str = "") -> str:
     return f"{head}{disk}" if disk else f"{head}{kind}: {e}"
 
 
+def run_entry(main: Callable[[], int], shutdown: Callable[[], None]) -> None:
+    """An entry point's `if __name__ == "__main__"`: main(), then shutdown() (the process group destroyed), then
+    exit_now. A SystemExit (a user error every rank stops on with its one line) takes the same way out: left to the
+    interpreter's teardown with a live gloo group, a torchrun worker could die of "terminate called without an
+    active exception" (SIGABRT) after printing its line."""
+    try:
+        code = main()
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
+            close_progress_bars()
+            print(e.code, file=sys.stderr)
+            code = 1
+    shutdown()
+    exit_now(code)
+
+
 def exit_now(code: int) -> None:
     """End an entry point once its work is done and written: logs and streams flushed, then os._exit, skipping the
     interpreter's teardown of torch's thousands of modules (seconds per process, every torchrun worker)."""

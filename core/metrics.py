@@ -40,15 +40,18 @@ class _ToRunLog(logging.Handler):
     from data.store lands in the run log too, once; the record still propagates to the root logger's handlers
     (pytest's caplog; none in a plain run, so the terminal shows it once). The handlers are called directly, not
     through the run logger: a capture handler attached to that logger (pytest 9 attaches its own to every
-    non-propagating logger) would see the record a second time."""
+    non-propagating logger) would see the record a second time. A handler taken off the run logger since (closed
+    by whoever ran train.main in process, its folder perhaps deleted) is skipped: a FileHandler would reopen it."""
 
-    def __init__(self, level: int, handlers: list[logging.Handler]):
+    def __init__(self, level: int, logger: logging.Logger):
         super().__init__(level)
-        self.targets = handlers
+        self.logger = logger
+        self.targets = list(logger.handlers)
 
     def emit(self, record: logging.LogRecord) -> None:
+        live = self.logger.handlers
         for h in self.targets:
-            if record.levelno >= h.level:
+            if h in live and record.levelno >= h.level:
                 h.handle(record)
 
 
@@ -69,12 +72,11 @@ def setup_logging(log_dir: str | None, is_main: bool, name: str = "train") -> lo
         fh = logging.FileHandler(os.path.join(log_dir, f"{name}.log"))
         fh.setFormatter(fmt)
         logger.addHandler(fh)
-    ours = list(logger.handlers)
     for pkg in PROJECT_LOGGERS:
         mod = logging.getLogger(pkg)
         for h in [h for h in mod.handlers if isinstance(h, _ToRunLog)]:  # a second run in this process
             mod.removeHandler(h)
-        mod.addHandler(_ToRunLog(level, ours))
+        mod.addHandler(_ToRunLog(level, logger))
         mod.setLevel(level)
     return logger
 
