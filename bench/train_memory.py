@@ -45,7 +45,8 @@ MMAP_THRESHOLD = 64 * 1024
 STANDARD = [  # (label, config overrides on top of the base), all at 1024 px, batch 1
     ("SDXL full, AdamW fp32", {"model": {"model_preset": "base"}}),
     ("SDXL full, AdamW fp32, ckpt", {"model": {"model_preset": "base"}, "train": {"gradient_checkpointing": True}}),
-    ("SDXL full, AdamW8bit bf16, ckpt", {"model": {"model_preset": "base"}, "optimizer": {"optimizer_type": "AdamW8bit"},
+    ("SDXL full, AdamW8bit bf16, ckpt", {"model": {"model_preset": "base"},
+                                         "optimizer": {"optimizer_type": "AdamW8bit"},
                                          "train": {"gradient_checkpointing": True, "full_bf16": True}}),
     ("SDXL full, Adafactor bf16 fused SR, ckpt", {"model": {"model_preset": "base"},
                                                   "optimizer": {"optimizer_type": "Adafactor"},

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 STATE_MIN_NUMEL = 4096  # optimizer state tensors smaller than this stay on the GPU (step counters, shared tables)
+ALIGN = 256  # bytes: where each parameter starts in a block's buffer (vectorised kernels, cuBLAS alignment)
 
 
 def swappable_blocks(net: nn.Module) -> list[nn.Module]:
@@ -86,6 +87,15 @@ class _Copier:
         """An empty CPU tensor like t (pinned when copies go to a GPU: asynchronous and faster)."""
         return torch.empty_like(t, device="cpu", pin_memory=self.cuda)
 
+    def host_buffer(self, nbytes: int) -> Tensor:
+        """A CPU byte buffer, page-locked in place on CUDA (cudaHostRegister: torch's pinned allocator would round
+        the size up to a power of two, up to twice the memory); plain pinned memory if registering fails."""
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if self.cuda and nbytes:
+            if int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)) != 0:
+                buf = buf.pin_memory()
+        return buf
+
     def to_device(self, hosts: list[Tensor]) -> tuple[list[Tensor], Any]:
         """Device copies of `hosts` (allocated on the compute stream, so the caching allocator reuses their memory
         only after the compute queued before them) and the event that marks them complete."""
@@ -125,13 +135,35 @@ class _Copier:
             self.stream.synchronize()
 
 
+class _Layout:
+    """A block's parameters laid out in one byte buffer (each at an ALIGN-byte offset, with its own dtype, shape
+    and strides), so a block crosses to the device in one copy into one allocation."""
+
+    def __init__(self, params: list[nn.Parameter]):
+        self.spans: list[tuple[int, int, torch.dtype, tuple[int, ...], tuple[int, ...]]] = []
+        offset = 0
+        for p in params:
+            dense = p.data.is_contiguous() or p.data.is_contiguous(memory_format=torch.channels_last)
+            stride = p.stride() if dense else torch.empty(p.shape, device="meta").stride()
+            n = p.numel() * p.element_size()
+            self.spans.append((offset, n, p.dtype, tuple(p.shape), tuple(stride)))
+            offset += -(-n // ALIGN) * ALIGN
+        self.nbytes = offset
+
+    def views(self, buf: Tensor) -> list[Tensor]:
+        """The parameters' tensors inside `buf` (a byte buffer of nbytes, on any device)."""
+        return [buf[o:o + n].view(dtype).as_strided(shape, stride) for o, n, dtype, shape, stride in self.spans]
+
+
 @dataclass
 class _Slot:
-    """One swapped block: its parameters, their CPU copies, and where it stands."""
+    """One swapped block: its parameters, their CPU copies (views of one buffer), and where it stands."""
     index: int  # position among the network's swappable blocks
     module: nn.Module
     params: list[nn.Parameter]
     hosts: list[Tensor]
+    host_buffer: Tensor
+    layout: _Layout
     trained: bool
     resident: bool = False
     state_in: bool = False  # its optimizer state is on the device
@@ -193,14 +225,14 @@ class BlockSwap:
         for j, i in enumerate(self.chosen):
             block = self.blocks[i]
             params = list(block.parameters())
-            hosts = []
-            for p in params:
-                h = self.copier.host_like(p)
+            layout = _Layout(params)
+            buf = self.copier.host_buffer(layout.nbytes)
+            hosts = layout.views(buf)
+            for p, h in zip(params, hosts):
                 h.copy_(p.data)
-                hosts.append(h)
                 p.data = h
             trained = any(p.requires_grad for p in params)
-            self.slots.append(_Slot(i, block, params, hosts, trained))
+            self.slots.append(_Slot(i, block, params, hosts, buf, layout, trained))
             self.handles.append(block.register_forward_pre_hook(self._pre_hook(j), with_kwargs=True))
             self.handles.append(block.register_forward_hook(self._post_hook(j)))
         self.handles.append(self.net.register_forward_pre_hook(lambda _m, _a: self._forward_begins()))
@@ -300,12 +332,12 @@ class BlockSwap:
 
     def _fetch(self, slot: _Slot, with_state: bool) -> None:
         assert self.copier is not None
-        devs, event = self.copier.to_device(slot.hosts)
-        for p, d in zip(slot.params, devs):
+        (buf,), event = self.copier.to_device([slot.host_buffer])  # one copy into one allocation
+        for p, d in zip(slot.params, slot.layout.views(buf)):
             p.data = d
         slot.events.append(event)
         slot.resident = True
-        self.moved += sum(h.numel() * h.element_size() for h in slot.hosts)
+        self.moved += slot.layout.nbytes
         if with_state:
             self._fetch_state(slot)
 

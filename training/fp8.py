@@ -93,7 +93,8 @@ def convert_module(m: nn.Module) -> None:
     """One nn.Linear / nn.Conv2d in place: its weight becomes fp8 codes + scales (frozen), its class the fp8 twin."""
     w = m._parameters["weight"]
     if w is None or w.requires_grad:
-        raise ValueError(f"fp8 base weights must be frozen: {type(m).__name__} {tuple(w.shape) if w is not None else ''}")
+        shape = tuple(w.shape) if w is not None else ()
+        raise ValueError(f"fp8 base weights must be frozen: {type(m).__name__} {shape}")
     del m._parameters["weight"]
     codes, scale = quantize(w)
     m.compute_dtype = w.dtype

@@ -207,7 +207,8 @@ def setup_of(cfg: Any, world_size: int = 1) -> Setup:
     res = cfg.data.resolution
     size = (res[0], res[1]) if isinstance(res, list) else (res, res)
     return Setup(family=fam.name, parts=parts, dtypes=dtypes, fp8_parts=fp8.fp8_parts(cfg.model, fam),
-                 lora=lora, trained_text=trained_text, text_cached=not need_text or cfg.cache.cache_text_encoder_outputs,
+                 lora=lora, trained_text=trained_text,
+                 text_cached=not need_text or cfg.cache.cache_text_encoder_outputs,
                  latents_cached=use_store, amp=None if t.mixed_precision == "no" else dt[t.mixed_precision],
                  batch=cfg.data.batch_size, size=size, ckpt=t.gradient_checkpointing, fused=t.fused_backward_pass,
                  sr=t.full_bf16 and t.stochastic_rounding, swap=getattr(t, "blocks_to_swap", 0), world=world_size,
@@ -371,11 +372,11 @@ def _cached_text(comp: Any, s: Setup, batch: int) -> dict[str, Tensor]:
             "pooled": torch.empty(batch, c.adm_in_channels, device="meta")}
 
 
-def simulate_step(comp: Any, s: Setup, trained: list[nn.Parameter], ckpt: bool, device_type: str = "cuda",
-                  count_flops: bool = False) -> dict[str, int]:
+def simulate_step(comp: Any, s: Setup, trained: list[nn.Parameter], ckpt: bool,
+                  device_type: str = "cuda") -> dict[str, int]:
     """One micro-step on the meta device (see the module doc) -> {"peak": bytes the step allocates at most,
     "grads": the trained parameters' gradients alive at its end (0 with a fused backward pass, which frees each at
-    once), "activations": the peak beyond those gradients, "flops"}."""
+    once), "activations": the peak beyond those gradients}."""
     net = comp.network
     net.train()
     old_ckpt = net.gradient_checkpointing
@@ -395,15 +396,9 @@ def simulate_step(comp: Any, s: Setup, trained: list[nn.Parameter], ckpt: bool, 
 
     handles = [p.register_post_accumulate_grad_hook(on_grad) for p in trained]
     auto = AutocastEmulation(s.amp, device_type)
-    flops = contextlib.nullcontext()
-    counter = None
-    if count_flops:
-        from torch.utils.flop_counter import FlopCounterMode
-        counter = FlopCounterMode(display=False)
-        flops = counter
     b, (w, h) = s.batch, s.size
     try:
-        with live, flops, auto:
+        with live, auto:
             if s.latents_cached:
                 latents = torch.empty(b, net.cfg.in_channels, h // VAE_FACTOR, w // VAE_FACTOR, device="meta")
             else:
@@ -448,7 +443,21 @@ def simulate_step(comp: Any, s: Setup, trained: list[nn.Parameter], ckpt: bool, 
     # without a fused pass every gradient is alive at the end, so peak >= grads: the total weights + optimizer +
     # gradients + activations is the simulated peak exactly
     return {"peak": live.peak, "grads": grads["grads"], "activations": live.peak - grads["grads"],
-            "flops": int(counter.get_total_flops()) if counter is not None else 0}
+            }
+
+
+def forward_flops(comp: Any, s: Setup) -> int:
+    """FLOPs of one network forward at the largest bucket and batch size (torch's FlopCounterMode on the meta
+    device; a pass of its own: the counter's module hooks would keep the simulated step's tensors alive)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    net, (w, h), b = comp.network, s.size, s.batch
+    text = {k: v for k, v in _cached_text(comp, s, b).items()}
+    cond = comp.conditioning(text, *(torch.empty(b, 2, device="meta") for _ in range(3)))
+    x = torch.empty(b, net.cfg.in_channels, h // VAE_FACTOR, w // VAE_FACTOR, device="meta")
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        net(x, torch.empty(b, device="meta"), **cond)
+    return int(counter.get_total_flops())
 
 
 @contextlib.contextmanager
@@ -510,7 +519,8 @@ def estimate(cfg: Any, world_size: int = 1, device_type: str = "cuda", both_ckpt
                     for m in getattr(comp, part).modules() if isinstance(m, fp8._FP8Weight)]
         before = sum(m.weight_fp8.numel() * m.compute_dtype.itemsize for m in fp8_mods)
         after = sum(m.weight_fp8.numel() + 4 * m.weight_scale.numel() for m in fp8_mods)
-        plan.info.append(f"fp8 base ({', '.join(s.fp8_parts)}): {len(fp8_mods)} weights {_gib(before)} -> "
+        loaded = ", ".join(p for p in s.fp8_parts if p in s.parts)
+        plan.info.append(f"fp8 base ({loaded}): {len(fp8_mods)} weights {_gib(before)} -> "
                          f"{_gib(after)} (saves {_gib(before - after)})")
     if swap_info:
         plan.info.append(swap_info)
@@ -518,7 +528,8 @@ def estimate(cfg: Any, world_size: int = 1, device_type: str = "cuda", both_ckpt
     # gradients and optimizer state of the trained parameters
     shard = max(1, s.world) if s.fsdp else 1
     g = gradient_bytes(params, s.fused) // shard
-    what = "LoRA adapters (fp32)" if s.lora else "network" + (" + text encoders" if cfg.train.train_text_encoder else "")
+    what = "LoRA adapters (fp32)" if s.lora else \
+        "network" + (" + text encoders" if cfg.train.train_text_encoder else "")
     plan.terms.append(Term("gradients", g, f"{what}, {sum(p.numel() for p in params) / 1e6:.1f}M parameters"
                            + ("; fused backward: one tensor at a time" if s.fused else "")
                            + ("; in DDP's buckets between steps" if s.world > 1 and not s.fsdp else "")))
@@ -539,7 +550,7 @@ def estimate(cfg: Any, world_size: int = 1, device_type: str = "cuda", both_ckpt
     key = _sim_key(cfg, s)
     cache = cache if cache is not None else {}
     if key not in cache:
-        cache[key] = simulate_step(comp, s, params, s.ckpt, device_type, count_flops=bool(s.swap))
+        cache[key] = simulate_step(comp, s, params, s.ckpt, device_type)
     sim = cache[key]
     note = f"largest bucket {s.size[0]}x{s.size[1]}, batch {s.batch}, checkpointing {'on' if s.ckpt else 'off'}"
     if both_ckpt:
@@ -559,8 +570,8 @@ def estimate(cfg: Any, world_size: int = 1, device_type: str = "cuda", both_ckpt
             moved *= 2
         secs = ", ".join(f"{moved / bw:.2f} s on {k}" for k, bw in PCIE_BYTES_PER_S.items())
         plan.info.append(f"block swap moves {moved / 1e9:.1f} GB per step ({secs}), overlapped with "
-                         f"{3 * sim['flops'] / 1e12:.0f} TFLOP of compute per step (forward + backward, "
-                         f"+1 forward recomputed)")
+                         f"{(4 if s.ckpt else 3) * forward_flops(comp, s) / 1e12:.0f} TFLOP of compute per step "
+                         f"(3 forwards' worth{' + the recomputed forward' if s.ckpt else ''})")
     plan.reserve = CUDA_CONTEXT_BYTES + int(ALLOCATOR_SLACK * sum(t.bytes for t in plan.terms)) \
         if device_type == "cuda" else 0
     if lora_net is not None:
@@ -575,7 +586,8 @@ def _state_share(cfg: Any, params: list[nn.Parameter], s: Setup) -> int:
 
 
 def _sim_key(cfg: Any, s: Setup, ckpt: bool | None = None) -> tuple:
-    return (s.amp, s.batch, s.size, s.ckpt if ckpt is None else ckpt, s.fp8_parts, s.lora, s.trained_text, s.text_cached,
+    return (s.amp, s.batch, s.size, s.ckpt if ckpt is None else ckpt, s.fp8_parts, s.lora, s.trained_text,
+            s.text_cached,
             s.latents_cached, s.fused, str(s.dtypes), cfg.network.network_dim, cfg.network.network_module)
 
 
@@ -623,7 +635,8 @@ def _variants(cfg: Any, s: Setup) -> list[tuple[str, dict[str, dict[str, Any]]]]
         if opt in ("adamw", "lion", "sgd"):
             out.append(("optimizer.optimizer_type = \"AdamW8bit\"", {"optimizer": {"optimizer_type": "AdamW8bit"}}))
         if opt != "adafactor":
-            out.append(("optimizer.optimizer_type = \"Adafactor\"", {"optimizer": {"optimizer_type": "Adafactor"}}))
+            out.append(("optimizer.optimizer_type = \"Adafactor\" (optimizer_kwargs = {})",
+                        {"optimizer": {"optimizer_type": "Adafactor", "optimizer_kwargs": {}}}))
         if not t.full_bf16 and t.mixed_precision == "bf16":
             out.append(("train.full_bf16 = true", {"train": {"full_bf16": True}}))
         if not t.fused_backward_pass and s.world == 1 and t.gradient_accumulation_steps == 1:
@@ -647,43 +660,63 @@ def _with(cfg: Any, changes: dict[str, dict[str, Any]]) -> Any:
 
 def suggest(cfg: Any, budget: int, world_size: int = 1, device_type: str = "cuda",
             cache: dict | None = None) -> str | None:
-    """One line naming the cheapest settings that fit `budget` (cumulative changes, cheapest first, then the fewest
-    blocks to swap, then a smaller batch), or None when nothing tried fits."""
+    """One line naming the cheapest settings that fit `budget`, or None when the config fits or nothing tried does.
+    The changes of _variants are added cheapest first until the plan fits, then each one not needed is dropped
+    again; failing that, the fewest blocks to swap that fit (binary search: the total falls with every block), then a
+    smaller batch."""
     cache = cache if cache is not None else {}
     s = setup_of(cfg, world_size)
-    chosen: list[str] = []
-    cur = cfg
-    steps: list[tuple[str, dict]] = _variants(cfg, s)
 
-    def fits(c: Any) -> tuple[bool, int]:
-        p = estimate(c, world_size, device_type, cache=cache)
-        return p.total <= budget, p.total
+    def total_with(changes: list[tuple[str, dict]]) -> int:
+        c = cfg
+        for _, change in changes:
+            c = _with(c, change)
+        try:
+            return estimate(c, world_size, device_type, cache=cache).total
+        except (ValueError, TypeError):  # a combination that cannot run (e.g. kwargs the new optimizer refuses)
+            return math.inf  # type: ignore[return-value]
 
-    ok, total = fits(cur)
-    if ok:
+    def line(changes: list[tuple[str, dict]], total: int) -> str:
+        return "fits with " + ", ".join(label for label, _ in changes) + f" (estimated {_gib(total)})"
+
+    if total_with([]) <= budget:
         return None
-    for label, change in steps:
-        cur = _with(cur, change)
-        chosen.append(label)
-        ok, total = fits(cur)
-        if ok:
-            return "fits with " + ", ".join(chosen) + f" (estimated {_gib(total)})"
-    if not cur.train.fsdp:
-        need = {"train": {"gradient_checkpointing": True}}
-        if not s.lora:
-            need["train"]["fused_backward_pass"] = True
-        blocks = blockswap.swappable_blocks(meta_components(cur, setup_of(cur, world_size)).network)
-        for n in range(1, len(blocks) + 1):
-            trial = _with(cur, {"train": {**need["train"], "blocks_to_swap": n}})
-            ok, total = fits(trial)
-            if ok:
-                return "fits with " + ", ".join(chosen + [f"train.blocks_to_swap = {n}"]) + f" (estimated {_gib(total)})"
-    b = cur.data.batch_size
+    chosen: list[tuple[str, dict]] = []
+    for step in _variants(cfg, s):
+        chosen.append(step)
+        total = total_with(chosen)
+        if total <= budget:
+            for step_back in list(chosen[:-1]):  # a later change may make an earlier one unnecessary
+                rest = [c for c in chosen if c is not step_back]
+                t = total_with(rest)
+                if t <= budget:
+                    chosen, total = rest, t
+            return line(chosen, total)
+    if not cfg.train.fsdp and (s.lora or (world_size == 1 and cfg.train.gradient_accumulation_steps == 1)):
+        need: dict[str, Any] = {"gradient_checkpointing": True, **({} if s.lora else {"fused_backward_pass": True})}
+        cur = cfg
+        for _, change in chosen:
+            cur = _with(cur, change)
+        n_blocks = len(blockswap.swappable_blocks(meta_components(cur, setup_of(cur, world_size)).network))
+
+        def swap(n: int) -> tuple[str, dict]:
+            return (f"train.blocks_to_swap = {n}", {"train": {**need, "blocks_to_swap": n}})
+        if total_with(chosen + [swap(n_blocks)]) <= budget:
+            lo, hi = 1, n_blocks  # fits with hi
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if total_with(chosen + [swap(mid)]) <= budget:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            return line(chosen + [swap(hi)], total_with(chosen + [swap(hi)]))
+    b = cfg.data.batch_size
     while b > 1:
         b //= 2
-        ok, total = fits(_with(cur, {"data": {"batch_size": b}}))
-        if ok:
-            return "fits with " + ", ".join(chosen + [f"data.batch_size = {b}"]) + f" (estimated {_gib(total)})"
+        smaller = chosen + [(f"data.batch_size = {b}", {"data": {"batch_size": b}})]
+        total = total_with(smaller)
+        if total <= budget:
+            return line(smaller, total)
     return None
 
 
