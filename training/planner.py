@@ -293,7 +293,10 @@ def weight_bytes(comp: Any, parts: list[str]) -> dict[str, dict[str, int]]:
 
 
 def trained_params(cfg: Any, comp: Any, s: Setup) -> tuple[list[nn.Parameter], Any]:
-    """The parameters the run trains (on meta) and the LoRA network (or None)."""
+    """The parameters the run trains (on meta) and the LoRA network (or None); everything else frozen, as train.py
+    freezes it (autocast caches the casts of trained weights only)."""
+    for m in comp.parts().values():
+        m.requires_grad_(False)
     if s.lora:
         from networks import lora
         comp.network.requires_grad_(False)
@@ -302,11 +305,12 @@ def trained_params(cfg: Any, comp: Any, s: Setup) -> tuple[list[nn.Parameter], A
                                       text=not cfg.network.network_train_unet_only)
         net.apply_to()
         return [p for p in net.parameters() if p.requires_grad], net
+    comp.network.requires_grad_(True)
     params = list(comp.network.parameters())
     if cfg.train.train_text_encoder:
         for name, m in comp.text_encoders().items():
             if name in models.family(s.family).trainable_text_lr:
-                params += list(m.parameters())
+                params += list(m.requires_grad_(True).parameters())
     return params, None
 
 
@@ -628,6 +632,9 @@ def _variants(cfg: Any, s: Setup) -> list[tuple[str, dict[str, dict[str, Any]]]]
         out.append(("train.gradient_checkpointing = true", {"train": {"gradient_checkpointing": True}}))
     if not s.text_cached and not s.trained_text:
         out.append(("cache.cache_text_encoder_outputs = true", {"cache": {"cache_text_encoder_outputs": True}}))
+    if not s.text_cached and cfg.model.text_encoder_dtype == "fp32" and not cfg.train.train_text_encoder:
+        # frozen fp32 encoders: half the weights, and no bf16 copy per use for adapters' backward passes
+        out.append(("model.text_encoder_dtype = \"bf16\"", {"model": {"text_encoder_dtype": "bf16"}}))
     if not s.latents_cached:
         out.append(("cache.cache_dir = <folder> (cache.py first)", {"cache": {"cache_dir": "<cache>"}}))
     if not s.lora:
