@@ -40,6 +40,7 @@ from core.dist import mix_seed
 from core.fsio import atomic_write, check_dir_setting, clean_stale_temps, describe_os_error
 from core.lock import DirLock, LockBusy, acquire_in_step, releases_locks
 from core.metrics import MetricsWriter, check_tensorboard, check_wandb, group_lrs, peak_memory, setup_logging, wandb_run
+from data.buckets import BucketSettings
 from data.index import load_or_build_index
 from data.loader import NoReadableData, batches_per_epoch, make_loader, usable_rows
 from data.sources import require_store_for_containers
@@ -52,7 +53,7 @@ from training.checkpointer import Checkpointer, Progress, read_resume_state
 from training.ema import EMA
 from training.exports import Exporter, export_suffix
 from training.optim import (LossRecorder, OptimizerMode, build_optimizer, build_scheduler, check_fsdp_optimizer,
-                            check_schedule_free, scheduler_kwargs)
+                            check_optimizer_type, check_schedule_free, scheduler_kwargs)
 from training.steplog import StepLog, mean_loss
 from training.steppers import Stepper, check_fused_settings, make_stepper
 from training.trainable import TrainableSet, make_trainable
@@ -78,9 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     device, master = info.device, dist.is_main()
 
     # ---- settings that only make sense together, checked before anything is created or loaded; precision
-    cfg, family, notes, objective, prompts = resolve_settings(cfg, info.world_size, args.config)
+    cfg, family, notes, objective, prompts = resolve_settings(cfg, info.world_size, args.config, plan=args.plan)
+    allowed = functools.partial(check_combination, family=family, world_size=info.world_size)  # for suggestions
     if args.plan:  # before anything is written or loaded: the parts are built on the meta device
-        return planner.plan_command(cfg, info.world_size, device, args.gpu_memory) if master else 0
+        return planner.plan_command(cfg, info.world_size, device, args.gpu_memory, allowed) if master else 0
     amp_dtype, weight_dtype = DTYPES[cfg.train.mixed_precision], trained_weight_dtype(cfg.train)
     autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext
 
@@ -97,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- model: the memory it will need (estimated on the meta device first), the network, the frozen (or
     # trained) text encoders, the VAE when needed; what is trained; the frozen base in fp8 (model.fp8_base)
-    memory = planner.startup_line(cfg, info.world_size, device, args.gpu_memory, log.warning) if master else ""
+    memory = planner.startup_line(cfg, info.world_size, device, args.gpu_memory, log.warning, allowed) \
+        if master else ""
     comp = load_components(cfg, family, prompts, device, weight_dtype, data.validation.needs_encoders)
     trainable = build_trainable(cfg, comp, device, log)
     fp8.apply(comp, fp8.fp8_parts(cfg.model, family), log.info)
@@ -216,20 +219,24 @@ def main(argv: list[str] | None = None) -> int:
 # Set-up, in the order main() runs it
 
 
-def resolve_settings(cfg: Config, world_size: int,
-                     source: str) -> tuple[Config, models.Family, list[tuple[int, str]], Objective, list[Any]]:
+def resolve_settings(cfg: Config, world_size: int, source: str,
+                     plan: bool = False) -> tuple[Config, models.Family, list[tuple[int, str]], Objective, list[Any]]:
     """The config with the checkpoint's prediction markers applied (config values win), the model family's record,
     log notes ((level, line): which won, settings allowed but probably not meant), the diffusion objective and the
     preview prompts. Settings that only make sense together, and every file the run reads later
     (training/preflight.py), are checked here, before anything is created or loaded: a bad one ends the run with one
-    line (naming the config file `source`)."""
+    line (naming the config file `source`). `plan` (train.py --plan): the settings and the model files the plan reads
+    (their headers) only; data folders, prompt files, hooks and resume states may not be there yet."""
     try:
         family = models.family(models.family_of(cfg.model))
         cfg, notes = models.resolve_prediction(cfg)
-        check_settings(cfg, family)
-        check_fused_settings(cfg, world_size)
-        check_dir_setting("cache.cache_dir", cfg.cache.cache_dir)
+        check_combination(cfg, family, world_size)
         objective = build_objective(family.objective, cfg.loss, cfg.model.v_parameterization)
+        if plan:
+            previews = previews_scheduled(cfg.sample) and bool(cfg.sample.sample_prompts)
+            preflight.check_model_files(cfg, family, preflight.parts_needed(cfg, family, previews))
+            return cfg, family, [], objective, []
+        check_dir_setting("cache.cache_dir", cfg.cache.cache_dir)
         prompts = load_sample_prompts(cfg)
         warnings = preflight.check_run(cfg, family, prompts)
         dist.main_first(functools.partial(preflight.check_data, cfg))  # lists folders: rank 0 only
@@ -664,6 +671,16 @@ def prepare_run_folder(cfg: Config, out_dir: str) -> list[str]:
     except OSError as e:
         raise RuntimeError(f"cannot write the run folder: {describe_os_error(e) or e}") from None
     return clean_stale_temps([out_dir, *paths.values()])
+
+
+def check_combination(cfg: Config, family: models.Family, world_size: int) -> None:
+    """The settings checks that read no file (ValueError): run-level combinations, what a fused backward pass needs,
+    the optimizer's name and package. Also run by the memory planner on every changed config it considers
+    suggesting, so that it never names settings this run would refuse."""
+    check_settings(cfg, family)
+    check_fused_settings(cfg, world_size)
+    check_optimizer_type(cfg.optimizer)
+    BucketSettings.from_data_cfg(cfg.data)
 
 
 def check_settings(cfg: Config, family: models.Family) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import re
 import weakref
@@ -385,7 +386,6 @@ def simulate_step(comp: Any, s: Setup, trained: list[nn.Parameter], ckpt: bool,
     net.train()
     old_ckpt = net.gradient_checkpointing
     net.gradient_checkpointing = ckpt
-    trained_ids = {id(p) for p in trained}
     for p in trained:
         p.requires_grad_(True)
         p.grad = None
@@ -625,7 +625,10 @@ def summary_line(plan: Plan, budget: int | None) -> str:
 # Settings that fit
 
 
-def _variants(cfg: Any, s: Setup) -> list[tuple[str, dict[str, dict[str, Any]]]]:
+Change = tuple[str, dict[str, dict[str, Any]]]  # (label, {table: {field: value}})
+
+
+def _variants(cfg: Any, s: Setup) -> list[Change]:
     """Changes to try, cheapest first (for speed and quality): (label, {table: {field: value}})."""
     t, out = cfg.train, []
     if not t.gradient_checkpointing:
@@ -665,49 +668,82 @@ def _with(cfg: Any, changes: dict[str, dict[str, Any]]) -> Any:
     return dataclasses.replace(cfg, **tables)
 
 
-def suggest(cfg: Any, budget: int, world_size: int = 1, device_type: str = "cuda",
-            cache: dict | None = None) -> str | None:
-    """One line naming the cheapest settings that fit `budget`, or None when the config fits or nothing tried does.
-    The changes of _variants are added cheapest first until the plan fits, then each one not needed is dropped
-    again; failing that, the fewest blocks to swap that fit (binary search: the total falls with every block), then a
-    smaller batch."""
+def allowed(cfg: Any, check: Callable[[Any], None] | None) -> bool:
+    """Whether a run would accept `cfg`: the config loader's checks (the config rebuilt from its values, as a file
+    holding them would be read) and `check`, the run's own settings checks (train.check_combination)."""
+    from core.config import config_from_dict, to_dict
+
+    def present(v: Any) -> Any:  # a file holds no None: the key is left out (its default)
+        if isinstance(v, dict):
+            return {k: present(x) for k, x in v.items() if x is not None}
+        return [present(x) for x in v] if isinstance(v, list) else v
+    try:
+        config_from_dict(present(to_dict(cfg)))
+        if check is not None:
+            check(cfg)
+    except ValueError:  # ConfigError included
+        return False
+    return True
+
+
+def as_overrides(changes: list[Change]) -> list[str]:
+    """The changes as command-line overrides (`table.field=value`, values in TOML syntax)."""
+    return [f"{table}.{name}={json.dumps(value)}" for _, change in changes for table, fields in change.items()
+            for name, value in fields.items()]
+
+
+def fitting(cfg: Any, budget: int, world_size: int = 1, device_type: str = "cuda", cache: dict | None = None,
+            check: Callable[[Any], None] | None = None) -> tuple[list[Change], int] | None:
+    """The cheapest changes to `cfg` that fit `budget` and their estimated total ([] when the config fits), or None
+    when nothing tried fits. The changes of _variants are added cheapest first until the plan fits (a change the
+    run would refuse -- `allowed(..., check)` fails -- or that cannot be built is skipped), then each one not needed
+    is dropped again; failing that, the fewest blocks to swap that fit (binary search: the total falls with every
+    block), then a smaller batch. Every result passed `allowed`."""
     cache = cache if cache is not None else {}
     s = setup_of(cfg, world_size)
 
-    def total_with(changes: list[tuple[str, dict]]) -> int:
+    def total_with(changes: list[Change]) -> float:
         c = cfg
         for _, change in changes:
             c = _with(c, change)
+        if not allowed(c, check):
+            return math.inf
         try:
             return estimate(c, world_size, device_type, cache=cache).total
-        except (ValueError, TypeError):  # a combination that cannot run (e.g. kwargs the new optimizer refuses)
-            return math.inf  # type: ignore[return-value]
+        except (ValueError, TypeError):  # a combination that cannot be built (e.g. kwargs the new optimizer refuses)
+            return math.inf
 
-    def line(changes: list[tuple[str, dict]], total: int) -> str:
-        return "fits with " + ", ".join(label for label, _ in changes) + f" (estimated {_gib(total)})"
+    def pruned(chosen: list[Change], tail: list[Change]) -> tuple[list[Change], int]:
+        """`chosen` (+ `tail`) less each change a later one made unnecessary, and the total."""
+        for step_back in list(chosen):
+            rest = [c for c in chosen if c is not step_back]
+            if total_with(rest + tail) <= budget:
+                chosen = rest
+        return chosen + tail, int(total_with(chosen + tail))
 
     if total_with([]) <= budget:
-        return None
-    chosen: list[tuple[str, dict]] = []
+        return [], int(total_with([]))
+    chosen: list[Change] = []
     for step in _variants(cfg, s):
-        chosen.append(step)
-        total = total_with(chosen)
+        total = total_with(chosen + [step])
+        if total == math.inf:
+            continue
         if total <= budget:
-            for step_back in list(chosen[:-1]):  # a later change may make an earlier one unnecessary
-                rest = [c for c in chosen if c is not step_back]
-                t = total_with(rest)
-                if t <= budget:
-                    chosen, total = rest, t
-            return line(chosen, total)
-    if not cfg.train.fsdp and (s.lora or (world_size == 1 and cfg.train.gradient_accumulation_steps == 1)):
-        need: dict[str, Any] = {"gradient_checkpointing": True, **({} if s.lora else {"fused_backward_pass": True})}
+            return pruned(chosen, [step])
+        chosen.append(step)
+    t = cfg.train
+    if not t.fsdp and (s.lora or (world_size == 1 and t.gradient_accumulation_steps == 1)):
+        need = {"gradient_checkpointing": True} if not t.gradient_checkpointing else {}
+        if not s.lora and not t.fused_backward_pass:
+            need["fused_backward_pass"] = True
         cur = cfg
         for _, change in chosen:
             cur = _with(cur, change)
         n_blocks = len(blockswap.swappable_blocks(meta_components(cur, setup_of(cur, world_size)).network))
 
-        def swap(n: int) -> tuple[str, dict]:
-            return (f"train.blocks_to_swap = {n}", {"train": {**need, "blocks_to_swap": n}})
+        def swap(n: int) -> Change:  # with what swapping needs, named
+            label = ", ".join([f"train.{k} = true" for k in need] + [f"train.blocks_to_swap = {n}"])
+            return (label, {"train": {**need, "blocks_to_swap": n}})
         if total_with(chosen + [swap(n_blocks)]) <= budget:
             lo, hi = 1, n_blocks  # fits with hi
             while lo < hi:
@@ -716,15 +752,25 @@ def suggest(cfg: Any, budget: int, world_size: int = 1, device_type: str = "cuda
                     hi = mid
                 else:
                     lo = mid + 1
-            return line(chosen + [swap(hi)], total_with(chosen + [swap(hi)]))
+            return pruned(chosen, [swap(hi)])
     b = cfg.data.batch_size
     while b > 1:
         b //= 2
-        smaller = chosen + [(f"data.batch_size = {b}", {"data": {"batch_size": b}})]
-        total = total_with(smaller)
-        if total <= budget:
-            return line(smaller, total)
+        smaller = (f"data.batch_size = {b}", {"data": {"batch_size": b}})
+        if total_with(chosen + [smaller]) <= budget:
+            return pruned(chosen, [smaller])
     return None
+
+
+def suggest(cfg: Any, budget: int, world_size: int = 1, device_type: str = "cuda", cache: dict | None = None,
+            check: Callable[[Any], None] | None = None) -> str | None:
+    """One line naming the cheapest settings that fit `budget` (`fitting`), or None when the config fits or nothing
+    tried does."""
+    found = fitting(cfg, budget, world_size, device_type, cache, check)
+    if not found or not found[0]:
+        return None
+    changes, total = found
+    return "fits with " + ", ".join(label for label, _ in changes) + f" (estimated {_gib(total)})"
 
 
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
@@ -751,21 +797,22 @@ def device_budget(device: torch.device) -> int | None:
 
 
 def plan_command(cfg: Any, world_size: int, device: torch.device, gpu_memory: str | None,
-                 out: Callable[[str], None] = print) -> int:
+                 check: Callable[[Any], None] | None = None, out: Callable[[str], None] = print) -> int:
     """train.py --plan: the plan (for a CUDA device, both checkpointing settings), the verdict against --gpu-memory
-    (default: this machine's GPU) and, when over, one line naming the cheapest settings that fit."""
+    (default: this machine's GPU) and, when over, one line naming the cheapest settings that fit and that the run's
+    settings checks `check` accept."""
     budget = parse_size(gpu_memory) if gpu_memory else device_budget(device)
     cache: dict = {}
     plan = estimate(cfg, world_size, "cuda", both_ckpt=True, cache=cache)
     out(report(plan, budget))
     if budget is not None and plan.total > budget:
-        fix = suggest(cfg, budget, world_size, cache=cache)
+        fix = suggest(cfg, budget, world_size, cache=cache, check=check)
         out(f"  {fix}" if fix else "  no setting tried fits: a larger GPU, FSDP over several, or a smaller resolution")
     return 0
 
 
 def startup_line(cfg: Any, world_size: int, device: torch.device, gpu_memory: str | None,
-                 warn: Callable[[str], None]) -> str:
+                 warn: Callable[[str], None], check: Callable[[Any], None] | None = None) -> str:
     """The start-up summary's memory estimate, made before any weight is loaded, for a GPU run or when --gpu-memory
     is given (else "": a CPU run's memory is the machine's RAM, and the meta-device build costs seconds); a warning
     naming settings that fit when it exceeds the device's memory (or --gpu-memory)."""
@@ -775,7 +822,7 @@ def startup_line(cfg: Any, world_size: int, device: torch.device, gpu_memory: st
     cache: dict = {}
     plan = estimate(cfg, world_size, "cuda", cache=cache)
     if plan.total > budget:
-        fix = suggest(cfg, budget, world_size, cache=cache)
+        fix = suggest(cfg, budget, world_size, cache=cache, check=check)
         warn(f"memory: the estimated peak {_gib(plan.total)} exceeds {_gib(budget)}"
              + (f"; {fix}" if fix else "; no setting tried fits (train.py --plan)"))
     return summary_line(plan, budget)
