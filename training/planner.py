@@ -714,8 +714,9 @@ def fitting(cfg: Any, budget: int, world_size: int = 1, device_type: str = "cuda
             return math.inf
 
     def pruned(chosen: list[Change], tail: list[Change]) -> tuple[list[Change], int]:
-        """`chosen` (+ `tail`) less each change a later one made unnecessary, and the total."""
-        for step_back in list(chosen):
+        """`chosen` (+ `tail`) less each change a later one made unnecessary, and the total; the costliest (latest)
+        are tried first, so that the cheap ones stay."""
+        for step_back in reversed(list(chosen)):
             rest = [c for c in chosen if c is not step_back]
             if total_with(rest + tail) <= budget:
                 chosen = rest
