@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import models
@@ -95,8 +96,13 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, Tensor) and t.device.type == "meta"}
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
             if isinstance(t, Tensor) and t.device.type == "meta":
+                key = t.untyped_storage()._cdata
+                if key in inputs and key not in self.storages:
+                    continue  # a view (or in-place result) of a tensor made before the step: a weight, no new bytes
                 self._track(t)
         return out
 
@@ -362,6 +368,67 @@ def optimizer_bytes(cfg: Any, params: list[nn.Parameter], s: Setup) -> tuple[int
     return total, "stepped once on meta tensors"
 
 
+@contextlib.contextmanager
+def _meta_generators() -> Iterator[None]:
+    """Random numbers as a step on the meta device needs them: there is no meta generator, so torch.Generator gives
+    a CPU one and torch.randint ignores it (on meta only shapes count)."""
+    gen, randint = torch.Generator, torch.randint
+
+    def generator(device: Any = None) -> torch.Generator:
+        return gen()
+
+    def rint(*args: Any, generator: Any = None, **kwargs: Any) -> Tensor:
+        return randint(*args, **kwargs)
+    torch.Generator, torch.randint = generator, rint  # type: ignore[misc, assignment]
+    try:
+        yield
+    finally:
+        torch.Generator, torch.randint = gen, randint  # type: ignore[misc]
+
+
+def step_transient(cfg: Any, params: list[nn.Parameter], s: Setup, device_type: str = "cuda") -> int:
+    """Bytes the optimizer step allocates while it runs, beyond the state. Per-parameter steps (a fused backward
+    pass, stochastic rounding: training/steppers.py ParamStepper -- fp32 copies, the copies kept for a non-finite
+    gradient, the optimizer's temporaries, the rounding): the most over the trained parameters. The plain step: on
+    CUDA torch's optimizers take their foreach path, whose temporaries cover every parameter at once (AdamW: a
+    full-size sqrt of the second moments), so the sum over the parameters; elsewhere one parameter at a time, the
+    most. Each kind (shape, dtype) is stepped twice on meta, the second step counted (the first makes the state).
+    bitsandbytes and the optimizers counted by formula: 0 (not run here)."""
+    name = cfg.optimizer.optimizer_type.lower()
+    if name in ("adamw8bit", "lion8bit") or name in _FORMULA_STATES:
+        return 0
+    from training.optim import build_optimizer
+    from training.steppers import ParamStepper
+    per_param = s.fused or s.sr
+    kw = {k: v for k, v in cfg.optimizer.optimizer_kwargs.items() if k not in ("fused", "foreach", "capturable")}
+    foreach = device_type == "cuda" and not per_param
+    kinds: dict[tuple, int] = {}
+    for p in params:
+        k = (tuple(p.shape), p.dtype)
+        kinds[k] = kinds.get(k, 0) + 1
+    worst = total = 0
+    with _meta_generators():
+        for (shape, dtype), n in kinds.items():
+            c = nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"))
+            opt = None
+            if foreach:
+                try:
+                    opt = build_optimizer([{"params": [c]}], dataclasses.replace(
+                        cfg.optimizer, optimizer_kwargs={**kw, "foreach": True}))
+                except (TypeError, ValueError):  # an optimizer without a foreach path
+                    pass
+            opt = opt or build_optimizer([{"params": [c]}], dataclasses.replace(cfg.optimizer, optimizer_kwargs=kw))
+            stepper = ParamStepper(opt, max_grad_norm=cfg.optimizer.max_grad_norm, stochastic_rounding=s.sr) \
+                if per_param else None
+            live = LiveBytes()
+            for counted in (False, True):
+                c.grad = torch.empty_like(c)
+                with live if counted else contextlib.nullcontext():
+                    stepper.step(c) if stepper else opt.step()
+            worst, total = max(worst, live.peak), total + n * live.peak
+    return total if foreach else worst
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The simulated micro-step
 
@@ -562,7 +629,12 @@ def estimate(cfg: Any, world_size: int = 1, device_type: str = "cuda", both_ckpt
         if other not in cache:
             cache[other] = simulate_step(comp, s, params, not s.ckpt, device_type)
         note += f" ({'off' if s.ckpt else 'on'}: {_gib(cache[other]['activations'])})"
-    plan.terms.append(Term("activations", sim["activations"], note + "; simulated step" +
+    # a per-parameter step runs inside the backward pass (fused) or after it, the gradients alive (plain + rounding)
+    transient = step_transient(cfg, params, s, device_type)
+    act = sim["activations"] + transient if s.fused else max(sim["activations"], transient)
+    if transient:
+        note += f"; optimizer step {_gib(transient)}"
+    plan.terms.append(Term("activations", act, note + "; simulated step" +
                            ("" if s.fused else ", its peak less the gradients")))
     if s.fsdp:
         blocks = blockswap.swappable_blocks(net)
