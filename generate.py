@@ -38,10 +38,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prompt", default=None, help="the prompt")
     ap.add_argument("--prompt_file", default=None, help="prompt file (.txt kohya syntax, .toml, .json)")
     ap.add_argument("--negative", default="", help="negative prompt")
-    ap.add_argument("--w", type=int, default=None, help="width in pixels (default 1024, tiny models 128)")
+    ap.add_argument("--w", type=int, default=None, help="width in pixels (default: the previews' of the run that wrote "
+                    "the file, else 1024, tiny models 128)")
     ap.add_argument("--h", type=int, default=None, help="height in pixels")
     ap.add_argument("--steps", type=int, default=28, help="sampling steps")
-    ap.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 7 SDXL, 5 SD3)")
+    ap.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the previews' of the "
+                    "run that wrote the file, else 7 SDXL, 5 SD3)")
     ap.add_argument("--rescale", type=float, default=0.0, help="guidance rescale (0 = off)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     ap.add_argument("--sampler", default="euler", help="euler, euler_a, ddim, heun, dpmpp_2m, dpmpp_2m_sde, lms, dpm_2, dpm_2_ancestral, dpm_solver_2m, "
@@ -77,6 +79,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def recorded_defaults(path: str) -> dict[str, float]:
+    """The preview settings of the training run that wrote the file (train.py records its config as sdtrain.config:
+    [sample] sample_params width / height / scale), so a model is sampled by default as its run previewed it. Empty
+    for other files (released checkpoints, diffusers folders); a value missing or not a number is left out."""
+    import json
+    meta = getattr(models.open_checkpoint(path), "metadata", None) or {}
+    try:
+        params = json.loads(meta["sdtrain.config"])["sample"]["sample_params"]
+    except (KeyError, TypeError, ValueError):
+        return {}
+    return {k: params[k] for k in ("width", "height", "scale")
+            if isinstance(params, dict) and isinstance(params.get(k), (int, float)) and not isinstance(params[k], bool)}
+
+
 @one_line_errors("generate.py")
 def main(argv: list[str] | None = None) -> int:
     """Images for the prompts (module docstring); 0 when done."""
@@ -102,8 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     comp.network.eval()
     small = comp.vae.cfg.ch < 128  # tiny test models: default to small images
     size = 128 if small else 1024
-    defaults.update(width=args.w or size, height=args.h or size,
-                    scale=args.cfg if args.cfg is not None else models.family(comp.family).cfg_scale)
+    recorded = recorded_defaults(args.model) if os.path.isfile(args.model) else {}
+    defaults.update(width=args.w or int(recorded.get("width", size)), height=args.h or int(recorded.get("height", size)),
+                    scale=args.cfg if args.cfg is not None else recorded.get("scale", models.family(comp.family).cfg_scale))
+    if recorded:
+        print(f"generate.py: defaults from the file's training previews: "
+              f"{', '.join(f'{k} {v:g}' for k, v in recorded.items())}", file=sys.stderr)
     if args.prompt_file:
         prompts = read_prompts(args.prompt_file, defaults)
     else:

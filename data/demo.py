@@ -38,21 +38,29 @@ def random_background(rng: random.Random) -> tuple[int, int, int]:
     return tuple(rng.randint(200, 255) for _ in range(3))
 
 
-def demo_images(n: int, size: tuple[int, int] = (64, 128), seed: int = 0) -> Iterator[tuple[Image.Image, str, str]]:
+def demo_images(n: int, size: tuple[int, int] = (64, 128), seed: int = 0,
+                balanced: bool = False) -> Iterator[tuple[Image.Image, str, str]]:
     """n (image, colour, shape) of the demo's distribution: sides in [size[0], size[1]] (varied aspect), colours and
-    backgrounds at random, shapes in turn. The same seed gives the same images (make_demo_dataset writes these)."""
+    backgrounds at random, shapes in turn; `balanced`: every colour x shape pair in turn instead (each n / 12 times:
+    no prompt of the demo has fewer examples than another). The same seed gives the same images."""
     rng = random.Random(seed)
+    pairs = [(c, s) for c in COLOURS for s in SHAPES]
     for i in range(n):
         w, h = rng.randint(*size), rng.randint(*size)
-        colour, shape = rng.choice(list(COLOURS)), SHAPES[i % len(SHAPES)]
+        if balanced:
+            colour, shape = pairs[i % len(pairs)]
+        else:
+            colour, shape = rng.choice(list(COLOURS)), SHAPES[i % len(SHAPES)]
         yield draw_shape(rng, w, h, colour, shape, random_background(rng)), colour, shape
 
 
-def make_demo_dataset(out_dir: str, n: int = 32, size: tuple[int, int] = (64, 128), seed: int = 0) -> list[str]:
-    """Write n PNG images (sides in [size[0], size[1]], varied aspect) + same-stem .txt captions; returns the paths."""
+def make_demo_dataset(out_dir: str, n: int = 32, size: tuple[int, int] = (64, 128), seed: int = 0,
+                      balanced: bool = False) -> list[str]:
+    """Write n PNG images (sides in [size[0], size[1]], varied aspect) + same-stem .txt captions; returns the paths.
+    `balanced`: every colour x shape pair equally often (demo_images)."""
     os.makedirs(out_dir, exist_ok=True)
     paths = []
-    for i, (im, colour, shape) in enumerate(demo_images(n, size, seed)):
+    for i, (im, colour, shape) in enumerate(demo_images(n, size, seed, balanced)):
         stem = os.path.join(out_dir, f"{i:04d}_{colour}_{shape}")
         im.save(stem + ".png")
         with open(stem + ".txt", "w", encoding="utf-8") as f:

@@ -122,6 +122,13 @@ def build(family: str, preset: str, *, device: str | torch.device = "cpu", dtype
     return _assemble(fam, modules, opts)
 
 
+def _separate_parts(family: str, *, vae: str | None, clip_l: str | None, clip_g: str | None,
+                    t5xxl: str | None) -> dict[str, str | None]:
+    """The family's part names the separate files (model.vae / clip_l / clip_g / t5xxl) stand for."""
+    given = {"vae": vae, "te1": clip_l, "clip_l": clip_l, "clip_g": clip_g, "t5": t5xxl}
+    return {name: p for name, p in given.items() if name in _record(family).prefix}
+
+
 def _separate_file(path: str, prefix_in_main: str) -> tuple[SafeTensorFile, str, dict[str, tuple[int, ...]]]:
     """A part given as its own file: keys may carry the main file's prefix or none."""
     f = open_checkpoint(path)
@@ -178,9 +185,8 @@ def load(path: str | None, family: str | None = None, *, vae: str | None = None,
                 sources[name] = (main, prefix, sub)
         if family == "sd3" and "clip_l" in sources:  # CLIP-L's width also when it is not loaded (cached text)
             opts.setdefault("clip_l_width", sources["clip_l"][2].get(sd3.CLIP_L_WIDTH_KEY, (sd3.CLIP_L_WIDTH,))[0])
-    separate = {"vae": vae, "te1": clip_l, "clip_l": clip_l, "clip_g": clip_g, "t5": t5xxl}
-    for name, p in separate.items():
-        if p and name in fam.prefix:
+    for name, p in _separate_parts(family, vae=vae, clip_l=clip_l, clip_g=clip_g, t5xxl=t5xxl).items():
+        if p:
             sources[name] = _separate_file(p, fam.prefix[name])
     modules = {}
     for name, (f, prefix, sub_shapes) in sources.items():
@@ -337,9 +343,14 @@ def from_config(model_cfg: Any, *, device: str | torch.device = "cpu", dtype: An
         return load(model_cfg.pretrained_model_name_or_path, family, vae=model_cfg.vae or None, clip_l=model_cfg.clip_l or None,
                     clip_g=model_cfg.clip_g or None, t5xxl=model_cfg.t5xxl or None, dtype=dtype, device=device,
                     parts=parts, check_only=check_only, **opts)
+    # separate files replace a preset's random parts (the demo: its trained tiny VAE and CLIP text encoders)
+    files = {"vae": model_cfg.vae or None, "clip_l": model_cfg.clip_l or None, "clip_g": model_cfg.clip_g or None,
+             "t5xxl": model_cfg.t5xxl or None}
+    separate = [name for name, given in _separate_parts(family, **files).items()
+                if given and (parts is None or name in parts) and (name != "t5" or model_cfg.use_t5)]
     if check_only:
-        if model_cfg.vae and (parts is None or "vae" in parts):
-            load(None, family, vae=model_cfg.vae, parts=("vae",), check_only=True)
+        if separate:
+            load(None, family, **files, parts=separate, check_only=True)
         return None
     if not model_cfg.model_preset:
         raise ValueError("set model.pretrained_model_name_or_path (a checkpoint) or model.model_preset (random weights)")
@@ -347,8 +358,10 @@ def from_config(model_cfg: Any, *, device: str | torch.device = "cpu", dtype: An
     if fam.optional_parts and not model_cfg.use_t5:
         parts = [p for p in (parts or fam.prefix) if p not in fam.optional_parts]
     comp = build(family, model_cfg.model_preset, device=device, dtype=dtype, seed=seed, parts=parts, **opts)
-    if model_cfg.vae and (parts is None or "vae" in parts):
-        comp.vae = load(None, family, vae=model_cfg.vae, dtype=dtype, device=device, parts=("vae",)).vae
+    if separate:
+        loaded = load(None, family, **files, dtype=dtype, device=device, parts=separate)
+        for name in separate:
+            setattr(comp, name, getattr(loaded, name))
     return comp
 
 

@@ -1,18 +1,22 @@
 #!/usr/bin/env python
-"""The built-in demo: generate a tiny dataset of coloured shapes, cache it with 2 processes, train a tiny model on it
-with 2 processes (preview grids every 100 steps), then generate from the exported checkpoint. CPU is enough; nothing is
-downloaded. The tiny VAE is the trained asset in models/assets (scripts/train_tiny_vae.py); the rest starts random.
+"""The built-in demo: generate a tiny dataset of coloured shapes (every colour x shape pair equally often), cache it
+with 2 processes, train a tiny model on it with 2 processes (preview grids every 100 steps), then generate from the
+exported checkpoint with generate.py's defaults. CPU is enough; nothing is downloaded. The trained parts it starts from
+are the assets in models/assets (the tiny VAE, scripts/train_tiny_vae.py; for SD3 also the tiny CLIP text encoders,
+scripts/train_tiny_text_encoders.py); the rest starts random (drawn from --seed).
 
-    python scripts/demo.py [--family sd3|sdxl] [--nproc 2] [--steps N] [--images 48]
+    python scripts/demo.py [--family sd3|sdxl] [--nproc 2] [--steps N] [--images 48] [--seed 0]
 
 Writes demo_out/: the data, the latent store, the run folder and demo_out/demo_<family>.png (the preview grids of the
-run: one row per preview step) and demo_out/generated/<family>/ (generate.py's images of a red circle, a blue square).
+run: one row per preview step) and demo_out/generated/<family>/ (generate.py's images of a red circle, then a blue
+square, 2 seeds each).
 """
 from __future__ import annotations
 
 import argparse
 import glob
 import os
+import shutil
 import subprocess
 import sys
 
@@ -46,35 +50,50 @@ def rows(grids: list[str], out: str, tiles: int = 4) -> None:
     atomic_write(out, lambda f: canvas.save(f, format="PNG"), suffix=".png")
 
 
+def ensure_dataset(data_dir: str, n: int) -> None:
+    """The demo's images in data_dir (make_demo_dataset, balanced, seed 0), rewritten unless exactly those files are
+    there (a folder from an older demo holds other images)."""
+    from data.demo import demo_images, make_demo_dataset
+    want = [f"{i:04d}_{c}_{s}.png" for i, (_im, c, s) in enumerate(demo_images(n, (64, 64), 0, balanced=True))]
+    have = sorted(f for f in os.listdir(data_dir) if f.endswith(".png")) if os.path.isdir(data_dir) else []
+    if have != want:
+        shutil.rmtree(data_dir, ignore_errors=True)
+        make_demo_dataset(data_dir, n=n, size=(64, 64), seed=0, balanced=True)
+        print(f"wrote {n} demo images to {data_dir}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", choices=tuple(FAMILIES), default="sd3",
                     help="sd3: flow matching (configs/shapes_sd3.toml); sdxl: epsilon prediction (configs/shapes_sdxl.toml)")
     ap.add_argument("--nproc", type=int, default=2, help="processes for cache.py and train.py (gloo on CPU)")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
-    ap.add_argument("--images", type=int, default=48, help="generated training images")
+    ap.add_argument("--images", type=int, default=48, help="generated training images (a multiple of 12: every colour "
+                    "x shape pair equally often)")
+    ap.add_argument("--seed", type=int, default=0, help="run seed: the random weights (MMDiT / UNet, T5) and the "
+                    "training noise")
     args = ap.parse_args()
     sys.path.insert(0, ROOT)
-    from data.demo import caption_for, make_demo_dataset
+    from data.demo import caption_for
 
     config, run_dir, name = FAMILIES[args.family]
     data_dir = os.path.join(ROOT, "demo_out", "shapes")
-    if not os.path.isdir(data_dir) or not os.listdir(data_dir):
-        make_demo_dataset(data_dir, n=args.images, size=(64, 64))
-        print(f"wrote {args.images} demo images to {data_dir}")
-    data = [f"data.image_dirs=['{data_dir}']"]
+    ensure_dataset(data_dir, args.images)
+    data = [f"data.image_dirs=['{data_dir}']", f"seed={args.seed}"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
     run(launcher + ["cache.py", config, *data])
     run(launcher + ["train.py", config, *data] + ([f"train.max_train_steps={args.steps}"] if args.steps else []))
     ckpt = os.path.join("demo_out", run_dir, "models", f"{name}.safetensors")
     gen_dir = os.path.join("demo_out", "generated", args.family)
-    for what in ("red circle", "blue square"):
-        colour, shape = what.split()
-        run([sys.executable, "generate.py", "--model", ckpt, "--prompt", caption_for(colour, shape), "--n", "2",
-             "--w", "64", "--h", "64", "--steps", "20", "--cfg", "1", "--seed", "1",
-             "--out", os.path.join(gen_dir, what.replace(" ", "_"))])
+    os.makedirs(os.path.join(ROOT, gen_dir), exist_ok=True)
+    prompts = os.path.join(gen_dir, "prompts.txt")  # one generate.py run (one start-up) for both prompts
+    with open(os.path.join(ROOT, prompts), "w", encoding="utf-8") as f:
+        f.write(f"{caption_for('red', 'circle')}\n{caption_for('blue', 'square')}\n")
+    # generate.py's defaults: 28 steps; size and CFG those of the run's previews, which the file records
+    run([sys.executable, "generate.py", "--model", ckpt, "--prompt_file", prompts, "--n", "2", "--seed", "1",
+         "--out", gen_dir])
     grids = sorted(glob.glob(os.path.join(ROOT, "demo_out", run_dir, "samples", "*_grid.png")))
-    generated = sorted(glob.glob(os.path.join(ROOT, gen_dir, "*", "*.png")))
+    generated = sorted(glob.glob(os.path.join(ROOT, gen_dir, "*.png")))
     summary = os.path.join(ROOT, "demo_out", f"demo_{args.family}.png")
     if grids:
         rows(grids, summary)
