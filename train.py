@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         previews.run(0)
     bar = summary.Progress(total_steps, progress.step, enabled=master, log=log.info)
     meter, start_step = Throughput(info.world_size), progress.step
+    events = Events(cfg, total_steps, steplog, optimizer, device, meter, metrics, bar, exporter, ckpt, previews, validator)
     try:
         loader = make_train_loader(cfg, data, progress, device)
         mode.training()
@@ -158,19 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                     scheduler.step()
                     if ema is not None:
                         ema.update(trainable.ema_module, progress.step)
-                    # -- logging (the step's loss and grad norm are read here, once per interval)
-                    steplog.add(loss, grad_norm)
-                    if every(cfg.log.log_every_n_steps, progress.step) or progress.step == total_steps:
-                        row = log_row(steplog, optimizer, device, meter, progress.epoch)
-                        metrics.write(progress.step, row)
-                        bar.show(row)
-                    bar.update()
-                    # -- saving, sampling
-                    if every(cfg.save.save_every_n_steps, progress.step) and progress.step < total_steps:
-                        save_outputs(exporter, ckpt, f"-step{progress.step:08d}", cfg.save.save_state)
-                    if every(cfg.sample.sample_every_n_steps, progress.step):
-                        previews.run(progress.step)
-                    validator.maybe(progress.step)
+                    events.after_step(progress, loss, grad_norm)  # log line, exports / states, previews, validation
                 elif count_skipped_step(progress, loss, cfg.train.max_bad_steps, log):  # the weights are untouched
                     ckpt.save()
                     log.error(BAD_STEPS_STOP.format(n=progress.bad_steps, step=progress.step))
@@ -184,16 +173,9 @@ def main(argv: list[str] | None = None) -> int:
             else:  # the loader ran out with steps to go: the next epoch
                 progress.epoch, progress.cursor = progress.epoch + 1, 0
                 loader.batch_sampler.set_epoch(progress.epoch)
-                if every(cfg.save.save_every_n_epochs, progress.epoch):
-                    save_outputs(exporter, ckpt, f"-epoch{progress.epoch:04d}", cfg.save.save_state)
-                if every(cfg.sample.sample_every_n_epochs, progress.epoch):
-                    previews.run(progress.step)
-                validator.maybe(progress.step, epoch_end=progress.epoch)
+                events.after_epoch(progress)
         # ---- end of training
-        if cfg.save.save_on_train_end:
-            save_outputs(exporter, ckpt, "", cfg.save.save_state)
-        previews.run_at_end(progress.step)
-        validator.at_end(progress.step)
+        events.at_end(progress.step)
         bar.close()
         log.info(summary.end_block(steps=(start_step, progress.step, total_steps), started=(t_start, meter.t_start),
                                    images=meter.images * info.world_size, paths=paths,
@@ -557,7 +539,50 @@ def log_row(steplog: StepLog, optimizer: torch.optim.Optimizer, device: torch.de
 
 
 # -----------------------------------------------------------------------------
-# Previews, stopping, saving
+# What happens on the step / epoch schedule; previews, stopping, saving
+
+
+class Events:
+    """What the run does after an optimizer step, at the end of an epoch and at the end of training, on the
+    schedule its config sets: the log line (the step's loss and grad norm are read there, once per interval), exports
+    and resume states, previews, validation."""
+
+    def __init__(self, cfg: Config, total_steps: int, steplog: StepLog, optimizer: torch.optim.Optimizer,
+                 device: torch.device, meter: Throughput, metrics: MetricsWriter, bar: Any, exporter: Exporter,
+                 ckpt: Checkpointer, previews: Previews, validator: Validator):
+        self.cfg, self.total_steps, self.steplog, self.optimizer, self.device = cfg, total_steps, steplog, optimizer, device
+        self.meter, self.metrics, self.bar = meter, metrics, bar
+        self.exporter, self.ckpt, self.previews, self.validator = exporter, ckpt, previews, validator
+
+    def after_step(self, progress: Progress, loss: torch.Tensor, grad_norm: Any) -> None:
+        cfg, step = self.cfg, progress.step
+        self.steplog.add(loss, grad_norm)
+        if every(cfg.log.log_every_n_steps, step) or step == self.total_steps:
+            row = log_row(self.steplog, self.optimizer, self.device, self.meter, progress.epoch)
+            self.metrics.write(step, row)
+            self.bar.show(row)
+        self.bar.update()
+        if every(cfg.save.save_every_n_steps, step) and step < self.total_steps:
+            save_outputs(self.exporter, self.ckpt, f"-step{step:08d}", cfg.save.save_state)
+        if every(cfg.sample.sample_every_n_steps, step):
+            self.previews.run(step)
+        self.validator.maybe(step)
+
+    def after_epoch(self, progress: Progress) -> None:
+        """A new epoch (progress.epoch) starts with steps to go."""
+        cfg, epoch = self.cfg, progress.epoch
+        if every(cfg.save.save_every_n_epochs, epoch):
+            save_outputs(self.exporter, self.ckpt, f"-epoch{epoch:04d}", cfg.save.save_state)
+        if every(cfg.sample.sample_every_n_epochs, epoch):
+            self.previews.run(progress.step)
+        self.validator.maybe(progress.step, epoch_end=epoch)
+
+    def at_end(self, step: int) -> None:
+        if self.cfg.save.save_on_train_end:
+            save_outputs(self.exporter, self.ckpt, "", self.cfg.save.save_state)
+        self.previews.run_at_end(step)
+        self.validator.at_end(step)
+
 
 
 class Previews:
