@@ -2,11 +2,12 @@
 """Memory of LoRA runs at full size, from the memory planner (training/planner.py): no weights are loaded.
 
     python bench/lora_memory.py [--family sdxl|sd3] [--preset base|sd3_medium|sd35_medium|sd35_large]
-                                [--resolution 1024] [--batch 1]
+                                [--resolution 1024] [--batch 1] [--only REGEX]
 
-One row per adapter setting (rank, text encoders cached or trained, LoCon, fp8 base, block swap), each the
-planner's estimate for a CUDA device: base weights (bf16 = full_bf16, or fp8), adapters' gradients and AdamW
-state (fp32), the simulated step's activations (gradient checkpointing), and the total without the CUDA reserve.
+One row per adapter setting (rank, text encoders cached or trained, LoCon / LoHa / LoKr / DoRA, fp8 base, block
+swap; --only picks rows by a regex over their labels), each the planner's estimate for a CUDA device: base weights
+(bf16 = full_bf16, or fp8), the trained parameters and the adapters' weights + gradients + AdamW state (fp32), the
+simulated step's activations (gradient checkpointing), and the total without the CUDA reserve.
 This script and bench/train_memory.py both print the planner's numbers (they used to count activations two
 different ways: 1.32 GiB here against 0.07 GB there for the same UNet at 256 px).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Any
 
@@ -28,6 +30,10 @@ ROWS = [  # label, [network], [model], [train] extras
     ("lora 32, text cached", {"network_dim": 32}, {}, {}),
     ("lora 32, text encoders trained", {"network_dim": 32, "network_train_unet_only": False}, {}, {}),
     ("locon 32, text cached", {"network_module": "locon", "network_dim": 32}, {}, {}),
+    # LyCORIS algorithms at our defaults (alpha 16, LoKr factor -1 = the most balanced split)
+    ("loha 32, text cached", {"network_module": "loha", "network_dim": 32}, {}, {}),
+    ("lokr 32, text cached", {"network_module": "lokr", "network_dim": 32}, {}, {}),
+    ("lora 32 + dora, text cached", {"network_dim": 32, "dora_wd": True}, {}, {}),
     ("lora 32, fp8 base", {"network_dim": 32}, {"fp8_base": True}, {}),
     ("lora 32, fp8 base, 8 blocks swapped", {"network_dim": 32}, {"fp8_base": True}, {"blocks_to_swap": 8}),
 ]
@@ -51,15 +57,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default=None, help="model preset (default: base / sd3_medium)")
     ap.add_argument("--resolution", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--only", default="", help="regex (search) over the row labels: only those rows")
     a = ap.parse_args(argv)
     preset = a.preset or ("base" if a.family == "sdxl" else "sd3_medium")
     print(f"{a.family} {preset}, {a.resolution}px, batch {a.batch}, gradient checkpointing, AdamW (planner, CUDA "
           "policy; totals without the CUDA reserve)")
-    print("| adapters | base weights | text encoders | adapters: grads + AdamW | activations | total |")
-    print("|---|---|---|---|---|---|")
+    print("| adapters | base weights | text encoders | trained params | adapters + grads + AdamW | activations "
+          "| total |")
+    print("|---|---|---|---|---|---|---|")
     cache: dict = {}
     for label, network, model, train in ROWS:
-        if a.family == "sd3" and network.get("network_module") == "locon":
+        if (a.family == "sd3" and network.get("network_module") == "locon") or not re.search(a.only, label):
             continue
         try:
             p = planner.estimate(config(a.family, preset, a.resolution, a.batch, network, model, train), cache=cache)
@@ -68,10 +76,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         net = sum(t.bytes for t in p.terms if t.name == f"weights: {'unet' if a.family == 'sdxl' else 'mmdit'}")
         text = sum(t.bytes for t in p.terms if t.name.startswith("weights:") and t.name.split(": ")[1] not in
-                   ("unet", "mmdit", "vae"))
+                   ("unet", "mmdit", "vae", "adapters"))
         total = sum(t.bytes for t in p.terms)
-        print(f"| {label} | {net / GIB:.2f} GiB | {text / GIB:.2f} GiB | "
-              f"{(p.term('gradients') + p.term('optimizer')) / GIB:.2f} GiB | {p.term('activations') / GIB:.2f} GiB "
+        grads = p.term("gradients")  # fp32 adapters: 4 bytes a parameter
+        print(f"| {label} | {net / GIB:.2f} GiB | {text / GIB:.2f} GiB | {grads / 4 / 1e6:.1f}M | "
+              f"{(p.term('weights: adapters') + grads + p.term('optimizer')) / GIB:.2f} GiB | {p.term('activations') / GIB:.2f} GiB "
               f"| {total / GIB:.2f} GiB |")
     return 0
 

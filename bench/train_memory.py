@@ -163,8 +163,9 @@ def measure(cfg: Any, steps: int = 2, log: Any = print) -> dict[str, int]:
                     te.requires_grad_(True).train()
                     trained += list(te.parameters())
     fp8.apply(comp, s.fp8_parts, log)
+    adapters = [*lnet.parameters(), *lnet.buffers()] if s.lora else []  # in no part's parameters
     out = {"weights": _nbytes([t for p in s.parts for t in (*getattr(comp, p).parameters(),
-                                                             *getattr(comp, p).buffers())])}
+                                                             *getattr(comp, p).buffers())] + adapters)}
     opt = build_optimizer([{"params": trained}], cfg.optimizer)
     stepper = make_stepper(cfg, opt, torch.device("cpu"))
     objective = build_objective(models.family(s.family).objective, cfg.loss, bool(cfg.model.v_parameterization))

@@ -160,6 +160,12 @@ def merged_delta(adapter: nn.Module, weight: Tensor | None = None) -> Tensor:
     return adapter.delta_weight() * adapter.multiplier
 
 
+def _refresh_alpha(module: nn.Module, _incompatible: Any) -> None:
+    """load_state_dict post hook: the float scale follows a loaded `alpha` (a file's, a resume state's)."""
+    if module.alpha.device.type != "meta":
+        module.alpha_value = float(module.alpha)
+
+
 class WeightAdapter(nn.Module):
     """An adapter that builds dW and runs the base layer's op with it: forward(x, weight) is the output change
     op(x, dW * multiplier) (DoRA: op(x, W' - W)), or None when module dropout skips it for this step."""
@@ -171,6 +177,10 @@ class WeightAdapter(nn.Module):
         self.shape, self.dim, self.conv = tuple(shape), dim, conv
         alpha = float(alpha) if alpha else float(dim)  # LyCORIS: alpha None / 0 = the rank
         self.register_buffer("alpha", torch.tensor(alpha))
+        # the scale as a Python float: reading the buffer in every forward would sync the GPU once per layer (and
+        # fail on the meta device, where the memory planner runs the step); refreshed whenever a state is loaded
+        self.alpha_value = alpha
+        self.register_load_state_dict_post_hook(_refresh_alpha)
         self.module_dropout, self.dropout, self.rank_dropout = module_dropout, 0.0, 0.0
         self.skipped, self.multiplier = False, 1.0
         if dora is not None:
@@ -178,7 +188,7 @@ class WeightAdapter(nn.Module):
 
     @property
     def scale(self) -> float:
-        return float(self.alpha) / self.dim
+        return self.alpha_value / self.dim
 
     def delta_weight(self) -> Tensor:
         """dW (alpha / dim applied, no multiplier) in the base weight's shape."""
@@ -275,7 +285,7 @@ class LoKrModule(WeightAdapter):
 
     @property
     def scale(self) -> float:
-        return 1.0 if hasattr(self, "lokr_w1") and hasattr(self, "lokr_w2") else float(self.alpha) / self.dim
+        return 1.0 if hasattr(self, "lokr_w1") and hasattr(self, "lokr_w2") else self.alpha_value / self.dim
 
     def delta_weight(self) -> Tensor:
         w1 = self.lokr_w1 if hasattr(self, "lokr_w1") else self.lokr_w1_a @ self.lokr_w1_b

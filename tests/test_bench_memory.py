@@ -66,3 +66,32 @@ def test_parse_size_and_suggestions():
     assert planner.parse_size("512MiB") == 512 * 2**20
     with pytest.raises(ValueError, match="--gpu-memory"):
         planner.parse_size("lots")
+
+
+ALGOS = {"loha": {"network_module": "loha"}, "lokr": {"network_module": "lokr"},
+         "dora": {"network_module": "lora", "dora_wd": True}}
+
+
+@pytest.mark.parametrize("algo", list(ALGOS))
+def test_lycoris_planned_against_real_adapters(algo):
+    """LoHa / LoKr / DoRA in the planner (train.py --plan, the start-up estimate): the simulated step runs on the meta
+    device (LoHa / LoKr read their alpha buffer with .item() in every forward, which failed there); the adapters'
+    weights (a term of their own), gradients and AdamW state equal the real network's (tiny SDXL built on the CPU, convolutions
+    adapted: torch's AdamW keeps two fp32 moments and one fp32 step per tensor); the step holds more than LoRA's at
+    the same dim (they build each layer's dW in fp32), and a simulation cached for LoRA is not reused for them
+    (dora_wd is a [network] key of its own)."""
+    import models
+    from networks import lora
+    net_cfg = {"network_dim": 4, "network_train_unet_only": True}
+    cfg = _cfg("sdxl", 128, 1, network={**net_cfg, **ALGOS[algo]})
+    cache: dict = {}
+    base = planner.estimate(_cfg("sdxl", 128, 1, network={**net_cfg, "network_module": "lora"}), cache=cache)
+    plan = planner.estimate(cfg, cache=cache)
+    net = lora.create_network(models.build("sdxl", "tiny", seed=0), cfg.network, unet=True, text=False)
+    params = [p for p in net.parameters() if p.requires_grad]
+    assert {a.algo for a in net.adapters.values()} == {ALGOS[algo]["network_module"]}
+    n = sum(p.numel() for p in params)
+    assert plan.term("weights: adapters") == sum(t.numel() * t.element_size() for t in (*params, *net.buffers()))
+    assert plan.term("gradients") == 4 * n
+    assert plan.term("optimizer") == 8 * n + 4 * len(params)
+    assert plan.term("activations") > base.term("activations") > 0

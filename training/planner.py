@@ -582,6 +582,9 @@ def estimate(cfg: Any, world_size: int = 1, device_type: str = "cuda", both_ckpt
             total //= max(1, s.world)
             note += f"; sharded over {s.world} ranks (FSDP)"
         plan.terms.append(Term(f"weights: {part}", total, note))
+    if lora_net is not None:  # the adapters themselves (fp32): modules of their own, in no part's parameters
+        ab = sum(t.numel() * t.element_size() for t in (*lora_net.parameters(), *lora_net.buffers()))
+        plan.terms.append(Term("weights: adapters", ab // (max(1, s.world) if s.fsdp else 1), "LoRA adapters (fp32)"))
     not_loaded = [p for p in ("vae", *fam.text_encoders) if p not in s.parts]
     if not_loaded:
         plan.info.append(f"not loaded: {', '.join(not_loaded)} (cached latents / text-encoder outputs, or unused)")
@@ -664,7 +667,7 @@ def _state_share(cfg: Any, params: list[nn.Parameter], s: Setup) -> int:
 def _sim_key(cfg: Any, s: Setup, ckpt: bool | None = None) -> tuple:
     return (s.amp, s.batch, s.size, s.ckpt if ckpt is None else ckpt, s.fp8_parts, s.lora, s.trained_text,
             s.text_cached,
-            s.latents_cached, s.fused, str(s.dtypes), cfg.network.network_dim, cfg.network.network_module)
+            s.latents_cached, s.fused, str(s.dtypes), repr(cfg.network))  # dora_wd, factor, targets: all shape the step
 
 
 def report(plan: Plan, budget: int | None = None) -> str:
