@@ -13,12 +13,19 @@ It prints, beside the planner's numbers (computed for the CPU's autocast policy,
   weights, gradients, optimizer  the sizes of the real tensors (parameters + buffers; .grad after a backward pass
                                  without stepping; optimizer.state after the steps);
   step                           the peak resident memory of the last step over the resident memory before it
-                                 (/proc/self/status VmHWM, reset with /proc/self/clear_refs), to compare with the
-                                 planned activations (+ gradients without a fused backward pass);
+                                 (/proc/self/status VmHWM, reset with /proc/self/clear_refs; glibc's heap trimmed
+                                 before it), to compare with the planned activations (+ gradients without a fused
+                                 backward pass);
+  tensors                        the same step's peak of live tensor bytes, one more step counted by the planner's
+                                 own counter (training/planner.py LiveBytes) on the real CPU tensors: what
+                                 torch.cuda.max_memory_allocated would see, free of the C allocator;
   process                        the process's peak resident memory (includes torch's libraries, ~0.4-0.6 GB).
 glibc's allocator is told to return freed blocks of >= 64 KiB at once (mallopt M_MMAP_THRESHOLD / M_TRIM_THRESHOLD,
-as MALLOC_MMAP_THRESHOLD_ does), so the resident size follows the live tensors; --default-malloc leaves glibc's
-defaults, under which freed memory is kept for reuse and the resident size grows step by step.
+as MALLOC_MMAP_THRESHOLD_ does), and its heap of smaller blocks is trimmed before each measured step (malloc_trim:
+freed small blocks would otherwise stay resident from the step before, be reused without a new page, and be missed:
+the tiny SDXL LoRA step then measured 25, 21, 17 MB in steps 2-4 against 32 MB with the trim), so the resident size
+follows the live tensors; --default-malloc leaves glibc's defaults (no trim), under which freed memory is kept for
+reuse and the resident size grows step by step.
 """
 from __future__ import annotations
 
@@ -135,8 +142,9 @@ def random_components(cfg: Any, s: planner.Setup) -> Any:
     return comp
 
 
-def measure(cfg: Any, steps: int = 2, log: Any = print) -> dict[str, int]:
-    """Run `cfg`'s training step on the CPU with random weights; the real sizes and peaks (bytes)."""
+def measure(cfg: Any, steps: int = 2, log: Any = print, trim: bool = True) -> dict[str, int]:
+    """Run `cfg`'s training step on the CPU with random weights; the real sizes and peaks (bytes). `trim`: glibc's
+    heap trimmed before each measured step (malloc_trim), so that the step's small blocks count as new pages."""
     from diffusion.objectives import build_objective
     from training.optim import build_optimizer
     from training.steppers import make_stepper
@@ -202,6 +210,8 @@ def measure(cfg: Any, steps: int = 2, log: Any = print) -> dict[str, int]:
         log(f"step 1: {time.perf_counter() - t0:.1f} s")
     for i in range(steps - (0 if s.fused else 1)):
         gc.collect()
+        if trim:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
         before, _ = rss()
         reset_peak()
         t0 = time.perf_counter()
@@ -210,6 +220,11 @@ def measure(cfg: Any, steps: int = 2, log: Any = print) -> dict[str, int]:
         out["step"] = peak - before
         log(f"step {i + 1 + (0 if s.fused else 1)}: {time.perf_counter() - t0:.1f} s, peak over resident "
             f"{(peak - before) / GB:.3f} GB")
+    gc.collect()
+    live = planner.LiveBytes("cpu")  # one more step, its tensors counted as the planner counts the simulated ones
+    with live:
+        step()
+    out["tensors"] = live.peak
     if s.fused:
         out["gradients"] = max(p.numel() * p.element_size() for p in trained)
     state = {v.untyped_storage().data_ptr(): v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)}
@@ -295,12 +310,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"(planned in {time.perf_counter() - t0:.1f} s)")
     if not a.measure:
         return 0
-    got = measure(cfg, a.steps, log=(lambda _m: None) if a.json else print)
+    got = measure(cfg, a.steps, log=(lambda _m: None) if a.json else print, trim=not a.default_malloc)
     planned_step = plan.term("activations") + (0 if plan.setup.fused else plan.term("gradients"))
     rows = [("weights", sum(t.bytes for t in plan.terms if t.name.startswith("weights")), got["weights"]),
             ("gradients", plan.term("gradients"), got["gradients"]),
             ("optimizer", plan.term("optimizer"), got["optimizer"]),
             ("step (activations" + ("" if plan.setup.fused else " + gradients") + ")", planned_step, got["step"]),
+            ("tensors (the step's live tensors)", planned_step, got["tensors"]),
             ("process peak", plan.total, got["process"])]
     if a.json:
         import json

@@ -67,11 +67,13 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 
 
 class LiveBytes(TorchDispatchMode):
-    """Bytes of the storages alive that were created inside this mode (views share their base's storage), and the
-    peak."""
+    """Bytes of the storages on `device_type` alive that were created inside this mode (views share their base's
+    storage), and the peak. The simulated step counts meta tensors; bench/train_memory.py --measure counts a real
+    CPU step's tensors with it."""
 
-    def __init__(self) -> None:
+    def __init__(self, device_type: str = "meta") -> None:
         super().__init__()
+        self.device_type = device_type
         self.storages: dict[int, list[int]] = {}  # storage id -> [live tensors, bytes]
         self.live = 0
         self.peak = 0
@@ -96,10 +98,11 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
+        dev = self.device_type
         inputs = {t.untyped_storage()._cdata for t in pytree.tree_leaves((args, kwargs))
-                  if isinstance(t, Tensor) and t.device.type == "meta"}
+                  if isinstance(t, Tensor) and t.device.type == dev}
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
-            if isinstance(t, Tensor) and t.device.type == "meta":
+            if isinstance(t, Tensor) and t.device.type == dev:
                 key = t.untyped_storage()._cdata
                 if key in inputs and key not in self.storages:
                     continue  # a view (or in-place result) of a tensor made before the step: a weight, no new bytes
