@@ -100,3 +100,24 @@ def test_lycoris_planned_against_real_adapters(algo):
     assert plan.term("gradients") == 4 * n
     assert plan.term("optimizer") == 8 * n + 4 * len(params)
     assert plan.term("activations") > base.term("activations") > 0
+
+
+def test_autocast_emulation_matches_torch_autocast():
+    """The planner's autocast emulation gives each op's result the dtype torch.autocast gives it on the CPU (the
+    oracle): `a @ b` (a C method, not torch.matmul) and einsum (its bmm) were missed once, so LoHa's two full-size
+    products per layer were planned in fp32 (tiny SDXL LoHa 53.1 MB planned against 44.8 MB of real tensors)."""
+    import torch
+
+    ops = {"@": lambda a, b: a @ b, "Tensor.matmul": lambda a, b: a.matmul(b),
+           "torch.matmul": lambda a, b: torch.matmul(a, b), "einsum": lambda a, b: torch.einsum("ij,jk->ik", a, b),
+           "F.linear": lambda a, b: torch.nn.functional.linear(a, b.t()), "mul": lambda a, b: a[:, :1] * b[:1],
+           "kron": lambda a, b: torch.kron(a, b)}
+    for name, op in ops.items():
+        a, b = torch.randn(4, 3, requires_grad=True), torch.randn(3, 5, requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want = op(a, b).dtype
+        am, bm = (torch.empty(t.shape, device="meta", requires_grad=True) for t in (a, b))
+        with planner.AutocastEmulation(torch.bfloat16, "cpu"):
+            got = op(am, bm).dtype
+        assert got == want, (name, got, want)
+    assert (am @ bm).dtype == torch.float32 and "__matmul__" not in vars(torch.Tensor)  # restored on exit

@@ -18,10 +18,10 @@ or the preset), converted as the run converts them (fp8 base weights, LoRA adapt
                with gradient checkpointing as configured (and the fused steps freeing gradients) -- with every tensor
                tracked from its creation until it is freed (a dispatch mode keeping count of live storages). The
                peak of what the step allocates, less the parameter gradients alive at that moment, is the
-               activation term. Autocast is emulated with the target device's policy (CUDA: matmuls / convolutions /
-               attention in the autocast dtype, norms and softmax in fp32, cast copies of trained fp32 weights cached
-               for the forward, as torch does); attention as the fused kernels keep it (q, k, v, output, log-sum-exp,
-               never the L x L matrix).
+               activation term. Autocast is emulated with the target device's policy (CUDA: matmuls, `@` and
+               einsum included / convolutions / attention in the autocast dtype, norms and softmax in fp32, cast
+               copies of trained fp32 weights cached for the forward, as torch does); attention as the fused kernels
+               keep it (q, k, v, output, log-sum-exp, never the L x L matrix).
   reserve      a CUDA context and allocator allowance (not seen by torch.cuda.max_memory_allocated): an assumption,
                see docs/low-vram.md.
 
@@ -111,7 +111,8 @@ class LiveBytes(TorchDispatchMode):
 
 
 _LOWER = ("linear", "conv2d", "conv1d", "scaled_dot_product_attention")  # torch.nn.functional names
-_LOWER_TORCH = ("matmul", "mm", "bmm", "baddbmm", "addmm")
+_LOWER_TORCH = ("matmul", "mm", "bmm", "baddbmm", "addmm", "einsum")  # einsum: its bmm runs in the autocast dtype
+_LOWER_TENSOR = ("__matmul__", "matmul")  # `a @ b` is a C method: it does not pass through torch.matmul
 _FP32_CUDA = ("layer_norm", "group_norm", "softmax", "log_softmax", "mse_loss", "rms_norm")
 
 
@@ -154,16 +155,20 @@ class AutocastEmulation:
         return run
 
     def __enter__(self) -> "AutocastEmulation":
-        for owner, names, lower in ((F, _LOWER, True), (torch, _LOWER_TORCH, True), (F, self.fp32, False)):
+        for owner, names, lower in ((F, _LOWER, True), (torch, _LOWER_TORCH, True), (Tensor, _LOWER_TENSOR, True),
+                                    (F, self.fp32, False)):
             for name in names:
                 fn = getattr(owner, name)
-                self.saved.append((owner, name, fn))
+                self.saved.append((owner, name, fn if name in vars(owner) else None))  # None: inherited
                 setattr(owner, name, self._wrap(name, fn, lower))
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for owner, name, fn in reversed(self.saved):
-            setattr(owner, name, fn)
+            if fn is None:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, fn)
         self.saved.clear()
         self.cache.clear()
 
