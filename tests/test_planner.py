@@ -90,3 +90,23 @@ def test_plan_needs_no_data_only_the_model_files(tmp_path, capsys):
     ckpt = ["model.model_preset=", f"model.pretrained_model_name_or_path={missing / 'model.safetensors'}"]
     with pytest.raises(SystemExit, match="model error.*model.safetensors"):
         main_ok("train", [CFG, *ov, *ckpt, "--plan"])
+
+
+def test_step_path_is_the_one_the_run_builds():
+    """The plain optimizer step's temporaries are counted for the path the run takes: AdamW as training/optim.py
+    build_optimizer builds it (foreach on the CPU: checked on the optimizer it returns; fused on CUDA, an in-place
+    kernel: a parameter at a time), torch's other optimizers by torch's default (foreach on CUDA), the user's
+    fused / foreach kwargs first. Was: every CUDA AdamW counted with foreach temporaries for all parameters (9.56 GiB
+    of a full SDXL plan), though the run steps it fused."""
+    import torch
+    from torch import nn
+
+    from training.optim import build_optimizer
+    adamw = load_config(CFG, ["optimizer.optimizer_type=AdamW"]).optimizer
+    built = build_optimizer([{"params": [nn.Parameter(torch.zeros(4))]}], adamw)
+    assert built.defaults["foreach"] is True and planner._step_path(adamw, "cpu") == "foreach"
+    assert planner._step_path(adamw, "cuda") == "loop"
+    sgd = load_config(CFG, ["optimizer.optimizer_type=SGD"]).optimizer
+    assert (planner._step_path(sgd, "cuda"), planner._step_path(sgd, "cpu")) == ("foreach", "loop")
+    told = load_config(CFG, ["optimizer.optimizer_type=AdamW", "optimizer.optimizer_kwargs={foreach = true}"]).optimizer
+    assert planner._step_path(told, "cuda") == "foreach"

@@ -394,14 +394,30 @@ def _meta_generators() -> Iterator[None]:
         torch.Generator, torch.randint = gen, randint  # type: ignore[misc]
 
 
+def _step_path(ocfg: Any, device_type: str) -> str:
+    """How the plain optimizer step runs on `device_type`: "foreach" (temporaries for every parameter at once) or
+    "loop" (a parameter at a time; fused AdamW's in-place kernel counted so too). The user's fused / foreach
+    kwargs first; then AdamW as training/optim.py build_optimizer builds it (fused on CUDA, foreach on the CPU); then
+    torch's default for its other optimizers (foreach on CUDA, a loop elsewhere)."""
+    kw = ocfg.optimizer_kwargs
+    if kw.get("fused"):
+        return "loop"
+    if "foreach" in kw:
+        return "foreach" if kw["foreach"] else "loop"
+    if ocfg.optimizer_type.lower() == "adamw":
+        return "loop" if device_type == "cuda" else "foreach"
+    return "foreach" if device_type == "cuda" else "loop"
+
+
 def step_transient(cfg: Any, params: list[nn.Parameter], s: Setup, device_type: str = "cuda") -> int:
     """Bytes the optimizer step allocates while it runs, beyond the state. Per-parameter steps (a fused backward
     pass, stochastic rounding: training/steppers.py ParamStepper -- fp32 copies, the copies kept for a non-finite
-    gradient, the optimizer's temporaries, the rounding): the most over the trained parameters. The plain step: on
-    CUDA torch's optimizers take their foreach path, whose temporaries cover every parameter at once (AdamW: a
-    full-size sqrt of the second moments), so the sum over the parameters; elsewhere one parameter at a time, the
-    most. Each kind (shape, dtype) is stepped twice on meta, the second step counted (the first makes the state).
-    bitsandbytes and the optimizers counted by formula: 0 (not run here)."""
+    gradient, the optimizer's temporaries, the rounding): the most over the trained parameters. The plain step takes
+    the path training/optim.py build_optimizer and torch choose (_step_path): a foreach path's temporaries cover every
+    parameter at once (AdamW: a full-size sqrt of the second moments), so the sum over the parameters; a loop over
+    the parameters, or fused AdamW's in-place kernel (CUDA), one parameter at a time at most, the most. Each kind
+    (shape, dtype) is stepped twice on meta, the second step counted (the first makes the state). bitsandbytes and
+    the optimizers counted by formula: 0 (not run here)."""
     name = cfg.optimizer.optimizer_type.lower()
     if name in ("adamw8bit", "lion8bit") or name in _FORMULA_STATES:
         return 0
@@ -409,7 +425,7 @@ def step_transient(cfg: Any, params: list[nn.Parameter], s: Setup, device_type: 
     from training.steppers import ParamStepper
     per_param = s.fused or s.sr
     kw = {k: v for k, v in cfg.optimizer.optimizer_kwargs.items() if k not in ("fused", "foreach", "capturable")}
-    foreach = device_type == "cuda" and not per_param
+    foreach = _step_path(cfg.optimizer, device_type) == "foreach" and not per_param
     kinds: dict[tuple, int] = {}
     for p in params:
         k = (tuple(p.shape), p.dtype)
@@ -423,9 +439,10 @@ def step_transient(cfg: Any, params: list[nn.Parameter], s: Setup, device_type: 
                 try:
                     opt = build_optimizer([{"params": [c]}], dataclasses.replace(
                         cfg.optimizer, optimizer_kwargs={**kw, "foreach": True}))
-                except (TypeError, ValueError):  # an optimizer without a foreach path
-                    pass
-            opt = opt or build_optimizer([{"params": [c]}], dataclasses.replace(cfg.optimizer, optimizer_kwargs=kw))
+                except (TypeError, ValueError):  # an optimizer without a foreach path: a loop over the parameters
+                    foreach = False
+            opt = opt or build_optimizer([{"params": [c]}], dataclasses.replace(
+                cfg.optimizer, optimizer_kwargs={**kw, **({"foreach": False} if name == "adamw" else {})}))
             stepper = ParamStepper(opt, max_grad_norm=cfg.optimizer.max_grad_norm, stochastic_rounding=s.sr) \
                 if per_param else None
             live = LiveBytes()
