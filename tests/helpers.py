@@ -9,6 +9,16 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def demo_data_and_tiny_base(root, n, size):
+    """n demo images (data.demo.make_demo_dataset, seed 0) in root/data and the tiny SDXL preset (seed 0) saved as
+    root/base.safetensors in fp32: what the LoRA / low-VRAM end-to-end tests train from. Returns root."""
+    import models
+    from data.demo import make_demo_dataset
+    make_demo_dataset(str(root / "data"), n=n, size=size)
+    models.save(models.build("sdxl", "tiny", seed=0), str(root / "base.safetensors"), "fp32")
+    return root
+
+
 def run_ok(cmd, env=None, timeout=600, expect=0):
     """Run `cmd` in the repository root; fail the test with the output tails unless it exits with `expect`."""
     out = subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True, env=env or ENV,

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import models
-from helpers import run_workers
+from helpers import demo_data_and_tiny_base, run_workers
 
 pytestmark = pytest.mark.slow
 
@@ -21,11 +21,7 @@ ALGOS = {"lokr": ["network.network_module=lokr", "network.factor=4"],
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from data.demo import make_demo_dataset
-    root = tmp_path_factory.mktemp("lycoris")
-    make_demo_dataset(str(root / "data"), n=8, size=(64, 64))
-    models.save(models.build("sdxl", "tiny", seed=0), str(root / "base.safetensors"), "fp32")
-    return root
+    return demo_data_and_tiny_base(tmp_path_factory.mktemp("lycoris"), n=8, size=(64, 64))
 
 
 def _args(root, out, *extra):

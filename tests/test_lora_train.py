@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import models
-from helpers import run_workers
+from helpers import demo_data_and_tiny_base, run_workers
 from networks import lora
 
 # every dropout on, with gradient checkpointing (a recomputed block must draw the masks of its forward)
@@ -21,11 +21,7 @@ DROPOUTS = ["network.network_dropout=0.1", "network.rank_dropout=0.25", "network
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from data.demo import make_demo_dataset
-    root = tmp_path_factory.mktemp("lora")
-    make_demo_dataset(str(root / "data"), n=8, size=(64, 96))
-    models.save(models.build("sdxl", "tiny", seed=0), str(root / "base.safetensors"), "fp32")
-    return root
+    return demo_data_and_tiny_base(tmp_path_factory.mktemp("lora"), n=8, size=(64, 96))
 
 
 def _args(root, out, steps, *extra):

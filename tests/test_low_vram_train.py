@@ -16,19 +16,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import models
-from helpers import main_ok, run_workers
+from helpers import demo_data_and_tiny_base, main_ok, run_workers
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from data.demo import make_demo_dataset
-    root = tmp_path_factory.mktemp("lowvram")
-    make_demo_dataset(str(root / "data"), n=8, size=(64, 64))
+    root = demo_data_and_tiny_base(tmp_path_factory.mktemp("lowvram"), n=8, size=(64, 64))
     main_ok("cache", ["configs/demo.toml", f"data.image_dirs=['{root / 'data'}']",
                       f"cache.cache_dir={root / 'cache'}", "data.resolution=64", "data.max_bucket_reso=128",
                       "cache.cache_text_encoder_outputs=true"])
-    models.save(models.build("sdxl", "tiny", seed=0), str(root / "base.safetensors"), "fp32")
     return root
 
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import models
-from helpers import main_ok
+from helpers import demo_data_and_tiny_base, main_ok
 
 RUNS = {"loha+dora": ["network.network_module=loha", "network.dora_wd=true"],
         "lokr": ["network.network_module=lokr", "network.factor=4"]}
@@ -15,11 +14,7 @@ RUNS = {"loha+dora": ["network.network_module=loha", "network.dora_wd=true"],
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from data.demo import make_demo_dataset
-    root = tmp_path_factory.mktemp("lycoris_fp8")
-    make_demo_dataset(str(root / "data"), n=2, size=(64, 64))
-    models.save(models.build("sdxl", "tiny", seed=0), str(root / "base.safetensors"), "fp32")
-    return root
+    return demo_data_and_tiny_base(tmp_path_factory.mktemp("lycoris_fp8"), n=2, size=(64, 64))
 
 
 @pytest.mark.parametrize("name", list(RUNS))
