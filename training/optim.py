@@ -227,6 +227,16 @@ def _all_params(param_groups: list[dict]) -> list[Tensor]:
     return [p for g in param_groups for p in g["params"]]
 
 
+def adamw_path(kwargs: dict, device_type: str | None) -> dict:
+    """The step path AdamW is given when optimizer_kwargs choose none (no `fused` / `foreach`), for parameters all on
+    `device_type` (None: mixed): fused on CUDA (one kernel for all parameters, in place), foreach on the CPU (torch
+    defaults to a Python loop over the tensors there: slow tiny steps). training/planner.py counts the step's
+    temporaries for this path."""
+    if "fused" in kwargs or "foreach" in kwargs:
+        return {}
+    return {"cuda": {"fused": True}, "cpu": {"foreach": True}}.get(device_type or "", {})
+
+
 def build_optimizer(param_groups: list[dict], cfg: Any) -> torch.optim.Optimizer:
     """Optimizer named by cfg.optimizer_type (a built-in name, case-insensitive, or "module.Class")."""
     name = cfg.optimizer_type
@@ -238,12 +248,10 @@ def build_optimizer(param_groups: list[dict], cfg: Any) -> torch.optim.Optimizer
     param_groups = [dict(g) for g in param_groups]
     key = name.lower()
     if key == "adamw":
-        if "fused" not in kwargs and "foreach" not in kwargs:
-            params = _all_params(param_groups)
-            if all(p.is_cuda and p.is_floating_point() for p in params):
-                kwargs["fused"] = True  # one kernel for all parameters; only for CUDA float tensors
-            elif all(p.device.type == "cpu" for p in params):
-                kwargs["foreach"] = True  # torch defaults to a python loop over the tensors on CPU: slow tiny steps
+        params = _all_params(param_groups)
+        devices = {p.device.type for p in params}
+        one = devices.pop() if len(devices) == 1 and all(p.is_floating_point() for p in params) else None
+        kwargs.update(adamw_path(kwargs, one))
         return torch.optim.AdamW(param_groups, lr=lr, **kwargs)
     if key == "sgd":
         return torch.optim.SGD(param_groups, lr=lr, **kwargs)

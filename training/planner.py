@@ -397,15 +397,16 @@ def _meta_generators() -> Iterator[None]:
 def _step_path(ocfg: Any, device_type: str) -> str:
     """How the plain optimizer step runs on `device_type`: "foreach" (temporaries for every parameter at once) or
     "loop" (a parameter at a time; fused AdamW's in-place kernel counted so too). The user's fused / foreach
-    kwargs first; then AdamW as training/optim.py build_optimizer builds it (fused on CUDA, foreach on the CPU); then
-    torch's default for its other optimizers (foreach on CUDA, a loop elsewhere)."""
-    kw = ocfg.optimizer_kwargs
+    kwargs, with AdamW's as training/optim.py build_optimizer completes them (adamw_path); else torch's default
+    for its other optimizers (foreach on CUDA, a loop elsewhere)."""
+    from training.optim import adamw_path
+    kw = dict(ocfg.optimizer_kwargs)
+    if ocfg.optimizer_type.lower() == "adamw":
+        kw.update(adamw_path(kw, device_type))
     if kw.get("fused"):
         return "loop"
     if "foreach" in kw:
         return "foreach" if kw["foreach"] else "loop"
-    if ocfg.optimizer_type.lower() == "adamw":
-        return "loop" if device_type == "cuda" else "foreach"
     return "foreach" if device_type == "cuda" else "loop"
 
 
